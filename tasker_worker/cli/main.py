@@ -1,0 +1,142 @@
+"""The ``tasker-worker`` command.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error. Errors are printed as one
+line (``error: ...``) without a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+
+from tasker_worker import __version__
+from tasker_worker.cli import commands
+from tasker_worker.errors import TaskerError
+
+Handler = Callable[[argparse.Namespace], Any]
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default: Any = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("common options")
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="config root (holding tasker/base/worker.toml) or a single TOML file",
+    )
+    group.add_argument(
+        "--env",
+        metavar="ENV",
+        default=default,
+        help="environment overlay to apply (default: $TASKER_ENV or development)",
+    )
+    group.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=default,
+        help="PostgreSQL URL (default: [database] url, $TASKER_DATABASE_URL, else the embedded server)",
+    )
+    group.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+
+
+def _command(sub: Any, name: str, func: Handler, help_text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    _common(parser, suppress=True)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="tasker-worker",
+        description="Run work steps stored as pgmq messages in PostgreSQL.",
+    )
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # db
+    db = sub.add_parser("db", help="database schema", description="Install and inspect the schema.")
+    db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    _command(db_sub, "migrate", commands.db_migrate, "install pgmq and apply pending migrations")
+    _command(db_sub, "status", commands.db_status, "show installed pgmq and migrations")
+
+    # queue
+    queue = sub.add_parser("queue", help="queues", description="Create, inspect and feed queues.")
+    q_sub = queue.add_subparsers(dest="queue_command", metavar="COMMAND", required=True)
+    p = _command(q_sub, "create", commands.queue_create, "create a namespace queue and its DLQ")
+    p.add_argument("namespace")
+    p = _command(q_sub, "list", commands.queue_list, "list pgmq queues")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _command(q_sub, "metrics", commands.queue_metrics, "queue depth and message ages")
+    p.add_argument("namespace", nargs="?", help="one namespace (default: every queue)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _command(q_sub, "send", commands.queue_send, "enqueue steps")
+    p.add_argument("namespace")
+    p.add_argument("--handler", required=True)
+    p.add_argument("--inputs", default="{}", help="JSON object (default {})")
+    p.add_argument("--delay", type=int, default=0, help="seconds before the step is ready")
+    p.add_argument("--count", type=int, default=1, help="how many identical steps (1..100000)")
+    p.add_argument("--attempt-limit", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="handler timeout in seconds")
+    p = _command(q_sub, "purge", commands.queue_purge, "delete every message of a namespace queue")
+    p.add_argument("namespace")
+    p.add_argument("--dlq", action="store_true", help="purge the dead-letter queue instead")
+
+    # config
+    cfg = sub.add_parser("config", help="configuration", description="Inspect the configuration.")
+    c_sub = cfg.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    p = _command(c_sub, "show", commands.config_show, "print the effective config and its origins")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    _command(sub, "version", commands.version, "print the version")
+
+    for extra in commands.EXTRA_COMMANDS:
+        extra(sub, _command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns (and exits with) the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = anyio.run(args.func, args)
+        return int(code or 0)
+    except TaskerError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the last line of defence: one line, exit 1
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+
+
+def print_json(value: Any) -> None:
+    """Print a value as indented JSON (dates as ISO strings)."""
+    print(json.dumps(value, indent=2, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["__version__", "build_parser", "main", "print_json"]

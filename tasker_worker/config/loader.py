@@ -1,0 +1,220 @@
+"""Loading the layered configuration and remembering where each value came from.
+
+Precedence, lowest first:
+
+1. model defaults
+2. ``<root>/tasker/base/worker.toml``
+3. ``<root>/tasker/environments/<env>/worker.toml`` (env from ``--env`` or ``TASKER_ENV``)
+4. environment variables ``TASKER__SECTION__KEY`` (JSON for lists/tables), ``TASKER_DATABASE_URL``
+5. CLI flags
+
+``<root>`` is ``--config`` (a directory; a single ``.toml`` file is used alone), else
+``TASKER_CONFIG_DIR``, else ``./config`` when it exists. Without any root only defaults,
+environment variables and flags apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from tasker_worker.config.models import TaskerConfig
+from tasker_worker.errors import ConfigError
+
+ENV_PREFIX = "TASKER__"
+DEFAULT_ENV = "development"
+
+
+@dataclass
+class LoadedConfig:
+    """The validated config plus the origin of every value that did not come from a default."""
+
+    config: TaskerConfig
+    origins: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def origin(self, dotted_key: str) -> str:
+        """Where ``dotted_key`` was set (``default`` when nothing set it)."""
+        return self.origins.get(dotted_key, "default")
+
+
+def find_config_root(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """The config root in force, or ``None`` for defaults only."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.exists():
+            raise ConfigError(f"config path does not exist: {path}", source="--config")
+        return path
+    env_dir = os.environ.get("TASKER_CONFIG_DIR")
+    if env_dir:
+        path = Path(env_dir)
+        if not path.exists():
+            raise ConfigError(f"config path does not exist: {path}", source="TASKER_CONFIG_DIR")
+        return path
+    local = Path("config")
+    return local if (local / "tasker").is_dir() else None
+
+
+def load_config(
+    config_path: str | os.PathLike[str] | None = None,
+    env: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    """Load, layer and validate the configuration; raise ``ConfigError`` naming file and key.
+
+    ``overrides`` maps dotted keys (``event_system.deployment_mode``) to values given as CLI
+    flags; ``None`` values are ignored.
+    """
+    environ = os.environ if environ is None else environ
+    env_name = env or environ.get("TASKER_ENV") or DEFAULT_ENV
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    files: list[Path] = []
+
+    root = find_config_root(config_path)
+    if root is not None:
+        if root.is_file():
+            layer_files = [root]
+        else:
+            base = root / "tasker" / "base" / "worker.toml"
+            if not base.exists():
+                base = root / "base" / "worker.toml"
+            overlay = base.parent.parent / "environments" / env_name / "worker.toml"
+            layer_files = [p for p in (base, overlay) if p.exists()]
+        for path in layer_files:
+            _merge(merged, _read_toml(path), origins, str(path))
+            files.append(path)
+
+    env_layer, env_origins = _environment_layer(environ)
+    _merge(merged, env_layer, origins, None, env_origins)
+
+    cli_layer: dict[str, Any] = {}
+    cli_origins: dict[str, str] = {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        _set_dotted(cli_layer, dotted, value)
+        cli_origins[dotted] = "cli flag"
+    _merge(merged, cli_layer, origins, None, cli_origins)
+
+    merged["environment"] = env_name
+    origins.setdefault("environment", "--env" if env else ("TASKER_ENV" if "TASKER_ENV" in environ else "default"))
+    try:
+        config = TaskerConfig(**merged)
+    except ValidationError as exc:
+        raise _config_error(exc, origins) from None
+    return LoadedConfig(config=config, origins=origins, files=files)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from None
+
+
+def _environment_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    layer: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    url = environ.get("TASKER_DATABASE_URL")
+    if url:
+        layer["database"] = {"url": url}
+        origins["database.url"] = "env TASKER_DATABASE_URL"
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                raise ConfigError("value is not valid JSON", source=f"env {name}") from None
+        dotted = ".".join(parts)
+        _set_dotted(layer, dotted, value)
+        origins[dotted] = f"env {name}"
+    return layer, origins
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = target
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part} is not a table", key=dotted)
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(
+    target: dict[str, Any],
+    layer: Mapping[str, Any],
+    origins: dict[str, str],
+    source: str | None,
+    layer_origins: Mapping[str, str] | None = None,
+    prefix: str = "",
+) -> None:
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(target.get(key, {}), dict):
+            node = target.setdefault(key, {})
+            if source is not None:
+                origins[dotted] = source  # names the file when a whole table is unknown
+            _merge(node, value, origins, source, layer_origins, dotted + ".")
+        else:
+            target[key] = value
+            if source is not None:
+                origins[dotted] = source
+            elif layer_origins is not None:
+                origins[dotted] = layer_origins.get(dotted, "override")
+
+
+def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    source = None
+    for i in range(len(loc), 0, -1):
+        source = origins.get(".".join(loc[:i]))
+        if source:
+            break
+    if err["type"] == "extra_forbidden":
+        message = "unknown key (check its spelling and section)"
+    else:
+        message = err["msg"]
+        if "input" in err and not isinstance(err["input"], dict):
+            message += f" (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" [and {more} more problem{'s' if more > 1 else ''}]"
+    return ConfigError(message, source=source or "config", key=key)
+
+
+def effective_items(loaded: LoadedConfig) -> list[tuple[str, Any, str]]:
+    """Every leaf of the effective config as ``(dotted key, value, origin)``."""
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, dotted + ".")
+            else:
+                rows.append((dotted, value, loaded.origin(dotted)))
+
+    walk(loaded.config.model_dump(mode="json"), "")
+    return rows

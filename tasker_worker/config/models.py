@@ -1,0 +1,201 @@
+"""The configuration models.
+
+The ``[event_system]`` tree keeps the names of tasker-core's worker config so that a tasker-core
+``worker.toml`` loads unchanged; the other sections follow the same style. Every model forbids
+unknown keys, so a typo fails loudly instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tasker_worker.config.durations import Duration
+from tasker_worker.domain.names import validate_namespace
+from tasker_worker.errors import InvalidName
+
+
+class DeploymentMode(enum.StrEnum):
+    """Which sources feed the command processor."""
+
+    POLLING_ONLY = "PollingOnly"
+    HYBRID = "Hybrid"
+    EVENT_DRIVEN_ONLY = "EventDrivenOnly"
+
+    @property
+    def uses_listener(self) -> bool:
+        """Whether this mode runs the WorkerQueueListener."""
+        return self is not DeploymentMode.POLLING_ONLY
+
+    @property
+    def uses_poller(self) -> bool:
+        """Whether this mode runs the WorkerFallbackPoller."""
+        return self is not DeploymentMode.EVENT_DRIVEN_ONLY
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ListenerConfig(_Section):
+    """``[event_system.listener]``: the LISTEN connection."""
+
+    enabled: bool = True
+    #: Accepted for tasker-core compatibility: notifications are always coalesced per queue.
+    batch_processing: bool = True
+    #: Time allowed to connect, and for the startup LISTEN self-check to see its probe.
+    connection_timeout: Duration = timedelta(seconds=5)
+    #: How often an idle listener checks that its connection is alive.
+    liveness_interval: Duration = timedelta(seconds=5)
+    #: Ceiling of the exponential reconnect backoff.
+    max_reconnect_delay: Duration = timedelta(seconds=10)
+
+
+class FallbackPollerConfig(_Section):
+    """``[event_system.fallback_poller]``: the periodic claim."""
+
+    enabled: bool = True
+    polling_interval: Duration = timedelta(seconds=5)
+    #: Hybrid only: the interval used while the listener is down.
+    degraded_interval: Duration = timedelta(milliseconds=250)
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    visibility_timeout: Duration = timedelta(seconds=30)
+
+    @field_validator("polling_interval", "degraded_interval", "visibility_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 0.01:
+            raise ValueError("must be at least 10ms")
+        return value
+
+
+class EventSystemConfig(_Section):
+    """``[event_system]``: deployment mode and the processor's limits."""
+
+    system_id: str = "worker-event-system"
+    deployment_mode: DeploymentMode = DeploymentMode.HYBRID
+    health_monitoring_enabled: bool = True
+    health_check_interval: Duration = timedelta(seconds=10)
+    max_concurrent_processors: int = Field(default=16, ge=1, le=4096)
+    #: Default time a handler may run (overridable per handler and per message).
+    processing_timeout: Duration = timedelta(seconds=5)
+    #: Bound of the channel between the sources and the command processor.
+    command_buffer_size: int = Field(default=1024, ge=1, le=1_000_000)
+    listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    fallback_poller: FallbackPollerConfig = Field(default_factory=FallbackPollerConfig)
+
+
+class DatabaseConfig(_Section):
+    """``[database]``: where PostgreSQL is, or where the embedded one keeps its data."""
+
+    url: str | None = None
+    #: Data directory of the embedded server (default: the user's data directory).
+    embedded_data_dir: Path | None = None
+    auto_migrate: bool = True
+    pool_min_size: int = Field(default=1, ge=0, le=1000)
+    pool_max_size: int = Field(default=8, ge=1, le=1000)
+    connect_timeout: Duration = timedelta(seconds=10)
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> DatabaseConfig:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("pool_min_size must not exceed pool_max_size")
+        return self
+
+
+class WorkerConfig(_Section):
+    """``[worker]``: identity, namespaces, handler code and lifecycle."""
+
+    id: str | None = None
+    name: str = "tasker-worker"
+    namespaces: list[str] = Field(default_factory=lambda: ["default"])
+    #: Import paths of user modules that register handlers (``my_app.handlers``).
+    handler_modules: list[str] = Field(default_factory=list)
+    #: Where sync (CPU-bound) handlers run.
+    executor: Literal["thread", "process"] = "thread"
+    executor_workers: int = Field(default=4, ge=1, le=256)
+    periodic_timeout: Duration = timedelta(seconds=30)
+    shutdown_timeout: Duration = timedelta(seconds=30)
+    #: How many recent latency samples the statistics keep.
+    stats_window: int = Field(default=100_000, ge=100, le=10_000_000)
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one namespace is required")
+        try:
+            return [validate_namespace(v) for v in value]
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+
+
+class RetryConfig(_Section):
+    """``[retry]``: backoff of retryable failures (through the message's vt)."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    base_delay: Duration = timedelta(seconds=1)
+    max_delay: Duration = timedelta(seconds=30)
+    #: Fraction of random jitter added to each delay (0 disables it).
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+
+
+Algorithm = Literal["astar", "dijkstra", "theta_star"]
+ALGORITHMS: tuple[Algorithm, ...] = ("astar", "dijkstra", "theta_star")
+
+
+class PlanningConfig(_Section):
+    """``[handlers.planning]``: what the built-in path planners accept."""
+
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list(ALGORITHMS))
+    max_cells: int = Field(default=4_194_304, ge=1, le=100_000_000)
+    timeout: Duration = timedelta(seconds=5)
+
+
+class HandlersConfig(_Section):
+    """``[handlers]``: settings of the built-in handlers."""
+
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
+
+
+class LoggingConfig(_Section):
+    """``[logging]``: level and line format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class TaskerConfig(BaseSettings):
+    """The whole effective configuration.
+
+    Values arrive already layered (TOML base < environment TOML < ``TASKER__*`` variables < CLI
+    flags) by ``tasker_worker.config.loader``, which also keeps where each value came from.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True)
+
+    environment: str = "development"
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    event_system: EventSystemConfig = Field(default_factory=EventSystemConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    handlers: HandlersConfig = Field(default_factory=HandlersConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The loader merges every layer itself (it must know the origin of each key to name
+        # it in errors), so only the merged result passed to __init__ is read here.
+        return (init_settings,)

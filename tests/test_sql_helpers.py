@@ -1,0 +1,131 @@
+"""SQL helpers for plain-SQL producers, and hostile names through SQL, Python and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+
+from tasker_worker.domain.names import namespace_of, queue_name, validate_namespace
+from tasker_worker.domain.steps import StepMessage
+from tasker_worker.errors import InvalidName
+
+Conn = psycopg.Connection[Any]
+
+HOSTILE = [
+    "x'; DROP TABLE canary; --",
+    'quote"name',
+    "semi;colon",
+    "Upper",
+    "ünïcødé",
+    "a" * 31,
+    "",
+    "1starts_with_digit",
+    "dollar$sign",
+    "space name",
+    "tab\tname",
+    "dash-name",
+]
+
+
+@pytest.fixture
+def canary(conn: Conn) -> Conn:
+    conn.execute("CREATE TABLE public.canary (id int)")
+    conn.execute("INSERT INTO public.canary VALUES (42)")
+    return conn
+
+
+def canary_alive(conn: Conn) -> bool:
+    return conn.execute("SELECT id FROM public.canary").fetchone() == (42,)
+
+
+def test_send_step_builds_a_valid_message(conn: Conn) -> None:
+    conn.execute("SELECT tasker.create_namespace_queue('orders')")
+    msg_id = conn.execute(
+        "SELECT tasker.send_step('orders', 'noop', '{\"k\": [1, 2]}', 0, NULL, NULL, 5, 2.5)"
+    ).fetchone()[0]
+    body = conn.execute("SELECT message FROM pgmq.q_worker_orders_queue WHERE msg_id = %s", (msg_id,)).fetchone()[0]
+    step = StepMessage.parse(body)
+    assert step.namespace == "orders" and step.handler == "noop" and step.inputs == {"k": [1, 2]}
+    assert step.attempt_limit == 5 and step.timeout == 2.5
+    other = conn.execute("SELECT tasker.send_step('orders', 'noop')").fetchone()[0]
+    body2 = conn.execute("SELECT message FROM pgmq.q_worker_orders_queue WHERE msg_id = %s", (other,)).fetchone()[0]
+    assert body2["step_uuid"] != body["step_uuid"] and body2["inputs"] == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ("'orders', 'no pe'", "handler name"),
+        ("'orders', 'noop', '[1]'", "inputs must be a JSON object"),
+        ("'orders', 'noop', '{}', -1", "delay"),
+        ("'orders', 'noop', '{}', 0, NULL, NULL, 0", "attempt_limit"),
+        ("'nosuchns', 'noop'", "does not exist"),
+    ],
+)
+def test_send_step_rejects_bad_arguments(conn: Conn, args: str, words: str) -> None:
+    conn.execute("SELECT tasker.create_namespace_queue('orders')")
+    with pytest.raises(psycopg.Error, match=words):
+        conn.execute(f"SELECT tasker.send_step({args})")
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_namespaces_rejected_in_sql(canary: Conn, name: str) -> None:
+    with pytest.raises(psycopg.Error, match="namespace"):
+        canary.execute("SELECT tasker.create_namespace_queue(%s)", (name,))
+    with pytest.raises(psycopg.Error, match="namespace"):
+        canary.execute("SELECT tasker.send_step(%s, 'noop')", (name,))
+    assert canary_alive(canary)
+    assert canary.execute("SELECT count(*) FROM pgmq.meta").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_namespaces_rejected_in_python(name: str) -> None:
+    with pytest.raises(InvalidName):
+        validate_namespace(name)
+    with pytest.raises(InvalidName):
+        queue_name(name)
+
+
+def test_namespace_round_trip() -> None:
+    assert namespace_of(queue_name("planning")) == "planning"
+    assert namespace_of("worker_planning_queue_dlq") is None
+    assert namespace_of("random") is None
+
+
+def test_hostile_names_through_the_cli(canary: Conn, cli_env: dict[str, str]) -> None:
+    for name in ["x'; DROP TABLE canary; --", "semi;colon", "a" * 200, "ünï"]:
+        for argv in (["queue", "create", name], ["queue", "send", name, "--handler", "noop"], ["queue", "purge", name]):
+            proc = subprocess.run(
+                [sys.executable, "-m", "tasker_worker.cli.main", *argv],
+                env=cli_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 2, (argv, proc.stderr)
+            assert proc.stderr.startswith("error: namespace") and proc.stderr.count("\n") == 1
+    assert canary_alive(canary)
+
+
+def test_pgmq_rejects_injection_in_raw_queue_names(canary: Conn) -> None:
+    with pytest.raises(psycopg.Error):
+        canary.execute("SELECT pgmq.create(%s)", ("x'; DROP TABLE canary; --",))
+    with pytest.raises(psycopg.Error):
+        canary.execute("SELECT tasker.peek_messages(%s)", ("nope; DROP TABLE canary",))
+    assert canary_alive(canary)
+
+
+def test_step_message_parse_errors_are_readable() -> None:
+    from tasker_worker.errors import StepValidationError
+
+    for payload in ([1, 2], "text", 7, None, {"handler": "x"}, {**StepMessage.build("a", "noop"), "step_uuid": "zz"}):
+        with pytest.raises(StepValidationError) as info:
+            StepMessage.parse(payload)
+        assert "\n" not in str(info.value)
+    good = StepMessage.build("a", "noop", {"x": 1})
+    assert StepMessage.parse(json.loads(json.dumps(good))).inputs == {"x": 1}
