@@ -109,3 +109,25 @@ SELECT status, count(*) FROM tasker.step_results
  WHERE queue_name = ANY(%s)
  GROUP BY status
 """
+
+# --- worker statistics -----------------------------------------------------------------------
+
+UPSERT_WORKER_STATS = """
+INSERT INTO tasker.worker_stats (worker_id, name, hostname, pid, deployment_mode, namespaces,
+                                 started_at, updated_at, stopped_at, stats)
+VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp(), %s, %s)
+ON CONFLICT (worker_id) DO UPDATE
+   SET deployment_mode = EXCLUDED.deployment_mode,
+       updated_at = EXCLUDED.updated_at,
+       stopped_at = EXCLUDED.stopped_at,
+       stats = EXCLUDED.stats
+"""
+
+WORKER_STATS = """
+SELECT worker_id, name, hostname, pid, deployment_mode, namespaces, started_at, updated_at,
+       stopped_at, stats, extract(epoch FROM clock_timestamp() - updated_at) AS age_s
+  FROM tasker.worker_stats
+ WHERE stopped_at IS NULL OR %s
+ ORDER BY started_at DESC
+ LIMIT %s
+"""

@@ -258,3 +258,32 @@ class QueueClient:
         """Send DLQ messages back to ``queue``; ``[(dlq_msg_id, new_msg_id)]``."""
         rows = await self._fetch(queries.REQUEUE_DEAD_LETTERS, (queue, list(msg_ids) if msg_ids else None))
         return [(int(r[0]), int(r[1])) for r in rows]
+
+    # --- worker statistics -------------------------------------------------------------------
+
+    async def save_worker_stats(
+        self,
+        *,
+        worker_id: str,
+        name: str,
+        hostname: str,
+        pid: int,
+        mode: str,
+        namespaces: list[str],
+        started_at: datetime,
+        stopped_at: datetime | None,
+        stats: dict[str, Any],
+    ) -> None:
+        """Upsert this worker's statistics snapshot."""
+        await self._fetch_none(
+            queries.UPSERT_WORKER_STATS,
+            (worker_id, name, hostname, pid, mode, namespaces, started_at, stopped_at, Jsonb(stats)),
+        )
+
+    async def worker_stats(self, *, include_stopped: bool = False, limit: int = 100) -> list[tuple[Any, ...]]:
+        """Recent worker statistics rows (running ones unless ``include_stopped``)."""
+        return await self._fetch(queries.WORKER_STATS, (include_stopped, limit))
+
+    async def _fetch_none(self, query: str, params: Sequence[Any]) -> None:
+        async with self._conn(None) as c:
+            await c.execute(query, params)

@@ -1,0 +1,1 @@
+"""Handlers: the registry, the step context, and the built-in handlers."""

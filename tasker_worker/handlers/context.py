@@ -1,0 +1,110 @@
+"""StepContext: what a handler receives besides the step itself."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from tasker_worker.domain.steps import StepMessage
+from tasker_worker.errors import UsageError
+
+
+class StepLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger that adds the step's ids to every record."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+@dataclass
+class StepContext:
+    """The context of one step run.
+
+    ``attempt`` counts from 1. ``state`` is the worker's shared state object. Async handlers may
+    call ``await ctx.transaction()`` to get a connection inside an open transaction: rows they
+    write there commit together with the step's outcome and the ack, or not at all.
+    """
+
+    step: StepMessage
+    attempt: int
+    worker_id: str
+    queue: str
+    msg_id: int
+    state: Any = None
+    log: Any = None
+    _pool: AsyncConnectionPool | None = field(default=None, repr=False)
+    _stack: AsyncExitStack | None = field(default=None, repr=False)
+    _conn: psycopg.AsyncConnection[Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.log is None:
+            self.log = StepLogger(
+                logging.getLogger("tasker_worker.step"),
+                {
+                    "worker_id": self.worker_id,
+                    "queue": self.queue,
+                    "msg_id": self.msg_id,
+                    "step_uuid": str(self.step.step_uuid),
+                    "correlation_id": str(self.step.correlation_id),
+                    "handler": self.step.handler,
+                    "attempt": self.attempt,
+                },
+            )
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """The step's inputs."""
+        return self.step.inputs
+
+    async def transaction(self) -> psycopg.AsyncConnection[Any]:
+        """A connection in an open transaction shared with the outcome write (async handlers)."""
+        if self._conn is not None:
+            return self._conn
+        if self._pool is None:
+            raise UsageError("no database transaction is available in this context (sync or detached handler)")
+        self._stack = AsyncExitStack()
+        conn = await self._stack.enter_async_context(self._pool.connection())
+        await self._stack.enter_async_context(conn.transaction())
+        self._conn = conn
+        return conn
+
+    @property
+    def has_transaction(self) -> bool:
+        """Whether the handler opened a transaction."""
+        return self._conn is not None
+
+    async def _finish(self, exc: BaseException | None) -> None:
+        """Commit (``exc`` None) or roll back the handler's transaction."""
+        stack, self._stack, self._conn = self._stack, None, None
+        if stack is None:
+            return
+        if exc is None:
+            await stack.aclose()
+        else:
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+
+    def detached(self) -> StepContext:
+        """A copy without database access or shared state (for process pools)."""
+        return StepContext(
+            step=self.step, attempt=self.attempt, worker_id=self.worker_id, queue=self.queue, msg_id=self.msg_id
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "attempt": self.attempt,
+            "worker_id": self.worker_id,
+            "queue": self.queue,
+            "msg_id": self.msg_id,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]

@@ -1,0 +1,1 @@
+"""Runtime: the worker, its event system (listener, poller) and the command processor."""

@@ -1,0 +1,165 @@
+"""WorkerQueueListener: one dedicated LISTEN connection for the worker's namespaces.
+
+- Checks at startup that LISTEN really delivers (it does not behind a transaction-pooling
+  proxy): a probe NOTIFY sent from another connection must arrive within
+  ``connection_timeout``.
+- Detects a dead connection within ``liveness_interval`` even when no notification comes:
+  after a quiet interval it runs a trivial query under a timeout.
+- Reconnects with exponential backoff and jitter; after every (re)connect it asks for an
+  immediate catch-up claim, so nothing sent while it was away waits for the poll interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg import sql
+
+from tasker_worker.config.models import ListenerConfig
+from tasker_worker.db.connection import connect
+from tasker_worker.domain.events import MessageReady
+from tasker_worker.domain.names import channel_for
+from tasker_worker.errors import DatabaseError, ListenerUnavailable
+from tasker_worker.runtime.backoff import backoff_delay
+from tasker_worker.runtime.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+ProbeSender = Callable[[str, str], Awaitable[None]]
+
+
+class WorkerQueueListener:
+    """LISTENs on ``pgmq_message_ready.<namespace>`` channels and reports events."""
+
+    def __init__(
+        self,
+        url: str,
+        namespaces: list[str],
+        config: ListenerConfig,
+        stats: WorkerStats,
+        on_event: Callable[[MessageReady], Awaitable[None]],
+        on_connected: Callable[[], Awaitable[None]],
+        probe_sender: ProbeSender | None = None,
+    ) -> None:
+        self.url = url
+        self.channels = [channel_for(ns) for ns in namespaces]
+        self.config = config
+        self.stats = stats
+        self.on_event = on_event
+        self.on_connected = on_connected
+        self.probe_sender = probe_sender or self._send_probe
+        self.healthy = False
+        self.connected_once = False
+        self.last_notification_at: float | None = None
+        self.last_error: str | None = None
+        self.state_changed = anyio.Event()
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    def _set_healthy(self, value: bool) -> None:
+        if self.healthy != value:
+            self.healthy = value
+            self.state_changed.set()
+            self.state_changed = anyio.Event()
+
+    @property
+    def backend_pid(self) -> int | None:
+        """PID of the server process behind the LISTEN connection (for tests and health)."""
+        return self._conn.info.backend_pid if self._conn is not None and not self._conn.closed else None
+
+    async def check_delivery(self) -> None:
+        """Connect, LISTEN and prove delivery once; raise ``ListenerUnavailable`` if it fails."""
+        conn = await self._connect_and_listen()
+        try:
+            await self._self_check(conn)
+        finally:
+            await conn.close()
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting as needed."""
+        failures = 0
+        while True:
+            try:
+                conn = await self._connect_and_listen()
+            except (DatabaseError, psycopg.Error, TimeoutError) as exc:
+                failures += 1
+                await self._backoff(failures, exc)
+                continue
+            self._conn = conn
+            error: BaseException | None = None
+            try:
+                self._set_healthy(True)
+                if self.connected_once:
+                    self.stats.incr("listener_reconnects")
+                    log.info("listener reconnected")
+                self.connected_once = True
+                failures = 0
+                await self.on_connected()
+                await self._listen(conn)
+            except (psycopg.Error, TimeoutError) as exc:
+                error = exc
+            finally:
+                self._set_healthy(False)
+                self._conn = None
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+            failures += 1
+            await self._backoff(failures, error or RuntimeError("listener stopped"))
+
+    async def _backoff(self, failures: int, exc: BaseException) -> None:
+        self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        delay = backoff_delay(failures, timedelta(milliseconds=100), self.config.max_reconnect_delay, jitter=0.3)
+        log.warning("listener connection lost (%s); reconnecting in %.2fs", self.last_error, delay)
+        await anyio.sleep(delay)
+
+    async def _connect_and_listen(self) -> psycopg.AsyncConnection[Any]:
+        timeout = self.config.connection_timeout.total_seconds()
+        with anyio.fail_after(timeout + 1):
+            conn = await connect(self.url, timeout=timeout)
+        try:
+            for channel in self.channels:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        interval = self.config.liveness_interval.total_seconds()
+        check_timeout = self.config.connection_timeout.total_seconds()
+        while True:
+            got_any = False
+            async for notify in conn.notifies(timeout=interval):
+                got_any = True
+                self.last_notification_at = time.monotonic()
+                event = MessageReady.from_payload(notify.payload)
+                if event is not None:
+                    await self.on_event(event)
+            if not got_any:
+                # Quiet for a whole interval: prove the connection is still alive.
+                with anyio.fail_after(check_timeout):
+                    await conn.execute("SELECT 1")
+
+    async def _self_check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        channel = f"tasker_probe_{uuid.uuid4().hex[:16]}"
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        await self.probe_sender(channel, "probe")
+        timeout = self.config.connection_timeout.total_seconds()
+        async for notify in conn.notifies(timeout=timeout):
+            if notify.channel == channel:
+                return
+        raise ListenerUnavailable(
+            f"LISTEN did not deliver a probe notification within {timeout:g}s: the connection "
+            "probably goes through a transaction-pooling proxy (e.g. PgBouncer). "
+            'Use deployment_mode = "PollingOnly" there, or connect the worker directly.'
+        )
+
+    async def _send_probe(self, channel: str, payload: str) -> None:
+        async with await connect(self.url) as other:
+            await other.execute("SELECT pg_notify(%s, %s)", (channel, payload))

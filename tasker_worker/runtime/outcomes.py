@@ -1,0 +1,138 @@
+"""OutcomeWriter: batches outcome writes, acks, retries and dead-letters.
+
+Steps hand their finished claim to the writer and wait until it is durably written; only then
+is their concurrency slot freed, so unwritten outcomes can never pile up beyond
+``max_concurrent_processors``. The writer flushes whatever has accumulated as soon as it is
+idle: one statement per (kind, queue) however many steps finished meanwhile, and no added
+delay when the worker is quiet.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import anyio
+import psycopg
+
+from tasker_worker.db.queue_client import QueueClient, RetryRequest
+from tasker_worker.domain.steps import Outcome
+from tasker_worker.runtime.backoff import backoff_delay
+from tasker_worker.runtime.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+#: How long a flush retries a broken database before giving up on that batch.
+WRITE_RETRY_BUDGET = timedelta(seconds=60)
+
+
+class WriteKind(enum.Enum):
+    """What to do with a claimed message."""
+
+    RECORD = "record"  # outcome + archive
+    DEAD_LETTER = "dead_letter"  # outcome + move to <queue>_dlq
+    RETRY = "retry"  # back to the queue after a delay (counts as an attempt)
+    RELEASE = "release"  # back to the queue, attempt given back
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: WriteKind
+    queue: str
+    outcome: Outcome | None = None
+    retry: RetryRequest | None = None
+    applied: bool | None = None  # None: not written (database unavailable)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def msg_id(self) -> int:
+        if self.outcome is not None:
+            return self.outcome.msg.msg_id
+        assert self.retry is not None
+        return self.retry.msg.msg_id
+
+
+class OutcomeWriter:
+    """Coalesces writes from many steps into few statements."""
+
+    def __init__(self, client: QueueClient, worker_id: str, stats: WorkerStats) -> None:
+        self.client = client
+        self.worker_id = worker_id
+        self.stats = stats
+        self._pending: list[_Pending] = []
+        self._wake = anyio.Event()
+        self._closed = False
+
+    async def record(self, outcome: Outcome) -> bool | None:
+        """Record ``outcome`` and archive its message; ``False`` for a stale ack."""
+        return await self._submit(_Pending(WriteKind.RECORD, outcome.msg.queue, outcome=outcome))
+
+    async def dead_letter(self, outcome: Outcome) -> bool | None:
+        """Move the message to its DLQ and record ``outcome``; ``False`` when fenced out."""
+        return await self._submit(_Pending(WriteKind.DEAD_LETTER, outcome.msg.queue, outcome=outcome))
+
+    async def retry(self, request: RetryRequest) -> bool | None:
+        """Put the message back after ``request.delay_ms``; ``False`` when fenced out."""
+        kind = WriteKind.RETRY if request.count_attempt else WriteKind.RELEASE
+        return await self._submit(_Pending(kind, request.msg.queue, retry=request))
+
+    async def _submit(self, item: _Pending) -> bool | None:
+        if self._closed:
+            raise RuntimeError("outcome writer is closed")
+        self._pending.append(item)
+        self._wake.set()
+        await item.done.wait()
+        return item.applied
+
+    async def run(self) -> None:
+        """Flush until cancelled (then flush what is left)."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                await self.flush()
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._closed = True
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything pending now."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            groups: dict[tuple[WriteKind, str], list[_Pending]] = defaultdict(list)
+            for item in batch:
+                groups[(item.kind, item.queue)].append(item)
+            for (kind, queue), items in groups.items():
+                await self._write_group(kind, queue, items)
+
+    async def _write_group(self, kind: WriteKind, queue: str, items: list[_Pending]) -> None:
+        deadline = anyio.current_time() + WRITE_RETRY_BUDGET.total_seconds()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                results = await self._write(kind, queue, items)
+                break
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.InterfaceError) as exc:
+                self.stats.incr("db_errors")
+                if anyio.current_time() >= deadline:
+                    log.error("giving up writing %d %s results to %s: %s", len(items), kind.value, queue, exc)
+                    results = {}
+                    break
+                delay = backoff_delay(attempt, timedelta(milliseconds=50), timedelta(seconds=2))
+                log.warning("database unavailable while writing results (%s); retrying in %.2fs", exc, delay)
+                await anyio.sleep(delay)
+        for item in items:
+            item.applied = results.get(item.msg_id)
+            item.done.set()
+
+    async def _write(self, kind: WriteKind, queue: str, items: list[_Pending]) -> dict[int, bool]:
+        if kind is WriteKind.RECORD:
+            return await self.client.record_outcomes(queue, self.worker_id, [i.outcome for i in items if i.outcome])
+        if kind is WriteKind.DEAD_LETTER:
+            return await self.client.dead_letter(queue, self.worker_id, [i.outcome for i in items if i.outcome])
+        return await self.client.retry(queue, [i.retry for i in items if i.retry])

@@ -1,0 +1,542 @@
+"""CommandProcessor: claims, deduplicates, runs handlers and records outcomes.
+
+Every source (listener, poller, timers, catch-up after a reconnect) only *wakes* a queue; the
+claim itself is always ``tasker.claim_steps`` (pgmq.read, SKIP LOCKED), never more than the
+free slots. One claim loop per queue keeps claiming while it gets full batches.
+
+What happens to a claimed message (fenced on the read_ct it was claimed with):
+
+==========================  =========================================================
+handler returns             outcome ``succeeded`` + archive (batched)
+``StepFailed``              outcome ``failed`` + archive (a business failure)
+malformed / unknown handler outcome ``dead_lettered`` + move to ``<queue>_dlq``
+``NonRetryableError``       outcome ``dead_lettered`` + move to ``<queue>_dlq``
+any other error / timeout   retry with backoff via vt; after the attempt limit,
+                            outcome ``failed`` + move to ``<queue>_dlq``
+``DependencyUnavailable``   back with backoff, the attempt given back
+outcome already recorded    archive only (dedup)
+==========================  =========================================================
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import psycopg
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
+from psycopg_pool import AsyncConnectionPool
+
+from tasker_worker.config.models import TaskerConfig
+from tasker_worker.db.queue_client import QueueClient, RetryRequest
+from tasker_worker.domain.events import MessageReady
+from tasker_worker.domain.steps import ClaimedMessage, Outcome, OutcomeStatus, Source, StepMessage
+from tasker_worker.errors import (
+    DependencyUnavailable,
+    NonRetryableError,
+    StepError,
+    StepFailed,
+    StepValidationError,
+    UnknownHandler,
+)
+from tasker_worker.handlers.context import StepContext
+from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.runtime.backoff import backoff_delay
+from tasker_worker.runtime.commands import (
+    ExecuteStep,
+    ExecuteStepFromEvent,
+    GetWorkerStatus,
+    HealthCheck,
+    Shutdown,
+    WorkerCommand,
+)
+from tasker_worker.runtime.executor import HandlerExecutor
+from tasker_worker.runtime.outcomes import OutcomeWriter
+from tasker_worker.runtime.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+MAX_TIMERS = 10_000
+ANNOUNCED_MEMORY = 2_048
+#: A message found by a poll counts as a missed wakeup only if it was ready this long before.
+MISSED_WAKEUP_GRACE_S = 1.0
+#: A duplicate step_uuid claimed while its first message runs here comes back after this.
+DUPLICATE_RETRY_MS = 1_000
+
+
+@dataclass
+class _InFlight:
+    msg: ClaimedMessage
+    vt_deadline: float  # monotonic time at which our claim expires
+
+
+@dataclass
+class _QueueState:
+    name: str
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    woken_by_event: bool = False
+    # (min_id, max_id, explicit ids) of recent notifications, to detect missed wakeups
+    announced: deque[tuple[int, int, frozenset[int]]] = field(default_factory=lambda: deque(maxlen=ANNOUNCED_MEMORY))
+
+    def poke(self, source: Source) -> None:
+        if source is Source.EVENT:
+            self.woken_by_event = True
+        self.wake.set()
+
+    def was_announced(self, msg_id: int) -> bool:
+        return any(lo <= msg_id <= hi or msg_id in ids for lo, hi, ids in self.announced)
+
+
+class CommandProcessor:
+    """Consumes WorkerCommands and runs the claimed steps."""
+
+    def __init__(
+        self,
+        *,
+        config: TaskerConfig,
+        worker_id: str,
+        queues: list[str],
+        client: QueueClient,
+        pool: AsyncConnectionPool,
+        registry: HandlerRegistry,
+        executor: HandlerExecutor,
+        stats: WorkerStats,
+        state: Any = None,
+        listener_healthy: Callable[[], bool] = lambda: False,
+        step_filter: Callable[[ClaimedMessage, StepMessage], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.client = client
+        self.pool = pool
+        self.registry = registry
+        self.executor = executor
+        self.stats = stats
+        self.state = state
+        self.listener_healthy = listener_healthy
+        self.step_filter = step_filter
+        self.writer = OutcomeWriter(client, worker_id, stats)
+        self.queues = {q: _QueueState(q) for q in queues}
+        self.max_concurrent = config.event_system.max_concurrent_processors
+        poller = config.event_system.fallback_poller
+        self.batch_size = poller.batch_size
+        self.vt_seconds = max(1, math.ceil(poller.visibility_timeout.total_seconds()))
+        self.in_flight: dict[tuple[str, int], _InFlight] = {}
+        self.steps_in_flight: dict[str, tuple[str, int]] = {}
+        self._slot_freed = anyio.Event()
+        self._timers: list[tuple[float, str, Source]] = []
+        self._timer_changed = anyio.Event()
+        self._claiming = True
+        self._steps_tg: TaskGroup | None = None
+        self.last_error: str | None = None
+
+    # --- public ----------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        """How many more steps may start now."""
+        return self.max_concurrent - len(self.in_flight)
+
+    async def run(
+        self, commands: MemoryObjectReceiveStream[WorkerCommand], shutdown_deadline: Callable[[], float]
+    ) -> None:
+        """Process commands until ``Shutdown``; then drain within the budget and release."""
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self.writer.run)
+            async with anyio.create_task_group() as steps_tg:
+                self._steps_tg = steps_tg
+                async with anyio.create_task_group() as loops:
+                    for qs in self.queues.values():
+                        loops.start_soon(self._claim_loop, qs)
+                    loops.start_soon(self._timer_loop)
+                    loops.start_soon(self._vt_keeper)
+                    async with commands:
+                        async for command in commands:
+                            if isinstance(command, Shutdown):
+                                log.info("shutdown: %s", command.reason)
+                                break
+                            self.handle(command)
+                    self._claiming = False
+                    loops.cancel_scope.cancel()
+                # Sources are stopped and nothing new is claimed: let in-flight steps finish
+                # until the deadline, then cancel them and give their messages back.
+                with anyio.move_on_after(max(0.0, shutdown_deadline() - anyio.current_time())):
+                    while self.in_flight:
+                        await self._wait_slot()
+                if self.in_flight:
+                    await self._release_all()
+                steps_tg.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+
+    def handle(self, command: WorkerCommand) -> None:
+        """Apply one non-shutdown command (no I/O: it only wakes claim loops)."""
+        if isinstance(command, ExecuteStepFromEvent):
+            self._on_event(command.event)
+        elif isinstance(command, ExecuteStep):
+            targets = [self.queues[command.queue]] if command.queue in self.queues else list(self.queues.values())
+            for qs in targets:
+                qs.poke(command.source)
+        elif isinstance(command, GetWorkerStatus):
+            command.reply.set(self.status())
+        elif isinstance(command, HealthCheck):
+            command.reply.set(self.health())
+
+    def status(self) -> dict[str, Any]:
+        """Statistics and in-flight work."""
+        snap = self.stats.snapshot()
+        snap["in_flight"] = len(self.in_flight)
+        snap["free_slots"] = self.free_slots
+        snap["queues"] = sorted(self.queues)
+        return snap
+
+    def health(self) -> dict[str, Any]:
+        """A compact health view of the processor."""
+        return {
+            "claiming": self._claiming,
+            "in_flight": len(self.in_flight),
+            "free_slots": self.free_slots,
+            "last_error": self.last_error,
+        }
+
+    # --- waking ----------------------------------------------------------------------------
+
+    def _on_event(self, event: MessageReady) -> None:
+        qs = self.queues.get(event.queue_name)
+        if qs is None:
+            return
+        self.stats.incr("notifications_received")
+        lo = event.min_msg_id if event.min_msg_id is not None else min(event.msg_ids, default=0)
+        hi = event.max_msg_id if event.max_msg_id is not None else max(event.msg_ids, default=-1)
+        qs.announced.append((lo, hi, frozenset(event.msg_ids)))
+        if event.ready_at is not None:
+            wait = (event.ready_at - datetime.now(UTC)).total_seconds()
+            if wait > 0.005:
+                self.schedule(qs.name, wait, Source.EVENT)
+                return
+        qs.poke(Source.EVENT)
+
+    def schedule(self, queue: str, delay_s: float, source: Source) -> None:
+        """Wake ``queue`` after ``delay_s`` (delayed messages, retries)."""
+        if len(self._timers) >= MAX_TIMERS:
+            self.stats.incr("timers_dropped")
+            return
+        heapq.heappush(self._timers, (anyio.current_time() + max(0.0, delay_s), queue, source))
+        self._timer_changed.set()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._timer_changed = anyio.Event()
+            if not self._timers:
+                await self._timer_changed.wait()
+                continue
+            due, queue, source = self._timers[0]
+            wait = due - anyio.current_time()
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await self._timer_changed.wait()
+                continue
+            heapq.heappop(self._timers)
+            # Timers for the same queue and moment collapse into one wakeup.
+            while self._timers and self._timers[0][1] == queue and self._timers[0][0] <= due + 0.01:
+                heapq.heappop(self._timers)
+            self.queues[queue].poke(source)
+
+    # --- claiming --------------------------------------------------------------------------
+
+    async def _wait_slot(self) -> None:
+        await self._slot_freed.wait()
+
+    def _free_slot(self) -> None:
+        self._slot_freed.set()
+        self._slot_freed = anyio.Event()
+
+    async def _claim_loop(self, qs: _QueueState) -> None:
+        failures = 0
+        while self._claiming:
+            await qs.wake.wait()
+            qs.wake = anyio.Event()
+            source = Source.EVENT if qs.woken_by_event else Source.POLL
+            qs.woken_by_event = False
+            while self._claiming:
+                free = self.free_slots
+                if free <= 0:
+                    await self._wait_slot()
+                    continue
+                if qs.woken_by_event:  # a notification arrived while this loop was busy
+                    source, qs.woken_by_event = Source.EVENT, False
+                want = min(self.batch_size, free)
+                try:
+                    msgs = await self.client.claim(qs.name, self.vt_seconds, want, source)
+                    failures = 0
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    failures += 1
+                    self.stats.incr("db_errors")
+                    self.last_error = f"claim on {qs.name}: {exc}"
+                    delay = backoff_delay(failures, timedelta(milliseconds=100), timedelta(seconds=5))
+                    log.warning("claim on %s failed (%s); retrying in %.2fs", qs.name, exc, delay)
+                    await anyio.sleep(delay)
+                    continue
+                self.stats.incr(f"claims_{source.value}")
+                self.stats.incr(f"claimed_{source.value}", len(msgs))
+                for msg in msgs:
+                    self._accept(qs, msg)
+                if len(msgs) < want:
+                    break
+
+    def _accept(self, qs: _QueueState, msg: ClaimedMessage) -> None:
+        key = (msg.queue, msg.msg_id)
+        current = self.in_flight.get(key)
+        if current is not None:
+            # Redelivered while still running here (our vt lapsed): we hold the newest claim,
+            # so adopt its read_ct for the ack and keep running the first copy only.
+            self.stats.incr("dedup_hits")
+            current.msg.read_ct = msg.read_ct
+            current.vt_deadline = msg.received_mono + self.vt_seconds
+            return
+        if msg.source is Source.POLL and msg.read_ct == 1 and self.listener_healthy():
+            ready_for = (msg.claimed_at - msg.enqueued_at).total_seconds()
+            if ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
+                self.stats.incr("missed_wakeups")
+        self.in_flight[key] = _InFlight(msg, msg.received_mono + self.vt_seconds)
+        assert self._steps_tg is not None
+        self._steps_tg.start_soon(self._run_step, msg)
+
+    async def _vt_keeper(self) -> None:
+        """Extend the vt of steps running past half of it, in one statement per queue."""
+        tick = min(1.0, max(0.05, self.vt_seconds / 4))
+        vt_ms = self.vt_seconds * 1000
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            due: dict[str, list[_InFlight]] = {}
+            for item in self.in_flight.values():
+                if item.vt_deadline - now < self.vt_seconds / 2:
+                    due.setdefault(item.msg.queue, []).append(item)
+            for queue, items in due.items():
+                try:
+                    extended = await self.client.extend_vt(queue, [i.msg for i in items], vt_ms)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    self.stats.incr("db_errors")
+                    log.warning("extending vt on %s failed: %s", queue, exc)
+                    continue
+                after = time.monotonic()
+                for item in items:
+                    if item.msg.msg_id in extended:
+                        item.vt_deadline = after + self.vt_seconds
+                        self.stats.incr("vt_extensions")
+
+    # --- running a step --------------------------------------------------------------------
+
+    async def _run_step(self, msg: ClaimedMessage) -> None:
+        key = (msg.queue, msg.msg_id)
+        step_key: str | None = None
+        try:
+            if msg.already_done:
+                self.stats.incr("dedup_hits")
+                await self._finish(msg, None)
+                return
+            try:
+                step = StepMessage.parse(msg.body)
+            except StepValidationError as exc:
+                await self._dead_letter(msg, exc, OutcomeStatus.DEAD_LETTERED, None)
+                return
+            msg.step = step
+            step_key = str(step.step_uuid)
+            if step_key in self.steps_in_flight:
+                # Another message of the same step runs here now: come back when it is done,
+                # then find its outcome recorded and archive without running.
+                self.stats.incr("dedup_hits")
+                step_key = None
+                await self.writer.retry(RetryRequest(msg, DUPLICATE_RETRY_MS, None, count_attempt=False))
+                self.schedule(msg.queue, DUPLICATE_RETRY_MS / 1000 + 0.05, Source.POLL)
+                return
+            self.steps_in_flight[step_key] = key
+            if self.step_filter is not None and not await self.step_filter(msg, step):
+                return
+            await self._execute(msg, step)
+        finally:
+            if step_key is not None:
+                self.steps_in_flight.pop(step_key, None)
+            self.in_flight.pop(key, None)
+            self._free_slot()
+
+    async def _execute(self, msg: ClaimedMessage, step: StepMessage) -> None:
+        spec = self.registry.get(step.handler)
+        if spec is None:
+            error = UnknownHandler(
+                f"no handler {step.handler!r} in this worker (has: {', '.join(self.registry.names)})"
+            )
+            await self._dead_letter(msg, error, OutcomeStatus.DEAD_LETTERED, None)
+            return
+        started_at = datetime.now(UTC)
+        start_mono = time.monotonic()
+        self.stats.queue_to_start[msg.source].append(
+            (msg.claimed_at - msg.enqueued_at).total_seconds() + (start_mono - msg.received_mono)
+        )
+        ctx = StepContext(
+            step=step,
+            attempt=msg.read_ct,
+            worker_id=self.worker_id,
+            queue=msg.queue,
+            msg_id=msg.msg_id,
+            state=self.state,
+            _pool=self.pool,
+        )
+        timeout = self._timeout(step, spec.timeout)
+        try:
+            result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout)
+        except Exception as exc:
+            self.stats.handler_duration.append(time.monotonic() - start_mono)
+            await ctx._finish(exc)
+            await self._on_failure(msg, step, exc, started_at)
+            return
+        self.stats.handler_duration.append(time.monotonic() - start_mono)
+        outcome = Outcome(msg, OutcomeStatus.SUCCEEDED, _jsonable(result), None, started_at, datetime.now(UTC))
+        if ctx.has_transaction:
+            await self._record_in_handler_transaction(ctx, outcome)
+        else:
+            await self._finish(msg, outcome)
+
+    async def _record_in_handler_transaction(self, ctx: StepContext, outcome: Outcome) -> None:
+        conn = await ctx.transaction()
+        try:
+            acked = (await self.client.record_outcomes(outcome.msg.queue, self.worker_id, [outcome], conn=conn)).get(
+                outcome.msg.msg_id, False
+            )
+        except Exception as exc:
+            await ctx._finish(exc)
+            raise
+        if acked:
+            await ctx._finish(None)
+            self._count_outcome(outcome.status)
+        else:
+            await ctx._finish(_StaleAck())
+            self.stats.incr("stale_acks")
+
+    def _timeout(self, step: StepMessage, handler_timeout: timedelta | None) -> timedelta:
+        if step.timeout is not None:
+            return timedelta(seconds=step.timeout)
+        return handler_timeout or self.config.event_system.processing_timeout
+
+    async def _on_failure(self, msg: ClaimedMessage, step: StepMessage, exc: Exception, started_at: datetime) -> None:
+        error = _error_json(exc)
+        if isinstance(exc, StepFailed):
+            outcome = Outcome(msg, OutcomeStatus.FAILED, None, error, started_at, datetime.now(UTC))
+            await self._finish(msg, outcome)
+            return
+        if isinstance(exc, NonRetryableError):
+            await self._dead_letter(msg, exc, OutcomeStatus.DEAD_LETTERED, started_at)
+            return
+        self.stats.incr("handler_errors")
+        retry = self.config.retry
+        if isinstance(exc, DependencyUnavailable):
+            delay = backoff_delay(msg.read_ct, retry.base_delay, retry.max_delay, retry.jitter)
+            await self._retry(msg, delay, error, count_attempt=False)
+            return
+        limit = step.attempt_limit or retry.max_attempts
+        if msg.read_ct >= limit:
+            error = {
+                **error,
+                "reason": "retries_exhausted",
+                "last_reason": error.get("reason"),
+                "attempts": msg.read_ct,
+            }
+            await self._dead_letter(msg, None, OutcomeStatus.FAILED, started_at, error=error)
+            return
+        delay = backoff_delay(msg.read_ct, retry.base_delay, retry.max_delay, retry.jitter)
+        log.info(
+            "step %s attempt %d failed (%s); retrying in %.2fs", step.step_uuid, msg.read_ct, error["message"], delay
+        )
+        await self._retry(msg, delay, error, count_attempt=True)
+
+    async def _retry(
+        self, msg: ClaimedMessage, delay_s: float, error: dict[str, Any] | None, *, count_attempt: bool
+    ) -> None:
+        applied = await self.writer.retry(RetryRequest(msg, int(delay_s * 1000), error, count_attempt))
+        if applied:
+            self.stats.incr("retried" if count_attempt else "released")
+            # Wake this queue when the message is due, whatever the deployment mode.
+            self.schedule(msg.queue, delay_s + 0.01, Source.POLL)
+        elif applied is False:
+            self.stats.incr("stale_acks")
+
+    async def _dead_letter(
+        self,
+        msg: ClaimedMessage,
+        exc: StepError | None,
+        status: OutcomeStatus,
+        started_at: datetime | None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        error = error or (exc.to_json() if exc else {"reason": "unknown"})
+        log.warning("dead-lettering msg %s of %s: %s", msg.msg_id, msg.queue, error.get("message", error.get("reason")))
+        outcome = Outcome(msg, status, None, error, started_at, datetime.now(UTC))
+        applied = await self.writer.dead_letter(outcome)
+        if applied:
+            self.stats.incr("processed")
+            self.stats.incr("dead_lettered")
+            if status is OutcomeStatus.FAILED:
+                self.stats.incr("failed")
+        elif applied is False:
+            self.stats.incr("stale_acks")
+
+    async def _finish(self, msg: ClaimedMessage, outcome: Outcome | None) -> None:
+        applied = await self.writer.record(outcome or Outcome(msg, None))
+        if applied and outcome is not None:
+            self._count_outcome(outcome.status)
+        elif applied is False:
+            self.stats.incr("stale_acks")
+
+    def _count_outcome(self, status: OutcomeStatus | None) -> None:
+        self.stats.incr("processed")
+        if status is OutcomeStatus.SUCCEEDED:
+            self.stats.incr("succeeded")
+        elif status is OutcomeStatus.FAILED:
+            self.stats.incr("failed")
+
+    async def _release_all(self) -> None:
+        """Give every still-running step's message back at once (not counted as an attempt)."""
+        items = [i.msg for i in self.in_flight.values()]
+        log.info("releasing %d unfinished steps back to their queues", len(items))
+        by_queue: dict[str, list[ClaimedMessage]] = {}
+        for m in items:
+            by_queue.setdefault(m.queue, []).append(m)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            for queue, msgs in by_queue.items():
+                try:
+                    done = await self.client.retry(queue, [RetryRequest(m, 0, None, count_attempt=False) for m in msgs])
+                    self.stats.incr("released", sum(done.values()))
+                except psycopg.Error as exc:
+                    log.error(
+                        "could not release %d messages of %s (they return after their vt): %s", len(msgs), queue, exc
+                    )
+
+
+class _StaleAck(Exception):
+    """Rolls back a handler transaction whose ack was fenced out."""
+
+
+def _error_json(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, StepError):
+        return exc.to_json()
+    return {"type": type(exc).__name__, "reason": "handler_error", "message": str(exc)[:2000]}
+
+
+def _jsonable(value: Any) -> Any:
+    """Handler results must be JSON: anything else is stored as its repr (never crashes)."""
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return {"repr": repr(value)[:2000]}

@@ -1,0 +1,278 @@
+"""Worker: lifecycle, handler registration, signals and the shutdown budget.
+
+::
+
+    worker = Worker(load_config().config)
+
+    @worker.handler("resize")
+    async def resize(ctx, step):
+        return {"ok": True}
+
+    anyio.run(worker.run)
+
+Shutdown (SIGTERM/SIGINT or ``request_shutdown``) has one budget, ``shutdown_timeout``: both
+sources stop at once, in-flight steps may finish until the deadline, the rest are released
+back to their queues at once (vt reset, the attempt given back). A second signal stops
+immediately; claimed messages then come back when their vt expires.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import socket
+import types
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import psycopg
+
+from tasker_worker.config.models import DeploymentMode, TaskerConfig
+from tasker_worker.db import migrations
+from tasker_worker.db.connection import open_pool, resolve_database_url
+from tasker_worker.db.queue_client import QueueClient
+from tasker_worker.domain.names import queue_name
+from tasker_worker.errors import ConfigError
+from tasker_worker.handlers.builtin import register_builtins
+from tasker_worker.handlers.context import StepContext
+from tasker_worker.handlers.registry import HandlerFunc, HandlerRegistry
+from tasker_worker.runtime.commands import Shutdown
+from tasker_worker.runtime.event_system import WorkerEventSystem
+from tasker_worker.runtime.executor import HandlerExecutor
+from tasker_worker.runtime.listener import ProbeSender
+from tasker_worker.runtime.processor import CommandProcessor
+from tasker_worker.runtime.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """One worker process: its namespaces, handlers, event system and processor."""
+
+    def __init__(
+        self,
+        config: TaskerConfig | None = None,
+        *,
+        database_url: str | None = None,
+        registry: HandlerRegistry | None = None,
+        state: Any = None,
+        probe_sender: ProbeSender | None = None,
+    ) -> None:
+        self.config = config or TaskerConfig()
+        self.database_url = database_url
+        self.registry = registry or HandlerRegistry()
+        self.state = state if state is not None else types.SimpleNamespace()
+        self.hostname = socket.gethostname()
+        self.worker_id = (
+            self.config.worker.id or f"{self.config.worker.name}-{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.stats = WorkerStats(window=self.config.worker.stats_window)
+        self.started_at: datetime | None = None
+        self.event_system: WorkerEventSystem | None = None
+        self.processor: CommandProcessor | None = None
+        self.client: QueueClient | None = None
+        self.ready = anyio.Event()
+        self.stopped = anyio.Event()
+        self._probe_sender = probe_sender
+        self._stop_requested = anyio.Event()
+        self._stop_reason = "requested"
+        self._deadline = float("inf")
+        self._hard_scope: anyio.CancelScope | None = None
+
+    # --- registration ----------------------------------------------------------------------
+
+    def handler(
+        self, name: str, *, timeout: str | timedelta | float | None = None
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator: register a sync or async ``func(ctx, step)`` for steps named ``name``."""
+        return self.registry.handler(name, timeout=timeout)
+
+    def periodic(
+        self, every: str | timedelta | float, *, name: str | None = None, timeout: str | timedelta | float | None = None
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator: run ``func(ctx)`` every ``every`` while the worker runs."""
+        return self.registry.periodic(every, name=name, timeout=timeout)
+
+    @property
+    def namespaces(self) -> list[str]:
+        """Namespaces this worker serves."""
+        return list(self.config.worker.namespaces)
+
+    @property
+    def queues(self) -> list[str]:
+        """Queue names this worker claims from."""
+        return [queue_name(ns) for ns in self.namespaces]
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def request_shutdown(self, reason: str = "requested") -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        if not self._stop_requested.is_set():
+            self._stop_reason = reason
+            self._deadline = anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
+            self._stop_requested.set()
+
+    def stop_now(self) -> None:
+        """Stop immediately (the second signal)."""
+        if self._hard_scope is not None:
+            self._hard_scope.cancel()
+
+    async def run(self, *, install_signal_handlers: bool = False) -> dict[str, Any]:
+        """Run until shutdown; return the final statistics."""
+        self._load_handler_modules()
+        register_builtins(self.registry)
+        url = self.database_url
+        if url is None:
+            url = await anyio.to_thread.run_sync(resolve_database_url, self.config.database)
+        self.database_url = url
+        if self.config.database.auto_migrate:
+            await migrations.migrate(url)
+        es_config = self.config.event_system
+        pool = await open_pool(url, self.config.database)
+        executor = HandlerExecutor(self.config.worker.executor, self.config.worker.executor_workers)
+        try:
+            client = QueueClient(pool)
+            self.client = client
+            for ns in self.namespaces:
+                await client.create_namespace_queue(ns)
+            event_system = WorkerEventSystem(
+                url, self.namespaces, es_config, self.stats, probe_sender=self._probe_sender
+            )
+            await event_system.prepare()
+            self.event_system = event_system
+            processor = CommandProcessor(
+                config=self.config,
+                worker_id=self.worker_id,
+                queues=self.queues,
+                client=client,
+                pool=pool,
+                registry=self.registry,
+                executor=executor,
+                stats=self.stats,
+                state=self.state,
+                listener_healthy=event_system.listener_healthy,
+            )
+            self.processor = processor
+            executor.start()
+            self.started_at = datetime.now(UTC)
+            log.info(
+                "worker %s started: mode=%s namespaces=%s concurrency=%d",
+                self.worker_id,
+                event_system.mode.value,
+                ",".join(self.namespaces),
+                processor.max_concurrent,
+            )
+            with anyio.CancelScope() as hard:
+                self._hard_scope = hard
+                async with anyio.create_task_group() as tg:
+                    sources = anyio.CancelScope()
+                    tg.start_soon(self._run_sources, event_system, sources)
+                    tg.start_soon(self._stopper, event_system, sources)
+                    tg.start_soon(self._stats_loop)
+                    for job in self.registry.periodic_jobs:
+                        tg.start_soon(self._periodic_loop, job)
+                    if install_signal_handlers:
+                        tg.start_soon(self._watch_signals)
+                    # "ready" means every source is live: a step sent now is seen by LISTEN.
+                    await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
+                    self.ready.set()
+                    await processor.run(event_system.receive, lambda: self._deadline)
+                    tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._save_stats(stopped=True)
+        finally:
+            executor.close()
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+            self.stopped.set()
+        final = self.status()
+        log.info("worker %s stopped (%s): %s", self.worker_id, self._stop_reason, final["counters"])
+        return final
+
+    def status(self) -> dict[str, Any]:
+        """Statistics, in-flight work and the event system's state."""
+        snap = self.processor.status() if self.processor else self.stats.snapshot()
+        snap["worker_id"] = self.worker_id
+        if self.event_system is not None:
+            snap["event_system"] = self.event_system.status()
+        return snap
+
+    async def _run_sources(self, event_system: WorkerEventSystem, scope: anyio.CancelScope) -> None:
+        with scope:
+            await event_system.run()
+
+    async def _stopper(self, event_system: WorkerEventSystem, sources: anyio.CancelScope) -> None:
+        await self._stop_requested.wait()
+        sources.cancel()
+        await event_system.send.send(Shutdown(self._stop_reason))
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self._stop_requested.is_set():
+                    log.warning("second %s: stopping immediately", name)
+                    self.stop_now()
+                    return
+                log.info("%s: shutting down (budget %s)", name, self.config.worker.shutdown_timeout)
+                self.request_shutdown(name)
+
+    async def _stats_loop(self) -> None:
+        interval = self.config.event_system.health_check_interval.total_seconds()
+        while True:
+            await self._save_stats(stopped=False)
+            await anyio.sleep(interval)
+
+    async def _save_stats(self, *, stopped: bool) -> None:
+        if self.client is None or self.started_at is None:
+            return
+        try:
+            with anyio.fail_after(5):
+                await self.client.save_worker_stats(
+                    worker_id=self.worker_id,
+                    name=self.config.worker.name,
+                    hostname=self.hostname,
+                    pid=os.getpid(),
+                    mode=self.event_system.mode.value if self.event_system else DeploymentMode.HYBRID.value,
+                    namespaces=self.namespaces,
+                    started_at=self.started_at,
+                    stopped_at=datetime.now(UTC) if stopped else None,
+                    stats=self.status(),
+                )
+        except (psycopg.Error, TimeoutError) as exc:
+            log.warning("could not save worker statistics: %s", exc)
+
+    async def _periodic_loop(self, job: Any) -> None:
+        timeout = job.timeout or self.config.worker.periodic_timeout
+        assert self.processor is not None
+        executor = self.processor.executor
+        while True:
+            await anyio.sleep(job.every.total_seconds())
+            ctx = types.SimpleNamespace(worker_id=self.worker_id, state=self.state, job=job.name, log=log)
+            try:
+                await executor.run(job.func, job.is_async, (ctx,), timeout)
+            except Exception as exc:
+                log.warning("periodic job %s failed: %s", job.name, exc)
+
+    def _load_handler_modules(self) -> None:
+        for path in self.config.worker.handler_modules:
+            try:
+                module = importlib.import_module(path)
+            except Exception as exc:
+                raise ConfigError(
+                    f"cannot import handler module {path!r}: {exc}", key="worker.handler_modules"
+                ) from exc
+            register = getattr(module, "register", None)
+            if not callable(register):
+                raise ConfigError(
+                    f"handler module {path!r} has no register(worker) function", key="worker.handler_modules"
+                )
+            register(self)
+
+
+__all__ = ["StepContext", "Worker"]
