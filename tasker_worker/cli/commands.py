@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,9 +16,6 @@ from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.names import dlq_name, queue_name
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.errors import UsageError
-
-#: Commands added by other modules: ``f(subparsers, add_command)``.
-EXTRA_COMMANDS: list[Callable[[Any, Any], None]] = []
 
 MAX_SEND_COUNT = 100_000
 
@@ -167,8 +164,7 @@ async def queue_send(args: argparse.Namespace) -> int:
                 )
                 for _ in range(args.count)
             ]
-            for body in bodies[:1]:
-                StepMessage.parse(body)  # the same validation the worker applies
+            StepMessage.parse(bodies[0])  # the validation the worker applies, before sending
             ids = await qc.send_batch(queue, bodies, delay=args.delay)
     print(f"sent {len(ids)} to {queue} (msg_id {ids[0]}{'..' + str(ids[-1]) if len(ids) > 1 else ''})")
     return 0

@@ -7,6 +7,7 @@ line (``error: ...``) without a traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 
 from tasker_worker import __version__
-from tasker_worker.cli import commands
+from tasker_worker.cli import commands, run
 from tasker_worker.errors import TaskerError
 
 Handler = Callable[[argparse.Namespace], Any]
@@ -98,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "version", commands.version, "print the version")
 
-    for extra in commands.EXTRA_COMMANDS:
-        extra(sub, _command)
+    run.add_commands(sub, _command)
     return parser
 
 
@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        code = anyio.run(args.func, args)
+        func = args.func
+        code = anyio.run(func, args) if inspect.iscoroutinefunction(func) else func(args)
         return int(code or 0)
     except TaskerError as exc:
         if debug:

@@ -71,6 +71,8 @@ ANNOUNCED_MEMORY = 2_048
 MISSED_WAKEUP_GRACE_S = 1.0
 #: A duplicate step_uuid claimed while its first message runs here comes back after this.
 DUPLICATE_RETRY_MS = 1_000
+#: Wake slightly after a ready_at so the claim does not run a hair early and find nothing.
+READY_MARGIN_S = 0.05
 
 
 @dataclass
@@ -220,7 +222,7 @@ class CommandProcessor:
         if event.ready_at is not None:
             wait = (event.ready_at - datetime.now(UTC)).total_seconds()
             if wait > 0.005:
-                self.schedule(qs.name, wait, Source.EVENT)
+                self.schedule(qs.name, wait + READY_MARGIN_S, Source.EVENT)
                 return
         qs.poke(Source.EVENT)
 

@@ -1,0 +1,158 @@
+"""Worker processes: SIGTERM drain and release, two processes on one queue, supervisor restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from ledger_handlers import LEDGER_DDL
+from psycopg.types.json import Jsonb
+
+from tasker_worker.domain.steps import StepMessage
+
+TESTS = Path(__file__).resolve().parent
+NS = "proc"
+QUEUE = f"worker_{NS}_queue"
+POLL_S = 0.05  # how often wait_for looks at the database state
+
+
+@pytest.fixture
+def env(cli_env: dict[str, str], db_url: str) -> dict[str, str]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(LEDGER_DDL)
+        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
+    return {
+        **cli_env,
+        "PYTHONPATH": str(TESTS),
+        "TASKER_LEDGER_URL": db_url,
+        "TASKER__WORKER__HANDLER_MODULES": '["ledger_handlers"]',
+        "TASKER__WORKER__NAMESPACES": f'["{NS}"]',
+    }
+
+
+def send(url: str, handler: str, inputs: list[dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
+    bodies = [StepMessage.build(NS, handler, i, **extra) for i in inputs]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])", (QUEUE, [Jsonb(b) for b in bodies]))
+    return bodies
+
+
+def value(url: str, query: str) -> Any:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+        return row[0] if row else None
+
+
+def wait_for(url: str, query: str, expected: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = value(url, query)
+        if last == expected:
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"{query!r} stayed {last!r}, expected {expected!r}")
+
+
+def start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasker_worker.cli.main", "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_sigterm_drains_in_flight_and_releases_the_rest(env: dict[str, str], db_url: str) -> None:
+    send(db_url, "sleep", [{"seconds": 0.5}] * 4 + [{"seconds": 60}] * 2, timeout=120)
+    proc = start({**env, "TASKER__WORKER__SHUTDOWN_TIMEOUT": "2s"}, "--mode", "Hybrid", "--concurrency", "8")
+    try:
+        wait_for(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE} WHERE read_ct = 1", 6, 30)
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert value(db_url, "SELECT count(*) FROM tasker.step_results WHERE status = 'succeeded'") == 4
+    # The two long steps are back at once, their attempt given back.
+    assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE} WHERE read_ct = 0 AND vt <= now()") == 2
+    final = json.loads(err.strip().splitlines()[-1])
+    assert final["counters"]["released"] == 2 and final["counters"]["succeeded"] == 4
+
+
+def test_two_processes_on_one_queue_never_double_process(env: dict[str, str], db_url: str) -> None:
+    bodies = send(db_url, "ledger", [{"i": i} for i in range(600)])
+    proc = start(env, "--mode", "Hybrid", "--processes", "2", "--concurrency", "8")
+    try:
+        wait_for(db_url, "SELECT count(*) FROM tasker.step_results", len(bodies), 90)
+    finally:
+        code, err = stop(proc, timeout=60)
+    assert code == 0, err
+    assert value(db_url, "SELECT count(*) FROM public.ledger") == len(bodies)
+    assert value(db_url, "SELECT count(DISTINCT step_uuid) FROM public.ledger") == len(bodies)
+    assert value(db_url, "SELECT count(DISTINCT pid) FROM public.ledger") == 2  # both did work
+    assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0
+
+
+def test_supervisor_restarts_a_killed_worker(env: dict[str, str], db_url: str) -> None:
+    proc = start(env, "--mode", "Hybrid", "--processes", "2")
+    try:
+        wait_for(db_url, "SELECT count(*) FROM tasker.worker_stats WHERE stopped_at IS NULL", 2, 30)
+        victim = value(db_url, "SELECT pid FROM tasker.worker_stats ORDER BY started_at LIMIT 1")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(db_url, "SELECT count(*) FROM tasker.worker_stats", 3, 30)  # a new worker registered
+        bodies = send(db_url, "ledger", [{"i": i} for i in range(50)])
+        wait_for(db_url, "SELECT count(*) FROM tasker.step_results", len(bodies), 30)
+    finally:
+        code, err = stop(proc, timeout=60)
+    assert code == 0, err
+    assert "restarting" in err
+
+
+def cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tasker_worker.cli.main", *argv], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_status_and_dlq_commands(env: dict[str, str], db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT pgmq.send(%s, '[\"not a step\"]')", (QUEUE,))
+    send(db_url, "fail", [{"mode": "non_retryable", "message": "bad input"}])
+    send(db_url, "noop", [{}])
+    proc = start(env, "--mode", "Hybrid")
+    try:
+        wait_for(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}_dlq", 2, 30)
+        wait_for(db_url, "SELECT count(*) FROM tasker.step_results WHERE status = 'succeeded'", 1, 30)
+        status = cli(env, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        workers = json.loads(status.stdout)
+        assert len(workers) == 1 and workers[0]["deployment_mode"] == "Hybrid"
+        assert "counters" in workers[0]["stats"]
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    listed = cli(env, "dlq", "list", NS)
+    assert listed.returncode == 0
+    assert "malformed_message" in listed.stdout and "bad input" in listed.stdout
+    assert cli(env, "dlq", "requeue", NS).returncode == 2  # must say which
+    requeued = cli(env, "dlq", "requeue", NS, "--all")
+    assert requeued.returncode == 0 and "requeued 2" in requeued.stdout
+    assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 2
+    assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}_dlq") == 0
+    stopped = json.loads(cli(env, "status", "--json", "--all").stdout)
+    assert stopped[0]["stopped_at"] is not None

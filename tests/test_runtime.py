@@ -1,0 +1,311 @@
+"""The worker runtime against a real PostgreSQL: every mode, dedup, vt, retries, DLQ, listener loss."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from ledger_handlers import LEDGER_DDL, ledger
+
+from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.testing import (
+    fetch,
+    fetch_value,
+    make_config,
+    outcome_counter,
+    running_worker,
+    send_steps,
+    wait_until,
+)
+
+MODES = ["PollingOnly", "Hybrid", "EventDrivenOnly"]
+NS = "rt"
+QUEUE = f"worker_{NS}_queue"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def url(db_url: str) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(LEDGER_DDL)
+        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
+    return db_url
+
+
+def registry_with_ledger() -> HandlerRegistry:
+    reg = HandlerRegistry()
+    reg.register("ledger", ledger)
+    return reg
+
+
+def state_for(url: str) -> Any:
+    return types.SimpleNamespace(ledger_url=url)
+
+
+async def assert_exactly_once(url: str, bodies: list[dict[str, Any]]) -> None:
+    """Every step has one outcome, one ledger run, and its message is archived."""
+    uuids = sorted(b["step_uuid"] for b in bodies)
+    outcomes = await fetch(url, "SELECT step_uuid::text, status FROM tasker.step_results ORDER BY 1")
+    assert [o[0] for o in outcomes] == uuids
+    assert {o[1] for o in outcomes} == {"succeeded"}
+    runs = await fetch(url, "SELECT step_uuid::text, count(*) FROM public.ledger GROUP BY 1 HAVING count(*) > 1")
+    assert runs == [], f"steps run more than once: {runs[:5]}"
+    assert await fetch_value(url, "SELECT count(DISTINCT step_uuid) FROM public.ledger") == len(bodies)
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.a_{QUEUE}") == len(bodies)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", MODES)
+async def test_every_message_handled_exactly_once(url: str, mode: str) -> None:
+    config = make_config(mode=mode, namespaces=[NS], concurrency=8)
+    early = await send_steps(url, NS, "ledger", [{"i": i} for i in range(20)])  # before the worker
+    async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
+        single = await send_steps(url, NS, "ledger", [{"i": i} for i in range(20)])
+        batch = await send_steps(url, NS, "ledger", [{"i": i} for i in range(50)], batch=True)
+        delayed = await send_steps(url, NS, "ledger", [{"i": i} for i in range(5)], delay=1)
+        in_tx = await send_steps(url, NS, "ledger", [{"in_tx": True} for _ in range(5)])
+        bodies = early + single + batch + delayed + in_tx
+        await wait_until(_count_is(url, len(bodies)), timeout=30)
+        counters = worker.status()["counters"]
+    await assert_exactly_once(url, bodies)
+    assert counters["succeeded"] == len(bodies)
+    if mode == "PollingOnly":
+        assert counters["notifications_received"] == 0 and counters["claimed_event"] == 0
+    else:
+        assert counters["notifications_received"] > 0 and counters["claimed_event"] > 0
+    if mode == "EventDrivenOnly":
+        # Nothing polls: the early steps came through the startup catch-up claim, the delayed
+        # ones through the wakeup scheduled from their notification's ready_at.
+        assert counters["claimed_poll"] > 0
+    sources = {r[0] for r in await fetch(url, "SELECT DISTINCT source FROM tasker.step_results")}
+    assert sources <= {"event", "poll"}
+
+
+def _count_is(url: str, n: int) -> Any:
+    counter = outcome_counter(url)
+
+    async def check() -> bool:
+        return await counter() >= n
+
+    return check
+
+
+@pytest.mark.anyio
+async def test_same_step_uuid_sent_twice_runs_once(url: str) -> None:
+    config = make_config(mode="Hybrid", namespaces=[NS])
+    bodies = await send_steps(url, NS, "ledger", [{"sleep": 0.3}])
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SELECT pgmq.send(%s, %s)", (QUEUE, psycopg.types.json.Jsonb(bodies[0])))
+    async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
+        await wait_until(_queue_empty(url), timeout=15)
+        hits = worker.status()["counters"]["dedup_hits"]
+    assert hits >= 1
+    assert await fetch_value(url, "SELECT count(*) FROM public.ledger") == 1
+    assert await fetch_value(url, "SELECT count(*) FROM tasker.step_results") == 1
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.a_{QUEUE}") == 2
+
+
+def _queue_empty(url: str) -> Any:
+    async def check() -> bool:
+        return bool(await fetch_value(url, f"SELECT count(*) = 0 FROM pgmq.q_{QUEUE}"))
+
+    return check
+
+
+@pytest.mark.anyio
+async def test_handler_slower_than_vt_is_not_run_twice(url: str) -> None:
+    config = make_config(
+        mode="PollingOnly",
+        namespaces=[NS],
+        overrides={"event_system.fallback_poller.visibility_timeout": "1s", "event_system.processing_timeout": "10s"},
+    )
+    bodies = await send_steps(url, NS, "ledger", [{"sleep": 2.5}, {"sleep": 2.5}])
+    async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
+        await wait_until(_count_is(url, 2), timeout=20)
+        counters = worker.status()["counters"]
+    assert counters["vt_extensions"] >= 2
+    await assert_exactly_once(url, bodies)
+
+
+@pytest.mark.anyio
+async def test_retries_then_dead_letter_then_requeue(url: str) -> None:
+    state = types.SimpleNamespace(broken=True, runs=0)
+    reg = HandlerRegistry()
+
+    async def flaky(ctx: Any, step: Any) -> str:
+        ctx.state.runs += 1
+        if ctx.state.broken:
+            raise RuntimeError("downstream says no")
+        return "fixed"
+
+    reg.register("flaky", flaky)
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"retry.max_attempts": 3, "retry.base_delay": "50ms"}
+    )
+    from tasker_worker.db.queue_client import QueueClient
+
+    async with running_worker(url, config, registry=reg, state=state) as worker:
+        await send_steps(url, NS, "flaky", [{}])
+        await wait_until(outcome_counter(url, "failed"), timeout=15)
+        assert state.runs == 3
+        dlq = await fetch(url, f"SELECT message, headers FROM pgmq.q_{QUEUE}_dlq")
+        assert len(dlq) == 1
+        info = dlq[0][1]["tasker_dlq"]
+        assert info["reason"] == "retries_exhausted" and info["attempts"] == 3
+        assert "downstream says no" in info["error"]["message"]
+        error = await fetch_value(url, "SELECT error FROM tasker.step_results")
+        assert error["last_reason"] == "handler_error"
+
+        state.broken = False
+        assert worker.client is not None
+        moved = await QueueClient(worker.client.pool).requeue_dead_letters(QUEUE)
+        assert len(moved) == 1
+        await wait_until(outcome_counter(url, "succeeded"), timeout=15)
+        counters = worker.status()["counters"]
+    assert state.runs == 4
+    assert counters["retried"] == 2 and counters["dead_lettered"] == 1
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}_dlq") == 0
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.a_{QUEUE}_dlq") == 1  # the record stays
+
+
+@pytest.mark.anyio
+async def test_malformed_and_unknown_messages_are_dead_lettered_worker_keeps_going(url: str) -> None:
+    config = make_config(mode="Hybrid", namespaces=[NS])
+    async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            for bad in ("[1, 2]", '"just a string"', '{"handler": "ledger"}', "42", "null"):
+                await conn.execute("SELECT pgmq.send(%s, %s::jsonb)", (QUEUE, bad))
+        await send_steps(url, NS, "no_such_handler", [{}])
+        await send_steps(url, NS, "fail", [{"mode": "non_retryable"}])
+        await send_steps(url, NS, "fail", [{"mode": "failed", "reason": "no_path"}])
+        good = await send_steps(url, NS, "ledger", [{"i": i} for i in range(10)])
+        await wait_until(_queue_empty(url), timeout=15)
+        await wait_until(_count_is(url, 13), timeout=15)
+        assert worker.status()["counters"]["dead_lettered"] == 7
+    rows = await fetch(url, f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{QUEUE}_dlq ORDER BY msg_id")
+    assert [r[0] for r in rows] == ["malformed_message"] * 5 + ["unknown_handler", "non_retryable_error"]
+    statuses = dict(await fetch(url, "SELECT status, count(*) FROM tasker.step_results GROUP BY 1"))
+    assert statuses == {"succeeded": 10, "dead_lettered": 2, "failed": 1}
+    failed = await fetch_value(url, "SELECT error->>'reason' FROM tasker.step_results WHERE status = 'failed'")
+    assert failed == "no_path"
+    assert await fetch_value(url, "SELECT count(*) FROM public.ledger") == len(good)
+
+
+async def _terminate(url: str, pid: int) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["Hybrid", "EventDrivenOnly"])
+async def test_listener_killed_reconnects_and_catches_up(url: str, mode: str) -> None:
+    config = make_config(
+        mode=mode,
+        namespaces=[NS],
+        overrides={
+            "event_system.listener.max_reconnect_delay": "500ms",
+            "event_system.fallback_poller.polling_interval": "10s",
+        },
+    )
+    async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
+        listener = worker.event_system.listener  # type: ignore[union-attr]
+        assert listener is not None
+        first = await send_steps(url, NS, "ledger", [{"i": i} for i in range(5)])
+        await wait_until(_count_is(url, 5), timeout=10)
+        old_pid = listener.backend_pid
+        assert old_pid is not None
+        await _terminate(url, old_pid)
+        # Sent while the listener is down (or reconnecting): must not wait for a poll.
+        second = await send_steps(url, NS, "ledger", [{"i": i} for i in range(5)])
+        await wait_until(_count_is(url, 10), timeout=10)
+        await wait_until(lambda: listener.backend_pid not in (None, old_pid), timeout=10)
+        third = await send_steps(url, NS, "ledger", [{"i": i} for i in range(5)])
+        await wait_until(_count_is(url, 15), timeout=10)
+        counters = worker.status()["counters"]
+    assert counters["listener_reconnects"] >= 1
+    await assert_exactly_once(url, first + second + third)
+
+
+@pytest.mark.anyio
+async def test_pooled_connections_killed_worker_recovers(url: str) -> None:
+    config = make_config(mode="Hybrid", namespaces=[NS])
+    async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)):
+        first = await send_steps(url, NS, "ledger", [{} for _ in range(5)])
+        await wait_until(_count_is(url, 5), timeout=10)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+        second = await send_steps(url, NS, "ledger", [{} for _ in range(5)])
+        await wait_until(_count_is(url, 10), timeout=20)
+    await assert_exactly_once(url, first + second)
+
+
+@pytest.mark.anyio
+async def test_event_driven_only_refuses_to_start_when_listen_does_not_deliver(url: str) -> None:
+    from tasker_worker.errors import WorkerStartupError
+    from tasker_worker.runtime.worker import Worker
+
+    async def swallow(channel: str, payload: str) -> None:  # like a transaction-pooling proxy
+        return None
+
+    config = make_config(
+        mode="EventDrivenOnly", namespaces=[NS], overrides={"event_system.listener.connection_timeout": "500ms"}
+    )
+    with pytest.raises(WorkerStartupError, match="transaction-pooling"):
+        await Worker(config, database_url=url, probe_sender=swallow).run()
+
+    hybrid = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"event_system.listener.connection_timeout": "500ms"}
+    )
+    async with running_worker(url, hybrid, probe_sender=swallow) as worker:
+        assert worker.event_system is not None and worker.event_system.listener is None
+        assert "transaction-pooling" in (worker.event_system.listener_disabled_reason or "")
+        await send_steps(url, NS, "noop", [{}])
+        await wait_until(_count_is(url, 1), timeout=10)
+
+
+@pytest.mark.anyio
+async def test_graceful_shutdown_releases_unfinished_steps(url: str) -> None:
+    config = make_config(mode="Hybrid", namespaces=[NS], overrides={"worker.shutdown_timeout": "500ms"})
+    async with running_worker(url, config) as worker:
+        await send_steps(url, NS, "sleep", [{"seconds": 0.05}] * 3 + [{"seconds": 30}] * 2, timeout=60)
+        await wait_until(_count_is(url, 3), timeout=10)
+        await wait_until(lambda: worker.processor is not None and len(worker.processor.in_flight) == 2, timeout=10)
+    assert worker.status()["counters"]["released"] == 2
+    rows = await fetch(url, f"SELECT read_ct, vt <= clock_timestamp() FROM pgmq.q_{QUEUE}")
+    assert rows == [(0, True), (0, True)]  # back at once, attempt given back
+
+
+@pytest.mark.anyio
+async def test_stale_ack_is_rejected_and_counted(url: str) -> None:
+    """A claim that was taken over elsewhere (read_ct moved on) cannot archive the message."""
+    gate = anyio.Event()
+    reg = HandlerRegistry()
+
+    async def wait_for_gate(ctx: Any, step: Any) -> None:
+        await gate.wait()
+
+    reg.register("gated", wait_for_gate)
+    config = make_config(mode="Hybrid", namespaces=[NS], overrides={"event_system.processing_timeout": "20s"})
+    async with running_worker(url, config, registry=reg) as worker:
+        await send_steps(url, NS, "gated", [{}])
+        await wait_until(lambda: worker.processor is not None and len(worker.processor.in_flight) == 1, timeout=10)
+        # Another consumer re-claims it (as after a vt expiry): read_ct moves to 2.
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(f"UPDATE pgmq.q_{QUEUE} SET vt = now() - interval '1s'")
+            took = await (await conn.execute("SELECT msg_id FROM pgmq.read(%s, 60, 1)", (QUEUE,))).fetchall()
+        assert len(took) == 1
+        gate.set()
+        await wait_until(lambda: worker.status()["counters"]["stale_acks"] == 1, timeout=10)
+    assert await fetch_value(url, "SELECT count(*) FROM tasker.step_results") == 0
+    assert await fetch_value(url, f"SELECT read_ct FROM pgmq.q_{QUEUE}") == 2
