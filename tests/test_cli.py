@@ -110,3 +110,13 @@ def test_config_show_reports_origins(cli_env: dict[str, str]) -> None:
     data = json.loads(proc.stdout)
     assert data["retry.max_attempts"] == {"value": 9, "origin": "env TASKER__RETRY__MAX_ATTEMPTS"}
     assert data["event_system.deployment_mode"]["origin"].endswith("test/worker.toml")
+
+
+def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
+    proc = run(cli_env, "demo", "--steps", "30", "--size", "16", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 30
+    assert sum(summary["outcomes"].values()) == 30
+    assert set(summary["outcomes"]) <= {"succeeded", "failed"}
+    assert summary["claimed"]["event"] + summary["claimed"]["poll"] == 30

@@ -111,13 +111,14 @@ END;
 $$;
 
 -- Put claimed messages back with a delay (retry backoff). p_count_attempt = false also gives
--- the attempt back (read_ct - 1): used for releases at shutdown and for dependency outages.
+-- the attempt back (read_ct - 1): used for releases at shutdown, rejections and dependency
+-- outages. p_headers are merged into the message's headers (e.g. tasker_last_error).
 CREATE OR REPLACE FUNCTION tasker.retry_steps(
     p_queue         text,
     p_msg_ids       bigint[],
     p_read_cts      integer[],
     p_delays_ms     integer[],
-    p_errors        jsonb[],
+    p_headers       jsonb[],
     p_count_attempt boolean DEFAULT true
 )
 RETURNS TABLE (msg_id bigint, applied boolean)
@@ -126,14 +127,13 @@ BEGIN
     RETURN QUERY EXECUTE format($sql$
         WITH input AS (
             SELECT * FROM unnest($1::bigint[], $2::integer[], $3::integer[], $4::jsonb[])
-                AS i(msg_id, read_ct, delay_ms, error)
+                AS i(msg_id, read_ct, delay_ms, patch)
         ), moved AS (
             UPDATE pgmq.%1$I AS q
                SET vt = clock_timestamp() + make_interval(secs => i.delay_ms / 1000.0),
                    read_ct = CASE WHEN $5 THEN q.read_ct ELSE greatest(q.read_ct - 1, 0) END,
-                   headers = CASE WHEN i.error IS NULL THEN q.headers
-                                  ELSE coalesce(q.headers, '{}'::jsonb)
-                                       || jsonb_build_object('tasker_last_error', i.error) END
+                   headers = CASE WHEN i.patch IS NULL THEN q.headers
+                                  ELSE coalesce(q.headers, '{}'::jsonb) || i.patch END
               FROM input AS i
              WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct
             RETURNING q.msg_id
@@ -141,7 +141,7 @@ BEGIN
         SELECT i.msg_id, (m.msg_id IS NOT NULL)
           FROM input AS i LEFT JOIN moved AS m ON m.msg_id = i.msg_id
         $sql$, pgmq.format_table_name(p_queue, 'q'))
-    USING p_msg_ids, p_read_cts, p_delays_ms, p_errors, p_count_attempt;
+    USING p_msg_ids, p_read_cts, p_delays_ms, p_headers, p_count_attempt;
 END;
 $$;
 
@@ -274,7 +274,7 @@ BEGIN
         END IF;
         SELECT s.id INTO v_new
           FROM pgmq.send(p_queue, v_row.message,
-                         (coalesce(v_row.headers, '{}'::jsonb) - 'tasker_dlq' - 'tasker_last_error')
+                         (coalesce(v_row.headers, '{}'::jsonb) - 'tasker_dlq' - 'tasker_last_error' - 'tasker_rejections')
                          || jsonb_build_object('tasker_requeued_from', v_row.msg_id)) AS s(id);
         dlq_msg_id := v_row.msg_id;
         new_msg_id := v_new;

@@ -8,6 +8,7 @@ CREATE TABLE IF NOT EXISTS tasker.worker_stats (
     pid             integer NOT NULL,
     deployment_mode text NOT NULL,
     namespaces      text[] NOT NULL,
+    capabilities    text[] NOT NULL DEFAULT '{}',
     started_at      timestamptz NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     stopped_at      timestamptz,

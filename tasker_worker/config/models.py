@@ -121,6 +121,9 @@ class WorkerConfig(_Section):
     executor_workers: int = Field(default=4, ge=1, le=256)
     periodic_timeout: Duration = timedelta(seconds=30)
     shutdown_timeout: Duration = timedelta(seconds=30)
+    #: A step this worker lacks the capability for is released for others this many times at
+    #: most, then dead-lettered (at once when no running worker offers the capability).
+    max_rejections: int = Field(default=5, ge=1, le=1000)
     #: How many recent latency samples the statistics keep.
     stats_window: int = Field(default=100_000, ge=100, le=10_000_000)
 

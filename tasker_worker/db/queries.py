@@ -114,12 +114,13 @@ SELECT status, count(*) FROM tasker.step_results
 
 UPSERT_WORKER_STATS = """
 INSERT INTO tasker.worker_stats (worker_id, name, hostname, pid, deployment_mode, namespaces,
-                                 started_at, updated_at, stopped_at, stats)
-VALUES (%s, %s, %s, %s, %s, %s, %s, clock_timestamp(), %s, %s)
+                                 capabilities, started_at, updated_at, stopped_at, stats)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, clock_timestamp(), %s, %s)
 ON CONFLICT (worker_id) DO UPDATE
    SET deployment_mode = EXCLUDED.deployment_mode,
        updated_at = EXCLUDED.updated_at,
        stopped_at = EXCLUDED.stopped_at,
+       capabilities = EXCLUDED.capabilities,
        stats = EXCLUDED.stats
 """
 
@@ -130,4 +131,13 @@ SELECT worker_id, name, hostname, pid, deployment_mode, namespaces, started_at, 
  WHERE stopped_at IS NULL OR %s
  ORDER BY started_at DESC
  LIMIT %s
+"""
+
+CAPABLE_WORKER_EXISTS = """
+SELECT EXISTS (
+    SELECT 1 FROM tasker.worker_stats
+     WHERE stopped_at IS NULL
+       AND updated_at > clock_timestamp() - make_interval(secs => %s)
+       AND %s = ANY (capabilities)
+       AND worker_id <> %s)
 """

@@ -43,7 +43,8 @@ class RetryRequest:
 
     msg: ClaimedMessage
     delay_ms: int
-    error: dict[str, Any] | None
+    #: Merged into the message's headers (``{"tasker_last_error": ...}``).
+    headers: dict[str, Any] | None
     count_attempt: bool = True
 
 
@@ -234,7 +235,7 @@ class QueueClient:
                 [r.msg.msg_id for r in requests],
                 [r.msg.read_ct for r in requests],
                 [max(0, int(r.delay_ms)) for r in requests],
-                [Jsonb(r.error) if r.error is not None else None for r in requests],
+                [Jsonb(r.headers) if r.headers is not None else None for r in requests],
                 requests[0].count_attempt,
             ),
         )
@@ -270,6 +271,7 @@ class QueueClient:
         pid: int,
         mode: str,
         namespaces: list[str],
+        capabilities: list[str],
         started_at: datetime,
         stopped_at: datetime | None,
         stats: dict[str, Any],
@@ -277,8 +279,13 @@ class QueueClient:
         """Upsert this worker's statistics snapshot."""
         await self._fetch_none(
             queries.UPSERT_WORKER_STATS,
-            (worker_id, name, hostname, pid, mode, namespaces, started_at, stopped_at, Jsonb(stats)),
+            (worker_id, name, hostname, pid, mode, namespaces, capabilities, started_at, stopped_at, Jsonb(stats)),
         )
+
+    async def capable_worker_exists(self, capability: str, fresh_within_s: float, other_than: str) -> bool:
+        """Whether another running worker (recent statistics) offers ``capability``."""
+        rows = await self._fetch(queries.CAPABLE_WORKER_EXISTS, (fresh_within_s, capability, other_than))
+        return bool(rows[0][0])
 
     async def worker_stats(self, *, include_stopped: bool = False, limit: int = 100) -> list[tuple[Any, ...]]:
         """Recent worker statistics rows (running ones unless ``include_stopped``)."""

@@ -26,6 +26,8 @@ class HandlerSpec:
     timeout: timedelta | None = None
     #: Capabilities this handler adds to the worker's registration (e.g. planning algorithms).
     capabilities: frozenset[str] = field(default_factory=frozenset)
+    #: The capability a step's inputs need (a worker without it rejects the step).
+    requires: Callable[[dict[str, Any]], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class HandlerRegistry:
         *,
         timeout: str | timedelta | float | None = None,
         capabilities: Iterable[str] = (),
+        requires: Callable[[dict[str, Any]], str] | None = None,
         replace: bool = False,
     ) -> HandlerSpec:
         """Register ``func`` for steps whose ``handler`` is ``name``."""
@@ -75,6 +78,7 @@ class HandlerRegistry:
             is_async=inspect.iscoroutinefunction(func),
             timeout=_as_duration(timeout),
             capabilities=frozenset(capabilities),
+            requires=requires,
         )
         self._handlers[name] = spec
         return spec

@@ -379,6 +379,11 @@ class CommandProcessor:
             )
             await self._dead_letter(msg, error, OutcomeStatus.DEAD_LETTERED, None)
             return
+        if spec.requires is not None:
+            needed = spec.requires(step.inputs)
+            if needed not in spec.capabilities:
+                await self._reject(msg, step, needed)
+                return
         started_at = datetime.now(UTC)
         start_mono = time.monotonic()
         self.stats.queue_to_start[msg.source].append(
@@ -424,6 +429,30 @@ class CommandProcessor:
             await ctx._finish(_StaleAck())
             self.stats.incr("stale_acks")
 
+    async def _reject(self, msg: ClaimedMessage, step: StepMessage, capability: str) -> None:
+        """This worker lacks what the step needs: give it back for a capable worker, or
+        dead-letter it when nobody running offers it or it bounced too often."""
+        self.stats.incr("rejections")
+        rejections = int((msg.headers or {}).get("tasker_rejections", 0)) + 1
+        fresh = 3 * self.config.event_system.health_check_interval.total_seconds()
+        limit = self.config.worker.max_rejections
+        try:
+            someone = rejections < limit and await self.client.capable_worker_exists(capability, fresh, self.worker_id)
+        except psycopg.Error:
+            someone = rejections < limit  # cannot tell: keep bouncing until the limit
+        log.info("step %s needs %s, which this worker lacks (rejection %d)", step.step_uuid, capability, rejections)
+        if not someone:
+            reason = "no_capable_worker" if rejections < limit else "too_many_rejections"
+            error = StepError(
+                f"no running worker offers {capability} (rejected {rejections} times)", reason=reason
+            ).to_json()
+            await self._dead_letter(msg, None, OutcomeStatus.DEAD_LETTERED, None, error=error)
+            return
+        delay_s = min(5.0, 0.05 * 2**rejections)
+        request = RetryRequest(msg, int(delay_s * 1000), {"tasker_rejections": rejections}, count_attempt=False)
+        if await self.writer.retry(request):
+            self.stats.incr("released")
+
     def _timeout(self, step: StepMessage, handler_timeout: timedelta | None) -> timedelta:
         if step.timeout is not None:
             return timedelta(seconds=step.timeout)
@@ -463,7 +492,8 @@ class CommandProcessor:
     async def _retry(
         self, msg: ClaimedMessage, delay_s: float, error: dict[str, Any] | None, *, count_attempt: bool
     ) -> None:
-        applied = await self.writer.retry(RetryRequest(msg, int(delay_s * 1000), error, count_attempt))
+        headers = {"tasker_last_error": error} if error is not None else None
+        applied = await self.writer.retry(RetryRequest(msg, int(delay_s * 1000), headers, count_attempt))
         if applied:
             self.stats.incr("retried" if count_attempt else "released")
             # Wake this queue when the message is due, whatever the deployment mode.

@@ -31,6 +31,7 @@ COUNTERS = (
     "db_errors",
     "timers_dropped",
     "handler_errors",
+    "rejections",
 )
 
 

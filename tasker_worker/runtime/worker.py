@@ -40,6 +40,7 @@ from tasker_worker.domain.names import queue_name
 from tasker_worker.errors import ConfigError
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
+from tasker_worker.handlers.planning.handler import register_planning
 from tasker_worker.handlers.registry import HandlerFunc, HandlerRegistry
 from tasker_worker.runtime.commands import Shutdown
 from tasker_worker.runtime.event_system import WorkerEventSystem
@@ -126,6 +127,7 @@ class Worker:
         """Run until shutdown; return the final statistics."""
         self._load_handler_modules()
         register_builtins(self.registry)
+        register_planning(self.registry, self.config.handlers.planning)
         url = self.database_url
         if url is None:
             url = await anyio.to_thread.run_sync(resolve_database_url, self.config.database)
@@ -240,6 +242,7 @@ class Worker:
                     pid=os.getpid(),
                     mode=self.event_system.mode.value if self.event_system else DeploymentMode.HYBRID.value,
                     namespaces=self.namespaces,
+                    capabilities=self.registry.capabilities(),
                     started_at=self.started_at,
                     stopped_at=datetime.now(UTC) if stopped else None,
                     stats=self.status(),
