@@ -342,3 +342,17 @@ async def test_step_needing_a_missing_algorithm(url: str) -> None:
         assert {w for w, _ in done_by} == {capable.worker_id}
         assert len(done_by) == 4
         assert lacking.worker_id != capable.worker_id
+
+
+@pytest.mark.anyio
+async def test_process_pool_executor_runs_planning(url: str) -> None:
+    from tasker_worker.testing import fetch, make_config, running_worker, send_steps, wait_until
+
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"worker.executor": "process", "worker.executor_workers": 2}
+    )
+    async with running_worker(url, config):
+        await send_steps(url, NS, "path_plan", [random_grid_request(24, s) for s in range(4)])
+        await wait_until(lambda: _total(url, 4), timeout=60)
+    rows = await fetch(url, "SELECT status FROM tasker.step_results")
+    assert [r[0] for r in rows] == ["succeeded"] * 4

@@ -309,3 +309,46 @@ async def test_stale_ack_is_rejected_and_counted(url: str) -> None:
         await wait_until(lambda: worker.status()["counters"]["stale_acks"] == 1, timeout=10)
     assert await fetch_value(url, "SELECT count(*) FROM tasker.step_results") == 0
     assert await fetch_value(url, f"SELECT read_ct FROM pgmq.q_{QUEUE}") == 2
+
+
+@pytest.mark.anyio
+async def test_timeouts_per_message_and_periodic_work(url: str) -> None:
+    state = types.SimpleNamespace(ticks=0)
+    reg = HandlerRegistry()
+
+    @reg.periodic(every="50ms", timeout="1s")
+    async def tick(ctx: Any) -> None:
+        ctx.state.ticks += 1
+
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"retry.max_attempts": 2, "retry.base_delay": "50ms"}
+    )
+    async with running_worker(url, config, registry=reg, state=state):
+        await send_steps(url, NS, "sleep", [{"seconds": 5}], timeout=0.2)
+        await wait_until(outcome_counter(url, "failed"), timeout=15)
+        await wait_until(lambda: state.ticks >= 3, timeout=5)
+    error = await fetch_value(url, "SELECT error FROM tasker.step_results")
+    assert error["reason"] == "retries_exhausted" and error["last_reason"] == "timeout"
+    assert "0.2s" in error["message"]
+
+
+@pytest.mark.anyio
+async def test_handler_transaction_rolls_back_with_a_failure(url: str) -> None:
+    reg = HandlerRegistry()
+
+    async def writes_then_fails(ctx: Any, step: Any) -> None:
+        conn = await ctx.transaction()
+        await conn.execute(
+            "INSERT INTO public.ledger (step_uuid, run_id, attempt, pid) VALUES (%s, 'x', %s, 0)",
+            (str(step.step_uuid), ctx.attempt),
+        )
+        raise RuntimeError("after writing")
+
+    reg.register("wtf", writes_then_fails)
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"retry.max_attempts": 2, "retry.base_delay": "50ms"}
+    )
+    async with running_worker(url, config, registry=reg):
+        await send_steps(url, NS, "wtf", [{}])
+        await wait_until(outcome_counter(url, "failed"), timeout=15)
+    assert await fetch_value(url, "SELECT count(*) FROM public.ledger") == 0

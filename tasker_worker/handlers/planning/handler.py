@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from tasker_worker.config.models import PlanningConfig
@@ -24,16 +25,16 @@ def required_capability(inputs: dict[str, Any]) -> str:
     return capability(algorithm if isinstance(algorithm, str) else "astar")
 
 
+def path_plan(ctx: StepContext, step: Any, *, max_cells: int, algorithms: tuple[str, ...]) -> dict[str, Any]:
+    """Plan the path a step asks for (sync: it runs in the worker's thread or process pool)."""
+    request = PlanRequest.parse(ctx.inputs)
+    return plan(request, max_cells=max_cells, algorithms=algorithms)
+
+
 def make_handler(config: PlanningConfig) -> Any:
-    """A sync (CPU-bound) handler bound to the worker's planning config."""
-    algorithms = tuple(config.algorithms)
-    max_cells = config.max_cells
-
-    def path_plan(ctx: StepContext, step: Any) -> dict[str, Any]:
-        request = PlanRequest.parse(ctx.inputs)
-        return plan(request, max_cells=max_cells, algorithms=algorithms)
-
-    return path_plan
+    """``path_plan`` bound to the worker's planning config (a partial, so that it pickles for
+    the process pool)."""
+    return functools.partial(path_plan, max_cells=config.max_cells, algorithms=tuple(config.algorithms))
 
 
 def register_planning(registry: HandlerRegistry, config: PlanningConfig) -> None:
