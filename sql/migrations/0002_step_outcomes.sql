@@ -27,7 +27,9 @@ CREATE INDEX IF NOT EXISTS step_results_task_idx ON tasker.step_results (task_uu
 CREATE INDEX IF NOT EXISTS step_results_finished_idx ON tasker.step_results (finished_at);
 
 -- Claim up to p_qty ready messages with pgmq.read (FOR UPDATE SKIP LOCKED) and say for each
--- whether its step already has an outcome (dedup without running it again).
+-- whether its step already has an outcome (dedup without running it again). The LATERAL ...
+-- LIMIT 1 keeps that check an index probe per message: written as EXISTS, the planner may
+-- hash all of step_results instead.
 CREATE OR REPLACE FUNCTION tasker.claim_steps(p_queue text, p_vt integer, p_qty integer)
 RETURNS TABLE (
     msg_id       bigint,
@@ -39,12 +41,15 @@ RETURNS TABLE (
     already_done boolean,
     claimed_at   timestamptz
 )
-LANGUAGE sql AS $$
+LANGUAGE sql ROWS 100 AS $$
     SELECT r.msg_id, r.read_ct, r.enqueued_at, r.vt, r.message, r.headers,
-           EXISTS (SELECT 1 FROM tasker.step_results s
-                    WHERE s.step_uuid = tasker.try_uuid(r.message ->> 'step_uuid')),
+           d.step_uuid IS NOT NULL,
            clock_timestamp()
-      FROM pgmq.read(p_queue, p_vt, p_qty) AS r;
+      FROM pgmq.read(p_queue, p_vt, p_qty) AS r
+      LEFT JOIN LATERAL (
+          SELECT s.step_uuid FROM tasker.step_results AS s
+           WHERE s.step_uuid = tasker.try_uuid(r.message ->> 'step_uuid')
+           LIMIT 1) AS d ON true;
 $$;
 
 -- Record outcomes and archive their messages in one statement. A row whose read_ct no longer
