@@ -83,6 +83,48 @@ class WorkerStartupError(TaskerError):
     """The worker could not start (nothing was half-started)."""
 
 
+# --- the worker registry ------------------------------------------------------------------
+
+
+class RegistryError(TaskerError):
+    """Base of the worker registry's errors."""
+
+
+class WorkerNotFound(RegistryError):
+    """No worker is registered under this id."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(f"no worker is registered as {worker_id!r}", worker_id=worker_id)
+
+
+class WorkerConflict(RegistryError):
+    """A live worker already holds the requested id."""
+
+    def __init__(self, worker_id: str, status: str) -> None:
+        super().__init__(
+            f"worker id {worker_id!r} is held by a live worker (status {status}); "
+            "choose another id or deregister that worker first",
+            worker_id=worker_id,
+            status=status,
+        )
+
+
+class InvalidTransition(RegistryError):
+    """A status change the worker lifecycle does not allow."""
+
+    def __init__(self, worker_id: str, current: str, target: str, allowed: str) -> None:
+        super().__init__(
+            f"worker {worker_id!r} cannot go from {current} to {target} (allowed from {current}: {allowed})",
+            worker_id=worker_id,
+            current=current,
+            target=target,
+        )
+
+
+class RegistrationFailed(WorkerStartupError):
+    """The worker could not register after the configured number of attempts."""
+
+
 # --- step outcomes, raised by handlers or the runtime ---------------------------------------
 
 
@@ -161,3 +203,10 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for logs
+    and one-line error reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

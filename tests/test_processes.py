@@ -111,10 +111,10 @@ def test_two_processes_on_one_queue_never_double_process(env: dict[str, str], db
 def test_supervisor_restarts_a_killed_worker(env: dict[str, str], db_url: str) -> None:
     proc = start(env, "--mode", "Hybrid", "--processes", "2")
     try:
-        wait_for(db_url, "SELECT count(*) FROM tasker.worker_stats WHERE stopped_at IS NULL", 2, 30)
-        victim = value(db_url, "SELECT pid FROM tasker.worker_stats ORDER BY started_at LIMIT 1")
+        wait_for(db_url, "SELECT count(*) FROM tasker.workers WHERE status IN ('pending', 'active')", 2, 30)
+        victim = value(db_url, "SELECT pid FROM tasker.workers ORDER BY registered_at LIMIT 1")
         os.kill(victim, signal.SIGKILL)
-        wait_for(db_url, "SELECT count(*) FROM tasker.worker_stats", 3, 30)  # a new worker registered
+        wait_for(db_url, "SELECT count(*) FROM tasker.workers", 3, 30)  # a new worker registered
         bodies = send(db_url, "ledger", [{"i": i} for i in range(50)])
         wait_for(db_url, "SELECT count(*) FROM tasker.step_results", len(bodies), 30)
     finally:
@@ -155,12 +155,14 @@ def test_status_and_dlq_commands(env: dict[str, str], db_url: str) -> None:
     assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 2
     assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}_dlq") == 0
     stopped = json.loads(cli(env, "status", "--json", "--all").stdout)
-    assert stopped[0]["stopped_at"] is not None
+    assert stopped[0]["status"] == "deregistered" and stopped[0]["deregister_reason"] == "SIGTERM"
 
 
 def test_second_signal_stops_immediately_and_loses_nothing(env: dict[str, str], db_url: str) -> None:
     send(db_url, "sleep", [{"seconds": 60}], timeout=120)
-    proc = start({**env, "TASKER__WORKER__SHUTDOWN_TIMEOUT": "60s", "TASKER__LOGGING__LEVEL": "INFO"}, "--mode", "Hybrid")
+    proc = start(
+        {**env, "TASKER__WORKER__SHUTDOWN_TIMEOUT": "60s", "TASKER__LOGGING__LEVEL": "INFO"}, "--mode", "Hybrid"
+    )
     try:
         wait_for(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE} WHERE read_ct = 1", 1, 30)
         proc.send_signal(signal.SIGTERM)
@@ -180,3 +182,67 @@ def test_second_signal_stops_immediately_and_loses_nothing(env: dict[str, str], 
     # Still in its queue (claimed until its vt expires): not lost, not recorded.
     assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 1
     assert value(db_url, "SELECT count(*) FROM tasker.step_results") == 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(port: int, path: str) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    except OSError:
+        return 0, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()
+
+
+def test_run_serves_the_api_and_the_fleet_commands_see_the_worker(env: dict[str, str], db_url: str) -> None:
+    port = free_port()
+    send(db_url, "noop", [{}] * 5)
+    proc = start({**env, "TASKER__API__ENABLED": "true", "TASKER__API__PORT": str(port)}, "--mode", "Hybrid")
+    try:
+        wait_for(db_url, "SELECT count(*) FROM tasker.step_results", 5, 30)
+        deadline = time.monotonic() + 30
+        while get_json(port, "/health/live")[0] != 200:
+            assert time.monotonic() < deadline, "API did not come up"
+            time.sleep(POLL_S)
+        status, health = get_json(port, "/health/detailed")
+        assert status == 200 and health["status"] == "healthy", health
+        [worker_id] = value(db_url, "SELECT array_agg(worker_id) FROM tasker.workers")
+        listener = next(c for c in health["checks"] if c["name"] == f"worker {worker_id} listener")
+        assert listener["status"] == "healthy"
+        assert get_json(port, f"/api/workers/{worker_id}")[1]["endpoint"] == f"http://127.0.0.1:{port}"
+        _, metrics = get_json(port, "/metrics")
+        assert f'tasker_worker_steps_total{{counter="processed",worker_id="{worker_id}"}} 5.0' in metrics
+        shown = cli(env, "workers", "show", worker_id)
+        assert shown.returncode == 0 and "heartbeats (newest" in shown.stdout
+        listed = json.loads(cli(env, "workers", "list", "--json").stdout)
+        assert [w["worker_id"] for w in listed] == [worker_id]
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert json.loads(cli(env, "workers", "list", "--json").stdout) == []
+    assert json.loads(cli(env, "workers", "list", "--all", "--json").stdout)[0]["status"] == "deregistered"
+    stats = json.loads(cli(env, "workers", "stats", "--json").stdout)
+    assert stats["by_status"]["deregistered"] == 1
+    assert cli(env, "workers", "show", "nobody").returncode != 0
+    replay = cli(env, "events", "replay")
+    assert replay.returncode == 0 and "projection equals the live tables" in replay.stdout
+    compacted = cli(env, "events", "replay", "--compact", "--older-than", "0s", "--json")
+    assert compacted.returncode == 0, compacted.stderr
+    report = json.loads(compacted.stdout)
+    assert report["consistent"] is True and report["compacted"] > 0 and report["events_applied"] == 0

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from psycopg_pool import AsyncConnectionPool
+
 from tasker_worker import __version__
 from tasker_worker.config.loader import LoadedConfig, effective_items, load_config
 from tasker_worker.db import migrations
@@ -33,17 +35,24 @@ def database_url(loaded: LoadedConfig) -> str:
 
 
 @asynccontextmanager
-async def client(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIterator[QueueClient]:
-    """A ``QueueClient`` on a small pool, with the schema migrated when auto_migrate is on."""
+async def small_pool(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIterator[AsyncConnectionPool]:
+    """A two-connection pool, with the schema migrated when auto_migrate is on."""
     loaded = load(args)
     url = database_url(loaded)
     if migrate and loaded.config.database.auto_migrate:
         await migrations.migrate(url)
     pool = await open_pool(url, loaded.config.database, max_size=2)
     try:
-        yield QueueClient(pool)
+        yield pool
     finally:
         await pool.close()
+
+
+@asynccontextmanager
+async def client(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIterator[QueueClient]:
+    """A ``QueueClient`` on a small pool (see ``small_pool``)."""
+    async with small_pool(args, migrate=migrate) as pool:
+        yield QueueClient(pool)
 
 
 # --- db ------------------------------------------------------------------------------------

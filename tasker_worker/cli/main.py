@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from tasker_worker import __version__
-from tasker_worker.cli import commands, demo, run
+from tasker_worker.cli import commands, demo, fleet, run
 from tasker_worker.errors import TaskerError
 
 Handler = Callable[[argparse.Namespace], Any]
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "version", commands.version, "print the version")
 
     run.add_commands(sub, _command)
+    fleet.add_commands(sub, _command)
     demo.add_command(sub, _command)
     return parser
 

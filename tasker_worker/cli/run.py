@@ -1,4 +1,4 @@
-"""``run``, ``status`` and ``dlq`` commands."""
+"""``run`` and ``dlq`` commands."""
 
 from __future__ import annotations
 
@@ -55,9 +55,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run_one(loaded: LoadedConfig, url: str) -> int:
-    from tasker_worker.runtime.worker import Worker
+    from tasker_worker.runtime.worker import Service, Worker
 
-    worker = Worker(loaded.config, database_url=url)
+    services: list[Service] = []
+    if loaded.config.api.enabled:
+        from tasker_worker.api.server import bind, worker_service
+
+        # Bound before the worker starts: a taken port fails the start, not the running worker.
+        api = loaded.config.api
+        services.append(worker_service(loaded.config, bind(api.host, api.port)))
+    worker = Worker(loaded.config, database_url=url, services=services)
     final = await worker.run(install_signal_handlers=True)
     print(
         json.dumps(
@@ -83,7 +90,15 @@ def _supervise(args: argparse.Namespace, loaded: LoadedConfig, url: str) -> int:
     child = [sys.executable, "-m", "tasker_worker.cli.main", *_without_processes(argv), "--processes", "1"]
     env = {**os.environ, "TASKER_DATABASE_URL": url}
     timeout = loaded.config.worker.shutdown_timeout.total_seconds()
-    return supervise(child, args.processes, env, timeout)
+    api = loaded.config.api
+
+    def slot_env(slot: int) -> dict[str, str]:
+        # One port per child (port + slot), since K processes cannot share one listening port.
+        if not api.enabled or api.port == 0:
+            return {}
+        return {"TASKER__API__PORT": str(api.port + slot)}
+
+    return supervise(child, args.processes, env, timeout, slot_env)
 
 
 def _without_processes(argv: list[str]) -> list[str]:
@@ -100,60 +115,6 @@ def _without_processes(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
-
-
-async def status(args: argparse.Namespace) -> int:
-    """``status``: the latest statistics of running workers."""
-    async with client(args) as qc:
-        rows = await qc.worker_stats(include_stopped=args.all, limit=args.limit)
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "worker_id": r[0],
-                        "name": r[1],
-                        "hostname": r[2],
-                        "pid": r[3],
-                        "deployment_mode": r[4],
-                        "namespaces": r[5],
-                        "started_at": r[6],
-                        "updated_at": r[7],
-                        "stopped_at": r[8],
-                        "snapshot_age_s": float(r[10]),
-                        "stats": r[9],
-                    }
-                    for r in rows
-                ],
-                indent=2,
-                default=str,
-            )
-        )
-        return 0
-    if not rows:
-        print("no running workers" + ("" if args.all else " (use --all to include stopped ones)"))
-        return 0
-    for r in rows:
-        stats = r[9] or {}
-        c = stats.get("counters", {})
-        q2s = stats.get("queue_to_start_ms", {})
-        state = "stopped" if r[8] else f"snapshot {float(r[10]):.0f}s old"
-        print(f"{r[0]}  mode={r[4]}  ns={','.join(r[5])}  pid={r[3]}@{r[2]}  ({state})")
-        print(
-            f"  processed={c.get('processed', 0)} succeeded={c.get('succeeded', 0)} failed={c.get('failed', 0)} "
-            f"retried={c.get('retried', 0)} dead_lettered={c.get('dead_lettered', 0)} dedup={c.get('dedup_hits', 0)} "
-            f"stale_acks={c.get('stale_acks', 0)}"
-        )
-        print(
-            f"  notifications={c.get('notifications_received', 0)} claimed_event={c.get('claimed_event', 0)} "
-            f"claimed_poll={c.get('claimed_poll', 0)} missed_wakeups={c.get('missed_wakeups', 0)} "
-            f"reconnects={c.get('listener_reconnects', 0)}"
-        )
-        for source in ("event", "poll"):
-            p = q2s.get(source) or {}
-            if p.get("p50") is not None:
-                print(f"  queue_to_start[{source}] p50={p['p50']}ms p95={p['p95']}ms p99={p['p99']}ms")
-    return 0
 
 
 async def dlq_list(args: argparse.Namespace) -> int:
@@ -200,17 +161,12 @@ async def dlq_requeue(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, command: Any) -> None:
-    """Wire ``run``, ``status`` and ``dlq`` into the parser."""
+    """Wire ``run`` and ``dlq`` into the parser."""
     p = command(sub, "run", run, "run a worker until SIGTERM/SIGINT")
     p.add_argument("--mode", choices=["PollingOnly", "Hybrid", "EventDrivenOnly"], help="deployment mode")
     p.add_argument("--namespace", action="append", metavar="N", help="namespace to serve (repeatable)")
     p.add_argument("--concurrency", type=int, metavar="C", help="max concurrent steps per process")
     p.add_argument("--processes", type=int, default=1, metavar="K", help="worker processes under one supervisor")
-
-    p = command(sub, "status", status, "statistics of running workers")
-    p.add_argument("--all", action="store_true", help="include stopped workers")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     dlq = sub.add_parser("dlq", help="dead-letter queues", description="Inspect and redrive dead letters.")
     d_sub = dlq.add_subparsers(dest="dlq_command", metavar="COMMAND", required=True)

@@ -166,6 +166,58 @@ class HandlersConfig(_Section):
     planning: PlanningConfig = Field(default_factory=PlanningConfig)
 
 
+class RegistryConfig(_Section):
+    """``[registry]``: registration, heartbeats and the supervision jobs."""
+
+    enabled: bool = True
+    heartbeat_interval: Duration = timedelta(seconds=30)
+    #: A worker with no heartbeat for this long is marked offline.
+    stale_timeout: Duration = timedelta(minutes=2)
+    #: Heartbeat rows kept per worker (older ones are trimmed as new ones arrive).
+    heartbeat_history: int = Field(default=100, ge=1, le=100_000)
+    registration_attempts: int = Field(default=5, ge=1, le=100)
+    registration_max_delay: Duration = timedelta(seconds=10)
+    #: Whether this process takes part in the leader election for the supervision jobs.
+    supervision_enabled: bool = True
+    activate_interval: Duration = timedelta(seconds=10)
+    stale_check_interval: Duration = timedelta(seconds=30)
+    reactivate_interval: Duration = timedelta(seconds=30)
+
+    @field_validator(
+        "heartbeat_interval", "stale_timeout", "activate_interval", "stale_check_interval", "reactivate_interval"
+    )
+    @classmethod
+    def _at_least_10ms(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 0.01:
+            raise ValueError("must be at least 10ms")
+        return value
+
+
+class EventsConfig(_Section):
+    """``[events]``: the event log."""
+
+    #: Record step assignment events (StepAssigned ... StepCompleted) besides worker events.
+    step_events: bool = True
+    #: Events older than this are compacted into a snapshot and deleted.
+    retention: Duration = timedelta(days=7)
+    compaction_interval: Duration = timedelta(hours=1)
+
+
+class ApiConfig(_Section):
+    """``[api]``: the HTTP control-plane API (``tasker-worker api``, or inside ``run``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: When set, mutating routes require ``Authorization: Bearer <token>``.
+    token: str | None = None
+    #: Health thresholds for ``/health/detailed``.
+    max_queue_age: Duration = timedelta(minutes=5)
+    max_xmin_age: Duration = timedelta(minutes=5)
+    max_error_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_notify_queue_usage: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
 class LoggingConfig(_Section):
     """``[logging]``: level and line format."""
 
@@ -189,6 +241,9 @@ class TaskerConfig(BaseSettings):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     handlers: HandlersConfig = Field(default_factory=HandlersConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -33,10 +33,17 @@ def describe(url: str) -> str:
     return f"{info.get('dbname', '')}@{host}:{info.get('port', 5432)}"
 
 
-async def connect(url: str, *, autocommit: bool = True, timeout: float = 10.0) -> psycopg.AsyncConnection[Any]:
+async def connect(
+    url: str, *, autocommit: bool = True, timeout: float = 10.0, application_name: str | None = None
+) -> psycopg.AsyncConnection[Any]:
     """One async connection, with a clear error when the server cannot be reached."""
+    extra: dict[str, Any] = {}
+    if application_name is not None:
+        extra["application_name"] = application_name[:63]
     try:
-        return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, connect_timeout=max(1, int(timeout)))
+        return await psycopg.AsyncConnection.connect(
+            url, autocommit=autocommit, connect_timeout=max(1, int(timeout)), **extra
+        )
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {first}") from exc
@@ -52,13 +59,22 @@ async def connection(url: str, *, timeout: float = 10.0) -> AsyncIterator[psycop
         await conn.close()
 
 
-async def open_pool(url: str, config: DatabaseConfig, *, max_size: int | None = None) -> AsyncConnectionPool:
-    """An opened pool of autocommit connections; the first connection is checked at once."""
+async def open_pool(
+    url: str, config: DatabaseConfig, *, max_size: int | None = None, step_events: bool = True
+) -> AsyncConnectionPool:
+    """An opened pool of autocommit connections; the first connection is checked at once.
+
+    ``step_events=False`` turns the step events of the event log off for this pool's sessions
+    (the outcome trigger reads the ``tasker.step_events`` setting).
+    """
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if not step_events:
+        kwargs["options"] = "-c tasker.step_events=off"
     pool = AsyncConnectionPool(
         url,
         min_size=config.pool_min_size,
         max_size=max_size or config.pool_max_size,
-        kwargs={"autocommit": True},
+        kwargs=kwargs,
         timeout=config.connect_timeout.total_seconds(),
         open=False,
         name="tasker",

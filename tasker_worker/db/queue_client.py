@@ -46,6 +46,10 @@ class RetryRequest:
     #: Merged into the message's headers (``{"tasker_last_error": ...}``).
     headers: dict[str, Any] | None
     count_attempt: bool = True
+    #: The step event this put-back is (StepFailed, StepAssignmentRejected, ...TimedOut);
+    #: appended in the same transaction when the put-back applies.
+    event: str | None = None
+    event_data: dict[str, Any] | None = None
 
 
 def translate_error(exc: psycopg.Error) -> TaskerError:
@@ -157,9 +161,15 @@ class QueueClient:
 
     # --- the step path -----------------------------------------------------------------------
 
-    async def claim(self, queue: str, vt_seconds: int, qty: int, source: Source) -> list[ClaimedMessage]:
-        """Claim up to ``qty`` ready messages (pgmq.read, SKIP LOCKED)."""
-        rows = await self._fetch(queries.CLAIM_STEPS, (queue, vt_seconds, qty))
+    async def claim(
+        self, queue: str, vt_seconds: int, qty: int, source: Source, *, worker_id: str | None = None
+    ) -> list[ClaimedMessage]:
+        """Claim up to ``qty`` ready messages (pgmq.read, SKIP LOCKED); with ``worker_id`` each
+        claim is logged as StepAssigned in the same statement."""
+        if worker_id is None:
+            rows = await self._fetch(queries.CLAIM_STEPS, (queue, vt_seconds, qty))
+        else:
+            rows = await self._fetch(queries.CLAIM_STEPS_LOGGED, (queue, vt_seconds, qty, worker_id))
         now = time.monotonic()
         return [
             ClaimedMessage(
@@ -221,25 +231,45 @@ class QueueClient:
         )
         return {int(r[0]): bool(r[1]) for r in rows}
 
-    async def retry(self, queue: str, requests: Sequence[RetryRequest]) -> dict[int, bool]:
+    async def retry(
+        self, queue: str, requests: Sequence[RetryRequest], *, worker_id: str | None = None
+    ) -> dict[int, bool]:
         """Put messages back with a delay (fenced); ``{msg_id: applied}``.
 
-        All requests of one call must agree on ``count_attempt``.
+        All requests of one call must agree on ``count_attempt``. With ``worker_id``, the
+        requests' step events are appended for the applied ones in the same transaction.
         """
         if not requests:
             return {}
-        rows = await self._fetch(
-            queries.RETRY_STEPS,
-            (
-                queue,
-                [r.msg.msg_id for r in requests],
-                [r.msg.read_ct for r in requests],
-                [max(0, int(r.delay_ms)) for r in requests],
-                [Jsonb(r.headers) if r.headers is not None else None for r in requests],
-                requests[0].count_attempt,
-            ),
+        params = (
+            queue,
+            [r.msg.msg_id for r in requests],
+            [r.msg.read_ct for r in requests],
+            [max(0, int(r.delay_ms)) for r in requests],
+            [Jsonb(r.headers) if r.headers is not None else None for r in requests],
+            requests[0].count_attempt,
         )
-        return {int(r[0]): bool(r[1]) for r in rows}
+        with_events = worker_id is not None and any(r.event for r in requests)
+        if not with_events:
+            rows = await self._fetch(queries.RETRY_STEPS, params)
+            return {int(r[0]): bool(r[1]) for r in rows}
+        async with self._conn(None) as conn, conn.transaction():
+            cur = await conn.execute(queries.RETRY_STEPS, params)
+            applied = {int(r[0]): bool(r[1]) for r in await cur.fetchall()}
+            logged = [r for r in requests if r.event and applied.get(r.msg.msg_id)]
+            if logged:
+                await conn.execute(
+                    queries.LOG_STEP_EVENTS,
+                    (
+                        queue,
+                        worker_id,
+                        [r.event for r in logged],
+                        [r.msg.msg_id for r in logged],
+                        [r.msg.step_uuid for r in logged],
+                        [Jsonb({"attempt": r.msg.read_ct, **(r.event_data or {})}) for r in logged],
+                    ),
+                )
+        return applied
 
     async def extend_vt(self, queue: str, msgs: Sequence[ClaimedMessage], vt_ms: int) -> dict[int, datetime]:
         """Push the vt of messages still held here (fenced); ``{msg_id: new vt}``."""
@@ -260,37 +290,27 @@ class QueueClient:
         rows = await self._fetch(queries.REQUEUE_DEAD_LETTERS, (queue, list(msg_ids) if msg_ids else None))
         return [(int(r[0]), int(r[1])) for r in rows]
 
-    # --- worker statistics -------------------------------------------------------------------
-
-    async def save_worker_stats(
-        self,
-        *,
-        worker_id: str,
-        name: str,
-        hostname: str,
-        pid: int,
-        mode: str,
-        namespaces: list[str],
-        capabilities: list[str],
-        started_at: datetime,
-        stopped_at: datetime | None,
-        stats: dict[str, Any],
-    ) -> None:
-        """Upsert this worker's statistics snapshot."""
-        await self._fetch_none(
-            queries.UPSERT_WORKER_STATS,
-            (worker_id, name, hostname, pid, mode, namespaces, capabilities, started_at, stopped_at, Jsonb(stats)),
-        )
+    # --- worker registry -------------------------------------------------------------------
 
     async def capable_worker_exists(self, capability: str, fresh_within_s: float, other_than: str) -> bool:
-        """Whether another running worker (recent statistics) offers ``capability``."""
+        """Whether another live worker (recent sign of life) offers ``capability``."""
         rows = await self._fetch(queries.CAPABLE_WORKER_EXISTS, (fresh_within_s, capability, other_than))
         return bool(rows[0][0])
 
-    async def worker_stats(self, *, include_stopped: bool = False, limit: int = 100) -> list[tuple[Any, ...]]:
-        """Recent worker statistics rows (running ones unless ``include_stopped``)."""
-        return await self._fetch(queries.WORKER_STATS, (include_stopped, limit))
+    # --- health ------------------------------------------------------------------------------
 
-    async def _fetch_none(self, query: str, params: Sequence[Any]) -> None:
-        async with self._conn(None) as c:
-            await c.execute(query, params)
+    async def database_horizon(self) -> tuple[float, int, float]:
+        """``(oldest transaction age in s, max age(backend_xmin) in xids, notify queue usage)``."""
+        rows = await self._fetch(queries.DATABASE_HORIZON, ())
+        age_s, xmin_age, usage = rows[0]
+        return float(age_s or 0.0), int(xmin_age or 0), float(usage or 0.0)
+
+    async def queue_table_tuples(self) -> dict[str, tuple[int, int]]:
+        """``{queue_name: (live, dead)}`` rows of every pgmq queue table (statistics collector)."""
+        rows = await self._fetch(queries.QUEUE_DEAD_TUPLES, ())
+        return {str(r[0])[2:]: (int(r[1]), int(r[2])) for r in rows}
+
+    async def schema_installed(self) -> bool:
+        """Whether the migrations that the registry needs are applied."""
+        rows = await self._fetch(queries.SCHEMA_INSTALLED, ())
+        return bool(rows[0][0])

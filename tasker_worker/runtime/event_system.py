@@ -7,6 +7,7 @@ after the bounded command channel is shared: one processor, one claim path.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anyio
@@ -100,7 +101,9 @@ class WorkerEventSystem:
             if listener is None
             else {
                 "healthy": listener.healthy,
-                "last_notification_at_mono": listener.last_notification_at,
+                "last_notification_age_s": None
+                if listener.last_notification_at is None
+                else round(time.monotonic() - listener.last_notification_at, 3),
                 "last_error": listener.last_error,
             },
             "listener_disabled_reason": self.listener_disabled_reason,

@@ -24,10 +24,10 @@ from psycopg import sql
 
 from tasker_worker.config.models import ListenerConfig
 from tasker_worker.db.connection import connect
+from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.events import MessageReady
 from tasker_worker.domain.names import channel_for
 from tasker_worker.errors import DatabaseError, ListenerUnavailable
-from tasker_worker.runtime.backoff import backoff_delay
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ import anyio
 import psycopg
 
 from tasker_worker.db.queue_client import QueueClient, RetryRequest
+from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.steps import Outcome
-from tasker_worker.runtime.backoff import backoff_delay
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,10 @@ class _Pending:
 class OutcomeWriter:
     """Coalesces writes from many steps into few statements."""
 
-    def __init__(self, client: QueueClient, worker_id: str, stats: WorkerStats) -> None:
+    def __init__(self, client: QueueClient, worker_id: str, stats: WorkerStats, *, log_events: bool = True) -> None:
         self.client = client
         self.worker_id = worker_id
+        self.log_events = log_events
         self.stats = stats
         self._pending: list[_Pending] = []
         self._wake = anyio.Event()
@@ -135,4 +136,5 @@ class OutcomeWriter:
             return await self.client.record_outcomes(queue, self.worker_id, [i.outcome for i in items if i.outcome])
         if kind is WriteKind.DEAD_LETTER:
             return await self.client.dead_letter(queue, self.worker_id, [i.outcome for i in items if i.outcome])
-        return await self.client.retry(queue, [i.retry for i in items if i.retry])
+        worker_id = self.worker_id if self.log_events else None
+        return await self.client.retry(queue, [i.retry for i in items if i.retry], worker_id=worker_id)

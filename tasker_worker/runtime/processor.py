@@ -38,19 +38,21 @@ from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db.queue_client import QueueClient, RetryRequest
+from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.events import MessageReady
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, OutcomeStatus, Source, StepMessage
+from tasker_worker.domain.workers import WorkerEventType
 from tasker_worker.errors import (
     DependencyUnavailable,
     NonRetryableError,
     StepError,
     StepFailed,
+    StepTimeout,
     StepValidationError,
     UnknownHandler,
 )
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.registry import HandlerRegistry
-from tasker_worker.runtime.backoff import backoff_delay
 from tasker_worker.runtime.commands import (
     ExecuteStep,
     ExecuteStepFromEvent,
@@ -62,6 +64,10 @@ from tasker_worker.runtime.commands import (
 from tasker_worker.runtime.executor import HandlerExecutor
 from tasker_worker.runtime.outcomes import OutcomeWriter
 from tasker_worker.runtime.stats import WorkerStats
+
+STEP_ASSIGNMENT_REJECTED = WorkerEventType.STEP_ASSIGNMENT_REJECTED.value
+STEP_ASSIGNMENT_TIMED_OUT = WorkerEventType.STEP_ASSIGNMENT_TIMED_OUT.value
+STEP_FAILED = WorkerEventType.STEP_FAILED.value
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +132,9 @@ class CommandProcessor:
         self.state = state
         self.listener_healthy = listener_healthy
         self.step_filter = step_filter
-        self.writer = OutcomeWriter(client, worker_id, stats)
+        self.writer = OutcomeWriter(client, worker_id, stats, log_events=config.events.step_events)
+        #: Claims and put-backs are logged as step events under this id (None: not logged).
+        self._event_worker_id = worker_id if config.events.step_events else None
         self.queues = {q: _QueueState(q) for q in queues}
         self.max_concurrent = config.event_system.max_concurrent_processors
         poller = config.event_system.fallback_poller
@@ -277,7 +285,9 @@ class CommandProcessor:
                     source, qs.woken_by_event = Source.EVENT, False
                 want = min(self.batch_size, free)
                 try:
-                    msgs = await self.client.claim(qs.name, self.vt_seconds, want, source)
+                    msgs = await self.client.claim(
+                        qs.name, self.vt_seconds, want, source, worker_id=self._event_worker_id
+                    )
                     failures = 0
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     failures += 1
@@ -358,7 +368,16 @@ class CommandProcessor:
                 # then find its outcome recorded and archive without running.
                 self.stats.incr("dedup_hits")
                 step_key = None
-                await self.writer.retry(RetryRequest(msg, DUPLICATE_RETRY_MS, None, count_attempt=False))
+                await self.writer.retry(
+                    RetryRequest(
+                        msg,
+                        DUPLICATE_RETRY_MS,
+                        None,
+                        count_attempt=False,
+                        event=STEP_ASSIGNMENT_REJECTED,
+                        event_data={"reason": "duplicate_in_flight"},
+                    )
+                )
                 self.schedule(msg.queue, DUPLICATE_RETRY_MS / 1000 + 0.05, Source.POLL)
                 return
             self.steps_in_flight[step_key] = key
@@ -403,10 +422,13 @@ class CommandProcessor:
             result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout)
         except Exception as exc:
             self.stats.handler_duration.append(time.monotonic() - start_mono)
+            # A StepFailed is the handler's verdict, not an error of the handler.
+            self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
             await ctx._finish(exc)
             await self._on_failure(msg, step, exc, started_at)
             return
         self.stats.handler_duration.append(time.monotonic() - start_mono)
+        self.stats.handler_outcomes.record(True)
         outcome = Outcome(msg, OutcomeStatus.SUCCEEDED, _jsonable(result), None, started_at, datetime.now(UTC))
         if ctx.has_transaction:
             await self._record_in_handler_transaction(ctx, outcome)
@@ -434,7 +456,7 @@ class CommandProcessor:
         dead-letter it when nobody running offers it or it bounced too often."""
         self.stats.incr("rejections")
         rejections = int((msg.headers or {}).get("tasker_rejections", 0)) + 1
-        fresh = 3 * self.config.event_system.health_check_interval.total_seconds()
+        fresh = self.config.registry.stale_timeout.total_seconds()
         limit = self.config.worker.max_rejections
         try:
             someone = rejections < limit and await self.client.capable_worker_exists(capability, fresh, self.worker_id)
@@ -449,7 +471,14 @@ class CommandProcessor:
             await self._dead_letter(msg, None, OutcomeStatus.DEAD_LETTERED, None, error=error)
             return
         delay_s = min(5.0, 0.05 * 2**rejections)
-        request = RetryRequest(msg, int(delay_s * 1000), {"tasker_rejections": rejections}, count_attempt=False)
+        request = RetryRequest(
+            msg,
+            int(delay_s * 1000),
+            {"tasker_rejections": rejections},
+            count_attempt=False,
+            event=STEP_ASSIGNMENT_REJECTED,
+            event_data={"reason": "missing_capability", "capability": capability, "rejections": rejections},
+        )
         if await self.writer.retry(request):
             self.stats.incr("released")
 
@@ -471,7 +500,7 @@ class CommandProcessor:
         retry = self.config.retry
         if isinstance(exc, DependencyUnavailable):
             delay = backoff_delay(msg.read_ct, retry.base_delay, retry.max_delay, retry.jitter)
-            await self._retry(msg, delay, error, count_attempt=False)
+            await self._retry(msg, delay, error, count_attempt=False, event=STEP_FAILED)
             return
         limit = step.attempt_limit or retry.max_attempts
         if msg.read_ct >= limit:
@@ -487,13 +516,22 @@ class CommandProcessor:
         log.info(
             "step %s attempt %d failed (%s); retrying in %.2fs", step.step_uuid, msg.read_ct, error["message"], delay
         )
-        await self._retry(msg, delay, error, count_attempt=True)
+        event = STEP_ASSIGNMENT_TIMED_OUT if isinstance(exc, StepTimeout) else STEP_FAILED
+        await self._retry(msg, delay, error, count_attempt=True, event=event)
 
     async def _retry(
-        self, msg: ClaimedMessage, delay_s: float, error: dict[str, Any] | None, *, count_attempt: bool
+        self,
+        msg: ClaimedMessage,
+        delay_s: float,
+        error: dict[str, Any] | None,
+        *,
+        count_attempt: bool,
+        event: str | None = None,
     ) -> None:
         headers = {"tasker_last_error": error} if error is not None else None
-        applied = await self.writer.retry(RetryRequest(msg, int(delay_s * 1000), headers, count_attempt))
+        data = {"final": False, "reason": (error or {}).get("reason"), "retry_in_s": round(delay_s, 3)}
+        request = RetryRequest(msg, int(delay_s * 1000), headers, count_attempt, event=event, event_data=data)
+        applied = await self.writer.retry(request)
         if applied:
             self.stats.incr("retried" if count_attempt else "released")
             # Wake this queue when the message is due, whatever the deployment mode.
@@ -545,7 +583,18 @@ class CommandProcessor:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             for queue, msgs in by_queue.items():
                 try:
-                    done = await self.client.retry(queue, [RetryRequest(m, 0, None, count_attempt=False) for m in msgs])
+                    requests = [
+                        RetryRequest(
+                            m,
+                            0,
+                            None,
+                            count_attempt=False,
+                            event=STEP_ASSIGNMENT_REJECTED,
+                            event_data={"reason": "shutdown"},
+                        )
+                        for m in msgs
+                    ]
+                    done = await self.client.retry(queue, requests, worker_id=self._event_worker_id)
                     self.stats.incr("released", sum(done.values()))
                 except psycopg.Error as exc:
                     log.error(

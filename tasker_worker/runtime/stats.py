@@ -44,6 +44,38 @@ def percentiles(samples: Any, qs: tuple[float, ...] = (50, 95, 99)) -> dict[str,
     return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, values, strict=True)}
 
 
+class OutcomeWindow:
+    """Handler successes and errors per second over the last ``seconds`` (bounded: one
+    bucket per second), for the error rate that ``/health/detailed`` judges."""
+
+    def __init__(self, seconds: int = 60, clock: Any = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._buckets: deque[list[int]] = deque(maxlen=seconds)  # [second, ok, errors]
+
+    def record(self, ok: bool) -> None:
+        """Count one handler run."""
+        second = int(self._clock())
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append([second, 0, 0])
+        self._buckets[-1][1 if ok else 2] += 1
+
+    def totals(self) -> tuple[int, int]:
+        """``(runs, errors)`` within the window."""
+        horizon = int(self._clock()) - self.seconds
+        runs = errors = 0
+        for second, ok, err in self._buckets:
+            if second > horizon:
+                runs += ok + err
+                errors += err
+        return runs, errors
+
+    def error_rate(self) -> float:
+        """Errors / runs in the window (0 when nothing ran)."""
+        runs, errors = self.totals()
+        return errors / runs if runs else 0.0
+
+
 @dataclass
 class WorkerStats:
     """Counters plus the last ``window`` latency samples per kind."""
@@ -55,6 +87,7 @@ class WorkerStats:
     def __post_init__(self) -> None:
         self.queue_to_start: dict[Source, deque[float]] = {s: deque(maxlen=self.window) for s in Source}
         self.handler_duration: deque[float] = deque(maxlen=self.window)
+        self.handler_outcomes = OutcomeWindow(60)
 
     def incr(self, name: str, by: int = 1) -> None:
         """Add to a counter."""
@@ -70,4 +103,8 @@ class WorkerStats:
             "queue_to_start_ms": {s.value: percentiles(self.queue_to_start[s]) for s in Source},
             "queue_to_start_samples": {s.value: len(self.queue_to_start[s]) for s in Source},
             "handler_ms": percentiles(self.handler_duration),
+            "handler_last_minute": dict(
+                zip(("runs", "errors"), self.handler_outcomes.totals(), strict=True),
+                error_rate=round(self.handler_outcomes.error_rate(), 4),
+            ),
         }

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,13 @@ class _Child:
     failures: int = 0
 
 
-def supervise(command: Sequence[str], processes: int, env: dict[str, str], shutdown_timeout: float) -> int:
+def supervise(
+    command: Sequence[str],
+    processes: int,
+    env: dict[str, str],
+    shutdown_timeout: float,
+    slot_env: Callable[[int], dict[str, str]] | None = None,
+) -> int:
     """Run ``processes`` copies of ``command`` until a signal; return the exit code."""
     signals_seen = 0
 
@@ -49,7 +55,9 @@ def supervise(command: Sequence[str], processes: int, env: dict[str, str], shutd
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for slot in range(processes):
-            children[slot] = _Child(slot, subprocess.Popen(list(command), env=env, start_new_session=True))
+            children[slot] = _Child(
+                slot, subprocess.Popen(list(command), env=_env(env, slot_env, slot), start_new_session=True)
+            )
         log.info("supervising %d worker processes", processes)
         while signals_seen == 0:
             now = time.monotonic()
@@ -80,7 +88,9 @@ def supervise(command: Sequence[str], processes: int, env: dict[str, str], shutd
                 if now >= when:
                     failures = children[slot].failures
                     children[slot] = _Child(
-                        slot, subprocess.Popen(list(command), env=env, start_new_session=True), failures=failures
+                        slot,
+                        subprocess.Popen(list(command), env=_env(env, slot_env, slot), start_new_session=True),
+                        failures=failures,
                     )
                     del pending[slot]
             time.sleep(TICK_S)
@@ -101,3 +111,7 @@ def _wait_all(children: dict[int, _Child], budget: float) -> None:
             log.error("worker process %d did not stop in time: killing it", child.proc.pid)
             child.proc.kill()
             child.proc.wait()
+
+
+def _env(env: dict[str, str], slot_env: Callable[[int], dict[str, str]] | None, slot: int) -> dict[str, str]:
+    return env if slot_env is None else {**env, **slot_env(slot)}

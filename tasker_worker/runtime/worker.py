@@ -25,23 +25,29 @@ import signal
 import socket
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
-import psycopg
+import psutil
 
-from tasker_worker.config.models import DeploymentMode, TaskerConfig
+from tasker_worker import __version__
+from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
 from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.names import queue_name
+from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
 from tasker_worker.errors import ConfigError
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
 from tasker_worker.handlers.registry import HandlerFunc, HandlerRegistry
+from tasker_worker.registry.commands import RegistryCommands
+from tasker_worker.registry.jobs import SupervisionJobs
+from tasker_worker.registry.leader import SupervisionService
+from tasker_worker.registry.presence import WorkerPresence
 from tasker_worker.runtime.commands import Shutdown
 from tasker_worker.runtime.event_system import WorkerEventSystem
 from tasker_worker.runtime.executor import HandlerExecutor
@@ -50,6 +56,9 @@ from tasker_worker.runtime.processor import CommandProcessor
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
+
+#: A service started beside the worker once it is ready (e.g. the HTTP API); cancelled at stop.
+Service = Callable[["Worker"], Coroutine[Any, Any, None]]
 
 
 class Worker:
@@ -63,6 +72,7 @@ class Worker:
         registry: HandlerRegistry | None = None,
         state: Any = None,
         probe_sender: ProbeSender | None = None,
+        services: list[Service] | None = None,
     ) -> None:
         self.config = config or TaskerConfig()
         self.database_url = database_url
@@ -80,6 +90,10 @@ class Worker:
         self.ready = anyio.Event()
         self.stopped = anyio.Event()
         self._probe_sender = probe_sender
+        self._services = list(services or [])
+        self.presence: WorkerPresence | None = None
+        self.supervision: SupervisionService | None = None
+        self._process = psutil.Process()
         self._stop_requested = anyio.Event()
         self._stop_reason = "requested"
         self._deadline = float("inf")
@@ -135,13 +149,21 @@ class Worker:
         if self.config.database.auto_migrate:
             await migrations.migrate(url)
         es_config = self.config.event_system
-        pool = await open_pool(url, self.config.database)
+        pool = await open_pool(url, self.config.database, step_events=self.config.events.step_events)
         executor = HandlerExecutor(self.config.worker.executor, self.config.worker.executor_workers)
         try:
             client = QueueClient(pool)
             self.client = client
             for ns in self.namespaces:
                 await client.create_namespace_queue(ns)
+            commands = RegistryCommands(pool, heartbeat_history=self.config.registry.heartbeat_history)
+            if self.config.registry.enabled:
+                # Registered before anything is claimed, so every step event names a known worker.
+                self.presence = WorkerPresence(commands, self._registration(), self.config.registry, self._heartbeat)
+                self.worker_id = await self.presence.register()
+            if self.config.registry.supervision_enabled:
+                jobs = SupervisionJobs(commands, self.config.registry, self.config.events)
+                self.supervision = SupervisionService(url, jobs.jobs(), candidate_id=self.worker_id)
             event_system = WorkerEventSystem(
                 url, self.namespaces, es_config, self.stats, probe_sender=self._probe_sender
             )
@@ -175,7 +197,10 @@ class Worker:
                     sources = anyio.CancelScope()
                     tg.start_soon(self._run_sources, event_system, sources)
                     tg.start_soon(self._stopper, event_system, sources)
-                    tg.start_soon(self._stats_loop)
+                    if self.presence is not None:
+                        tg.start_soon(self.presence.run)
+                    if self.supervision is not None:
+                        tg.start_soon(self.supervision.run)
                     for job in self.registry.periodic_jobs:
                         tg.start_soon(self._periodic_loop, job)
                     if install_signal_handlers:
@@ -183,10 +208,13 @@ class Worker:
                     # "ready" means every source is live: a step sent now is seen by LISTEN.
                     await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
                     self.ready.set()
+                    for service in self._services:
+                        tg.start_soon(service, self)
                     await processor.run(event_system.receive, lambda: self._deadline)
                     tg.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await self._save_stats(stopped=True)
+            if self.presence is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.presence.deregister(self._stop_reason)
         finally:
             executor.close()
             with anyio.CancelScope(shield=True):
@@ -202,6 +230,14 @@ class Worker:
         snap["worker_id"] = self.worker_id
         if self.event_system is not None:
             snap["event_system"] = self.event_system.status()
+        if self.presence is not None:
+            snap["registry"] = {
+                "status": self.presence.last_status.value if self.presence.last_status else None,
+                "heartbeats_sent": self.presence.heartbeats_sent,
+                "heartbeat_failures": self.presence.heartbeat_failures,
+            }
+        if self.supervision is not None:
+            snap["supervision"] = self.supervision.status()
         return snap
 
     async def _run_sources(self, event_system: WorkerEventSystem, scope: anyio.CancelScope) -> None:
@@ -224,31 +260,40 @@ class Worker:
                 log.info("%s: shutting down (budget %s)", name, self.config.worker.shutdown_timeout)
                 self.request_shutdown(name)
 
-    async def _stats_loop(self) -> None:
-        interval = self.config.event_system.health_check_interval.total_seconds()
-        while True:
-            await self._save_stats(stopped=False)
-            await anyio.sleep(interval)
+    def _registration(self) -> WorkerRegistration:
+        endpoint = None
+        if self.config.api.enabled:
+            endpoint = f"http://{self.config.api.host}:{self.config.api.port}"
+        return WorkerRegistration(
+            worker_id=self.config.worker.id or self.worker_id,
+            name=self.config.worker.name,
+            hostname=self.hostname,
+            pid=os.getpid(),
+            endpoint=endpoint,
+            namespaces=self.namespaces,
+            capabilities=self.registry.capabilities(),
+            version=__version__,
+            deployment_mode=self.config.event_system.deployment_mode.value,
+            cpu_cores=os.cpu_count() or 1,
+            memory_total=psutil.virtual_memory().total,
+        )
 
-    async def _save_stats(self, *, stopped: bool) -> None:
-        if self.client is None or self.started_at is None:
-            return
-        try:
-            with anyio.fail_after(5):
-                await self.client.save_worker_stats(
-                    worker_id=self.worker_id,
-                    name=self.config.worker.name,
-                    hostname=self.hostname,
-                    pid=os.getpid(),
-                    mode=self.event_system.mode.value if self.event_system else DeploymentMode.HYBRID.value,
-                    namespaces=self.namespaces,
-                    capabilities=self.registry.capabilities(),
-                    started_at=self.started_at,
-                    stopped_at=datetime.now(UTC) if stopped else None,
-                    stats=self.status(),
-                )
-        except (psycopg.Error, TimeoutError) as exc:
-            log.warning("could not save worker statistics: %s", exc)
+    def _heartbeat(self) -> Heartbeat:
+        """What this worker reports each heartbeat."""
+        status = self.status()
+        counters = status.get("counters", {})
+        processor = self.processor
+        with self._process.oneshot():
+            cpu = self._process.cpu_percent(interval=None)  # since the previous heartbeat
+            rss = self._process.memory_info().rss
+        return Heartbeat(
+            cpu_percent=cpu,
+            memory_used=rss,
+            active_steps=len(processor.in_flight) if processor else 0,
+            processed=int(counters.get("processed", 0)),
+            busy=processor is not None and processor.free_slots <= 0,
+            stats=status,
+        )
 
     async def _periodic_loop(self, job: Any) -> None:
         timeout = job.timeout or self.config.worker.periodic_timeout

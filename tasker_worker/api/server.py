@@ -1,0 +1,150 @@
+"""Serving the API with uvicorn: standalone (``tasker-worker api``) or beside a worker (``run``).
+
+The socket is bound here, before uvicorn starts, so a taken port is a clear ``ConfigError``
+rather than uvicorn's ``sys.exit``; and uvicorn's own signal capture is switched off because
+the process's signals belong to the worker (or to ``api``'s own handler), which stops the
+server by cancelling ``serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Generator
+from typing import Any
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+
+from tasker_worker.api.app import ApiContext, create_app
+from tasker_worker.config.models import TaskerConfig
+from tasker_worker.db.connection import open_pool
+from tasker_worker.errors import ConfigError
+from tasker_worker.registry.commands import RegistryCommands
+from tasker_worker.registry.jobs import SupervisionJobs
+from tasker_worker.registry.leader import SupervisionService
+
+log = logging.getLogger(__name__)
+
+#: In-flight requests get this long to finish when the server stops.
+GRACEFUL_S = 5
+#: uvicorn must be accepting connections within this long.
+STARTUP_TIMEOUT_S = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers, saying when it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.accepting = anyio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start, then set ``accepting`` (also when startup failed, so nobody waits forever)."""
+        try:
+            await super().startup(sockets)
+        finally:
+            self.accepting.set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot serve the API on {host}:{port}: {exc.strerror or exc}", key="api.port") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(app: Starlette, sock: socket.socket, *, on_started: Callable[[int], Any] | None = None) -> None:
+    """Serve ``app`` on ``sock`` until cancelled, then stop gracefully (bounded)."""
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=GRACEFUL_S
+    )
+    server = _Server(config)
+    port = int(sock.getsockname()[1])
+
+    async def run_server() -> None:
+        with anyio.CancelScope(shield=True):
+            await server.serve(sockets=[sock])
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_server)
+            with anyio.fail_after(STARTUP_TIMEOUT_S):
+                await server.accepting.wait()
+            log.info("API serving on port %d", port)
+            if on_started is not None:
+                on_started(port)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
+
+
+async def run_api(config: TaskerConfig, url: str, *, sock: socket.socket | None = None) -> None:
+    """``tasker-worker api``: the API and (if enabled) a supervision candidate, until SIGTERM/SIGINT."""
+    sock = sock or bind(config.api.host, config.api.port)
+    pool = await open_pool(url, config.database, max_size=min(config.database.pool_max_size, 8))
+    try:
+        ctx = ApiContext(pool, config)
+        async with anyio.create_task_group() as tg:
+            if config.registry.supervision_enabled:
+                commands = RegistryCommands(pool, heartbeat_history=config.registry.heartbeat_history)
+                jobs = SupervisionJobs(commands, config.registry, config.events)
+                ctx.supervision = SupervisionService(
+                    url, jobs.jobs(), candidate_id=f"api-{socket.gethostname()}-{os.getpid()}"
+                )
+                tg.start_soon(ctx.supervision.run)
+            tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            print(f"tasker-worker API on http://{config.api.host}:{sock.getsockname()[1]}", flush=True)
+            await serve(create_app(ctx), sock)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pool.close()
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: stopping the API", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def worker_service(config: TaskerConfig, sock: socket.socket) -> Callable[[Any], Any]:
+    """The API as a service of a running ``Worker`` (``run`` with ``[api] enabled``): its own
+    small pool, so API traffic never takes a connection the worker's steps are waiting for."""
+
+    async def service(worker: Any) -> None:
+        pool = await open_pool(worker.database_url, config.database, max_size=4)
+        try:
+            ctx = ApiContext(
+                pool,
+                config,
+                local_status=worker.status,
+                local_worker_id=worker.worker_id,
+                supervision=worker.supervision,
+            )
+            await serve(create_app(ctx), sock)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+
+    return service

@@ -1,0 +1,110 @@
+"""``/api/workers``: register, heartbeat, deregister and read workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tasker_worker.api.app import ApiError, ctx_of, int_param, mutating, read_model
+from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus, WorkerView
+
+
+class Deregistration(BaseModel):
+    """Optional body of ``DELETE /api/workers/{id}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="deregistered through the API", min_length=1, max_length=500)
+
+
+def _worker_json(view: WorkerView) -> dict[str, Any]:
+    return view.model_dump(mode="json")
+
+
+async def register(request: Request) -> Response:
+    """Register a worker: 201 with its id and status; 409 when a live worker holds the id."""
+    ctx = ctx_of(request)
+    registration = await read_model(request, WorkerRegistration)
+    worker_id = await ctx.commands.register(registration, on_conflict="error")
+    view = await ctx.queries.get(worker_id)
+    return JSONResponse(_worker_json(view), status_code=201, headers={"Location": f"/api/workers/{worker_id}"})
+
+
+async def deregister(request: Request) -> Response:
+    """Deregister a worker with a reason (body ``{"reason": ...}`` or ``?reason=``)."""
+    ctx = ctx_of(request)
+    worker_id = request.path_params["worker_id"]
+    body = await read_model(request, Deregistration, empty_ok=True)
+    reason = request.query_params.get("reason") or body.reason
+    await ctx.commands.deregister(worker_id, reason[:500])
+    return JSONResponse(_worker_json(await ctx.queries.get(worker_id)))
+
+
+async def heartbeat(request: Request) -> Response:
+    """Record a heartbeat: 200 with the worker's status; 404 for an unknown worker."""
+    ctx = ctx_of(request)
+    worker_id = request.path_params["worker_id"]
+    beat = await read_model(request, Heartbeat, empty_ok=True)
+    status = await ctx.commands.heartbeat(worker_id, beat)
+    return JSONResponse({"worker_id": worker_id, "status": status.value, "at": ctx.clock.now().isoformat()})
+
+
+async def list_workers(request: Request) -> Response:
+    """Workers, newest first: ``?status=``, ``?include_deregistered=true``, ``?limit=``."""
+    ctx = ctx_of(request)
+    raw_status = request.query_params.get("status")
+    status = None
+    if raw_status:
+        try:
+            status = WorkerStatus(raw_status)
+        except ValueError:
+            allowed = ", ".join(s.value for s in WorkerStatus)
+            raise ApiError(400, "invalid_request", f"status must be one of {allowed}, got {raw_status!r}") from None
+    include = request.query_params.get("include_deregistered", "false").lower() in ("1", "true", "yes")
+    views = await ctx.queries.list(status, include_deregistered=include, limit=int_param(request, "limit", 1000))
+    return JSONResponse({"workers": [_worker_json(v) for v in views], "count": len(views)})
+
+
+async def get_worker(request: Request) -> Response:
+    """One worker; 404 for an unknown id."""
+    view = await ctx_of(request).queries.get(request.path_params["worker_id"])
+    return JSONResponse(_worker_json(view))
+
+
+async def heartbeats(request: Request) -> Response:
+    """A worker's newest heartbeats (``?limit=``, default 100)."""
+    ctx = ctx_of(request)
+    worker_id = request.path_params["worker_id"]
+    rows = await ctx.queries.heartbeats(worker_id, limit=int_param(request, "limit", 100))
+    body = [{**row, "at": row["at"].isoformat()} for row in rows]
+    return JSONResponse({"worker_id": worker_id, "heartbeats": body, "count": len(body)})
+
+
+async def healthy(request: Request) -> Response:
+    """Active workers with a heartbeat within ``[registry] stale_timeout``."""
+    ctx = ctx_of(request)
+    views = await ctx.queries.healthy(ctx.clock.now(), ctx.config.registry.stale_timeout)
+    return JSONResponse({"workers": [_worker_json(v) for v in views], "count": len(views)})
+
+
+async def stats(request: Request) -> Response:
+    """Counts by status, live cores and memory, and fleet throughput (steps/s, last minute)."""
+    return JSONResponse(await ctx_of(request).queries.stats())
+
+
+def routes() -> list[Route]:
+    """The worker routes (fixed paths before ``{worker_id}``)."""
+    return [
+        Route("/api/workers", mutating(register), methods=["POST"]),
+        Route("/api/workers", list_workers, methods=["GET"]),
+        Route("/api/workers/healthy", healthy, methods=["GET"]),
+        Route("/api/workers/stats", stats, methods=["GET"]),
+        Route("/api/workers/{worker_id}", get_worker, methods=["GET"]),
+        Route("/api/workers/{worker_id}", mutating(deregister), methods=["DELETE"]),
+        Route("/api/workers/{worker_id}/heartbeat", mutating(heartbeat), methods=["POST"]),
+        Route("/api/workers/{worker_id}/heartbeats", heartbeats, methods=["GET"]),
+    ]

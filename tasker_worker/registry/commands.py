@@ -1,0 +1,177 @@
+"""Registry commands: everything that changes a worker's state.
+
+Each command is one transaction that locks the worker's row, checks the transition against the
+lifecycle in ``domain.workers``, writes the change and appends its event, so the live tables and
+the event log can never disagree. Reads live in ``registry.queries``; the periodic supervision
+jobs in ``registry.jobs``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from tasker_worker.db import queries
+from tasker_worker.domain.clock import Clock, SystemClock
+from tasker_worker.domain.workers import (
+    LIVE_STATUSES,
+    Heartbeat,
+    WorkerEventType,
+    WorkerRegistration,
+    WorkerStatus,
+    check_transition,
+)
+from tasker_worker.errors import WorkerConflict, WorkerNotFound
+from tasker_worker.registry.events import AsyncConn, append_event
+
+#: Attempts at finding a free id when the requested one is held by a live worker.
+_RENAME_ATTEMPTS = 5
+
+
+class RegistryCommands:
+    """Register, heartbeat, deregister and move workers through their lifecycle."""
+
+    def __init__(self, pool: AsyncConnectionPool, clock: Clock | None = None, *, heartbeat_history: int = 100) -> None:
+        self.pool = pool
+        self.clock = clock or SystemClock()
+        self.heartbeat_history = heartbeat_history
+
+    async def register(
+        self, registration: WorkerRegistration, *, on_conflict: Literal["rename", "error"] = "rename"
+    ) -> str:
+        """Register a worker (status ``pending``) and return the id it was given.
+
+        A requested id held by a live worker (pending or active) is refused with
+        ``WorkerConflict`` (``on_conflict="error"``, the API) or replaced by a unique variant
+        (``"rename"``, a starting worker, which reports the id it got). An id whose worker is
+        offline or deregistered is taken over: the row starts a new life as ``pending``.
+        """
+        requested = registration.worker_id or _generated_id(registration)
+        candidate = requested
+        for attempt in range(_RENAME_ATTEMPTS):
+            async with self.pool.connection() as conn, conn.transaction():
+                # Serialises registrations of one id, including one whose row does not exist yet.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (candidate,))
+                current = await _lock(conn, candidate)
+                if current is not None and current[0] in LIVE_STATUSES:
+                    if on_conflict == "error":
+                        raise WorkerConflict(candidate, current[0].value)
+                    candidate = f"{requested}-{uuid.uuid4().hex[:8]}"
+                    continue
+                at = self.clock.now()
+                row = registration.model_dump()
+                row.update(worker_id=candidate, at=at)
+                await conn.execute(queries.INSERT_WORKER, row)
+                data = registration.model_dump(exclude={"worker_id"})
+                if candidate != requested:
+                    data["requested_id"] = requested
+                data["attempt"] = attempt + 1
+                await append_event(conn, WorkerEventType.WORKER_REGISTERED, candidate, data, at)
+                return candidate
+        raise WorkerConflict(requested, "pending or active (no free variant found)")
+
+    async def heartbeat(self, worker_id: str, heartbeat: Heartbeat) -> WorkerStatus:
+        """Record a heartbeat; return the worker's status.
+
+        A change of the ``busy`` flag is appended as WorkerBusy. The status itself is the
+        supervisor's to change (pending -> active once it sees this heartbeat).
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            current = await _lock(conn, worker_id)
+            if current is None:
+                raise WorkerNotFound(worker_id)
+            status, was_busy = current
+            if status is WorkerStatus.DEREGISTERED:
+                check_transition(worker_id, status, WorkerStatus.ACTIVE)
+            at = self.clock.now()
+            row: dict[str, Any] = heartbeat.model_dump(exclude={"stats"})
+            row.update(
+                worker_id=worker_id,
+                at=at,
+                stats=Jsonb(heartbeat.stats) if heartbeat.stats is not None else None,
+                keep=self.heartbeat_history,
+            )
+            await conn.execute(queries.RECORD_HEARTBEAT, row)
+            await conn.execute(queries.INSERT_HEARTBEAT, row)
+            await conn.execute(queries.TRIM_HEARTBEATS, row)
+            if heartbeat.busy != was_busy:
+                await append_event(
+                    conn,
+                    WorkerEventType.WORKER_BUSY,
+                    worker_id,
+                    {"busy": heartbeat.busy, "active_steps": heartbeat.active_steps},
+                    at,
+                )
+            return status
+
+    async def deregister(self, worker_id: str, reason: str) -> None:
+        """Mark a worker ``deregistered`` (graceful shutdown) with the reason."""
+        await self.transition(worker_id, WorkerStatus.DEREGISTERED, reason=reason)
+
+    async def transition(
+        self,
+        worker_id: str,
+        target: WorkerStatus,
+        *,
+        reason: str | None = None,
+        only_from: tuple[WorkerStatus, ...] | None = None,
+        conn: AsyncConn | None = None,
+    ) -> bool:
+        """Move a worker to ``target`` and append the matching event.
+
+        ``only_from`` makes the move conditional (a supervision job that raced with another
+        change skips the worker and returns False instead of failing). Without it a transition
+        the lifecycle forbids raises ``InvalidTransition``.
+        """
+        if conn is None:
+            async with self.pool.connection() as own, own.transaction():
+                return await self._transition(own, worker_id, target, reason, only_from)
+        return await self._transition(conn, worker_id, target, reason, only_from)
+
+    async def _transition(
+        self,
+        conn: AsyncConn,
+        worker_id: str,
+        target: WorkerStatus,
+        reason: str | None,
+        only_from: tuple[WorkerStatus, ...] | None,
+    ) -> bool:
+        current = await _lock(conn, worker_id)
+        if current is None:
+            raise WorkerNotFound(worker_id)
+        status = current[0]
+        if only_from is not None and status not in only_from:
+            return False
+        check_transition(worker_id, status, target)
+        at = self.clock.now()
+        await conn.execute(
+            queries.SET_WORKER_STATUS, {"worker_id": worker_id, "status": target.value, "at": at, "reason": reason}
+        )
+        event = _EVENT_OF_STATUS[target]
+        data: dict[str, Any] = {"from": status.value}
+        if reason is not None:
+            data["reason"] = reason
+        await append_event(conn, event, worker_id, data, at)
+        return True
+
+
+_EVENT_OF_STATUS = {
+    WorkerStatus.ACTIVE: WorkerEventType.WORKER_READY,
+    WorkerStatus.OFFLINE: WorkerEventType.WORKER_OFFLINE,
+    WorkerStatus.DEREGISTERED: WorkerEventType.WORKER_DEREGISTERED,
+}
+
+
+async def _lock(conn: AsyncConn, worker_id: str) -> tuple[WorkerStatus, bool] | None:
+    cur = await conn.execute(queries.LOCK_WORKER, (worker_id,))
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return WorkerStatus(row[0]), bool(row[1])
+
+
+def _generated_id(registration: WorkerRegistration) -> str:
+    return f"{registration.name}-{registration.hostname}-{registration.pid}-{uuid.uuid4().hex[:6]}"

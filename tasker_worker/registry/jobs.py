@@ -1,0 +1,94 @@
+"""Supervision jobs: the periodic sweeps that move workers through their lifecycle.
+
+Each job reads its candidates, then moves each one in its own short transaction through
+``RegistryCommands.transition(only_from=...)``, so a worker that changed meanwhile (it
+deregistered, another sweep got there first) is skipped, never forced. Only the fleet's leader
+runs them (``registry.leader``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from tasker_worker.config.models import EventsConfig, RegistryConfig
+from tasker_worker.db import queries
+from tasker_worker.domain.workers import WorkerStatus
+from tasker_worker.errors import WorkerNotFound
+from tasker_worker.registry import events
+from tasker_worker.registry.commands import RegistryCommands
+
+log = logging.getLogger(__name__)
+
+#: Workers one sweep handles at most; the rest wait for the next run.
+SWEEP_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Job:
+    """A named sweep and how often it runs."""
+
+    name: str
+    interval: timedelta
+    run: Callable[[], Awaitable[int]]
+
+
+class SupervisionJobs:
+    """The sweeps, bound to one registry and one clock."""
+
+    def __init__(self, commands: RegistryCommands, config: RegistryConfig, events_config: EventsConfig) -> None:
+        self.commands = commands
+        self.config = config
+        self.events_config = events_config
+
+    def jobs(self) -> list[Job]:
+        """Every job with its configured interval."""
+        return [
+            Job("activate_pending", self.config.activate_interval, self.activate_pending),
+            Job("mark_stale_offline", self.config.stale_check_interval, self.mark_stale_offline),
+            Job("reactivate_offline", self.config.reactivate_interval, self.reactivate_offline),
+            Job("compact_events", self.events_config.compaction_interval, self.compact_events),
+        ]
+
+    async def _candidates(self, query: str, params: tuple[object, ...]) -> list[str]:
+        async with self.commands.pool.connection() as conn:
+            cur = await conn.execute(query, params)
+            return [row[0] for row in await cur.fetchall()]
+
+    async def _move(self, worker_ids: list[str], target: WorkerStatus, only_from: tuple[WorkerStatus, ...]) -> int:
+        moved = 0
+        for worker_id in worker_ids:
+            try:
+                if await self.commands.transition(worker_id, target, only_from=only_from):
+                    moved += 1
+            except WorkerNotFound:
+                continue  # deleted meanwhile
+        return moved
+
+    async def activate_pending(self) -> int:
+        """pending -> active for workers that have heartbeated."""
+        ids = await self._candidates(queries.PENDING_WITH_HEARTBEAT, (SWEEP_LIMIT,))
+        return await self._move(ids, WorkerStatus.ACTIVE, (WorkerStatus.PENDING,))
+
+    async def mark_stale_offline(self) -> int:
+        """pending/active -> offline when no heartbeat came within ``stale_timeout``."""
+        now = self.commands.clock.now()
+        ids = await self._candidates(
+            queries.STALE_WORKERS, (now, self.config.stale_timeout.total_seconds(), SWEEP_LIMIT)
+        )
+        return await self._move(ids, WorkerStatus.OFFLINE, (WorkerStatus.PENDING, WorkerStatus.ACTIVE))
+
+    async def reactivate_offline(self) -> int:
+        """offline -> active when heartbeats resumed (a fresh one after going offline)."""
+        now = self.commands.clock.now()
+        ids = await self._candidates(
+            queries.REVIVED_WORKERS, (now, self.config.stale_timeout.total_seconds(), SWEEP_LIMIT)
+        )
+        return await self._move(ids, WorkerStatus.ACTIVE, (WorkerStatus.OFFLINE,))
+
+    async def compact_events(self) -> int:
+        """Fold events older than the retention into a snapshot and delete them."""
+        cutoff = self.commands.clock.now() - self.events_config.retention
+        return await events.compact(self.commands.pool, cutoff)
