@@ -261,8 +261,14 @@ async def test_event_driven_only_refuses_to_start_when_listen_does_not_deliver(u
     config = make_config(
         mode="EventDrivenOnly", namespaces=[NS], overrides={"event_system.listener.connection_timeout": "500ms"}
     )
+    refused = Worker(config, database_url=url, probe_sender=swallow)
     with pytest.raises(WorkerStartupError, match="transaction-pooling"):
-        await Worker(config, database_url=url, probe_sender=swallow).run()
+        await refused.run()
+    # It had registered; it leaves the registry saying why.
+    [(status, reason)] = await fetch(
+        url, "SELECT status, deregister_reason FROM tasker.workers WHERE worker_id = %s", (refused.worker_id,)
+    )
+    assert status == "deregistered" and reason.startswith("failed:") and "transaction-pooling" in reason
 
     hybrid = make_config(
         mode="Hybrid", namespaces=[NS], overrides={"event_system.listener.connection_timeout": "500ms"}

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SUPERVISION_LOCK = 0x7A5C0001
 
 #: The longest a candidate waits between two lock attempts, whatever the job intervals.
-MAX_TICK = timedelta(seconds=5)
+MAX_TICK = timedelta(seconds=30)
 
 
 class SupervisionService:

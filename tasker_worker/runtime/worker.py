@@ -39,7 +39,7 @@ from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
-from tasker_worker.errors import ConfigError
+from tasker_worker.errors import ConfigError, first_line
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
@@ -212,12 +212,15 @@ class Worker:
                         tg.start_soon(service, self)
                     await processor.run(event_system.receive, lambda: self._deadline)
                     tg.cancel_scope.cancel()
-            if self.presence is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.presence.deregister(self._stop_reason)
+        except Exception as exc:
+            self._stop_reason = f"failed: {first_line(exc)}"
+            raise
         finally:
             executor.close()
             with anyio.CancelScope(shield=True):
+                if self.presence is not None:
+                    # Also after a failed start or a crash: the row says why this worker left.
+                    await self.presence.deregister(self._stop_reason[:500])
                 await pool.close()
             self.stopped.set()
         final = self.status()
