@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -31,7 +32,9 @@ async def register(request: Request) -> Response:
     registration = await read_model(request, WorkerRegistration)
     worker_id = await ctx.commands.register(registration, on_conflict="error")
     view = await ctx.queries.get(worker_id)
-    return JSONResponse(_worker_json(view), status_code=201, headers={"Location": f"/api/workers/{worker_id}"})
+    return JSONResponse(
+        _worker_json(view), status_code=201, headers={"Location": f"/api/workers/{quote(worker_id, safe='')}"}
+    )
 
 
 async def deregister(request: Request) -> Response:

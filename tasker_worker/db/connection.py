@@ -12,6 +12,18 @@ from psycopg_pool import AsyncConnectionPool
 from tasker_worker.config.models import DatabaseConfig
 from tasker_worker.errors import DatabaseError
 
+#: Errors after which the same database call is worth trying again (the server restarted, a
+#: connection was cut, the pool had no connection in time).
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    DatabaseError,
+    TimeoutError,
+)
+
+#: How pooled connections show in ``pg_stat_activity`` (operators find the worker's sessions by it).
+POOL_APPLICATION_NAME = "tasker-worker"
+
 
 def resolve_database_url(config: DatabaseConfig) -> str:
     """The configured URL, or the embedded server's (started on demand)."""
@@ -38,7 +50,7 @@ async def connect(
 ) -> psycopg.AsyncConnection[Any]:
     """One async connection, with a clear error when the server cannot be reached."""
     extra: dict[str, Any] = {}
-    if application_name is not None:
+    if application_name is not None and not _names_itself(url):
         extra["application_name"] = application_name[:63]
     try:
         return await psycopg.AsyncConnection.connect(
@@ -68,6 +80,8 @@ async def open_pool(
     (the outcome trigger reads the ``tasker.step_events`` setting).
     """
     kwargs: dict[str, Any] = {"autocommit": True}
+    if not _names_itself(url):
+        kwargs["application_name"] = POOL_APPLICATION_NAME
     if not step_events:
         kwargs["options"] = "-c tasker.step_events=off"
     pool = AsyncConnectionPool(
@@ -87,3 +101,11 @@ async def open_pool(
         await pool.close()
         raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {exc}") from exc
     return pool
+
+
+def _names_itself(url: str) -> bool:
+    """Whether the URL sets its own application_name (which then wins over ours)."""
+    try:
+        return "application_name" in psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return False

@@ -102,6 +102,13 @@ class WorkerRegistration(BaseModel):
             raise ValueError("must be printable text without surrounding whitespace")
         return value
 
+    @field_validator("worker_id")
+    @classmethod
+    def _one_path_segment(cls, value: str | None) -> str | None:
+        if value is not None and "/" in value:
+            raise ValueError("must not contain '/' (the id is a URL path segment of the API)")
+        return value
+
 
 class Heartbeat(BaseModel):
     """One heartbeat: how the worker is doing."""

@@ -13,19 +13,17 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import anyio
-import psycopg
-from psycopg_pool import PoolTimeout
 
 from tasker_worker.config.models import RegistryConfig
+from tasker_worker.db.connection import TRANSIENT_DB_ERRORS
 from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus
-from tasker_worker.errors import DatabaseError, InvalidTransition, RegistrationFailed, WorkerNotFound, first_line
+from tasker_worker.errors import InvalidTransition, RegistrationFailed, WorkerNotFound, first_line
 from tasker_worker.registry.commands import RegistryCommands
 
 log = logging.getLogger(__name__)
 
-#: Errors after which a registration or heartbeat is worth trying again.
-TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, DatabaseError, TimeoutError)
+TRANSIENT = TRANSIENT_DB_ERRORS
 
 #: How long one registry call may take before it counts as failed.
 CALL_TIMEOUT_S = 10.0

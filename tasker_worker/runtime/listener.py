@@ -32,6 +32,9 @@ from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
+#: How the LISTEN connection shows in ``pg_stat_activity``.
+LISTENER_APPLICATION_NAME = "tasker-listener"
+
 ProbeSender = Callable[[str, str], Awaitable[None]]
 
 
@@ -121,7 +124,7 @@ class WorkerQueueListener:
     async def _connect_and_listen(self) -> psycopg.AsyncConnection[Any]:
         timeout = self.config.connection_timeout.total_seconds()
         with anyio.fail_after(timeout + 1):
-            conn = await connect(self.url, timeout=timeout)
+            conn = await connect(self.url, timeout=timeout, application_name=LISTENER_APPLICATION_NAME)
         try:
             for channel in self.channels:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

@@ -124,7 +124,12 @@ class OutcomeWriter:
                     log.error("giving up writing %d %s results to %s: %s", len(items), kind.value, queue, exc)
                     results = {}
                     break
-                delay = backoff_delay(attempt, timedelta(milliseconds=50), timedelta(seconds=2))
+                # Once at once (a pooled connection that died idle is the usual cause), then back off.
+                delay = (
+                    0.0
+                    if attempt == 1
+                    else backoff_delay(attempt - 1, timedelta(milliseconds=50), timedelta(seconds=2))
+                )
                 log.warning("database unavailable while writing results (%s); retrying in %.2fs", exc, delay)
                 await anyio.sleep(delay)
         for item in items:

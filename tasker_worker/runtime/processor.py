@@ -20,6 +20,7 @@ outcome already recorded    archive only (dedup)
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
@@ -64,6 +65,11 @@ from tasker_worker.runtime.commands import (
 from tasker_worker.runtime.executor import HandlerExecutor
 from tasker_worker.runtime.outcomes import OutcomeWriter
 from tasker_worker.runtime.stats import WorkerStats
+
+CLAIM_RETRY_BASE = timedelta(milliseconds=100)
+#: How long after a vt lapses a message whose fate was unknown is looked for again.
+VT_MARGIN_S = 0.05
+CLAIM_RETRY_CAP = timedelta(seconds=5)
 
 STEP_ASSIGNMENT_REJECTED = WorkerEventType.STEP_ASSIGNMENT_REJECTED.value
 STEP_ASSIGNMENT_TIMED_OUT = WorkerEventType.STEP_ASSIGNMENT_TIMED_OUT.value
@@ -293,8 +299,13 @@ class CommandProcessor:
                     failures += 1
                     self.stats.incr("db_errors")
                     self.last_error = f"claim on {qs.name}: {exc}"
-                    delay = backoff_delay(failures, timedelta(milliseconds=100), timedelta(seconds=5))
+                    # The first failure is most often a pooled connection that died while idle
+                    # (the pool has discarded it by now): try again at once, then back off.
+                    delay = 0.0 if failures == 1 else backoff_delay(failures - 1, CLAIM_RETRY_BASE, CLAIM_RETRY_CAP)
                     log.warning("claim on %s failed (%s); retrying in %.2fs", qs.name, exc, delay)
+                    # The claim may have gone through with its reply lost: those messages
+                    # reappear after their vt, and must be looked for then in every mode.
+                    self.schedule(qs.name, self.vt_seconds + VT_MARGIN_S, Source.POLL)
                     await anyio.sleep(delay)
                     continue
                 self.stats.incr(f"claims_{source.value}")
@@ -384,6 +395,12 @@ class CommandProcessor:
             if self.step_filter is not None and not await self.step_filter(msg, step):
                 return
             await self._execute(msg, step)
+        except Exception:
+            # Whatever went wrong, it stays with this step: the message returns after its vt
+            # (and its outcome, if one was committed, is found by dedup then).
+            self.stats.incr("internal_errors")
+            log.exception("step msg %s of %s failed inside the runtime; it returns after its vt", msg.msg_id, msg.queue)
+            self._revisit(msg)
         finally:
             if step_key is not None:
                 self.steps_in_flight.pop(step_key, None)
@@ -437,19 +454,34 @@ class CommandProcessor:
 
     async def _record_in_handler_transaction(self, ctx: StepContext, outcome: Outcome) -> None:
         conn = await ctx.transaction()
+        msg = outcome.msg
         try:
-            acked = (await self.client.record_outcomes(outcome.msg.queue, self.worker_id, [outcome], conn=conn)).get(
-                outcome.msg.msg_id, False
+            acked = (await self.client.record_outcomes(msg.queue, self.worker_id, [outcome], conn=conn)).get(
+                msg.msg_id, False
             )
-        except Exception as exc:
-            await ctx._finish(exc)
-            raise
-        if acked:
-            await ctx._finish(None)
-            self._count_outcome(outcome.status)
-        else:
-            await ctx._finish(_StaleAck())
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                await ctx._finish(exc)
+            self.stats.incr("db_errors")
+            log.warning("could not record msg %s of %s (%s); it returns after its vt", msg.msg_id, msg.queue, exc)
+            self._revisit(msg)
+            return
+        if not acked:
+            with contextlib.suppress(psycopg.Error):
+                await ctx._finish(_StaleAck())
             self.stats.incr("stale_acks")
+            return
+        try:
+            await ctx._finish(None)
+        except psycopg.Error as exc:
+            # The connection broke during COMMIT: the server either committed (the redelivery
+            # after vt then finds the outcome and only archives) or did not (the step runs again,
+            # its handler's rows having been rolled back with it). Either way exactly once.
+            self.stats.incr("db_errors")
+            log.warning("commit of msg %s of %s is in doubt (%s); settled at redelivery", msg.msg_id, msg.queue, exc)
+            self._revisit(msg)
+            return
+        self._count_outcome(outcome.status)
 
     async def _reject(self, msg: ClaimedMessage, step: StepMessage, capability: str) -> None:
         """This worker lacks what the step needs: give it back for a capable worker, or
@@ -498,7 +530,9 @@ class CommandProcessor:
             return
         self.stats.incr("handler_errors")
         retry = self.config.retry
-        if isinstance(exc, DependencyUnavailable):
+        # A broken database connection (the step's own transaction, or a handler's query) says
+        # nothing about the step: like DependencyUnavailable it is retried without an attempt.
+        if isinstance(exc, DependencyUnavailable | psycopg.OperationalError | psycopg.InterfaceError):
             delay = backoff_delay(msg.read_ct, retry.base_delay, retry.max_delay, retry.jitter)
             await self._retry(msg, delay, error, count_attempt=False, event=STEP_FAILED)
             return
@@ -538,6 +572,8 @@ class CommandProcessor:
             self.schedule(msg.queue, delay_s + 0.01, Source.POLL)
         elif applied is False:
             self.stats.incr("stale_acks")
+        else:
+            self._revisit(msg)
 
     async def _dead_letter(
         self,
@@ -558,6 +594,8 @@ class CommandProcessor:
                 self.stats.incr("failed")
         elif applied is False:
             self.stats.incr("stale_acks")
+        else:
+            self._revisit(msg)
 
     async def _finish(self, msg: ClaimedMessage, outcome: Outcome | None) -> None:
         applied = await self.writer.record(outcome or Outcome(msg, None))
@@ -565,6 +603,15 @@ class CommandProcessor:
             self._count_outcome(outcome.status)
         elif applied is False:
             self.stats.incr("stale_acks")
+        elif applied is None:
+            self._revisit(msg)
+
+    def _revisit(self, msg: ClaimedMessage) -> None:
+        """The fate of ``msg`` is unknown here (a write that never got through, a commit in
+        doubt): wake its queue when its vt lapses, so that it is settled even in EventDrivenOnly,
+        where no poller would come back for it."""
+        remaining = self.vt_seconds - (time.monotonic() - msg.received_mono)
+        self.schedule(msg.queue, max(0.0, remaining) + VT_MARGIN_S, Source.POLL)
 
     def _count_outcome(self, status: OutcomeStatus | None) -> None:
         self.stats.incr("processed")

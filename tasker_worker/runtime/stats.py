@@ -32,6 +32,7 @@ COUNTERS = (
     "timers_dropped",
     "handler_errors",
     "rejections",
+    "internal_errors",
 )
 
 

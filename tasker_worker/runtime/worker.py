@@ -27,6 +27,7 @@ import types
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import anyio
@@ -35,11 +36,12 @@ import psutil
 from tasker_worker import __version__
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
-from tasker_worker.db.connection import open_pool, resolve_database_url
+from tasker_worker.db.connection import TRANSIENT_DB_ERRORS, open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
+from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
-from tasker_worker.errors import ConfigError, first_line
+from tasker_worker.errors import ConfigError, WorkerStartupError, first_line
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
@@ -155,7 +157,7 @@ class Worker:
             client = QueueClient(pool)
             self.client = client
             for ns in self.namespaces:
-                await client.create_namespace_queue(ns)
+                await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
             commands = RegistryCommands(pool, heartbeat_history=self.config.registry.heartbeat_history)
             if self.config.registry.enabled:
                 # Registered before anything is claimed, so every step event names a known worker.
@@ -167,7 +169,7 @@ class Worker:
             event_system = WorkerEventSystem(
                 url, self.namespaces, es_config, self.stats, probe_sender=self._probe_sender
             )
-            await event_system.prepare()
+            await self._startup_call("checking LISTEN delivery", event_system.prepare)
             self.event_system = event_system
             processor = CommandProcessor(
                 config=self.config,
@@ -253,15 +255,33 @@ class Worker:
         await event_system.send.send(Shutdown(self._stop_reason))
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if signum == signal.SIGUSR1:
+                    _dump_tasks()
+                    continue
                 if self._stop_requested.is_set():
                     log.warning("second %s: stopping immediately", name)
                     self.stop_now()
                     return
                 log.info("%s: shutting down (budget %s)", name, self.config.worker.shutdown_timeout)
                 self.request_shutdown(name)
+
+    async def _startup_call(self, what: str, call: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """A startup step, retried with backoff on transient database errors (a restarting or
+        flaky server must not need a supervisor to get the worker going)."""
+        attempts = self.config.registry.registration_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return await call()
+            except TRANSIENT_DB_ERRORS as exc:
+                if attempt == attempts:
+                    raise WorkerStartupError(f"{what} failed {attempts} times: {first_line(exc)}") from exc
+                delay = backoff_delay(attempt, timedelta(milliseconds=200), self.config.registry.registration_max_delay)
+                log.warning("%s failed (%s); retrying in %.2fs", what, first_line(exc), delay)
+                await anyio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _registration(self) -> WorkerRegistration:
         endpoint = None
@@ -324,6 +344,30 @@ class Worker:
                     f"handler module {path!r} has no register(worker) function", key="worker.handler_modules"
                 )
             register(self)
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: log where every task of the worker waits (for a worker that seems stuck)."""
+    import asyncio
+    import io
+
+    out = io.StringIO()
+    tasks = asyncio.all_tasks()
+    for task in tasks:
+        out.write(f"--- {task.get_name()}\n")
+        # Follow the chain of awaits down to where the task actually waits.
+        awaitable: Any = task.get_coro()
+        for _ in range(50):
+            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+            if frame is not None:
+                out.write(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}\n")
+            nxt = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+            if nxt is None:
+                if awaitable is not None and frame is None:
+                    out.write(f"    waiting on {awaitable!r}\n")
+                break
+            awaitable = nxt
+    log.warning("SIGUSR1: %d tasks\n%s", len(tasks), out.getvalue())
 
 
 __all__ = ["StepContext", "Worker"]
