@@ -9,7 +9,9 @@ import anyio
 import psycopg
 import pytest
 from ledger_handlers import LEDGER_DDL, ledger
+from psycopg.types.json import Jsonb
 
+from tasker_worker.domain.steps import StepMessage
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import (
     fetch,
@@ -87,6 +89,29 @@ async def test_every_message_handled_exactly_once(url: str, mode: str) -> None:
         assert counters["claimed_poll"] > 0
     sources = {r[0] for r in await fetch(url, "SELECT DISTINCT source FROM tasker.step_results")}
     assert sources <= {"event", "poll"}
+
+
+@pytest.mark.anyio
+async def test_missed_wakeups_count_only_messages_sent_while_listening(url: str) -> None:
+    """Steps waiting before the worker started are not missed wakeups; a step sent while LISTEN
+    was up but without a notification is, once the poller finds it."""
+    # A slow safety poll: it finds the silent step well after the missed-wakeup grace.
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], concurrency=8, overrides={"event_system.fallback_poller.polling_interval": "3s"}
+    )
+    early = await send_steps(url, NS, "ledger", [{"i": i} for i in range(30)])
+    async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
+        await wait_until(_count_is(url, len(early)), timeout=20)
+        assert worker.status()["counters"]["missed_wakeups"] == 0
+        [silent] = [StepMessage.build(NS, "ledger", {})]
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            # With triggers off (replica role) the insert sends no notification: a lost wakeup.
+            await conn.execute("SET session_replication_role = replica")
+            await conn.execute(f"INSERT INTO pgmq.q_{QUEUE} (vt, message) VALUES (now(), %s)", (Jsonb(silent),))
+        await wait_until(_count_is(url, len(early) + 1), timeout=20)
+        counters = worker.status()["counters"]
+    assert counters["missed_wakeups"] == 1
+    await assert_exactly_once(url, [*early, silent])
 
 
 def _count_is(url: str, n: int) -> Any:

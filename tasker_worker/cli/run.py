@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     """
     import anyio
 
+    if args.processes == 1:
+        from tasker_worker.runtime.worker import catch_early_signals
+
+        catch_early_signals()
     loaded = load(args, run_overrides(args))
     configure_logging(loaded, bool(getattr(args, "debug", False)))
     if args.processes < 1 or args.processes > 64:

@@ -60,6 +60,10 @@ class WorkerEventSystem:
         """Whether notifications are being received now."""
         return self.listener is not None and self.listener.healthy
 
+    def listening_since(self) -> float | None:
+        """Monotonic time since which the listener has been connected (None: not listening)."""
+        return self.listener.healthy_since if self.listener is not None else None
+
     async def prepare(self) -> None:
         """Startup check of LISTEN delivery: fatal for EventDrivenOnly, a warning for Hybrid."""
         if self.listener is None:

@@ -59,6 +59,8 @@ class WorkerQueueListener:
         self.on_connected = on_connected
         self.probe_sender = probe_sender or self._send_probe
         self.healthy = False
+        #: Monotonic time since which the connection has been listening (None while down).
+        self.healthy_since: float | None = None
         self.connected_once = False
         self.last_notification_at: float | None = None
         self.last_error: str | None = None
@@ -68,6 +70,7 @@ class WorkerQueueListener:
     def _set_healthy(self, value: bool) -> None:
         if self.healthy != value:
             self.healthy = value
+            self.healthy_since = time.monotonic() if value else None
             self.state_changed.set()
             self.state_changed = anyio.Event()
 

@@ -125,7 +125,7 @@ class CommandProcessor:
         executor: HandlerExecutor,
         stats: WorkerStats,
         state: Any = None,
-        listener_healthy: Callable[[], bool] = lambda: False,
+        listening_since: Callable[[], float | None] = lambda: None,
         step_filter: Callable[[ClaimedMessage, StepMessage], Awaitable[bool]] | None = None,
     ) -> None:
         self.config = config
@@ -136,7 +136,7 @@ class CommandProcessor:
         self.executor = executor
         self.stats = stats
         self.state = state
-        self.listener_healthy = listener_healthy
+        self.listening_since = listening_since
         self.step_filter = step_filter
         self.writer = OutcomeWriter(client, worker_id, stats, log_events=config.events.step_events)
         #: Claims and put-backs are logged as step events under this id (None: not logged).
@@ -325,9 +325,15 @@ class CommandProcessor:
             current.msg.read_ct = msg.read_ct
             current.vt_deadline = msg.received_mono + self.vt_seconds
             return
-        if msg.source is Source.POLL and msg.read_ct == 1 and self.listener_healthy():
+        since = self.listening_since()
+        if msg.source is Source.POLL and msg.read_ct == 1 and since is not None:
+            # Only a message sent while LISTEN was up can be a missed wakeup. Both times are
+            # read on the server's clock: the listener's start is placed there by how long ago
+            # (locally) it was, counted back from the claim's server time.
+            listening_for = msg.received_mono - since
+            sent_after_listen = (msg.claimed_at - msg.enqueued_at).total_seconds() < listening_for
             ready_for = (msg.claimed_at - msg.enqueued_at).total_seconds()
-            if ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
+            if sent_after_listen and ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
                 self.stats.incr("missed_wakeups")
         self.in_flight[key] = _InFlight(msg, msg.received_mono + self.vt_seconds)
         assert self._steps_tg is not None

@@ -140,7 +140,28 @@ class Worker:
             self._hard_scope.cancel()
 
     async def run(self, *, install_signal_handlers: bool = False) -> dict[str, Any]:
-        """Run until shutdown; return the final statistics."""
+        """Run until shutdown; return the final statistics.
+
+        With ``install_signal_handlers``, SIGTERM/SIGINT are handled from the very start: a
+        signal during startup lets startup finish (it is bounded) and then stops at once.
+        """
+        if not install_signal_handlers:
+            return await self._run()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_signals)
+                try:
+                    final = await self._run()
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One failure (a startup error): raise it as itself, so the CLI can explain it.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        return final
+
+    async def _run(self) -> dict[str, Any]:
         self._load_handler_modules()
         register_builtins(self.registry)
         register_planning(self.registry, self.config.handlers.planning)
@@ -181,7 +202,7 @@ class Worker:
                 executor=executor,
                 stats=self.stats,
                 state=self.state,
-                listener_healthy=event_system.listener_healthy,
+                listening_since=event_system.listening_since,
             )
             self.processor = processor
             executor.start()
@@ -205,8 +226,6 @@ class Worker:
                         tg.start_soon(self.supervision.run)
                     for job in self.registry.periodic_jobs:
                         tg.start_soon(self._periodic_loop, job)
-                    if install_signal_handlers:
-                        tg.start_soon(self._watch_signals)
                     # "ready" means every source is live: a step sent now is seen by LISTEN.
                     await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
                     self.ready.set()
@@ -256,6 +275,9 @@ class Worker:
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+            if EARLY_SIGNALS:
+                # Caught before the event loop ran (see ``catch_early_signals``).
+                self.request_shutdown(signal.Signals(EARLY_SIGNALS[0]).name)
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGUSR1:
@@ -344,6 +366,21 @@ class Worker:
                     f"handler module {path!r} has no register(worker) function", key="worker.handler_modules"
                 )
             register(self)
+
+
+#: SIGTERM/SIGINT received between process start and the worker's own handlers.
+EARLY_SIGNALS: list[int] = []
+
+
+def catch_early_signals() -> None:
+    """Record SIGTERM/SIGINT from now on, so that a signal during imports and startup is a
+    graceful stop (exit 0) rather than the default abrupt death."""
+
+    def record(signum: int, frame: Any) -> None:
+        EARLY_SIGNALS.append(signum)
+
+    signal.signal(signal.SIGTERM, record)
+    signal.signal(signal.SIGINT, record)
 
 
 def _dump_tasks() -> None:
