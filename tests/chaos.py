@@ -344,7 +344,7 @@ def pg_restart(url: str, restart: Callable[[str], None], steps: int, mode: str) 
 def connection_loss(url: str, steps: int, mode: str, every_s: float = 0.25, kill_for_s: float = 3.0) -> Result:
     """``pg_terminate_backend`` on the LISTEN connection and the pool every ``every_s`` for
     ``kill_for_s`` while a worker drains ``steps`` in ``mode``; recovery = from the last kill
-    to the last outcome. (Killing every connection four times a second without end stalls any
+    to the first outcome recorded after it. (Killing every connection four times a second without end stalls any
     client: each retry meets a connection killed while it sat in the pool.)"""
     prepare(url)
     bodies = enqueue(url, steps, sleep=0.05)  # about 160 steps/s: the cuts land mid-drain
@@ -372,10 +372,23 @@ def connection_loss(url: str, steps: int, mode: str, every_s: float = 0.25, kill
         kills += int(n[0]) if n else 0
         last_kill = time.monotonic()
 
+    first_after: float | None = None
+    at_last_kill = -1
+
+    def watch() -> None:
+        nonlocal first_after, at_last_kill
+        was_killing = stop_killing_at is None
+        cut()
+        if was_killing and stop_killing_at is not None:
+            at_last_kill = outcomes(url)
+        elif stop_killing_at is not None and first_after is None and outcomes(url) > at_last_kill >= 0:
+            first_after = time.monotonic()
+
     t0 = time.monotonic()
     try:
-        wait_outcomes(url, steps, timeout=60 + steps / 20, tick=cut)
-        recovery = time.monotonic() - last_kill
+        wait_outcomes(url, steps, timeout=60 + steps / 20, tick=watch)
+        # Recovered = outcomes flow again after the last cut (or the drain ended meanwhile).
+        recovery = (first_after or time.monotonic()) - last_kill
     except AssertionError as exc:
         state = diagnose(url)
         proc.send_signal(signal.SIGUSR1)  # the worker logs where each of its tasks waits
@@ -460,8 +473,9 @@ def poison(url: str, steps: int = 3, max_attempts: int = 3) -> Result:
 
 
 def held_horizon(url: str, steps: int, hold_s: float = 3.0) -> Result:
-    """An idle-in-transaction session holds the xmin horizon while a worker drains; the worker's
-    ``/health/detailed`` turns degraded with the reason, and healthy again once it ends."""
+    """An idle-in-transaction session holds the xmin horizon while a worker drains half the
+    steps; the worker's ``/health/detailed`` turns degraded with the reason. After it ends, the
+    other half drains, and health is healthy again: recovery = from the release to healthy."""
     prepare(url)
     port = free_port()
     env = base_env(
@@ -471,7 +485,10 @@ def held_horizon(url: str, steps: int, hold_s: float = 3.0) -> Result:
         TASKER__API__MAX_XMIN_AGE="1s",
     )
     proc = start_run(env, "--mode", "Hybrid", "--concurrency", "8")
+    half = steps // 2
     t0 = time.monotonic()
+    degraded: Any = None
+    recovered = None
     try:
         deadline = time.monotonic() + 30
         while get_json(port, "/health/live")[0] != 200:
@@ -480,20 +497,21 @@ def held_horizon(url: str, steps: int, hold_s: float = 3.0) -> Result:
         holder = psycopg.connect(url)
         try:
             holder.execute("SELECT txid_current()")  # keeps an xid, so the horizon stays put
-            bodies = enqueue(url, steps)
+            held_at = time.monotonic()
+            bodies = enqueue(url, half)
             during = time.monotonic()
-            wait_outcomes(url, steps // 2, timeout=60)
-            rate_during = (steps // 2) / (time.monotonic() - during)
-            time.sleep(max(0.0, hold_s - (time.monotonic() - during)))  # let the held transaction age
+            wait_outcomes(url, half, timeout=120)
+            rate_during = half / (time.monotonic() - during)
+            time.sleep(max(0.0, hold_s - (time.monotonic() - held_at)))  # the held transaction ages
             _, degraded = get_json(port, "/health/detailed")
         finally:
             holder.rollback()
             holder.close()
         released = time.monotonic()
-        half = outcomes(url)
-        wait_outcomes(url, steps, timeout=60)
-        rate_after = (steps - half) / max(1e-6, time.monotonic() - released)
-        recovered = None
+        bodies += enqueue(url, steps - half)
+        after = time.monotonic()
+        wait_outcomes(url, steps, timeout=120)
+        rate_after = (steps - half) / (time.monotonic() - after)
         while time.monotonic() - released < 30:
             _, health = get_json(port, "/health/detailed")
             if health and not any(r.startswith("mvcc_horizon") for r in health["reasons"]):
