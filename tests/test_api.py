@@ -202,8 +202,24 @@ async def test_health_with_the_database_gone(db_url: str) -> None:
         resp = await api.get("/health/detailed")
         assert resp.status_code == 503 and resp.json()["status"] == "unhealthy"
         assert (await api.get("/health/live")).status_code == 200
+        # A route that needs the database says so, in the JSON error shape.
+        down = assert_error(await api.get("/api/workers"), 503, "database_unavailable")
+        assert "closed" in down["detail"]
         metrics = {f.name: f for f in text_string_to_metric_families((await api.get("/metrics")).text)}
         assert metrics["tasker_database_up"].samples[0].value == 0.0
+
+
+async def test_unexpected_errors_are_json_500(db_url: str) -> None:
+    async for _api, ctx in make_client(db_url, None):
+
+        async def explode(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        ctx.queries.list = explode  # type: ignore[method-assign]
+        transport = httpx.ASGITransport(app=create_app(ctx), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            data = assert_error(await client.get("/api/workers"), 500, "internal_error")
+        assert data["detail"] == "RuntimeError: a bug"
 
 
 async def test_metrics_parse_with_prometheus_client(open_api: httpx.AsyncClient, db_url: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -26,7 +27,14 @@ from starlette.routing import Route
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.clock import Clock, SystemClock
-from tasker_worker.errors import InvalidTransition, TaskerError, UsageError, WorkerConflict, WorkerNotFound
+from tasker_worker.errors import (
+    InvalidTransition,
+    TaskerError,
+    UsageError,
+    WorkerConflict,
+    WorkerNotFound,
+    first_line,
+)
 from tasker_worker.registry.commands import RegistryCommands
 from tasker_worker.registry.leader import SupervisionService
 from tasker_worker.registry.queries import RegistryQueries
@@ -167,6 +175,11 @@ async def _on_tasker_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", str(exc))
 
 
+async def _on_database_down(request: Request, exc: Exception) -> Response:
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, first_line(exc))
+    return error_response(503, "database_unavailable", first_line(exc))
+
+
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -195,6 +208,7 @@ def create_app(ctx: ApiContext) -> Starlette:
             ApiError: _on_api_error,
             TaskerError: _on_tasker_error,
             HTTPException: _on_http_error,
+            psycopg.OperationalError: _on_database_down,
             Exception: _on_unexpected,
         },
     )
