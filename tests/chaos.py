@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from ledger_handlers import LEDGER_DDL
 from psycopg.types.json import Jsonb
 
 from tasker_worker.domain.steps import StepMessage
@@ -41,15 +42,6 @@ NS = "chaos"
 QUEUE = f"worker_{NS}_queue"
 DLQ = f"{QUEUE}_dlq"
 POLL_S = 0.05
-LEDGER_DDL = """
-CREATE TABLE IF NOT EXISTS public.ledger (
-    step_uuid uuid NOT NULL,
-    run_id    text NOT NULL,
-    attempt   integer NOT NULL,
-    pid       integer NOT NULL,
-    at        timestamptz NOT NULL DEFAULT clock_timestamp()
-)
-"""
 
 
 @dataclass
@@ -239,14 +231,19 @@ def free_port() -> int:
 
 
 def get_json(port: int, path: str) -> tuple[int, Any]:
-    """GET a JSON route; (0, None) when nothing answers."""
+    """GET a route: (status, JSON body, or the text when it is not JSON); (0, None) when
+    nothing answers."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
+            status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+        status, raw = exc.code, exc.read()
     except OSError:
         return 0, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()
 
 
 def diagnose(url: str) -> str:

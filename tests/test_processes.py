@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from chaos import free_port, get_json
 from ledger_handlers import LEDGER_DDL
 from psycopg.types.json import Jsonb
 
@@ -182,32 +183,6 @@ def test_second_signal_stops_immediately_and_loses_nothing(env: dict[str, str], 
     # Still in its queue (claimed until its vt expires): not lost, not recorded.
     assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 1
     assert value(db_url, "SELECT count(*) FROM tasker.step_results") == 0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get_json(port: int, path: str) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            raw = resp.read()
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
-    except OSError:
-        return 0, None
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode()
 
 
 def test_run_serves_the_api_and_the_fleet_commands_see_the_worker(env: dict[str, str], db_url: str) -> None:
