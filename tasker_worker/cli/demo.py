@@ -96,10 +96,17 @@ async def demo(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - started
         worker.request_shutdown("demo finished")
     status = worker.status()
-    outcomes = dict(await fetch(url, "SELECT status, count(*) FROM tasker.step_results GROUP BY 1"))
+    # This run's outcomes only (the embedded database keeps earlier demos' rows).
+    mine = (worker.worker_id,)
+    outcomes = dict(
+        await fetch(url, "SELECT status, count(*) FROM tasker.step_results WHERE worker_id = %s GROUP BY 1", mine)
+    )
     reasons = dict(
         await fetch(
-            url, "SELECT error->>'reason', count(*) FROM tasker.step_results WHERE status <> 'succeeded' GROUP BY 1"
+            url,
+            "SELECT error->>'reason', count(*) FROM tasker.step_results"
+            " WHERE status <> 'succeeded' AND worker_id = %s GROUP BY 1",
+            mine,
         )
     )
     sample = await fetch_value(
