@@ -161,6 +161,42 @@ async def test_handler_slower_than_vt_is_not_run_twice(url: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_dependency_unavailable_is_released_without_attempts_but_bounded(url: str) -> None:
+    from tasker_worker.errors import DependencyUnavailable
+
+    state = types.SimpleNamespace(runs=0)
+    reg = HandlerRegistry()
+
+    async def waits_for_a_service(ctx: Any, step: Any) -> None:
+        ctx.state.runs += 1
+        raise DependencyUnavailable("the map service is down")
+
+    reg.register("needs_service", waits_for_a_service)
+    config = make_config(
+        mode="Hybrid",
+        namespaces=[NS],
+        overrides={
+            "retry.max_attempts": 2,
+            "retry.max_releases": 3,
+            "retry.base_delay": "10ms",
+            "retry.max_delay": "50ms",
+            "retry.jitter": 0.0,
+        },
+    )
+    async with running_worker(url, config, registry=reg, state=state):
+        await send_steps(url, NS, "needs_service", [{}])
+        await wait_until(_count_is(url, 1), timeout=20)
+    # Three releases use no attempt; after them each failure counts: 3 + max_attempts runs.
+    assert state.runs == 3 + 2
+    [(status, reason, releases)] = await fetch(
+        url,
+        f"SELECT r.status, r.error->>'reason', d.headers->>'tasker_releases'"
+        f" FROM tasker.step_results AS r, pgmq.q_{QUEUE}_dlq AS d",
+    )
+    assert (status, reason, releases) == ("failed", "retries_exhausted", "3")
+
+
+@pytest.mark.anyio
 async def test_retries_then_dead_letter_then_requeue(url: str) -> None:
     state = types.SimpleNamespace(broken=True, runs=0)
     reg = HandlerRegistry()

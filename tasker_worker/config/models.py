@@ -146,6 +146,10 @@ class RetryConfig(_Section):
     max_delay: Duration = timedelta(seconds=30)
     #: Fraction of random jitter added to each delay (0 disables it).
     jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+    #: Retries that use no attempt (DependencyUnavailable, a broken database connection) per
+    #: message; past this many, each further failure counts as an attempt, so nothing retries
+    #: forever.
+    max_releases: int = Field(default=100, ge=0, le=100_000)
 
 
 Algorithm = Literal["astar", "dijkstra", "theta_star"]

@@ -539,9 +539,14 @@ class CommandProcessor:
         # A broken database connection (the step's own transaction, or a handler's query) says
         # nothing about the step: like DependencyUnavailable it is retried without an attempt.
         if isinstance(exc, DependencyUnavailable | psycopg.OperationalError | psycopg.InterfaceError):
-            delay = backoff_delay(msg.read_ct, retry.base_delay, retry.max_delay, retry.jitter)
-            await self._retry(msg, delay, error, count_attempt=False, event=STEP_FAILED)
-            return
+            releases = int((msg.headers or {}).get("tasker_releases", 0)) + 1
+            if releases <= retry.max_releases:
+                delay = backoff_delay(releases, retry.base_delay, retry.max_delay, retry.jitter)
+                await self._retry(
+                    msg, delay, error, count_attempt=False, event=STEP_FAILED, extra={"tasker_releases": releases}
+                )
+                return
+            # Bounded: past [retry] max_releases the failure counts as an attempt like any other.
         limit = step.attempt_limit or retry.max_attempts
         if msg.read_ct >= limit:
             error = {
@@ -567,8 +572,11 @@ class CommandProcessor:
         *,
         count_attempt: bool,
         event: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         headers = {"tasker_last_error": error} if error is not None else None
+        if extra:
+            headers = {**(headers or {}), **extra}
         data = {"final": False, "reason": (error or {}).get("reason"), "retry_in_s": round(delay_s, 3)}
         request = RetryRequest(msg, int(delay_s * 1000), headers, count_attempt, event=event, event_data=data)
         applied = await self.writer.retry(request)
