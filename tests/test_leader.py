@@ -9,11 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from typing import Any
 
 import psycopg
+from chaos import poll_until
 
 from tasker_worker.db import queries
 from tasker_worker.registry.leader import SUPERVISION_LOCK
@@ -56,16 +56,6 @@ def status_of(url: str, worker_id: str) -> str | None:
         return str(row[0]) if row else None
 
 
-def wait(predicate: Any, timeout: float, what: str) -> float:
-    """Poll until ``predicate()`` is truthy; return the seconds it took."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def post(port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
@@ -86,7 +76,7 @@ def register_and_beat(port: int, worker_id: str) -> None:
 def test_one_leader_and_takeover_after_the_leader_is_killed(cli_env: dict[str, str], db_url: str) -> None:
     procs = [start_api(cli_env), start_api(cli_env)]
     try:
-        wait(lambda: candidates(db_url) == 2 and len(leader(db_url)) == 1, 20, "two candidates, one leader")
+        poll_until(lambda: candidates(db_url) == 2 and len(leader(db_url)) == 1, 20, "two candidates, one leader")
         [(_, app_name)] = leader(db_url)
         pids = {p.pid: (p, port) for p, port in procs}
         leader_pid = int(app_name.rsplit("-", 1)[1])
@@ -96,17 +86,17 @@ def test_one_leader_and_takeover_after_the_leader_is_killed(cli_env: dict[str, s
 
         # The jobs run (whoever registers the worker, the leader activates it).
         register_and_beat(follower_port, "first")
-        wait(lambda: status_of(db_url, "first") == "active", 15, "the leader to activate a worker")
+        poll_until(lambda: status_of(db_url, "first") == "active", 15, "the leader to activate a worker")
 
         pids[leader_pid][0].send_signal(signal.SIGKILL)
-        took = wait(
+        took = poll_until(
             lambda: [a for _, a in leader(db_url)] == [f"tasker-supervisor:api-{socket.gethostname()}-{follower_pid}"],
             15,
             "the follower to take over",
         )
         print(f"takeover after SIGKILL of the leader: {took:.3f}s")
         register_and_beat(follower_port, "second")
-        wait(lambda: status_of(db_url, "second") == "active", 15, "the new leader to activate a worker")
+        poll_until(lambda: status_of(db_url, "second") == "active", 15, "the new leader to activate a worker")
 
         survivor = pids[follower_pid][0]
         survivor.send_signal(signal.SIGTERM)

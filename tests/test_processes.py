@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from chaos import free_port, get_json
+from chaos import free_port, get_json, poll_until
 from ledger_handlers import LEDGER_DDL
 from psycopg.types.json import Jsonb
 
@@ -22,7 +22,6 @@ from tasker_worker.domain.steps import StepMessage
 TESTS = Path(__file__).resolve().parent
 NS = "proc"
 QUEUE = f"worker_{NS}_queue"
-POLL_S = 0.05  # how often wait_for looks at the database state
 
 
 @pytest.fixture
@@ -53,14 +52,7 @@ def value(url: str, query: str) -> Any:
 
 
 def wait_for(url: str, query: str, expected: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = value(url, query)
-        if last == expected:
-            return
-        time.sleep(POLL_S)
-    raise AssertionError(f"{query!r} stayed {last!r}, expected {expected!r}")
+    poll_until(lambda: value(url, query) == expected, timeout, f"{query!r} to be {expected!r}")
 
 
 def start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
@@ -191,10 +183,7 @@ def test_run_serves_the_api_and_the_fleet_commands_see_the_worker(env: dict[str,
     proc = start({**env, "TASKER__API__ENABLED": "true", "TASKER__API__PORT": str(port)}, "--mode", "Hybrid")
     try:
         wait_for(db_url, "SELECT count(*) FROM tasker.step_results", 5, 30)
-        deadline = time.monotonic() + 30
-        while get_json(port, "/health/live")[0] != 200:
-            assert time.monotonic() < deadline, "API did not come up"
-            time.sleep(POLL_S)
+        poll_until(lambda: get_json(port, "/health/live")[0] == 200, 30, "the API")
         status, health = get_json(port, "/health/detailed")
         assert status == 200 and health["status"] == "healthy", health
         [worker_id] = value(db_url, "SELECT array_agg(worker_id) FROM tasker.workers")

