@@ -23,7 +23,6 @@ from tasker_worker.domain.health import (
     judge,
 )
 from tasker_worker.domain.names import DLQ_SUFFIX
-from tasker_worker.domain.workers import WorkerStatus
 from tasker_worker.errors import DatabaseError, first_line
 
 #: A health probe never waits on the database longer than this.
@@ -101,8 +100,7 @@ async def gather_workers(ctx: ApiContext) -> list[WorkerFigures]:
     """The local worker's figures, or (API alone) those of every live worker's last heartbeat."""
     if ctx.local_status is not None:
         return [WorkerFigures.from_status(ctx.local_worker_id or "local", ctx.local_status())]
-    views = await ctx.queries.list(WorkerStatus.ACTIVE) + await ctx.queries.list(WorkerStatus.PENDING)
-    return [WorkerFigures.from_status(v.worker_id, v.stats) for v in views if v.stats]
+    return [WorkerFigures.from_status(v.worker_id, v.stats) for v in await ctx.queries.live() if v.stats]
 
 
 def thresholds(ctx: ApiContext) -> Thresholds:

@@ -19,7 +19,6 @@ from starlette.responses import Response
 
 from tasker_worker.api.app import ApiContext, ctx_of
 from tasker_worker.api.health import QueueView, gather_database, gather_queues
-from tasker_worker.domain.workers import WorkerStatus
 
 
 class _Gathered(Collector):
@@ -95,11 +94,7 @@ def _queue_families(views: list[QueueView]) -> list[Metric]:
 
 async def _worker_snapshots(ctx: ApiContext) -> dict[str, dict[str, Any]]:
     """Each live worker's statistics (its last heartbeat; the local worker's current ones)."""
-    snaps: dict[str, dict[str, Any]] = {}
-    for status in (WorkerStatus.ACTIVE, WorkerStatus.PENDING):
-        for view in await ctx.queries.list(status):
-            if view.stats:
-                snaps[view.worker_id] = view.stats
+    snaps = {view.worker_id: view.stats for view in await ctx.queries.live() if view.stats}
     if ctx.local_status is not None and ctx.local_worker_id is not None:
         snaps[ctx.local_worker_id] = ctx.local_status()
     return snaps

@@ -10,7 +10,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker.config.models import DatabaseConfig
-from tasker_worker.errors import DatabaseError
+from tasker_worker.errors import DatabaseError, first_line
 
 #: Errors after which the same database call is worth trying again (the server restarted, a
 #: connection was cut, the pool had no connection in time).
@@ -57,8 +57,7 @@ async def connect(
             url, autocommit=autocommit, connect_timeout=max(1, int(timeout)), **extra
         )
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {first}") from exc
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {first_line(exc)}") from exc
 
 
 @asynccontextmanager

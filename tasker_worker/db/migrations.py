@@ -17,7 +17,7 @@ import psycopg
 
 from tasker_worker.db import queries
 from tasker_worker.db.connection import connect
-from tasker_worker.errors import MigrationError
+from tasker_worker.errors import MigrationError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ async def migrate(url: str) -> list[str]:
                             (migration.version, migration.name, migration.checksum),
                         )
                 except psycopg.Error as exc:
-                    raise MigrationError(f"migration {migration.path.name} failed: {_first_line(exc)}") from exc
+                    raise MigrationError(f"migration {migration.path.name} failed: {first_line(exc)}") from exc
                 applied.append(f"{migration.version}_{migration.name}")
                 log.info("applied migration %s", migration.path.name)
             # Queues created while no event trigger could exist (or by a non-superuser).
@@ -109,7 +109,7 @@ async def migrate(url: str) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     except psycopg.Error as exc:
-        raise MigrationError(f"migration failed: {_first_line(exc)}") from exc
+        raise MigrationError(f"migration failed: {first_line(exc)}") from exc
     finally:
         await conn.close()
     return applied
@@ -136,7 +136,7 @@ async def _ensure_pgmq(conn: psycopg.AsyncConnection[Any]) -> str | None:
             await conn.execute(get_embedded_install_sql().encode())
             await conn.execute(queries.RECORD_MIGRATION, ("pgmq", f"bundled sql {version}", "pgmq-sql-" + version))
     except psycopg.Error as exc:
-        raise MigrationError(f"installing pgmq {version} from bundled SQL failed: {_first_line(exc)}") from exc
+        raise MigrationError(f"installing pgmq {version} from bundled SQL failed: {first_line(exc)}") from exc
     return f"pgmq bundled sql {version}"
 
 
@@ -184,8 +184,3 @@ async def status(url: str) -> MigrationStatus:
 async def _has_tasker_schema(conn: psycopg.AsyncConnection[Any]) -> bool:
     row = await (await conn.execute("SELECT to_regprocedure('tasker.ensure_notify_triggers()') IS NOT NULL")).fetchone()
     return bool(row and row[0])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

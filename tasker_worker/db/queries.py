@@ -191,6 +191,11 @@ LIST_WORKERS = (
     " ORDER BY registered_at DESC, worker_id LIMIT %(limit)s"
 )
 
+LIVE_WORKERS = (
+    "SELECT " + WORKER_COLUMNS + " FROM tasker.workers"
+    " WHERE status IN ('pending', 'active') ORDER BY registered_at DESC, worker_id LIMIT %(limit)s"
+)
+
 HEALTHY_WORKERS = (
     "SELECT " + WORKER_COLUMNS + " FROM tasker.workers"
     " WHERE status = 'active' AND last_heartbeat_at > %(at)s - make_interval(secs => %(stale_s)s)"

@@ -118,7 +118,6 @@ class RegistryCommands:
         *,
         reason: str | None = None,
         only_from: tuple[WorkerStatus, ...] | None = None,
-        conn: AsyncConn | None = None,
     ) -> bool:
         """Move a worker to ``target`` and append the matching event.
 
@@ -126,36 +125,24 @@ class RegistryCommands:
         change skips the worker and returns False instead of failing). Without it a transition
         the lifecycle forbids raises ``InvalidTransition``.
         """
-        if conn is None:
-            async with self.pool.connection() as own, own.transaction():
-                return await self._transition(own, worker_id, target, reason, only_from)
-        return await self._transition(conn, worker_id, target, reason, only_from)
-
-    async def _transition(
-        self,
-        conn: AsyncConn,
-        worker_id: str,
-        target: WorkerStatus,
-        reason: str | None,
-        only_from: tuple[WorkerStatus, ...] | None,
-    ) -> bool:
-        current = await _lock(conn, worker_id)
-        if current is None:
-            raise WorkerNotFound(worker_id)
-        status = current[0]
-        if only_from is not None and status not in only_from:
-            return False
-        check_transition(worker_id, status, target)
-        at = self.clock.now()
-        await conn.execute(
-            queries.SET_WORKER_STATUS, {"worker_id": worker_id, "status": target.value, "at": at, "reason": reason}
-        )
-        event = _EVENT_OF_STATUS[target]
-        data: dict[str, Any] = {"from": status.value}
-        if reason is not None:
-            data["reason"] = reason
-        await append_event(conn, event, worker_id, data, at)
-        return True
+        async with self.pool.connection() as conn, conn.transaction():
+            current = await _lock(conn, worker_id)
+            if current is None:
+                raise WorkerNotFound(worker_id)
+            status = current[0]
+            if only_from is not None and status not in only_from:
+                return False
+            check_transition(worker_id, status, target)
+            at = self.clock.now()
+            await conn.execute(
+                queries.SET_WORKER_STATUS,
+                {"worker_id": worker_id, "status": target.value, "at": at, "reason": reason},
+            )
+            data: dict[str, Any] = {"from": status.value}
+            if reason is not None:
+                data["reason"] = reason
+            await append_event(conn, _EVENT_OF_STATUS[target], worker_id, data, at)
+            return True
 
 
 _EVENT_OF_STATUS = {

@@ -23,8 +23,6 @@ from tasker_worker.registry.commands import RegistryCommands
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = TRANSIENT_DB_ERRORS
-
 #: How long one registry call may take before it counts as failed.
 CALL_TIMEOUT_S = 10.0
 
@@ -57,7 +55,7 @@ class WorkerPresence:
             try:
                 with anyio.fail_after(CALL_TIMEOUT_S):
                     worker_id = await self.commands.register(self.registration, on_conflict="rename")
-            except TRANSIENT as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 if attempt == attempts:
                     raise RegistrationFailed(
                         f"could not register worker {self.registration.worker_id or self.registration.name!r} "
@@ -114,7 +112,7 @@ class WorkerPresence:
                 await self.beat()
                 failures = 0
                 delay = interval
-            except TRANSIENT as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 failures += 1
                 self.heartbeat_failures += 1
                 delay = min(interval, backoff_delay(failures, timedelta(milliseconds=200), timedelta(seconds=5)))
@@ -137,7 +135,7 @@ class WorkerPresence:
                 await self.commands.deregister(self.worker_id, reason)
         except (WorkerNotFound, InvalidTransition) as exc:
             log.info("worker %s not deregistered: %s", self.worker_id, exc)
-        except TRANSIENT as exc:
+        except TRANSIENT_DB_ERRORS as exc:
             log.warning(
                 "could not deregister %s (%s); the supervisor will mark it offline", self.worker_id, first_line(exc)
             )

@@ -47,6 +47,12 @@ class RegistryQueries:
         }
         return [WorkerView.model_validate(r) for r in await self._rows(queries.LIST_WORKERS, params)]
 
+    async def live(self, *, limit: int = 1000) -> builtins.list[WorkerView]:
+        """Pending and active workers (the ones believed to run), newest first."""
+        return [
+            WorkerView.model_validate(r) for r in await self._rows(queries.LIVE_WORKERS, {"limit": _bounded(limit)})
+        ]
+
     async def healthy(self, at: datetime, stale_timeout: timedelta, *, limit: int = 1000) -> builtins.list[WorkerView]:
         """Active workers whose last heartbeat is within ``stale_timeout`` of ``at``."""
         params = {"at": at, "stale_s": stale_timeout.total_seconds(), "limit": _bounded(limit)}

@@ -27,7 +27,7 @@ from tasker_worker.db.connection import connect
 from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.events import MessageReady
 from tasker_worker.domain.names import channel_for
-from tasker_worker.errors import DatabaseError, ListenerUnavailable
+from tasker_worker.errors import DatabaseError, ListenerUnavailable, first_line
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class WorkerQueueListener:
             await self._backoff(failures, error or RuntimeError("listener stopped"))
 
     async def _backoff(self, failures: int, exc: BaseException) -> None:
-        self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.last_error = first_line(exc)
         delay = backoff_delay(failures, timedelta(milliseconds=100), self.config.max_reconnect_delay, jitter=0.3)
         log.warning("listener connection lost (%s); reconnecting in %.2fs", self.last_error, delay)
         await anyio.sleep(delay)
