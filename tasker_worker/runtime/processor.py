@@ -91,6 +91,8 @@ READY_MARGIN_S = 0.05
 class _InFlight:
     msg: ClaimedMessage
     vt_deadline: float  # monotonic time at which our claim expires
+    #: A write about this message went through (recorded, archived, put back or fenced out).
+    settled: bool = False
 
 
 @dataclass
@@ -385,16 +387,15 @@ class CommandProcessor:
                 # then find its outcome recorded and archive without running.
                 self.stats.incr("dedup_hits")
                 step_key = None
-                await self.writer.retry(
-                    RetryRequest(
-                        msg,
-                        DUPLICATE_RETRY_MS,
-                        None,
-                        count_attempt=False,
-                        event=STEP_ASSIGNMENT_REJECTED,
-                        event_data={"reason": "duplicate_in_flight"},
-                    )
+                request = RetryRequest(
+                    msg,
+                    DUPLICATE_RETRY_MS,
+                    None,
+                    count_attempt=False,
+                    event=STEP_ASSIGNMENT_REJECTED,
+                    event_data={"reason": "duplicate_in_flight"},
                 )
+                self._settle(msg, await self.writer.retry(request))
                 self.schedule(msg.queue, DUPLICATE_RETRY_MS / 1000 + 0.05, Source.POLL)
                 return
             self.steps_in_flight[step_key] = key
@@ -406,11 +407,12 @@ class CommandProcessor:
             # (and its outcome, if one was committed, is found by dedup then).
             self.stats.incr("internal_errors")
             log.exception("step msg %s of %s failed inside the runtime; it returns after its vt", msg.msg_id, msg.queue)
-            self._revisit(msg)
         finally:
             if step_key is not None:
                 self.steps_in_flight.pop(step_key, None)
-            self.in_flight.pop(key, None)
+            entry = self.in_flight.pop(key, None)
+            if entry is not None and not entry.settled:
+                self._revisit(msg)
             self._free_slot()
 
     async def _execute(self, msg: ClaimedMessage, step: StepMessage) -> None:
@@ -470,9 +472,9 @@ class CommandProcessor:
                 await ctx._finish(exc)
             self.stats.incr("db_errors")
             log.warning("could not record msg %s of %s (%s); it returns after its vt", msg.msg_id, msg.queue, exc)
-            self._revisit(msg)
             return
         if not acked:
+            self._settle(msg, False)
             with contextlib.suppress(psycopg.Error):
                 await ctx._finish(_StaleAck())
             self.stats.incr("stale_acks")
@@ -485,8 +487,8 @@ class CommandProcessor:
             # its handler's rows having been rolled back with it). Either way exactly once.
             self.stats.incr("db_errors")
             log.warning("commit of msg %s of %s is in doubt (%s); settled at redelivery", msg.msg_id, msg.queue, exc)
-            self._revisit(msg)
             return
+        self._settle(msg, True)
         self._count_outcome(outcome.status)
 
     async def _reject(self, msg: ClaimedMessage, step: StepMessage, capability: str) -> None:
@@ -517,7 +519,7 @@ class CommandProcessor:
             event=STEP_ASSIGNMENT_REJECTED,
             event_data={"reason": "missing_capability", "capability": capability, "rejections": rejections},
         )
-        if await self.writer.retry(request):
+        if self._settle(msg, await self.writer.retry(request)):
             self.stats.incr("released")
 
     def _timeout(self, step: StepMessage, handler_timeout: timedelta | None) -> timedelta:
@@ -579,15 +581,13 @@ class CommandProcessor:
             headers = {**(headers or {}), **extra}
         data = {"final": False, "reason": (error or {}).get("reason"), "retry_in_s": round(delay_s, 3)}
         request = RetryRequest(msg, int(delay_s * 1000), headers, count_attempt, event=event, event_data=data)
-        applied = await self.writer.retry(request)
+        applied = self._settle(msg, await self.writer.retry(request))
         if applied:
             self.stats.incr("retried" if count_attempt else "released")
             # Wake this queue when the message is due, whatever the deployment mode.
             self.schedule(msg.queue, delay_s + 0.01, Source.POLL)
         elif applied is False:
             self.stats.incr("stale_acks")
-        else:
-            self._revisit(msg)
 
     async def _dead_letter(
         self,
@@ -600,7 +600,7 @@ class CommandProcessor:
         error = error or (exc.to_json() if exc else {"reason": "unknown"})
         log.warning("dead-lettering msg %s of %s: %s", msg.msg_id, msg.queue, error.get("message", error.get("reason")))
         outcome = Outcome(msg, status, None, error, started_at, datetime.now(UTC))
-        applied = await self.writer.dead_letter(outcome)
+        applied = self._settle(msg, await self.writer.dead_letter(outcome))
         if applied:
             self.stats.incr("processed")
             self.stats.incr("dead_lettered")
@@ -608,22 +608,25 @@ class CommandProcessor:
                 self.stats.incr("failed")
         elif applied is False:
             self.stats.incr("stale_acks")
-        else:
-            self._revisit(msg)
 
     async def _finish(self, msg: ClaimedMessage, outcome: Outcome | None) -> None:
-        applied = await self.writer.record(outcome or Outcome(msg, None))
+        applied = self._settle(msg, await self.writer.record(outcome or Outcome(msg, None)))
         if applied and outcome is not None:
             self._count_outcome(outcome.status)
         elif applied is False:
             self.stats.incr("stale_acks")
-        elif applied is None:
-            self._revisit(msg)
+
+    def _settle(self, msg: ClaimedMessage, applied: bool | None) -> bool | None:
+        """Note that a write about ``msg`` went through (``applied`` not None); pass it on."""
+        entry = self.in_flight.get((msg.queue, msg.msg_id))
+        if applied is not None and entry is not None:
+            entry.settled = True
+        return applied
 
     def _revisit(self, msg: ClaimedMessage) -> None:
-        """The fate of ``msg`` is unknown here (a write that never got through, a commit in
-        doubt): wake its queue when its vt lapses, so that it is settled even in EventDrivenOnly,
-        where no poller would come back for it."""
+        """A step ended here without any write about its message going through (a write that
+        gave up, a commit in doubt, an error inside the runtime): wake its queue when its vt
+        lapses, so that it is settled even in EventDrivenOnly, where no poller comes back."""
         remaining = self.vt_seconds - (time.monotonic() - msg.received_mono)
         self.schedule(msg.queue, max(0.0, remaining) + VT_MARGIN_S, Source.POLL)
 
