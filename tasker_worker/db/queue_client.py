@@ -6,6 +6,7 @@ inside its own transaction (a handler's rows, its outcome and the ack commit tog
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -65,6 +66,51 @@ def translate_error(exc: psycopg.Error) -> TaskerError:
     if exc.sqlstate == "42P01":
         return QueueNotFound(message)
     return DatabaseError(message)
+
+
+def _outcome_row(o: Outcome, result: Any) -> dict[str, Any]:
+    step = o.msg.step
+    # The parsed ids spare the server from extracting and validating them from the message.
+    ids = (
+        {
+            "step_uuid": str(step.step_uuid),
+            "task_uuid": str(step.task_uuid),
+            "correlation_id": str(step.correlation_id),
+            "handler": step.handler,
+        }
+        if step is not None
+        else {}
+    )
+    return {
+        **ids,
+        "msg_id": o.msg.msg_id,
+        "read_ct": o.msg.read_ct,
+        "status": o.status.value if o.status else None,
+        "result": result if o.status else None,
+        "error": o.error,
+        "started_at": o.started_at.isoformat() if o.started_at else None,
+        "finished_at": o.finished_at.isoformat() if o.finished_at else None,
+        "source": o.msg.source.value,
+    }
+
+
+def _storable(value: Any) -> Any:
+    """``value`` if it encodes as strict JSON, else its repr (a handler's result never breaks a batch)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError):
+        return {"repr": repr(value)[:2000]}
+
+
+def encode_outcomes(outcomes: Sequence[Outcome]) -> str:
+    """The JSON array ``tasker.record_outcomes`` takes: one ``json.dumps`` for the whole batch
+    (much cheaper than adapting parallel arrays). Results that are not strict JSON (objects,
+    NaN) are stored as their repr, found by a second, per-item pass only when needed."""
+    try:
+        return json.dumps([_outcome_row(o, o.result) for o in outcomes], allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps([_outcome_row(o, _storable(o.result)) for o in outcomes], allow_nan=False)
 
 
 class QueueClient:
@@ -192,22 +238,7 @@ class QueueClient:
         self, queue: str, worker_id: str, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
     ) -> dict[int, bool]:
         """Record outcomes and archive their messages (fenced); ``{msg_id: acked}``."""
-        rows = await self._fetch(
-            queries.RECORD_OUTCOMES,
-            (
-                queue,
-                worker_id,
-                [o.msg.msg_id for o in outcomes],
-                [o.msg.read_ct for o in outcomes],
-                [o.status.value if o.status else None for o in outcomes],
-                [Jsonb(o.result) if o.status else None for o in outcomes],
-                [Jsonb(o.error) if o.error is not None else None for o in outcomes],
-                [o.started_at for o in outcomes],
-                [o.finished_at for o in outcomes],
-                [o.msg.source.value for o in outcomes],
-            ),
-            conn,
-        )
+        rows = await self._fetch(queries.RECORD_OUTCOMES, (queue, worker_id, encode_outcomes(outcomes)), conn)
         return {int(r[0]): bool(r[1]) for r in rows}
 
     async def dead_letter(

@@ -39,14 +39,17 @@ class StepContext:
     queue: str
     msg_id: int
     state: Any = None
-    log: Any = None
     _pool: AsyncConnectionPool | None = field(default=None, repr=False)
     _stack: AsyncExitStack | None = field(default=None, repr=False)
     _conn: psycopg.AsyncConnection[Any] | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.log is None:
-            self.log = StepLogger(
+    _log: StepLogger | None = field(default=None, repr=False)
+
+    @property
+    def log(self) -> StepLogger:
+        """A logger whose records carry this step's ids (made on first use: most steps never log)."""
+        if self._log is None:
+            self._log = StepLogger(
                 logging.getLogger("tasker_worker.step"),
                 {
                     "worker_id": self.worker_id,
@@ -58,6 +61,7 @@ class StepContext:
                     "attempt": self.attempt,
                 },
             )
+        return self._log
 
     @property
     def inputs(self) -> dict[str, Any]:

@@ -50,9 +50,12 @@ class HandlerExecutor:
         """``func(*args)`` under ``timeout``; raises ``StepTimeout`` when it runs out."""
         seconds = timeout.total_seconds() if timeout else None
         try:
-            with anyio.fail_after(seconds):
-                if is_async:
+            if is_async:
+                # asyncio.timeout rather than anyio.fail_after: on a no-op step the cancel
+                # scope's bookkeeping cost more than the step (steps run as asyncio tasks).
+                async with asyncio.timeout(seconds):
                     return await func(*args)
+            with anyio.fail_after(seconds):
                 return await self._run_sync(func, args)
         except TimeoutError:
             raise StepTimeout(f"handler ran longer than its timeout of {seconds:g}s") from None

@@ -9,10 +9,11 @@ delay when the worker is quiet.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import anyio
@@ -44,8 +45,9 @@ class _Pending:
     queue: str
     outcome: Outcome | None = None
     retry: RetryRequest | None = None
-    applied: bool | None = None  # None: not written (database unavailable)
-    done: anyio.Event = field(default_factory=anyio.Event)
+    #: Resolved with True (applied), False (fenced out) or None (not written: database
+    #: unavailable). A bare future: an anyio.Event per step cost measurable throughput.
+    done: asyncio.Future[bool | None] | None = None
 
     @property
     def msg_id(self) -> int:
@@ -83,10 +85,10 @@ class OutcomeWriter:
     async def _submit(self, item: _Pending) -> bool | None:
         if self._closed:
             raise RuntimeError("outcome writer is closed")
+        item.done = asyncio.get_running_loop().create_future()
         self._pending.append(item)
         self._wake.set()
-        await item.done.wait()
-        return item.applied
+        return await item.done
 
     async def run(self) -> None:
         """Flush until cancelled (then flush what is left)."""
@@ -133,8 +135,9 @@ class OutcomeWriter:
                 log.warning("database unavailable while writing results (%s); retrying in %.2fs", exc, delay)
                 await anyio.sleep(delay)
         for item in items:
-            item.applied = results.get(item.msg_id)
-            item.done.set()
+            # A step cancelled while waiting (shutdown) has cancelled its future.
+            if item.done is not None and not item.done.done():
+                item.done.set_result(results.get(item.msg_id))
 
     async def _write(self, kind: WriteKind, queue: str, items: list[_Pending]) -> dict[int, bool]:
         if kind is WriteKind.RECORD:
