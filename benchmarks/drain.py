@@ -1,107 +1,75 @@
-"""Drain and idle-cost benchmark of tasker-worker on the embedded PostgreSQL.
+"""Drain benchmark of tasker-worker.
 
-Drain: enqueue N ``noop`` steps with ``pgmq.send_batch`` (the enqueue rate is reported on its
-own), start one ``tasker-worker run`` process, and time from the first handler start to the
-last outcome recorded. Per deployment mode and concurrency, with the event log's step events
-on and off (its cost on the hot path). Every run checks exactly-once: N distinct outcomes, an
-empty queue.
+Enqueue N ``noop`` steps with ``pgmq.send_batch`` (the enqueue rate is reported on its own),
+start one ``tasker-worker run`` process, and time from the first handler start to the last
+outcome recorded. Per deployment mode and concurrency; the worker's CPU time per step is
+reported too. Every run checks exactly-once: N distinct outcomes, all succeeded, an empty queue.
 
-Idle cost: transactions per second an idle worker makes the server commit (from
-``pg_stat_database``; in autocommit every statement is its own transaction).
-
-    python benchmarks/drain.py                      # 20,000 steps, every mode, concurrency 1 and 16
-    python benchmarks/drain.py --steps 5000 --modes Hybrid --concurrency 16
+    python benchmarks/drain.py                       # 20,000 steps, every mode, concurrency 1, 16, 128
+    python benchmarks/drain.py --modes Hybrid --concurrency 128 --step-events both
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
-from psycopg.types.json import Jsonb
+from common import (
+    QUEUE,
+    RESULTS,
+    enqueue_steps,
+    machine,
+    print_table,
+    server,
+    start_worker,
+    stop,
+    tasker_database,
+    wait_for,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
-from tasker_worker.domain.steps import StepMessage  # noqa: E402
-
-NS = "bench"
-QUEUE = f"worker_{NS}_queue"
-BATCH = 1000
-
-
-def fresh_database(admin: str, name: str) -> str:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    url = psycopg.conninfo.make_conninfo(admin, dbname=name)
-    env = {**os.environ, "TASKER_DATABASE_URL": url}
-    subprocess.run(
-        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"], env=env, check=True, capture_output=True
-    )
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
-    return url
-
-
-def worker_env(url: str, step_events: bool) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TASKER_DATABASE_URL": url,
-        "TASKER_ENV": "production",
-        "TASKER__WORKER__NAMESPACES": f'["{NS}"]',
-        "TASKER__LOGGING__LEVEL": "WARNING",
-        "TASKER__EVENTS__STEP_EVENTS": "true" if step_events else "false",
-        "TASKER__DATABASE__AUTO_MIGRATE": "false",
-    }
+MODES = ["PollingOnly", "Hybrid", "EventDrivenOnly"]
+COLUMNS = [
+    ("mode", "mode"),
+    ("concurrency", "conc"),
+    ("step_events", "events"),
+    ("steps", "steps"),
+    ("seconds", "seconds"),
+    ("steps_per_s", "steps/s"),
+    ("enqueue_per_s", "enqueue/s"),
+    ("worker_cpu_us_per_step", "worker CPU us/step"),
+    ("exactly_once", "exactly once"),
+]
 
 
-def enqueue(url: str, steps: int) -> float:
-    """Send ``steps`` noop steps in batches; return steps/s."""
-    bodies = [Jsonb(StepMessage.build(NS, "noop", {"i": i})) for i in range(steps)]
-    t0 = time.perf_counter()
-    with psycopg.connect(url, autocommit=True) as conn:
-        for i in range(0, steps, BATCH):
-            conn.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])", (QUEUE, bodies[i : i + BATCH]))
-    return steps / (time.perf_counter() - t0)
-
-
-def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool) -> dict[str, Any]:
-    url = fresh_database(admin, "bench_drain")
-    enqueue_rate = enqueue(url, steps)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", mode, "--concurrency", str(concurrency)],
-        env=worker_env(url, step_events),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool = True) -> dict[str, Any]:
+    """One drain run on a fresh database."""
+    url = tasker_database(admin, "bench_drain")
+    enqueue_rate = enqueue_steps(url, steps)
+    proc = start_worker(url, mode, concurrency, step_events=step_events)
     try:
-        deadline = time.monotonic() + 900
+        worker = psutil.Process(proc.pid)
         with psycopg.connect(url, autocommit=True) as conn:
-            while time.monotonic() < deadline:
+
+            def recorded() -> int:
                 row = conn.execute("SELECT count(*) FROM tasker.step_results").fetchone()
-                if row and row[0] >= steps:
-                    break
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker exited: {proc.stderr.read() if proc.stderr else ''}")
-                time.sleep(0.1)
+                return int(row[0]) if row else 0
+
+            wait_for(lambda: recorded() > 0, 120, "the first outcome", proc)
+            cpu0 = sum(worker.cpu_times()[:2])
+            wait_for(lambda: recorded() >= steps, 900, f"{steps} outcomes", proc)
+            cpu1 = sum(worker.cpu_times()[:2])
             first, last, distinct, succeeded = conn.execute(
                 "SELECT min(started_at), max(recorded_at), count(DISTINCT step_uuid),"
                 " count(*) FILTER (WHERE status = 'succeeded') FROM tasker.step_results"
             ).fetchone()
             left = conn.execute(f"SELECT count(*) FROM pgmq.q_{QUEUE}").fetchone()[0]
-            events = conn.execute("SELECT count(*) FROM tasker.events WHERE step_uuid IS NOT NULL").fetchone()[0]
     finally:
-        proc.terminate()
-        proc.communicate(timeout=60)
+        stop(proc)
     seconds = (last - first).total_seconds()
     return {
         "mode": mode,
@@ -112,76 +80,42 @@ def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool
         "seconds": round(seconds, 3),
         "steps_per_s": round(steps / seconds, 1),
         "enqueue_per_s": round(enqueue_rate, 1),
-        "step_events_logged": events,
+        # From the first outcome on: the start-up is not part of the per-step cost.
+        "worker_cpu_us_per_step": round((cpu1 - cpu0) / steps * 1e6, 1),
     }
 
 
-def idle_cost(admin: str, mode: str, seconds: float) -> dict[str, Any]:
-    url = fresh_database(admin, "bench_idle")
-    dbname = "bench_idle"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", mode],
-        env=worker_env(url, True),
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(5)  # benchmark warm-up, not synchronisation: startup traffic is not idle traffic
-
-        def committed() -> int:
-            # Read from another database so that the measurement is not counted.
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute("SELECT pg_stat_clear_snapshot()")
-                row = conn.execute(
-                    "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", (dbname,)
-                ).fetchone()
-                return int(row[0]) if row else 0
-
-        before = committed()
-        time.sleep(seconds)
-        after = committed()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    return {"mode": mode, "seconds": seconds, "transactions_per_s": round((after - before) / seconds, 3)}
+def run(admin: str, modes: list[str], concurrency: list[int], steps: int, events: list[bool]) -> list[dict[str, Any]]:
+    """Every combination, printed as it completes."""
+    rows = []
+    for mode in modes:
+        for conc in concurrency:
+            for on in events:
+                rows.append(drain(admin, mode, conc, steps, on))
+                r = rows[-1]
+                print(
+                    f"  {mode} c{conc} events={'on' if on else 'off'}: {r['steps_per_s']:,.0f} steps/s"
+                    f" (exactly once: {r['exactly_once']})",
+                    flush=True,
+                )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--modes", nargs="+", default=["PollingOnly", "Hybrid", "EventDrivenOnly"])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--step-events", choices=["on", "off", "both"], default="both")
-    parser.add_argument("--idle-seconds", type=float, default=30.0, help="0 skips the idle-cost runs")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "drain.json")
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--step-events", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--url", help="admin URL of a server to use instead of a temporary embedded one")
+    parser.add_argument("--json", type=Path, default=RESULTS / "drain.json")
     args = parser.parse_args()
     events = {"on": [True], "off": [False], "both": [True, False]}[args.step_events]
-
-    rows: list[dict[str, Any]] = []
-    idle: list[dict[str, Any]] = []
-    with temporary_embedded(prefix="tasker-bench-") as (admin, _):
-        print(
-            f"{'mode':<16} {'conc':>4} {'events':>6} {'steps':>6} {'seconds':>8} {'steps/s':>8} "
-            f"{'enqueue/s':>10} {'once':>5}"
-        )
-        for mode in args.modes:
-            for conc in args.concurrency:
-                for on in events:
-                    r = drain(admin, mode, conc, args.steps, on)
-                    rows.append(r)
-                    print(
-                        f"{mode:<16} {conc:>4} {'on' if on else 'off':>6} {r['steps']:>6} {r['seconds']:>8} "
-                        f"{r['steps_per_s']:>8} {r['enqueue_per_s']:>10} {r['exactly_once']!s:>5}",
-                        flush=True,
-                    )
-        if args.idle_seconds > 0:
-            print(f"\n{'mode':<16} {'idle transactions/s':>20}")
-            for mode in args.modes:
-                r = idle_cost(admin, mode, args.idle_seconds)
-                idle.append(r)
-                print(f"{mode:<16} {r['transactions_per_s']:>20}", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"drain": rows, "idle": idle}, indent=2))
-    print(f"\nwrote {args.json}")
+    started = time.time()
+    with server(args.url) as (admin, _):
+        rows = run(admin, args.modes, args.concurrency, args.steps, events)
+    print_table(rows, COLUMNS, "drain (noop steps, one worker process)")
+    write_json(args.json, {"machine": machine(), "started": started, "drain": rows})
 
 
 if __name__ == "__main__":

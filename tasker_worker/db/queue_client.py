@@ -68,14 +68,23 @@ def translate_error(exc: psycopg.Error) -> TaskerError:
     return DatabaseError(message)
 
 
+def _uuid_text(body: Any, key: str, parsed: Any) -> str:
+    """The id as the message spelled it when that is the canonical form (no ``str(UUID)``,
+    which is slow), else the parsed value's."""
+    value = body.get(key) if isinstance(body, dict) else None
+    if isinstance(value, str) and len(value) == 36:
+        return value
+    return str(parsed)
+
+
 def _outcome_row(o: Outcome, result: Any) -> dict[str, Any]:
     step = o.msg.step
     # The parsed ids spare the server from extracting and validating them from the message.
     ids = (
         {
-            "step_uuid": str(step.step_uuid),
-            "task_uuid": str(step.task_uuid),
-            "correlation_id": str(step.correlation_id),
+            "step_uuid": _uuid_text(o.msg.body, "step_uuid", step.step_uuid),
+            "task_uuid": _uuid_text(o.msg.body, "task_uuid", step.task_uuid),
+            "correlation_id": _uuid_text(o.msg.body, "correlation_id", step.correlation_id),
             "handler": step.handler,
         }
         if step is not None

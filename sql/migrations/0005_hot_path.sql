@@ -1,4 +1,5 @@
--- tasker-worker 0005: outcomes travel as one JSON array instead of ten parallel arrays.
+-- tasker-worker 0005: the hot path. Outcomes travel as one JSON array instead of ten parallel
+-- arrays; try_uuid without a regex; claims commit asynchronously.
 --
 -- Adapting ten typed arrays cost the worker about 30 us of Python per outcome (psycopg dumps
 -- array elements one by one); one json.dumps of the whole batch costs about 6 us. The
@@ -84,3 +85,36 @@ BEGIN
     USING p_outcomes, p_worker_id;
 END;
 $$;
+
+-- A claim commits without waiting for its WAL flush (synchronous_commit = off for the claim's
+-- own transaction only): about 0.3 ms less on every pickup. Losing a claim in a server crash
+-- is harmless: the message is as it was before the claim (visible once its old vt lapses),
+-- and outcomes stay exactly once through step_results' primary key, whoever runs the step.
+-- Called from a caller's transaction, the setting holds for that transaction.
+CREATE OR REPLACE FUNCTION tasker.claim_steps(p_queue text, p_vt integer, p_qty integer)
+RETURNS TABLE (
+    msg_id       bigint,
+    read_ct      integer,
+    enqueued_at  timestamptz,
+    vt           timestamptz,
+    message      jsonb,
+    headers      jsonb,
+    already_done boolean,
+    claimed_at   timestamptz
+)
+LANGUAGE sql ROWS 100 AS $$
+    SELECT set_config('synchronous_commit', 'off', true);
+    SELECT r.msg_id, r.read_ct, r.enqueued_at, r.vt, r.message, r.headers,
+           d.step_uuid IS NOT NULL,
+           clock_timestamp()
+      FROM pgmq.read(p_queue, p_vt, p_qty) AS r
+      LEFT JOIN LATERAL (
+          SELECT s.step_uuid FROM tasker.step_results AS s
+           WHERE s.step_uuid = tasker.try_uuid(r.message ->> 'step_uuid')
+           LIMIT 1) AS d ON true;
+$$;
+
+-- Events arrive in time order, so a BRIN index finds the compaction cutoff as well as a btree
+-- did, at almost no cost per insert (three step events per step made the btree a hot spot).
+DROP INDEX IF EXISTS tasker.events_occurred_idx;
+CREATE INDEX IF NOT EXISTS events_occurred_brin ON tasker.events USING brin (occurred_at);

@@ -1,0 +1,210 @@
+"""What the benchmark scripts share: databases on one embedded server, tasker worker processes,
+statement counting, percentiles, tables and JSON output.
+
+Every benchmark is a script of its own (``python benchmarks/<name>.py``) that starts a temporary
+embedded PostgreSQL, or uses ``--url`` (an admin URL of a server of yours: the benchmarks create
+and drop databases there). ``benchmarks/summary.py`` runs them all against one server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
+from tasker_worker.domain.steps import StepMessage  # noqa: E402
+
+NS = "bench"
+QUEUE = f"worker_{NS}_queue"
+SEND_BATCH = 1000
+
+
+@contextlib.contextmanager
+def server(url: str | None) -> Iterator[tuple[str, Path | None]]:
+    """``(admin_url, data_dir)``: the given server, or a temporary embedded one (stopped after)."""
+    if url:
+        yield url, None
+        return
+    with temporary_embedded(prefix="tasker-bench-") as (admin, data_dir):
+        yield admin, data_dir
+
+
+def database(admin: str, name: str) -> str:
+    """A new empty database ``name`` (dropped first if it exists); its URL."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return psycopg.conninfo.make_conninfo(admin, dbname=name)
+
+
+def tasker_database(admin: str, name: str) -> str:
+    """A new database with the tasker schema and the ``bench`` namespace queue; its URL."""
+    url = database(admin, name)
+    env = {**os.environ, "TASKER_DATABASE_URL": url}
+    subprocess.run(
+        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"], env=env, check=True, capture_output=True
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
+    return url
+
+
+def enqueue_steps(url: str, steps: int, handler: str = "noop") -> float:
+    """Send ``steps`` steps with ``pgmq.send_batch`` in batches of 1,000; return steps/s."""
+    bodies = [Jsonb(StepMessage.build(NS, handler, {"i": i})) for i in range(steps)]
+    t0 = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(0, steps, SEND_BATCH):
+            conn.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])", (QUEUE, bodies[i : i + SEND_BATCH]))
+    return steps / (time.perf_counter() - t0)
+
+
+def worker_env(url: str, *, step_events: bool = True, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a benchmark ``tasker-worker run`` (production config, warnings only)."""
+    return {
+        **os.environ,
+        "TASKER_DATABASE_URL": url,
+        "TASKER_ENV": "production",
+        "TASKER__WORKER__NAMESPACES": f'["{NS}"]',
+        "TASKER__LOGGING__LEVEL": "WARNING",
+        "TASKER__EVENTS__STEP_EVENTS": "true" if step_events else "false",
+        "TASKER__DATABASE__AUTO_MIGRATE": "false",
+        **(extra or {}),
+    }
+
+
+def start_worker(url: str, mode: str, concurrency: int | None = None, **env: Any) -> subprocess.Popen[str]:
+    """One ``tasker-worker run`` process (stderr kept for the error message if it dies)."""
+    argv = [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", mode]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    return subprocess.Popen(argv, env=worker_env(url, **env), stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then wait (bounded); SIGKILL if it does not go."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> None:
+    """Poll ``predicate()`` every 20 ms until true; fail after ``timeout`` or if ``proc`` dies."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"worker exited while waiting for {what}: {proc.communicate()[1][-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached within {timeout:.0f}s")
+        time.sleep(0.02)
+
+
+def percentiles_ms(samples_s: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max in ms of samples in seconds."""
+    if not samples_s:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    arr = np.asarray(samples_s, dtype=float) * 1000.0
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    return {
+        "p50": round(float(p50), 2),
+        "p95": round(float(p95), 2),
+        "p99": round(float(p99), 2),
+        "max": round(float(arr.max()), 2),
+    }
+
+
+class StatementLog:
+    """Counts the statements the server runs in one database, from the server's own log.
+
+    Sets ``log_statement = 'all'`` on the database (new sessions pick it up) and counts the
+    lines of the embedded server's log file (``<data_dir>/pgdata/log``) that log a statement
+    of that database. Only for a server we started ourselves: its log is ours to read.
+    """
+
+    LINE = re.compile(r"LOG:\s+(statement|execute [^:]*):")
+
+    def __init__(self, admin: str, data_dir: Path, dbname: str) -> None:
+        self.admin = admin
+        self.log_file = data_dir / "pgdata" / "log"
+        self.dbname = dbname
+        self._offset = 0
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {dbname} SET log_statement = 'all'")
+            # A server-wide setting: fine on the temporary server this class is meant for.
+            conn.execute("ALTER SYSTEM SET log_line_prefix = '[db=%d] '")
+            conn.execute("SELECT pg_reload_conf()")
+
+    def mark(self) -> None:
+        """Start counting from here."""
+        self._offset = self.log_file.stat().st_size
+
+    def count(self) -> int:
+        """Statements of the database logged since ``mark``."""
+        tag = f"[db={self.dbname}] "
+        with self.log_file.open("rb") as f:
+            f.seek(self._offset)
+            text = f.read().decode("utf-8", "replace")
+        return sum(1 for line in text.splitlines() if line.startswith(tag) and self.LINE.search(line))
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str = "") -> None:
+    """Rows as an aligned table; ``columns`` is ``[(key, header), ...]``."""
+    if title:
+        print(f"\n{title}")
+    cells = [[_cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (_, h) in enumerate(columns)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)), flush=True)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import platform
+
+    import psutil
+
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

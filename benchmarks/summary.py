@@ -1,0 +1,159 @@
+"""Every benchmark in one run on one embedded server: tasker-worker against PgQueuer,
+Procrastinate and the raw SQL limit. Prints the tables and the ratios the targets are about,
+writes ``benchmarks/results/summary.json`` and a chart, ``benchmarks/results/summary.png``.
+
+    python benchmarks/summary.py                 # the full run (about 20 minutes on 2 cores)
+    python benchmarks/summary.py --quick         # smaller sizes, to try it out
+
+Needs the benchmark extra: ``pip install -e '.[bench]'`` (PgQueuer, asyncpg, Procrastinate,
+matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import drain
+import idle
+import latency
+import peers
+import planning
+from common import RESULTS, machine, print_table, server, write_json
+from systems import PgQueuer, Procrastinate, Tasker
+
+MODES = ["PollingOnly", "Hybrid", "EventDrivenOnly"]
+
+
+def ratios(drains: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best Hybrid drain (step events on, the default) against the best of each peer and the raw limit."""
+
+    def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return max(rows, key=lambda r: r["steps_per_s"])
+
+    ours = best([r for r in drains if r["mode"] == "Hybrid" and r["step_events"] and r["exactly_once"]])
+    ours_off = [r for r in drains if r["mode"] == "Hybrid" and not r["step_events"] and r["exactly_once"]]
+    pgq = best([r for r in peer_rows if r.get("peer") == "pgqueuer"])
+    pro = best([r for r in peer_rows if r.get("peer") == "procrastinate"])
+    raw = best([r for r in peer_rows if r["system"].startswith("raw")])
+    out = {
+        "tasker_hybrid_best": ours,
+        "pgqueuer_best": pgq,
+        "procrastinate_best": pro,
+        "raw_limit": raw,
+        "vs_pgqueuer": round(ours["steps_per_s"] / pgq["steps_per_s"], 2),
+        "vs_procrastinate": round(ours["steps_per_s"] / pro["steps_per_s"], 2),
+        "of_raw_limit": round(ours["steps_per_s"] / raw["steps_per_s"], 3),
+    }
+    if ours_off:
+        off = best(ours_off)
+        out["tasker_hybrid_best_events_off"] = off
+        out["vs_pgqueuer_events_off"] = round(off["steps_per_s"] / pgq["steps_per_s"], 2)
+    return out
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Three panels: drain throughput, pickup latency (sequential, p50 and p99), idle statements/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    drains = [r for r in result["drain"] if r["concurrency"] == max(d["concurrency"] for d in result["drain"])]
+    bars = [
+        (
+            f"tasker {r['mode']}\nc{r['concurrency']}" + ("" if r["step_events"] else " events off"),
+            r["steps_per_s"],
+            "tab:blue",
+        )
+        for r in drains
+    ]
+    bars += [
+        (
+            r["system"].replace(" batch", "\nbatch").replace(" concurrency", "\nconc."),
+            r["steps_per_s"],
+            "tab:gray" if not r["system"].startswith("raw") else "tab:green",
+        )
+        for r in result["peers"]
+    ]
+    ax = axes[0]
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+    ax.set_xscale("log")
+    ax.set_xlabel("jobs/s (log scale)")
+    ax.set_title(f"Drain: {result['steps']:,} no-op jobs, one worker process")
+    for i, b in enumerate(bars):
+        ax.text(b[1], i, f" {b[1]:,.0f}", va="center", fontsize=8)
+
+    ax = axes[1]
+    seq = [r for r in result["latency"] if r["shape"] == "sequential" and r.get("mode") != "PollingOnly"]
+    labels = [r["system"].replace(" batch", "\nbatch").replace(" concurrency", "\nconc.") for r in seq]
+    ys = range(len(seq))
+    ax.barh([y + 0.2 for y in ys], [r["p50"] for r in seq], height=0.4, label="p50", color="tab:blue")
+    ax.barh([y - 0.2 for y in ys], [r["p99"] for r in seq], height=0.4, label="p99", color="tab:orange")
+    ax.set_yticks(list(ys), labels)
+    ax.set_xscale("log")  # a peer's missed notification (a 5 s poll) would flatten the rest
+    ax.set_xlabel("ms from send to handler start (log scale)")
+    ax.set_title(f"Pickup latency, {seq[0]['n']:,} sequential sends (event path)")
+    ax.legend()
+
+    ax = axes[2]
+    rows = result["idle"]
+    ax.barh(
+        [r["system"].replace(" batch", "\nbatch").replace(" concurrency", "\nconc.") for r in rows],
+        [r["statements_per_s"] for r in rows],
+        color=["tab:blue" if r["system"].startswith("tasker") else "tab:gray" for r in rows],
+    )
+    ax.set_xlabel("statements/s")
+    ax.set_title("Idle worker: statements per second")
+    fig.suptitle(f"tasker-worker vs peers, one run on one embedded PostgreSQL ({result['machine']['cpus']} cores)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5,000 jobs, 200 + 100 latency sends, 15 s idle")
+    parser.add_argument("--json", type=Path, default=RESULTS / "summary.json")
+    parser.add_argument("--png", type=Path, default=RESULTS / "summary.png")
+    args = parser.parse_args()
+    steps, n_seq, n_paced, idle_s = (5_000, 200, 100, 15.0) if args.quick else (20_000, 1000, 500, 60.0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    result: dict[str, Any] = {"machine": machine(), "started": started, "steps": steps}
+    with server(None) as (admin, data_dir):
+        assert data_dir is not None
+        print("drain (tasker-worker)")
+        result["drain"] = drain.run(admin, MODES, [1, 16, 128], steps, [True])
+        result["drain"] += drain.run(admin, ["Hybrid"], [128], steps, [False])
+        print("drain (peers, raw limit)")
+        result["peers"] = peers.run(admin, steps, [])
+        print("pickup latency")
+        systems = [Tasker(m) for m in MODES] + [PgQueuer(10), PgQueuer(100), Procrastinate(1)]
+        result["latency"] = latency.run(admin, systems, n_seq, n_paced)
+        print("idle cost")
+        result["idle"] = idle.run(admin, data_dir, MODES, idle_s, True)
+        print("planning through the runtime (128x128 requests)")
+        result["planning"] = [planning.runtime_throughput(400, p, admin) for p in (1, 2)]
+    result["ratios"] = ratios(result["drain"], result["peers"])
+
+    print_table(result["drain"], drain.COLUMNS, "drain: tasker-worker")
+    print_table(result["peers"], peers.COLUMNS, "drain: peers and the raw limit")
+    print_table(result["latency"], latency.COLUMNS, "pickup latency: send -> handler start")
+    print_table(result["idle"], idle.COLUMNS, "idle cost")
+    print_table(result["planning"], [(k, k) for k in result["planning"][0]], "planning steps/s")
+    r = result["ratios"]
+    print(
+        f"\nratios (Hybrid best, step events on): {r['vs_pgqueuer']}x PgQueuer's best, "
+        f"{r['vs_procrastinate']}x Procrastinate's best, {r['of_raw_limit']:.0%} of the raw SQL limit"
+        + (f"; events off: {r['vs_pgqueuer_events_off']}x PgQueuer" if "vs_pgqueuer_events_off" in r else "")
+    )
+    write_json(args.json, result)
+    chart(result, args.png)
+
+
+if __name__ == "__main__":
+    main()
