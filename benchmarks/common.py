@@ -76,7 +76,7 @@ def enqueue_steps(url: str, steps: int, handler: str = "noop") -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def worker_env(url: str, *, step_events: bool = True, extra: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(url: str, *, step_events: bool = True) -> dict[str, str]:
     """The environment of a benchmark ``tasker-worker run`` (production config, warnings only)."""
     return {
         **os.environ,
@@ -86,7 +86,6 @@ def worker_env(url: str, *, step_events: bool = True, extra: dict[str, str] | No
         "TASKER__LOGGING__LEVEL": "WARNING",
         "TASKER__EVENTS__STEP_EVENTS": "true" if step_events else "false",
         "TASKER__DATABASE__AUTO_MIGRATE": "false",
-        **(extra or {}),
     }
 
 

@@ -33,8 +33,7 @@ COLUMNS = [
 ]
 
 
-def _count(admin: str, data_dir: Path, dbname: str, seconds: float, proc: subprocess.Popen[str]) -> int:
-    counter = StatementLog(admin, data_dir, dbname)
+def _count(counter: StatementLog, seconds: float, proc: subprocess.Popen[str]) -> int:
     # A benchmark warm-up, not synchronisation: start-up traffic is not idle traffic.
     time.sleep(WARMUP_S)
     if proc.poll() is not None:
@@ -47,10 +46,10 @@ def _count(admin: str, data_dir: Path, dbname: str, seconds: float, proc: subpro
 def tasker_idle(admin: str, data_dir: Path, mode: str, seconds: float) -> dict[str, Any]:
     """One idle tasker worker in ``mode``."""
     url = tasker_database(admin, "bench_idle")
-    StatementLog(admin, data_dir, "bench_idle")  # set before the worker connects
+    counter = StatementLog(admin, data_dir, "bench_idle")  # before the worker connects
     proc = start_worker(url, mode)
     try:
-        n = _count(admin, data_dir, "bench_idle", seconds, proc)
+        n = _count(counter, seconds, proc)
     finally:
         stop(proc)
     return {
@@ -65,7 +64,7 @@ def tasker_idle(admin: str, data_dir: Path, mode: str, seconds: float) -> dict[s
 def peer_idle(admin: str, data_dir: Path, system: PgQueuer | Procrastinate, seconds: float) -> dict[str, Any]:
     """One idle peer worker."""
     url = anyio.run(system.install, admin, "bench_idle")
-    StatementLog(admin, data_dir, "bench_idle")
+    counter = StatementLog(admin, data_dir, "bench_idle")
     proc = subprocess.Popen(
         child_argv(system, "idle", url),
         stdin=subprocess.PIPE,
@@ -74,7 +73,7 @@ def peer_idle(admin: str, data_dir: Path, system: PgQueuer | Procrastinate, seco
         text=True,
     )
     try:
-        n = _count(admin, data_dir, "bench_idle", seconds, proc)
+        n = _count(counter, seconds, proc)
     finally:
         try:
             proc.communicate(input="", timeout=60)  # closing stdin stops the child

@@ -28,7 +28,7 @@ from typing import Any
 
 import anyio
 import psycopg
-from common import NS, QUEUE, enqueue_steps
+from common import NS, QUEUE
 from psycopg.types.json import Jsonb
 
 from tasker_worker.domain.steps import StepMessage
@@ -99,10 +99,7 @@ class Tasker:
 
             yield send
 
-    def enqueue_noop(self, url: str, n: int) -> float:
-        return enqueue_steps(url, n)
-
-    async def serve(self, url: str, *, probe: bool = True) -> None:
+    async def serve(self, url: str) -> None:
         from tasker_worker.handlers.registry import HandlerRegistry
         from tasker_worker.testing import make_config, running_worker
 
@@ -193,7 +190,7 @@ class PgQueuer:
         conn = await _asyncpg_connect(url)
         return conn, App(AsyncpgDriver(conn))
 
-    async def serve(self, url: str, *, probe: bool = True) -> None:
+    async def serve(self, url: str) -> None:
         conn, pgq = await self._manager(url)
 
         @pgq.entrypoint("probe")
@@ -296,7 +293,7 @@ class Procrastinate:
 
         return anyio.run(go)
 
-    async def serve(self, url: str, *, probe: bool = True) -> None:
+    async def serve(self, url: str) -> None:
         app = self._app(url)
 
         @app.task(name="probe")
