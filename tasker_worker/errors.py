@@ -83,6 +83,15 @@ class WorkerStartupError(TaskerError):
     """The worker could not start (nothing was half-started)."""
 
 
+class ModeChangeRefused(TaskerError):
+    """A running worker cannot switch to the requested deployment mode; it keeps its mode."""
+
+    def __init__(self, mode: str, why: str) -> None:
+        super().__init__(f"cannot switch to {mode}: {why}")
+        self.mode = mode
+        self.why = why
+
+
 # --- the worker registry ------------------------------------------------------------------
 
 

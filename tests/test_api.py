@@ -23,11 +23,6 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def body(worker_id: str = "api-1", **extra: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "worker_id": worker_id,
@@ -96,6 +91,13 @@ async def test_register_get_list_heartbeat_deregister(api: httpx.AsyncClient) ->
     listed = (await api.get("/api/workers", params={"status": "pending"})).json()
     assert [w["worker_id"] for w in listed["workers"]] == ["api-1"]
     assert (await api.get("/api/workers", params={"status": "active"})).json()["count"] == 0
+
+    resp = await api.post("/api/workers/api-1/mode", json={"mode": "PollingOnly"}, headers=AUTH)
+    assert resp.status_code == 202 and resp.json() == {"worker_id": "api-1", "requested_mode": "PollingOnly"}
+    shown = (await api.get("/api/workers/api-1")).json()
+    assert (shown["deployment_mode"], shown["requested_mode"]) == ("Hybrid", "PollingOnly")
+    assert (await api.post("/api/workers/api-1/mode", json={"mode": "Sometimes"}, headers=AUTH)).status_code == 400
+    assert (await api.post("/api/workers/nobody/mode", json={"mode": "Hybrid"}, headers=AUTH)).status_code == 404
 
     resp = await api.request("DELETE", "/api/workers/api-1", json={"reason": "maintenance"}, headers=AUTH)
     assert resp.status_code == 200 and resp.json()["deregister_reason"] == "maintenance"

@@ -249,11 +249,6 @@ QUEUE = "worker_planning_queue"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def url(db_url: str) -> str:
     import psycopg
 

@@ -18,11 +18,6 @@ from tasker_worker.registry.presence import WorkerPresence
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class FakeCommands:
     """Fails the first ``register_failures`` registrations and ``beat_failures`` heartbeats."""
 

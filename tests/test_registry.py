@@ -29,11 +29,6 @@ STALE = timedelta(minutes=2)
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool]:
     p = await open_pool(db_url, DatabaseConfig(), max_size=4)
     try:

@@ -29,11 +29,6 @@ QUEUE = f"worker_{NS}_queue"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def url(db_url: str) -> str:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(LEDGER_DDL)

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tasker_worker import __version__
-from tasker_worker.api.workers import Deregistration
+from tasker_worker.api.workers import Deregistration, ModeRequest
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerView
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -32,6 +32,10 @@ _SHAPES: dict[tuple[str, str], tuple[str | None, dict[str, str]]] = {
         "Heartbeat",
         {"400": "invalid body", "404": "unknown worker", "409": "deregistered"},
     ),
+    ("POST", "/api/workers/{worker_id}/mode"): (
+        "ModeRequest",
+        {"202": "requested", "400": "invalid body", "404": "no live worker with this id"},
+    ),
     ("GET", "/api/workers"): (None, {"400": "invalid status or limit"}),
     ("GET", "/api/workers/{worker_id}"): (None, {"404": "unknown worker"}),
     ("GET", "/api/workers/{worker_id}/heartbeats"): (None, {"400": "invalid limit", "404": "unknown worker"}),
@@ -44,7 +48,7 @@ def _operation(method: str, route: Route, secured: bool) -> dict[str, Any]:
     doc = (route.endpoint.__doc__ or "").strip()
     body, statuses = _SHAPES.get((method, route.path), (None, {}))
     responses: dict[str, Any] = {}
-    if "201" not in statuses:
+    if "201" not in statuses and "202" not in statuses:
         responses["200"] = {"description": "OK"}
     for code, text in statuses.items():
         content = {"application/json": {"schema": _ERROR}} if code.startswith("4") else None
@@ -84,7 +88,7 @@ def build(routes: list[Any]) -> dict[str, Any]:
             "properties": {"error": {"type": "string"}, "detail": {}},
         }
     }
-    for model in (WorkerRegistration, Heartbeat, WorkerView, Deregistration):
+    for model in (WorkerRegistration, Heartbeat, WorkerView, Deregistration, ModeRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))  # nested enums become components of their own
         schemas[model.__name__] = schema

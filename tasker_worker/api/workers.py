@@ -11,7 +11,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tasker_worker.api.app import ApiError, ctx_of, int_param, mutating, read_model
+from tasker_worker.config.models import DeploymentMode
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus, WorkerView
+from tasker_worker.errors import WorkerNotFound
 
 
 class Deregistration(BaseModel):
@@ -20,6 +22,14 @@ class Deregistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(default="deregistered through the API", min_length=1, max_length=500)
+
+
+class ModeRequest(BaseModel):
+    """Body of ``POST /api/workers/{id}/mode``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: DeploymentMode
 
 
 def _worker_json(view: WorkerView) -> dict[str, Any]:
@@ -54,6 +64,18 @@ async def heartbeat(request: Request) -> Response:
     beat = await read_model(request, Heartbeat, empty_ok=True)
     status = await ctx.commands.heartbeat(worker_id, beat)
     return JSONResponse({"worker_id": worker_id, "status": status.value, "at": ctx.clock.now().isoformat()})
+
+
+async def request_mode(request: Request) -> Response:
+    """Ask a running worker to switch deployment mode: 202 (it switches at once when listening,
+    else within a heartbeat interval); 404 when no live worker has this id."""
+    ctx = ctx_of(request)
+    worker_id = request.path_params["worker_id"]
+    body = await read_model(request, ModeRequest)
+    asked = await ctx.commands.request_mode(body.mode.value, worker_id=worker_id)
+    if not asked:
+        raise WorkerNotFound(worker_id)
+    return JSONResponse({"worker_id": worker_id, "requested_mode": body.mode.value}, status_code=202)
 
 
 async def list_workers(request: Request) -> Response:
@@ -109,5 +131,6 @@ def routes() -> list[Route]:
         Route("/api/workers/{worker_id}", get_worker, methods=["GET"]),
         Route("/api/workers/{worker_id}", mutating(deregister), methods=["DELETE"]),
         Route("/api/workers/{worker_id}/heartbeat", mutating(heartbeat), methods=["POST"]),
+        Route("/api/workers/{worker_id}/mode", mutating(request_mode), methods=["POST"]),
         Route("/api/workers/{worker_id}/heartbeats", heartbeats, methods=["GET"]),
     ]

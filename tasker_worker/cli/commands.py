@@ -205,6 +205,14 @@ async def config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def config_reference(args: argparse.Namespace) -> int:
+    """``config reference``: the key/default/variable table of docs/configuration.md."""
+    from tasker_worker.config.reference import markdown_table
+
+    print(markdown_table())
+    return 0
+
+
 async def version(args: argparse.Namespace) -> int:
     """``version``."""
     from importlib.metadata import version as dist_version

@@ -9,10 +9,12 @@ from typing import Any
 
 from tasker_worker.cli.commands import database_url, load, small_pool
 from tasker_worker.config.durations import parse_duration
+from tasker_worker.config.models import DeploymentMode
 from tasker_worker.db import migrations
 from tasker_worker.domain.workers import WorkerStatus, WorkerView
 from tasker_worker.errors import UsageError
 from tasker_worker.registry import events
+from tasker_worker.registry.commands import RegistryCommands
 from tasker_worker.registry.queries import RegistryQueries
 
 
@@ -28,8 +30,9 @@ def _print_json(value: Any) -> None:
 
 def _summary(view: WorkerView) -> str:
     busy = " busy" if view.busy else ""
+    requested = f" (switching to {view.requested_mode})" if view.requested_mode else ""
     return (
-        f"{view.worker_id}  {view.status.value}{busy}  mode={view.deployment_mode}  ns={','.join(view.namespaces)}  "
+        f"{view.worker_id}  {view.status.value}{busy}  mode={view.deployment_mode}{requested}  ns={','.join(view.namespaces)}  "
         f"pid={view.pid}@{view.hostname}  heartbeat {_age(view.last_heartbeat_at)}  "
         f"active={view.active_steps} processed={view.processed}"
     )
@@ -173,6 +176,24 @@ def api(args: argparse.Namespace) -> int:
     return 0
 
 
+async def mode_set(args: argparse.Namespace) -> int:
+    """``mode set MODE [--worker ID | --namespace N]``: switch running workers without a restart."""
+    if args.worker and args.namespace:
+        raise UsageError("give --worker or --namespace, not both")
+    async with small_pool(args) as pool:
+        asked = await RegistryCommands(pool).request_mode(args.mode, worker_id=args.worker, namespace=args.namespace)
+    if args.json:
+        _print_json({"mode": args.mode, "workers": asked})
+        return 0
+    if not asked:
+        target = args.worker or (f"namespace {args.namespace}" if args.namespace else "the fleet")
+        print(f"no live worker matched ({target}); nothing to change")
+        return 1
+    print(f"asked {len(asked)} worker(s) to switch to {args.mode}: {', '.join(asked)}")
+    print("listening workers switch at once, the others within a heartbeat interval; `status` shows the result")
+    return 0
+
+
 def add_commands(sub: Any, command: Any) -> None:
     """Wire the fleet commands into the parser."""
     p = command(sub, "status", status, "registered workers and their last statistics")
@@ -199,6 +220,16 @@ def add_commands(sub: Any, command: Any) -> None:
     p = command(e_sub, "replay", events_replay, "rebuild the worker projection and compare it with the live tables")
     p.add_argument("--compact", action="store_true", help="first compact events older than [events] retention")
     p.add_argument("--older-than", metavar="DURATION", help="with --compact: instead of the retention, e.g. 1h")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    mode = sub.add_parser(
+        "mode", help="deployment mode of running workers", description="Change running workers' deployment mode."
+    )
+    m_sub = mode.add_subparsers(dest="mode_command", metavar="COMMAND", required=True)
+    p = command(m_sub, "set", mode_set, "switch running workers to MODE (no restart, in-flight steps go on)")
+    p.add_argument("mode", choices=[m.value for m in DeploymentMode])
+    p.add_argument("--worker", metavar="ID", help="only this worker")
+    p.add_argument("--namespace", metavar="N", help="only workers serving this namespace")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command(sub, "api", api, "serve the control-plane HTTP API")

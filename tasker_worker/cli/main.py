@@ -19,6 +19,7 @@ import anyio
 from tasker_worker import __version__
 from tasker_worker.cli import commands, demo, fleet, run
 from tasker_worker.errors import TaskerError
+from tasker_worker.logs import configure_logging
 
 Handler = Callable[[argparse.Namespace], Any]
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     c_sub = cfg.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
     p = _command(c_sub, "show", commands.config_show, "print the effective config and its origins")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _command(c_sub, "reference", commands.config_reference, "every key with its default and environment variable")
 
     _command(sub, "version", commands.version, "print the version")
 
@@ -110,10 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Until a command has read its config (``run`` then applies ``[logging]``).
+    configure_logging(logging.DEBUG if debug else logging.WARNING, "auto")
     try:
         func = args.func
         code = anyio.run(func, args) if inspect.iscoroutinefunction(func) else func(args)

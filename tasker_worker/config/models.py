@@ -152,6 +152,26 @@ class RetryConfig(_Section):
     max_releases: int = Field(default=100, ge=0, le=100_000)
 
 
+class CircuitBreakerConfig(_Section):
+    """``[circuit_breaker]``: stop running a handler whose dependency keeps being unavailable."""
+
+    enabled: bool = True
+    #: ``DependencyUnavailable`` in a row (nothing else in between) that open the circuit.
+    failure_threshold: int = Field(default=5, ge=1, le=10_000)
+    #: How long an open circuit keeps the handler's steps unclaimed before one probe runs.
+    cooldown: Duration = timedelta(seconds=30)
+    #: Each failed probe doubles the cooldown up to this.
+    max_cooldown: Duration = timedelta(minutes=5)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CircuitBreakerConfig:
+        if self.cooldown.total_seconds() < 0.01:
+            raise ValueError("cooldown must be at least 10ms")
+        if self.max_cooldown < self.cooldown:
+            raise ValueError("max_cooldown must not be shorter than cooldown")
+        return self
+
+
 Algorithm = Literal["astar", "dijkstra", "theta_star"]
 ALGORITHMS: tuple[Algorithm, ...] = ("astar", "dijkstra", "theta_star")
 
@@ -243,6 +263,7 @@ class TaskerConfig(BaseSettings):
     event_system: EventSystemConfig = Field(default_factory=EventSystemConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     handlers: HandlersConfig = Field(default_factory=HandlersConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

@@ -81,6 +81,12 @@ SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed
   FROM tasker.claim_steps(%s, %s, %s, %s)
 """
 
+# Only while a circuit is open: the same claim without the messages of some handlers.
+CLAIM_STEPS_SKIPPING = """
+SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed_at
+  FROM tasker.claim_steps(%s, %s, %s, %s, %s::text[])
+"""
+
 # The arrays go in binary (%b): psycopg's text format escapes every element of a text or
 # jsonb array with a regular expression, which cost about 14% of a worker's CPU per step.
 RECORD_OUTCOMES = """
@@ -121,7 +127,7 @@ SELECT status, count(*) FROM tasker.step_results
 WORKER_COLUMNS = """worker_id, name, hostname, pid, endpoint, namespaces, capabilities, version,
        deployment_mode, cpu_cores, memory_total, status, busy, registered_at, status_changed_at,
        last_heartbeat_at, deregistered_at, deregister_reason, cpu_percent, memory_used,
-       active_steps, processed, stats"""
+       active_steps, processed, stats, requested_mode"""
 
 LOCK_WORKER = "SELECT status, busy FROM tasker.workers WHERE worker_id = %s FOR UPDATE"
 
@@ -141,7 +147,7 @@ ON CONFLICT (worker_id) DO UPDATE
        registered_at = EXCLUDED.registered_at, status_changed_at = EXCLUDED.status_changed_at,
        last_heartbeat_at = NULL, deregistered_at = NULL, deregister_reason = NULL,
        cpu_percent = NULL, memory_used = NULL, active_steps = 0, processed = 0,
-       stats = '{}'::jsonb
+       stats = '{}'::jsonb, requested_mode = NULL
 """
 
 SET_WORKER_STATUS = """
@@ -319,4 +325,24 @@ SELECT relname, n_live_tup, n_dead_tup
   FROM pg_stat_all_tables
  WHERE schemaname = 'pgmq' AND relname LIKE 'q\_%%'
  ORDER BY n_dead_tup DESC
+"""
+
+# --- control channel (runtime deployment mode changes) -------------------------------------
+
+REQUEST_MODE = "SELECT worker_id FROM tasker.request_mode(%s, %s, %s)"
+
+REQUESTED_MODE = "SELECT requested_mode FROM tasker.workers WHERE worker_id = %s"
+
+# The request is cleared only if it is still the one applied (a newer one waits its turn).
+APPLY_MODE = """
+UPDATE tasker.workers
+   SET deployment_mode = %(to)s,
+       requested_mode = CASE WHEN requested_mode = %(to)s THEN NULL ELSE requested_mode END
+ WHERE worker_id = %(worker_id)s
+RETURNING deployment_mode
+"""
+
+CLEAR_REQUESTED_MODE = """
+UPDATE tasker.workers SET requested_mode = NULL
+ WHERE worker_id = %s AND requested_mode = %s
 """

@@ -217,11 +217,23 @@ class QueueClient:
     # --- the step path -----------------------------------------------------------------------
 
     async def claim(
-        self, queue: str, vt_seconds: int, qty: int, source: Source, *, worker_id: str | None = None
+        self,
+        queue: str,
+        vt_seconds: int,
+        qty: int,
+        source: Source,
+        *,
+        worker_id: str | None = None,
+        skip_handlers: Sequence[str] = (),
     ) -> list[ClaimedMessage]:
         """Claim up to ``qty`` ready messages (pgmq.read, SKIP LOCKED); with ``worker_id`` each
-        claim is logged as StepAssigned in the same statement."""
-        if worker_id is None:
+        claim is logged as StepAssigned in the same statement. Messages for ``skip_handlers``
+        (open circuits) are left in the queue untouched."""
+        if skip_handlers:
+            rows = await self._fetch(
+                queries.CLAIM_STEPS_SKIPPING, (queue, vt_seconds, qty, worker_id, list(skip_handlers))
+            )
+        elif worker_id is None:
             rows = await self._fetch(queries.CLAIM_STEPS, (queue, vt_seconds, qty))
         else:
             rows = await self._fetch(queries.CLAIM_STEPS_LOGGED, (queue, vt_seconds, qty, worker_id))

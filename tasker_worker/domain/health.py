@@ -66,6 +66,8 @@ class WorkerFigures:
     claimed_event: int
     handler_runs: int
     handler_errors: int
+    #: Handlers whose circuit is open or half-open: {handler: {"state", "reason", ...}}.
+    open_circuits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, worker_id: str, snap: dict[str, Any]) -> WorkerFigures:
@@ -83,6 +85,7 @@ class WorkerFigures:
             claimed_event=int(counters.get("claimed_event", 0)),
             handler_runs=int(minute.get("runs", 0)),
             handler_errors=int(minute.get("errors", 0)),
+            open_circuits=dict(snap.get("circuits") or {}),
         )
 
 
@@ -194,6 +197,16 @@ def _worker_checks(workers: list[WorkerFigures], limits: Thresholds) -> list[Che
                     Health.HEALTHY,
                     f"{w.handler_errors}/{w.handler_runs} in the last minute",
                     round(rate, 4),
+                )
+            )
+        for handler, circuit in sorted(w.open_circuits.items()):
+            out.append(
+                Check(
+                    f"{prefix} circuit {handler}",
+                    Health.DEGRADED,
+                    f"{circuit.get('state')}: {circuit.get('reason')} (its steps wait; next probe in "
+                    f"{circuit.get('retry_in_s', 0)}s)",
+                    circuit,
                 )
             )
     return out

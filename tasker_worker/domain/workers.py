@@ -58,6 +58,7 @@ class WorkerEventType(enum.StrEnum):
     WORKER_BUSY = "WorkerBusy"
     WORKER_OFFLINE = "WorkerOffline"
     WORKER_DEREGISTERED = "WorkerDeregistered"
+    DEPLOYMENT_MODE_CHANGED = "DeploymentModeChanged"
     STEP_ASSIGNED = "StepAssigned"
     STEP_ASSIGNMENT_ACCEPTED = "StepAssignmentAccepted"
     STEP_ASSIGNMENT_REJECTED = "StepAssignmentRejected"
@@ -74,6 +75,7 @@ WORKER_EVENTS = frozenset(
         WorkerEventType.WORKER_BUSY,
         WorkerEventType.WORKER_OFFLINE,
         WorkerEventType.WORKER_DEREGISTERED,
+        WorkerEventType.DEPLOYMENT_MODE_CHANGED,
     }
 )
 
@@ -175,6 +177,8 @@ def apply_event(state: dict[str, dict[str, Any]], event_type: str, worker_id: st
         worker["status"] = WorkerStatus.DEREGISTERED.value
         worker["busy"] = False
         worker["deregister_reason"] = data.get("reason")
+    elif event_type == WorkerEventType.DEPLOYMENT_MODE_CHANGED:
+        worker["deployment_mode"] = data.get("to", worker.get("deployment_mode"))
 
 
 def project(row: dict[str, Any]) -> dict[str, Any]:
@@ -222,3 +226,5 @@ class WorkerView(BaseModel):
     active_steps: int
     processed: int
     stats: dict[str, Any] = Field(default_factory=dict)
+    #: A deployment mode asked for (``mode set``) that the worker has not applied yet.
+    requested_mode: str | None = None

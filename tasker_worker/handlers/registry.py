@@ -135,3 +135,22 @@ class HandlerRegistry:
         for spec in self._handlers.values():
             caps.update(spec.capabilities)
         return sorted(caps)
+
+
+class RegistersHandlers:
+    """The ``handler`` and ``periodic`` decorators of anything holding a ``registry`` — a
+    ``Worker`` or a ``HandlerHarness`` — so one ``register(worker)`` function serves both."""
+
+    registry: HandlerRegistry
+
+    def handler(
+        self, name: str, *, timeout: str | timedelta | float | None = None
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator: register a sync or async ``func(ctx, step)`` for steps named ``name``."""
+        return self.registry.handler(name, timeout=timeout)
+
+    def periodic(
+        self, every: str | timedelta | float, *, name: str | None = None, timeout: str | timedelta | float | None = None
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator: run ``func(ctx)`` every ``every`` while the worker runs."""
+        return self.registry.periodic(every, name=name, timeout=timeout)

@@ -111,6 +111,35 @@ class RegistryCommands:
         """Mark a worker ``deregistered`` (graceful shutdown) with the reason."""
         await self.transition(worker_id, WorkerStatus.DEREGISTERED, reason=reason)
 
+    async def request_mode(self, mode: str, *, worker_id: str | None = None, namespace: str | None = None) -> list[str]:
+        """Ask live workers (one, those of a namespace, or all) to switch deployment mode;
+        return the ids asked. Listening workers act at once, the others at their next control
+        check (every heartbeat interval)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(queries.REQUEST_MODE, (mode, worker_id, namespace))
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def requested_mode(self, worker_id: str) -> str | None:
+        """The mode requested for ``worker_id`` and not applied yet."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(queries.REQUESTED_MODE, (worker_id,))).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    async def mode_changed(self, worker_id: str, old: str, new: str, *, source: str) -> None:
+        """Record that a worker now runs ``new``: the row, the request cleared and a
+        DeploymentModeChanged event, in one transaction."""
+        async with self.pool.connection() as conn, conn.transaction():
+            if await _lock(conn, worker_id) is None:
+                raise WorkerNotFound(worker_id)
+            await conn.execute(queries.APPLY_MODE, {"to": new, "worker_id": worker_id})
+            data = {"from": old, "to": new, "source": source}
+            await append_event(conn, WorkerEventType.DEPLOYMENT_MODE_CHANGED, worker_id, data, self.clock.now())
+
+    async def refuse_mode(self, worker_id: str, mode: str) -> None:
+        """Drop a request the worker cannot follow (it keeps its mode and says why in its log)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(queries.CLEAR_REQUESTED_MODE, (worker_id, mode))
+
     async def transition(
         self,
         worker_id: str,

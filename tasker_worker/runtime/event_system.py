@@ -1,22 +1,26 @@
 """WorkerEventSystem: runs the sources the DeploymentMode asks for and feeds the processor.
 
 PollingOnly runs the fallback poller, EventDrivenOnly the listener, Hybrid both. Everything
-after the bounded command channel is shared: one processor, one claim path.
+after the bounded command channel is shared: one processor, one claim path. That is also what
+makes a mode change at runtime cheap and safe: ``switch`` replaces only the sources; claimed
+and running steps belong to the processor and never notice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tasker_worker.config.models import DeploymentMode, EventSystemConfig
 from tasker_worker.domain.events import MessageReady
 from tasker_worker.domain.steps import Source
-from tasker_worker.errors import ListenerUnavailable, WorkerStartupError
+from tasker_worker.errors import ListenerUnavailable, ModeChangeRefused, WorkerStartupError
 from tasker_worker.runtime.commands import ExecuteStep, ExecuteStepFromEvent, WorkerCommand
 from tasker_worker.runtime.listener import ProbeSender, WorkerQueueListener
 from tasker_worker.runtime.poller import WorkerFallbackPoller
@@ -36,25 +40,76 @@ class WorkerEventSystem:
         stats: WorkerStats,
         mode: DeploymentMode | None = None,
         probe_sender: ProbeSender | None = None,
+        on_control: Callable[[], None] | None = None,
     ) -> None:
+        self.url = url
+        self.namespaces = namespaces
         self.config = config
         self.mode = mode or config.deployment_mode
         self.stats = stats
+        self.probe_sender = probe_sender
+        #: Called when a notification arrives on the control channel.
+        self.on_control = on_control
         send, receive = anyio.create_memory_object_stream[WorkerCommand](config.command_buffer_size)
         self.send: MemoryObjectSendStream[WorkerCommand] = send
         self.receive: MemoryObjectReceiveStream[WorkerCommand] = receive
-        self.listener: WorkerQueueListener | None = None
-        self.poller: WorkerFallbackPoller | None = None
         self.listener_disabled_reason: str | None = None
         self.listening = anyio.Event()
-        if self.mode.uses_listener and config.listener.enabled:
-            self.listener = WorkerQueueListener(
-                url, namespaces, config.listener, stats, self._on_event, self._on_connected, probe_sender
-            )
-        elif self.mode is DeploymentMode.EVENT_DRIVEN_ONLY:
+        self._restart = anyio.Event()
+        if self.mode is DeploymentMode.EVENT_DRIVEN_ONLY and not config.listener.enabled:
             raise WorkerStartupError("EventDrivenOnly needs [event_system.listener] enabled = true")
-        if self.mode.uses_poller and config.fallback_poller.enabled:
-            self.poller = WorkerFallbackPoller(config.fallback_poller, self._on_tick, self.listener)
+        self.listener, self.poller = self._sources(self.mode, None)
+
+    def _sources(
+        self, mode: DeploymentMode, listener: WorkerQueueListener | None
+    ) -> tuple[WorkerQueueListener | None, WorkerFallbackPoller | None]:
+        """The listener and poller ``mode`` runs (an existing listener is kept if still needed)."""
+        if mode.uses_listener and self.config.listener.enabled:
+            if listener is None:
+                listener = WorkerQueueListener(
+                    self.url,
+                    self.namespaces,
+                    self.config.listener,
+                    self.stats,
+                    self._on_event,
+                    self._on_connected,
+                    self.probe_sender,
+                    on_control=self._on_control,
+                )
+        else:
+            listener = None
+        poller = None
+        if mode.uses_poller and self.config.fallback_poller.enabled:
+            poller = WorkerFallbackPoller(self.config.fallback_poller, self._on_tick, listener)
+        return listener, poller
+
+    async def switch(self, mode: DeploymentMode) -> None:
+        """Change the deployment mode of the running sources (claimed steps are untouched).
+
+        A new listener proves delivery first, as at startup: EventDrivenOnly is refused
+        (``ModeChangeRefused``, the old mode stays) when LISTEN does not deliver; Hybrid goes
+        on with its poller alone, as it would have started.
+        """
+        if mode is self.mode:
+            return
+        if mode is DeploymentMode.EVENT_DRIVEN_ONLY and not self.config.listener.enabled:
+            raise ModeChangeRefused(mode.value, "[event_system.listener] enabled = false")
+        listener, poller = self._sources(mode, self.listener)
+        disabled: str | None = None
+        if listener is not None and listener is not self.listener:
+            try:
+                await listener.check_delivery()
+            except ListenerUnavailable as exc:
+                if mode is DeploymentMode.EVENT_DRIVEN_ONLY:
+                    raise ModeChangeRefused(mode.value, str(exc)) from exc
+                log.warning("Hybrid continues on polling only: %s", exc)
+                disabled = str(exc)
+                listener, poller = None, self._sources(DeploymentMode.POLLING_ONLY, None)[1]
+        if listener is not self.listener:
+            self.listening = anyio.Event()
+        self.mode, self.listener, self.poller = mode, listener, poller
+        self.listener_disabled_reason = disabled
+        self._restart.set()
 
     def listener_healthy(self) -> bool:
         """Whether notifications are being received now."""
@@ -88,13 +143,26 @@ class WorkerEventSystem:
         return self.listening.is_set()
 
     async def run(self) -> None:
-        """Run the sources until cancelled. An initial claim covers messages already queued."""
-        await self.send.send(ExecuteStep(None, Source.POLL))
+        """Run the sources until cancelled; after ``switch``, stop the sources that went and
+        start the new ones (a listener both modes use keeps its connection).
+
+        A claim at start (and after each switch) covers messages already queued.
+        """
+        running: dict[str, tuple[object, anyio.CancelScope]] = {}
         async with anyio.create_task_group() as tg:
-            if self.listener is not None:
-                tg.start_soon(self.listener.run)
-            if self.poller is not None:
-                tg.start_soon(self.poller.run)
+            while True:
+                self._restart = anyio.Event()
+                for name, source in (("listener", self.listener), ("poller", self.poller)):
+                    current = running.get(name)
+                    if current is not None and current[0] is source:
+                        continue
+                    if current is not None:
+                        current[1].cancel()
+                        del running[name]
+                    if source is not None:
+                        running[name] = (source, await tg.start(_run_in_scope, source.run))
+                await self.send.send(ExecuteStep(None, Source.POLL))
+                await self._restart.wait()
 
     def status(self) -> dict[str, Any]:
         """Mode and the state of each source."""
@@ -119,6 +187,10 @@ class WorkerEventSystem:
     async def _on_event(self, event: MessageReady) -> None:
         await self.send.send(ExecuteStepFromEvent(event))
 
+    def _on_control(self) -> None:
+        if self.on_control is not None:
+            self.on_control()
+
     async def _on_connected(self) -> None:
         self.listening.set()
         # Catch up on anything sent while the listener was away.
@@ -126,3 +198,12 @@ class WorkerEventSystem:
 
     async def _on_tick(self) -> None:
         await self.send.send(ExecuteStep(None, Source.POLL))
+
+
+async def _run_in_scope(
+    func: Callable[[], Awaitable[None]], *, task_status: TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Run ``func`` in a cancel scope of its own, handed to the starter (to stop it alone)."""
+    with anyio.CancelScope() as scope:
+        task_status.started(scope)
+        await func()

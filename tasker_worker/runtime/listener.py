@@ -37,6 +37,9 @@ LISTENER_APPLICATION_NAME = "tasker-listener"
 
 ProbeSender = Callable[[str, str], Awaitable[None]]
 
+#: Where ``tasker.request_mode`` announces a deployment mode change (see sql/migrations/0006).
+CONTROL_CHANNEL = "tasker_worker_control"
+
 
 class WorkerQueueListener:
     """LISTENs on ``pgmq_message_ready.<namespace>`` channels and reports events."""
@@ -50,9 +53,14 @@ class WorkerQueueListener:
         on_event: Callable[[MessageReady], Awaitable[None]],
         on_connected: Callable[[], Awaitable[None]],
         probe_sender: ProbeSender | None = None,
+        *,
+        on_control: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
         self.channels = [channel_for(ns) for ns in namespaces]
+        self.on_control = on_control
+        if on_control is not None:
+            self.channels.append(CONTROL_CHANNEL)
         self.config = config
         self.stats = stats
         self.on_event = on_event
@@ -144,6 +152,10 @@ class WorkerQueueListener:
             async for notify in conn.notifies(timeout=interval):
                 got_any = True
                 self.last_notification_at = time.monotonic()
+                if notify.channel == CONTROL_CHANNEL:
+                    if self.on_control is not None:
+                        self.on_control()
+                    continue
                 event = MessageReady.from_payload(notify.payload)
                 if event is not None:
                     await self.on_event(event)

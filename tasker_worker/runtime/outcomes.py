@@ -22,6 +22,7 @@ import psycopg
 from tasker_worker.db.queue_client import QueueClient, RetryRequest
 from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.steps import Outcome
+from tasker_worker.logs import error_fields
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,13 @@ class OutcomeWriter:
             except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.InterfaceError) as exc:
                 self.stats.incr("db_errors")
                 if anyio.current_time() >= deadline:
-                    log.error("giving up writing %d %s results to %s: %s", len(items), kind.value, queue, exc)
+                    log.error(
+                        "giving up writing %d %s results to %s; they return after their vt",
+                        len(items),
+                        kind.value,
+                        queue,
+                        extra={"queue": queue, **error_fields(exc)},
+                    )
                     results = {}
                     break
                 # Once at once (a pooled connection that died idle is the usual cause), then back off.
@@ -132,7 +139,11 @@ class OutcomeWriter:
                     if attempt == 1
                     else backoff_delay(attempt - 1, timedelta(milliseconds=50), timedelta(seconds=2))
                 )
-                log.warning("database unavailable while writing results (%s); retrying in %.2fs", exc, delay)
+                log.warning(
+                    "database unavailable while writing results; retrying in %.2fs",
+                    delay,
+                    extra={"queue": queue, **error_fields(exc)},
+                )
                 await anyio.sleep(delay)
         for item in items:
             # A step cancelled while waiting (shutdown) has cancelled its future.

@@ -40,20 +40,22 @@ from psycopg_pool import AsyncConnectionPool
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db.queue_client import QueueClient, RetryRequest
 from tasker_worker.domain.backoff import backoff_delay
+from tasker_worker.domain.circuits import CircuitBreakers, CircuitState
 from tasker_worker.domain.events import MessageReady
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, OutcomeStatus, Source, StepMessage
+from tasker_worker.domain.verdicts import RetryPolicy, VerdictKind, judge_failure
 from tasker_worker.domain.workers import WorkerEventType
 from tasker_worker.errors import (
     DependencyUnavailable,
-    NonRetryableError,
     StepError,
     StepFailed,
-    StepTimeout,
     StepValidationError,
     UnknownHandler,
+    first_line,
 )
 from tasker_worker.handlers.context import StepContext
-from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.handlers.registry import HandlerRegistry, HandlerSpec
+from tasker_worker.logs import error_fields
 from tasker_worker.runtime.commands import (
     ExecuteStep,
     ExecuteStepFromEvent,
@@ -129,6 +131,7 @@ class CommandProcessor:
         state: Any = None,
         listening_since: Callable[[], float | None] = lambda: None,
         step_filter: Callable[[ClaimedMessage, StepMessage], Awaitable[bool]] | None = None,
+        circuits: CircuitBreakers | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -159,6 +162,17 @@ class CommandProcessor:
         #: more than a no-op step itself. ``run`` cancels and awaits them on the way out.
         self._step_tasks: set[asyncio.Task[None]] = set()
         self.last_error: str | None = None
+        retry = config.retry
+        self.retry_policy = RetryPolicy(
+            retry.max_attempts, retry.base_delay, retry.max_delay, retry.jitter, retry.max_releases
+        )
+        breaker = config.circuit_breaker
+        self.circuits = circuits or CircuitBreakers(
+            failure_threshold=breaker.failure_threshold,
+            cooldown=breaker.cooldown,
+            max_cooldown=breaker.max_cooldown,
+            enabled=breaker.enabled,
+        )
 
     # --- public ----------------------------------------------------------------------------
 
@@ -211,6 +225,8 @@ class CommandProcessor:
 
     def handle(self, command: WorkerCommand) -> None:
         """Apply one non-shutdown command (no I/O: it only wakes claim loops)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("command", extra={"command_type": type(command).__name__})
         if isinstance(command, ExecuteStepFromEvent):
             self._on_event(command.event)
         elif isinstance(command, ExecuteStep):
@@ -228,6 +244,7 @@ class CommandProcessor:
         snap["in_flight"] = len(self.in_flight)
         snap["free_slots"] = self.free_slots
         snap["queues"] = sorted(self.queues)
+        snap["circuits"] = self.circuits.open_circuits()
         return snap
 
     def health(self) -> dict[str, Any]:
@@ -237,6 +254,7 @@ class CommandProcessor:
             "in_flight": len(self.in_flight),
             "free_slots": self.free_slots,
             "last_error": self.last_error,
+            "circuits": self.circuits.open_circuits(),
         }
 
     # --- waking ----------------------------------------------------------------------------
@@ -314,9 +332,10 @@ class CommandProcessor:
                 if qs.woken_by_event:  # a notification arrived while this loop was busy
                     source, qs.woken_by_event = Source.EVENT, False
                 want = min(self.batch_size, free)
+                skip = self.circuits.skipped() if self.circuits.circuits else ()
                 try:
                     msgs = await self.client.claim(
-                        qs.name, self.vt_seconds, want, source, worker_id=self._event_worker_id
+                        qs.name, self.vt_seconds, want, source, worker_id=self._event_worker_id, skip_handlers=skip
                     )
                     failures = 0
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -326,7 +345,12 @@ class CommandProcessor:
                     # The first failure is most often a pooled connection that died while idle
                     # (the pool has discarded it by now): try again at once, then back off.
                     delay = 0.0 if failures == 1 else backoff_delay(failures - 1, CLAIM_RETRY_BASE, CLAIM_RETRY_CAP)
-                    log.warning("claim on %s failed (%s); retrying in %.2fs", qs.name, exc, delay)
+                    log.warning(
+                        "claim on %s failed; retrying in %.2fs",
+                        qs.name,
+                        delay,
+                        extra={"queue": qs.name, "source": source.value, **error_fields(exc)},
+                    )
                     # The claim may have gone through with its reply lost: those messages
                     # reappear after their vt, and must be looked for then in every mode.
                     self.schedule(qs.name, self.vt_seconds + VT_MARGIN_S, Source.POLL)
@@ -381,7 +405,7 @@ class CommandProcessor:
                     extended = await self.client.extend_vt(queue, [i.msg for i in items], vt_ms)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     self.stats.incr("db_errors")
-                    log.warning("extending vt on %s failed: %s", queue, exc)
+                    log.warning("extending vt on %s failed", queue, extra={"queue": queue, **error_fields(exc)})
                     continue
                 after = time.monotonic()
                 for item in items:
@@ -430,7 +454,12 @@ class CommandProcessor:
             # Whatever went wrong, it stays with this step: the message returns after its vt
             # (and its outcome, if one was committed, is found by dedup then).
             self.stats.incr("internal_errors")
-            log.exception("step msg %s of %s failed inside the runtime; it returns after its vt", msg.msg_id, msg.queue)
+            log.exception(
+                "step msg %s of %s failed inside the runtime; it returns after its vt",
+                msg.msg_id,
+                msg.queue,
+                extra=step_fields(msg),
+            )
         finally:
             if step_key is not None:
                 self.steps_in_flight.pop(step_key, None)
@@ -452,6 +481,21 @@ class CommandProcessor:
             if needed not in spec.capabilities:
                 await self._reject(msg, step, needed)
                 return
+        circuits = self.circuits
+        if not circuits.circuits:  # the common case: no handler reported an unavailable dependency
+            await self._run_handler(msg, step, spec)
+            return
+        if not circuits.allow(step.handler):
+            await self._hold_for_circuit(msg, step)
+            return
+        probe = circuits.state_of(step.handler) is CircuitState.HALF_OPEN
+        try:
+            await self._run_handler(msg, step, spec)
+        finally:
+            if probe:
+                circuits.release_probe(step.handler)
+
+    async def _run_handler(self, msg: ClaimedMessage, step: StepMessage, spec: HandlerSpec) -> None:
         started_at = datetime.now(UTC)
         start_mono = time.monotonic()
         self.stats.queue_to_start[msg.source].append(
@@ -474,10 +518,16 @@ class CommandProcessor:
             # A StepFailed is the handler's verdict, not an error of the handler.
             self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
             await ctx._finish(exc)
+            self._judge_circuit(msg, step, exc)
             await self._on_failure(msg, step, exc, started_at)
             return
-        self.stats.handler_duration.append(time.monotonic() - start_mono)
+        elapsed = time.monotonic() - start_mono
+        self.stats.handler_duration.append(elapsed)
         self.stats.handler_outcomes.record(True)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step succeeded", extra={**step_fields(msg), "execution_ms": round(elapsed * 1000, 3)})
+        if self.circuits.circuits:
+            self._judge_circuit(msg, step, None)
         outcome = Outcome(msg, OutcomeStatus.SUCCEEDED, result, None, started_at, datetime.now(UTC))
         if ctx.has_transaction:
             await self._record_in_handler_transaction(ctx, outcome)
@@ -495,7 +545,12 @@ class CommandProcessor:
             with contextlib.suppress(psycopg.Error):
                 await ctx._finish(exc)
             self.stats.incr("db_errors")
-            log.warning("could not record msg %s of %s (%s); it returns after its vt", msg.msg_id, msg.queue, exc)
+            log.warning(
+                "could not record msg %s of %s; it returns after its vt",
+                msg.msg_id,
+                msg.queue,
+                extra={**step_fields(msg), **error_fields(exc)},
+            )
             return
         if not acked:
             self._settle(msg, False)
@@ -510,10 +565,52 @@ class CommandProcessor:
             # after vt then finds the outcome and only archives) or did not (the step runs again,
             # its handler's rows having been rolled back with it). Either way exactly once.
             self.stats.incr("db_errors")
-            log.warning("commit of msg %s of %s is in doubt (%s); settled at redelivery", msg.msg_id, msg.queue, exc)
+            log.warning(
+                "commit of msg %s of %s is in doubt; settled at redelivery",
+                msg.msg_id,
+                msg.queue,
+                extra={**step_fields(msg), **error_fields(exc)},
+            )
             return
         self._settle(msg, True)
         self._count_outcome(outcome.status)
+
+    def _judge_circuit(self, msg: ClaimedMessage, step: StepMessage, exc: BaseException | None) -> None:
+        """Tell the handler's circuit how the run went; log when it opens or closes."""
+        circuits = self.circuits
+        if isinstance(exc, DependencyUnavailable):
+            if circuits.record_unavailable(step.handler, first_line(exc)):
+                retry_in = circuits.retry_after(step.handler)
+                self.stats.incr("circuits_opened")
+                log.warning(
+                    "circuit of handler %s opened: its dependency is unavailable; its steps wait %.1fs",
+                    step.handler,
+                    retry_in,
+                    extra={**step_fields(msg), **error_fields(exc)},
+                )
+                # Its messages are left unclaimed meanwhile: look for them again when it ends,
+                # in every mode (no notification will come for messages already queued).
+                for queue in self.queues:
+                    self.schedule(queue, retry_in + READY_MARGIN_S, Source.POLL)
+        elif circuits.record_other(step.handler):
+            log.info("circuit of handler %s closed: the probe went through", step.handler, extra=step_fields(msg))
+
+    async def _hold_for_circuit(self, msg: ClaimedMessage, step: StepMessage) -> None:
+        """The handler's circuit is open (or its probe is running): give the step back, no
+        attempt used, until the circuit lets steps through again."""
+        self.stats.incr("circuit_held")
+        delay_s = max(0.05, self.circuits.retry_after(step.handler))
+        request = RetryRequest(
+            msg,
+            int(delay_s * 1000),
+            None,
+            count_attempt=False,
+            event=STEP_ASSIGNMENT_REJECTED,
+            event_data={"reason": "circuit_open", "handler": step.handler},
+        )
+        if self._settle(msg, await self.writer.retry(request)):
+            self.stats.incr("released")
+            self.schedule(msg.queue, delay_s + READY_MARGIN_S, Source.POLL)
 
     async def _reject(self, msg: ClaimedMessage, step: StepMessage, capability: str) -> None:
         """This worker lacks what the step needs: give it back for a capable worker, or
@@ -526,7 +623,13 @@ class CommandProcessor:
             someone = rejections < limit and await self.client.capable_worker_exists(capability, fresh, self.worker_id)
         except psycopg.Error:
             someone = rejections < limit  # cannot tell: keep bouncing until the limit
-        log.info("step %s needs %s, which this worker lacks (rejection %d)", step.step_uuid, capability, rejections)
+        log.info(
+            "step %s needs %s, which this worker lacks (rejection %d)",
+            step.step_uuid,
+            capability,
+            rejections,
+            extra=step_fields(msg),
+        )
         if not someone:
             reason = "no_capable_worker" if rejections < limit else "too_many_rejections"
             error = StepError(
@@ -553,28 +656,38 @@ class CommandProcessor:
 
     async def _on_failure(self, msg: ClaimedMessage, step: StepMessage, exc: Exception, started_at: datetime) -> None:
         error = _error_json(exc)
-        if isinstance(exc, StepFailed):
+        verdict = judge_failure(
+            exc,
+            attempt=msg.read_ct,
+            attempt_limit=step.attempt_limit,
+            releases=int((msg.headers or {}).get("tasker_releases", 0)),
+            policy=self.retry_policy,
+            # A broken database connection (the step's own transaction, or a handler's query)
+            # says nothing about the step: like DependencyUnavailable it gives the attempt back.
+            unavailable=isinstance(exc, DependencyUnavailable | psycopg.OperationalError | psycopg.InterfaceError),
+        )
+        kind = verdict.kind
+        if kind is VerdictKind.FAILED:
             outcome = Outcome(msg, OutcomeStatus.FAILED, None, error, started_at, datetime.now(UTC))
             await self._finish(msg, outcome)
             return
-        if isinstance(exc, NonRetryableError):
-            await self._dead_letter(msg, exc, OutcomeStatus.DEAD_LETTERED, started_at)
+        if kind is VerdictKind.DEAD_LETTER:
+            await self._dead_letter(
+                msg, exc if isinstance(exc, StepError) else None, OutcomeStatus.DEAD_LETTERED, started_at
+            )
             return
         self.stats.incr("handler_errors")
-        retry = self.config.retry
-        # A broken database connection (the step's own transaction, or a handler's query) says
-        # nothing about the step: like DependencyUnavailable it is retried without an attempt.
-        if isinstance(exc, DependencyUnavailable | psycopg.OperationalError | psycopg.InterfaceError):
-            releases = int((msg.headers or {}).get("tasker_releases", 0)) + 1
-            if releases <= retry.max_releases:
-                delay = backoff_delay(releases, retry.base_delay, retry.max_delay, retry.jitter)
-                await self._retry(
-                    msg, delay, error, count_attempt=False, event=STEP_FAILED, extra={"tasker_releases": releases}
-                )
-                return
-            # Bounded: past [retry] max_releases the failure counts as an attempt like any other.
-        limit = step.attempt_limit or retry.max_attempts
-        if msg.read_ct >= limit:
+        if kind is VerdictKind.RELEASE:
+            await self._retry(
+                msg,
+                verdict.delay_s,
+                error,
+                count_attempt=False,
+                event=STEP_FAILED,
+                extra={"tasker_releases": verdict.releases},
+            )
+            return
+        if kind is VerdictKind.EXHAUSTED:
             error = {
                 **error,
                 "reason": "retries_exhausted",
@@ -583,12 +696,15 @@ class CommandProcessor:
             }
             await self._dead_letter(msg, None, OutcomeStatus.FAILED, started_at, error=error)
             return
-        delay = backoff_delay(msg.read_ct, retry.base_delay, retry.max_delay, retry.jitter)
         log.info(
-            "step %s attempt %d failed (%s); retrying in %.2fs", step.step_uuid, msg.read_ct, error["message"], delay
+            "step %s attempt %d failed; retrying in %.2fs",
+            step.step_uuid,
+            msg.read_ct,
+            verdict.delay_s,
+            extra={**step_fields(msg), "error_type": error.get("type"), "error_detail": error.get("message")},
         )
-        event = STEP_ASSIGNMENT_TIMED_OUT if isinstance(exc, StepTimeout) else STEP_FAILED
-        await self._retry(msg, delay, error, count_attempt=True, event=event)
+        event = STEP_ASSIGNMENT_TIMED_OUT if verdict.timed_out else STEP_FAILED
+        await self._retry(msg, verdict.delay_s, error, count_attempt=True, event=event)
 
     async def _retry(
         self,
@@ -622,7 +738,17 @@ class CommandProcessor:
         error: dict[str, Any] | None = None,
     ) -> None:
         error = error or (exc.to_json() if exc else {"reason": "unknown"})
-        log.warning("dead-lettering msg %s of %s: %s", msg.msg_id, msg.queue, error.get("message", error.get("reason")))
+        log.warning(
+            "dead-lettering msg %s of %s: %s",
+            msg.msg_id,
+            msg.queue,
+            error.get("reason"),
+            extra={
+                **step_fields(msg),
+                "error_type": error.get("type"),
+                "error_detail": error.get("message", error.get("reason")),
+            },
+        )
         outcome = Outcome(msg, status, None, error, started_at, datetime.now(UTC))
         applied = self._settle(msg, await self.writer.dead_letter(outcome))
         if applied:
@@ -692,6 +818,25 @@ class CommandProcessor:
 
 class _StaleAck(Exception):
     """Rolls back a handler transaction whose ack was fenced out."""
+
+
+def step_fields(msg: ClaimedMessage) -> dict[str, Any]:
+    """The log fields of a claimed message (and of its step, once parsed)."""
+    fields: dict[str, Any] = {
+        "queue": msg.queue,
+        "msg_id": msg.msg_id,
+        "source": msg.source.value,
+        "attempt": msg.read_ct,
+    }
+    step = msg.step
+    if step is not None:
+        fields.update(
+            namespace=step.namespace,
+            step_uuid=str(step.step_uuid),
+            correlation_id=str(step.correlation_id),
+            handler=step.handler,
+        )
+    return fields
 
 
 def _error_json(exc: BaseException) -> dict[str, Any]:

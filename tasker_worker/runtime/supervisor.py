@@ -44,7 +44,8 @@ def supervise(
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal signals_seen
-        signals_seen += 1
+        if signum != signal.SIGHUP:  # SIGHUP only passes on: every child re-reads its config
+            signals_seen += 1
         for child in children.values():
             if child.proc.poll() is None:
                 child.proc.send_signal(signum)
@@ -52,7 +53,7 @@ def supervise(
     children: dict[int, _Child] = {}
     restarts: deque[float] = deque()
     pending: dict[int, float] = {}  # slot -> when to restart
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         for slot in range(processes):
             children[slot] = _Child(

@@ -33,8 +33,8 @@ from typing import Any
 import anyio
 import psutil
 
-from tasker_worker import __version__
-from tasker_worker.config.models import TaskerConfig
+from tasker_worker import __version__, logs
+from tasker_worker.config.models import DeploymentMode, TaskerConfig
 from tasker_worker.db import migrations
 from tasker_worker.db.connection import TRANSIENT_DB_ERRORS, open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
@@ -45,12 +45,13 @@ from tasker_worker.errors import ConfigError, WorkerStartupError, first_line
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
-from tasker_worker.handlers.registry import HandlerFunc, HandlerRegistry
+from tasker_worker.handlers.registry import HandlerRegistry, RegistersHandlers
 from tasker_worker.registry.commands import RegistryCommands
 from tasker_worker.registry.jobs import SupervisionJobs
 from tasker_worker.registry.leader import SupervisionService
 from tasker_worker.registry.presence import WorkerPresence
 from tasker_worker.runtime.commands import Shutdown
+from tasker_worker.runtime.control import WorkerControl
 from tasker_worker.runtime.event_system import WorkerEventSystem
 from tasker_worker.runtime.executor import HandlerExecutor
 from tasker_worker.runtime.listener import ProbeSender
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 Service = Callable[["Worker"], Coroutine[Any, Any, None]]
 
 
-class Worker:
+class Worker(RegistersHandlers):
     """One worker process: its namespaces, handlers, event system and processor."""
 
     def __init__(
@@ -75,8 +76,12 @@ class Worker:
         state: Any = None,
         probe_sender: ProbeSender | None = None,
         services: list[Service] | None = None,
+        reload_config: Callable[[], TaskerConfig] | None = None,
     ) -> None:
         self.config = config or TaskerConfig()
+        #: Re-reads the configuration on SIGHUP (the CLI passes its loader).
+        self.reload_config = reload_config
+        self.control: WorkerControl | None = None
         self.database_url = database_url
         self.registry = registry or HandlerRegistry()
         self.state = state if state is not None else types.SimpleNamespace()
@@ -101,19 +106,7 @@ class Worker:
         self._deadline = float("inf")
         self._hard_scope: anyio.CancelScope | None = None
 
-    # --- registration ----------------------------------------------------------------------
-
-    def handler(
-        self, name: str, *, timeout: str | timedelta | float | None = None
-    ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator: register a sync or async ``func(ctx, step)`` for steps named ``name``."""
-        return self.registry.handler(name, timeout=timeout)
-
-    def periodic(
-        self, every: str | timedelta | float, *, name: str | None = None, timeout: str | timedelta | float | None = None
-    ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator: run ``func(ctx)`` every ``every`` while the worker runs."""
-        return self.registry.periodic(every, name=name, timeout=timeout)
+    # --- registration: handler() and periodic() come from RegistersHandlers ------------------
 
     @property
     def namespaces(self) -> list[str]:
@@ -184,6 +177,11 @@ class Worker:
                 # Registered before anything is claimed, so every step event names a known worker.
                 self.presence = WorkerPresence(commands, self._registration(), self.config.registry, self._heartbeat)
                 self.worker_id = await self.presence.register()
+            logs.bind(
+                worker_id=self.worker_id,
+                worker_name=self.config.worker.name,
+                deployment_mode=es_config.deployment_mode.value,
+            )
             if self.config.registry.supervision_enabled:
                 jobs = SupervisionJobs(commands, self.config.registry, self.config.events)
                 self.supervision = SupervisionService(url, jobs.jobs(), candidate_id=self.worker_id)
@@ -192,6 +190,17 @@ class Worker:
             )
             await self._startup_call("checking LISTEN delivery", event_system.prepare)
             self.event_system = event_system
+            control = WorkerControl(
+                event_system,
+                self.config,
+                self.stats,
+                worker_id=self.worker_id,
+                commands=commands if self.config.registry.enabled else None,
+                check_interval=self.config.registry.heartbeat_interval.total_seconds(),
+                reload_config=self.reload_config,
+            )
+            event_system.on_control = control.wake
+            self.control = control
             processor = CommandProcessor(
                 config=self.config,
                 worker_id=self.worker_id,
@@ -220,6 +229,7 @@ class Worker:
                     sources = anyio.CancelScope()
                     tg.start_soon(self._run_sources, event_system, sources)
                     tg.start_soon(self._stopper, event_system, sources)
+                    tg.start_soon(control.run)
                     if self.presence is not None:
                         tg.start_soon(self.presence.run)
                     if self.supervision is not None:
@@ -262,7 +272,15 @@ class Worker:
             }
         if self.supervision is not None:
             snap["supervision"] = self.supervision.status()
+        if self.control is not None:
+            snap["control"] = self.control.status()
         return snap
+
+    async def set_mode(self, mode: DeploymentMode | str, *, source: str = "api") -> bool:
+        """Switch the running worker's deployment mode; False if it was refused (see the log)."""
+        if self.control is None:
+            raise WorkerStartupError("the worker is not running")
+        return await self.control.set_mode(DeploymentMode(mode), source=source)
 
     async def _run_sources(self, event_system: WorkerEventSystem, scope: anyio.CancelScope) -> None:
         with scope:
@@ -274,7 +292,7 @@ class Worker:
         await event_system.send.send(Shutdown(self._stop_reason))
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
             if EARLY_SIGNALS:
                 # Caught before the event loop ran (see ``catch_early_signals``).
                 self.request_shutdown(signal.Signals(EARLY_SIGNALS[0]).name)
@@ -282,6 +300,10 @@ class Worker:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGUSR1:
                     _dump_tasks()
+                    continue
+                if signum == signal.SIGHUP:
+                    if self.control is not None:
+                        self.control.request_reload()
                     continue
                 if self._stop_requested.is_set():
                     log.warning("second %s: stopping immediately", name)

@@ -1,4 +1,4 @@
-"""Helpers for testing handlers and workers against a real database.
+"""Helpers for tests against a real database: configs, a running worker, sending and reading.
 
 ::
 
@@ -26,7 +26,7 @@ from tasker_worker.domain.steps import StepMessage
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.runtime.worker import Worker
 
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
 
 
 def make_config(
@@ -56,10 +56,17 @@ async def running_worker(
     *,
     registry: HandlerRegistry | None = None,
     state: Any = None,
+    setup: Callable[[Worker], Any] | None = None,
     **worker_kwargs: Any,
 ) -> AsyncIterator[Worker]:
-    """A worker running in this event loop; shut down gracefully on exit."""
+    """A worker running in this event loop; shut down gracefully on exit.
+
+    ``setup`` is called with the worker before it starts: pass a handler module's
+    ``register(worker)`` to test it as ``[worker] handler_modules`` would load it.
+    """
     worker = Worker(config, database_url=url, registry=registry, state=state, **worker_kwargs)
+    if setup is not None:
+        setup(worker)
     async with anyio.create_task_group() as tg:
         failure: list[BaseException] = []
         started = anyio.Event()

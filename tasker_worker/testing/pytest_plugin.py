@@ -1,0 +1,192 @@
+"""pytest fixtures for integration tests of handlers: a real migrated database and a worker.
+
+Installed with tasker-worker and loaded by pytest automatically (entry point ``pytest11``);
+nothing starts until a test asks for a fixture. The server, in order of preference:
+
+- ``TASKER_TEST_DATABASE_URL`` (a role allowed to ``CREATE DATABASE``);
+- testcontainers, when ``TASKER_TEST_CONTAINERS=1`` and a Docker engine answers (the test is
+  skipped otherwise);
+- an embedded PostgreSQL in a temporary directory, started once per session and removed by
+  the fixture that started it.
+
+Each test gets its own database, copied from a template migrated once per session::
+
+    async def test_resize(tasker_worker):
+        async with tasker_worker(namespaces=["media"], handlers=register) as run:
+            [step] = await run.send("media", "resize", [{"path": "a.png"}])
+            outcome = await run.outcome(step)
+            assert outcome["status"] == "succeeded"
+
+(with ``pytest.mark.anyio``; ``register`` is your module's ``register(worker)``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from tasker_worker.runtime.worker import Worker
+
+# The runtime is imported inside the fixtures: pytest loads this plugin in every session of an
+# environment where tasker-worker is installed, and most sessions never use it.
+
+
+def _with_db(url: str, dbname: str) -> str:
+    from psycopg import conninfo
+
+    return conninfo.make_conninfo(url, dbname=dbname)
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def _create_database(admin_url: str, name: str, template: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+
+
+def _drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def tasker_pg_admin_url() -> Iterator[str]:
+    """URL of a maintenance database on the test server (see the module's docstring)."""
+    explicit = os.environ.get("TASKER_TEST_DATABASE_URL")
+    if explicit:
+        yield explicit
+        return
+    if os.environ.get("TASKER_TEST_CONTAINERS") == "1":
+        if not _docker_available():
+            pytest.skip("TASKER_TEST_CONTAINERS=1 but no Docker engine is reachable")
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:17") as container:
+            yield container.get_connection_url(driver=None)
+        return
+    from tasker_worker.db.embedded import temporary_embedded
+
+    with temporary_embedded(prefix="tasker-test-pg-") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def tasker_template_db(tasker_pg_admin_url: str) -> Iterator[str]:
+    """Name of a database migrated once per session, the template of every test database."""
+    import anyio
+
+    from tasker_worker.db import migrations
+
+    name = f"tasker_tpl_{os.getpid()}"
+    _drop_database(tasker_pg_admin_url, name)
+    _create_database(tasker_pg_admin_url, name, "template0")
+    anyio.run(migrations.migrate, _with_db(tasker_pg_admin_url, name))
+    try:
+        yield name
+    finally:
+        _drop_database(tasker_pg_admin_url, name)
+
+
+@pytest.fixture
+def tasker_db_url(tasker_pg_admin_url: str, tasker_template_db: str) -> Iterator[str]:
+    """A fresh, fully migrated database for one test (dropped afterwards)."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    _create_database(tasker_pg_admin_url, name, tasker_template_db)
+    try:
+        yield _with_db(tasker_pg_admin_url, name)
+    finally:
+        _drop_database(tasker_pg_admin_url, name)
+
+
+@pytest.fixture
+def tasker_blank_db_url(tasker_pg_admin_url: str) -> Iterator[str]:
+    """A fresh empty database (nothing installed) for one test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    _create_database(tasker_pg_admin_url, name, "template0")
+    try:
+        yield _with_db(tasker_pg_admin_url, name)
+    finally:
+        _drop_database(tasker_pg_admin_url, name)
+
+
+class RunningWorker:
+    """A worker running in the test's event loop, with helpers to feed it and wait for it."""
+
+    def __init__(self, url: str, worker: Worker) -> None:
+        self.url = url
+        self.worker = worker
+
+    async def send(self, namespace: str, handler: str, inputs: list[dict[str, Any]], **extra: Any) -> list[str]:
+        """Send steps; return their step_uuids."""
+        from tasker_worker.testing.db import send_steps
+
+        bodies = await send_steps(self.url, namespace, handler, inputs, **extra)
+        return [str(b["step_uuid"]) for b in bodies]
+
+    async def outcome(self, step_uuid: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait (bounded) for the step's outcome row and return it as a dict."""
+        from tasker_worker.testing.db import fetch, wait_until
+
+        async def row() -> dict[str, Any] | None:
+            rows = await fetch(
+                self.url,
+                "SELECT status, result, error, attempts, handler FROM tasker.step_results WHERE step_uuid = %s",
+                (step_uuid,),
+            )
+            if not rows:
+                return None
+            status, result, error, attempts, handler = rows[0]
+            return {"status": status, "result": result, "error": error, "attempts": attempts, "handler": handler}
+
+        found: dict[str, Any] = await wait_until(row, timeout=timeout)
+        return found
+
+
+WorkerFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def tasker_worker(tasker_db_url: str) -> WorkerFactory:
+    """Start workers on the test's database: ``async with tasker_worker(...) as run``.
+
+    Keywords: ``namespaces``, ``mode`` (default PollingOnly, as in the test environment),
+    ``handlers`` (a ``register(worker)`` function), ``overrides`` (dotted config keys),
+    ``state``. The worker stops gracefully when the block ends.
+    """
+
+    @asynccontextmanager
+    async def start(
+        *,
+        namespaces: list[str] | None = None,
+        mode: str | None = None,
+        handlers: Callable[[Worker], Any] | None = None,
+        overrides: dict[str, Any] | None = None,
+        state: Any = None,
+    ) -> AsyncIterator[RunningWorker]:
+        from tasker_worker.testing.db import make_config, running_worker
+
+        config = make_config(mode=mode, namespaces=namespaces, overrides=overrides)
+        async with running_worker(tasker_db_url, config, state=state, setup=handlers) as worker:
+            yield RunningWorker(tasker_db_url, worker)
+
+    return start
