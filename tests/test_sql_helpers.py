@@ -129,3 +129,48 @@ def test_step_message_parse_errors_are_readable() -> None:
         assert "\n" not in str(info.value)
     good = StepMessage.build("a", "noop", {"x": 1})
     assert StepMessage.parse(json.loads(json.dumps(good))).inputs == {"x": 1}
+
+
+@pytest.mark.anyio
+async def test_claims_from_sql_and_python(conn: Conn, db_url: str) -> None:
+    """tasker.claim_steps from SQL and QueueClient.claim: oldest visible first, vt and read_ct
+    moved, the dedup flag, StepAssigned events under the claimant, malformed bodies claimed too
+    (to be dead-lettered), invisible rows skipped, an unknown queue a clear error."""
+    from tasker_worker.config.models import DatabaseConfig
+    from tasker_worker.db.connection import open_pool
+    from tasker_worker.db.queue_client import QueueClient
+    from tasker_worker.domain.steps import Source
+    from tasker_worker.errors import QueueNotFound
+
+    conn.execute("SELECT tasker.create_namespace_queue('agree')")
+    queue = queue_name("agree")
+    done = StepMessage.build("agree", "noop")
+    conn.execute(
+        "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status, attempts,"
+        " worker_id, finished_at) VALUES (%s, 'agree', %s, 0, 'noop', 'succeeded', 1, 'earlier', now())",
+        (done["step_uuid"], queue),
+    )
+    bodies: list[Any] = [done, StepMessage.build("agree", "noop"), [1, 2], StepMessage.build("agree", "noop")]
+    for body in bodies:
+        conn.execute("SELECT pgmq.send(%s, %s::jsonb)", (queue, json.dumps(body)))
+    sql_rows = conn.execute("SELECT msg_id, read_ct, already_done FROM tasker.claim_steps(%s, 30, 2, 'sql')", (queue,))
+    assert [(r[1], r[2]) for r in sql_rows.fetchall()] == [(1, True), (1, False)]
+
+    pool = await open_pool(db_url, DatabaseConfig(), max_size=1)
+    try:
+        client = QueueClient(pool)
+        claimed = await client.claim(queue, 30, 10, Source.POLL, worker_id="py")
+        assert [(m.msg_id, m.read_ct, m.already_done) for m in claimed] == [(3, 1, False), (4, 1, False)]
+        assert claimed[0].body == [1, 2] and claimed[1].body["step_uuid"] == bodies[3]["step_uuid"]
+        assert await client.claim(queue, 30, 10, Source.POLL) == []  # all invisible now
+        with pytest.raises(QueueNotFound):
+            await client.claim('no"such', 30, 1, Source.POLL)
+    finally:
+        await pool.close()
+    events = conn.execute(
+        "SELECT worker_id, msg_id, step_uuid IS NULL FROM tasker.events WHERE event_type = 'StepAssigned'"
+        " ORDER BY event_id"
+    ).fetchall()
+    assert events == [("sql", 1, False), ("sql", 2, False), ("py", 3, True), ("py", 4, False)]
+    vts = conn.execute(f"SELECT count(*) FROM pgmq.q_{queue} WHERE vt > now() + interval '20 seconds'").fetchone()
+    assert vts == (4,)
