@@ -135,7 +135,11 @@ def test_mode_set_reports_when_no_worker_matches(url: str, cli_env: dict[str, st
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-def test_sighup_rereads_the_config_and_switches_mode(url: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sighup_rereads_the_config_and_switches_mode(
+    url: str, cli_env: dict[str, str], tmp_path: Path, processes: int
+) -> None:
+    """One worker, or a supervisor that passes SIGHUP on to each of its worker processes."""
     config_dir = tmp_path / "config"
     shutil.copytree(REPO / "config", config_dir)
     overlay = config_dir / "tasker" / "environments" / "test" / "worker.toml"
@@ -143,7 +147,7 @@ def test_sighup_rereads_the_config_and_switches_mode(url: str, cli_env: dict[str
     err_path = tmp_path / "stderr.log"
     with err_path.open("w") as err_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasker_worker.cli.main", "run"],
+            [sys.executable, "-m", "tasker_worker.cli.main", "run", "--processes", str(processes)],
             env={**env, "TASKER__LOGGING__LEVEL": "INFO"},
             stdout=subprocess.DEVNULL,
             stderr=err_file,
@@ -151,31 +155,35 @@ def test_sighup_rereads_the_config_and_switches_mode(url: str, cli_env: dict[str
         )
     try:
         poll_until(
-            lambda: _value(url, "SELECT count(*) FROM tasker.workers WHERE status = 'active'") == 1, 30, "active"
+            lambda: _value(url, "SELECT count(*) FROM tasker.workers WHERE status = 'active'") == processes,
+            30,
+            "active",
         )
-        assert _value(url, "SELECT deployment_mode FROM tasker.workers") == "PollingOnly"
+        assert _value(url, "SELECT string_agg(DISTINCT deployment_mode, ',') FROM tasker.workers") == "PollingOnly"
         original = overlay.read_text()
         # A broken file is refused and the worker goes on with the config in force.
         overlay.write_text(original + "\n[event_system]\ndeployment_mode = 'Sometimes'\n")
         proc.send_signal(signal.SIGHUP)
-        poll_until(lambda: "configuration not reloaded" in _read_so_far(err_path), 30, "the refusal in the log")
+        poll_until(lambda: _read_so_far(err_path).count("configuration not reloaded") == processes, 30, "the refusals")
         overlay.write_text(
             original.replace('deployment_mode = "PollingOnly"', 'deployment_mode = "Hybrid"').replace(
                 'shutdown_timeout = "5s"', 'shutdown_timeout = "6s"'
             )
         )
         proc.send_signal(signal.SIGHUP)
-        poll_until(lambda: _value(url, "SELECT deployment_mode FROM tasker.workers") == "Hybrid", 30, "Hybrid")
-        assert _value(url, "SELECT data->>'source' FROM tasker.events WHERE event_type = 'DeploymentModeChanged'") == (
-            "sighup"
+        hybrid = "SELECT count(*) FROM tasker.workers WHERE deployment_mode = 'Hybrid'"
+        poll_until(lambda: _value(url, hybrid) == processes, 30, "Hybrid everywhere")
+        sources = (
+            "SELECT string_agg(data->>'source', ',') FROM tasker.events WHERE event_type = 'DeploymentModeChanged'"
         )
+        assert _value(url, sources) == ",".join(["sighup"] * processes)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     err = err_path.read_text()
     assert proc.returncode == 0, err
-    assert "deployment mode changed from PollingOnly to Hybrid" in err
+    assert err.count("deployment mode changed from PollingOnly to Hybrid") == processes
     assert "changes to worker take effect at the next restart" in err
 
 
@@ -190,7 +198,9 @@ def _value(url: str, query: str) -> Any:
 
 
 @pytest.mark.anyio
-async def test_circuit_opens_leaves_the_handlers_steps_unclaimed_and_closes_after_a_probe(url: str) -> None:
+async def test_circuit_opens_leaves_the_handlers_steps_unclaimed_and_closes_after_a_probe(
+    url: str, cli_env: dict[str, str]
+) -> None:
     service = {"up": False, "runs": 0}
     reg = HandlerRegistry()
 
@@ -206,8 +216,8 @@ async def test_circuit_opens_leaves_the_handlers_steps_unclaimed_and_closes_afte
         namespaces=[NS],
         overrides={
             "circuit_breaker.failure_threshold": 2,
-            "circuit_breaker.cooldown": "1s",
-            "circuit_breaker.max_cooldown": "1s",
+            "circuit_breaker.cooldown": "3s",
+            "circuit_breaker.max_cooldown": "3s",
             "retry.base_delay": "10ms",
             "retry.max_delay": "20ms",
             "retry.jitter": 0.0,
@@ -232,6 +242,10 @@ async def test_circuit_opens_leaves_the_handlers_steps_unclaimed_and_closes_afte
         assert health["state"] == "open" and "payment gateway" in health["reason"]
         # No attempt was used up by the unavailable dependency.
         assert await fetch(url, f"SELECT max(read_ct) FROM pgmq.q_{QUEUE}") == [(0,)]
+        # The heartbeat carries it to `status`.
+        await wait_until(lambda: fetch_value(url, "SELECT stats -> 'circuits' ? 'charge' FROM tasker.workers"), 20)
+        shown = await cli(cli_env, "status")
+        assert "circuit charge:" in shown.stdout and "payment gateway" in shown.stdout, shown.stdout
 
         service["up"] = True  # the probe after the cooldown succeeds and closes the circuit
 

@@ -59,6 +59,11 @@ async def status(args: argparse.Namespace) -> int:
                 f"stale_acks={c.get('stale_acks', 0)} missed_wakeups={c.get('missed_wakeups', 0)} "
                 f"reconnects={c.get('listener_reconnects', 0)}"
             )
+        for handler, circuit in (stats.get("circuits") or {}).items():
+            print(
+                f"  circuit {handler}: {circuit.get('state')} ({circuit.get('reason')}); "
+                f"next probe in {circuit.get('retry_in_s')}s"
+            )
         for source, p in (stats.get("queue_to_start_ms") or {}).items():
             if p and p.get("p50") is not None:
                 print(f"  queue_to_start[{source}] p50={p['p50']}ms p95={p['p95']}ms p99={p['p99']}ms")
