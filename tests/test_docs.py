@@ -52,9 +52,12 @@ def of_kind(kind: str) -> list[tuple[str, int, str]]:
 def python_namespace(doc: str) -> dict[str, Any]:
     """The doc's Python blocks executed in order in one namespace (like a notebook)."""
     namespace: dict[str, Any] = {"__name__": f"docs_{Path(doc).stem}"}
-    for info, code in blocks(doc):
-        if info == "python":
-            exec(compile(code, f"docs/{doc}", "exec"), namespace)
+    text = (DOCS / doc).read_text()
+    for match in FENCE.finditer(text):
+        if match.group(1).strip() == "python":
+            # Padded so that tracebacks point at the right line of the .md file.
+            first_line = text.count("\n", 0, match.start(2))
+            exec(compile("\n" * first_line + match.group(2), str(DOCS / doc), "exec"), namespace)
     return namespace
 
 

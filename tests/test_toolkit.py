@@ -159,7 +159,8 @@ async def test_dependency_unavailable_opens_the_circuit_then_a_probe_closes_it()
     await h.run_until_settled(within=60)
     assert h.circuit("charge") == "closed"
     assert all((o := h.outcome(s)) is not None and o.status == "succeeded" for s in steps)
-    assert "circuit_open" in {r.verdict for r in h.runs}
+    # While open, the held steps were not even claimed: three releases, then three successes.
+    assert [r.verdict for r in h.runs] == ["release"] * 3 + ["succeeded"] * 3
 
 
 @pytest.mark.anyio
@@ -178,6 +179,21 @@ async def test_a_failed_probe_doubles_the_cooldown() -> None:
     assert h.circuit("down") == "open"
     assert h.circuits.retry_after("down") == pytest.approx(60)
     assert h.circuits.open_circuits()["down"]["times_opened"] == 2
+
+
+@pytest.mark.anyio
+async def test_steps_already_claimed_when_the_circuit_opens_are_held_without_an_attempt() -> None:
+    h = harness(**{"circuit_breaker.failure_threshold": 1})
+
+    @h.handler("down")
+    async def down(ctx: Any, step: Any) -> None:
+        raise DependencyUnavailable("still down")
+
+    h.send("down")
+    h.send("down")
+    await h.run_ready()  # both claimed in one sweep: the first opens the circuit
+    assert [r.verdict for r in h.runs] == ["release", "circuit_open"]
+    assert [(m.read_ct, round((m.vt - h.clock.now()).total_seconds())) for m in h.pending()][1] == (0, 30)
 
 
 @pytest.mark.anyio

@@ -117,8 +117,14 @@ class CircuitBreakers:
         return min(1.0, self.cooldown.total_seconds())
 
     def skipped(self) -> list[str]:
-        """Handlers not to claim now (open, cooldown still running)."""
-        return [h for h, c in self.circuits.items() if c.state is CircuitState.OPEN and self._remaining(c) > 0]
+        """Handlers not to claim now: open with the cooldown running, or half-open with the
+        probe running (claiming more of their steps would only hand them back)."""
+        return [
+            h
+            for h, c in self.circuits.items()
+            if (c.state is CircuitState.OPEN and self._remaining(c) > 0)
+            or (c.state is CircuitState.HALF_OPEN and c.probe_in_flight)
+        ]
 
     def open_circuits(self) -> dict[str, dict[str, Any]]:
         """Every circuit that is not closed, for status and health."""

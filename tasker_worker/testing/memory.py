@@ -155,7 +155,9 @@ class HandlerHarness(RegistersHandlers):
         count = 0
         while count < MAX_RUNS_PER_CALL:
             now = self.clock.now()
-            ready = [m for m in self.messages.values() if m.vt <= now]
+            # As the runtime's claim: the steps of handlers whose circuit is open stay untouched.
+            skipped = set(self.circuits.skipped())
+            ready = [m for m in self.messages.values() if m.vt <= now and _handler_of(m.body) not in skipped]
             if not ready:
                 return count
             for msg in sorted(ready, key=lambda m: m.msg_id):
@@ -179,19 +181,23 @@ class HandlerHarness(RegistersHandlers):
         self.clock.advance(target - self.clock.now())
 
     async def run_until_settled(self, *, within: float | timedelta = 3600) -> None:
-        """Run ready messages and move the clock to each next due one, until the queue is empty
-        or ``within`` (clock time) has passed."""
+        """Run ready messages and move the clock to the next moment something can run (a vt, a
+        circuit's cooldown ending), until the queue is empty or ``within`` (clock time) passed."""
         limit = within if isinstance(within, timedelta) else timedelta(seconds=within)
         end = self.clock.now() + limit
         for _ in range(MAX_RUNS_PER_CALL):
             await self.run_ready()
             if not self.messages:
                 return
-            next_vt = min(m.vt for m in self.messages.values())
-            if next_vt > end:
+            now = self.clock.now()
+            moments = [m.vt for m in self.messages.values() if m.vt > now]
+            moments += [now + timedelta(seconds=self.circuits.retry_after(h)) for h in self.circuits.skipped()]
+            upcoming = [t for t in moments if t > now]
+            if not upcoming or min(upcoming) > end:
                 break
-            await self.advance(next_vt - self.clock.now())
+            await self.advance(min(upcoming) - now)
         await self.advance(max(timedelta(0), end - self.clock.now()))
+        await self.run_ready()
 
     # --- looking ---------------------------------------------------------------------------
 
@@ -332,6 +338,10 @@ class HandlerHarness(RegistersHandlers):
         self.periodic_runs.append((name, self.clock.now()))
         timeout = job.timeout or self.config.worker.periodic_timeout
         await self._executor.run(job.func, job.is_async, (ctx,), timeout)
+
+
+def _handler_of(body: Any) -> Any:
+    return body.get("handler") if isinstance(body, dict) else None
 
 
 def _roundtrip(result: Any) -> Any:
