@@ -211,8 +211,9 @@ async def test_circuit_opens_leaves_the_handlers_steps_unclaimed_and_closes_afte
             raise DependencyUnavailable("payment gateway refused the connection")
         return "charged"
 
+    # EventDrivenOnly: no poller comes back for the steps left unclaimed; timers must.
     config = make_config(
-        mode="Hybrid",
+        mode="EventDrivenOnly",
         namespaces=[NS],
         overrides={
             "circuit_breaker.failure_threshold": 2,
@@ -247,12 +248,14 @@ async def test_circuit_opens_leaves_the_handlers_steps_unclaimed_and_closes_afte
         shown = await cli(cli_env, "status")
         assert "circuit charge:" in shown.stdout and "payment gateway" in shown.stdout, shown.stdout
 
+        # More of its steps arrive meanwhile: they wait too, and drain once it closes.
+        await send_steps(url, NS, "charge", [{"i": i} for i in range(2, 7)])
         service["up"] = True  # the probe after the cooldown succeeds and closes the circuit
 
-        async def both_charged() -> bool:
-            return await fetch_value(url, "SELECT count(*) FROM tasker.step_results WHERE handler = 'charge'") == 2
+        async def all_charged() -> bool:
+            return await fetch_value(url, "SELECT count(*) FROM tasker.step_results WHERE handler = 'charge'") == 7
 
-        await wait_until(both_charged, timeout=20)
+        await wait_until(all_charged, timeout=20)
         assert circuits.state_of("charge") == "closed"
         assert worker.stats.snapshot()["counters"]["circuits_opened"] >= 1
     statuses = await fetch(url, "SELECT handler, status, attempts FROM tasker.step_results ORDER BY handler")

@@ -494,6 +494,10 @@ class CommandProcessor:
         finally:
             if probe:
                 circuits.release_probe(step.handler)
+                # The handler's other steps were left unclaimed while the probe ran: look for
+                # them now, in every mode (no notification comes for messages already queued).
+                for queue in self.queues:
+                    self.schedule(queue, 0.0, Source.POLL)
 
     async def _run_handler(self, msg: ClaimedMessage, step: StepMessage, spec: HandlerSpec) -> None:
         started_at = datetime.now(UTC)
