@@ -177,6 +177,10 @@ def test_sighup_rereads_the_config_and_switches_mode(
             "SELECT string_agg(data->>'source', ',') FROM tasker.events WHERE event_type = 'DeploymentModeChanged'"
         )
         assert _value(url, sources) == ",".join(["sighup"] * processes)
+        # Re-reading an unchanged file changes nothing and records nothing.
+        proc.send_signal(signal.SIGHUP)
+        poll_until(lambda: _read_so_far(err_path).count("configuration re-read") == 2 * processes, 30, "re-reads")
+        assert _value(url, sources) == ",".join(["sighup"] * processes)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -135,8 +135,9 @@ class RegistryCommands:
             data = {"from": old, "to": new, "source": source}
             await append_event(conn, WorkerEventType.DEPLOYMENT_MODE_CHANGED, worker_id, data, self.clock.now())
 
-    async def refuse_mode(self, worker_id: str, mode: str) -> None:
-        """Drop a request the worker cannot follow (it keeps its mode and says why in its log)."""
+    async def clear_requested_mode(self, worker_id: str, mode: str) -> None:
+        """Drop a request for ``mode`` the worker has answered without a change (it already ran
+        that mode, or cannot run it and said why in its log); a newer request stays."""
         async with self.pool.connection() as conn:
             await conn.execute(queries.CLEAR_REQUESTED_MODE, (worker_id, mode))
 

@@ -96,27 +96,29 @@ class WorkerControl:
         await self.set_mode(DeploymentMode(requested), source="control")
 
     async def set_mode(self, mode: DeploymentMode, *, source: str) -> bool:
-        """Switch to ``mode`` (a no-op when already there); return whether the worker runs it."""
+        """Switch to ``mode``; return whether the worker runs it now (already did: True)."""
         old = self.event_system.mode
+        if mode is old:
+            # Nothing to switch or to record; a request for it is answered all the same.
+            await self._record(lambda c: c.clear_requested_mode(self.worker_id, mode.value))
+            return True
         try:
             await self.event_system.switch(mode)
         except ModeChangeRefused as exc:
             self.last_error = str(exc)
             log.error("deployment mode stays %s: %s", old.value, exc, extra={"deployment_mode": old.value})
-            await self._record(lambda c: c.refuse_mode(self.worker_id, mode.value))
+            await self._record(lambda c: c.clear_requested_mode(self.worker_id, mode.value))
             return False
-        if mode is not old:
-            self.stats.incr("mode_changes")
-            self.last_change = {"from": old.value, "to": mode.value, "source": source}
-            logs.bind(deployment_mode=mode.value)
-            log.warning(
-                "deployment mode changed from %s to %s (%s)",
-                old.value,
-                mode.value,
-                source,
-                extra={"deployment_mode": mode.value, "command_type": "DeploymentModeChanged"},
-            )
-        # Also when already there: the row is brought in line and the request cleared.
+        self.stats.incr("mode_changes")
+        self.last_change = {"from": old.value, "to": mode.value, "source": source}
+        logs.bind(deployment_mode=mode.value)
+        log.warning(
+            "deployment mode changed from %s to %s (%s)",
+            old.value,
+            mode.value,
+            source,
+            extra={"deployment_mode": mode.value, "command_type": "DeploymentModeChanged"},
+        )
         await self._record(lambda c: c.mode_changed(self.worker_id, old.value, mode.value, source=source))
         return True
 

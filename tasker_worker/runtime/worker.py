@@ -41,7 +41,7 @@ from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
-from tasker_worker.errors import ConfigError, WorkerStartupError, first_line
+from tasker_worker.errors import ConfigError, UsageError, WorkerStartupError, first_line
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
@@ -279,7 +279,7 @@ class Worker(RegistersHandlers):
     async def set_mode(self, mode: DeploymentMode | str, *, source: str = "api") -> bool:
         """Switch the running worker's deployment mode; False if it was refused (see the log)."""
         if self.control is None:
-            raise WorkerStartupError("the worker is not running")
+            raise UsageError("set_mode needs a running worker (call it once `ready` is set)")
         return await self.control.set_mode(DeploymentMode(mode), source=source)
 
     async def _run_sources(self, event_system: WorkerEventSystem, scope: anyio.CancelScope) -> None:
