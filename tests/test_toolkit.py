@@ -204,10 +204,19 @@ async def test_periodic_work_runs_on_the_manual_clock() -> None:
 
     @h.periodic(every="10s", name="tidy")
     async def tidy(ctx: Any) -> None:
-        seen.append((ctx.now - start).total_seconds())
+        assert (ctx.worker_id, ctx.job) == ("harness", "tidy")
+        seen.append((h.clock.now() - start).total_seconds())
+
+    @h.periodic(every="15s", name="flaky")
+    def flaky(ctx: Any) -> None:
+        raise RuntimeError("report service down")
 
     await h.advance(35)
     assert seen == [10.0, 20.0, 30.0]
+    assert [(n, (at - start).total_seconds(), type(e).__name__) for n, at, e in h.periodic_runs if n == "flaky"] == [
+        ("flaky", 15.0, "RuntimeError"),
+        ("flaky", 30.0, "RuntimeError"),
+    ]
 
 
 @pytest.mark.anyio

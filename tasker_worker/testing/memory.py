@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import types
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from tasker_worker.errors import (
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.registry import HandlerRegistry, RegistersHandlers
 from tasker_worker.runtime.executor import HandlerExecutor
+
+log = logging.getLogger("tasker_worker.testing")
 
 #: Bounds of one call, so a handler that always retries cannot loop a test forever.
 MAX_RUNS_PER_CALL = 10_000
@@ -123,7 +126,8 @@ class HandlerHarness(RegistersHandlers):
         self.dead_letters: list[MemoryMessage] = []
         self.archived: list[MemoryMessage] = []
         self.runs: list[RunRecord] = []
-        self.periodic_runs: list[tuple[str, datetime]] = []
+        #: Every periodic run: (job name, clock time, the exception it raised or None).
+        self.periodic_runs: list[tuple[str, datetime, BaseException | None]] = []
         self._ids = itertools.count(1)
         self._executor = HandlerExecutor("thread", self.config.worker.executor_workers)
         self._started = self.clock.now()
@@ -334,10 +338,18 @@ class HandlerHarness(RegistersHandlers):
     async def _run_periodic(self, name: str) -> None:
         job = next(j for j in self.registry.periodic_jobs if j.name == name)
         self._periodic_due[name] = self._periodic_due[name] + job.every
-        ctx = types.SimpleNamespace(worker_id="harness", state=self.state, job=name, now=self.clock.now())
-        self.periodic_runs.append((name, self.clock.now()))
+        # The same attributes as a worker's periodic context, no more (a job must run in both).
+        ctx = types.SimpleNamespace(worker_id="harness", state=self.state, job=name, log=log)
         timeout = job.timeout or self.config.worker.periodic_timeout
-        await self._executor.run(job.func, job.is_async, (ctx,), timeout)
+        at = self.clock.now()
+        try:
+            await self._executor.run(job.func, job.is_async, (ctx,), timeout)
+        except Exception as exc:
+            # As in a worker: a failed run is logged and the next one comes at its time.
+            log.warning("periodic job %s failed: %s", name, exc)
+            self.periodic_runs.append((name, at, exc))
+        else:
+            self.periodic_runs.append((name, at, None))
 
 
 def _handler_of(body: Any) -> Any:
