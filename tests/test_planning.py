@@ -326,7 +326,7 @@ async def test_step_needing_a_missing_algorithm(url: str) -> None:
     async with running_worker(url, astar_only) as lacking:
         await send_steps(url, NS, "path_plan", [random_grid_request(16, 1, "theta_star")])
         await wait_until(lambda: _total(url, 1), timeout=20)
-        assert lacking.status()["counters"]["rejections"] >= 1
+    assert lacking.status()["counters"]["rejections"] >= 1
     reason = await fetch_value(url, f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{QUEUE}_dlq")
     assert reason == "no_capable_worker"
 
