@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,24 @@ def test_config_show_reports_origins(cli_env: dict[str, str]) -> None:
     data = json.loads(proc.stdout)
     assert data["retry.max_attempts"] == {"value": 9, "origin": "env TASKER__RETRY__MAX_ATTEMPTS"}
     assert data["event_system.deployment_mode"]["origin"].endswith("test/worker.toml")
+
+
+def test_a_reader_that_stops_early_is_not_an_error(cli_env: dict[str, str]) -> None:
+    """`config show | grep -q key` under `pipefail`: the reader is gone before the first write."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tasker_worker.cli.main", "config", "show"],
+            env=cli_env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:

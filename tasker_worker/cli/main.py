@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -125,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader stopped early (`config show | grep -q key`, `| head`): it has what it
+        # wanted, so this is no failure of ours (and must not fail a `pipefail` script).
+        # stdout goes to /dev/null so that the interpreter's last flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as exc:  # the last line of defence: one line, exit 1
         if debug:
             raise
