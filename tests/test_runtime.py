@@ -415,3 +415,21 @@ async def test_handler_transaction_rolls_back_with_a_failure(url: str) -> None:
         await send_steps(url, NS, "wtf", [{}])
         await wait_until(outcome_counter(url, "failed"), timeout=15)
     assert await fetch_value(url, "SELECT count(*) FROM public.ledger") == 0
+
+
+def test_rejected_messages_are_left_alone_for_a_bounded_time_and_number() -> None:
+    """What a worker skips after rejecting steps expires, and never grows past its bound."""
+    from tasker_worker.runtime.processor import LEAVE_REJECTED_MAX, _QueueState
+
+    qs = _QueueState("q")
+    qs.leave_alone(7, until=10.0)
+    qs.leave_alone(8, until=20.0)
+    assert qs.left_alone(now=5.0) == [7, 8]
+    assert qs.left_alone(now=10.0) == [8]
+    assert qs.left_alone(now=20.0) == [] and not qs.rejected
+    for msg_id in range(LEAVE_REJECTED_MAX + 10):
+        qs.leave_alone(msg_id, until=100.0 + msg_id)
+    qs.leave_alone(12, until=500.0)  # left alone again: now the newest
+    kept = qs.left_alone(now=0.0)
+    assert len(kept) == LEAVE_REJECTED_MAX
+    assert kept[:3] == [10, 11, 13] and kept[-1] == 12

@@ -174,3 +174,29 @@ async def test_claims_from_sql_and_python(conn: Conn, db_url: str) -> None:
     assert events == [("sql", 1, False), ("sql", 2, False), ("py", 3, True), ("py", 4, False)]
     vts = conn.execute(f"SELECT count(*) FROM pgmq.q_{queue} WHERE vt > now() + interval '20 seconds'").fetchone()
     assert vts == (4,)
+
+
+@pytest.mark.anyio
+async def test_claims_can_leave_handlers_and_messages_alone(conn: Conn, db_url: str) -> None:
+    """The skipping claim (open circuits, rejected steps) leaves the named handlers' messages
+    and the named ids in the queue untouched (read_ct unchanged) and claims the rest in order."""
+    from tasker_worker.config.models import DatabaseConfig
+    from tasker_worker.db.connection import open_pool
+    from tasker_worker.db.queue_client import QueueClient
+    from tasker_worker.domain.steps import Source
+
+    conn.execute("SELECT tasker.create_namespace_queue('skips')")
+    queue = queue_name("skips")
+    for handler in ["noop", "charge", "noop", "noop", "charge"]:
+        conn.execute("SELECT pgmq.send(%s, %s::jsonb)", (queue, json.dumps(StepMessage.build("skips", handler))))
+    pool = await open_pool(db_url, DatabaseConfig(), max_size=1)
+    try:
+        client = QueueClient(pool)
+        first = await client.claim(queue, 30, 10, Source.POLL, skip_handlers=["charge"], skip_msgs=[3])
+        assert [m.msg_id for m in first] == [1, 4]
+        second = await client.claim(queue, 30, 10, Source.POLL, skip_msgs=[5])
+        assert [m.msg_id for m in second] == [2, 3]
+    finally:
+        await pool.close()
+    read_cts = conn.execute(f"SELECT msg_id, read_ct FROM pgmq.q_{queue} ORDER BY msg_id").fetchall()
+    assert read_cts == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 0)]

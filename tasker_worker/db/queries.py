@@ -81,10 +81,11 @@ SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed
   FROM tasker.claim_steps(%s, %s, %s, %s)
 """
 
-# Only while a circuit is open: the same claim without the messages of some handlers.
+# Only while a circuit is open or a rejected step is left for a capable worker: the same
+# claim without the messages of some handlers and some message ids.
 CLAIM_STEPS_SKIPPING = """
 SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed_at
-  FROM tasker.claim_steps(%s, %s, %s, %s, %s::text[])
+  FROM tasker.claim_steps(%s, %s, %s, %s, %s::text[], %s::bigint[])
 """
 
 # The arrays go in binary (%b): psycopg's text format escapes every element of a text or

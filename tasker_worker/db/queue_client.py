@@ -225,13 +225,15 @@ class QueueClient:
         *,
         worker_id: str | None = None,
         skip_handlers: Sequence[str] = (),
+        skip_msgs: Sequence[int] = (),
     ) -> list[ClaimedMessage]:
         """Claim up to ``qty`` ready messages (pgmq.read, SKIP LOCKED); with ``worker_id`` each
         claim is logged as StepAssigned in the same statement. Messages for ``skip_handlers``
-        (open circuits) are left in the queue untouched."""
-        if skip_handlers:
+        (open circuits) and those with an id in ``skip_msgs`` are left in the queue untouched."""
+        if skip_handlers or skip_msgs:
             rows = await self._fetch(
-                queries.CLAIM_STEPS_SKIPPING, (queue, vt_seconds, qty, worker_id, list(skip_handlers))
+                queries.CLAIM_STEPS_SKIPPING,
+                (queue, vt_seconds, qty, worker_id, list(skip_handlers), list(skip_msgs)),
             )
         elif worker_id is None:
             rows = await self._fetch(queries.CLAIM_STEPS, (queue, vt_seconds, qty))

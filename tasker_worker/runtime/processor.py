@@ -87,6 +87,15 @@ MISSED_WAKEUP_GRACE_S = 1.0
 DUPLICATE_RETRY_MS = 1_000
 #: Wake slightly after a ready_at so the claim does not run a hair early and find nothing.
 READY_MARGIN_S = 0.05
+#: A step given back for lack of a capability is not claimed again by the same worker for this
+#: long after its release: time for a capable worker's poll to find it (a lacking worker whose
+#: poll ticks line up with its own releases would otherwise win it back again and again).
+LEAVE_REJECTED_S = 30.0
+#: At most this many rejected messages per queue are left alone (the oldest go first).
+LEAVE_REJECTED_MAX = 256
+#: Release delays of a rejected step: exponential from 0.1 s to 5 s, with jitter.
+REJECT_DELAY_BASE = timedelta(milliseconds=100)
+REJECT_DELAY_CAP = timedelta(seconds=5)
 
 
 @dataclass
@@ -104,6 +113,8 @@ class _QueueState:
     woken_by_event: bool = False
     # (min_id, max_id, explicit ids) of recent notifications, to detect missed wakeups
     announced: deque[tuple[int, int, frozenset[int]]] = field(default_factory=lambda: deque(maxlen=ANNOUNCED_MEMORY))
+    #: msg_id -> monotonic time until which this worker does not claim it (see LEAVE_REJECTED_S)
+    rejected: dict[int, float] = field(default_factory=dict)
 
     def poke(self, source: Source) -> None:
         if source is Source.EVENT:
@@ -112,6 +123,19 @@ class _QueueState:
 
     def was_announced(self, msg_id: int) -> bool:
         return any(lo <= msg_id <= hi or msg_id in ids for lo, hi, ids in self.announced)
+
+    def leave_alone(self, msg_id: int, until: float) -> None:
+        """Do not claim ``msg_id`` before monotonic time ``until`` (a step this worker rejected)."""
+        self.rejected.pop(msg_id, None)
+        self.rejected[msg_id] = until
+        while len(self.rejected) > LEAVE_REJECTED_MAX:
+            del self.rejected[next(iter(self.rejected))]
+
+    def left_alone(self, now: float) -> list[int]:
+        """The message ids still to be left alone at ``now`` (expired ones are forgotten)."""
+        for msg_id in [m for m, until in self.rejected.items() if until <= now]:
+            del self.rejected[msg_id]
+        return list(self.rejected)
 
 
 class CommandProcessor:
@@ -333,9 +357,16 @@ class CommandProcessor:
                     source, qs.woken_by_event = Source.EVENT, False
                 want = min(self.batch_size, free)
                 skip = self.circuits.skipped() if self.circuits.circuits else ()
+                skip_msgs = qs.left_alone(time.monotonic()) if qs.rejected else ()
                 try:
                     msgs = await self.client.claim(
-                        qs.name, self.vt_seconds, want, source, worker_id=self._event_worker_id, skip_handlers=skip
+                        qs.name,
+                        self.vt_seconds,
+                        want,
+                        source,
+                        worker_id=self._event_worker_id,
+                        skip_handlers=skip,
+                        skip_msgs=skip_msgs,
                     )
                     failures = 0
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -641,7 +672,8 @@ class CommandProcessor:
             ).to_json()
             await self._dead_letter(msg, None, OutcomeStatus.DEAD_LETTERED, None, error=error)
             return
-        delay_s = min(5.0, 0.05 * 2**rejections)
+        # Jitter keeps a fleet of lacking workers from coming back in step.
+        delay_s = backoff_delay(rejections, REJECT_DELAY_BASE, REJECT_DELAY_CAP)
         request = RetryRequest(
             msg,
             int(delay_s * 1000),
@@ -652,6 +684,9 @@ class CommandProcessor:
         )
         if self._settle(msg, await self.writer.retry(request)):
             self.stats.incr("released")
+            qs = self.queues.get(msg.queue)
+            if qs is not None:
+                qs.leave_alone(msg.msg_id, time.monotonic() + delay_s + LEAVE_REJECTED_S)
 
     def _timeout(self, step: StepMessage, handler_timeout: timedelta | None) -> timedelta:
         if step.timeout is not None:
