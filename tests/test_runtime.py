@@ -433,3 +433,37 @@ def test_rejected_messages_are_left_alone_for_a_bounded_time_and_number() -> Non
     kept = qs.left_alone(now=0.0)
     assert len(kept) == LEAVE_REJECTED_MAX
     assert kept[:3] == [10, 11, 13] and kept[-1] == 12
+
+
+@pytest.mark.anyio
+async def test_a_finished_handler_frees_its_slot_while_its_outcome_waits_for_the_writer(url: str) -> None:
+    """With concurrency 2 and the outcome writes held up (step_results locked), two steps hand
+    their outcomes to the writer and two more run; then claiming stops, at twice the
+    concurrency in hand, and everything is recorded once when the writes go through."""
+    started: list[int] = []
+    reg = HandlerRegistry()
+
+    async def note(ctx: Any, step: Any) -> None:
+        started.append(ctx.msg_id)
+
+    reg.register("note", note)
+    config = make_config(mode="Hybrid", namespaces=[NS], concurrency=2)
+    async with await psycopg.AsyncConnection.connect(url) as locker:
+        await locker.execute("LOCK TABLE tasker.step_results IN EXCLUSIVE MODE")  # outcome inserts wait
+        async with running_worker(url, config, registry=reg) as worker:
+            bodies = await send_steps(url, NS, "note", [{}] * 6)
+
+            def held() -> bool:
+                snap = worker.status()
+                return len(started) == 4 and snap["in_flight"] == 4 and snap["outcomes_waiting"] == 2
+
+            await wait_until(held, timeout=10)
+            assert worker.status()["free_slots"] == 0
+            untouched = await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE} WHERE read_ct = 0")
+            assert untouched == 2
+            await locker.rollback()
+            await wait_until(_count_is(url, 6), timeout=10)
+    assert len(set(started)) == len(started) == 6
+    outcomes = await fetch(url, "SELECT step_uuid::text, status FROM tasker.step_results ORDER BY 1")
+    assert outcomes == [(u, "succeeded") for u in sorted(b["step_uuid"] for b in bodies)]
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0

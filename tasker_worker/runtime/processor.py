@@ -104,6 +104,8 @@ class _InFlight:
     vt_deadline: float  # monotonic time at which our claim expires
     #: A write about this message went through (recorded, archived, put back or fenced out).
     settled: bool = False
+    #: Its handler is done and its outcome waits for the writer: the slot is free again.
+    handed_off: bool = False
 
 
 @dataclass
@@ -177,6 +179,9 @@ class CommandProcessor:
         self.refill_at = max(1, min(self.batch_size, self.max_concurrent) // 2)
         self.vt_seconds = max(1, math.ceil(poller.visibility_timeout.total_seconds()))
         self.in_flight: dict[tuple[str, int], _InFlight] = {}
+        #: How many of in_flight are handed off (outcome waiting for the writer); at most
+        #: max_concurrent, so that at most twice max_concurrent messages are held.
+        self.handed_off = 0
         self.steps_in_flight: dict[str, tuple[str, int]] = {}
         self._slot_freed = anyio.Event()
         self._timers: list[tuple[float, str, Source]] = []
@@ -203,7 +208,7 @@ class CommandProcessor:
     @property
     def free_slots(self) -> int:
         """How many more steps may start now."""
-        return self.max_concurrent - len(self.in_flight)
+        return self.max_concurrent - len(self.in_flight) + self.handed_off
 
     async def run(
         self, commands: MemoryObjectReceiveStream[WorkerCommand], shutdown_deadline: Callable[[], float]
@@ -266,6 +271,7 @@ class CommandProcessor:
         """Statistics and in-flight work."""
         snap = self.stats.snapshot()
         snap["in_flight"] = len(self.in_flight)
+        snap["outcomes_waiting"] = self.handed_off
         snap["free_slots"] = self.free_slots
         snap["queues"] = sorted(self.queues)
         snap["circuits"] = self.circuits.open_circuits()
@@ -495,8 +501,11 @@ class CommandProcessor:
             if step_key is not None:
                 self.steps_in_flight.pop(step_key, None)
             entry = self.in_flight.pop(key, None)
-            if entry is not None and not entry.settled:
-                self._revisit(msg)
+            if entry is not None:
+                if entry.handed_off:
+                    self.handed_off -= 1
+                if not entry.settled:
+                    self._revisit(msg)
             self._free_slot()
 
     async def _execute(self, msg: ClaimedMessage, step: StepMessage) -> None:
@@ -799,11 +808,22 @@ class CommandProcessor:
             self.stats.incr("stale_acks")
 
     async def _finish(self, msg: ClaimedMessage, outcome: Outcome | None) -> None:
+        self._hand_off(msg)
         applied = self._settle(msg, await self.writer.record(outcome or Outcome(msg, None)))
         if applied and outcome is not None:
             self._count_outcome(outcome.status)
         elif applied is False:
             self.stats.incr("stale_acks")
+
+    def _hand_off(self, msg: ClaimedMessage) -> None:
+        """The handler is done and only the outcome write is left: free the step's slot, so the
+        next step starts while the writer batches this outcome with others. The message stays
+        in in_flight (its vt kept, released at shutdown) until the write settles it."""
+        entry = self.in_flight.get((msg.queue, msg.msg_id))
+        if entry is not None and not entry.handed_off and self.handed_off < self.max_concurrent:
+            entry.handed_off = True
+            self.handed_off += 1
+            self._free_slot()
 
     def _settle(self, msg: ClaimedMessage, applied: bool | None) -> bool | None:
         """Note that a write about ``msg`` went through (``applied`` not None); pass it on."""
