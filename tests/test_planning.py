@@ -343,6 +343,27 @@ async def test_step_needing_a_missing_algorithm(url: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_step_given_back_reaches_a_capable_event_driven_worker(url: str) -> None:
+    """EventDrivenOnly has no poller: a step given back by a lacking worker is announced again
+    for when it is ready, so that the capable worker comes for it."""
+    from tasker_worker.testing import fetch, make_config, running_worker, send_steps, wait_until
+
+    def edo(algorithm: str) -> Any:
+        return make_config(
+            mode="EventDrivenOnly", namespaces=[NS], overrides={"handlers.planning.algorithms": [algorithm]}
+        )
+
+    async with running_worker(url, edo("astar")) as lacking, running_worker(url, edo("theta_star")) as capable:
+        for seed in range(8):  # one by one: each is a race between the two for its notification
+            await send_steps(url, NS, "path_plan", [random_grid_request(16, seed, "theta_star")])
+        await wait_until(lambda: _total(url, 8), timeout=30)
+    rows = await fetch(url, "SELECT worker_id, status, error->>'reason' FROM tasker.step_results")
+    assert len(rows) == 8 and {r[0] for r in rows} == {capable.worker_id}
+    assert {(r[1], r[2]) for r in rows} <= {("succeeded", None), ("failed", "no_path")}
+    assert lacking.status()["counters"]["rejections"] >= 1  # some were given back, and came through
+
+
+@pytest.mark.anyio
 async def test_process_pool_executor_runs_planning(url: str) -> None:
     from tasker_worker.testing import fetch, make_config, running_worker, send_steps, wait_until
 

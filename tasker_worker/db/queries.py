@@ -81,6 +81,18 @@ SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed
   FROM tasker.claim_steps(%s, %s, %s, %s)
 """
 
+# A step given back for a capable worker: announce when it is ready again, as the send trigger
+# announces a delayed message, so that listening workers come back for it (in EventDrivenOnly,
+# which has no poller, nothing else would). The payload follows the trigger's message_ready.
+ANNOUNCE_READY = """
+SELECT pg_notify('pgmq_message_ready.' || a.ns,
+                 json_build_object('event_type', 'message_ready', 'queue_name', a.q, 'namespace', a.ns,
+                                   'msg_id', a.id, 'message_count', 1,
+                                   'ready_at', clock_timestamp() + make_interval(secs => a.delay))::text)
+  FROM (SELECT q, tasker.queue_namespace(q) AS ns, id, delay
+          FROM (VALUES (%s::text, %s::bigint, %s::float8)) AS v (q, id, delay)) AS a
+"""
+
 # Only while a circuit is open or a rejected step is left for a capable worker: the same
 # claim without the messages of some handlers and some message ids.
 CLAIM_STEPS_SKIPPING = """

@@ -257,6 +257,11 @@ class QueueClient:
             for r in rows
         ]
 
+    async def announce_ready(self, queue: str, msg_id: int, delay_s: float) -> None:
+        """Notify the workers listening on ``queue``'s namespace that ``msg_id`` is ready again
+        in ``delay_s`` seconds (a step given back with that delay)."""
+        await self._fetch(queries.ANNOUNCE_READY, (queue, msg_id, delay_s))
+
     async def record_outcomes(
         self, queue: str, worker_id: str, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
     ) -> dict[int, bool]:

@@ -696,6 +696,13 @@ class CommandProcessor:
             qs = self.queues.get(msg.queue)
             if qs is not None:
                 qs.leave_alone(msg.msg_id, time.monotonic() + delay_s + LEAVE_REJECTED_S)
+            try:
+                await self.client.announce_ready(msg.queue, msg.msg_id, delay_s)
+            except psycopg.Error as exc:  # the pollers of the other modes still find it
+                self.stats.incr("db_errors")
+                log.warning(
+                    "could not announce released msg %s", msg.msg_id, extra={**step_fields(msg), **error_fields(exc)}
+                )
 
     def _timeout(self, step: StepMessage, handler_timeout: timedelta | None) -> timedelta:
         if step.timeout is not None:
