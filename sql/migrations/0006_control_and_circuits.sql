@@ -1,5 +1,5 @@
 -- tasker-worker 0006: the control channel (deployment mode changes at runtime) and claims that
--- skip the handlers whose circuit is open.
+-- skip the handlers whose circuit is open and the steps this worker gave back to capable ones.
 
 -- A mode requested for a running worker; the worker applies it, records DeploymentModeChanged
 -- and clears the request. Kept in the row (not only sent as a notification) so that a worker
@@ -33,10 +33,14 @@ BEGIN
 END;
 $$;
 
--- pgmq.read without the messages of some handlers: a handler whose circuit is open is not
--- claimed at all, so its steps stay untouched in the queue (read_ct unchanged) while the
--- other handlers of the namespace go on. Same locking as pgmq.read (SKIP LOCKED, oldest first).
-CREATE OR REPLACE FUNCTION tasker.read_skipping(p_queue text, p_vt integer, p_qty integer, p_skip text[])
+-- pgmq.read without the messages of some handlers and some ids. A handler whose circuit is open
+-- is not claimed at all, so its steps stay untouched in the queue (read_ct unchanged) while the
+-- other handlers of the namespace go on. A step the worker gave back for lack of a capability is
+-- left for a capable worker for a while: without that, a lacking worker whose poll ticks line up
+-- with its own releases wins it back again and again, up to max_rejections while a capable
+-- worker runs. Same locking as pgmq.read (SKIP LOCKED, oldest first).
+CREATE OR REPLACE FUNCTION tasker.read_skipping(p_queue text, p_vt integer, p_qty integer, p_skip text[],
+                                                p_skip_msgs bigint[])
 RETURNS TABLE (msg_id bigint, read_ct integer, enqueued_at timestamptz, vt timestamptz,
                message jsonb, headers jsonb)
 LANGUAGE plpgsql AS $$
@@ -45,6 +49,7 @@ BEGIN
         WITH cte AS (
             SELECT q.msg_id FROM pgmq.%1$I AS q
              WHERE q.vt <= clock_timestamp()
+               AND q.msg_id <> ALL ($4)
                AND NOT (jsonb_typeof(q.message) = 'object'
                         AND coalesce(q.message ->> 'handler' = ANY ($2), false))
              ORDER BY q.msg_id
@@ -59,13 +64,14 @@ BEGIN
          WHERE m.msg_id = cte.msg_id
         RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers
         $sql$, pgmq.format_table_name(p_queue, 'q'))
-    USING p_qty, p_skip, p_vt;
+    USING p_qty, coalesce(p_skip, '{}'), p_vt, coalesce(p_skip_msgs, '{}');
 END;
 $$;
 
 -- tasker.claim_steps (dedup flag, StepAssigned events, asynchronous commit) over read_skipping.
 CREATE OR REPLACE FUNCTION tasker.claim_steps(p_queue text, p_vt integer, p_qty integer,
-                                              p_worker_id text, p_skip_handlers text[])
+                                              p_worker_id text, p_skip_handlers text[],
+                                              p_skip_msgs bigint[])
 RETURNS TABLE (
     msg_id       bigint,
     read_ct      integer,
@@ -84,7 +90,7 @@ BEGIN
         SELECT r.msg_id, r.read_ct, r.enqueued_at, r.vt, r.message, r.headers,
                d.step_uuid IS NOT NULL AS already_done,
                clock_timestamp() AS claimed_at
-          FROM tasker.read_skipping(p_queue, p_vt, p_qty, p_skip_handlers) AS r
+          FROM tasker.read_skipping(p_queue, p_vt, p_qty, p_skip_handlers, p_skip_msgs) AS r
           LEFT JOIN LATERAL (
               SELECT s.step_uuid FROM tasker.step_results AS s
                WHERE s.step_uuid = tasker.try_uuid(r.message ->> 'step_uuid')
