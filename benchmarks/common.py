@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -108,15 +109,70 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.communicate(timeout=10)
 
 
-def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> None:
-    """Poll ``predicate()`` every 20 ms until true; fail after ``timeout`` or if ``proc`` dies."""
+def wait_for(
+    predicate: Any,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[str] | None = None,
+    interval: float = 0.02,
+) -> None:
+    """Poll ``predicate()`` every ``interval`` s until true; fail after ``timeout`` or if ``proc`` dies."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"worker exited while waiting for {what}: {proc.communicate()[1][-2000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not reached within {timeout:.0f}s")
-        time.sleep(0.02)
+        time.sleep(interval)
+
+
+class ServerCpu:
+    """CPU time (user + system) the database server's processes spend between two readings.
+
+    Found through the parent of a backend (the postmaster), so only for a server on this
+    machine; ``available`` is false otherwise. The postmaster's own time, the time of its
+    children that have exited (the kernel adds it to the postmaster's ``children_*`` times when
+    it reaps them) and that of its live children: backends that come and go between the
+    readings are counted too.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._postmaster: psutil.Process | None = None
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            try:
+                parent = psutil.Process(int(row[0])).parent() if row else None
+            except psutil.Error:
+                parent = None
+        if parent is not None and "postgres" in parent.name():
+            self._postmaster = parent
+        self._start = 0.0
+
+    @property
+    def available(self) -> bool:
+        """Whether the server's processes are visible from here."""
+        return self._postmaster is not None
+
+    def _total(self) -> float:
+        assert self._postmaster is not None
+        t = self._postmaster.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in self._postmaster.children():
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return total
+
+    def start(self) -> None:
+        """First reading."""
+        if self._postmaster is not None:
+            self._start = self._total()
+
+    def seconds(self) -> float | None:
+        """CPU seconds spent since ``start`` (None when the server is not visible)."""
+        if self._postmaster is None:
+            return None
+        return self._total() - self._start
 
 
 def percentiles_ms(samples_s: Sequence[float]) -> dict[str, float | None]:
@@ -198,8 +254,6 @@ def write_json(path: Path, data: Any) -> None:
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     import platform
-
-    import psutil
 
     return {
         "cpus": os.cpu_count(),

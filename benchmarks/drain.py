@@ -2,8 +2,8 @@
 
 Enqueue N ``noop`` steps with ``pgmq.send_batch`` (the enqueue rate is reported on its own),
 start one ``tasker-worker run`` process, and time from the first handler start to the last
-outcome recorded. Per deployment mode and concurrency; the worker's CPU time per step is
-reported too. Every run checks exactly-once: N distinct outcomes, all succeeded, an empty queue.
+outcome recorded. Per deployment mode and concurrency; the CPU time per step of the worker and
+of the database server (when it runs on this machine) is reported too. Every run checks exactly-once: N distinct outcomes, all succeeded, an empty queue.
 
     python benchmarks/drain.py                       # 20,000 steps, every mode, concurrency 1, 16, 128
     python benchmarks/drain.py --modes Hybrid --concurrency 128 --step-events both
@@ -21,6 +21,7 @@ import psycopg
 from common import (
     QUEUE,
     RESULTS,
+    ServerCpu,
     enqueue_steps,
     machine,
     print_table,
@@ -42,6 +43,7 @@ COLUMNS = [
     ("steps_per_s", "steps/s"),
     ("enqueue_per_s", "enqueue/s"),
     ("worker_cpu_us_per_step", "worker CPU us/step"),
+    ("server_cpu_us_per_step", "server CPU us/step"),
     ("exactly_once", "exactly once"),
 ]
 
@@ -50,6 +52,7 @@ def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool
     """One drain run on a fresh database."""
     url = tasker_database(admin, "bench_drain")
     enqueue_rate = enqueue_steps(url, steps)
+    server_cpu = ServerCpu(url)
     proc = start_worker(url, mode, concurrency, step_events=step_events)
     try:
         worker = psutil.Process(proc.pid)
@@ -61,8 +64,12 @@ def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool
 
             wait_for(lambda: recorded() > 0, 120, "the first outcome", proc)
             cpu0 = sum(worker.cpu_times()[:2])
-            wait_for(lambda: recorded() >= steps, 900, f"{steps} outcomes", proc)
+            server_cpu.start()
+            # The times come from the outcome rows, not from this loop, so it can look rarely:
+            # a count(*) every 20 ms was several percent of a core taken from the drain.
+            wait_for(lambda: recorded() >= steps, 900, f"{steps} outcomes", proc, interval=0.25)
             cpu1 = sum(worker.cpu_times()[:2])
+            server_s = server_cpu.seconds()
             first, last, distinct, succeeded = conn.execute(
                 "SELECT min(started_at), max(recorded_at), count(DISTINCT step_uuid),"
                 " count(*) FILTER (WHERE status = 'succeeded') FROM tasker.step_results"
@@ -82,6 +89,8 @@ def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool
         "enqueue_per_s": round(enqueue_rate, 1),
         # From the first outcome on: the start-up is not part of the per-step cost.
         "worker_cpu_us_per_step": round((cpu1 - cpu0) / steps * 1e6, 1),
+        # Includes this script's count(*) every 250 ms and the server's background processes.
+        "server_cpu_us_per_step": round(server_s / steps * 1e6, 1) if server_s is not None else None,
     }
 
 

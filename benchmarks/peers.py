@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 import psycopg
-from common import QUEUE, RESULTS, machine, print_table, server, tasker_database, write_json
+from common import QUEUE, RESULTS, ServerCpu, machine, print_table, server, tasker_database, write_json
 from systems import PgQueuer, Procrastinate, child_argv
 
 COLUMNS = [
@@ -33,6 +33,8 @@ COLUMNS = [
     ("seconds", "seconds"),
     ("steps_per_s", "jobs/s"),
     ("enqueue_per_s", "enqueue/s"),
+    ("worker_cpu_us_per_step", "worker CPU us/job"),
+    ("server_cpu_us_per_step", "server CPU us/job"),
     ("exactly_once", "exactly once"),
 ]
 
@@ -41,9 +43,13 @@ def peer_drain(admin: str, system: PgQueuer | Procrastinate, steps: int) -> dict
     """One drain of a peer on a fresh database."""
     url = anyio.run(system.install, admin, "bench_peer")
     enqueue_rate = system.enqueue_noop(url, steps)
+    server_cpu = ServerCpu(url)
+    server_cpu.start()
     proc = subprocess.run(
         child_argv(system, "drain", url, steps), capture_output=True, text=True, timeout=1800, check=False
     )
+    # Over the whole child process, its start-up and connections included.
+    server_s = server_cpu.seconds()
     if proc.returncode != 0:
         raise RuntimeError(f"{system.label} drain failed: {proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -53,6 +59,7 @@ def peer_drain(admin: str, system: PgQueuer | Procrastinate, steps: int) -> dict
         **system.options(),
         **result,
         "enqueue_per_s": round(enqueue_rate, 1),
+        "server_cpu_us_per_step": round(server_s / steps * 1e6, 1) if server_s is not None else None,
     }
 
 
@@ -80,9 +87,12 @@ def raw_limit(admin: str, steps: int) -> dict[str, Any]:
     enqueue_steps(url, steps)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
+        server_cpu = ServerCpu(url)
+        server_cpu.start()
         t0 = time.perf_counter()
         conn.execute(RAW_LOOP.format(queue=QUEUE))
         seconds = time.perf_counter() - t0
+        server_s = server_cpu.seconds()
         left = conn.execute(f"SELECT count(*) FROM pgmq.q_{QUEUE}").fetchone()
         archived = conn.execute(f"SELECT count(*) FROM pgmq.a_{QUEUE}").fetchone()
     return {
@@ -90,6 +100,7 @@ def raw_limit(admin: str, steps: int) -> dict[str, Any]:
         "steps": steps,
         "seconds": round(seconds, 3),
         "steps_per_s": round(steps / seconds, 1),
+        "server_cpu_us_per_step": round(server_s / steps * 1e6, 1) if server_s is not None else None,
         "exactly_once": bool(left and left[0] == 0 and archived and archived[0] == steps),
     }
 

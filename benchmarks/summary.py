@@ -51,7 +51,23 @@ def ratios(drains: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> dic
         off = best(ours_off)
         out["tasker_hybrid_best_events_off"] = off
         out["vs_pgqueuer_events_off"] = round(off["steps_per_s"] / pgq["steps_per_s"], 2)
+    # What the throughput targets mean in CPU: both sides are CPU-bound on two cores, so running
+    # 1.5x PgQueuer's best takes at most 1/1.5 of its CPU (worker + server) per job.
+    cpu = {"tasker": cpu_per_step(ours), "pgqueuer": cpu_per_step(pgq), "raw_limit": cpu_per_step(raw)}
+    if ours_off:
+        cpu["tasker_events_off"] = cpu_per_step(best(ours_off))
+    out["cpu_us_per_step"] = cpu
+    if cpu["pgqueuer"] is not None:
+        out["cpu_budget_for_1_5x_pgqueuer_us"] = round(cpu["pgqueuer"] / 1.5, 1)
     return out
+
+
+def cpu_per_step(row: dict[str, Any]) -> float | None:
+    """Worker + server CPU per job in microseconds (None when one of them was not measured)."""
+    server_us = row.get("server_cpu_us_per_step")
+    if server_us is None:
+        return None
+    return round((row.get("worker_cpu_us_per_step") or 0.0) + server_us, 1)
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
@@ -159,6 +175,15 @@ def main() -> None:
         f"\nratios (Hybrid best, step events on): {r['vs_pgqueuer']}x PgQueuer's best, "
         f"{r['vs_procrastinate']}x Procrastinate's best, {r['of_raw_limit']:.0%} of the raw SQL limit"
         + (f"; events off: {r['vs_pgqueuer_events_off']}x PgQueuer" if "vs_pgqueuer_events_off" in r else "")
+    )
+    print(
+        "CPU per job, worker + server (us): "
+        + ", ".join(f"{k} {v}" for k, v in r["cpu_us_per_step"].items())
+        + (
+            f"; 1.5x PgQueuer's best needs at most {r['cpu_budget_for_1_5x_pgqueuer_us']}"
+            if "cpu_budget_for_1_5x_pgqueuer_us" in r
+            else ""
+        )
     )
     write_json(args.json, result)
     chart(result, args.png)

@@ -210,20 +210,20 @@ class PgQueuer:
         conn, pgq = await self._manager(url)
         seen: set[Any] = set()
         calls = 0
-        first: list[float] = []
+        first: list[tuple[float, float]] = []
 
         @pgq.entrypoint("noop")
         async def _noop(job: Any) -> None:
             nonlocal calls
             if not first:
-                first.append(time.perf_counter())
+                first.append(_now())
             calls += 1
             seen.add(job.id)
 
         await pgq.qm.run(
             batch_size=self.batch_size, mode=QueueExecutionMode.drain, dequeue_timeout=timedelta(seconds=1)
         )
-        end = time.perf_counter()  # run() returns once the queue is empty and its buffers are flushed
+        end = _now()  # run() returns once the queue is empty and its buffers are flushed
         left = await conn.fetchval("SELECT count(*) FROM pgqueuer")
         await conn.close()
         return _drain_result(n, calls, len(seen), left, first, end)
@@ -309,18 +309,18 @@ class Procrastinate:
     async def drain(self, url: str, n: int) -> dict[str, Any]:
         app = self._app(url)
         calls = 0
-        first: list[float] = []
+        first: list[tuple[float, float]] = []
 
         @app.task(name="noop")
         async def _noop() -> None:
             nonlocal calls
             if not first:
-                first.append(time.perf_counter())
+                first.append(_now())
             calls += 1
 
         async with app.open_async():
             await app.run_worker_async(concurrency=self.concurrency, wait=False, install_signal_handlers=False)
-            end = time.perf_counter()
+            end = _now()
         with psycopg.connect(url) as conn:
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status <> 'succeeded')"
@@ -330,12 +330,21 @@ class Procrastinate:
         return _drain_result(n, calls, int(done), int(left), first, end)
 
 
-def _drain_result(n: int, calls: int, distinct: int, left: int, first: list[float], end: float) -> dict[str, Any]:
-    seconds = end - first[0] if first else float("nan")
+def _now() -> tuple[float, float]:
+    """Wall clock and this process's CPU time."""
+    return time.perf_counter(), time.process_time()
+
+
+def _drain_result(
+    n: int, calls: int, distinct: int, left: int, first: list[tuple[float, float]], end: tuple[float, float]
+) -> dict[str, Any]:
+    seconds = end[0] - first[0][0] if first else float("nan")
     return {
         "steps": n,
         "seconds": round(seconds, 3),
         "steps_per_s": round(n / seconds, 1) if first else 0.0,
+        # Like tasker's: the worker process's CPU from the first job on, per job.
+        "worker_cpu_us_per_step": round((end[1] - first[0][1]) / n * 1e6, 1) if first else None,
         "exactly_once": calls == n == distinct and left == 0,
         "handler_calls": calls,
     }
