@@ -139,3 +139,15 @@ def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
     assert sum(summary["outcomes"].values()) == 30
     assert set(summary["outcomes"]) <= {"succeeded", "failed"}
     assert summary["claimed"]["event"] + summary["claimed"]["poll"] == 30
+
+
+def test_event_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasker_worker.cli import run as run_module
+    from tasker_worker.errors import ConfigError
+
+    assert run_module.loop_options("auto") == {"use_uvloop": True}  # installed with the project here
+    assert run_module.loop_options("asyncio") == {"use_uvloop": False}
+    monkeypatch.setattr(run_module.importlib.util, "find_spec", lambda name: None)
+    assert run_module.loop_options("auto") == {"use_uvloop": False}
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        run_module.loop_options("uvloop")

@@ -87,6 +87,21 @@ def test_sigterm_drains_in_flight_and_releases_the_rest(env: dict[str, str], db_
     assert final["counters"]["released"] == 2 and final["counters"]["succeeded"] == 4
 
 
+@pytest.mark.parametrize("choice", ["auto", "asyncio"])
+def test_the_event_loop_follows_the_config(env: dict[str, str], db_url: str, choice: str) -> None:
+    bodies = send(db_url, "ledger", [{"i": i} for i in range(40)])
+    loop_env = {**env, "TASKER__WORKER__EVENT_LOOP": choice, "TASKER__LOGGING__LEVEL": "INFO"}
+    proc = start(loop_env, "--mode", "Hybrid", "--concurrency", "8")
+    try:
+        wait_for(db_url, "SELECT count(*) FROM tasker.step_results WHERE status = 'succeeded'", len(bodies), 30)
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    # uvloop is a dependency here (Linux), so "auto" takes it.
+    assert f"loop={'uvloop' if choice == 'auto' else 'asyncio'}" in err
+    assert value(db_url, "SELECT count(DISTINCT step_uuid) FROM public.ledger") == len(bodies)
+
+
 def test_two_processes_on_one_queue_never_double_process(env: dict[str, str], db_url: str) -> None:
     bodies = send(db_url, "ledger", [{"i": i} for i in range(600)])
     proc = start(env, "--mode", "Hybrid", "--processes", "2", "--concurrency", "8")

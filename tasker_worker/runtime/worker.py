@@ -18,6 +18,7 @@ immediately; claimed messages then come back when their vt expires.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -217,11 +218,12 @@ class Worker(RegistersHandlers):
             executor.start()
             self.started_at = datetime.now(UTC)
             log.info(
-                "worker %s started: mode=%s namespaces=%s concurrency=%d",
+                "worker %s started: mode=%s namespaces=%s concurrency=%d loop=%s",
                 self.worker_id,
                 event_system.mode.value,
                 ",".join(self.namespaces),
                 processor.max_concurrent,
+                _loop_name(),
             )
             with anyio.CancelScope() as hard:
                 self._hard_scope = hard
@@ -430,3 +432,9 @@ def _dump_tasks() -> None:
 
 
 __all__ = ["StepContext", "Worker"]
+
+
+def _loop_name() -> str:
+    """``uvloop`` or ``asyncio``: which event loop runs this worker (``[worker] event_loop``)."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
