@@ -1,10 +1,10 @@
 """OutcomeWriter: batches outcome writes, acks, retries and dead-letters.
 
-Steps hand their finished claim to the writer and wait until it is durably written; only then
-is their concurrency slot freed, so unwritten outcomes can never pile up beyond
-``max_concurrent_processors``. The writer flushes whatever has accumulated as soon as it is
-idle: one statement per (kind, queue) however many steps finished meanwhile, and no added
-delay when the worker is quiet.
+Steps hand their finished claim to the writer and wait until it is durably written. The
+processor frees a step's slot when its handler returns (``CommandProcessor._hand_off``) but lets
+at most ``max_concurrent_processors`` outcomes wait here, so unwritten outcomes never pile up
+beyond that. The writer flushes whatever has accumulated as soon as it is idle: one statement per
+(kind, queue) however many steps finished meanwhile, and no added delay when the worker is quiet.
 """
 
 from __future__ import annotations
