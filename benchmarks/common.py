@@ -130,7 +130,7 @@ class ServerCpu:
     """CPU time (user + system) the database server's processes spend between two readings.
 
     Found through the parent of a backend (the postmaster), so only for a server on this
-    machine; ``available`` is false otherwise. The postmaster's own time, the time of its
+    machine (``seconds`` is None otherwise). The postmaster's own time, the time of its
     children that have exited (the kernel adds it to the postmaster's ``children_*`` times when
     it reaps them) and that of its live children: backends that come and go between the
     readings are counted too.
@@ -147,11 +147,6 @@ class ServerCpu:
         if parent is not None and "postgres" in parent.name():
             self._postmaster = parent
         self._start = 0.0
-
-    @property
-    def available(self) -> bool:
-        """Whether the server's processes are visible from here."""
-        return self._postmaster is not None
 
     def _total(self) -> float:
         assert self._postmaster is not None

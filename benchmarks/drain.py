@@ -3,7 +3,8 @@
 Enqueue N ``noop`` steps with ``pgmq.send_batch`` (the enqueue rate is reported on its own),
 start one ``tasker-worker run`` process, and time from the first handler start to the last
 outcome recorded. Per deployment mode and concurrency; the CPU time per step of the worker and
-of the database server (when it runs on this machine) is reported too. Every run checks exactly-once: N distinct outcomes, all succeeded, an empty queue.
+of the database server (when it runs on this machine) is reported too. Every run checks
+exactly-once: N distinct outcomes, all succeeded, an empty queue.
 
     python benchmarks/drain.py                       # 20,000 steps, every mode, concurrency 1, 16, 128
     python benchmarks/drain.py --modes Hybrid --concurrency 128 --step-events both

@@ -51,8 +51,8 @@ def ratios(drains: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> dic
         off = best(ours_off)
         out["tasker_hybrid_best_events_off"] = off
         out["vs_pgqueuer_events_off"] = round(off["steps_per_s"] / pgq["steps_per_s"], 2)
-    # What the throughput targets mean in CPU: both sides are CPU-bound on two cores, so running
-    # 1.5x PgQueuer's best takes at most 1/1.5 of its CPU (worker + server) per job.
+    # What the throughput targets mean in CPU: at the same use of the two cores, running 1.5x
+    # PgQueuer's best takes at most 1/1.5 of its CPU (worker + server) per job.
     cpu = {"tasker": cpu_per_step(ours), "pgqueuer": cpu_per_step(pgq), "raw_limit": cpu_per_step(raw)}
     if ours_off:
         cpu["tasker_events_off"] = cpu_per_step(best(ours_off))
@@ -63,7 +63,8 @@ def ratios(drains: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> dic
 
 
 def cpu_per_step(row: dict[str, Any]) -> float | None:
-    """Worker + server CPU per job in microseconds (None when one of them was not measured)."""
+    """Worker + server CPU per job in microseconds (None when the server's was not measured; the
+    raw limit has no worker)."""
     server_us = row.get("server_cpu_us_per_step")
     if server_us is None:
         return None

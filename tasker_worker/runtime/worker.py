@@ -431,10 +431,10 @@ def _dump_tasks() -> None:
     log.warning("SIGUSR1: %d tasks\n%s", len(tasks), out.getvalue())
 
 
-__all__ = ["StepContext", "Worker"]
-
-
 def _loop_name() -> str:
     """``uvloop`` or ``asyncio``: which event loop runs this worker (``[worker] event_loop``)."""
     module = type(asyncio.get_running_loop()).__module__
     return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+__all__ = ["StepContext", "Worker"]
