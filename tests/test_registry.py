@@ -288,8 +288,11 @@ async def test_fleet_stats(pool: AsyncConnectionPool) -> None:
     assert [w.worker_id for w in healthy] == ["w0"]
 
 
-async def test_step_events_follow_the_step(db_url: str, pool: AsyncConnectionPool) -> None:
-    """A claim, a failed attempt and the final outcome each leave their event."""
+@pytest.mark.parametrize("step_events", ["derived", "stored"])
+async def test_step_events_follow_the_step(db_url: str, pool: AsyncConnectionPool, step_events: str) -> None:
+    """A claim, a failed attempt and the final outcome each leave their event in tasker.event_log,
+    whether the events are rows (stored) or read from the outcome row (derived: then the only
+    row is the failed attempt's, which has no outcome row)."""
     from tasker_worker.handlers.registry import HandlerRegistry
     from tasker_worker.testing import make_config, running_worker, send_steps, wait_until
 
@@ -303,7 +306,8 @@ async def test_step_events_follow_the_step(db_url: str, pool: AsyncConnectionPoo
 
     reg = HandlerRegistry()
     reg.register("flaky", flaky)
-    config = make_config(namespaces=["ev"], overrides={"retry.base_delay": "10ms", "retry.jitter": 0.0})
+    overrides = {"retry.base_delay": "10ms", "retry.jitter": 0.0, "events.step_events": step_events}
+    config = make_config(namespaces=["ev"], overrides=overrides)
     async with running_worker(db_url, config, registry=reg) as worker:
         [body] = await send_steps(db_url, "ev", "flaky", [{}])
 
@@ -316,10 +320,13 @@ async def test_step_events_follow_the_step(db_url: str, pool: AsyncConnectionPoo
         worker_id = worker.worker_id
     async with pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT event_type, worker_id, data FROM tasker.events WHERE step_uuid = %s ORDER BY event_id",
+            "SELECT event_type, worker_id, data, derived FROM tasker.event_log WHERE step_uuid = %s"
+            " ORDER BY occurred_at, event_id",
             (body["step_uuid"],),
         )
         rows = await cur.fetchall()
+        cur = await conn.execute("SELECT event_type FROM tasker.events WHERE step_uuid = %s", (body["step_uuid"],))
+        stored = sorted(r[0] for r in await cur.fetchall())
     assert [r[0] for r in rows] == [
         "StepAssigned",
         "StepFailed",
@@ -329,14 +336,26 @@ async def test_step_events_follow_the_step(db_url: str, pool: AsyncConnectionPoo
     ]
     assert {r[1] for r in rows} == {worker_id}
     assert rows[1][2]["final"] is False and rows[1][2]["attempt"] == 1
+    assert [r[2]["read_ct"] for r in rows if r[0] == "StepAssigned"] == [1, 2]
+    assert rows[4][2] == {"attempts": 2, "final": True, "source": "poll"}
+    if step_events == "stored":
+        assert not any(r[3] for r in rows)
+        assert stored == sorted(r[0] for r in rows)
+    else:
+        assert [r[3] for r in rows] == [True, False, True, True, True]
+        assert stored == ["StepFailed"]
     lifecycle = await event_types(pool, worker_id)
     assert lifecycle[0] == "WorkerRegistered" and lifecycle[-1] == "WorkerDeregistered"
 
 
-async def test_step_events_can_be_switched_off(db_url: str, pool: AsyncConnectionPool) -> None:
+async def test_derived_step_events_write_no_row(db_url: str, pool: AsyncConnectionPool) -> None:
+    """With step events derived (the default; the booleans of earlier versions read so too), a
+    step that succeeds writes its outcome row and no event row, and the view still shows its
+    three events."""
     from tasker_worker.testing import make_config, outcome_counter, running_worker, send_steps, wait_until
 
     config = make_config(namespaces=["quiet"], overrides={"events.step_events": False})
+    assert config.events.step_events == "derived"
     async with running_worker(db_url, config):
         await send_steps(db_url, "quiet", "noop", [{} for _ in range(5)])
         count = outcome_counter(db_url, "succeeded")
@@ -348,8 +367,12 @@ async def test_step_events_can_be_switched_off(db_url: str, pool: AsyncConnectio
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT count(*) FROM tasker.events WHERE step_uuid IS NOT NULL")
         assert (await cur.fetchone())[0] == 0
+        cur = await conn.execute(
+            "SELECT event_type, count(*) FROM tasker.event_log WHERE step_uuid IS NOT NULL GROUP BY 1 ORDER BY 1"
+        )
+        assert await cur.fetchall() == [("StepAssigned", 5), ("StepAssignmentAccepted", 5), ("StepCompleted", 5)]
         cur = await conn.execute("SELECT count(*) FROM tasker.events WHERE event_type = 'WorkerRegistered'")
-        assert (await cur.fetchone())[0] == 1  # worker events are always on
+        assert (await cur.fetchone())[0] == 1  # worker events are always rows
 
 
 async def test_running_worker_registers_heartbeats_is_supervised_and_deregisters(

@@ -46,17 +46,25 @@ def state_for(url: str) -> Any:
     return types.SimpleNamespace(ledger_url=url)
 
 
-async def assert_exactly_once(url: str, bodies: list[dict[str, Any]]) -> None:
-    """Every step has one outcome, one ledger run, and its message is archived."""
+async def assert_exactly_once(url: str, bodies: list[dict[str, Any]], *, archived: int = 0) -> None:
+    """Every step has one outcome row saying when it was enqueued, claimed, started and finished,
+    one ledger run, and its message is gone from the queue (kept in the archive only when
+    ``[queues] archive`` asks for it)."""
     uuids = sorted(b["step_uuid"] for b in bodies)
     outcomes = await fetch(url, "SELECT step_uuid::text, status FROM tasker.step_results ORDER BY 1")
     assert [o[0] for o in outcomes] == uuids
     assert {o[1] for o in outcomes} == {"succeeded"}
+    untimed = await fetch_value(
+        url,
+        "SELECT count(*) FROM tasker.step_results WHERE NOT (enqueued_at <= claimed_at AND claimed_at <= started_at"
+        " AND started_at <= finished_at AND attempts >= 1 AND worker_id <> '' AND source IN ('event', 'poll'))",
+    )
+    assert untimed == 0
     runs = await fetch(url, "SELECT step_uuid::text, count(*) FROM public.ledger GROUP BY 1 HAVING count(*) > 1")
     assert runs == [], f"steps run more than once: {runs[:5]}"
     assert await fetch_value(url, "SELECT count(DISTINCT step_uuid) FROM public.ledger") == len(bodies)
     assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0
-    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.a_{QUEUE}") == len(bodies)
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.a_{QUEUE}") == archived
 
 
 @pytest.mark.anyio
@@ -110,6 +118,32 @@ async def test_missed_wakeups_count_only_messages_sent_while_listening(url: str)
     await assert_exactly_once(url, [*early, silent])
 
 
+@pytest.mark.anyio
+async def test_archive_is_kept_only_where_configured(url: str) -> None:
+    """By default a settled message is deleted (its outcome row is its record); a namespace with
+    ``[queues.namespaces.<ns>] archive = true`` keeps each settled message in pgmq's archive."""
+    config = make_config(
+        mode="Hybrid", namespaces=["plain", "kept"], overrides={"queues.namespaces": {"kept": {"archive": True}}}
+    )
+    assert not config.queues.archive_for("plain") and config.queues.archive_for("kept")
+    async with running_worker(url, config):
+        plain = await send_steps(url, "plain", "noop", [{"i": i} for i in range(5)])
+        kept = await send_steps(url, "kept", "noop", [{"i": i} for i in range(5)], batch=True)
+        await wait_until(_count_is(url, 10), timeout=20)
+    assert await fetch_value(url, "SELECT count(*) FROM pgmq.q_worker_plain_queue") == 0
+    assert await fetch_value(url, "SELECT count(*) FROM pgmq.a_worker_plain_queue") == 0
+    assert await fetch_value(url, "SELECT count(*) FROM pgmq.q_worker_kept_queue") == 0
+    archived = await fetch(
+        url,
+        "SELECT a.message ->> 'step_uuid', a.read_ct, r.msg_id = a.msg_id FROM pgmq.a_worker_kept_queue AS a"
+        " JOIN tasker.step_results AS r ON r.step_uuid = (a.message ->> 'step_uuid')::uuid ORDER BY a.msg_id",
+    )
+    assert [r[0] for r in archived] == [b["step_uuid"] for b in kept]
+    assert all(r[1] == 1 and r[2] for r in archived)
+    recorded = await fetch(url, "SELECT namespace, count(*) FROM tasker.step_results GROUP BY 1 ORDER BY 1")
+    assert recorded == [("kept", 5), ("plain", len(plain))]
+
+
 def _count_is(url: str, n: int) -> Any:
     counter = outcome_counter(url)
 
@@ -121,7 +155,8 @@ def _count_is(url: str, n: int) -> Any:
 
 @pytest.mark.anyio
 async def test_same_step_uuid_sent_twice_runs_once(url: str) -> None:
-    config = make_config(mode="Hybrid", namespaces=[NS])
+    # With the archive on, both settled messages are kept there: the second one settled unrun.
+    config = make_config(mode="Hybrid", namespaces=[NS], overrides={"queues.archive": True})
     bodies = await send_steps(url, NS, "ledger", [{"sleep": 0.3}])
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute("SELECT pgmq.send(%s, %s)", (QUEUE, psycopg.types.json.Jsonb(bodies[0])))

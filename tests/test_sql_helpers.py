@@ -134,8 +134,9 @@ def test_step_message_parse_errors_are_readable() -> None:
 @pytest.mark.anyio
 async def test_claims_from_sql_and_python(conn: Conn, db_url: str) -> None:
     """tasker.claim_steps from SQL and QueueClient.claim: oldest visible first, vt and read_ct
-    moved, the dedup flag, StepAssigned events under the claimant, malformed bodies claimed too
-    (to be dead-lettered), invisible rows skipped, an unknown queue a clear error."""
+    moved, the dedup flag, StepAssigned rows under the claimant when step events are stored (and
+    none when they are derived, the default), malformed bodies claimed too (to be
+    dead-lettered), invisible rows skipped, an unknown queue a clear error."""
     from tasker_worker.config.models import DatabaseConfig
     from tasker_worker.db.connection import open_pool
     from tasker_worker.db.queue_client import QueueClient
@@ -153,18 +154,25 @@ async def test_claims_from_sql_and_python(conn: Conn, db_url: str) -> None:
     bodies: list[Any] = [done, StepMessage.build("agree", "noop"), [1, 2], StepMessage.build("agree", "noop")]
     for body in bodies:
         conn.execute("SELECT pgmq.send(%s, %s::jsonb)", (queue, json.dumps(body)))
+    conn.execute("SET tasker.step_events = 'stored'")
     sql_rows = conn.execute("SELECT msg_id, read_ct, already_done FROM tasker.claim_steps(%s, 30, 2, 'sql')", (queue,))
     assert [(r[1], r[2]) for r in sql_rows.fetchall()] == [(1, True), (1, False)]
+    conn.execute("RESET tasker.step_events")
 
     pool = await open_pool(db_url, DatabaseConfig(), max_size=1)
     try:
-        client = QueueClient(pool)
+        client = QueueClient(pool, store_events=True)
         claimed = await client.claim(queue, 30, 10, Source.POLL, worker_id="py")
         assert [(m.msg_id, m.read_ct, m.already_done) for m in claimed] == [(3, 1, False), (4, 1, False)]
-        assert claimed[0].body == [1, 2] and claimed[1].body["step_uuid"] == bodies[3]["step_uuid"]
+        assert json.loads(claimed[0].body) == [1, 2] and json.loads(claimed[1].body) == bodies[3]
         assert await client.claim(queue, 30, 10, Source.POLL) == []  # all invisible now
         with pytest.raises(QueueNotFound):
             await client.claim('no"such', 30, 1, Source.POLL)
+        # Derived step events (the default): a claim writes no event row, from Python or SQL.
+        conn.execute("SELECT pgmq.send(%s, %s::jsonb)", (queue, json.dumps(StepMessage.build("agree", "noop"))))
+        conn.execute("SELECT pgmq.send(%s, %s::jsonb)", (queue, json.dumps(StepMessage.build("agree", "noop"))))
+        assert len(await QueueClient(pool).claim(queue, 30, 1, Source.POLL, worker_id="quiet")) == 1
+        assert len(conn.execute("SELECT * FROM tasker.claim_steps(%s, 30, 1, 'quiet')", (queue,)).fetchall()) == 1
     finally:
         await pool.close()
     events = conn.execute(
@@ -173,7 +181,7 @@ async def test_claims_from_sql_and_python(conn: Conn, db_url: str) -> None:
     ).fetchall()
     assert events == [("sql", 1, False), ("sql", 2, False), ("py", 3, True), ("py", 4, False)]
     vts = conn.execute(f"SELECT count(*) FROM pgmq.q_{queue} WHERE vt > now() + interval '20 seconds'").fetchone()
-    assert vts == (4,)
+    assert vts == (6,)
 
 
 @pytest.mark.anyio

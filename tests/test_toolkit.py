@@ -126,7 +126,7 @@ async def test_duplicate_step_runs_once() -> None:
         runs.append(str(step.step_uuid))
 
     step = h.send("once")
-    body = {**step.model_dump(mode="json")}
+    body = step.as_body()
     h.send_raw(body)
     await h.run_ready()
     assert runs == [str(step.step_uuid)]

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tasker_worker.config.durations import Duration
 from tasker_worker.domain.names import validate_namespace
-from tasker_worker.errors import InvalidName
+from tasker_worker.errors import ConfigError, InvalidName
 
 
 class DeploymentMode(enum.StrEnum):
@@ -94,6 +94,12 @@ class DatabaseConfig(_Section):
     """``[database]``: where PostgreSQL is, or where the embedded one keeps its data."""
 
     url: str | None = None
+    #: What sits between the worker and PostgreSQL. ``"transaction"``: a transaction pooler
+    #: (PgBouncer ``pool_mode = transaction``, which before 1.21 keeps no prepared statements):
+    #: the worker then uses no server-side prepared statements and no session state (no LISTEN,
+    #: no session advisory lock), so it runs PollingOnly and leaves supervision to a process
+    #: connected directly. ``"none"``: a direct connection (or a session pooler).
+    pooler: Literal["none", "transaction"] = "none"
     #: Data directory of the embedded server (default: the user's data directory).
     embedded_data_dir: Path | None = None
     auto_migrate: bool = True
@@ -220,14 +226,63 @@ class RegistryConfig(_Section):
         return value
 
 
+class QueueNamespaceConfig(_Section):
+    """``[queues.namespaces.<ns>]``: settings of one namespace's queue."""
+
+    #: Keep settled messages in pgmq's archive table ``a_worker_<ns>_queue`` (unset: ``[queues] archive``).
+    archive: bool | None = None
+
+
+class QueuesConfig(_Section):
+    """``[queues]``: what happens to a settled message."""
+
+    #: Keep each settled message in pgmq's archive table besides its outcome row. Off by default:
+    #: the outcome row in ``tasker.step_results`` is the step's record (ids, handler, attempts,
+    #: enqueue/claim/start/finish times, worker, source, status, result, error), and the archive
+    #: insert is a second row per step. Dead-lettered messages always go whole to ``<queue>_dlq``.
+    archive: bool = False
+    #: Per-namespace overrides: ``[queues.namespaces.billing] archive = true``.
+    namespaces: dict[str, QueueNamespaceConfig] = Field(default_factory=dict)
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespace_keys(cls, value: dict[str, QueueNamespaceConfig]) -> dict[str, QueueNamespaceConfig]:
+        for key in value:
+            try:
+                validate_namespace(key)
+            except InvalidName as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def archive_for(self, namespace: str) -> bool:
+        """Whether settled messages of ``namespace`` are archived."""
+        own = self.namespaces.get(namespace)
+        return self.archive if own is None or own.archive is None else own.archive
+
+
 class EventsConfig(_Section):
     """``[events]``: the event log."""
 
-    #: Record step assignment events (StepAssigned ... StepCompleted) besides worker events.
-    step_events: bool = True
+    #: How the step assignment events (StepAssigned ... StepCompleted) are kept. ``derived``: the
+    #: events a step's outcome row implies (assigned, accepted, completed/failed/dead-lettered)
+    #: are read from that row through the view ``tasker.event_log``, and only what has no
+    #: outcome row (retries, releases, rejections, handler timeouts) is stored; no event row is
+    #: written on a step's normal path. ``stored``: every step event is a row of
+    #: ``tasker.events``, as before 0.2 (three more rows per step). The booleans of earlier
+    #: versions read as ``derived``.
+    step_events: Literal["derived", "stored"] = "derived"
     #: Events older than this are compacted into a snapshot and deleted.
     retention: Duration = timedelta(days=7)
     compaction_interval: Duration = timedelta(hours=1)
+
+    @field_validator("step_events", mode="before")
+    @classmethod
+    def _legacy_boolean(cls, value: object) -> object:
+        # ``step_events = true | false`` of earlier versions: with the outcome row as the record of
+        # a step, turning its events off no longer saves a write, so both read as "derived".
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+            return "derived"
+        return value
 
 
 class ApiConfig(_Section):
@@ -266,12 +321,25 @@ class TaskerConfig(BaseSettings):
     event_system: EventSystemConfig = Field(default_factory=EventSystemConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    queues: QueuesConfig = Field(default_factory=QueuesConfig)
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     handlers: HandlersConfig = Field(default_factory=HandlersConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+
+    @model_validator(mode="after")
+    def _pooler_needs_polling(self) -> TaskerConfig:
+        if self.database.pooler == "transaction" and self.event_system.deployment_mode.uses_listener:
+            # Raised as itself (not a ValueError), so the message names both keys as written.
+            raise ConfigError(
+                f"event_system.deployment_mode = {self.event_system.deployment_mode.value} needs LISTEN, which a "
+                'transaction pooler does not carry (database.pooler = "transaction"): run PollingOnly behind '
+                "the pooler, or connect the worker to PostgreSQL directly",
+                source="config",
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -70,19 +70,21 @@ async def connection(url: str, *, timeout: float = 10.0) -> AsyncIterator[psycop
         await conn.close()
 
 
-async def open_pool(
-    url: str, config: DatabaseConfig, *, max_size: int | None = None, step_events: bool = True
-) -> AsyncConnectionPool:
+async def open_pool(url: str, config: DatabaseConfig, *, max_size: int | None = None) -> AsyncConnectionPool:
     """An opened pool of autocommit connections; the first connection is checked at once.
 
-    ``step_events=False`` turns the step events of the event log off for this pool's sessions
-    (the outcome trigger reads the ``tasker.step_events`` setting).
+    Direct connections plan every prepared statement with the parameters and statistics of the
+    moment (``plan_cache_mode = force_custom_plan``, see ``queries``). Behind a transaction
+    pooler (``[database] pooler = "transaction"``) nothing is prepared and no session setting
+    is sent: the pooler would mix both up between clients.
     """
     kwargs: dict[str, Any] = {"autocommit": True}
     if not _names_itself(url):
         kwargs["application_name"] = POOL_APPLICATION_NAME
-    if not step_events:
-        kwargs["options"] = "-c tasker.step_events=off"
+    if config.pooler == "transaction":
+        kwargs["prepare_threshold"] = None
+    else:
+        kwargs["options"] = "-c plan_cache_mode=force_custom_plan"
     pool = AsyncConnectionPool(
         url,
         min_size=config.pool_min_size,

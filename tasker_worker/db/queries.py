@@ -7,6 +7,10 @@ this module holds the statements that call them. Queue names are always passed a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from psycopg import sql as pgsql
+
 # --- migrations ------------------------------------------------------------------------------
 
 CREATE_MIGRATIONS_TABLE = """
@@ -70,16 +74,154 @@ SEND_BATCH = "SELECT * FROM pgmq.send_batch(%s, %s::jsonb[], %s)"
 ENSURE_NOTIFY_TRIGGERS = "SELECT tasker.ensure_notify_triggers()"
 
 # --- the step path ---------------------------------------------------------------------------
+#
+# The claim and the settle are direct statements, one text per queue with its tables written in
+# (``QueueStatements``), sent as prepared statements: parsed once per connection, never re-parsed
+# through plpgsql's EXECUTE format(...) as the tasker.* SQL functions do. They are planned on
+# every execution all the same (the pool's sessions run with plan_cache_mode =
+# force_custom_plan): a queue swings between empty and full, and a generic plan frozen with the
+# statistics of an empty queue once made a claim of ten messages take 919 ms on a full one.
+# Behind a transaction pooler they go as unnamed statements (parsed and planned each time).
 
-CLAIM_STEPS = """
-SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed_at
-  FROM tasker.claim_steps(%s, %s, %s)
+# pgmq.read's claim (oldest visible first, SKIP LOCKED), its dedup probe and asynchronous commit
+# in one statement. A claim lost in a server crash only makes its messages visible again when
+# their old vt lapses; outcomes stay exactly once through step_results' key.
+# Parameters: qty, vt (seconds); skipping: skip_msgs, skip_handlers; stored events: worker_id.
+_CLAIM = """
+WITH ready AS (
+    SELECT q.msg_id FROM {queue_table} AS q
+     WHERE q.vt <= clock_timestamp(){skip}
+     ORDER BY q.msg_id
+     LIMIT %(qty)s
+       FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {queue_table} AS m
+       SET last_read_at = clock_timestamp(),
+           vt = clock_timestamp() + make_interval(secs => %(vt)s),
+           read_ct = m.read_ct + 1
+      FROM ready
+     WHERE m.msg_id = ready.msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers
+){assigned}
+SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.headers,
+       d.step_uuid IS NOT NULL
+  FROM claimed AS c
+  LEFT JOIN LATERAL (
+      SELECT s.step_uuid FROM tasker.step_results AS s
+       WHERE s.step_uuid = tasker.try_uuid(c.message ->> 'step_uuid')
+       LIMIT 1) AS d ON true,
+       set_config('synchronous_commit', 'off', true)
 """
 
-CLAIM_STEPS_LOGGED = """
-SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed_at
-  FROM tasker.claim_steps(%s, %s, %s, %s)
+# A handler whose circuit is open is not claimed at all (its steps stay untouched, read_ct
+# unchanged), nor are the steps this worker gave back to a capable one a moment ago.
+_CLAIM_SKIP = """
+       AND q.msg_id <> ALL (%(skip_msgs)s::bigint[])
+       AND NOT (jsonb_typeof(q.message) = 'object' AND coalesce(q.message ->> 'handler' = ANY (%(skip_handlers)s::text[]), false))"""
+
+# [events] step_events = "stored": StepAssigned as a row, in the claim's statement.
+_CLAIM_ASSIGNED = """, logged AS (
+    INSERT INTO tasker.events (event_type, worker_id, step_uuid, queue_name, msg_id, data, occurred_at)
+    SELECT 'StepAssigned', %(worker_id)s, tasker.try_uuid(c.message ->> 'step_uuid'), {queue}, c.msg_id,
+           jsonb_build_object('read_ct', c.read_ct), c.last_read_at
+      FROM claimed AS c
+)"""
+
+# Settle finished steps: a fenced DELETE of each message (applied only while its read_ct is the
+# one claimed) and its outcome row, at most one per step_uuid. A row without a status only
+# settles (the step's outcome was recorded before). Returns the msg_ids settled; an input
+# missing from the result was fenced out (a stale ack). Parameters: outcomes (one JSON array,
+# see queue_client.encode_outcomes), worker_id.
+_SETTLE = """
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(%(outcomes)s::text::jsonb)
+        AS i(msg_id bigint, read_ct integer, status text, result jsonb, error jsonb,
+             started_at float8, finished_at float8, source text,
+             step_uuid uuid, task_uuid uuid, correlation_id uuid, handler text)
+), settled AS (
+    DELETE FROM {queue_table} AS q
+     USING input AS i
+     WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct
+    RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.last_read_at, q.vt, q.message, q.headers,
+              i.status, i.result, i.error, i.started_at, i.finished_at, i.source,
+              i.step_uuid, i.task_uuid, i.correlation_id, i.handler
+){archived}, recorded AS (
+    INSERT INTO tasker.step_results (
+        step_uuid, task_uuid, correlation_id, namespace, queue_name, msg_id, handler, status,
+        result, error, attempts, worker_id, enqueued_at, claimed_at, started_at, finished_at,
+        source, events_stored)
+    SELECT s.step_uuid, s.task_uuid, s.correlation_id, {namespace}, {queue}, s.msg_id, s.handler,
+           s.status, s.result, s.error, s.read_ct, %(worker_id)s, s.enqueued_at, s.last_read_at,
+           to_timestamp(s.started_at), coalesce(to_timestamp(s.finished_at), clock_timestamp()),
+           s.source, {stored}
+      FROM settled AS s
+     WHERE s.status IS NOT NULL AND s.step_uuid IS NOT NULL
+    ON CONFLICT (step_uuid) DO NOTHING{returning}
+){logged}
+SELECT s.msg_id FROM settled AS s
 """
+
+_SETTLE_RETURNING = """
+    RETURNING worker_id, step_uuid, queue_name, msg_id, attempts, status, source, error, started_at, finished_at"""
+
+# [queues] archive: the settled message is also kept in pgmq's archive table.
+_SETTLE_ARCHIVE = """, archived AS (
+    INSERT INTO {archive_table} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
+    SELECT s.msg_id, s.vt, s.read_ct, s.enqueued_at, s.last_read_at, s.message, s.headers
+      FROM settled AS s
+)"""
+
+# [events] step_events = "stored": the outcome's events as rows (StepAssigned was stored at the claim).
+_SETTLE_LOGGED = """, logged AS (
+    INSERT INTO tasker.events (event_type, worker_id, step_uuid, queue_name, msg_id, data, occurred_at)
+    SELECT o.event_type, r.worker_id, r.step_uuid, r.queue_name, r.msg_id, o.data, o.occurred_at
+      FROM recorded AS r
+     CROSS JOIN LATERAL tasker.outcome_events(r.attempts, r.status, r.source, r.error, NULL, r.started_at,
+                                              r.finished_at, false) AS o
+)"""
+
+
+@dataclass(frozen=True)
+class QueueStatements:
+    """The step-path statements of one queue (its table names written in, built once)."""
+
+    #: Parameters: qty, vt (seconds), worker_id (used with stored step events).
+    claim: str
+    #: The claim leaving some messages alone; also skip_msgs (bigint[]), skip_handlers (text[]).
+    claim_skipping: str
+    #: Parameters: outcomes (JSON text), worker_id.
+    settle: str
+
+    @classmethod
+    def build(cls, queue: str, namespace: str, *, archive: bool, store_events: bool) -> QueueStatements:
+        """The statements for ``queue``. Identifiers are quoted here; ``queue`` needs no checking
+        beyond that (a queue that does not exist fails with UndefinedTable at execution)."""
+        table = pgsql.Identifier("pgmq", "q_" + queue.lower())
+        names = {
+            "queue_table": table,
+            "archive_table": pgsql.Identifier("pgmq", "a_" + queue.lower()),
+            "queue": pgsql.Literal(queue),
+            "namespace": pgsql.Literal(namespace),
+            "stored": pgsql.Literal(store_events),
+        }
+
+        def render(template: str, **parts: str) -> str:
+            composed = pgsql.SQL(template.format_map({**{k: "{" + k + "}" for k in names}, **parts}))
+            text: str = composed.format(**names).as_string(None)
+            return text
+
+        assigned = _CLAIM_ASSIGNED if store_events else ""
+        return cls(
+            claim=render(_CLAIM, skip="", assigned=assigned),
+            claim_skipping=render(_CLAIM, skip=_CLAIM_SKIP, assigned=assigned),
+            settle=render(
+                _SETTLE,
+                archived=_SETTLE_ARCHIVE if archive else "",
+                returning=_SETTLE_RETURNING if store_events else "",
+                logged=_SETTLE_LOGGED if store_events else "",
+            ),
+        )
+
 
 # A step given back for a capable worker: announce when it is ready again, as the send trigger
 # announces a delayed message, so that listening workers come back for it (in EventDrivenOnly,
@@ -93,19 +235,6 @@ SELECT pg_notify('pgmq_message_ready.' || a.ns,
           FROM (VALUES (%s::text, %s::bigint, %s::float8)) AS v (q, id, delay)) AS a
 """
 
-# Only while a circuit is open or a rejected step is left for a capable worker: the same
-# claim without the messages of some handlers and some message ids.
-CLAIM_STEPS_SKIPPING = """
-SELECT msg_id, read_ct, enqueued_at, vt, message, headers, already_done, claimed_at
-  FROM tasker.claim_steps(%s, %s, %s, %s, %s::text[], %s::bigint[])
-"""
-
-# The arrays go in binary (%b): psycopg's text format escapes every element of a text or
-# jsonb array with a regular expression, which cost about 14% of a worker's CPU per step.
-RECORD_OUTCOMES = """
-SELECT msg_id, acked FROM tasker.record_outcomes(%s, %s, %s::text::jsonb)
-"""
-
 RETRY_STEPS = """
 SELECT msg_id, applied
   FROM tasker.retry_steps(%s, %s, %s, %s, %s::jsonb[], %s)
@@ -115,7 +244,7 @@ EXTEND_VT = "SELECT msg_id, vt FROM tasker.extend_vt(%s, %s, %s, %s)"
 
 DEAD_LETTER_STEPS = """
 SELECT msg_id, moved
-  FROM tasker.dead_letter_steps(%s, %s, %s, %s, %s, %s::jsonb[], %s, %s, %s)
+  FROM tasker.dead_letter_steps(%s, %s, %s, %s, %s, %s::jsonb[], %s, %s, %s, %s)
 """
 
 # --- dead-letter queues ----------------------------------------------------------------------

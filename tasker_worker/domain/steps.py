@@ -7,59 +7,93 @@
 from __future__ import annotations
 
 import enum
+import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
 
-from tasker_worker.domain.names import validate_handler_name
-from tasker_worker.errors import InvalidName, StepValidationError
+from tasker_worker.domain.names import HANDLER_MAX_LEN
+from tasker_worker.errors import StepValidationError
 
 MAX_ATTEMPT_LIMIT = 100
 MAX_STEP_TIMEOUT_S = 24 * 3600.0
 
+_HandlerName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=HANDLER_MAX_LEN, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+]
+_AttemptLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPT_LIMIT)]
+_Timeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_STEP_TIMEOUT_S)]
+_UUID_KEYS = ("step_uuid", "task_uuid", "correlation_id")
+_WHERE = re.compile(r" - at `\$\.?([^`]*)`$")
 
-class StepMessage(BaseModel):
-    """One unit of work as stored in a pgmq message."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One unit of work as stored in a pgmq message.
+
+    A msgspec struct: the claim path decodes and validates the message text in one compiled
+    call (about a fifth of the cost of ``json.loads`` plus a pydantic model). Unknown keys are
+    ignored. ``inputs`` are what ``json.loads`` gives for the message's text: the compiled
+    decoder agrees with it on everything PostgreSQL's jsonb prints (the test suite checks it
+    through the server), and whatever it would read differently goes to ``json.loads``.
+    """
 
     step_uuid: uuid.UUID
     task_uuid: uuid.UUID
     correlation_id: uuid.UUID
     namespace: str
-    handler: str
-    inputs: dict[str, Any] = Field(default_factory=dict)
-    attempt_limit: int | None = Field(default=None, ge=1, le=MAX_ATTEMPT_LIMIT)
+    handler: _HandlerName
+    inputs: dict[str, Any] = msgspec.field(default_factory=dict)
+    attempt_limit: _AttemptLimit | None = None
     #: Seconds; overrides the handler's timeout for this step.
-    timeout: float | None = Field(default=None, gt=0, le=MAX_STEP_TIMEOUT_S)
+    timeout: _Timeout | None = None
 
-    @field_validator("handler")
     @classmethod
-    def _handler_name(cls, value: str) -> str:
+    def decode(cls, text: str | bytes) -> StepMessage:
+        """Decode and validate a message's JSON text; ``StepValidationError`` with a readable
+        reason when it is not a valid step message."""
         try:
-            return validate_handler_name(value)
-        except InvalidName as exc:
-            raise ValueError(str(exc)) from None
+            return _DECODER.decode(text)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass
+        # The compiled decoder refuses a few spellings that the contract has always accepted
+        # (UUIDs in braces or as URNs) and reads a few numbers differently from json.loads (a
+        # literal 1e400): decide those the careful way, with json.loads.
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise StepValidationError(f"step message is not valid JSON: {exc}", reason="malformed_message") from None
+        return cls.parse(payload)
 
     @classmethod
     def parse(cls, payload: Any) -> StepMessage:
         """Validate a decoded message body, raising ``StepValidationError`` with a readable
-        reason (never pydantic's multi-line dump)."""
+        one-line reason."""
         if not isinstance(payload, dict):
             raise StepValidationError(
                 f"step message must be a JSON object, got {type(payload).__name__}",
                 reason="malformed_message",
             )
+        body = dict(payload)
+        for key in _UUID_KEYS:
+            value = body.get(key)
+            if isinstance(value, str) and len(value) != 36:
+                try:
+                    body[key] = str(uuid.UUID(value))
+                except ValueError:
+                    pass  # reported below, as the decoder words it
         try:
-            return cls.model_validate(payload)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<message>'}: {err['msg']}" for err in exc.errors()[:5]
-            )
-            raise StepValidationError(f"invalid step message: {problems}", reason="malformed_message") from None
+            return msgspec.convert(body, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise StepValidationError(f"invalid step message: {_readable(exc)}", reason="malformed_message") from None
+
+    def as_body(self) -> dict[str, Any]:
+        """The message body as JSON-able builtins (UUIDs as strings; unset options left out)."""
+        body: dict[str, Any] = msgspec.to_builtins(self)
+        return {k: v for k, v in body.items() if v is not None}
 
     @staticmethod
     def build(
@@ -68,7 +102,7 @@ class StepMessage(BaseModel):
         inputs: dict[str, Any] | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """A new valid message body with fresh ids (what ``tasker.send_step`` builds in SQL)."""
+        """A new message body with fresh ids (what ``tasker.send_step`` builds in SQL)."""
         body: dict[str, Any] = {
             "step_uuid": str(uuid.uuid4()),
             "task_uuid": str(uuid.uuid4()),
@@ -79,6 +113,18 @@ class StepMessage(BaseModel):
         }
         body.update({k: v for k, v in extra.items() if v is not None})
         return body
+
+
+_DECODER = msgspec.json.Decoder(StepMessage, strict=False)
+
+
+def _readable(exc: msgspec.ValidationError) -> str:
+    """``field: problem`` from msgspec's ``problem - at `$.field```."""
+    text = str(exc).splitlines()[0]
+    match = _WHERE.search(text)
+    if match is None:
+        return text
+    return f"{match.group(1) or '<message>'}: {text[: match.start()]}"
 
 
 class Source(enum.StrEnum):
@@ -106,13 +152,13 @@ class ClaimedMessage:
     msg_id: int
     read_ct: int
     enqueued_at: datetime
-    vt: datetime
-    body: Any
+    #: Server time of the claim, so latency needs no clock agreement between hosts.
+    claimed_at: datetime
+    #: The message's JSON text (decoded once, into ``step``, when it runs).
+    body: str
     headers: dict[str, Any] | None
     #: The outcome of this step_uuid is already recorded (dedup).
     already_done: bool
-    #: Server time of the claim, so latency needs no clock agreement between hosts.
-    claimed_at: datetime
     source: Source
     #: Monotonic time when the claim returned (local clock).
     received_mono: float = 0.0
@@ -123,20 +169,22 @@ class ClaimedMessage:
         """The step_uuid from the body, if there is a usable one."""
         if self.step is not None:
             return str(self.step.step_uuid)
-        if isinstance(self.body, dict):
-            value = self.body.get("step_uuid")
-            if isinstance(value, str):
-                return value
-        return None
+        try:
+            body = json.loads(self.body)
+        except ValueError:
+            return None
+        value = body.get("step_uuid") if isinstance(body, dict) else None
+        return value if isinstance(value, str) else None
 
 
 @dataclass(slots=True)
 class Outcome:
-    """What the runtime records for one finished claim (one row of ``record_outcomes``)."""
+    """What the runtime records for one finished claim (one row of the settle statement)."""
 
     msg: ClaimedMessage
-    status: OutcomeStatus | None  # None: archive only (outcome already recorded)
+    status: OutcomeStatus | None  # None: settle only (outcome already recorded)
     result: Any = None
     error: dict[str, Any] | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    #: Epoch seconds (``time.time()``): cheaper on the hot path than datetimes.
+    started_at: float | None = None
+    finished_at: float | None = None

@@ -1,9 +1,12 @@
 """OutcomeWriter: batches outcome writes, acks, retries and dead-letters.
 
-Steps hand their finished claim to the writer and wait until it is durably written. The
-processor frees a step's slot when its handler returns (``CommandProcessor._hand_off``) but lets
-at most ``max_concurrent_processors`` outcomes wait here, so unwritten outcomes never pile up
-beyond that. The writer flushes whatever has accumulated as soon as it is idle: one statement per
+A finished step hands its outcome to the writer and is done: the writer settles the message
+(fenced DELETE and outcome row, ``QueueClient.settle``) and then calls back the processor, which
+ends the step's bookkeeping there, so a step that succeeds costs one task and no wake-up after its
+handler. Rarer writes (retries, releases, dead letters) are awaited by their step. The processor
+frees a step's slot when its handler returns (``CommandProcessor._hand_off``) but lets at most
+``max_concurrent_processors`` outcomes wait here, so unwritten outcomes never pile up beyond
+that. The writer flushes whatever has accumulated as soon as it is idle: one statement per
 (kind, queue) however many steps finished meanwhile, and no added delay when the worker is quiet.
 """
 
@@ -13,6 +16,7 @@ import asyncio
 import enum
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,7 +38,7 @@ WRITE_RETRY_BUDGET = timedelta(seconds=60)
 class WriteKind(enum.Enum):
     """What to do with a claimed message."""
 
-    RECORD = "record"  # outcome + archive
+    RECORD = "record"  # outcome + settle (fenced DELETE, archive where configured)
     DEAD_LETTER = "dead_letter"  # outcome + move to <queue>_dlq
     RETRY = "retry"  # back to the queue after a delay (counts as an attempt)
     RELEASE = "release"  # back to the queue, attempt given back
@@ -49,6 +53,8 @@ class _Pending:
     #: Resolved with True (applied), False (fenced out) or None (not written: database
     #: unavailable). A bare future: an anyio.Event per step cost measurable throughput.
     done: asyncio.Future[bool | None] | None = None
+    #: Instead of ``done``: called with the same value when the write is over.
+    then: Callable[[Outcome, bool | None], None] | None = None
 
     @property
     def msg_id(self) -> int:
@@ -61,18 +67,25 @@ class _Pending:
 class OutcomeWriter:
     """Coalesces writes from many steps into few statements."""
 
-    def __init__(self, client: QueueClient, worker_id: str, stats: WorkerStats, *, log_events: bool = True) -> None:
+    def __init__(self, client: QueueClient, worker_id: str, stats: WorkerStats) -> None:
         self.client = client
         self.worker_id = worker_id
-        self.log_events = log_events
         self.stats = stats
         self._pending: list[_Pending] = []
         self._wake = anyio.Event()
         self._closed = False
 
     async def record(self, outcome: Outcome) -> bool | None:
-        """Record ``outcome`` and archive its message; ``False`` for a stale ack."""
+        """Record ``outcome`` and settle its message; ``False`` for a stale ack."""
         return await self._submit(_Pending(WriteKind.RECORD, outcome.msg.queue, outcome=outcome))
+
+    def record_then(self, outcome: Outcome, then: Callable[[Outcome, bool | None], None]) -> None:
+        """Record ``outcome`` and settle its message, then call ``then(outcome, applied)`` (True,
+        False for a stale ack, None when the database stayed unavailable) without awaiting."""
+        if self._closed:
+            raise RuntimeError("outcome writer is closed")
+        self._pending.append(_Pending(WriteKind.RECORD, outcome.msg.queue, outcome=outcome, then=then))
+        self._wake.set()
 
     async def dead_letter(self, outcome: Outcome) -> bool | None:
         """Move the message to its DLQ and record ``outcome``; ``False`` when fenced out."""
@@ -146,14 +159,21 @@ class OutcomeWriter:
                 )
                 await anyio.sleep(delay)
         for item in items:
+            applied = results.get(item.msg_id)
+            if item.then is not None and item.outcome is not None:
+                try:
+                    item.then(item.outcome, applied)
+                except Exception:  # the writer must go on for the other steps
+                    log.exception("ending msg %s of %s failed", item.msg_id, queue, extra={"queue": queue})
             # A step cancelled while waiting (shutdown) has cancelled its future.
-            if item.done is not None and not item.done.done():
-                item.done.set_result(results.get(item.msg_id))
+            elif item.done is not None and not item.done.done():
+                item.done.set_result(applied)
 
     async def _write(self, kind: WriteKind, queue: str, items: list[_Pending]) -> dict[int, bool]:
         if kind is WriteKind.RECORD:
-            return await self.client.record_outcomes(queue, self.worker_id, [i.outcome for i in items if i.outcome])
+            outcomes = [i.outcome for i in items if i.outcome]
+            settled = await self.client.settle(queue, self.worker_id, outcomes)
+            return {o.msg.msg_id: o.msg.msg_id in settled for o in outcomes}
         if kind is WriteKind.DEAD_LETTER:
             return await self.client.dead_letter(queue, self.worker_id, [i.outcome for i in items if i.outcome])
-        worker_id = self.worker_id if self.log_events else None
-        return await self.client.retry(queue, [i.retry for i in items if i.retry], worker_id=worker_id)
+        return await self.client.retry(queue, [i.retry for i in items if i.retry], worker_id=self.worker_id)

@@ -7,15 +7,19 @@ free slots. One claim loop per queue keeps claiming while it gets full batches.
 What happens to a claimed message (fenced on the read_ct it was claimed with):
 
 ==========================  =========================================================
-handler returns             outcome ``succeeded`` + archive (batched)
-``StepFailed``              outcome ``failed`` + archive (a business failure)
+handler returns             outcome ``succeeded`` + settle (batched)
+``StepFailed``              outcome ``failed`` + settle (a business failure)
 malformed / unknown handler outcome ``dead_lettered`` + move to ``<queue>_dlq``
 ``NonRetryableError``       outcome ``dead_lettered`` + move to ``<queue>_dlq``
 any other error / timeout   retry with backoff via vt; after the attempt limit,
                             outcome ``failed`` + move to ``<queue>_dlq``
 ``DependencyUnavailable``   back with backoff, the attempt given back
-outcome already recorded    archive only (dedup)
+outcome already recorded    settle only (dedup)
 ==========================  =========================================================
+
+To settle is to delete the message, fenced (and archive it where ``[queues] archive`` says so).
+A step whose outcome goes to the batched writer ends there: the writer calls ``_recorded`` when
+the write is over, and that ends the step's bookkeeping (no task waits for it).
 """
 
 from __future__ import annotations
@@ -106,6 +110,8 @@ class _InFlight:
     settled: bool = False
     #: Its handler is done and its outcome waits for the writer: the slot is free again.
     handed_off: bool = False
+    #: The step_uuid this message holds in ``steps_in_flight`` (None: it holds none).
+    step_key: str | None = None
 
 
 @dataclass
@@ -169,9 +175,7 @@ class CommandProcessor:
         self.state = state
         self.listening_since = listening_since
         self.step_filter = step_filter
-        self.writer = OutcomeWriter(client, worker_id, stats, log_events=config.events.step_events)
-        #: Claims and put-backs are logged as step events under this id (None: not logged).
-        self._event_worker_id = worker_id if config.events.step_events else None
+        self.writer = OutcomeWriter(client, worker_id, stats)
         self.queues = {q: _QueueState(q) for q in queues}
         self.max_concurrent = config.event_system.max_concurrent_processors
         poller = config.event_system.fallback_poller
@@ -370,7 +374,7 @@ class CommandProcessor:
                         self.vt_seconds,
                         want,
                         source,
-                        worker_id=self._event_worker_id,
+                        worker_id=self.worker_id,
                         skip_handlers=skip,
                         skip_msgs=skip_msgs,
                     )
@@ -453,15 +457,15 @@ class CommandProcessor:
     # --- running a step --------------------------------------------------------------------
 
     async def _run_step(self, msg: ClaimedMessage) -> None:
-        key = (msg.queue, msg.msg_id)
-        step_key: str | None = None
+        #: Whether the outcome went to the batched writer, which then ends the step (``_recorded``).
+        handed = False
         try:
             if msg.already_done:
                 self.stats.incr("dedup_hits")
-                await self._finish(msg, None)
+                handed = self._record_later(msg, Outcome(msg, None))
                 return
             try:
-                step = StepMessage.parse(msg.body)
+                step = StepMessage.decode(msg.body)
             except StepValidationError as exc:
                 await self._dead_letter(msg, exc, OutcomeStatus.DEAD_LETTERED, None)
                 return
@@ -469,9 +473,8 @@ class CommandProcessor:
             step_key = str(step.step_uuid)
             if step_key in self.steps_in_flight:
                 # Another message of the same step runs here now: come back when it is done,
-                # then find its outcome recorded and archive without running.
+                # then find its outcome recorded and settle without running.
                 self.stats.incr("dedup_hits")
-                step_key = None
                 request = RetryRequest(
                     msg,
                     DUPLICATE_RETRY_MS,
@@ -483,10 +486,13 @@ class CommandProcessor:
                 self._settle(msg, await self.writer.retry(request))
                 self.schedule(msg.queue, DUPLICATE_RETRY_MS / 1000 + 0.05, Source.POLL)
                 return
-            self.steps_in_flight[step_key] = key
+            self.steps_in_flight[step_key] = (msg.queue, msg.msg_id)
+            entry = self.in_flight.get((msg.queue, msg.msg_id))
+            if entry is not None:
+                entry.step_key = step_key
             if self.step_filter is not None and not await self.step_filter(msg, step):
                 return
-            await self._execute(msg, step)
+            handed = await self._execute(msg, step)
         except Exception:
             # Whatever went wrong, it stays with this step: the message returns after its vt
             # (and its outcome, if one was committed, is found by dedup then).
@@ -498,39 +504,45 @@ class CommandProcessor:
                 extra=step_fields(msg),
             )
         finally:
-            if step_key is not None:
-                self.steps_in_flight.pop(step_key, None)
-            entry = self.in_flight.pop(key, None)
-            if entry is not None:
-                if entry.handed_off:
-                    self.handed_off -= 1
-                if not entry.settled:
-                    self._revisit(msg)
-            self._free_slot()
+            if not handed:
+                self._end_step(msg)
 
-    async def _execute(self, msg: ClaimedMessage, step: StepMessage) -> None:
+    def _end_step(self, msg: ClaimedMessage) -> None:
+        """The step of ``msg`` is over here: forget it, free its slot, and look for its message
+        again at its vt if no write about it went through."""
+        entry = self.in_flight.pop((msg.queue, msg.msg_id), None)
+        if entry is not None:
+            if entry.step_key is not None:
+                self.steps_in_flight.pop(entry.step_key, None)
+            if entry.handed_off:
+                self.handed_off -= 1
+            if not entry.settled:
+                self._revisit(msg)
+        self._free_slot()
+
+    async def _execute(self, msg: ClaimedMessage, step: StepMessage) -> bool:
+        """Run the step; True when its outcome went to the batched writer (see ``_run_step``)."""
         spec = self.registry.get(step.handler)
         if spec is None:
             error = UnknownHandler(
                 f"no handler {step.handler!r} in this worker (has: {', '.join(self.registry.names)})"
             )
             await self._dead_letter(msg, error, OutcomeStatus.DEAD_LETTERED, None)
-            return
+            return False
         if spec.requires is not None:
             needed = spec.requires(step.inputs)
             if needed not in spec.capabilities:
                 await self._reject(msg, step, needed)
-                return
+                return False
         circuits = self.circuits
         if not circuits.circuits:  # the common case: no handler reported an unavailable dependency
-            await self._run_handler(msg, step, spec)
-            return
+            return await self._run_handler(msg, step, spec)
         if not circuits.allow(step.handler):
             await self._hold_for_circuit(msg, step)
-            return
+            return False
         probe = circuits.state_of(step.handler) is CircuitState.HALF_OPEN
         try:
-            await self._run_handler(msg, step, spec)
+            return await self._run_handler(msg, step, spec)
         finally:
             if probe:
                 circuits.release_probe(step.handler)
@@ -539,8 +551,8 @@ class CommandProcessor:
                 for queue in self.queues:
                     self.schedule(queue, 0.0, Source.POLL)
 
-    async def _run_handler(self, msg: ClaimedMessage, step: StepMessage, spec: HandlerSpec) -> None:
-        started_at = datetime.now(UTC)
+    async def _run_handler(self, msg: ClaimedMessage, step: StepMessage, spec: HandlerSpec) -> bool:
+        started_at = time.time()
         start_mono = time.monotonic()
         self.stats.queue_to_start[msg.source].append(
             (msg.claimed_at - msg.enqueued_at).total_seconds() + (start_mono - msg.received_mono)
@@ -563,8 +575,7 @@ class CommandProcessor:
             self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
             await ctx._finish(exc)
             self._judge_circuit(msg, step, exc)
-            await self._on_failure(msg, step, exc, started_at)
-            return
+            return await self._on_failure(msg, step, exc, started_at)
         elapsed = time.monotonic() - start_mono
         self.stats.handler_duration.append(elapsed)
         self.stats.handler_outcomes.record(True)
@@ -572,19 +583,17 @@ class CommandProcessor:
             log.debug("step succeeded", extra={**step_fields(msg), "execution_ms": round(elapsed * 1000, 3)})
         if self.circuits.circuits:
             self._judge_circuit(msg, step, None)
-        outcome = Outcome(msg, OutcomeStatus.SUCCEEDED, result, None, started_at, datetime.now(UTC))
+        outcome = Outcome(msg, OutcomeStatus.SUCCEEDED, result, None, started_at, time.time())
         if ctx.has_transaction:
             await self._record_in_handler_transaction(ctx, outcome)
-        else:
-            await self._finish(msg, outcome)
+            return False
+        return self._record_later(msg, outcome)
 
     async def _record_in_handler_transaction(self, ctx: StepContext, outcome: Outcome) -> None:
         conn = await ctx.transaction()
         msg = outcome.msg
         try:
-            acked = (await self.client.record_outcomes(msg.queue, self.worker_id, [outcome], conn=conn)).get(
-                msg.msg_id, False
-            )
+            acked = msg.msg_id in await self.client.settle(msg.queue, self.worker_id, [outcome], conn=conn)
         except psycopg.Error as exc:
             with contextlib.suppress(psycopg.Error):
                 await ctx._finish(exc)
@@ -606,7 +615,7 @@ class CommandProcessor:
             await ctx._finish(None)
         except psycopg.Error as exc:
             # The connection broke during COMMIT: the server either committed (the redelivery
-            # after vt then finds the outcome and only archives) or did not (the step runs again,
+            # after vt then finds the outcome and only settles) or did not (the step runs again,
             # its handler's rows having been rolled back with it). Either way exactly once.
             self.stats.incr("db_errors")
             log.warning(
@@ -709,7 +718,9 @@ class CommandProcessor:
             return timedelta(seconds=step.timeout)
         return handler_timeout or self.config.event_system.processing_timeout
 
-    async def _on_failure(self, msg: ClaimedMessage, step: StepMessage, exc: Exception, started_at: datetime) -> None:
+    async def _on_failure(self, msg: ClaimedMessage, step: StepMessage, exc: Exception, started_at: float) -> bool:
+        """Decide and apply what a failed run leads to; True when the outcome went to the
+        batched writer (see ``_run_step``)."""
         error = _error_json(exc)
         verdict = judge_failure(
             exc,
@@ -723,14 +734,13 @@ class CommandProcessor:
         )
         kind = verdict.kind
         if kind is VerdictKind.FAILED:
-            outcome = Outcome(msg, OutcomeStatus.FAILED, None, error, started_at, datetime.now(UTC))
-            await self._finish(msg, outcome)
-            return
+            outcome = Outcome(msg, OutcomeStatus.FAILED, None, error, started_at, time.time())
+            return self._record_later(msg, outcome)
         if kind is VerdictKind.DEAD_LETTER:
             await self._dead_letter(
                 msg, exc if isinstance(exc, StepError) else None, OutcomeStatus.DEAD_LETTERED, started_at
             )
-            return
+            return False
         self.stats.incr("handler_errors")
         if kind is VerdictKind.RELEASE:
             await self._retry(
@@ -741,7 +751,7 @@ class CommandProcessor:
                 event=STEP_FAILED,
                 extra={"tasker_releases": verdict.releases},
             )
-            return
+            return False
         if kind is VerdictKind.EXHAUSTED:
             error = {
                 **error,
@@ -750,7 +760,7 @@ class CommandProcessor:
                 "attempts": msg.read_ct,
             }
             await self._dead_letter(msg, None, OutcomeStatus.FAILED, started_at, error=error)
-            return
+            return False
         log.info(
             "step %s attempt %d failed; retrying in %.2fs",
             step.step_uuid,
@@ -760,6 +770,7 @@ class CommandProcessor:
         )
         event = STEP_ASSIGNMENT_TIMED_OUT if verdict.timed_out else STEP_FAILED
         await self._retry(msg, verdict.delay_s, error, count_attempt=True, event=event)
+        return False
 
     async def _retry(
         self,
@@ -789,7 +800,7 @@ class CommandProcessor:
         msg: ClaimedMessage,
         exc: StepError | None,
         status: OutcomeStatus,
-        started_at: datetime | None,
+        started_at: float | None,
         error: dict[str, Any] | None = None,
     ) -> None:
         error = error or (exc.to_json() if exc else {"reason": "unknown"})
@@ -804,7 +815,7 @@ class CommandProcessor:
                 "error_detail": error.get("message", error.get("reason")),
             },
         )
-        outcome = Outcome(msg, status, None, error, started_at, datetime.now(UTC))
+        outcome = Outcome(msg, status, None, error, started_at, time.time())
         applied = self._settle(msg, await self.writer.dead_letter(outcome))
         if applied:
             self.stats.incr("processed")
@@ -814,13 +825,23 @@ class CommandProcessor:
         elif applied is False:
             self.stats.incr("stale_acks")
 
-    async def _finish(self, msg: ClaimedMessage, outcome: Outcome | None) -> None:
+    def _record_later(self, msg: ClaimedMessage, outcome: Outcome) -> bool:
+        """Free the step's slot and hand ``outcome`` to the batched writer, which ends the step
+        when the write is over (``_recorded``). Returns True: the step is the writer's now."""
         self._hand_off(msg)
-        applied = self._settle(msg, await self.writer.record(outcome or Outcome(msg, None)))
-        if applied and outcome is not None:
-            self._count_outcome(outcome.status)
+        self.writer.record_then(outcome, self._recorded)
+        return True
+
+    def _recorded(self, outcome: Outcome, applied: bool | None) -> None:
+        """The writer is done with ``outcome``: count it and end its step."""
+        msg = outcome.msg
+        self._settle(msg, applied)
+        if applied:
+            if outcome.status is not None:
+                self._count_outcome(outcome.status)
         elif applied is False:
             self.stats.incr("stale_acks")
+        self._end_step(msg)
 
     def _hand_off(self, msg: ClaimedMessage) -> None:
         """The handler is done and only the outcome write is left: free the step's slot, so the
@@ -874,7 +895,7 @@ class CommandProcessor:
                         )
                         for m in msgs
                     ]
-                    done = await self.client.retry(queue, requests, worker_id=self._event_worker_id)
+                    done = await self.client.retry(queue, requests, worker_id=self.worker_id)
                     self.stats.incr("released", sum(done.values()))
                 except psycopg.Error as exc:
                     log.error(

@@ -166,10 +166,16 @@ class Worker(RegistersHandlers):
         if self.config.database.auto_migrate:
             await migrations.migrate(url)
         es_config = self.config.event_system
-        pool = await open_pool(url, self.config.database, step_events=self.config.events.step_events)
+        pooled = self.config.database.pooler == "transaction"
+        pool = await open_pool(url, self.config.database)
         executor = HandlerExecutor(self.config.worker.executor, self.config.worker.executor_workers)
         try:
-            client = QueueClient(pool)
+            client = QueueClient(
+                pool,
+                archive=self.config.queues.archive_for,
+                store_events=self.config.events.step_events == "stored",
+                prepare=not pooled,
+            )
             self.client = client
             for ns in self.namespaces:
                 await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
@@ -183,7 +189,14 @@ class Worker(RegistersHandlers):
                 worker_name=self.config.worker.name,
                 deployment_mode=es_config.deployment_mode.value,
             )
-            if self.config.registry.supervision_enabled:
+            if self.config.registry.supervision_enabled and pooled:
+                # The leader holds a session advisory lock, which a transaction pooler would
+                # hand to whichever client uses that server connection next.
+                log.info(
+                    "not a supervision candidate behind a transaction pooler: run `tasker-worker api` "
+                    "or a worker connected directly to supervise the fleet"
+                )
+            elif self.config.registry.supervision_enabled:
                 jobs = SupervisionJobs(commands, self.config.registry, self.config.events)
                 self.supervision = SupervisionService(url, jobs.jobs(), candidate_id=self.worker_id)
             event_system = WorkerEventSystem(
