@@ -183,9 +183,12 @@ class QueueClient:
         self, query: str, params: Sequence[Any] | Mapping[str, Any], conn: AsyncConn | None = None
     ) -> list[tuple[Any, ...]]:
         try:
-            async with self._conn(conn) as c:
-                cur = await c.execute(query, params, prepare=self.prepare)
-                return await cur.fetchall()
+            if conn is None:  # no context manager of our own around the pool's: a hot path
+                async with self.pool.connection() as pooled:
+                    cur = await pooled.execute(query, params, prepare=self.prepare)
+                    return await cur.fetchall()
+            cur = await conn.execute(query, params, prepare=self.prepare)
+            return await cur.fetchall()
         except psycopg.errors.RaiseException as exc:
             raise translate_error(exc) from exc
         except (psycopg.errors.InvalidParameterValue, psycopg.errors.UndefinedTable) as exc:

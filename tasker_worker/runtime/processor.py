@@ -30,6 +30,7 @@ import heapq
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -111,7 +112,9 @@ class _InFlight:
     #: Its handler is done and its outcome waits for the writer: the slot is free again.
     handed_off: bool = False
     #: The step_uuid this message holds in ``steps_in_flight`` (None: it holds none).
-    step_key: str | None = None
+    step_key: uuid.UUID | None = None
+    #: The task running its step.
+    task: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -186,7 +189,7 @@ class CommandProcessor:
         #: How many of in_flight are handed off (outcome waiting for the writer); at most
         #: max_concurrent, so that at most twice max_concurrent messages are held.
         self.handed_off = 0
-        self.steps_in_flight: dict[str, tuple[str, int]] = {}
+        self.steps_in_flight: dict[uuid.UUID, tuple[str, int]] = {}
         self._slot_freed = anyio.Event()
         self._timers: list[tuple[float, str, Source]] = []
         self._timer_changed = anyio.Event()
@@ -425,8 +428,8 @@ class CommandProcessor:
             ready_for = (msg.claimed_at - msg.enqueued_at).total_seconds()
             if sent_after_listen and ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
                 self.stats.incr("missed_wakeups")
-        self.in_flight[key] = _InFlight(msg, msg.received_mono + self.vt_seconds)
-        task = asyncio.get_running_loop().create_task(self._run_step(msg))
+        entry = self.in_flight[key] = _InFlight(msg, msg.received_mono + self.vt_seconds)
+        task = entry.task = asyncio.get_running_loop().create_task(self._run_step(msg, entry))
         self._step_tasks.add(task)
         task.add_done_callback(self._step_tasks.discard)
 
@@ -456,7 +459,7 @@ class CommandProcessor:
 
     # --- running a step --------------------------------------------------------------------
 
-    async def _run_step(self, msg: ClaimedMessage) -> None:
+    async def _run_step(self, msg: ClaimedMessage, entry: _InFlight) -> None:
         #: Whether the outcome went to the batched writer, which then ends the step (``_recorded``).
         handed = False
         try:
@@ -470,7 +473,7 @@ class CommandProcessor:
                 await self._dead_letter(msg, exc, OutcomeStatus.DEAD_LETTERED, None)
                 return
             msg.step = step
-            step_key = str(step.step_uuid)
+            step_key = step.step_uuid
             if step_key in self.steps_in_flight:
                 # Another message of the same step runs here now: come back when it is done,
                 # then find its outcome recorded and settle without running.
@@ -487,12 +490,10 @@ class CommandProcessor:
                 self.schedule(msg.queue, DUPLICATE_RETRY_MS / 1000 + 0.05, Source.POLL)
                 return
             self.steps_in_flight[step_key] = (msg.queue, msg.msg_id)
-            entry = self.in_flight.get((msg.queue, msg.msg_id))
-            if entry is not None:
-                entry.step_key = step_key
+            entry.step_key = step_key
             if self.step_filter is not None and not await self.step_filter(msg, step):
                 return
-            handed = await self._execute(msg, step)
+            handed = await self._execute(msg, step, entry.task)
         except Exception:
             # Whatever went wrong, it stays with this step: the message returns after its vt
             # (and its outcome, if one was committed, is found by dedup then).
@@ -520,7 +521,7 @@ class CommandProcessor:
                 self._revisit(msg)
         self._free_slot()
 
-    async def _execute(self, msg: ClaimedMessage, step: StepMessage) -> bool:
+    async def _execute(self, msg: ClaimedMessage, step: StepMessage, task: asyncio.Task[None] | None) -> bool:
         """Run the step; True when its outcome went to the batched writer (see ``_run_step``)."""
         spec = self.registry.get(step.handler)
         if spec is None:
@@ -536,13 +537,13 @@ class CommandProcessor:
                 return False
         circuits = self.circuits
         if not circuits.circuits:  # the common case: no handler reported an unavailable dependency
-            return await self._run_handler(msg, step, spec)
+            return await self._run_handler(msg, step, spec, task)
         if not circuits.allow(step.handler):
             await self._hold_for_circuit(msg, step)
             return False
         probe = circuits.state_of(step.handler) is CircuitState.HALF_OPEN
         try:
-            return await self._run_handler(msg, step, spec)
+            return await self._run_handler(msg, step, spec, task)
         finally:
             if probe:
                 circuits.release_probe(step.handler)
@@ -551,7 +552,9 @@ class CommandProcessor:
                 for queue in self.queues:
                     self.schedule(queue, 0.0, Source.POLL)
 
-    async def _run_handler(self, msg: ClaimedMessage, step: StepMessage, spec: HandlerSpec) -> bool:
+    async def _run_handler(
+        self, msg: ClaimedMessage, step: StepMessage, spec: HandlerSpec, task: asyncio.Task[None] | None
+    ) -> bool:
         started_at = time.time()
         start_mono = time.monotonic()
         self.stats.queue_to_start[msg.source].append(
@@ -568,7 +571,7 @@ class CommandProcessor:
         )
         timeout = self._timeout(step, spec.timeout)
         try:
-            result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout)
+            result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
         except Exception as exc:
             self.stats.handler_duration.append(time.monotonic() - start_mono)
             # A StepFailed is the handler's verdict, not an error of the handler.
