@@ -214,6 +214,19 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def tasker_error_in(exc: BaseException) -> TaskerError | None:
+    """The first ``TaskerError`` in ``exc`` or in the exception groups nested in it (a task
+    group reports a failing task's error wrapped in a group)."""
+    if isinstance(exc, TaskerError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = tasker_error_in(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its class name when it has none), for logs
     and one-line error reports."""

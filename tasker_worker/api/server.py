@@ -105,7 +105,9 @@ async def run_api(config: TaskerConfig, url: str, *, sock: socket.socket | None 
     try:
         ctx = ApiContext(pool, config)
         async with anyio.create_task_group() as tg:
-            if config.registry.supervision_enabled:
+            if config.registry.supervision_enabled and config.database.pooler == "transaction":
+                log.info("not a supervision candidate behind a transaction pooler (its lock needs a session)")
+            elif config.registry.supervision_enabled:
                 commands = RegistryCommands(pool, heartbeat_history=config.registry.heartbeat_history)
                 jobs = SupervisionJobs(commands, config.registry, config.events)
                 ctx.supervision = SupervisionService(

@@ -10,7 +10,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker.config.models import DatabaseConfig
-from tasker_worker.errors import DatabaseError, first_line
+from tasker_worker.errors import ConfigError, DatabaseError, first_line
 
 #: Errors after which the same database call is worth trying again (the server restarted, a
 #: connection was cut, the pool had no connection in time).
@@ -46,12 +46,22 @@ def describe(url: str) -> str:
 
 
 async def connect(
-    url: str, *, autocommit: bool = True, timeout: float = 10.0, application_name: str | None = None
+    url: str,
+    *,
+    autocommit: bool = True,
+    timeout: float = 10.0,
+    application_name: str | None = None,
+    prepared: bool = True,
 ) -> psycopg.AsyncConnection[Any]:
-    """One async connection, with a clear error when the server cannot be reached."""
+    """One async connection, with a clear error when the server cannot be reached.
+
+    ``prepared=False``: psycopg never prepares a statement on it (safe behind a transaction pooler).
+    """
     extra: dict[str, Any] = {}
     if application_name is not None and not _names_itself(url):
         extra["application_name"] = application_name[:63]
+    if not prepared:
+        extra["prepare_threshold"] = None
     try:
         return await psycopg.AsyncConnection.connect(
             url, autocommit=autocommit, connect_timeout=max(1, int(timeout)), **extra
@@ -85,6 +95,15 @@ async def open_pool(url: str, config: DatabaseConfig, *, max_size: int | None = 
         kwargs["prepare_threshold"] = None
     else:
         kwargs["options"] = "-c plan_cache_mode=force_custom_plan"
+    # One connection first: a server that refuses us says why at once (a pool would retry for
+    # connect_timeout and then only say that it is incomplete).
+    try:
+        probe = await psycopg.AsyncConnection.connect(
+            url, connect_timeout=max(1, int(config.connect_timeout.total_seconds())), **kwargs
+        )
+    except psycopg.OperationalError as exc:
+        raise _connect_error(url, exc) from exc
+    await probe.close()
     pool = AsyncConnectionPool(
         url,
         min_size=config.pool_min_size,
@@ -102,6 +121,19 @@ async def open_pool(url: str, config: DatabaseConfig, *, max_size: int | None = 
         await pool.close()
         raise DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {exc}") from exc
     return pool
+
+
+def _connect_error(url: str, exc: psycopg.OperationalError) -> DatabaseError | ConfigError:
+    reason = first_line(exc)
+    if "unsupported startup parameter" in reason:
+        # PgBouncer refuses the session setting that direct connections get.
+        return ConfigError(
+            f"cannot connect to PostgreSQL at {describe(url)}: {reason}: the URL goes through a pooler; "
+            'with PgBouncer in transaction mode set [database] pooler = "transaction" '
+            "(TASKER__DATABASE__POOLER=transaction) and run PollingOnly",
+            key="database.pooler",
+        )
+    return DatabaseError(f"cannot connect to PostgreSQL at {describe(url)}: {reason}")
 
 
 def _names_itself(url: str) -> bool:

@@ -42,7 +42,7 @@ from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
-from tasker_worker.errors import ConfigError, UsageError, WorkerStartupError, first_line
+from tasker_worker.errors import ConfigError, UsageError, WorkerStartupError, first_line, tasker_error_in
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
@@ -259,7 +259,11 @@ class Worker(RegistersHandlers):
                     await processor.run(event_system.receive, lambda: self._deadline)
                     tg.cancel_scope.cancel()
         except Exception as exc:
-            self._stop_reason = f"failed: {first_line(exc)}"
+            # A task's TaskerError (a claim that found a pooler, say) reaches the caller as itself.
+            reason = tasker_error_in(exc)
+            self._stop_reason = f"failed: {first_line(reason or exc)}"
+            if reason is not None and reason is not exc:
+                raise reason from exc
             raise
         finally:
             executor.close()
