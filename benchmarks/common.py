@@ -77,7 +77,7 @@ def enqueue_steps(url: str, steps: int, handler: str = "noop") -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def worker_env(url: str, *, step_events: bool = True) -> dict[str, str]:
+def worker_env(url: str, *, step_events: str = "derived", archive: bool = False) -> dict[str, str]:
     """The environment of a benchmark ``tasker-worker run`` (production config, warnings only)."""
     return {
         **os.environ,
@@ -85,17 +85,32 @@ def worker_env(url: str, *, step_events: bool = True) -> dict[str, str]:
         "TASKER_ENV": "production",
         "TASKER__WORKER__NAMESPACES": f'["{NS}"]',
         "TASKER__LOGGING__LEVEL": "WARNING",
-        "TASKER__EVENTS__STEP_EVENTS": "true" if step_events else "false",
+        "TASKER__EVENTS__STEP_EVENTS": step_events,
+        "TASKER__QUEUES__ARCHIVE": "true" if archive else "false",
         "TASKER__DATABASE__AUTO_MIGRATE": "false",
     }
 
 
-def start_worker(url: str, mode: str, concurrency: int | None = None, **env: Any) -> subprocess.Popen[str]:
-    """One ``tasker-worker run`` process (stderr kept for the error message if it dies)."""
+def start_worker(
+    url: str, mode: str, concurrency: int | None = None, processes: int = 1, **env: Any
+) -> subprocess.Popen[str]:
+    """One ``tasker-worker run`` process, or ``processes`` under its supervisor (stderr kept for
+    the error message if it dies)."""
     argv = [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", mode]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
+    if processes > 1:
+        argv += ["--processes", str(processes)]
     return subprocess.Popen(argv, env=worker_env(url, **env), stderr=subprocess.PIPE, text=True)
+
+
+def process_tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) of a process and its live children."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += sum(p.cpu_times()[:2])
+    return total
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

@@ -1,13 +1,16 @@
 """Drain benchmark of tasker-worker.
 
 Enqueue N ``noop`` steps with ``pgmq.send_batch`` (the enqueue rate is reported on its own),
-start one ``tasker-worker run`` process, and time from the first handler start to the last
-outcome recorded. Per deployment mode and concurrency; the CPU time per step of the worker and
-of the database server (when it runs on this machine) is reported too. Every run checks
-exactly-once: N distinct outcomes, all succeeded, an empty queue.
+start one ``tasker-worker run`` process (or ``--processes K`` under its supervisor), and time
+from the first handler start to the last outcome recorded. Per deployment mode, concurrency,
+step events (derived, the default, or stored) and archive (off, the default, or on); the CPU
+time per step of the worker processes and of the database server (when it runs on this machine)
+is reported too. Every run checks exactly-once: N distinct outcomes, all succeeded, an empty
+queue (and N archived messages with the archive on).
 
-    python benchmarks/drain.py                       # 20,000 steps, every mode, concurrency 1, 16, 128
-    python benchmarks/drain.py --modes Hybrid --concurrency 128 --step-events both
+    python benchmarks/drain.py                       # 20,000 steps, every mode, concurrency 16, 128, 512
+    python benchmarks/drain.py --modes Hybrid --concurrency 256 --step-events both --archive both
+    python benchmarks/drain.py --modes Hybrid --concurrency 256 --processes 2
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from common import (
     enqueue_steps,
     machine,
     print_table,
+    process_tree_cpu,
     server,
     start_worker,
     stop,
@@ -39,6 +43,8 @@ COLUMNS = [
     ("mode", "mode"),
     ("concurrency", "conc"),
     ("step_events", "events"),
+    ("archive", "archive"),
+    ("processes", "procs"),
     ("steps", "steps"),
     ("seconds", "seconds"),
     ("steps_per_s", "steps/s"),
@@ -49,12 +55,20 @@ COLUMNS = [
 ]
 
 
-def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool = True) -> dict[str, Any]:
+def drain(
+    admin: str,
+    mode: str,
+    concurrency: int,
+    steps: int,
+    step_events: str = "derived",
+    archive: bool = False,
+    processes: int = 1,
+) -> dict[str, Any]:
     """One drain run on a fresh database."""
     url = tasker_database(admin, "bench_drain")
     enqueue_rate = enqueue_steps(url, steps)
     server_cpu = ServerCpu(url)
-    proc = start_worker(url, mode, concurrency, step_events=step_events)
+    proc = start_worker(url, mode, concurrency, processes, step_events=step_events, archive=archive)
     try:
         worker = psutil.Process(proc.pid)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -64,18 +78,19 @@ def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool
                 return int(row[0]) if row else 0
 
             wait_for(lambda: recorded() > 0, 120, "the first outcome", proc)
-            cpu0 = sum(worker.cpu_times()[:2])
+            cpu0 = process_tree_cpu(worker)
             server_cpu.start()
             # The times come from the outcome rows, not from this loop, so it can look rarely:
             # a count(*) every 20 ms was several percent of a core taken from the drain.
             wait_for(lambda: recorded() >= steps, 900, f"{steps} outcomes", proc, interval=0.25)
-            cpu1 = sum(worker.cpu_times()[:2])
+            cpu1 = process_tree_cpu(worker)
             server_s = server_cpu.seconds()
             first, last, distinct, succeeded = conn.execute(
                 "SELECT min(started_at), max(recorded_at), count(DISTINCT step_uuid),"
                 " count(*) FILTER (WHERE status = 'succeeded') FROM tasker.step_results"
             ).fetchone()
             left = conn.execute(f"SELECT count(*) FROM pgmq.q_{QUEUE}").fetchone()[0]
+            archived = conn.execute(f"SELECT count(*) FROM pgmq.a_{QUEUE}").fetchone()[0]
     finally:
         stop(proc)
     seconds = (last - first).total_seconds()
@@ -83,8 +98,10 @@ def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool
         "mode": mode,
         "concurrency": concurrency,
         "step_events": step_events,
+        "archive": archive,
+        "processes": processes,
         "steps": steps,
-        "exactly_once": distinct == steps == succeeded and left == 0,
+        "exactly_once": distinct == steps == succeeded and left == 0 and archived == (steps if archive else 0),
         "seconds": round(seconds, 3),
         "steps_per_s": round(steps / seconds, 1),
         "enqueue_per_s": round(enqueue_rate, 1),
@@ -95,19 +112,28 @@ def drain(admin: str, mode: str, concurrency: int, steps: int, step_events: bool
     }
 
 
-def run(admin: str, modes: list[str], concurrency: list[int], steps: int, events: list[bool]) -> list[dict[str, Any]]:
+def run(
+    admin: str,
+    modes: list[str],
+    concurrency: list[int],
+    steps: int,
+    events: list[str] | None = None,
+    archive: list[bool] | None = None,
+    processes: int = 1,
+) -> list[dict[str, Any]]:
     """Every combination, printed as it completes."""
     rows = []
     for mode in modes:
         for conc in concurrency:
-            for on in events:
-                rows.append(drain(admin, mode, conc, steps, on))
-                r = rows[-1]
-                print(
-                    f"  {mode} c{conc} events={'on' if on else 'off'}: {r['steps_per_s']:,.0f} steps/s"
-                    f" (exactly once: {r['exactly_once']})",
-                    flush=True,
-                )
+            for ev in events or ["derived"]:
+                for arch in archive or [False]:
+                    rows.append(drain(admin, mode, conc, steps, ev, arch, processes))
+                    r = rows[-1]
+                    print(
+                        f"  {mode} c{conc} events={ev} archive={'on' if arch else 'off'} processes={processes}:"
+                        f" {r['steps_per_s']:,.0f} steps/s (exactly once: {r['exactly_once']})",
+                        flush=True,
+                    )
     return rows
 
 
@@ -115,16 +141,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
-    parser.add_argument("--step-events", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 128, 512])
+    parser.add_argument("--step-events", choices=["derived", "stored", "both"], default="derived")
+    parser.add_argument("--archive", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes under one supervisor")
     parser.add_argument("--url", help="admin URL of a server to use instead of a temporary embedded one")
     parser.add_argument("--json", type=Path, default=RESULTS / "drain.json")
     args = parser.parse_args()
-    events = {"on": [True], "off": [False], "both": [True, False]}[args.step_events]
+    events = {"derived": ["derived"], "stored": ["stored"], "both": ["derived", "stored"]}[args.step_events]
+    archive = {"off": [False], "on": [True], "both": [False, True]}[args.archive]
     started = time.time()
     with server(args.url) as (admin, _):
-        rows = run(admin, args.modes, args.concurrency, args.steps, events)
-    print_table(rows, COLUMNS, "drain (noop steps, one worker process)")
+        rows = run(admin, args.modes, args.concurrency, args.steps, events, archive, args.processes)
+    print_table(rows, COLUMNS, "drain (noop steps)")
     write_json(args.json, {"machine": machine(), "started": started, "drain": rows})
 
 

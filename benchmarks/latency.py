@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import psycopg
 from anyio.streams.buffered import BufferedByteReceiveStream
-from common import QUEUE, RESULTS, machine, percentiles_ms, print_table, server, write_json
+from common import RESULTS, machine, percentiles_ms, print_table, server, write_json
 from systems import Send, Tasker, child_argv
 
 MODES = ["PollingOnly", "Hybrid", "EventDrivenOnly"]
@@ -148,12 +148,9 @@ async def measure(system: Any, admin: str, n_sequential: int, n_paced: int) -> l
 
 
 def _sources(url: str) -> dict[int, str]:
-    """``{probe index: event|poll}`` from the outcome rows and the archived messages."""
+    """``{probe index: event|poll}`` from the outcome rows (the probe handler returns its index)."""
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            f"SELECT (a.message -> 'inputs' ->> 'i')::int, r.source FROM tasker.step_results AS r"
-            f" JOIN pgmq.a_{QUEUE} AS a USING (msg_id)"
-        ).fetchall()
+        rows = conn.execute("SELECT (result ->> 'i')::int, source FROM tasker.step_results").fetchall()
     return {int(i): str(src) for i, src in rows}
 
 

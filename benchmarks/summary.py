@@ -25,20 +25,35 @@ from common import RESULTS, machine, print_table, server, write_json
 from systems import PgQueuer, Procrastinate, Tasker
 
 MODES = ["PollingOnly", "Hybrid", "EventDrivenOnly"]
+#: max_concurrent_processors of config/tasker/environments/production, which the drains run with.
+PRODUCTION_CONCURRENCY = 32
+
+
+def _variant(row: dict[str, Any]) -> str:
+    """What sets a drain row apart from the default configuration."""
+    parts = []
+    if row.get("step_events", "derived") != "derived":
+        parts.append(f"events {row['step_events']}")
+    if row.get("archive"):
+        parts.append("archive on")
+    if row.get("processes", 1) > 1:
+        parts.append(f"{row['processes']} processes")
+    return ", ".join(parts)
 
 
 def ratios(drains: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best Hybrid drain (step events on, the default) against the best of each peer and the raw limit."""
+    """The best Hybrid drain of the default configuration (step events derived, no archive, one
+    process) against the best of each peer and the raw limit; the other variants beside it."""
 
     def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return max(rows, key=lambda r: r["steps_per_s"])
 
-    ours = best([r for r in drains if r["mode"] == "Hybrid" and r["step_events"] and r["exactly_once"]])
-    ours_off = [r for r in drains if r["mode"] == "Hybrid" and not r["step_events"] and r["exactly_once"]]
+    default = [r for r in drains if r["mode"] == "Hybrid" and not _variant(r) and r["exactly_once"]]
+    ours = best(default)
     pgq = best([r for r in peer_rows if r.get("peer") == "pgqueuer"])
     pro = best([r for r in peer_rows if r.get("peer") == "procrastinate"])
     raw = best([r for r in peer_rows if r["system"].startswith("raw")])
-    out = {
+    out: dict[str, Any] = {
         "tasker_hybrid_best": ours,
         "pgqueuer_best": pgq,
         "procrastinate_best": pro,
@@ -47,18 +62,23 @@ def ratios(drains: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> dic
         "vs_procrastinate": round(ours["steps_per_s"] / pro["steps_per_s"], 2),
         "of_raw_limit": round(ours["steps_per_s"] / raw["steps_per_s"], 3),
     }
-    if ours_off:
-        off = best(ours_off)
-        out["tasker_hybrid_best_events_off"] = off
-        out["vs_pgqueuer_events_off"] = round(off["steps_per_s"] / pgq["steps_per_s"], 2)
-    # What the throughput targets mean in CPU: at the same use of the two cores, running 1.5x
-    # PgQueuer's best takes at most 1/1.5 of its CPU (worker + server) per job.
+    production = [r for r in default if r["concurrency"] == PRODUCTION_CONCURRENCY]
+    if production:
+        out["vs_pgqueuer_at_production_concurrency"] = round(production[0]["steps_per_s"] / pgq["steps_per_s"], 2)
+    variants: dict[str, float] = {}
+    for r in drains:
+        if r["mode"] == "Hybrid" and _variant(r) and r["exactly_once"]:
+            key = _variant(r)
+            variants[key] = max(variants.get(key, 0.0), round(r["steps_per_s"] / pgq["steps_per_s"], 2))
+    out["variants_vs_pgqueuer"] = variants
     cpu = {"tasker": cpu_per_step(ours), "pgqueuer": cpu_per_step(pgq), "raw_limit": cpu_per_step(raw)}
-    if ours_off:
-        cpu["tasker_events_off"] = cpu_per_step(best(ours_off))
     out["cpu_us_per_step"] = cpu
-    if cpu["pgqueuer"] is not None:
-        out["cpu_budget_for_1_5x_pgqueuer_us"] = round(cpu["pgqueuer"] / 1.5, 1)
+    out["cpu_split_us"] = {
+        "tasker": [ours.get("worker_cpu_us_per_step"), ours.get("server_cpu_us_per_step")],
+        "pgqueuer": [pgq.get("worker_cpu_us_per_step"), pgq.get("server_cpu_us_per_step")],
+    }
+    if cpu["tasker"] is not None and cpu["pgqueuer"]:
+        out["cpu_vs_pgqueuer"] = round(cpu["tasker"] / cpu["pgqueuer"], 2)
     return out
 
 
@@ -79,16 +99,16 @@ def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
-    # Each mode (and Hybrid with step events off) at its best concurrency.
-    best: dict[tuple[str, bool], dict[str, Any]] = {}
+    # Each mode and variant at its best concurrency.
+    best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in result["drain"]:
-        key = (r["mode"], r["step_events"])
+        key = (r["mode"], _variant(r))
         if key not in best or r["steps_per_s"] > best[key]["steps_per_s"]:
             best[key] = r
     drains = list(best.values())
     bars = [
         (
-            f"tasker {r['mode']}\nc{r['concurrency']}" + ("" if r["step_events"] else " events off"),
+            f"tasker {r['mode']}\nc{r['concurrency']}" + (f" {_variant(r)}" if _variant(r) else ""),
             r["steps_per_s"],
             "tab:blue",
         )
@@ -151,10 +171,13 @@ def main() -> None:
         assert data_dir is not None
         print("drain (tasker-worker)")
         # Throughput grows with concurrency up to a few hundred no-op steps in flight (claims and
-        # outcome writes overlap more), so "best concurrency" is looked for up to 512.
-        result["drain"] = drain.run(admin, MODES, [1, 16, 128, 256], steps, [True])
-        result["drain"] += drain.run(admin, ["Hybrid"], [512], steps, [True])
-        result["drain"] += drain.run(admin, ["Hybrid"], [256], steps, [False])
+        # outcome writes overlap more), so "best concurrency" is looked for up to 512; 32 is the
+        # production overlay's default.
+        result["drain"] = drain.run(admin, ["Hybrid"], [16, PRODUCTION_CONCURRENCY, 128, 256, 512], steps)
+        result["drain"] += drain.run(admin, ["PollingOnly", "EventDrivenOnly"], [16, 128, 512], steps)
+        result["drain"] += drain.run(admin, ["Hybrid"], [256], steps, ["stored"])
+        result["drain"] += drain.run(admin, ["Hybrid"], [256], steps, ["derived"], [True])
+        result["drain"] += drain.run(admin, ["Hybrid"], [256], steps, processes=2)
         print("drain (peers, raw limit)")
         result["peers"] = peers.run(admin, steps, [])
         print("pickup latency")
@@ -173,18 +196,21 @@ def main() -> None:
     print_table(result["planning"], [(k, k) for k in result["planning"][0]], "planning steps/s")
     r = result["ratios"]
     print(
-        f"\nratios (Hybrid best, step events on): {r['vs_pgqueuer']}x PgQueuer's best, "
-        f"{r['vs_procrastinate']}x Procrastinate's best, {r['of_raw_limit']:.0%} of the raw SQL limit"
-        + (f"; events off: {r['vs_pgqueuer_events_off']}x PgQueuer" if "vs_pgqueuer_events_off" in r else "")
-    )
-    print(
-        "CPU per job, worker + server (us): "
-        + ", ".join(f"{k} {v}" for k, v in r["cpu_us_per_step"].items())
+        f"\nratios (Hybrid best, default configuration, c{r['tasker_hybrid_best']['concurrency']}): "
+        f"{r['vs_pgqueuer']}x PgQueuer's best, {r['vs_procrastinate']}x Procrastinate's best, "
+        f"{r['of_raw_limit']:.0%} of the raw SQL limit"
         + (
-            f"; 1.5x PgQueuer's best needs at most {r['cpu_budget_for_1_5x_pgqueuer_us']}"
-            if "cpu_budget_for_1_5x_pgqueuer_us" in r
+            f"; at the production concurrency ({PRODUCTION_CONCURRENCY}) {r['vs_pgqueuer_at_production_concurrency']}x"
+            if "vs_pgqueuer_at_production_concurrency" in r
             else ""
         )
+    )
+    print("variants vs PgQueuer's best: " + ", ".join(f"{k} {v}x" for k, v in r["variants_vs_pgqueuer"].items()))
+    split = r["cpu_split_us"]
+    print(
+        f"CPU per job, worker + server (us): tasker {split['tasker'][0]} + {split['tasker'][1]}"
+        f" = {r['cpu_us_per_step']['tasker']}, PgQueuer {split['pgqueuer'][0]} + {split['pgqueuer'][1]}"
+        f" = {r['cpu_us_per_step']['pgqueuer']}" + (f" ({r['cpu_vs_pgqueuer']}x)" if "cpu_vs_pgqueuer" in r else "")
     )
     write_json(args.json, result)
     chart(result, args.png)

@@ -106,8 +106,10 @@ class Tasker:
         registry = HandlerRegistry()
 
         @registry.handler("probe")
-        async def _probe(ctx: Any, step: Any) -> None:
-            _started(int(ctx.inputs["i"]))
+        async def _probe(ctx: Any, step: Any) -> dict[str, int]:
+            i = int(ctx.inputs["i"])
+            _started(i)
+            return {"i": i}  # the outcome row then says how each probe was found (latency._sources)
 
         overrides: dict[str, Any] = {}
         if self.mode == "PollingOnly":
