@@ -30,7 +30,6 @@ import heapq
 import logging
 import math
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ class _InFlight:
     #: Its handler is done and its outcome waits for the writer: the slot is free again.
     handed_off: bool = False
     #: The step_uuid this message holds in ``steps_in_flight`` (None: it holds none).
-    step_key: uuid.UUID | None = None
+    step_key: int | None = None
     #: The task running its step.
     task: asyncio.Task[None] | None = None
 
@@ -189,14 +188,12 @@ class CommandProcessor:
         #: How many of in_flight are handed off (outcome waiting for the writer); at most
         #: max_concurrent, so that at most twice max_concurrent messages are held.
         self.handed_off = 0
-        self.steps_in_flight: dict[uuid.UUID, tuple[str, int]] = {}
+        #: The steps running here by the integer of their step_uuid, with their (queue, msg_id).
+        self.steps_in_flight: dict[int, tuple[str, int]] = {}
         self._slot_freed = anyio.Event()
         self._timers: list[tuple[float, str, Source]] = []
         self._timer_changed = anyio.Event()
         self._claiming = True
-        #: One plain asyncio task per running step: an anyio task group's bookkeeping cost
-        #: more than a no-op step itself. ``run`` cancels and awaits them on the way out.
-        self._step_tasks: set[asyncio.Task[None]] = set()
         self.last_error: str | None = None
         retry = config.retry
         self.retry_policy = RetryPolicy(
@@ -252,7 +249,9 @@ class CommandProcessor:
 
     async def _cancel_steps(self) -> None:
         """Cancel the step tasks still running and wait (bounded) until they are gone."""
-        tasks = list(self._step_tasks)
+        # One plain asyncio task per running step (an anyio task group's bookkeeping cost more
+        # than a no-op step itself), referenced by its in_flight entry until the step ends.
+        tasks = [e.task for e in self.in_flight.values() if e.task is not None and not e.task.done()]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -418,8 +417,8 @@ class CommandProcessor:
             current.msg.read_ct = msg.read_ct
             current.vt_deadline = msg.received_mono + self.vt_seconds
             return
-        since = self.listening_since()
-        if msg.source is Source.POLL and msg.read_ct == 1 and since is not None:
+        since = self.listening_since() if msg.source is Source.POLL and msg.read_ct == 1 else None
+        if since is not None:
             # Only a message sent while LISTEN was up can be a missed wakeup. Both times are
             # read on the server's clock: the listener's start is placed there by how long ago
             # (locally) it was, counted back from the claim's server time.
@@ -429,9 +428,7 @@ class CommandProcessor:
             if sent_after_listen and ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
                 self.stats.incr("missed_wakeups")
         entry = self.in_flight[key] = _InFlight(msg, msg.received_mono + self.vt_seconds)
-        task = entry.task = asyncio.get_running_loop().create_task(self._run_step(msg, entry))
-        self._step_tasks.add(task)
-        task.add_done_callback(self._step_tasks.discard)
+        entry.task = asyncio.get_running_loop().create_task(self._run_step(msg, entry))
 
     async def _vt_keeper(self) -> None:
         """Extend the vt of steps running past half of it, in one statement per queue."""
@@ -473,7 +470,8 @@ class CommandProcessor:
                 await self._dead_letter(msg, exc, OutcomeStatus.DEAD_LETTERED, None)
                 return
             msg.step = step
-            step_key = step.step_uuid
+            # The UUID's integer: hashing a UUID object is a Python-level call per step.
+            step_key = step.step_uuid.int
             if step_key in self.steps_in_flight:
                 # Another message of the same step runs here now: come back when it is done,
                 # then find its outcome recorded and settle without running.
@@ -871,11 +869,12 @@ class CommandProcessor:
         self.schedule(msg.queue, max(0.0, remaining) + VT_MARGIN_S, Source.POLL)
 
     def _count_outcome(self, status: OutcomeStatus | None) -> None:
-        self.stats.incr("processed")
+        counters = self.stats.counters  # both keys are always there (COUNTERS)
+        counters["processed"] += 1
         if status is OutcomeStatus.SUCCEEDED:
-            self.stats.incr("succeeded")
+            counters["succeeded"] += 1
         elif status is OutcomeStatus.FAILED:
-            self.stats.incr("failed")
+            counters["failed"] += 1
 
     async def _release_all(self) -> None:
         """Give every still-running step's message back at once (not counted as an attempt)."""
