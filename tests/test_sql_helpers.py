@@ -208,3 +208,36 @@ async def test_claims_can_leave_handlers_and_messages_alone(conn: Conn, db_url: 
         await pool.close()
     read_cts = conn.execute(f"SELECT msg_id, read_ct FROM pgmq.q_{queue} ORDER BY msg_id").fetchall()
     assert read_cts == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 0)]
+
+
+@pytest.mark.anyio
+async def test_the_claim_is_planned_for_the_queue_it_meets(conn: Conn, db_url: str) -> None:
+    """The claim is a prepared statement, but the pool's sessions plan it at every execution
+    (plan_cache_mode = force_custom_plan): a plan made while the queue was empty and analyzed so
+    is never reused once it is full (a frozen generic plan once made such a claim take 919 ms)."""
+    from tasker_worker.config.models import DatabaseConfig
+    from tasker_worker.db.connection import open_pool
+    from tasker_worker.db.queue_client import QueueClient
+
+    conn.execute("SELECT tasker.create_namespace_queue('plans')")
+    queue = queue_name("plans")
+    conn.execute(f"ANALYZE pgmq.q_{queue}")
+    pool = await open_pool(db_url, DatabaseConfig(), max_size=1)
+    try:
+        statement = QueueClient(pool).statements(queue).claim
+        params = {"qty": 10, "vt": 30, "worker_id": None}
+        async with pool.connection() as c:
+            for _ in range(8):  # past the five custom plans after which PostgreSQL may go generic
+                assert await (await c.execute(statement, params, prepare=True)).fetchall() == []
+            body = json.dumps(StepMessage.build("plans", "noop"))
+            conn.execute("SELECT pgmq.send_batch(%s, array_fill(%s::jsonb, ARRAY[20000]))", (queue, body))
+            claimed = await (await c.execute(statement, params, prepare=True)).fetchall()
+            cur = await c.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = %s",
+                (statement.replace("%(qty)s", "$1").replace("%(vt)s", "$2").replace("%(worker_id)s", "$3"),),
+            )
+            plans = await cur.fetchall()
+    finally:
+        await pool.close()
+    assert len(claimed) == 10
+    assert plans == [(0, 9)]
