@@ -126,7 +126,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
     ax.set_xscale("log")
     ax.set_xlabel("jobs/s (log scale)")
-    ax.set_title(f"Drain: {result['steps']:,} no-op jobs, one worker process")
+    ax.set_title(f"Drain: {result['steps']:,} no-op jobs, one worker process unless said")
     for i, b in enumerate(bars):
         ax.text(b[1], i, f" {b[1]:,.0f}", va="center", fontsize=8)
 
