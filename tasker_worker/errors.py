@@ -64,7 +64,7 @@ class DatabaseError(TaskerError):
 
 
 class MigrationError(DatabaseError):
-    """A migration failed; the database is left at the last fully applied version."""
+    """A migration failed; the database is left as it was before (pending migrations apply in one transaction)."""
 
 
 class EmbeddedDatabaseError(DatabaseError):

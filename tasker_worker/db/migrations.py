@@ -81,10 +81,10 @@ def discover() -> list[Migration]:
 async def migrate(url: str) -> list[str]:
     """Apply pgmq and pending migrations; return what was applied (empty when up to date).
 
-    Each migration runs in its own transaction under a transaction-level advisory lock, checking
-    again under the lock whether another process applied it meanwhile: concurrent workers
-    starting at once apply each migration exactly once, and nothing here needs a session (so it
-    also works through a transaction pooler, where no statement is prepared either).
+    Everything pending applies in one transaction under a transaction-level advisory lock: of
+    several processes starting at once, one applies it all and the others find it done, a
+    migration that fails leaves the database as it was, and nothing here needs a session (so
+    it also works through a transaction pooler; no statement is prepared either).
     """
     conn = await connect(url, prepared=False)
     applied: list[str] = []
@@ -93,26 +93,24 @@ async def migrate(url: str) -> list[str]:
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
             await conn.execute(queries.CREATE_MIGRATIONS_TABLE)
             pgmq = await _ensure_pgmq(conn)
-        if pgmq:
-            applied.append(pgmq)
-        for migration in discover():
-            try:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-                    done = {row[0] for row in await (await conn.execute(queries.APPLIED_VERSIONS)).fetchall()}
-                    if migration.version in done:
-                        continue
-                    await conn.execute(migration.sql.encode())
-                    await conn.execute(
-                        queries.RECORD_MIGRATION,
-                        (migration.version, migration.name, migration.checksum),
-                    )
-            except psycopg.Error as exc:
-                raise MigrationError(f"migration {migration.path.name} failed: {first_line(exc)}") from exc
-            applied.append(f"{migration.version}_{migration.name}")
-            log.info("applied migration %s", migration.path.name)
+            if pgmq:
+                applied.append(pgmq)
+            done = {row[0] for row in await (await conn.execute(queries.APPLIED_VERSIONS)).fetchall()}
+            for migration in discover():
+                if migration.version in done:
+                    continue
+                try:
+                    async with conn.transaction():
+                        await conn.execute(migration.sql.encode())
+                        await conn.execute(
+                            queries.RECORD_MIGRATION, (migration.version, migration.name, migration.checksum)
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(f"migration {migration.path.name} failed: {first_line(exc)}") from exc
+                applied.append(f"{migration.version}_{migration.name}")
+                log.info("applied migration %s", migration.path.name)
         # Queues created while no event trigger could exist (or by a non-superuser).
-        await conn.execute("SELECT tasker.ensure_notify_triggers()")
+        await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
     except psycopg.Error as exc:
         raise MigrationError(f"migration failed: {first_line(exc)}") from exc
     finally:
