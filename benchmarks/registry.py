@@ -1,4 +1,4 @@
-"""Registry benchmark: heartbeat rate through RegistryCommands, replay and compaction time.
+"""Registry benchmark: heartbeat rate through WorkerLifecycle, replay and compaction time.
 
     python benchmarks/registry.py [--workers 500] [--heartbeats 20]
 
@@ -28,16 +28,16 @@ from tasker_worker.db.connection import open_pool  # noqa: E402
 from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
 from tasker_worker.domain.clock import ManualClock  # noqa: E402
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration  # noqa: E402
-from tasker_worker.registry import events  # noqa: E402
-from tasker_worker.registry.commands import RegistryCommands  # noqa: E402
-from tasker_worker.registry.jobs import SupervisionJobs  # noqa: E402
+from tasker_worker.fleet import eventlog  # noqa: E402
+from tasker_worker.fleet.lifecycle import WorkerLifecycle  # noqa: E402
+from tasker_worker.fleet.supervision import SupervisionJobs  # noqa: E402
 
 
 async def run(url: str, workers: int, beats: int) -> dict[str, Any]:
     await migrations.migrate(url)
     pool = await open_pool(url, DatabaseConfig(), max_size=8)
     clock = ManualClock()
-    commands = RegistryCommands(pool, clock, heartbeat_history=100)
+    commands = WorkerLifecycle(pool, clock, heartbeat_history=100)
     jobs = SupervisionJobs(commands, RegistryConfig(), EventsConfig())
     out: dict[str, Any] = {"workers": workers, "heartbeats_per_worker": beats}
     try:
@@ -60,17 +60,17 @@ async def run(url: str, workers: int, beats: int) -> dict[str, Any]:
         await jobs.activate_pending()
 
         t0 = time.perf_counter()
-        report = await events.replay_and_compare(pool)
+        report = await eventlog.replay_and_compare(pool)
         out["replay_s"] = round(time.perf_counter() - t0, 3)
         out["events_replayed"] = report.events_applied
         out["consistent"] = report.consistent
 
         clock.advance(3600)
         t0 = time.perf_counter()
-        out["compacted_events"] = await events.compact(pool, clock.now())
+        out["compacted_events"] = await eventlog.compact(pool, clock.now())
         out["compaction_s"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        after = await events.replay_and_compare(pool)
+        after = await eventlog.replay_and_compare(pool)
         out["replay_from_snapshot_s"] = round(time.perf_counter() - t0, 3)
         out["consistent_after_compaction"] = after.consistent and after.workers == report.workers
     finally:

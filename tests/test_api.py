@@ -152,8 +152,8 @@ async def test_healthy_and_stats(db_url: str) -> None:
         await api.post("/api/workers/s1/heartbeat", json={})
         from tasker_worker.domain.workers import WorkerStatus
 
-        await ctx.commands.transition("s0", WorkerStatus.ACTIVE)
-        await ctx.commands.transition("s1", WorkerStatus.ACTIVE)
+        await ctx.lifecycle.transition("s0", WorkerStatus.ACTIVE)
+        await ctx.lifecycle.transition("s1", WorkerStatus.ACTIVE)
         clock.advance(ctx.config.registry.stale_timeout.total_seconds() + 1)
         await api.post("/api/workers/s1/heartbeat", json={})  # only s1 is fresh now
         healthy = (await api.get("/api/workers/healthy")).json()
@@ -217,7 +217,7 @@ async def test_unexpected_errors_are_json_500(db_url: str) -> None:
         async def explode(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("a bug")
 
-        ctx.queries.list = explode  # type: ignore[method-assign]
+        ctx.views.list = explode  # type: ignore[method-assign]
         transport = httpx.ASGITransport(app=create_app(ctx), raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             data = assert_error(await client.get("/api/workers"), 500, "internal_error")

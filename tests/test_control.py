@@ -19,8 +19,8 @@ from chaos import poll_until
 from tasker_worker.config.models import DatabaseConfig, DeploymentMode
 from tasker_worker.db.connection import open_pool
 from tasker_worker.errors import DependencyUnavailable
+from tasker_worker.fleet.eventlog import replay_and_compare
 from tasker_worker.handlers.registry import HandlerRegistry
-from tasker_worker.registry.events import replay_and_compare
 from tasker_worker.testing import fetch, fetch_value, make_config, running_worker, send_steps, wait_until
 
 NS = "ctl"
@@ -230,7 +230,7 @@ async def test_circuit_opens_leaves_the_handlers_steps_unclaimed_and_closes_afte
     )
     async with running_worker(url, config, registry=reg) as worker:
         assert worker.processor is not None
-        circuits = worker.processor.circuits
+        circuits = worker.processor.steps.circuits
         await send_steps(url, NS, "charge", [{"i": i} for i in range(2)])
         await wait_until(lambda: circuits.state_of("charge") == "open", timeout=20)
         runs_at_open = service["runs"]

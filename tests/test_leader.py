@@ -16,7 +16,7 @@ import psycopg
 from chaos import poll_until
 
 from tasker_worker.db import queries
-from tasker_worker.registry.leader import SUPERVISION_LOCK
+from tasker_worker.fleet.leader import SUPERVISION_LOCK
 
 
 def start_api(env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:

@@ -61,3 +61,20 @@ def test_queues_created_before_migrate_get_the_trigger(blank_db_url: str) -> Non
             "AND tgrelid = 'pgmq.q_early_bird'::regclass"
         ).fetchone()
         assert row == (1,)
+
+
+def test_schema_file_is_what_the_migrations_make(db_url: str) -> None:
+    """sql/schema.sql shows the current definition of every table, view and function (the
+    migrations only show how they came to be): it must equal a freshly migrated database's."""
+    from tasker_worker.db import schema
+
+    path = migrations.sql_dir() / "schema.sql"
+    text = path.read_text()
+    with psycopg.connect(db_url) as conn:
+        major = str(conn.execute("SHOW server_version_num").fetchone()[0])[:2]  # type: ignore[index]
+    if f"(PostgreSQL {major})" not in text.splitlines()[1]:
+        import pytest
+
+        pytest.skip(f"sql/schema.sql was generated on another major version than this server's ({major})")
+    fresh = anyio.run(schema.dump, db_url)
+    assert fresh == text, "sql/schema.sql is stale: regenerate it with `tasker-worker db schema > sql/schema.sql`"

@@ -13,7 +13,7 @@ import pytest
 from tasker_worker.config.models import RegistryConfig
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus
 from tasker_worker.errors import InvalidTransition, RegistrationFailed, WorkerStartupError
-from tasker_worker.registry.presence import WorkerPresence
+from tasker_worker.fleet.presence import WorkerPresence
 
 pytestmark = pytest.mark.anyio
 
@@ -59,7 +59,7 @@ def presence(commands: FakeCommands, **config: Any) -> WorkerPresence:
         heartbeat_interval=timedelta(milliseconds=10),
     )
     registration = WorkerRegistration(worker_id="p1", name="n", hostname="h", pid=1)
-    return WorkerPresence(commands, registration, settings, lambda: Heartbeat(processed=1))  # type: ignore[arg-type]
+    return WorkerPresence(commands, lambda: registration, settings, lambda: Heartbeat(processed=1))  # type: ignore[arg-type]
 
 
 async def test_registration_is_retried_then_succeeds() -> None:

@@ -18,10 +18,10 @@ from tasker_worker.db.connection import open_pool
 from tasker_worker.domain.clock import ManualClock
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus
 from tasker_worker.errors import InvalidTransition, WorkerConflict, WorkerNotFound
-from tasker_worker.registry import events
-from tasker_worker.registry.commands import RegistryCommands
-from tasker_worker.registry.jobs import SupervisionJobs
-from tasker_worker.registry.queries import RegistryQueries
+from tasker_worker.fleet import eventlog
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
+from tasker_worker.fleet.supervision import SupervisionJobs
+from tasker_worker.fleet.views import FleetViews
 
 pytestmark = pytest.mark.anyio
 
@@ -54,14 +54,14 @@ def registration(worker_id: str | None = "w1", **extra: Any) -> WorkerRegistrati
     return WorkerRegistration(**data)
 
 
-def setup(pool: AsyncConnectionPool, clock: ManualClock, **registry: Any) -> tuple[RegistryCommands, SupervisionJobs]:
+def setup(pool: AsyncConnectionPool, clock: ManualClock, **registry: Any) -> tuple[WorkerLifecycle, SupervisionJobs]:
     config = RegistryConfig(stale_timeout=STALE, **registry)
-    commands = RegistryCommands(pool, clock, heartbeat_history=config.heartbeat_history)
+    commands = WorkerLifecycle(pool, clock, heartbeat_history=config.heartbeat_history)
     return commands, SupervisionJobs(commands, config, EventsConfig())
 
 
 async def status_of(pool: AsyncConnectionPool, worker_id: str) -> WorkerStatus:
-    return (await RegistryQueries(pool).get(worker_id)).status
+    return (await FleetViews(pool).get(worker_id)).status
 
 
 async def event_types(pool: AsyncConnectionPool, worker_id: str) -> list[str]:
@@ -95,11 +95,11 @@ async def test_lifecycle_driven_by_a_manual_clock(pool: AsyncConnectionPool) -> 
     clock.advance(1)
     await commands.heartbeat("w1", Heartbeat(active_steps=0, processed=9))
     assert await jobs.reactivate_offline() == 1
-    view = await RegistryQueries(pool).get("w1")
+    view = await FleetViews(pool).get("w1")
     assert view.status is WorkerStatus.ACTIVE and view.processed == 9
 
     await commands.deregister("w1", "SIGTERM")
-    view = await RegistryQueries(pool).get("w1")
+    view = await FleetViews(pool).get("w1")
     assert view.status is WorkerStatus.DEREGISTERED and view.deregister_reason == "SIGTERM"
     assert await event_types(pool, "w1") == [
         "WorkerRegistered",
@@ -159,7 +159,7 @@ async def test_id_held_by_a_live_worker_is_renamed_or_refused(pool: AsyncConnect
     clock.advance(STALE + timedelta(seconds=1))
     await jobs.mark_stale_offline()
     assert await commands.register(registration("dup", pid=6), on_conflict="error") == "dup"
-    view = await RegistryQueries(pool).get("dup")
+    view = await FleetViews(pool).get("dup")
     assert view.status is WorkerStatus.PENDING and view.pid == 6
 
 
@@ -183,7 +183,7 @@ async def test_heartbeat_history_is_bounded(pool: AsyncConnectionPool) -> None:
     for i in range(10):
         clock.advance(1)
         await commands.heartbeat("w1", Heartbeat(processed=i))
-    beats = await RegistryQueries(pool).heartbeats("w1", limit=100)
+    beats = await FleetViews(pool).heartbeats("w1", limit=100)
     assert [b["processed"] for b in beats] == [9, 8, 7]
 
 
@@ -193,7 +193,7 @@ async def test_busy_changes_are_logged_once_per_change(pool: AsyncConnectionPool
     for busy in (False, True, True, False, False, True):
         await commands.heartbeat("w1", Heartbeat(busy=busy))
     assert (await event_types(pool, "w1")).count("WorkerBusy") == 3
-    assert (await RegistryQueries(pool).get("w1")).busy is True
+    assert (await FleetViews(pool).get("w1")).busy is True
 
 
 async def random_operations(pool: AsyncConnectionPool, clock: ManualClock, rng: random.Random, steps: int) -> list[str]:
@@ -231,10 +231,10 @@ async def test_replay_equals_live_state_after_random_operations(pool: AsyncConne
         ids = await random_operations(pool, clock, random.Random(seed), 150)
         assert ids
         seen.update(ids)
-        report = await events.replay_and_compare(pool)
+        report = await eventlog.replay_and_compare(pool)
         assert report.consistent, report.differences[:5]
         assert set(report.workers) == seen
-        again = await events.replay_and_compare(pool)
+        again = await eventlog.replay_and_compare(pool)
         assert again.workers == report.workers  # replaying twice gives the same state
 
 
@@ -246,17 +246,17 @@ async def test_compaction_keeps_replay_exact_and_bounds_the_log(pool: AsyncConne
         # Events carry the manual clock's time; compact everything up to now.
         cur = await conn.execute("SELECT count(*) FROM tasker.events")
         before = (await cur.fetchone())[0]
-    before_report = await events.replay_and_compare(pool)
-    deleted = await events.compact(pool, clock.now() + timedelta(seconds=1))
+    before_report = await eventlog.replay_and_compare(pool)
+    deleted = await eventlog.compact(pool, clock.now() + timedelta(seconds=1))
     assert deleted == before > 0
-    after = await events.replay_and_compare(pool)
+    after = await eventlog.replay_and_compare(pool)
     assert after.consistent and after.workers == before_report.workers and after.events_applied == 0
     # More activity on top of the snapshot, then a second compaction, still exact.
     clock.advance(10)
     await random_operations(pool, clock, rng, 80)
-    assert (await events.replay_and_compare(pool)).consistent
-    await events.compact(pool, clock.now() + timedelta(seconds=1))
-    final = await events.replay_and_compare(pool)
+    assert (await eventlog.replay_and_compare(pool)).consistent
+    await eventlog.compact(pool, clock.now() + timedelta(seconds=1))
+    final = await eventlog.replay_and_compare(pool)
     assert final.consistent, final.differences[:5]
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT count(*) FROM tasker.event_snapshots")
@@ -268,7 +268,7 @@ async def test_replay_reports_a_live_table_edited_behind_the_log(pool: AsyncConn
     await commands.register(registration())
     async with pool.connection() as conn:
         await conn.execute("UPDATE tasker.workers SET status = 'active' WHERE worker_id = 'w1'")
-    report = await events.replay_and_compare(pool)
+    report = await eventlog.replay_and_compare(pool)
     assert not report.consistent
     assert report.differences == [{"worker_id": "w1", "field": "status", "replayed": "pending", "live": "active"}]
 
@@ -281,10 +281,10 @@ async def test_fleet_stats(pool: AsyncConnectionPool) -> None:
     await commands.heartbeat("w0", Heartbeat(active_steps=4))
     await jobs.activate_pending()
     await commands.deregister("w2", "done")
-    stats = await RegistryQueries(pool).stats()
+    stats = await FleetViews(pool).stats()
     assert stats["by_status"] == {"pending": 1, "active": 1, "offline": 0, "deregistered": 1}
     assert stats["live_cpu_cores"] == 16 and stats["active_steps"] == 4
-    healthy = await RegistryQueries(pool).healthy(clock.now(), STALE)
+    healthy = await FleetViews(pool).healthy(clock.now(), STALE)
     assert [w.worker_id for w in healthy] == ["w0"]
 
 
@@ -381,7 +381,7 @@ async def test_running_worker_registers_heartbeats_is_supervised_and_deregisters
     from tasker_worker.testing import make_config, running_worker, wait_until
 
     config = make_config(namespaces=["reg"], overrides={"worker.id": "fixed-id"})
-    queries = RegistryQueries(pool)
+    queries = FleetViews(pool)
     async with running_worker(db_url, config) as worker:
         assert worker.worker_id == "fixed-id"
 
@@ -400,13 +400,13 @@ async def test_running_worker_registers_heartbeats_is_supervised_and_deregisters
             assert two.worker_id != "fixed-id" and two.worker_id.startswith("fixed-id-")
     view = await queries.get("fixed-id")
     assert view.status is WorkerStatus.DEREGISTERED and view.deregister_reason == "test finished"
-    assert (await events.replay_and_compare(pool)).consistent
+    assert (await eventlog.replay_and_compare(pool)).consistent
 
 
 async def test_capable_worker_lookup_uses_the_registry(db_url: str, pool: AsyncConnectionPool) -> None:
     from tasker_worker.db.queue_client import QueueClient
 
-    clock_commands = RegistryCommands(pool)
+    clock_commands = WorkerLifecycle(pool)
     await clock_commands.register(registration("other", capabilities=["planning:theta"]))
     client = QueueClient(pool)
     assert await client.capable_worker_exists("planning:theta", 60, "me")

@@ -378,7 +378,9 @@ async def test_graceful_shutdown_releases_unfinished_steps(url: str) -> None:
     async with running_worker(url, config) as worker:
         await send_steps(url, NS, "sleep", [{"seconds": 0.05}] * 3 + [{"seconds": 30}] * 2, timeout=60)
         await wait_until(_count_is(url, 3), timeout=10)
-        await wait_until(lambda: worker.processor is not None and len(worker.processor.in_flight) == 2, timeout=10)
+        await wait_until(
+            lambda: worker.processor is not None and len(worker.processor.steps.in_flight) == 2, timeout=10
+        )
     assert worker.status()["counters"]["released"] == 2
     rows = await fetch(url, f"SELECT read_ct, vt <= clock_timestamp() FROM pgmq.q_{QUEUE}")
     assert rows == [(0, True), (0, True)]  # back at once, attempt given back
@@ -397,7 +399,9 @@ async def test_stale_ack_is_rejected_and_counted(url: str) -> None:
     config = make_config(mode="Hybrid", namespaces=[NS], overrides={"event_system.processing_timeout": "20s"})
     async with running_worker(url, config, registry=reg) as worker:
         await send_steps(url, NS, "gated", [{}])
-        await wait_until(lambda: worker.processor is not None and len(worker.processor.in_flight) == 1, timeout=10)
+        await wait_until(
+            lambda: worker.processor is not None and len(worker.processor.steps.in_flight) == 1, timeout=10
+        )
         # Another consumer re-claims it (as after a vt expiry): read_ct moves to 2.
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             await conn.execute(f"UPDATE pgmq.q_{QUEUE} SET vt = now() - interval '1s'")

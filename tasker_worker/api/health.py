@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tasker_worker.api.app import ApiContext, ctx_of
+from tasker_worker.api.context import ApiContext, ctx_of
 from tasker_worker.db.queue_client import QueueMetrics
 from tasker_worker.domain.health import (
     DatabaseFigures,
@@ -100,7 +100,7 @@ async def gather_workers(ctx: ApiContext) -> list[WorkerFigures]:
     """The local worker's figures, or (API alone) those of every live worker's last heartbeat."""
     if ctx.local_status is not None:
         return [WorkerFigures.from_status(ctx.local_worker_id or "local", ctx.local_status())]
-    return [WorkerFigures.from_status(v.worker_id, v.stats) for v in await ctx.queries.live() if v.stats]
+    return [WorkerFigures.from_status(v.worker_id, v.stats) for v in await ctx.views.live() if v.stats]
 
 
 def thresholds(ctx: ApiContext) -> Thresholds:

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tasker_worker.api.app import ApiContext, ctx_of
+from tasker_worker.api.context import ApiContext, ctx_of
 from tasker_worker.api.health import QueueView, gather_database, gather_queues
 
 
@@ -53,7 +53,7 @@ async def gather(ctx: ApiContext) -> list[Metric]:
 
     families += _queue_families(await gather_queues(ctx))
 
-    stats = await ctx.queries.stats()
+    stats = await ctx.views.stats()
     workers = GaugeMetricFamily("tasker_workers", "Registered workers by status", labels=["status"])
     for status, count in stats["by_status"].items():
         workers.add_metric([status], float(count))
@@ -94,7 +94,7 @@ def _queue_families(views: list[QueueView]) -> list[Metric]:
 
 async def _worker_snapshots(ctx: ApiContext) -> dict[str, dict[str, Any]]:
     """Each live worker's statistics (its last heartbeat; the local worker's current ones)."""
-    snaps = {view.worker_id: view.stats for view in await ctx.queries.live() if view.stats}
+    snaps = {view.worker_id: view.stats for view in await ctx.views.live() if view.stats}
     if ctx.local_status is not None and ctx.local_worker_id is not None:
         snaps[ctx.local_worker_id] = ctx.local_status()
     return snaps

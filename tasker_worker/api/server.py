@@ -24,9 +24,9 @@ from tasker_worker.api.app import ApiContext, create_app
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db.connection import open_pool
 from tasker_worker.errors import ConfigError
-from tasker_worker.registry.commands import RegistryCommands
-from tasker_worker.registry.jobs import SupervisionJobs
-from tasker_worker.registry.leader import SupervisionService
+from tasker_worker.fleet.leader import LeaderElection
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
+from tasker_worker.fleet.supervision import SupervisionJobs
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ async def run_api(config: TaskerConfig, url: str, *, sock: socket.socket | None 
             if config.registry.supervision_enabled and config.database.pooler == "transaction":
                 log.info("not a supervision candidate behind a transaction pooler (its lock needs a session)")
             elif config.registry.supervision_enabled:
-                commands = RegistryCommands(pool, heartbeat_history=config.registry.heartbeat_history)
-                jobs = SupervisionJobs(commands, config.registry, config.events)
-                ctx.supervision = SupervisionService(
+                lifecycle = WorkerLifecycle(pool, heartbeat_history=config.registry.heartbeat_history)
+                jobs = SupervisionJobs(lifecycle, config.registry, config.events)
+                ctx.supervision = LeaderElection(
                     url, jobs.jobs(), candidate_id=f"api-{socket.gethostname()}-{os.getpid()}"
                 )
                 tg.start_soon(ctx.supervision.run)

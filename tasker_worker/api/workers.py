@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tasker_worker.api.app import ApiError, ctx_of, int_param, mutating, read_model
-from tasker_worker.config.models import DeploymentMode
+from tasker_worker.api.context import ApiError, ctx_of, int_param, mutating, read_model
+from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus, WorkerView
 from tasker_worker.errors import WorkerNotFound
 
@@ -40,8 +40,8 @@ async def register(request: Request) -> Response:
     """Register a worker: 201 with its id and status; 409 when a live worker holds the id."""
     ctx = ctx_of(request)
     registration = await read_model(request, WorkerRegistration)
-    worker_id = await ctx.commands.register(registration, on_conflict="error")
-    view = await ctx.queries.get(worker_id)
+    worker_id = await ctx.lifecycle.register(registration, on_conflict="error")
+    view = await ctx.views.get(worker_id)
     return JSONResponse(
         _worker_json(view), status_code=201, headers={"Location": f"/api/workers/{quote(worker_id, safe='')}"}
     )
@@ -53,8 +53,8 @@ async def deregister(request: Request) -> Response:
     worker_id = request.path_params["worker_id"]
     body = await read_model(request, Deregistration, empty_ok=True)
     reason = request.query_params.get("reason") or body.reason
-    await ctx.commands.deregister(worker_id, reason[:500])
-    return JSONResponse(_worker_json(await ctx.queries.get(worker_id)))
+    await ctx.lifecycle.deregister(worker_id, reason[:500])
+    return JSONResponse(_worker_json(await ctx.views.get(worker_id)))
 
 
 async def heartbeat(request: Request) -> Response:
@@ -62,7 +62,7 @@ async def heartbeat(request: Request) -> Response:
     ctx = ctx_of(request)
     worker_id = request.path_params["worker_id"]
     beat = await read_model(request, Heartbeat, empty_ok=True)
-    status = await ctx.commands.heartbeat(worker_id, beat)
+    status = await ctx.lifecycle.heartbeat(worker_id, beat)
     return JSONResponse({"worker_id": worker_id, "status": status.value, "at": ctx.clock.now().isoformat()})
 
 
@@ -72,7 +72,7 @@ async def request_mode(request: Request) -> Response:
     ctx = ctx_of(request)
     worker_id = request.path_params["worker_id"]
     body = await read_model(request, ModeRequest)
-    asked = await ctx.commands.request_mode(body.mode.value, worker_id=worker_id)
+    asked = await ctx.lifecycle.request_mode(body.mode.value, worker_id=worker_id)
     if not asked:
         raise WorkerNotFound(worker_id)
     return JSONResponse({"worker_id": worker_id, "requested_mode": body.mode.value}, status_code=202)
@@ -90,13 +90,13 @@ async def list_workers(request: Request) -> Response:
             allowed = ", ".join(s.value for s in WorkerStatus)
             raise ApiError(400, "invalid_request", f"status must be one of {allowed}, got {raw_status!r}") from None
     include = request.query_params.get("include_deregistered", "false").lower() in ("1", "true", "yes")
-    views = await ctx.queries.list(status, include_deregistered=include, limit=int_param(request, "limit", 1000))
+    views = await ctx.views.list(status, include_deregistered=include, limit=int_param(request, "limit", 1000))
     return JSONResponse({"workers": [_worker_json(v) for v in views], "count": len(views)})
 
 
 async def get_worker(request: Request) -> Response:
     """One worker; 404 for an unknown id."""
-    view = await ctx_of(request).queries.get(request.path_params["worker_id"])
+    view = await ctx_of(request).views.get(request.path_params["worker_id"])
     return JSONResponse(_worker_json(view))
 
 
@@ -104,7 +104,7 @@ async def heartbeats(request: Request) -> Response:
     """A worker's newest heartbeats (``?limit=``, default 100)."""
     ctx = ctx_of(request)
     worker_id = request.path_params["worker_id"]
-    rows = await ctx.queries.heartbeats(worker_id, limit=int_param(request, "limit", 100))
+    rows = await ctx.views.heartbeats(worker_id, limit=int_param(request, "limit", 100))
     body = [{**row, "at": row["at"].isoformat()} for row in rows]
     return JSONResponse({"worker_id": worker_id, "heartbeats": body, "count": len(body)})
 
@@ -112,13 +112,13 @@ async def heartbeats(request: Request) -> Response:
 async def healthy(request: Request) -> Response:
     """Active workers with a heartbeat within ``[registry] stale_timeout``."""
     ctx = ctx_of(request)
-    views = await ctx.queries.healthy(ctx.clock.now(), ctx.config.registry.stale_timeout)
+    views = await ctx.views.healthy(ctx.clock.now(), ctx.config.registry.stale_timeout)
     return JSONResponse({"workers": [_worker_json(v) for v in views], "count": len(views)})
 
 
 async def stats(request: Request) -> Response:
     """Counts by status, live cores and memory, and fleet throughput (steps/s, last minute)."""
-    return JSONResponse(await ctx_of(request).queries.stats())
+    return JSONResponse(await ctx_of(request).views.stats())
 
 
 def routes() -> list[Route]:

@@ -16,11 +16,12 @@ from typing import Any
 import anyio
 import numpy as np
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from tasker_worker.cli.commands import database_url, load
+from tasker_worker.cli.admin import database_url, load
 from tasker_worker.cli.run import configure_logging
-from tasker_worker.db import migrations
+from tasker_worker.db import migrations, queries
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.handlers.planning.grid import encode_cells
 from tasker_worker.runtime.worker import Worker
@@ -61,9 +62,9 @@ async def demo(args: argparse.Namespace) -> int:
     url = database_url(loaded)
     await migrations.migrate(url)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await conn.execute("SELECT tasker.create_namespace_queue(%s)", (NAMESPACE,))
-        before = int(await _value(conn, "SELECT count(*) FROM tasker.step_results"))
-        stale = int(await _value(conn, f"SELECT count(*) FROM pgmq.q_{QUEUE}"))
+        await conn.execute(queries.CREATE_NAMESPACE_QUEUE, (NAMESPACE,))
+        before = int(await _value(conn, queries.OUTCOME_COUNT))
+        stale = int(await _value(conn, sql.SQL(queries.QUEUE_LENGTH).format(sql.Identifier("pgmq", f"q_{QUEUE}"))))
     print(f"embedded PostgreSQL ready and migrated in {time.perf_counter() - t0:.2f}s")
     if stale:
         print(f"note: {stale} steps from an earlier run are still queued; they run too")
@@ -80,9 +81,7 @@ async def demo(args: argparse.Namespace) -> int:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             # One by one, as an application would (each send is its own statement and NOTIFY).
             for i in range(single_n):
-                await conn.execute(
-                    "SELECT tasker.send_step(%s, 'path_plan', %s)", (NAMESPACE, Jsonb(planning_inputs(rng, args.size)))
-                )
+                await conn.execute(queries.SEND_PLANNING_STEP, (NAMESPACE, Jsonb(planning_inputs(rng, args.size))))
                 if i % 20 == 19:
                     await anyio.sleep(0.02)  # a producer's pace, so steps arrive while others run
             # ...and a batch in one statement (one notification for all of them).
@@ -90,7 +89,7 @@ async def demo(args: argparse.Namespace) -> int:
                 Jsonb(StepMessage.build(NAMESPACE, "path_plan", planning_inputs(rng, args.size)))
                 for _ in range(batch_n)
             ]
-            await conn.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])", (QUEUE, bodies))
+            await conn.execute(queries.SEND_BATCH, (QUEUE, bodies, 0))
         target = before + total + stale
         await wait_until(lambda: _count_at_least(url, target), timeout=args.timeout, interval=0.05)
         elapsed = time.perf_counter() - started
@@ -98,20 +97,9 @@ async def demo(args: argparse.Namespace) -> int:
     status = worker.status()
     # This run's outcomes only (the embedded database keeps earlier demos' rows).
     mine = (worker.worker_id,)
-    outcomes = dict(
-        await fetch(url, "SELECT status, count(*) FROM tasker.step_results WHERE worker_id = %s GROUP BY 1", mine)
-    )
-    reasons = dict(
-        await fetch(
-            url,
-            "SELECT error->>'reason', count(*) FROM tasker.step_results"
-            " WHERE status <> 'succeeded' AND worker_id = %s GROUP BY 1",
-            mine,
-        )
-    )
-    sample = await fetch_value(
-        url, "SELECT result FROM tasker.step_results WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 1"
-    )
+    outcomes = dict(await fetch(url, queries.OUTCOMES_BY_STATUS_OF_WORKER, mine))
+    reasons = dict(await fetch(url, queries.FAILURE_REASONS_OF_WORKER, mine))
+    sample = await fetch_value(url, queries.LATEST_SUCCESS_RESULT)
     c = status["counters"]
     q2s = status["queue_to_start_ms"]
     summary = {
@@ -152,13 +140,13 @@ async def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _value(conn: psycopg.AsyncConnection[Any], query: str) -> Any:
+async def _value(conn: psycopg.AsyncConnection[Any], query: str | sql.Composed) -> Any:
     row = await (await conn.execute(query)).fetchone()
     return row[0] if row else None
 
 
 async def _count_at_least(url: str, n: int) -> bool:
-    return bool(await fetch_value(url, "SELECT count(*) FROM tasker.step_results") >= n)
+    return bool(await fetch_value(url, queries.OUTCOME_COUNT) >= n)
 
 
 def add_command(sub: Any, command: Any) -> None:

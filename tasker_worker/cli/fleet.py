@@ -7,15 +7,15 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from tasker_worker.cli.commands import database_url, load, small_pool
+from tasker_worker.cli.admin import database_url, load, small_pool
 from tasker_worker.config.durations import parse_duration
-from tasker_worker.config.models import DeploymentMode
 from tasker_worker.db import migrations
+from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.workers import WorkerStatus, WorkerView
 from tasker_worker.errors import UsageError
-from tasker_worker.registry import events
-from tasker_worker.registry.commands import RegistryCommands
-from tasker_worker.registry.queries import RegistryQueries
+from tasker_worker.fleet import eventlog
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
+from tasker_worker.fleet.views import FleetViews
 
 
 def _age(at: datetime | None) -> str:
@@ -41,7 +41,7 @@ def _summary(view: WorkerView) -> str:
 async def status(args: argparse.Namespace) -> int:
     """``status``: live workers with their last reported statistics."""
     async with small_pool(args) as pool:
-        views = await RegistryQueries(pool).list(include_deregistered=args.all, limit=args.limit)
+        views = await FleetViews(pool).list(include_deregistered=args.all, limit=args.limit)
     if args.json:
         _print_json([v.model_dump(mode="json") for v in views])
         return 0
@@ -74,7 +74,7 @@ async def workers_list(args: argparse.Namespace) -> int:
     """``workers list [--status S] [--all]``."""
     status = WorkerStatus(args.status) if args.status else None
     async with small_pool(args) as pool:
-        views = await RegistryQueries(pool).list(status, include_deregistered=args.all, limit=args.limit)
+        views = await FleetViews(pool).list(status, include_deregistered=args.all, limit=args.limit)
     if args.json:
         _print_json([v.model_dump(mode="json", exclude={"stats"}) for v in views])
         return 0
@@ -88,7 +88,7 @@ async def workers_list(args: argparse.Namespace) -> int:
 async def workers_show(args: argparse.Namespace) -> int:
     """``workers show ID``: every field, and the newest heartbeats."""
     async with small_pool(args) as pool:
-        queries = RegistryQueries(pool)
+        queries = FleetViews(pool)
         view = await queries.get(args.worker_id)
         beats = await queries.heartbeats(args.worker_id, limit=args.heartbeats)
     if args.json:
@@ -112,7 +112,7 @@ async def workers_show(args: argparse.Namespace) -> int:
 async def workers_stats(args: argparse.Namespace) -> int:
     """``workers stats``: the fleet by status, its cores, memory and throughput."""
     async with small_pool(args) as pool:
-        stats = await RegistryQueries(pool).stats()
+        stats = await FleetViews(pool).stats()
     if args.json:
         _print_json(stats)
         return 0
@@ -135,10 +135,10 @@ async def events_replay(args: argparse.Namespace) -> int:
     async with small_pool(args) as pool:
         if args.compact:
             cutoff = datetime.now(UTC) - retention
-            deleted = await events.compact(pool, cutoff)
+            deleted = await eventlog.compact(pool, cutoff)
             if not args.json:
                 print(f"compacted {deleted} events older than {cutoff:%Y-%m-%d %H:%M:%S} into a snapshot")
-        report = await events.replay_and_compare(pool)
+        report = await eventlog.replay_and_compare(pool)
     if args.json:
         _print_json(
             {
@@ -186,7 +186,7 @@ async def mode_set(args: argparse.Namespace) -> int:
     if args.worker and args.namespace:
         raise UsageError("give --worker or --namespace, not both")
     async with small_pool(args) as pool:
-        asked = await RegistryCommands(pool).request_mode(args.mode, worker_id=args.worker, namespace=args.namespace)
+        asked = await WorkerLifecycle(pool).request_mode(args.mode, worker_id=args.worker, namespace=args.namespace)
     if args.json:
         _print_json({"mode": args.mode, "workers": asked})
         return 0

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from tasker_worker import __version__
-from tasker_worker.cli import commands, demo, fleet, run
+from tasker_worker.cli import admin, demo, fleet, run
 from tasker_worker.errors import TaskerError
 from tasker_worker.logs import configure_logging
 
@@ -68,20 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     # db
     db = sub.add_parser("db", help="database schema", description="Install and inspect the schema.")
     db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
-    _command(db_sub, "migrate", commands.db_migrate, "install pgmq and apply pending migrations")
-    _command(db_sub, "status", commands.db_status, "show installed pgmq and migrations")
+    _command(db_sub, "migrate", admin.db_migrate, "install pgmq and apply pending migrations")
+    _command(db_sub, "status", admin.db_status, "show installed pgmq and migrations")
+    _command(db_sub, "schema", admin.db_schema, "print the current tasker schema (what sql/schema.sql holds)")
 
     # queue
     queue = sub.add_parser("queue", help="queues", description="Create, inspect and feed queues.")
     q_sub = queue.add_subparsers(dest="queue_command", metavar="COMMAND", required=True)
-    p = _command(q_sub, "create", commands.queue_create, "create a namespace queue and its DLQ")
+    p = _command(q_sub, "create", admin.queue_create, "create a namespace queue and its DLQ")
     p.add_argument("namespace")
-    p = _command(q_sub, "list", commands.queue_list, "list pgmq queues")
+    p = _command(q_sub, "list", admin.queue_list, "list pgmq queues")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = _command(q_sub, "metrics", commands.queue_metrics, "queue depth and message ages")
+    p = _command(q_sub, "metrics", admin.queue_metrics, "queue depth and message ages")
     p.add_argument("namespace", nargs="?", help="one namespace (default: every queue)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = _command(q_sub, "send", commands.queue_send, "enqueue steps")
+    p = _command(q_sub, "send", admin.queue_send, "enqueue steps")
     p.add_argument("namespace")
     p.add_argument("--handler", required=True)
     p.add_argument("--inputs", default="{}", help="JSON object (default {})")
@@ -89,18 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="how many identical steps (1..100000)")
     p.add_argument("--attempt-limit", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="handler timeout in seconds")
-    p = _command(q_sub, "purge", commands.queue_purge, "delete every message of a namespace queue")
+    p = _command(q_sub, "purge", admin.queue_purge, "delete every message of a namespace queue")
     p.add_argument("namespace")
     p.add_argument("--dlq", action="store_true", help="purge the dead-letter queue instead")
 
     # config
     cfg = sub.add_parser("config", help="configuration", description="Inspect the configuration.")
     c_sub = cfg.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
-    p = _command(c_sub, "show", commands.config_show, "print the effective config and its origins")
+    p = _command(c_sub, "show", admin.config_show, "print the effective config and its origins")
     p.add_argument("--json", action="store_true", help="print JSON")
-    _command(c_sub, "reference", commands.config_reference, "every key with its default and environment variable")
+    _command(c_sub, "reference", admin.config_reference, "every key with its default and environment variable")
 
-    _command(sub, "version", commands.version, "print the version")
+    _command(sub, "version", admin.version, "print the version")
 
     run.add_commands(sub, _command)
     fleet.add_commands(sub, _command)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tasker_worker import logs
-from tasker_worker.cli.commands import client, database_url, load
+from tasker_worker.cli.admin import client, database_url, load
 from tasker_worker.config.loader import LoadedConfig
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
@@ -108,7 +108,7 @@ async def _run_one(loaded: LoadedConfig, url: str, reload: Callable[[], TaskerCo
 def _supervise(args: argparse.Namespace, loaded: LoadedConfig, url: str) -> int:
     import anyio
 
-    from tasker_worker.runtime.supervisor import supervise
+    from tasker_worker.runtime.processes import supervise
 
     if loaded.config.database.auto_migrate:
         anyio.run(migrations.migrate, url)  # once here, not K times at once

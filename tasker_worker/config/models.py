@@ -7,7 +7,6 @@ unknown keys, so a typo fails loudly instead of silently using a default.
 
 from __future__ import annotations
 
-import enum
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -16,26 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tasker_worker.config.durations import Duration
+
+# Re-exported: the configuration names its starting mode with it.
+from tasker_worker.domain.modes import DeploymentMode as DeploymentMode
 from tasker_worker.domain.names import validate_namespace
 from tasker_worker.errors import ConfigError, InvalidName
-
-
-class DeploymentMode(enum.StrEnum):
-    """Which sources feed the command processor."""
-
-    POLLING_ONLY = "PollingOnly"
-    HYBRID = "Hybrid"
-    EVENT_DRIVEN_ONLY = "EventDrivenOnly"
-
-    @property
-    def uses_listener(self) -> bool:
-        """Whether this mode runs the WorkerQueueListener."""
-        return self is not DeploymentMode.POLLING_ONLY
-
-    @property
-    def uses_poller(self) -> bool:
-        """Whether this mode runs the WorkerFallbackPoller."""
-        return self is not DeploymentMode.EVENT_DRIVEN_ONLY
 
 
 class _Section(BaseModel):

@@ -12,15 +12,6 @@ from psycopg_pool import AsyncConnectionPool
 from tasker_worker.config.models import DatabaseConfig
 from tasker_worker.errors import ConfigError, DatabaseError, first_line
 
-#: Errors after which the same database call is worth trying again (the server restarted, a
-#: connection was cut, the pool had no connection in time).
-TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    DatabaseError,
-    TimeoutError,
-)
-
 #: How pooled connections show in ``pg_stat_activity`` (operators find the worker's sessions by it).
 POOL_APPLICATION_NAME = "tasker-worker"
 

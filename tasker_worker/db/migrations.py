@@ -90,7 +90,7 @@ async def migrate(url: str) -> list[str]:
     applied: list[str] = []
     try:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            await conn.execute(queries.MIGRATION_LOCK, (MIGRATION_LOCK_KEY,))
             await conn.execute(queries.CREATE_MIGRATIONS_TABLE)
             pgmq = await _ensure_pgmq(conn)
             if pgmq:
@@ -127,7 +127,7 @@ async def _ensure_pgmq(conn: psycopg.AsyncConnection[Any]) -> str | None:
         return None
     if extension_available:
         async with conn.transaction():
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
+            await conn.execute(queries.INSTALL_PGMQ_EXTENSION)
             version = await _extension_version(conn)
             await conn.execute(queries.RECORD_MIGRATION, ("pgmq", f"extension {version}", "extension"))
         return f"pgmq extension {version}"
@@ -144,21 +144,21 @@ async def _ensure_pgmq(conn: psycopg.AsyncConnection[Any]) -> str | None:
 
 
 async def _extension_version(conn: psycopg.AsyncConnection[Any]) -> str:
-    row = await (await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")).fetchone()
+    row = await (await conn.execute(queries.PGMQ_EXTENSION_VERSION)).fetchone()
     return str(row[0]) if row else "?"
 
 
 async def status(url: str) -> MigrationStatus:
     """What is installed, what is pending, and what changed since it was applied."""
     async with await connect(url) as conn:
-        server_version = str((await (await conn.execute("SHOW server_version")).fetchone() or ["?"])[0])
-        exists = await (await conn.execute("SELECT to_regclass('tasker.schema_migrations') IS NOT NULL")).fetchone()
+        server_version = str((await (await conn.execute(queries.SERVER_VERSION)).fetchone() or ["?"])[0])
+        exists = await (await conn.execute(queries.MIGRATIONS_TABLE_EXISTS)).fetchone()
         rows: list[tuple[Any, ...]] = []
         if exists and exists[0]:
             rows = await (await conn.execute(queries.MIGRATION_ROWS)).fetchall()
         pgmq_by: str | None = None
         pgmq_version: str | None = None
-        ext = await (await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")).fetchone()
+        ext = await (await conn.execute(queries.PGMQ_EXTENSION_VERSION)).fetchone()
         if ext:
             pgmq_by, pgmq_version = "extension", str(ext[0])
         else:
@@ -185,5 +185,5 @@ async def status(url: str) -> MigrationStatus:
 
 
 async def _has_tasker_schema(conn: psycopg.AsyncConnection[Any]) -> bool:
-    row = await (await conn.execute("SELECT to_regprocedure('tasker.ensure_notify_triggers()') IS NOT NULL")).fetchone()
+    row = await (await conn.execute(queries.NOTIFY_HELPER_EXISTS)).fetchone()
     return bool(row and row[0])

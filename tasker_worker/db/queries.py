@@ -25,6 +25,74 @@ CREATE TABLE IF NOT EXISTS tasker.schema_migrations (
 
 APPLIED_VERSIONS = "SELECT version FROM tasker.schema_migrations"
 
+# Serializes migrations of several processes starting at once (held to the end of the transaction).
+MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+
+INSTALL_PGMQ_EXTENSION = "CREATE EXTENSION IF NOT EXISTS pgmq"
+
+PGMQ_EXTENSION_VERSION = "SELECT extversion FROM pg_extension WHERE extname = 'pgmq'"
+
+SERVER_VERSION = "SHOW server_version"
+
+MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('tasker.schema_migrations') IS NOT NULL"
+
+NOTIFY_HELPER_EXISTS = "SELECT to_regprocedure('tasker.ensure_notify_triggers()') IS NOT NULL"
+
+SERVER_VERSION_NUM = "SHOW server_version_num"
+
+# --- the schema as it is (db/schema.py, sql/schema.sql) ------------------------------------
+
+SCHEMA_TABLES = """
+SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'tasker' AND c.relkind IN ('r', 'p')
+ ORDER BY c.relname
+"""
+
+SCHEMA_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       CASE WHEN a.attidentity = 'a' THEN 'GENERATED ALWAYS AS IDENTITY'
+            ELSE pg_get_expr(d.adbin, d.adrelid) END
+  FROM pg_attribute AS a
+  LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE a.attrelid = ('tasker.' || quote_ident(%s))::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum
+"""
+
+SCHEMA_CONSTRAINTS = """
+SELECT format('ALTER TABLE %%s ADD CONSTRAINT %%I %%s', c.conrelid::regclass::text, c.conname,
+              pg_get_constraintdef(c.oid))
+  FROM pg_constraint AS c
+ WHERE c.conrelid = ('tasker.' || quote_ident(%s))::regclass AND c.contype <> 'n'
+ ORDER BY c.conname
+"""
+
+SCHEMA_INDEXES = """
+SELECT indexdef FROM pg_indexes
+ WHERE schemaname = 'tasker' AND tablename = %s
+   AND indexname NOT IN (SELECT conname FROM pg_constraint WHERE conrelid = ('tasker.' || quote_ident(%s))::regclass)
+ ORDER BY indexname
+"""
+
+SCHEMA_TRIGGERS = """
+SELECT pg_get_triggerdef(t.oid) FROM pg_trigger AS t
+ WHERE t.tgrelid = ('tasker.' || quote_ident(%s))::regclass AND NOT t.tgisinternal
+ ORDER BY t.tgname
+"""
+
+SCHEMA_VIEWS = """
+SELECT c.relname, pg_get_viewdef(c.oid, true) FROM pg_class AS c
+  JOIN pg_namespace AS n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'tasker' AND c.relkind = 'v'
+ ORDER BY c.relname
+"""
+
+SCHEMA_FUNCTIONS = """
+SELECT pg_get_functiondef(p.oid) FROM pg_proc AS p
+  JOIN pg_namespace AS n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'tasker'
+ ORDER BY p.proname, pg_get_function_identity_arguments(p.oid)
+"""
+
 MIGRATION_ROWS = "SELECT version, name, checksum, applied_at FROM tasker.schema_migrations ORDER BY version"
 
 RECORD_MIGRATION = "INSERT INTO tasker.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
@@ -70,6 +138,14 @@ PURGE_QUEUE = "SELECT pgmq.purge_queue(%s)"
 SEND_STEP = "SELECT tasker.send_step(%s, %s, %s::jsonb, %s, NULL, NULL, %s, %s)"
 
 SEND_BATCH = "SELECT * FROM pgmq.send_batch(%s, %s::jsonb[], %s)"
+
+SEND = "SELECT pgmq.send(%s, %s, %s)"
+
+# A planning step with fresh ids (the demo's producer).
+SEND_PLANNING_STEP = "SELECT tasker.send_step(%s, 'path_plan', %s)"
+
+# Composed with the queue table's identifier (``sql.SQL(QUEUE_LENGTH).format(...)``).
+QUEUE_LENGTH = "SELECT count(*) FROM {}"
 
 ENSURE_NOTIFY_TRIGGERS = "SELECT tasker.ensure_notify_triggers()"
 
@@ -256,12 +332,24 @@ SELECT msg_id, enqueued_at, read_ct, message, headers
 
 REQUEUE_DEAD_LETTERS = "SELECT dlq_msg_id, new_msg_id FROM tasker.requeue_dead_letters(%s, %s)"
 
-# --- outcomes --------------------------------------------------------------------------------
+# --- outcomes ------------------------------------------------------------------------------
 
-OUTCOME_COUNTS = """
-SELECT status, count(*) FROM tasker.step_results
- WHERE queue_name = ANY(%s)
- GROUP BY status
+OUTCOME_COUNT = "SELECT count(*) FROM tasker.step_results"
+
+OUTCOME_COUNT_WITH_STATUS = "SELECT count(*) FROM tasker.step_results WHERE status = %s"
+
+OUTCOME_OF_STEP = "SELECT status, result, error, attempts, handler FROM tasker.step_results WHERE step_uuid = %s"
+
+OUTCOMES_BY_STATUS_OF_WORKER = "SELECT status, count(*) FROM tasker.step_results WHERE worker_id = %s GROUP BY 1"
+
+FAILURE_REASONS_OF_WORKER = """
+SELECT error ->> 'reason', count(*) FROM tasker.step_results
+ WHERE status <> 'succeeded' AND worker_id = %s
+ GROUP BY 1
+"""
+
+LATEST_SUCCESS_RESULT = """
+SELECT result FROM tasker.step_results WHERE status = 'succeeded' ORDER BY finished_at DESC LIMIT 1
 """
 
 # --- worker registry -------------------------------------------------------------------------
@@ -402,6 +490,9 @@ SELECT EXISTS (
        AND worker_id <> %s)
 """
 
+# Serializes the registrations that ask for one worker id (held to the end of the transaction).
+LOCK_WORKER_ID = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+
 # --- event log -------------------------------------------------------------------------------
 
 LATEST_SNAPSHOT = """
@@ -430,11 +521,31 @@ DELETE_EVENTS_UPTO = "DELETE FROM tasker.events WHERE event_id <= %s"
 
 DELETE_OLD_SNAPSHOTS = "DELETE FROM tasker.event_snapshots WHERE last_event_id < %s"
 
+# Replay reads the log and the live rows as of one moment.
+CONSISTENT_READ = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+# Keeps two compactions from interleaving (held to the end of the transaction).
+TRY_COMPACTION_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
+
 LIVE_PROJECTION = "SELECT " + WORKER_COLUMNS + " FROM tasker.workers"
 
-EVENT_COUNTS = "SELECT event_type, count(*) FROM tasker.events GROUP BY event_type ORDER BY event_type"
-
 LOG_STEP_EVENTS = "SELECT tasker.log_step_events(%s, %s, %s, %s, %s, %s::jsonb[])"
+
+# --- listening -----------------------------------------------------------------------------
+
+# Composed with the channel's identifier (``sql.SQL(LISTEN).format(sql.Identifier(channel))``).
+LISTEN = "LISTEN {}"
+
+NOTIFY = "SELECT pg_notify(%s, %s)"
+
+# A round trip that proves a quiet session (and whatever it holds: LISTEN, a lock) is alive.
+PING = "SELECT 1"
+
+# --- test databases (the pytest plugin); composed with identifiers -----------------------------
+
+CREATE_DATABASE_FROM = "CREATE DATABASE {} TEMPLATE {}"
+
+DROP_DATABASE = "DROP DATABASE IF EXISTS {} WITH (FORCE)"
 
 # --- leadership ------------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasker_worker.domain.modes import DeploymentMode
+
 
 class Health(enum.StrEnum):
     """Overall or per-check verdict, in increasing severity."""
@@ -165,7 +167,7 @@ def _worker_checks(workers: list[WorkerFigures], limits: Thresholds) -> list[Che
                 out.append(Check(f"{prefix} listener", Health.HEALTHY, f"connected; last notification {seen}", age))
             else:
                 # Hybrid still claims through its (faster, degraded) poller; EventDrivenOnly cannot.
-                verdict = Health.UNHEALTHY if w.deployment_mode == "EventDrivenOnly" else Health.DEGRADED
+                verdict = Health.UNHEALTHY if w.deployment_mode == DeploymentMode.EVENT_DRIVEN_ONLY else Health.DEGRADED
                 out.append(Check(f"{prefix} listener", verdict, f"disconnected; last notification {seen}", age))
         if w.claimed_event and w.missed_wakeups / max(1, w.claimed_event) > MISSED_WAKEUP_RATIO:
             out.append(

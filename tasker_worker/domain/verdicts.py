@@ -1,11 +1,12 @@
 """What a handler's exception means for its step: the one rulebook.
 
 The processor (against PostgreSQL) and ``tasker_worker.testing.HandlerHarness`` (in memory)
-both ask ``judge_failure``, so a handler tested with the harness meets the same retries,
-releases and dead letters in production.
+both ask ``decide_failure`` (the verdict and the error recorded with it) and ``step_timeout``,
+so a handler tested with the harness meets the same retries, releases, dead letters and error
+records in production.
 
 ==========================  ===========================================================
-``StepFailed``              FAILED: outcome ``failed``, message archived
+``StepFailed``              FAILED: outcome ``failed``, message settled
 ``NonRetryableError``       DEAD_LETTER: outcome ``dead_lettered``, message to the DLQ
 unavailable dependency      RELEASE: back after a backoff, the attempt given back, at most
                             ``max_releases`` times (then it counts like any error)
@@ -19,9 +20,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from tasker_worker.domain.backoff import backoff_delay
-from tasker_worker.errors import NonRetryableError, StepFailed, StepTimeout
+from tasker_worker.errors import NonRetryableError, StepError, StepFailed, StepTimeout
 
 
 class VerdictKind(enum.StrEnum):
@@ -85,4 +87,58 @@ def judge_failure(
     return Verdict(VerdictKind.RETRY, delay, releases, timed_out)
 
 
-__all__ = ["RetryPolicy", "Verdict", "VerdictKind", "judge_failure"]
+@dataclass(frozen=True)
+class Fate:
+    """A failed run's verdict and the error recorded with it (outcome row, DLQ headers, or the
+    ``tasker_last_error`` header of a retried message)."""
+
+    verdict: Verdict
+    error: dict[str, Any]
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """How a handler's exception is recorded: a ``StepError``'s own JSON, else its type and
+    message under reason ``handler_error``."""
+    if isinstance(exc, StepError):
+        return exc.to_json()
+    return {"type": type(exc).__name__, "reason": "handler_error", "message": str(exc)[:2000]}
+
+
+def decide_failure(
+    exc: BaseException,
+    *,
+    attempt: int,
+    attempt_limit: int | None,
+    releases: int,
+    policy: RetryPolicy,
+    unavailable: bool,
+) -> Fate:
+    """``judge_failure``, plus the error to record: when the attempts are exhausted, reason
+    ``retries_exhausted`` with the last run's reason as ``last_reason`` and the attempts made."""
+    verdict = judge_failure(
+        exc, attempt=attempt, attempt_limit=attempt_limit, releases=releases, policy=policy, unavailable=unavailable
+    )
+    error = error_json(exc)
+    if verdict.kind is VerdictKind.EXHAUSTED:
+        error = {**error, "reason": "retries_exhausted", "last_reason": error.get("reason"), "attempts": attempt}
+    return Fate(verdict, error)
+
+
+def step_timeout(step_timeout_s: float | None, handler_timeout: timedelta | None, default: timedelta) -> timedelta:
+    """How long a run may take: the step's own ``timeout`` wins, then the handler's, then
+    ``[event_system] processing_timeout``."""
+    if step_timeout_s is not None:
+        return timedelta(seconds=step_timeout_s)
+    return handler_timeout or default
+
+
+__all__ = [
+    "Fate",
+    "RetryPolicy",
+    "Verdict",
+    "VerdictKind",
+    "decide_failure",
+    "error_json",
+    "judge_failure",
+    "step_timeout",
+]

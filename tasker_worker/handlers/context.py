@@ -85,8 +85,19 @@ class StepContext:
         """Whether the handler opened a transaction."""
         return self._conn is not None
 
-    async def _finish(self, exc: BaseException | None) -> None:
-        """Commit (``exc`` None) or roll back the handler's transaction."""
+    async def commit(self) -> None:
+        """Commit the handler's transaction, which by then holds the step's outcome and ack.
+
+        The runtime's call, once the outcome is written in it: a handler that committed its
+        own rows earlier would have them without the outcome (and again on a redelivery)."""
+        await self._end_transaction(None)
+
+    async def rollback(self, reason: BaseException) -> None:
+        """Roll the handler's transaction back (the handler failed, or its ack was fenced
+        out): its rows go with it. The runtime's call, like ``commit``."""
+        await self._end_transaction(reason)
+
+    async def _end_transaction(self, exc: BaseException | None) -> None:
         stack, self._stack, self._conn = self._stack, None, None
         if stack is None:
             return

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import anyio
-
-from tasker_worker.domain.events import MessageReady
+from tasker_worker.domain.notifications import MessageReady
 from tasker_worker.domain.steps import Source
 
 
 @dataclass(frozen=True, slots=True)
 class ExecuteStep:
-    """Claim ready steps from ``queue`` (``None``: every queue of the worker)."""
+    """Claim ready steps from ``queue`` (``None``: every queue of the worker).
+
+    (tasker-core's name: the command only wakes the queue's claim loop, which claims as many
+    steps as it has free slots.)"""
 
     queue: str | None = None
     source: Source = Source.POLL
@@ -26,38 +26,6 @@ class ExecuteStepFromEvent:
     event: MessageReady
 
 
-@dataclass(slots=True)
-class Reply:
-    """A one-shot answer slot for query commands."""
-
-    value: Any = None
-    done: anyio.Event = field(default_factory=anyio.Event)
-
-    def set(self, value: Any) -> None:
-        """Answer the command."""
-        self.value = value
-        self.done.set()
-
-    async def wait(self) -> Any:
-        """Wait for the answer."""
-        await self.done.wait()
-        return self.value
-
-
-@dataclass(frozen=True, slots=True)
-class HealthCheck:
-    """Report the processor's health (answered through ``reply``)."""
-
-    reply: Reply = field(default_factory=Reply)
-
-
-@dataclass(frozen=True, slots=True)
-class GetWorkerStatus:
-    """Report statistics and in-flight work (answered through ``reply``)."""
-
-    reply: Reply = field(default_factory=Reply)
-
-
 @dataclass(frozen=True, slots=True)
 class Shutdown:
     """Stop claiming; in-flight steps finish within the shutdown budget."""
@@ -65,4 +33,4 @@ class Shutdown:
     reason: str = "requested"
 
 
-WorkerCommand = ExecuteStep | ExecuteStepFromEvent | HealthCheck | GetWorkerStatus | Shutdown
+WorkerCommand = ExecuteStep | ExecuteStepFromEvent | Shutdown

@@ -23,10 +23,11 @@ from typing import Any
 import anyio
 
 from tasker_worker import logs
-from tasker_worker.config.models import DeploymentMode, TaskerConfig
-from tasker_worker.db.connection import TRANSIENT_DB_ERRORS
+from tasker_worker.config.models import TaskerConfig
+from tasker_worker.db.retry import TRANSIENT_DB_ERRORS
+from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.errors import ModeChangeRefused, TaskerError, WorkerNotFound, first_line
-from tasker_worker.registry.commands import RegistryCommands
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
 from tasker_worker.runtime.event_system import WorkerEventSystem
 from tasker_worker.runtime.stats import WorkerStats
 
@@ -46,7 +47,7 @@ class WorkerControl:
         stats: WorkerStats,
         *,
         worker_id: str,
-        commands: RegistryCommands | None,
+        lifecycle: WorkerLifecycle | None,
         check_interval: float,
         reload_config: Callable[[], TaskerConfig] | None = None,
     ) -> None:
@@ -54,7 +55,7 @@ class WorkerControl:
         self.config = config
         self.stats = stats
         self.worker_id = worker_id
-        self.commands = commands
+        self.lifecycle = lifecycle
         self.check_interval = check_interval
         self.reload_config = reload_config
         self.last_change: dict[str, Any] | None = None
@@ -74,20 +75,20 @@ class WorkerControl:
     async def run(self) -> None:
         """Check on every wakeup and at least once per interval, until cancelled."""
         while True:
-            with anyio.move_on_after(self.check_interval if self.commands is not None else float("inf")):
+            with anyio.move_on_after(self.check_interval if self.lifecycle is not None else float("inf")):
                 await self._wake.wait()
             self._wake = anyio.Event()
             if self._reload_requested:
                 self._reload_requested = False
                 await self.reload()
-            if self.commands is not None:
+            if self.lifecycle is not None:
                 await self.check_requested()
 
     async def check_requested(self) -> None:
         """Apply the mode requested for this worker in the registry, if any."""
-        assert self.commands is not None
+        assert self.lifecycle is not None
         try:
-            requested = await self.commands.requested_mode(self.worker_id)
+            requested = await self.lifecycle.requested_mode(self.worker_id)
         except TRANSIENT_DB_ERRORS as exc:
             log.warning("control check failed; trying again later", extra=logs.error_fields(exc))
             return
@@ -152,11 +153,11 @@ class WorkerControl:
         if await self.set_mode(wanted, source="sighup"):
             self.config.event_system.deployment_mode = wanted
 
-    async def _record(self, call: Callable[[RegistryCommands], Any]) -> None:
-        if self.commands is None:
+    async def _record(self, call: Callable[[WorkerLifecycle], Any]) -> None:
+        if self.lifecycle is None:
             return
         try:
-            await call(self.commands)
+            await call(self.lifecycle)
         except _RECORD_ERRORS as exc:
             # The switch itself happened; only its record is missing (the log has it).
             log.warning("could not record the mode change: %s", first_line(exc), extra=logs.error_fields(exc))

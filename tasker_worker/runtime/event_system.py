@@ -17,11 +17,11 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from tasker_worker.config.models import DeploymentMode, EventSystemConfig
-from tasker_worker.domain.events import MessageReady
+from tasker_worker.config.models import EventSystemConfig
+from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.steps import Source
 from tasker_worker.errors import ListenerUnavailable, ModeChangeRefused, WorkerStartupError
-from tasker_worker.runtime.commands import ExecuteStep, ExecuteStepFromEvent, WorkerCommand
+from tasker_worker.runtime.commands import ExecuteStep, WorkerCommand
 from tasker_worker.runtime.listener import ProbeSender, WorkerQueueListener
 from tasker_worker.runtime.poller import WorkerFallbackPoller
 from tasker_worker.runtime.stats import WorkerStats
@@ -71,7 +71,7 @@ class WorkerEventSystem:
                     self.namespaces,
                     self.config.listener,
                     self.stats,
-                    self._on_event,
+                    self.send,
                     self._on_connected,
                     self.probe_sender,
                     on_control=self._on_control,
@@ -183,9 +183,6 @@ class WorkerEventSystem:
             if self.poller is None
             else {"interval_s": self.poller.current_interval(), "degraded": self.poller.degraded},
         }
-
-    async def _on_event(self, event: MessageReady) -> None:
-        await self.send.send(ExecuteStepFromEvent(event))
 
     def _on_control(self) -> None:
         if self.on_control is not None:

@@ -1,5 +1,9 @@
 """WorkerQueueListener: one dedicated LISTEN connection for the worker's namespaces.
 
+- Each notification of a queue goes straight into the command channel as an
+  ``ExecuteStepFromEvent``, which the ``CommandProcessor`` (``processor.py``) reads; the
+  ``WorkerEventSystem`` owns that channel and decides, by deployment mode, whether a listener
+  runs at all.
 - Checks at startup that LISTEN really delivers (it does not behind a transaction-pooling
   proxy): a probe NOTIFY sent from another connection must arrive within
   ``connection_timeout``.
@@ -20,17 +24,24 @@ from typing import Any
 
 import anyio
 import psycopg
+from anyio.streams.memory import MemoryObjectSendStream
 from psycopg import sql
 
 from tasker_worker.config.models import ListenerConfig
+from tasker_worker.db import queries
 from tasker_worker.db.connection import connect
-from tasker_worker.domain.backoff import backoff_delay
-from tasker_worker.domain.events import MessageReady
+from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
 from tasker_worker.domain.names import channel_for
-from tasker_worker.errors import DatabaseError, ListenerUnavailable, first_line
+from tasker_worker.domain.notifications import MessageReady
+from tasker_worker.errors import ListenerUnavailable, first_line
+from tasker_worker.runtime.commands import ExecuteStepFromEvent, WorkerCommand
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
+
+#: A LISTEN connection that cannot be set up is tried again for any database error (a LISTEN
+#: refused by a proxy too), not only for the transient ones.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_DB_ERRORS, psycopg.Error)
 
 #: How the LISTEN connection shows in ``pg_stat_activity``.
 LISTENER_APPLICATION_NAME = "tasker-listener"
@@ -50,7 +61,7 @@ class WorkerQueueListener:
         namespaces: list[str],
         config: ListenerConfig,
         stats: WorkerStats,
-        on_event: Callable[[MessageReady], Awaitable[None]],
+        commands: MemoryObjectSendStream[WorkerCommand],
         on_connected: Callable[[], Awaitable[None]],
         probe_sender: ProbeSender | None = None,
         *,
@@ -63,7 +74,9 @@ class WorkerQueueListener:
             self.channels.append(CONTROL_CHANNEL)
         self.config = config
         self.stats = stats
-        self.on_event = on_event
+        #: The command channel to the CommandProcessor: each notification becomes an
+        #: ExecuteStepFromEvent there (bounded: a full channel slows the listener, not memory).
+        self.commands = commands
         self.on_connected = on_connected
         self.probe_sender = probe_sender or self._send_probe
         self.healthy = False
@@ -97,13 +110,12 @@ class WorkerQueueListener:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting as needed."""
-        failures = 0
+        backoff = Backoff(timedelta(milliseconds=100), self.config.max_reconnect_delay, jitter=0.3)
         while True:
             try:
                 conn = await self._connect_and_listen()
-            except (DatabaseError, psycopg.Error, TimeoutError) as exc:
-                failures += 1
-                await self._backoff(failures, exc)
+            except _CONNECT_ERRORS as exc:
+                await self._backoff(backoff, exc)
                 continue
             self._conn = conn
             error: BaseException | None = None
@@ -113,7 +125,7 @@ class WorkerQueueListener:
                     self.stats.incr("listener_reconnects")
                     log.info("listener reconnected")
                 self.connected_once = True
-                failures = 0
+                backoff.succeeded()
                 await self.on_connected()
                 await self._listen(conn)
             except (psycopg.Error, TimeoutError) as exc:
@@ -123,12 +135,11 @@ class WorkerQueueListener:
                 self._conn = None
                 with anyio.CancelScope(shield=True):
                     await conn.close()
-            failures += 1
-            await self._backoff(failures, error or RuntimeError("listener stopped"))
+            await self._backoff(backoff, error or RuntimeError("listener stopped"))
 
-    async def _backoff(self, failures: int, exc: BaseException) -> None:
+    async def _backoff(self, backoff: Backoff, exc: BaseException) -> None:
         self.last_error = first_line(exc)
-        delay = backoff_delay(failures, timedelta(milliseconds=100), self.config.max_reconnect_delay, jitter=0.3)
+        delay = backoff.failed()
         log.warning("listener connection lost (%s); reconnecting in %.2fs", self.last_error, delay)
         await anyio.sleep(delay)
 
@@ -138,7 +149,7 @@ class WorkerQueueListener:
             conn = await connect(self.url, timeout=timeout, application_name=LISTENER_APPLICATION_NAME)
         try:
             for channel in self.channels:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                await conn.execute(sql.SQL(queries.LISTEN).format(sql.Identifier(channel)))
         except BaseException:
             await conn.close()
             raise
@@ -158,15 +169,15 @@ class WorkerQueueListener:
                     continue
                 event = MessageReady.from_payload(notify.payload)
                 if event is not None:
-                    await self.on_event(event)
+                    await self.commands.send(ExecuteStepFromEvent(event))
             if not got_any:
                 # Quiet for a whole interval: prove the connection is still alive.
                 with anyio.fail_after(check_timeout):
-                    await conn.execute("SELECT 1")
+                    await conn.execute(queries.PING)
 
     async def _self_check(self, conn: psycopg.AsyncConnection[Any]) -> None:
         channel = f"tasker_probe_{uuid.uuid4().hex[:16]}"
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        await conn.execute(sql.SQL(queries.LISTEN).format(sql.Identifier(channel)))
         await self.probe_sender(channel, "probe")
         timeout = self.config.connection_timeout.total_seconds()
         async for notify in conn.notifies(timeout=timeout):
@@ -180,4 +191,4 @@ class WorkerQueueListener:
 
     async def _send_probe(self, channel: str, payload: str) -> None:
         async with await connect(self.url) as other:
-            await other.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+            await other.execute(queries.NOTIFY, (channel, payload))

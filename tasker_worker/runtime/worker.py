@@ -35,22 +35,23 @@ import anyio
 import psutil
 
 from tasker_worker import __version__, logs
-from tasker_worker.config.models import DeploymentMode, TaskerConfig
+from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
-from tasker_worker.db.connection import TRANSIENT_DB_ERRORS, open_pool, resolve_database_url
+from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
-from tasker_worker.domain.backoff import backoff_delay
+from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
+from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
 from tasker_worker.errors import ConfigError, UsageError, WorkerStartupError, first_line, tasker_error_in
+from tasker_worker.fleet.leader import LeaderElection
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
+from tasker_worker.fleet.presence import WorkerPresence
+from tasker_worker.fleet.supervision import SupervisionJobs
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
 from tasker_worker.handlers.registry import HandlerRegistry, RegistersHandlers
-from tasker_worker.registry.commands import RegistryCommands
-from tasker_worker.registry.jobs import SupervisionJobs
-from tasker_worker.registry.leader import SupervisionService
-from tasker_worker.registry.presence import WorkerPresence
 from tasker_worker.runtime.commands import Shutdown
 from tasker_worker.runtime.control import WorkerControl
 from tasker_worker.runtime.event_system import WorkerEventSystem
@@ -100,7 +101,7 @@ class Worker(RegistersHandlers):
         self._probe_sender = probe_sender
         self._services = list(services or [])
         self.presence: WorkerPresence | None = None
-        self.supervision: SupervisionService | None = None
+        self.supervision: LeaderElection | None = None
         self._process = psutil.Process()
         self._stop_requested = anyio.Event()
         self._stop_reason = "requested"
@@ -179,10 +180,10 @@ class Worker(RegistersHandlers):
             self.client = client
             for ns in self.namespaces:
                 await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
-            commands = RegistryCommands(pool, heartbeat_history=self.config.registry.heartbeat_history)
+            lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
             if self.config.registry.enabled:
                 # Registered before anything is claimed, so every step event names a known worker.
-                self.presence = WorkerPresence(commands, self._registration(), self.config.registry, self._heartbeat)
+                self.presence = WorkerPresence(lifecycle, self._registration, self.config.registry, self._heartbeat)
                 self.worker_id = await self.presence.register()
             logs.bind(
                 worker_id=self.worker_id,
@@ -197,8 +198,8 @@ class Worker(RegistersHandlers):
                     "or a worker connected directly to supervise the fleet"
                 )
             elif self.config.registry.supervision_enabled:
-                jobs = SupervisionJobs(commands, self.config.registry, self.config.events)
-                self.supervision = SupervisionService(url, jobs.jobs(), candidate_id=self.worker_id)
+                jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events)
+                self.supervision = LeaderElection(url, jobs.jobs(), candidate_id=self.worker_id)
             event_system = WorkerEventSystem(
                 url, self.namespaces, es_config, self.stats, probe_sender=self._probe_sender
             )
@@ -209,7 +210,7 @@ class Worker(RegistersHandlers):
                 self.config,
                 self.stats,
                 worker_id=self.worker_id,
-                commands=commands if self.config.registry.enabled else None,
+                lifecycle=lifecycle if self.config.registry.enabled else None,
                 check_interval=self.config.registry.heartbeat_interval.total_seconds(),
                 reload_config=self.reload_config,
             )
@@ -335,16 +336,11 @@ class Worker(RegistersHandlers):
         """A startup step, retried with backoff on transient database errors (a restarting or
         flaky server must not need a supervisor to get the worker going)."""
         attempts = self.config.registry.registration_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                return await call()
-            except TRANSIENT_DB_ERRORS as exc:
-                if attempt == attempts:
-                    raise WorkerStartupError(f"{what} failed {attempts} times: {first_line(exc)}") from exc
-                delay = backoff_delay(attempt, timedelta(milliseconds=200), self.config.registry.registration_max_delay)
-                log.warning("%s failed (%s); retrying in %.2fs", what, first_line(exc), delay)
-                await anyio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+        backoff = Backoff(timedelta(milliseconds=200), self.config.registry.registration_max_delay)
+        try:
+            return await retry_transient(call, what=what, backoff=backoff, attempts=attempts)
+        except TRANSIENT_DB_ERRORS as exc:
+            raise WorkerStartupError(f"{what} failed {attempts} times: {first_line(exc)}") from exc
 
     def _registration(self) -> WorkerRegistration:
         endpoint = None
@@ -359,7 +355,10 @@ class Worker(RegistersHandlers):
             namespaces=self.namespaces,
             capabilities=self.registry.capabilities(),
             version=__version__,
-            deployment_mode=self.config.event_system.deployment_mode.value,
+            # The mode it runs now (the event system's), which a `mode set` may have changed.
+            deployment_mode=(
+                self.event_system.mode if self.event_system else self.config.event_system.deployment_mode
+            ).value,
             cpu_cores=os.cpu_count() or 1,
             memory_total=psutil.virtual_memory().total,
         )
@@ -375,7 +374,7 @@ class Worker(RegistersHandlers):
         return Heartbeat(
             cpu_percent=cpu,
             memory_used=rss,
-            active_steps=len(processor.in_flight) if processor else 0,
+            active_steps=len(processor.steps.in_flight) if processor else 0,
             processed=int(counters.get("processed", 0)),
             busy=processor is not None and processor.free_slots <= 0,
             stats=status,
@@ -384,7 +383,7 @@ class Worker(RegistersHandlers):
     async def _periodic_loop(self, job: Any) -> None:
         timeout = job.timeout or self.config.worker.periodic_timeout
         assert self.processor is not None
-        executor = self.processor.executor
+        executor = self.processor.steps.executor
         while True:
             await anyio.sleep(job.every.total_seconds())
             ctx = types.SimpleNamespace(worker_id=self.worker_id, state=self.state, job=job.name, log=log)

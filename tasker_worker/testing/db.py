@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from tasker_worker.config.loader import load_config
 from tasker_worker.config.models import TaskerConfig
+from tasker_worker.db import queries
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.handlers.registry import HandlerRegistry
@@ -125,12 +126,10 @@ async def send_steps(
     queue = queue_name(namespace)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         if batch:
-            await conn.execute(
-                "SELECT pgmq.send_batch(%s, %s::jsonb[], %s)", (queue, [Jsonb(b) for b in bodies], delay)
-            )
+            await conn.execute(queries.SEND_BATCH, (queue, [Jsonb(b) for b in bodies], delay))
         else:
             for body in bodies:
-                await conn.execute("SELECT pgmq.send(%s, %s, %s)", (queue, Jsonb(body), delay))
+                await conn.execute(queries.SEND, (queue, Jsonb(body), delay))
     return bodies
 
 
@@ -152,8 +151,8 @@ def outcome_counter(url: str, status: str | None = None) -> Callable[[], Awaitab
 
     async def count() -> int:
         if status is None:
-            return int(await fetch_value(url, "SELECT count(*) FROM tasker.step_results"))
-        return int(await fetch_value(url, "SELECT count(*) FROM tasker.step_results WHERE status = %s", (status,)))
+            return int(await fetch_value(url, queries.OUTCOME_COUNT))
+        return int(await fetch_value(url, queries.OUTCOME_COUNT_WITH_STATUS, (status,)))
 
     return count
 

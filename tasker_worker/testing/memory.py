@@ -36,10 +36,9 @@ from tasker_worker.domain.circuits import CircuitBreakers, CircuitState
 from tasker_worker.domain.clock import ManualClock
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.steps import StepMessage
-from tasker_worker.domain.verdicts import RetryPolicy, VerdictKind, judge_failure
+from tasker_worker.domain.verdicts import RetryPolicy, VerdictKind, decide_failure, step_timeout
 from tasker_worker.errors import (
     DependencyUnavailable,
-    StepError,
     StepValidationError,
     UnknownHandler,
     first_line,
@@ -244,11 +243,7 @@ class HandlerHarness(RegistersHandlers):
         probe = circuits.state_of(step.handler) is CircuitState.HALF_OPEN
         ctx = StepContext(step=step, attempt=msg.read_ct, worker_id="harness", queue=self.queue, msg_id=msg.msg_id)
         ctx.state = self.state
-        timeout = (
-            timedelta(seconds=step.timeout)
-            if step.timeout is not None
-            else spec.timeout or self.config.event_system.processing_timeout
-        )
+        timeout = step_timeout(step.timeout, spec.timeout, self.config.event_system.processing_timeout)
         try:
             result = await self._executor.run(spec.func, spec.is_async, (ctx, step), timeout)
         except Exception as exc:
@@ -266,16 +261,7 @@ class HandlerHarness(RegistersHandlers):
         self._archive(msg, key, "succeeded")
 
     def _on_failure(self, msg: MemoryMessage, step: StepMessage, exc: Exception) -> None:
-        error = (
-            exc.to_json()
-            if isinstance(exc, StepError)
-            else {
-                "type": type(exc).__name__,
-                "reason": "handler_error",
-                "message": str(exc)[:2000],
-            }
-        )
-        verdict = judge_failure(
+        fate = decide_failure(
             exc,
             attempt=msg.read_ct,
             attempt_limit=step.attempt_limit,
@@ -283,6 +269,7 @@ class HandlerHarness(RegistersHandlers):
             policy=self.policy,
             unavailable=isinstance(exc, DependencyUnavailable),
         )
+        verdict, error = fate.verdict, fate.error
         msg.headers["tasker_last_error"] = error
         if verdict.kind is VerdictKind.FAILED:
             self._record(msg, step, "failed", None, error)
@@ -290,12 +277,6 @@ class HandlerHarness(RegistersHandlers):
         elif verdict.kind is VerdictKind.DEAD_LETTER:
             self._dead_letter(msg, step, "dead_lettered", error)
         elif verdict.kind is VerdictKind.EXHAUSTED:
-            error = {
-                **error,
-                "reason": "retries_exhausted",
-                "last_reason": error.get("reason"),
-                "attempts": msg.read_ct,
-            }
             self._dead_letter(msg, step, "failed", error)
         elif verdict.kind is VerdictKind.RELEASE:
             msg.headers["tasker_releases"] = verdict.releases

@@ -57,16 +57,20 @@ def _create_database(admin_url: str, name: str, template: str) -> None:
     import psycopg
     from psycopg import sql
 
+    from tasker_worker.db import queries
+
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+        conn.execute(sql.SQL(queries.CREATE_DATABASE_FROM).format(sql.Identifier(name), sql.Identifier(template)))
 
 
 def _drop_database(admin_url: str, name: str) -> None:
     import psycopg
     from psycopg import sql
 
+    from tasker_worker.db import queries
+
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL(queries.DROP_DATABASE).format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")
@@ -148,11 +152,9 @@ class RunningWorker:
         from tasker_worker.testing.db import fetch, wait_until
 
         async def row() -> dict[str, Any] | None:
-            rows = await fetch(
-                self.url,
-                "SELECT status, result, error, attempts, handler FROM tasker.step_results WHERE step_uuid = %s",
-                (step_uuid,),
-            )
+            from tasker_worker.db import queries
+
+            rows = await fetch(self.url, queries.OUTCOME_OF_STEP, (step_uuid,))
             if not rows:
                 return None
             status, result, error, attempts, handler = rows[0]

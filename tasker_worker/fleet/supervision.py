@@ -1,7 +1,7 @@
 """Supervision jobs: the periodic sweeps that move workers through their lifecycle.
 
 Each job reads its candidates, then moves each one in its own short transaction through
-``RegistryCommands.transition(only_from=...)``, so a worker that changed meanwhile (it
+``WorkerLifecycle.transition(only_from=...)``, so a worker that changed meanwhile (it
 deregistered, another sweep got there first) is skipped, never forced. Only the fleet's leader
 runs them (``registry.leader``).
 """
@@ -17,8 +17,8 @@ from tasker_worker.config.models import EventsConfig, RegistryConfig
 from tasker_worker.db import queries
 from tasker_worker.domain.workers import WorkerStatus
 from tasker_worker.errors import WorkerNotFound
-from tasker_worker.registry import events
-from tasker_worker.registry.commands import RegistryCommands
+from tasker_worker.fleet import eventlog
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class Job:
 class SupervisionJobs:
     """The sweeps, bound to one registry and one clock."""
 
-    def __init__(self, commands: RegistryCommands, config: RegistryConfig, events_config: EventsConfig) -> None:
-        self.commands = commands
+    def __init__(self, lifecycle: WorkerLifecycle, config: RegistryConfig, events_config: EventsConfig) -> None:
+        self.lifecycle = lifecycle
         self.config = config
         self.events_config = events_config
 
@@ -53,7 +53,7 @@ class SupervisionJobs:
         ]
 
     async def _candidates(self, query: str, params: tuple[object, ...]) -> list[str]:
-        async with self.commands.pool.connection() as conn:
+        async with self.lifecycle.pool.connection() as conn:
             cur = await conn.execute(query, params)
             return [row[0] for row in await cur.fetchall()]
 
@@ -61,7 +61,7 @@ class SupervisionJobs:
         moved = 0
         for worker_id in worker_ids:
             try:
-                if await self.commands.transition(worker_id, target, only_from=only_from):
+                if await self.lifecycle.transition(worker_id, target, only_from=only_from):
                     moved += 1
             except WorkerNotFound:
                 continue  # deleted meanwhile
@@ -74,7 +74,7 @@ class SupervisionJobs:
 
     async def mark_stale_offline(self) -> int:
         """pending/active -> offline when no heartbeat came within ``stale_timeout``."""
-        now = self.commands.clock.now()
+        now = self.lifecycle.clock.now()
         ids = await self._candidates(
             queries.STALE_WORKERS, (now, self.config.stale_timeout.total_seconds(), SWEEP_LIMIT)
         )
@@ -82,7 +82,7 @@ class SupervisionJobs:
 
     async def reactivate_offline(self) -> int:
         """offline -> active when heartbeats resumed (a fresh one after going offline)."""
-        now = self.commands.clock.now()
+        now = self.lifecycle.clock.now()
         ids = await self._candidates(
             queries.REVIVED_WORKERS, (now, self.config.stale_timeout.total_seconds(), SWEEP_LIMIT)
         )
@@ -90,5 +90,5 @@ class SupervisionJobs:
 
     async def compact_events(self) -> int:
         """Fold events older than the retention into a snapshot and delete them."""
-        cutoff = self.commands.clock.now() - self.events_config.retention
-        return await events.compact(self.commands.pool, cutoff)
+        cutoff = self.lifecycle.clock.now() - self.events_config.retention
+        return await eventlog.compact(self.lifecycle.pool, cutoff)

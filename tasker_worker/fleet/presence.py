@@ -15,11 +15,10 @@ from datetime import timedelta
 import anyio
 
 from tasker_worker.config.models import RegistryConfig
-from tasker_worker.db.connection import TRANSIENT_DB_ERRORS
-from tasker_worker.domain.backoff import backoff_delay
+from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus
 from tasker_worker.errors import InvalidTransition, RegistrationFailed, WorkerNotFound, first_line
-from tasker_worker.registry.commands import RegistryCommands
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,15 @@ class WorkerPresence:
 
     def __init__(
         self,
-        commands: RegistryCommands,
-        registration: WorkerRegistration,
+        lifecycle: WorkerLifecycle,
+        describe: Callable[[], WorkerRegistration],
         config: RegistryConfig,
         sample: Callable[[], Heartbeat],
     ) -> None:
-        self.commands = commands
-        self.registration = registration
+        self.lifecycle = lifecycle
+        #: What to register: asked at each (re-)registration, so that it says the mode the
+        #: worker runs then, not the one it started with.
+        self.describe = describe
         self.config = config
         self.sample = sample
         #: The id the registry gave this worker (set by ``register``).
@@ -50,38 +51,30 @@ class WorkerPresence:
     async def register(self) -> str:
         """Register, retrying transient failures; return the id given."""
         attempts = self.config.registration_attempts
-        cap = self.config.registration_max_delay
-        for attempt in range(1, attempts + 1):
-            try:
-                with anyio.fail_after(CALL_TIMEOUT_S):
-                    worker_id = await self.commands.register(self.registration, on_conflict="rename")
-            except TRANSIENT_DB_ERRORS as exc:
-                if attempt == attempts:
-                    raise RegistrationFailed(
-                        f"could not register worker {self.registration.worker_id or self.registration.name!r} "
-                        f"after {attempts} attempts: {first_line(exc)} (is the database reachable? "
-                        "[registry] registration_attempts sets the limit)"
-                    ) from exc
-                delay = backoff_delay(attempt, timedelta(milliseconds=200), cap)
-                log.warning(
-                    "registration attempt %d/%d failed (%s); retrying in %.2fs",
-                    attempt,
-                    attempts,
-                    first_line(exc),
-                    delay,
-                )
-                await anyio.sleep(delay)
-                continue
-            if self.registration.worker_id and worker_id != self.registration.worker_id:
-                log.warning(
-                    "worker id %r is held by a live worker; registered as %r instead",
-                    self.registration.worker_id,
-                    worker_id,
-                )
-            self.worker_id = worker_id
-            self.last_status = WorkerStatus.PENDING
-            return worker_id
-        raise AssertionError("unreachable")  # pragma: no cover
+        registration = self.describe()
+        if self.worker_id is not None:  # registering again: under the id it already had
+            registration = registration.model_copy(update={"worker_id": self.worker_id})
+
+        async def once() -> str:
+            with anyio.fail_after(CALL_TIMEOUT_S):
+                return await self.lifecycle.register(registration, on_conflict="rename")
+
+        backoff = Backoff(timedelta(milliseconds=200), self.config.registration_max_delay)
+        try:
+            worker_id = await retry_transient(once, what="registration", backoff=backoff, attempts=attempts)
+        except TRANSIENT_DB_ERRORS as exc:
+            raise RegistrationFailed(
+                f"could not register worker {registration.worker_id or registration.name!r} "
+                f"after {attempts} attempts: {first_line(exc)} (is the database reachable? "
+                "[registry] registration_attempts sets the limit)"
+            ) from exc
+        if registration.worker_id and worker_id != registration.worker_id:
+            log.warning(
+                "worker id %r is held by a live worker; registered as %r instead", registration.worker_id, worker_id
+            )
+        self.worker_id = worker_id
+        self.last_status = WorkerStatus.PENDING
+        return worker_id
 
     async def beat(self) -> WorkerStatus:
         """Send one heartbeat now. A row that disappeared or was deregistered by an operator
@@ -90,15 +83,14 @@ class WorkerPresence:
         heartbeat = self.sample()
         try:
             with anyio.fail_after(CALL_TIMEOUT_S):
-                status = await self.commands.heartbeat(self.worker_id, heartbeat)
+                status = await self.lifecycle.heartbeat(self.worker_id, heartbeat)
         except (WorkerNotFound, InvalidTransition):
             log.warning(
                 "worker %s was removed or deregistered from outside while running; registering again", self.worker_id
             )
-            self.registration = self.registration.model_copy(update={"worker_id": self.worker_id})
             await self.register()
             with anyio.fail_after(CALL_TIMEOUT_S):
-                status = await self.commands.heartbeat(self.worker_id, heartbeat)
+                status = await self.lifecycle.heartbeat(self.worker_id, heartbeat)
         self.heartbeats_sent += 1
         self.last_status = status
         return status
@@ -106,20 +98,18 @@ class WorkerPresence:
     async def run(self) -> None:
         """Heartbeat until cancelled."""
         interval = self.config.heartbeat_interval.total_seconds()
-        failures = 0
+        backoff = Backoff(timedelta(milliseconds=200), timedelta(seconds=5))
         while True:
             try:
                 await self.beat()
-                failures = 0
+                backoff.succeeded()
                 delay = interval
             except TRANSIENT_DB_ERRORS as exc:
-                failures += 1
                 self.heartbeat_failures += 1
-                delay = min(interval, backoff_delay(failures, timedelta(milliseconds=200), timedelta(seconds=5)))
+                delay = min(interval, backoff.failed())
                 log.warning("heartbeat of %s failed (%s); retrying in %.2fs", self.worker_id, first_line(exc), delay)
             except Exception:
                 # A bug must not stop the worker's steps; it shows in the log and the heartbeat age.
-                failures += 1
                 self.heartbeat_failures += 1
                 delay = interval
                 log.exception("heartbeat of %s failed", self.worker_id)
@@ -132,7 +122,7 @@ class WorkerPresence:
             return
         try:
             with anyio.fail_after(CALL_TIMEOUT_S):
-                await self.commands.deregister(self.worker_id, reason)
+                await self.lifecycle.deregister(self.worker_id, reason)
         except (WorkerNotFound, InvalidTransition) as exc:
             log.info("worker %s not deregistered: %s", self.worker_id, exc)
         except TRANSIENT_DB_ERRORS as exc:

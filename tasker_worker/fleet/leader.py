@@ -1,4 +1,4 @@
-"""SupervisionService: leader election for the supervision jobs.
+"""LeaderElection: leader election for the supervision jobs.
 
 Every candidate process (each ``run`` worker with ``supervision_enabled``, and ``api``) keeps
 one dedicated connection and tries ``pg_try_advisory_lock(SUPERVISION_LOCK)`` on it every tick.
@@ -21,9 +21,8 @@ import psycopg
 
 from tasker_worker.db import queries
 from tasker_worker.db.connection import connect
-from tasker_worker.domain.backoff import backoff_delay
-from tasker_worker.errors import DatabaseError
-from tasker_worker.registry.jobs import Job
+from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
+from tasker_worker.fleet.supervision import Job
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ SUPERVISION_LOCK = 0x7A5C0001
 MAX_TICK = timedelta(seconds=30)
 
 
-class SupervisionService:
+class LeaderElection:
     """Runs ``jobs`` while this process is the fleet's leader."""
 
     def __init__(self, url: str, jobs: Sequence[Job], *, candidate_id: str) -> None:
@@ -57,24 +56,22 @@ class SupervisionService:
 
     async def run(self) -> None:
         """Campaign, and lead when elected, until cancelled."""
-        failures = 0
+        backoff = Backoff(timedelta(milliseconds=200), timedelta(seconds=self.tick))
         while True:
             try:
                 conn = await connect(self.url, application_name=self.application_name)
-            except DatabaseError as exc:
-                failures += 1
+            except TRANSIENT_DB_ERRORS as exc:
                 self.last_error = str(exc)
-                delay = backoff_delay(failures, timedelta(milliseconds=200), timedelta(seconds=self.tick))
+                delay = backoff.failed()
                 log.warning("supervision candidate cannot connect (%s); retrying in %.2fs", exc, delay)
                 await anyio.sleep(delay)
                 continue
             try:
-                failures = 0
+                backoff.succeeded()
                 await self._campaign(conn)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 self._step_down(f"lost the supervision connection: {exc}")
-                failures += 1
-                await anyio.sleep(backoff_delay(failures, timedelta(milliseconds=200), timedelta(seconds=self.tick)))
+                await anyio.sleep(backoff.failed())
             finally:
                 self._step_down(None)
                 with anyio.CancelScope(shield=True):
@@ -93,7 +90,7 @@ class SupervisionService:
                     self.became_leader.set()
             else:
                 # The round trip proves the session (and so the lock) is still there.
-                await conn.execute("SELECT 1")
+                await conn.execute(queries.PING)
             if self.is_leader:
                 await self.run_due_jobs()
             await anyio.sleep(self.tick)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker import __version__
 from tasker_worker.config.loader import LoadedConfig, effective_items, load_config
-from tasker_worker.db import migrations
+from tasker_worker.db import migrations, schema
 from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.names import dlq_name, queue_name
@@ -86,6 +87,12 @@ async def db_status(args: argparse.Namespace) -> int:
     for name in st.changed:
         print(f"changed       {name} (edited after it was applied)")
     print(f"queues        {st.queues} ({st.notify_triggers} with the notify trigger)")
+    return 0
+
+
+async def db_schema(args: argparse.Namespace) -> int:
+    """``db schema``: the current definition of every tasker table, view and function."""
+    sys.stdout.write(await schema.dump(database_url(load(args))))
     return 0
 
 

@@ -25,13 +25,13 @@ from tasker_worker.domain.workers import (
     check_transition,
 )
 from tasker_worker.errors import WorkerConflict, WorkerNotFound
-from tasker_worker.registry.events import AsyncConn, append_event
+from tasker_worker.fleet.eventlog import AsyncConn, append_event
 
 #: Attempts at finding a free id when the requested one is held by a live worker.
 _RENAME_ATTEMPTS = 5
 
 
-class RegistryCommands:
+class WorkerLifecycle:
     """Register, heartbeat, deregister and move workers through their lifecycle."""
 
     def __init__(self, pool: AsyncConnectionPool, clock: Clock | None = None, *, heartbeat_history: int = 100) -> None:
@@ -54,7 +54,7 @@ class RegistryCommands:
         for attempt in range(_RENAME_ATTEMPTS):
             async with self.pool.connection() as conn, conn.transaction():
                 # Serialises registrations of one id, including one whose row does not exist yet.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (candidate,))
+                await conn.execute(queries.LOCK_WORKER_ID, (candidate,))
                 current = await _lock(conn, candidate)
                 if current is not None and current[0] in LIVE_STATUSES:
                     if on_conflict == "error":

@@ -71,7 +71,7 @@ async def replay_and_compare(pool: AsyncConnectionPool) -> ReplayReport:
     async with pool.connection() as conn:
         async with conn.transaction():
             # REPEATABLE READ: the log and the live rows are read as of one moment.
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            await conn.execute(queries.CONSISTENT_READ)
             snapshot_id, last_id, applied, state = await replay(conn)
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(queries.LIVE_PROJECTION)
@@ -83,7 +83,7 @@ async def compact(pool: AsyncConnectionPool, older_than: datetime) -> int:
     """Snapshot the projection up to the newest event older than ``older_than`` and delete
     every event up to it (step events included). Returns the number of events deleted."""
     async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_COMPACTION_LOCK,))
+        cur = await conn.execute(queries.TRY_COMPACTION_LOCK, (_COMPACTION_LOCK,))
         row = await cur.fetchone()
         if not row or not row[0]:
             return 0

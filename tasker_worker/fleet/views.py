@@ -17,7 +17,7 @@ from tasker_worker.errors import WorkerNotFound
 MAX_ROWS = 10_000
 
 
-class RegistryQueries:
+class FleetViews:
     """Read-only views of ``tasker.workers`` and its heartbeats."""
 
     def __init__(self, pool: AsyncConnectionPool) -> None:

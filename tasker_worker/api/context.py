@@ -1,0 +1,142 @@
+"""What every route of the API shares: its context, its errors, reading requests, the token check.
+
+The route modules (``workers``, ``health``, ``metrics``, ``openapi``) import from here and
+``app.py`` imports them, so imports point one way.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tasker_worker.config.models import TaskerConfig
+from tasker_worker.db.queue_client import QueueClient
+from tasker_worker.domain.clock import Clock, SystemClock
+from tasker_worker.fleet.leader import LeaderElection
+from tasker_worker.fleet.lifecycle import WorkerLifecycle
+from tasker_worker.fleet.views import FleetViews
+
+log = logging.getLogger(__name__)
+
+#: Request bodies larger than this are refused (413) before they are read.
+MAX_BODY_BYTES = 1 << 20
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class ApiContext:
+    """What the routes work with."""
+
+    pool: AsyncConnectionPool
+    config: TaskerConfig
+    clock: Clock = field(default_factory=SystemClock)
+    #: The worker running in this process, when the API is served by ``run``.
+    local_status: Callable[[], dict[str, Any]] | None = None
+    local_worker_id: str | None = None
+    supervision: LeaderElection | None = None
+
+    def __post_init__(self) -> None:
+        self.lifecycle = WorkerLifecycle(
+            self.pool, self.clock, heartbeat_history=self.config.registry.heartbeat_history
+        )
+        self.views = FleetViews(self.pool)
+        self.client = QueueClient(self.pool)
+
+
+class ApiError(Exception):
+    """An error answered with ``status`` and a JSON body."""
+
+    def __init__(self, status: int, error: str, detail: Any) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def error_response(status: int, error: str, detail: Any) -> JSONResponse:
+    """The one error shape of the API."""
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+async def read_model(request: Request, model: type[M], *, empty_ok: bool = False) -> M:
+    """Parse the JSON body into ``model``; 400 with the validation errors otherwise."""
+    raw = await _bounded_body(request)
+    if not raw.strip():
+        if empty_ok:
+            return model()
+        raise ApiError(400, "invalid_request", "a JSON object body is required")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        detail = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ApiError(400, "invalid_request", detail) from None
+
+
+async def _bounded_body(request: Request) -> bytes:
+    too_large = ApiError(413, "payload_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(raw)
+
+
+def int_param(request: Request, name: str, default: int, *, low: int = 1, high: int = 10_000) -> int:
+    """An integer query parameter within ``[low, high]``; 400 otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_request", f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, "invalid_request", f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def ctx_of(request: Request) -> ApiContext:
+    """The context the app was created with."""
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+def mutating(endpoint: Endpoint) -> Endpoint:
+    """Require ``Authorization: Bearer <[api] token>`` when a token is configured."""
+
+    async def guarded(request: Request) -> Response:
+        token = ctx_of(request).config.api.token
+        if token:
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                return error_response(401, "unauthorized", "this route needs Authorization: Bearer <[api] token>")
+        return await endpoint(request)
+
+    guarded.__name__ = endpoint.__name__
+    guarded.__doc__ = endpoint.__doc__
+    return guarded
