@@ -12,6 +12,7 @@ from ledger_handlers import LEDGER_DDL, ledger
 from psycopg.types.json import Jsonb
 
 from tasker_worker.domain.steps import StepMessage
+from tasker_worker.errors import NonRetryableError
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import (
     fetch,
@@ -506,3 +507,27 @@ async def test_a_finished_handler_frees_its_slot_while_its_outcome_waits_for_the
     outcomes = await fetch(url, "SELECT step_uuid::text, status FROM tasker.step_results ORDER BY 1")
     assert outcomes == [(u, "succeeded") for u in sorted(b["step_uuid"] for b in bodies)]
     assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0
+
+
+@pytest.mark.anyio
+async def test_a_nul_character_in_a_result_or_an_error_is_stored_not_fatal(url: str) -> None:
+    """jsonb refuses the NUL character: a handler that returns or raises one gets U+FFFD in its
+    outcome row, and the steps written in the same batch are recorded as well."""
+    reg = HandlerRegistry()
+
+    @reg.handler("nul")
+    async def nul(ctx: Any, step: Any) -> dict[str, str]:
+        if ctx.inputs.get("fail"):
+            raise NonRetryableError("bad\x00message", reason="nul\x00reason")
+        return {"text": "a\x00b", "k\x00": "v"}
+
+    config = make_config(mode="Hybrid", namespaces=[NS], concurrency=8)
+    async with running_worker(url, config, registry=reg):
+        bodies = await send_steps(url, NS, "nul", [{}, {"fail": True}], batch=True)
+        bodies += await send_steps(url, NS, "noop", [{"i": i} for i in range(5)], batch=True)
+        await wait_until(_count_is(url, len(bodies)), timeout=20)
+    rows = dict(await fetch(url, "SELECT step_uuid::text, coalesce(result, error) FROM tasker.step_results"))
+    assert rows[bodies[0]["step_uuid"]] == {"text": "a\ufffdb", "k\ufffd": "v"}
+    assert rows[bodies[1]["step_uuid"]]["message"] == "bad\ufffdmessage"
+    assert rows[bodies[1]["step_uuid"]]["reason"] == "nul\ufffdreason"
+    assert len(rows) == len(bodies)

@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from tasker_worker.db import queries
 from tasker_worker.domain.names import namespace_of, queue_name, validate_handler_name
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source
+from tasker_worker.domain.verdicts import jsonb_safe
 from tasker_worker.errors import (
     ConfigError,
     DatabaseError,
@@ -126,12 +127,18 @@ def encode_outcomes(outcomes: Sequence[Outcome]) -> str:
     second, per-item pass only when needed; a float that is not finite is stored as null."""
     rows = [_outcome_row(o) for o in outcomes]
     try:
-        return _ENCODER.encode(rows).decode()
+        encoded = _ENCODER.encode(rows)
     except (TypeError, ValueError, OverflowError):
         for row in rows:
             if "result" in row:
                 row["result"] = _storable(row["result"])
-        return _ENCODER.encode(rows).decode()
+        encoded = _ENCODER.encode(rows)
+    if b"\\u0000" in encoded:  # rare: a result with a NUL character, which jsonb refuses
+        for row in rows:
+            if "result" in row:
+                row["result"] = jsonb_safe(row["result"])
+        encoded = _ENCODER.encode(rows)
+    return encoded.decode()
 
 
 def _timestamp(epoch: float | None) -> datetime | None:

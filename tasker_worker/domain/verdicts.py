@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.errors import NonRetryableError, StepError, StepFailed, StepTimeout
@@ -98,10 +98,25 @@ class Fate:
 
 def error_json(exc: BaseException) -> dict[str, Any]:
     """How a handler's exception is recorded: a ``StepError``'s own JSON, else its type and
-    message under reason ``handler_error``."""
+    message under reason ``handler_error`` (storable as jsonb either way: see ``jsonb_safe``)."""
     if isinstance(exc, StepError):
-        return exc.to_json()
-    return {"type": type(exc).__name__, "reason": "handler_error", "message": str(exc)[:2000]}
+        error = exc.to_json()
+    else:
+        error = {"type": type(exc).__name__, "reason": "handler_error", "message": str(exc)[:2000]}
+    return cast(dict[str, Any], jsonb_safe(error))
+
+
+def jsonb_safe(value: Any) -> Any:
+    """``value`` with every NUL character in its strings (keys too) replaced by U+FFFD:
+    PostgreSQL's jsonb refuses ``\\u0000``, and one such string would fail the whole batch of
+    outcomes it is written with. Values without one come back as they are."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {jsonb_safe(k) if isinstance(k, str) else k: jsonb_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonb_safe(v) for v in value]
+    return value
 
 
 def decide_failure(
@@ -139,6 +154,7 @@ __all__ = [
     "VerdictKind",
     "decide_failure",
     "error_json",
+    "jsonb_safe",
     "judge_failure",
     "step_timeout",
 ]

@@ -49,7 +49,7 @@ from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
 from tasker_worker.domain.backoff import backoff_delay
 from tasker_worker.domain.circuits import CircuitBreakers, CircuitState
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, OutcomeStatus, Source, StepMessage
-from tasker_worker.domain.verdicts import RetryPolicy, VerdictKind, decide_failure, step_timeout
+from tasker_worker.domain.verdicts import RetryPolicy, VerdictKind, decide_failure, error_json, step_timeout
 from tasker_worker.domain.workers import WorkerEventType
 from tasker_worker.errors import (
     DependencyUnavailable,
@@ -206,7 +206,7 @@ class StepRunner:
             try:
                 step = StepMessage.decode(msg.body)
             except StepValidationError as exc:
-                await self._dead_letter(msg, exc.to_json(), OutcomeStatus.DEAD_LETTERED, None)
+                await self._dead_letter(msg, error_json(exc), OutcomeStatus.DEAD_LETTERED, None)
                 return
             msg.step = step
             # The UUID's integer: hashing a UUID object is a Python-level call per step.
@@ -263,7 +263,7 @@ class StepRunner:
             error = UnknownHandler(
                 f"no handler {step.handler!r} in this worker (has: {', '.join(self.registry.names)})"
             )
-            await self._dead_letter(msg, error.to_json(), OutcomeStatus.DEAD_LETTERED, None)
+            await self._dead_letter(msg, error_json(error), OutcomeStatus.DEAD_LETTERED, None)
             return False
         if spec.requires is not None:
             needed = spec.requires(step.inputs)
