@@ -46,11 +46,14 @@ async def test_only_runs_past_their_deadline_time_out() -> None:
 async def test_a_cancellation_from_elsewhere_is_not_a_timeout() -> None:
     executor = HandlerExecutor()
 
+    started = asyncio.Event()
+
     async def forever() -> None:
+        started.set()
         await asyncio.Event().wait()
 
     task = asyncio.create_task(_run(executor, forever, 30))
-    await asyncio.sleep(0.01)
+    await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
