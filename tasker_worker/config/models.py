@@ -84,6 +84,14 @@ class DatabaseConfig(_Section):
     #: no session advisory lock), so it runs PollingOnly and leaves supervision to a process
     #: connected directly. ``"none"``: a direct connection (or a session pooler).
     pooler: Literal["none", "transaction"] = "none"
+
+    def refuses(self, mode: DeploymentMode) -> str | None:
+        """Why ``mode`` cannot run over this connection (None: it can). The one rule behind the
+        configuration check and the refusal of a ``mode set`` at runtime."""
+        if self.pooler == "transaction" and mode.uses_listener:
+            return 'a transaction pooler (database.pooler = "transaction") does not carry LISTEN'
+        return None
+
     #: Data directory of the embedded server (default: the user's data directory).
     embedded_data_dir: Path | None = None
     auto_migrate: bool = True
@@ -315,12 +323,12 @@ class TaskerConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _pooler_needs_polling(self) -> TaskerConfig:
-        if self.database.pooler == "transaction" and self.event_system.deployment_mode.uses_listener:
+        why = self.database.refuses(self.event_system.deployment_mode)
+        if why is not None:
             # Raised as itself (not a ValueError), so the message names both keys as written.
             raise ConfigError(
-                f"event_system.deployment_mode = {self.event_system.deployment_mode.value} needs LISTEN, which a "
-                'transaction pooler does not carry (database.pooler = "transaction"): run PollingOnly behind '
-                "the pooler, or connect the worker to PostgreSQL directly",
+                f"event_system.deployment_mode = {self.event_system.deployment_mode.value} needs LISTEN, and {why}: "
+                "run PollingOnly behind the pooler, or connect the worker to PostgreSQL directly",
                 source="config",
             )
         return self

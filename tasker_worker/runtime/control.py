@@ -104,11 +104,9 @@ class WorkerControl:
             await self._record(lambda c: c.clear_requested_mode(self.worker_id, mode.value))
             return True
         try:
-            if mode.uses_listener and self.config.database.pooler == "transaction":
-                raise ModeChangeRefused(
-                    mode.value,
-                    'the worker runs behind a transaction pooler (database.pooler = "transaction"), which does not carry LISTEN',
-                )
+            why = self.config.database.refuses(mode)
+            if why is not None:
+                raise ModeChangeRefused(mode.value, f"the worker runs behind {why}")
             await self.event_system.switch(mode)
         except ModeChangeRefused as exc:
             self.last_error = str(exc)
