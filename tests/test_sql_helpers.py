@@ -241,3 +241,32 @@ async def test_the_claim_is_planned_for_the_queue_it_meets(conn: Conn, db_url: s
         await pool.close()
     assert len(claimed) == 10
     assert plans == [(0, 9)]
+
+
+def test_sql_settle_is_fenced_and_records_once(conn: Conn) -> None:
+    """tasker.record_outcomes from SQL: a settle carrying a read_ct the message no longer has
+    (its claim was taken over) is refused and leaves the message as it is; the holder's settle
+    goes through; a second message of the same step settles but adds no second outcome row."""
+    conn.execute("SELECT tasker.create_namespace_queue('fenced')")
+    queue = queue_name("fenced")
+    body = StepMessage.build("fenced", "noop")
+    for _ in range(2):
+        conn.execute("SELECT pgmq.send(%s, %s::jsonb)", (queue, json.dumps(body)))
+    first, second = (r[0] for r in conn.execute("SELECT msg_id FROM pgmq.read(%s, 30, 2)", (queue,)).fetchall())
+    conn.execute(f"UPDATE pgmq.q_{queue} SET vt = now() WHERE msg_id = %s", (first,))
+    [(retaken,)] = conn.execute("SELECT read_ct FROM pgmq.read(%s, 30, 1)", (queue,)).fetchall()
+    assert retaken == 2
+
+    def settle(msg_id: int, read_ct: int, result: str) -> list[tuple[Any, ...]]:
+        outcome = {"msg_id": msg_id, "read_ct": read_ct, "status": "succeeded", "result": result}
+        return conn.execute(
+            "SELECT msg_id, acked FROM tasker.record_outcomes(%s, 'w', %s::jsonb)", (queue, json.dumps([outcome]))
+        ).fetchall()
+
+    assert settle(first, 1, "stale") == [(first, False)]
+    assert conn.execute(f"SELECT read_ct FROM pgmq.q_{queue} WHERE msg_id = %s", (first,)).fetchone() == (2,)
+    assert conn.execute("SELECT count(*) FROM tasker.step_results").fetchone() == (0,)
+    assert settle(first, 2, "holder") == [(first, True)]
+    assert settle(second, 1, "duplicate") == [(second, True)]
+    assert conn.execute(f"SELECT count(*) FROM pgmq.q_{queue}").fetchone() == (0,)
+    assert conn.execute("SELECT result, attempts FROM tasker.step_results").fetchall() == [("holder", 2)]

@@ -234,8 +234,12 @@ WITH input AS (
      WHERE s.status IS NOT NULL AND s.step_uuid IS NOT NULL
     ON CONFLICT (step_uuid) DO NOTHING{returning}
 ){logged}
-SELECT s.msg_id FROM settled AS s
+SELECT s.msg_id{recorded} FROM settled AS s
 """
+
+# The settle inside a handler's own transaction also says whether the outcome row was written:
+# when another run of the same step recorded first, the handler's writes must not commit.
+_SETTLE_RECORDED = ", EXISTS (SELECT 1 FROM recorded AS r WHERE r.msg_id = s.msg_id)"
 
 _SETTLE_RETURNING = """
     RETURNING worker_id, step_uuid, queue_name, msg_id, attempts, status, source, error, started_at, finished_at"""
@@ -267,6 +271,8 @@ class QueueStatements:
     claim_skipping: str
     #: Parameters: outcomes (JSON text), worker_id.
     settle: str
+    #: The settle returning (msg_id, outcome row written) for each message settled.
+    settle_reporting: str
 
     @classmethod
     def build(cls, queue: str, namespace: str, *, archive: bool, store_events: bool) -> QueueStatements:
@@ -295,6 +301,14 @@ class QueueStatements:
                 archived=_SETTLE_ARCHIVE if archive else "",
                 returning=_SETTLE_RETURNING if store_events else "",
                 logged=_SETTLE_LOGGED if store_events else "",
+                recorded="",
+            ),
+            settle_reporting=render(
+                _SETTLE,
+                archived=_SETTLE_ARCHIVE if archive else "",
+                returning=_SETTLE_RETURNING,
+                logged=_SETTLE_LOGGED if store_events else "",
+                recorded=_SETTLE_RECORDED,
             ),
         )
 

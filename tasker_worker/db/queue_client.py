@@ -314,6 +314,17 @@ class QueueClient:
         )
         return {r[0] for r in rows}
 
+    async def settle_in_transaction(self, outcome: Outcome, worker_id: str, conn: AsyncConn) -> tuple[bool, bool]:
+        """Settle one claim inside the caller's transaction (a handler's own): whether the
+        message was settled (False: a stale ack) and whether its outcome row was written
+        (False with a status: another run of the step recorded first)."""
+        rows = await self._fetch(
+            self.statements(outcome.msg.queue).settle_reporting,
+            {"outcomes": encode_outcomes([outcome]), "worker_id": worker_id},
+            conn,
+        )
+        return (True, bool(rows[0][1])) if rows else (False, False)
+
     async def dead_letter(
         self, queue: str, worker_id: str, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
     ) -> dict[int, bool]:

@@ -298,6 +298,7 @@ class CommandProcessor:
             self.stats.incr("dedup_hits")
             current.msg.read_ct = msg.read_ct
             current.vt_deadline = msg.received_mono + self.vt_seconds
+            current.lost_claim = False
             return
         since = self.listening_since() if msg.source is Source.POLL and msg.read_ct == 1 else None
         if since is not None:
@@ -325,7 +326,7 @@ class CommandProcessor:
             now = time.monotonic()
             due: dict[str, list[Any]] = {}
             for item in self.steps.in_flight.values():
-                if item.vt_deadline - now < self.vt_seconds / 2:
+                if not item.lost_claim and item.vt_deadline - now < self.vt_seconds / 2:
                     due.setdefault(item.msg.queue, []).append(item)
             for queue, items in due.items():
                 try:
@@ -335,10 +336,25 @@ class CommandProcessor:
                     log.warning("extending vt on %s failed", queue, extra={"queue": queue, **error_fields(exc)})
                     continue
                 after = time.monotonic()
+                refused = 0
                 for item in items:
                     if item.msg.msg_id in extended:
                         item.vt_deadline = after + self.vt_seconds
                         self.stats.incr("vt_extensions")
+                    elif not item.settled:
+                        # The fence refused it: the message was claimed again elsewhere (our vt
+                        # lapsed). The step runs on (its handler may be mid-write), but its
+                        # outcome will be refused too; no more extensions are tried for it.
+                        item.lost_claim = True
+                        refused += 1
+                if refused:
+                    self.stats.incr("vt_extensions_refused", refused)
+                    log.warning(
+                        "%d steps on %s were claimed again elsewhere (vt lapsed); their outcomes will be refused",
+                        refused,
+                        queue,
+                        extra={"queue": queue},
+                    )
 
     # --- shutdown --------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ COUNTERS = (
     "dedup_hits",
     "stale_acks",
     "vt_extensions",
+    "vt_extensions_refused",
     "listener_reconnects",
     "db_errors",
     "timers_dropped",

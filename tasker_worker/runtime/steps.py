@@ -99,6 +99,8 @@ class _InFlight:
     step_key: int | None = None
     #: The task running its step.
     task: asyncio.Task[None] | None = None
+    #: An extension of its vt was refused: someone else holds the message now.
+    lost_claim: bool = False
 
 
 class StepRunner:
@@ -323,15 +325,16 @@ class StepRunner:
             self._judge_circuit(msg, step, None)
         outcome = Outcome(msg, OutcomeStatus.SUCCEEDED, result, None, started_at, time.time())
         if ctx.has_transaction:
-            await self._record_in_handler_transaction(ctx, outcome)
-            return False
+            return await self._record_in_handler_transaction(ctx, outcome)
         return self._record_later(msg, outcome)
 
-    async def _record_in_handler_transaction(self, ctx: StepContext, outcome: Outcome) -> None:
+    async def _record_in_handler_transaction(self, ctx: StepContext, outcome: Outcome) -> bool:
+        """Settle and record in the handler's transaction, then commit it; True when the step
+        went to the batched writer instead (see ``_run_step``)."""
         conn = await ctx.transaction()
         msg = outcome.msg
         try:
-            acked = msg.msg_id in await self.client.settle(msg.queue, self.worker_id, [outcome], conn=conn)
+            acked, recorded = await self.client.settle_in_transaction(outcome, self.worker_id, conn)
         except psycopg.Error as exc:
             with contextlib.suppress(psycopg.Error):
                 await ctx.rollback(exc)
@@ -342,13 +345,21 @@ class StepRunner:
                 msg.queue,
                 extra={**step_fields(msg), **error_fields(exc)},
             )
-            return
+            return False
         if not acked:
             self._settle(msg, False)
             with contextlib.suppress(psycopg.Error):
                 await ctx.rollback(_StaleAck())
             self.stats.incr("stale_acks")
-            return
+            return False
+        if not recorded and outcome.status is not None:
+            # Another run of this step (a second message with its step_uuid, claimed elsewhere
+            # before either had an outcome) recorded first: this run's writes must not commit.
+            # Its message is settled on its own, as a duplicate's is.
+            with contextlib.suppress(psycopg.Error):
+                await ctx.rollback(_Duplicate())
+            self.stats.incr("dedup_hits")
+            return self._record_later(msg, Outcome(msg, None))
         try:
             await ctx.commit()
         except psycopg.Error as exc:
@@ -362,9 +373,10 @@ class StepRunner:
                 msg.queue,
                 extra={**step_fields(msg), **error_fields(exc)},
             )
-            return
+            return False
         self._settle(msg, True)
         self._count_outcome(outcome.status)
+        return False
 
     def _judge_circuit(self, msg: ClaimedMessage, step: StepMessage, exc: BaseException | None) -> None:
         """Tell the handler's circuit how the run went; log when it opens or closes."""
@@ -599,6 +611,10 @@ class StepRunner:
 
 class _StaleAck(Exception):
     """Rolls back a handler transaction whose ack was fenced out."""
+
+
+class _Duplicate(Exception):
+    """Rolls back a handler transaction whose step was recorded by another run first."""
 
 
 def step_fields(msg: ClaimedMessage) -> dict[str, Any]:
