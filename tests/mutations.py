@@ -1,0 +1,441 @@
+"""Break each guarantee on purpose and check that the tests notice (a mutation check).
+
+Not part of the default test run. Each mutation below is a named breakage of one guarantee
+(a fence removed, a backoff ignored, a dedup probe disabled, ...) written as exact text edits
+of the source. For each one this script copies the working tree to a scratch directory,
+applies the edits, runs the tests that should catch it, and reports whether they failed
+(*killed*: good) or passed (*survived*: the guarantee is not held in place by any test).
+
+    python tests/mutations.py            # every mutation; exit 1 if any survives
+    python tests/mutations.py --list     # names and guarantees
+    python tests/mutations.py fence_retry dedup_claim_skipping   # just these
+
+An edit whose text no longer occurs in the source is an error, not a silent pass: when the
+code moves, the mutation must move with it. Run this before resolving an issue that touches the
+step path, and add a mutation (and the test that kills it) for every guarantee you add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+#: One mutation's test run may take this long before it counts as killed (a hang is noticed).
+RUN_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace ``old`` by ``new`` in ``path``: exactly ``count`` times (None: every time, at
+    least once)."""
+
+    path: str
+    old: str
+    new: str
+    count: int | None = 1
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """A breakage of one guarantee and the tests that must catch it."""
+
+    name: str
+    guarantee: str
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]
+
+
+G = "tests/test_guarantees.py::"
+R = "tests/test_runtime.py::"
+FENCE_TESTS = (G + "test_a_stale_holder_cannot_write_anything_about_a_step_taken_over",)
+M0002 = "sql/migrations/0002_step_outcomes.sql"
+M0007 = "sql/migrations/0007_one_row_per_step.sql"
+Q = "tasker_worker/db/queries.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "vt_extension_noop",
+        "a running step's vt is extended (extend_vt leaves vt as it was)",
+        (Edit(M0002, "SET vt = clock_timestamp() + make_interval(secs => $3 / 1000.0)", "SET vt = q.vt"),),
+        (G + "test_a_step_slower_than_its_vt_is_never_claimed_by_anyone_else",),
+    ),
+    Mutation(
+        "vt_keeper_idle",
+        "the worker extends the vt of steps running past half of it (the keeper never does)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "if not item.lost_claim and item.vt_deadline - now < self.vt_seconds / 2:",
+                "if False:",
+            ),
+        ),
+        (G + "test_a_step_slower_than_its_vt_is_never_claimed_by_anyone_else",),
+    ),
+    Mutation(
+        "claim_ignores_vt",
+        "a claim takes only visible messages (the vt test removed from the claim)",
+        (Edit(Q, "WHERE q.vt <= clock_timestamp(){skip}", "WHERE true{skip}"),),
+        (G + "test_a_step_slower_than_its_vt_is_never_claimed_by_anyone_else",),
+    ),
+    Mutation(
+        "fence_extend_vt",
+        "a vt extension applies only to the holder's claim (read_ct fence removed from extend_vt)",
+        (
+            Edit(
+                M0002,
+                "WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n        RETURNING q.msg_id, q.vt",
+                "WHERE q.msg_id = i.msg_id\n        RETURNING q.msg_id, q.vt",
+            ),
+        ),
+        FENCE_TESTS,
+    ),
+    Mutation(
+        "fence_retry",
+        "a retry applies only to the holder's claim (read_ct fence removed from retry_steps)",
+        (
+            Edit(
+                M0002,
+                "WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n            RETURNING q.msg_id\n",
+                "WHERE q.msg_id = i.msg_id\n            RETURNING q.msg_id\n",
+            ),
+        ),
+        FENCE_TESTS,
+    ),
+    Mutation(
+        "fence_dead_letter",
+        "a dead letter applies only to the holder's claim (fence removed from dead_letter_steps)",
+        (
+            Edit(
+                M0007,
+                "WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n            RETURNING q.msg_id, q.read_ct,"
+                " q.enqueued_at, q.last_read_at, q.message, q.headers,\n                      i.status,",
+                "WHERE q.msg_id = i.msg_id\n            RETURNING q.msg_id, q.read_ct,"
+                " q.enqueued_at, q.last_read_at, q.message, q.headers,\n                      i.status,",
+            ),
+        ),
+        FENCE_TESTS,
+    ),
+    Mutation(
+        "fence_settle",
+        "an outcome is written only by the holder of the claim (fence removed from the settle)",
+        (Edit(Q, "     WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n", "     WHERE q.msg_id = i.msg_id\n"),),
+        (*FENCE_TESTS, R + "test_stale_ack_is_rejected_and_counted"),
+    ),
+    Mutation(
+        "fence_record_outcomes_sql",
+        "tasker.record_outcomes (the SQL settle) is fenced too",
+        (
+            Edit(
+                M0007,
+                "WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n            RETURNING q.msg_id, q.vt,",
+                "WHERE q.msg_id = i.msg_id\n            RETURNING q.msg_id, q.vt,",
+            ),
+        ),
+        ("tests/test_sql_helpers.py::test_sql_settle_is_fenced_and_records_once",),
+    ),
+    Mutation(
+        "retry_without_delay",
+        "a failed attempt's message waits out its backoff (the runtime sends delay 0)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "RetryRequest(msg, int(delay_s * 1000), headers, count_attempt,",
+                "RetryRequest(msg, 0, headers, count_attempt,",
+            ),
+        ),
+        (G + "test_a_failed_attempt_stays_invisible_for_its_backoff_attempt_by_attempt",),
+    ),
+    Mutation(
+        "backoff_rule_flat",
+        "the backoff doubles with each attempt (it stays at the base delay)",
+        (Edit("tasker_worker/domain/backoff.py", "float(2 ** min(attempt - 1, 30))", "1.0"),),
+        (
+            G + "test_a_failed_attempt_stays_invisible_for_its_backoff_attempt_by_attempt",
+            "tests/test_toolkit.py::test_retries_follow_the_backoff_on_the_manual_clock_then_dead_letter",
+        ),
+    ),
+    Mutation(
+        "max_attempts_off_by_one",
+        "a step runs at most max_attempts times (one more is allowed)",
+        (
+            Edit(
+                "tasker_worker/domain/verdicts.py",
+                "if attempt >= (attempt_limit or policy.max_attempts):",
+                "if attempt > (attempt_limit or policy.max_attempts):",
+            ),
+        ),
+        (R + "test_retries_then_dead_letter_then_requeue",),
+    ),
+    Mutation(
+        "dedup_claim_plain",
+        "a re-sent step_uuid is flagged by the plain claim (its dedup probe disabled)",
+        (
+            Edit(
+                Q,
+                'claim=render(_CLAIM, skip=""',
+                'claim=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=""',
+            ),
+        ),
+        (G + "test_every_claim_variant_flags_a_step_already_done", R + "test_same_step_uuid_sent_twice_runs_once"),
+    ),
+    Mutation(
+        "dedup_claim_skipping",
+        "a re-sent step_uuid is flagged by the claim that skips handlers or messages",
+        (
+            Edit(
+                Q,
+                "claim_skipping=render(_CLAIM, skip=_CLAIM_SKIP",
+                'claim_skipping=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=_CLAIM_SKIP',
+            ),
+        ),
+        (
+            G + "test_every_claim_variant_flags_a_step_already_done",
+            G + "test_a_resent_step_is_not_run_again_while_a_circuit_is_open",
+        ),
+    ),
+    Mutation(
+        "dedup_claim_steps_sql",
+        "tasker.claim_steps (from SQL) flags a step already done",
+        (
+            Edit(
+                "sql/migrations/0005_hot_path.sql",
+                "           d.step_uuid IS NOT NULL,\n           clock_timestamp()\n      FROM pgmq.read(",
+                "           false,\n           clock_timestamp()\n      FROM pgmq.read(",
+            ),
+        ),
+        (G + "test_every_claim_variant_flags_a_step_already_done",),
+    ),
+    Mutation(
+        "dedup_claim_steps_sql_skipping",
+        "tasker.claim_steps with skips (from SQL) flags a step already done",
+        (
+            Edit(
+                M0007,
+                "d.step_uuid IS NOT NULL AS already_done,\n               clock_timestamp() AS claimed_at\n"
+                "          FROM tasker.read_skipping(",
+                "false AS already_done,\n               clock_timestamp() AS claimed_at\n"
+                "          FROM tasker.read_skipping(",
+            ),
+        ),
+        (G + "test_every_claim_variant_flags_a_step_already_done",),
+    ),
+    Mutation(
+        "dedup_in_flight",
+        "a second message of a step running here waits for it (instead of running alongside)",
+        (Edit("tasker_worker/runtime/steps.py", "if step_key in self.steps_in_flight:", "if False:"),),
+        (R + "test_same_step_uuid_sent_twice_runs_once",),
+    ),
+    Mutation(
+        "outcome_key_gone",
+        "a step has at most one outcome row (the step_uuid key and its ON CONFLICT removed)",
+        (
+            Edit(M0002, "step_uuid      uuid PRIMARY KEY,", "step_uuid      uuid NOT NULL,"),
+            Edit(M0002, "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None),
+            Edit(
+                "sql/migrations/0005_hot_path.sql", "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None
+            ),
+            Edit(M0007, "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None),
+            Edit(Q, "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None),
+        ),
+        (G + "test_one_step_run_by_two_workers_at_once_records_and_commits_once",),
+    ),
+    Mutation(
+        "duplicate_commits_effects",
+        "a run whose outcome lost to another run of its step commits nothing",
+        (Edit("tasker_worker/runtime/steps.py", "if not recorded and outcome.status is not None:", "if False:"),),
+        (G + "test_one_step_run_by_two_workers_at_once_records_and_commits_once",),
+    ),
+    Mutation(
+        "no_release_at_shutdown",
+        "steps unfinished at shutdown are given back at once",
+        (Edit("tasker_worker/runtime/processor.py", "await self._release_all()", "pass"),),
+        (R + "test_graceful_shutdown_releases_unfinished_steps",),
+    ),
+    Mutation(
+        "release_counts_an_attempt",
+        "a release at shutdown gives the attempt back",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "count_attempt=False,\n                            event=STEP_ASSIGNMENT_REJECTED,\n"
+                '                            event_data={"reason": "shutdown"},',
+                "count_attempt=True,\n                            event=STEP_ASSIGNMENT_REJECTED,\n"
+                '                            event_data={"reason": "shutdown"},',
+            ),
+        ),
+        (R + "test_graceful_shutdown_releases_unfinished_steps",),
+    ),
+    Mutation(
+        "listen_no_catch_up",
+        "after a reconnect, the listener claims what was sent while it was away",
+        (
+            Edit(
+                "tasker_worker/runtime/event_system.py",
+                "        self.listening.set()\n        # Catch up on anything sent while the listener was away.\n"
+                "        await self.send.send(ExecuteStep(None, Source.POLL))",
+                "        self.listening.set()",
+            ),
+        ),
+        (R + "test_listener_killed_reconnects_and_catches_up",),
+    ),
+    Mutation(
+        "no_relisten",
+        "a reconnected listener LISTENs again",
+        (
+            Edit(
+                "tasker_worker/runtime/listener.py",
+                "            for channel in self.channels:\n                await conn.execute(",
+                "            for channel in [] if self.connected_once else self.channels:\n"
+                "                await conn.execute(",
+            ),
+        ),
+        (R + "test_listener_killed_reconnects_and_catches_up",),
+    ),
+    Mutation(
+        "notify_per_row",
+        "one notification per statement, whatever its row count",
+        (
+            Edit("sql/migrations/0001_notify_and_namespaces.sql", "FOR EACH STATEMENT '", "FOR EACH ROW '"),
+            Edit(
+                "sql/migrations/0001_notify_and_namespaces.sql",
+                "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows;",
+                "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows WHERE msg_id = NEW.msg_id;",
+            ),
+        ),
+        ("tests/test_notify.py::test_send_batch_is_one_notification",),
+    ),
+    Mutation(
+        "planner_cuts_corners",
+        "a diagonal grid move never squeezes between two blocked cells",
+        (
+            Edit(
+                "tasker_worker/handlers/planning/search.py",
+                "if blk[v] or closed[v] or ng >= g[v] or blk[u + o1] or blk[u + o2]:",
+                "if blk[v] or closed[v] or ng >= g[v]:",
+            ),
+        ),
+        ("tests/test_planning.py",),
+    ),
+    Mutation(
+        "line_of_sight_cuts_corners",
+        "an any-angle segment through a cell corner needs both cells beside it free",
+        (
+            Edit(
+                "tasker_worker/handlers/planning/search.py",
+                "if blk[r * pw + c + step_c] or blk[(r + step_r) * pw + c]:",
+                "if False:",
+            ),
+        ),
+        ("tests/test_planning.py",),
+    ),
+)
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree as it is (tracked and new files, not ignored ones) copied to ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        rel = Path(raw.decode())
+        source = REPO / rel
+        if not source.is_file():
+            continue  # deleted in the working tree
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def apply(root: Path, mutation: Mutation) -> None:
+    """Apply ``mutation``'s edits under ``root``; raise if an edit no longer matches the source."""
+    for edit in mutation.edits:
+        path = root / edit.path
+        text = path.read_text()
+        found = text.count(edit.old)
+        if found == 0 or (edit.count is not None and found != edit.count):
+            raise SystemExit(
+                f"mutation {mutation.name}: {edit.path} has {found} occurrences of the text to break"
+                f" (expected {edit.count or 'at least 1'}); update the mutation to the code"
+            )
+        path.write_text(text.replace(edit.old, edit.new))
+
+
+def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[bool, float, str]:
+    """Run ``tests`` in ``root`` against its own code; (passed, seconds, last lines)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return False, time.monotonic() - started, "timed out"
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+    return done.returncode == 0, time.monotonic() - started, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"unknown mutations: {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:32} {m.guarantee}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="tasker-mutations-") as tmp:
+        base = Path(tmp) / "base"
+        copy_tree(base)
+        for m in chosen:  # every edit must match before anything runs
+            scratch = Path(tmp) / "check"
+            shutil.copytree(base, scratch)
+            apply(scratch, m)
+            shutil.rmtree(scratch)
+        every_test = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        passed, seconds, tail = run_tests(base, every_test)
+        print(f"baseline (unmutated, {len(every_test)} test targets): {'pass' if passed else 'FAIL'} in {seconds:.0f}s")
+        if not passed:
+            print(tail)
+            return 2
+        print(f"{'mutation':32} {'result':9} {'time':>6}  guarantee")
+        survivors = []
+        for m in chosen:
+            scratch = Path(tmp) / m.name
+            shutil.copytree(base, scratch)
+            apply(scratch, m)
+            passed, seconds, _ = run_tests(scratch, m.tests)
+            shutil.rmtree(scratch)
+            print(f"{m.name:32} {'SURVIVED' if passed else 'killed':9} {seconds:5.0f}s  {m.guarantee}", flush=True)
+            if passed:
+                survivors.append(m.name)
+        print(
+            f"{len(chosen) - len(survivors)} of {len(chosen)} killed"
+            + (f"; survived: {', '.join(survivors)}" if survivors else "")
+        )
+        return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
