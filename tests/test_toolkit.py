@@ -7,6 +7,10 @@ The harness tests double as the unit tests of the rulebook the runtime shares wi
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,3 +253,22 @@ def test_an_open_circuit_makes_the_worker_degraded_with_the_reason() -> None:
     assert judge(DatabaseFigures(reachable=True), [WorkerFigures.from_status("w1", snap)], [], limits).status is (
         Health.HEALTHY
     )
+
+
+def test_asking_for_containers_without_docker_fails_instead_of_skipping(tmp_path: Path) -> None:
+    """``TASKER_TEST_CONTAINERS=1`` with no Docker engine answering: the database tests error
+    with the reason; they are not skipped (a run that tested nothing must not pass)."""
+    (tmp_path / "test_needs_db.py").write_text("def test_db(tasker_db_url):\n    assert tasker_db_url\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKER_")}
+    env.update(TASKER_TEST_CONTAINERS="1", DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0, done.stdout
+    assert "1 error" in done.stdout and "skipped" not in done.stdout
+    assert "TASKER_TEST_CONTAINERS=1 but no Docker engine answers" in done.stdout

@@ -4,8 +4,8 @@ Installed with tasker-worker and loaded by pytest automatically (entry point ``p
 nothing starts until a test asks for a fixture. The server, in order of preference:
 
 - ``TASKER_TEST_DATABASE_URL`` (a role allowed to ``CREATE DATABASE``);
-- testcontainers, when ``TASKER_TEST_CONTAINERS=1`` and a Docker engine answers (the test is
-  skipped otherwise);
+- testcontainers, when ``TASKER_TEST_CONTAINERS=1`` (an error, not a skip, when no Docker
+  engine answers: a run asked to test against a container must not pass having tested nothing);
 - an embedded PostgreSQL in a temporary directory, started once per session and removed by
   the fixture that started it.
 
@@ -43,14 +43,17 @@ def _with_db(url: str, dbname: str) -> str:
     return conninfo.make_conninfo(url, dbname=dbname)
 
 
-def _docker_available() -> bool:
+def _docker_unavailable() -> str | None:
+    """Why no Docker engine answers (None: one does)."""
     try:
         import docker
 
         docker.from_env(timeout=3).ping()
-        return True
-    except Exception:
-        return False
+        return None
+    except ImportError:
+        return "testcontainers is not installed (pip install 'tasker-worker[test]')"
+    except Exception as exc:
+        return f"no Docker engine answers ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
 def _create_database(admin_url: str, name: str, template: str) -> None:
@@ -81,8 +84,10 @@ def tasker_pg_admin_url() -> Iterator[str]:
         yield explicit
         return
     if os.environ.get("TASKER_TEST_CONTAINERS") == "1":
-        if not _docker_available():
-            pytest.skip("TASKER_TEST_CONTAINERS=1 but no Docker engine is reachable")
+        # Asked for and unavailable is an error: a skip would let a run that tests nothing pass.
+        reason = _docker_unavailable()
+        if reason is not None:
+            pytest.fail(f"TASKER_TEST_CONTAINERS=1 but {reason}; unset it to use the embedded server", pytrace=False)
         from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:17") as container:
