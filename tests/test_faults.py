@@ -121,13 +121,22 @@ def test_hostile_input_never_kills_a_worker(db_url: str) -> None:
         assert statuses[normal["step_uuid"]] == "succeeded"
         assert statuses[big["step_uuid"]] == "succeeded"  # 1 MB is large, not hostile
         assert statuses[unknown["step_uuid"]] == "dead_lettered"
-        for body in planning:
-            assert statuses[body["step_uuid"]] in ("dead_lettered", "failed"), body["inputs"]
+        # Each invalid planning request is dead-lettered at once (no attempt can fix it), with
+        # the field at fault named.
+        fields = ["grid.width", "start.x", "grid.width", "grid:"]
+        for body, field in zip(planning, fields, strict=True):
+            status, error = conn.execute(
+                "SELECT status, error FROM tasker.step_results WHERE step_uuid = %s", (body["step_uuid"],)
+            ).fetchone() or (None, None)
+            assert status == "dead_lettered" and error["reason"] == "validation_error", (body["inputs"], error)
+            assert field in error["message"], error
         dlq = conn.execute(
             f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{chaos.DLQ} ORDER BY msg_id"
         ).fetchall()
-        assert len(dlq) >= hostile_total - 1  # everything but the big noop and the normal step
-        assert all(r[0] for r in dlq)  # each with its reason
+        # Everything but the big noop and the normal step, in the order sent: the four bodies that
+        # are no step message, the handler name that is no valid name, the four bad requests.
+        assert [r[0] for r in dlq] == ["malformed_message"] * 5 + ["validation_error"] * len(planning)
+        assert len(dlq) == hostile_total - 1
         assert conn.execute("SELECT count(*) FROM public.canary").fetchone() == (1,)
         assert conn.execute(f"SELECT count(*) FROM pgmq.q_{chaos.QUEUE}").fetchone() == (0,)
 

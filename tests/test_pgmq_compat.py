@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from listening import notifications_so_far
 from pgmq import PGMQueue
 
 
@@ -20,13 +21,13 @@ def test_official_client_full_cycle(db_url: str) -> None:
         assert "worker_compat_queue" in [q.queue_name for q in client.list_queues()]
 
         msg_id = client.send("worker_compat_queue", {"hello": "world"})
-        notes = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
+        notes = [json.loads(n.payload) for n in notifications_so_far(listener)]
         assert [n["msg_id"] for n in notes] == [msg_id]
         assert notes[0]["event_type"] == "message_ready"
 
         batch = client.send_batch("worker_compat_queue", [{"n": i} for i in range(5)])
         assert len(batch) == 5
-        notes = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
+        notes = [json.loads(n.payload) for n in notifications_so_far(listener)]
         assert len(notes) == 1 and notes[0]["message_count"] == 5
 
         read = client.read("worker_compat_queue", vt=30)
