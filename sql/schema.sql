@@ -169,19 +169,34 @@ UNION ALL
 CREATE OR REPLACE FUNCTION tasker.attach_notify_trigger(p_table regclass)
  RETURNS boolean
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
     IF p_table IS NULL THEN
         RETURN false;
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_trigger
-               WHERE tgrelid = p_table AND tgname = 'tasker_notify_message_ready') THEN
-        RETURN false;
+    IF NOT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                    WHERE c.oid = p_table AND n.nspname = 'pgmq' AND c.relname LIKE 'q\_%'
+                      AND c.relkind IN ('r', 'p')) THEN
+        RAISE EXCEPTION 'tasker.attach_notify_trigger: % is not a pgmq queue table', p_table
+              USING ERRCODE = '22023';
     END IF;
-    EXECUTE format(
-        'CREATE TRIGGER tasker_notify_message_ready AFTER INSERT ON %s '
-        'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
-        'EXECUTE FUNCTION tasker.notify_message_ready()', p_table);
+    BEGIN
+        PERFORM tasker.grant_queue_table(p_table);
+        IF EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgrelid = p_table AND tgname = 'tasker_notify_message_ready') THEN
+            RETURN false;
+        END IF;
+        EXECUTE format(
+            'CREATE TRIGGER tasker_notify_message_ready AFTER INSERT ON %s '
+            'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
+            'EXECUTE FUNCTION tasker.notify_message_ready()', p_table);
+    EXCEPTION WHEN insufficient_privilege THEN
+        RAISE WARNING 'cannot attach the notify trigger to % (%): it is found by polling only',
+                      p_table, SQLERRM;
+        RETURN false;
+    END;
     RETURN true;
 END;
 $function$;
@@ -261,6 +276,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.create_namespace_queue(p_namespace text)
  RETURNS text
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     v_queue text := 'worker_' || tasker.validate_namespace(p_namespace) || '_queue';
@@ -277,6 +294,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.dead_letter_steps(p_queue text, p_worker_id text, p_msg_ids bigint[], p_read_cts integer[], p_statuses text[], p_errors jsonb[], p_started_at timestamp with time zone[], p_finished_at timestamp with time zone[], p_sources text[], p_store_events boolean DEFAULT NULL::boolean)
  RETURNS TABLE(msg_id bigint, moved boolean)
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     v_dlq    text := p_queue || '_dlq';
@@ -353,6 +372,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.ensure_notify_triggers()
  RETURNS integer
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     v_attached integer := 0;
@@ -393,6 +414,36 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.grant_queue_table(p_table regclass)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_archive regclass;
+BEGIN
+    SELECT to_regclass(format('pgmq.%I', 'a_' || substring(c.relname FROM 3))) INTO v_archive
+      FROM pg_class AS c WHERE c.oid = p_table;
+    IF tasker.role_exists('tasker_producer') THEN
+        EXECUTE format('GRANT SELECT, INSERT ON %s TO tasker_producer', p_table);
+    END IF;
+    IF tasker.role_exists('tasker_worker') THEN
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO tasker_worker', p_table);
+        IF v_archive IS NOT NULL THEN
+            EXECUTE format('GRANT SELECT, INSERT ON %s TO tasker_worker', v_archive);
+        END IF;
+    END IF;
+    IF tasker.role_exists('tasker_operator') THEN
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON %s TO tasker_operator', p_table);
+        IF v_archive IS NOT NULL THEN
+            EXECUTE format('GRANT SELECT, INSERT, DELETE, TRUNCATE ON %s TO tasker_operator', v_archive);
+        END IF;
+    END IF;
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.log_step_events(p_queue text, p_worker_id text, p_types text[], p_msg_ids bigint[], p_steps text[], p_data jsonb[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -413,6 +464,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.notify_message_ready()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     v_queue   text := substring(TG_TABLE_NAME FROM 3);
@@ -468,6 +521,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.on_queue_table_created()
  RETURNS event_trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     v_cmd record;
@@ -733,6 +788,15 @@ BEGIN
         $sql$, pgmq.format_table_name(p_queue, 'q'))
     USING p_msg_ids, p_read_cts, p_delays_ms, p_headers, p_count_attempt;
 END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.role_exists(p_role text)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = p_role);
 $function$;
 
 -- function

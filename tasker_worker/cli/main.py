@@ -109,6 +109,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The tasker role each command needs (migrations/0008): anything not listed reads or changes
+#: the fleet as an operator does. ``db migrate`` needs ownership of the schemas instead.
+NEEDED_ROLE = {
+    "run": "tasker_worker",
+    "queue send": "tasker_producer",
+    "queue create": "tasker_worker",
+    "db migrate": "",
+}
+
+
+def _command_path(args: argparse.Namespace) -> str:
+    """``queue send`` for ``tasker-worker queue send ...``."""
+    command = str(getattr(args, "command", "") or "")
+    sub = getattr(args, f"{command}_command", None)
+    return f"{command} {sub}" if sub else command
+
+
+def _permission_denied(exc: BaseException) -> BaseException | None:
+    """The server's "permission denied" behind ``exc`` (itself, its cause or context)."""
+    import psycopg
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, psycopg.errors.InsufficientPrivilege):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _grant_hint(args: argparse.Namespace, denied: BaseException) -> str:
+    """One line: what the server refused, and the grant that fixes it."""
+    path = _command_path(args)
+    role = NEEDED_ROLE.get(path, "tasker_operator")
+    what = str(denied).strip().splitlines()[0] if str(denied).strip() else "permission denied"
+    if not role:
+        return (
+            f"{what}: `tasker-worker {path}` creates and alters the schemas; run it as the role that owns them "
+            "(or a superuser)"
+        )
+    return f"{what}: `tasker-worker {path}` needs the {role} role: GRANT {role} TO <your login role>"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the exit code."""
     parser = build_parser()
@@ -123,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TaskerError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        denied = _permission_denied(exc)
+        print(f"error: {_grant_hint(args, denied) if denied else exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -137,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, exit 1
         if debug:
             raise
+        denied = _permission_denied(exc)
+        if denied is not None:
+            print(f"error: {_grant_hint(args, denied)}", file=sys.stderr)
+            return 1
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: {type(exc).__name__}: {text}", file=sys.stderr)
         return 1

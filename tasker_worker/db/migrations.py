@@ -89,6 +89,13 @@ async def migrate(url: str) -> list[str]:
     conn = await connect(url, prepared=False)
     applied: list[str] = []
     try:
+        if await _up_to_date(conn):
+            # Nothing to apply: no DDL and no lock, so that a worker or producer role, which
+            # owns nothing, can start with auto_migrate on (only `db migrate` needs ownership).
+            may = await (await conn.execute(queries.MAY_ENSURE_NOTIFY_TRIGGERS)).fetchone()
+            if may and may[0]:
+                await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
+            return applied
         async with conn.transaction():
             await conn.execute(queries.MIGRATION_LOCK, (MIGRATION_LOCK_KEY,))
             await conn.execute(queries.CREATE_MIGRATIONS_TABLE)
@@ -116,6 +123,21 @@ async def migrate(url: str) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+async def _up_to_date(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """pgmq installed and every migration recorded (read-only; False when unsure)."""
+    row = await (await conn.execute(queries.PGMQ_PRESENT)).fetchone()
+    if row is None or not (row[0] or row[1]):
+        return False
+    exists = await (await conn.execute(queries.MIGRATIONS_TABLE_EXISTS)).fetchone()
+    if not (exists and exists[0]):
+        return False
+    try:
+        done = {r[0] for r in await (await conn.execute(queries.APPLIED_VERSIONS)).fetchall()}
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return all(m.version in done for m in discover())
 
 
 async def _ensure_pgmq(conn: psycopg.AsyncConnection[Any]) -> str | None:

@@ -149,6 +149,10 @@ QUEUE_LENGTH = "SELECT count(*) FROM {}"
 
 ENSURE_NOTIFY_TRIGGERS = "SELECT tasker.ensure_notify_triggers()"
 
+# Whether this role may run it (a producer may not, and needs not: it runs no worker). A separate
+# statement: EXECUTE is checked when a statement starts, even for a CASE branch never taken.
+MAY_ENSURE_NOTIFY_TRIGGERS = "SELECT has_function_privilege('tasker.ensure_notify_triggers()', 'EXECUTE')"
+
 # --- the step path ---------------------------------------------------------------------------
 #
 # The claim and the settle are direct statements, one text per queue with its tables written in
