@@ -262,16 +262,25 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "release_counts_an_attempt",
         "a release at shutdown gives the attempt back",
+        (Edit("tasker_worker/runtime/processor.py", "count_attempt=False,", "count_attempt=True,"),),
+        (R + "test_graceful_shutdown_releases_unfinished_steps",),
+    ),
+    Mutation(
+        "shutdown_unbounded",
+        "the final writes of a shutdown end by its deadline, whatever the database does",
         (
             Edit(
                 "tasker_worker/runtime/processor.py",
-                "count_attempt=False,\n                            event=STEP_ASSIGNMENT_REJECTED,\n"
-                '                            event_data={"reason": "shutdown"},',
-                "count_attempt=True,\n                            event=STEP_ASSIGNMENT_REJECTED,\n"
-                '                            event_data={"reason": "shutdown"},',
+                "with anyio.CancelScope(shield=True, deadline=deadline):",
+                "with anyio.CancelScope(shield=True):",
+            ),
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "with anyio.CancelScope(shield=True, deadline=self.final_deadline) as scope:",
+                "with anyio.CancelScope(shield=True) as scope:",
             ),
         ),
-        (R + "test_graceful_shutdown_releases_unfinished_steps",),
+        ("tests/test_shutdown.py",),
     ),
     Mutation(
         "listen_no_catch_up",

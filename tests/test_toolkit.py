@@ -67,7 +67,9 @@ async def test_retries_follow_the_backoff_on_the_manual_clock_then_dead_letter()
     await h.advance(0.01)
     await h.run_ready()
     assert calls == [1, 2]
-    await h.advance(2)  # second backoff: 2 s
+    await h.advance(1.99)  # second backoff: 2 s (doubled)
+    assert await h.run_ready() == 0
+    await h.advance(0.01)
     await h.run_ready()
     assert calls == [1, 2, 3]
     outcome = h.outcome(step)

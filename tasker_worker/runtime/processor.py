@@ -47,6 +47,8 @@ ANNOUNCED_MEMORY = 2_048
 MISSED_WAKEUP_GRACE_S = 1.0
 #: At most this many rejected messages per queue are left alone (the oldest go first).
 LEAVE_REJECTED_MAX = 256
+#: The most of the shutdown budget kept for the final writes (see ``write_reserve_s``).
+MAX_WRITE_RESERVE_S = 2.0
 
 
 @dataclass
@@ -155,17 +157,35 @@ class CommandProcessor:
                     self._claiming = False
                     loops.cancel_scope.cancel()
                 # Sources are stopped and nothing new is claimed: let in-flight steps finish
-                # until the deadline, then cancel them and give their messages back.
-                with anyio.move_on_after(max(0.0, shutdown_deadline() - anyio.current_time())):
+                # until the deadline less the reserve for the final writes, then cancel them and
+                # give their messages back.
+                deadline = self.final_deadline(shutdown_deadline())
+                with anyio.move_on_after(max(0.0, deadline - self.write_reserve_s - anyio.current_time())):
                     while self.steps.in_flight:
                         await self.steps.wait_slot()
             finally:
                 self._claiming = False
-                with anyio.CancelScope(shield=True):
+                deadline = self.final_deadline(shutdown_deadline())
+                # Everything from here on ends by the one deadline, whatever the database does.
+                with anyio.CancelScope(shield=True, deadline=deadline):
                     if self.steps.in_flight:
                         await self._release_all()
                     await self.steps.cancel_all()
+                self.steps.writer.final_deadline = deadline
             outer.cancel_scope.cancel()
+
+    @property
+    def write_reserve_s(self) -> float:
+        """The share of the shutdown budget kept for the final writes (releases, outcomes,
+        deregistration) rather than waiting for handlers: 30% of it, at most 2 s."""
+        return min(MAX_WRITE_RESERVE_S, 0.3 * self.config.worker.shutdown_timeout.total_seconds())
+
+    def final_deadline(self, requested: float) -> float:
+        """The shutdown's deadline: the one set when it was requested, else (a crash, a
+        cancellation) the budget from now."""
+        if requested != float("inf"):
+            return requested
+        return anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
 
     def handle(self, command: WorkerCommand) -> None:
         """Apply one non-shutdown command (no I/O: it only wakes claim loops)."""
@@ -365,7 +385,10 @@ class CommandProcessor:
         by_queue: dict[str, list[ClaimedMessage]] = {}
         for m in items:
             by_queue.setdefault(m.queue, []).append(m)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+        released: set[tuple[str, int]] = set()
+        # The caller's scope shields this from the shutdown's cancellation and bounds it by the
+        # shutdown's deadline (a shield here would hide that deadline).
+        try:
             for queue, msgs in by_queue.items():
                 try:
                     requests = [
@@ -381,7 +404,13 @@ class CommandProcessor:
                     ]
                     done = await self.client.retry(queue, requests, worker_id=self.worker_id)
                     self.stats.incr("released", sum(done.values()))
+                    released.update((queue, m) for m in done)
                 except psycopg.Error as exc:
                     log.error(
                         "could not release %d messages of %s (they return after their vt): %s", len(msgs), queue, exc
                     )
+                    released.update((queue, m.msg_id) for m in msgs)  # reported: not again below
+        except anyio.get_cancelled_exc_class():
+            left = sum(1 for m in items if (m.queue, m.msg_id) not in released)
+            log.error("shutdown deadline: %d unfinished steps not released; they return after their vt", left)
+            raise

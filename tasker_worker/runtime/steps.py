@@ -191,6 +191,7 @@ class StepRunner:
         for task in tasks:
             task.cancel()
         if tasks:
+            # Bounded by the caller's scope too (the shutdown deadline).
             with anyio.move_on_after(10):
                 await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -681,6 +682,10 @@ class OutcomeWriter:
         self._pending: list[_Pending] = []
         self._wake = anyio.Event()
         self._closed = False
+        #: Items taken from ``_pending`` whose write is not over yet.
+        self._writing = 0
+        #: The end of the final flush at shutdown (anyio time; set by the processor).
+        self.final_deadline = float("inf")
 
     async def record(self, outcome: Outcome) -> bool | None:
         """Record ``outcome`` and settle its message; ``False`` for a stale ack."""
@@ -712,26 +717,31 @@ class OutcomeWriter:
         return await item.done
 
     async def run(self) -> None:
-        """Flush until cancelled (then flush what is left)."""
+        """Flush until cancelled (then flush what is left, until ``final_deadline``)."""
         try:
             while True:
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 await self.flush()
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True, deadline=self.final_deadline) as scope:
                 self._closed = True
                 await self.flush()
+            if scope.cancelled_caught:
+                left = len(self._pending) + self._writing
+                log.error("shutdown deadline: %d results not written; their messages return after their vt", left)
 
     async def flush(self) -> None:
         """Write everything pending now."""
         while self._pending:
             batch, self._pending = self._pending, []
+            self._writing = len(batch)
             groups: dict[tuple[WriteKind, str], list[_Pending]] = defaultdict(list)
             for item in batch:
                 groups[(item.kind, item.queue)].append(item)
             for (kind, queue), items in groups.items():
                 await self._write_group(kind, queue, items)
+                self._writing -= len(items)
 
     async def _write_group(self, kind: WriteKind, queue: str, items: list[_Pending]) -> None:
         async def write() -> dict[int, bool]:

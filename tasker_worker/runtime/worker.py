@@ -268,11 +268,21 @@ class Worker(RegistersHandlers):
             raise
         finally:
             executor.close()
-            with anyio.CancelScope(shield=True):
+            # The same deadline as the drain's: what is left of the shutdown budget (a crash or
+            # a failed start gets the whole budget from now).
+            deadline = self._deadline
+            if deadline == float("inf"):
+                deadline = anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
+            with anyio.CancelScope(shield=True, deadline=deadline) as scope:
                 if self.presence is not None:
                     # Also after a failed start or a crash: the row says why this worker left.
                     await self.presence.deregister(self._stop_reason[:500])
-                await pool.close()
+            if scope.cancelled_caught:
+                log.error("shutdown deadline: %s not deregistered; the supervisor marks it offline", self.worker_id)
+            with anyio.CancelScope(shield=True):
+                # Connections still checked out (hanging on an unreachable server) are closed
+                # by the pool after this grace, not waited for.
+                await pool.close(timeout=max(0.1, min(1.0, deadline - anyio.current_time())))
             self.stopped.set()
         final = self.status()
         log.info("worker %s stopped (%s): %s", self.worker_id, self._stop_reason, final["counters"])
