@@ -67,7 +67,8 @@ async def open_api(db_url: str) -> AsyncIterator[httpx.AsyncClient]:
 def assert_error(resp: httpx.Response, status: int, error: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     data = resp.json()
-    assert set(data) == {"error", "detail"}, data
+    # Failures of ours (500) or of the database (503) carry an error id instead of the cause.
+    assert set(data) == ({"error", "detail", "error_id"} if status in (500, 503) else {"error", "detail"}), data
     if error:
         assert data["error"] == error
     return data
@@ -128,6 +129,27 @@ async def test_error_statuses(api: httpx.AsyncClient) -> None:
     assert_error(await api.request("DELETE", "/api/workers/api-1", headers=AUTH), 409, "invalid_transition")
     assert_error(await api.post("/api/workers/api-1/heartbeat", json={}, headers=AUTH), 409, "invalid_transition")
     assert_error(await api.post("/api/workers", content=b"x" * (2 << 20), headers=AUTH), 413)
+    assert_error(await api.post("/api/workers", content=b" " * (65 << 10), headers=AUTH), 413)
+    assert_error(await api.get("/api/workers", params={"limit": 10_001}), 400)
+    assert_error(await api.get("/api/workers/api-1/heartbeats", params={"limit": 10**9}), 400)
+
+
+async def test_registration_is_validated_as_the_config_and_cli_are(api: httpx.AsyncClient) -> None:
+    """A worker registered through the API obeys the naming rules of the config and the CLI:
+    400 naming the field, and nothing stored."""
+    cases = {
+        "namespaces": ["BAD NS!"],
+        "deployment_mode": "Nope",
+        "capabilities": ["x" * 201],
+    }
+    for field, value in cases.items():
+        bad = assert_error(await api.post("/api/workers", json=body(**{field: value}), headers=AUTH), 400)
+        assert [d["field"] for d in bad["detail"]] == [field], bad
+    bad = assert_error(await api.post("/api/workers", json=body(namespaces=["ok", "a" * 31]), headers=AUTH), 400)
+    assert "30" in bad["detail"][0]["message"]
+    assert (await api.get("/api/workers")).json()["count"] == 0
+    ok = await api.post("/api/workers", json=body(deployment_mode="PollingOnly", namespaces=["ok_2"]), headers=AUTH)
+    assert ok.status_code == 201 and ok.json()["deployment_mode"] == "PollingOnly"
 
 
 async def test_mutating_routes_need_the_token(api: httpx.AsyncClient) -> None:
@@ -206,22 +228,39 @@ async def test_health_with_the_database_gone(db_url: str) -> None:
         assert (await api.get("/health/live")).status_code == 200
         # A route that needs the database says so, in the JSON error shape.
         down = assert_error(await api.get("/api/workers"), 503, "database_unavailable")
-        assert "closed" in down["detail"]
+        assert "closed" not in down["detail"] and down["error_id"]  # the cause stays in the log
         metrics = {f.name: f for f in text_string_to_metric_families((await api.get("/metrics")).text)}
         assert metrics["tasker_database_up"].samples[0].value == 0.0
 
 
-async def test_unexpected_errors_are_json_500(db_url: str) -> None:
+async def test_unexpected_errors_are_json_500(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A 500 says nothing of its cause (which may name hosts, tables or data) but an error id;
+    the log line carrying the cause carries the same id."""
     async for _api, ctx in make_client(db_url, None):
 
         async def explode(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("a bug")
+            raise RuntimeError("a bug near password=hunter2")
 
         ctx.views.list = explode  # type: ignore[method-assign]
         transport = httpx.ASGITransport(app=create_app(ctx), raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             data = assert_error(await client.get("/api/workers"), 500, "internal_error")
-        assert data["detail"] == "RuntimeError: a bug"
+        assert "hunter2" not in str(data) and "RuntimeError" not in str(data)
+        [logged] = [r for r in caplog.records if getattr(r, "error_id", None) == data["error_id"]]
+        assert "hunter2" in logged.getMessage() and logged.exc_info is not None
+
+
+def test_an_api_reachable_from_other_machines_needs_a_token() -> None:
+    """Bound to anything but loopback without [api] token, the API refuses to start, naming the key."""
+    from tasker_worker.api.server import bind
+    from tasker_worker.errors import ConfigError
+
+    for host in ("0.0.0.0", "::", "my-host.example"):
+        with pytest.raises(ConfigError, match=r"\[api\] token"):
+            bind(make_config(overrides={"api.host": host, "api.port": 0}).api)
+    for host, token in (("127.0.0.1", None), ("0.0.0.0", TOKEN)):
+        sock = bind(make_config(overrides={"api.host": host, "api.port": 0, "api.token": token}).api)
+        sock.close()
 
 
 async def test_metrics_parse_with_prometheus_client(open_api: httpx.AsyncClient, db_url: str) -> None:

@@ -3,18 +3,21 @@
 ``create_app(ctx)`` returns a Starlette app over an ``ApiContext`` (pool, the fleet's lifecycle
 and views, config, and -- when the API runs inside ``run`` -- the local worker's status). Every
 error is JSON ``{"error": ..., "detail": ...}``: 400 invalid input, 401 missing or wrong token,
-404 unknown worker or route, 409 conflict or forbidden transition, 500 anything unexpected.
+404 unknown worker or route, 409 conflict or forbidden transition, 413 a body over the limit, 500
+anything unexpected and 503 the database unavailable (these two with a generic detail and an
+``error_id`` that the server's log line carries with the cause).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 import psycopg
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tasker_worker.api import health, metrics, openapi, workers
@@ -47,13 +50,11 @@ async def _on_tasker_error(request: Request, exc: Exception) -> Response:
         return error_response(409, "invalid_transition", str(exc))
     if isinstance(exc, UsageError):
         return error_response(400, "invalid_request", str(exc))
-    log.warning("%s %s failed: %s", request.method, request.url.path, exc)
-    return error_response(500, "internal_error", str(exc))
+    return _internal(request, exc, 500, "internal_error")
 
 
 async def _on_database_down(request: Request, exc: Exception) -> Response:
-    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, first_line(exc))
-    return error_response(503, "database_unavailable", first_line(exc))
+    return _internal(request, exc, 503, "database_unavailable")
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
@@ -63,8 +64,29 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("%s %s failed", request.method, request.url.path)
-    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    return _internal(request, exc, 500, "internal_error")
+
+
+def _internal(request: Request, exc: Exception, status: int, error: str) -> Response:
+    """A failure of ours (or of the database): the client gets a generic body and an error id;
+    the exception's text, which may name hosts, tables or data, goes to the log under that id."""
+    error_id = uuid.uuid4().hex[:16]
+    unexpected = status == 500 and not isinstance(exc, TaskerError)
+    log.log(
+        logging.ERROR if unexpected else logging.WARNING,
+        "%s %s failed (error_id=%s): %s",
+        request.method,
+        request.url.path,
+        error_id,
+        first_line(exc),
+        exc_info=exc if unexpected else None,
+        extra={"error_id": error_id},
+    )
+    detail = "the database is unavailable" if status == 503 else "internal error"
+    return JSONResponse(
+        {"error": error, "detail": f"{detail}; the server log has the cause under this error_id", "error_id": error_id},
+        status_code=status,
+    )
 
 
 def create_app(ctx: ApiContext) -> Starlette:

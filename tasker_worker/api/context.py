@@ -27,8 +27,9 @@ from tasker_worker.fleet.views import FleetViews
 
 log = logging.getLogger(__name__)
 
-#: Request bodies larger than this are refused (413) before they are read.
-MAX_BODY_BYTES = 1 << 20
+#: Request bodies larger than this are refused (413) before they are read: the largest body any
+#: route takes (a registration with its namespaces and capabilities) is a few KiB.
+MAX_BODY_BYTES = 64 << 10
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 M = TypeVar("M", bound=BaseModel)

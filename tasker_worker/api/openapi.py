@@ -53,7 +53,10 @@ def _operation(method: str, route: Route, secured: bool) -> dict[str, Any]:
     for code, text in statuses.items():
         content = {"application/json": {"schema": _ERROR}} if code.startswith("4") else None
         responses[code] = {"description": text, **({"content": content} if content else {})}
-    responses["500"] = {"description": "unexpected error", "content": {"application/json": {"schema": _ERROR}}}
+    responses["500"] = {
+        "description": "unexpected error (generic detail; the log has the cause under error_id)",
+        "content": {"application/json": {"schema": _ERROR}},
+    }
     op: dict[str, Any] = {"summary": doc.splitlines()[0] if doc else route.path, "responses": responses}
     params = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.param_convertors
@@ -85,7 +88,7 @@ def build(routes: list[Any]) -> dict[str, Any]:
         "Error": {
             "type": "object",
             "required": ["error", "detail"],
-            "properties": {"error": {"type": "string"}, "detail": {}},
+            "properties": {"error": {"type": "string"}, "detail": {}, "error_id": {"type": "string"}},
         }
     }
     for model in (WorkerRegistration, Heartbeat, WorkerView, Deregistration, ModeRequest):

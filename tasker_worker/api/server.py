@@ -9,6 +9,7 @@ server by cancelling ``serve``.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from tasker_worker.api.app import ApiContext, create_app
-from tasker_worker.config.models import TaskerConfig
+from tasker_worker.config.models import ApiConfig, TaskerConfig
 from tasker_worker.db.connection import open_pool
 from tasker_worker.errors import ConfigError
 from tasker_worker.fleet.leader import LeaderElection
@@ -55,8 +56,32 @@ class _Server(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: any free port)."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def bind(api: ApiConfig) -> socket.socket:
+    """A listening socket on ``[api] host:port`` (port 0: any free port).
+
+    Bound anywhere but the loopback interface, the API needs ``[api] token``: its routes change
+    the fleet (register, deregister, switch modes) and its reads show hostnames, pids and error
+    texts, so an API reachable from other machines without a token is refused outright rather
+    than served read-only (a read-only API would still leak the fleet to the network). With a
+    token, the read routes stay open (health probes and Prometheus scrape without one).
+    """
+    host, port = api.host, api.port
+    if not is_loopback(host) and not api.token:
+        raise ConfigError(
+            f"[api] host = {host!r} is reachable from other machines, but [api] token is not set: set it "
+            "(TASKER__API__TOKEN) or bind 127.0.0.1",
+            key="api.token",
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,7 +125,7 @@ async def serve(app: Starlette, sock: socket.socket, *, on_started: Callable[[in
 
 async def run_api(config: TaskerConfig, url: str, *, sock: socket.socket | None = None) -> None:
     """``tasker-worker api``: the API and (if enabled) a supervision candidate, until SIGTERM/SIGINT."""
-    sock = sock or bind(config.api.host, config.api.port)
+    sock = sock or bind(config.api)
     pool = await open_pool(url, config.database, max_size=min(config.database.pool_max_size, 8))
     try:
         ctx = ApiContext(pool, config)

@@ -176,7 +176,7 @@ def api(args: argparse.Namespace) -> int:
     url = database_url(loaded)
     if loaded.config.database.auto_migrate:
         anyio.run(migrations.migrate, url)
-    sock = bind(loaded.config.api.host, loaded.config.api.port)
+    sock = bind(loaded.config.api)
     anyio.run(lambda: run_api(loaded.config, url, sock=sock))
     return 0
 

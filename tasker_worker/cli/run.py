@@ -89,7 +89,7 @@ async def _run_one(loaded: LoadedConfig, url: str, reload: Callable[[], TaskerCo
 
         # Bound before the worker starts: a taken port fails the start, not the running worker.
         api = loaded.config.api
-        services.append(worker_service(loaded.config, bind(api.host, api.port)))
+        services.append(worker_service(loaded.config, bind(api)))
     worker = Worker(loaded.config, database_url=url, services=services, reload_config=reload)
     final = await worker.run(install_signal_handlers=True)
     print(

@@ -20,7 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasker_worker.errors import InvalidTransition
+from tasker_worker.domain.modes import DeploymentMode
+from tasker_worker.domain.names import validate_namespace
+from tasker_worker.errors import InvalidName, InvalidTransition
 
 
 class WorkerStatus(enum.StrEnum):
@@ -110,6 +112,34 @@ class WorkerRegistration(BaseModel):
         if value is not None and "/" in value:
             raise ValueError("must not contain '/' (the id is a URL path segment of the API)")
         return value
+
+    @field_validator("namespaces")
+    @classmethod
+    def _valid_namespaces(cls, value: list[str]) -> list[str]:
+        # The rules of the config and the CLI (and of tasker.validate_namespace in SQL).
+        for namespace in value:
+            try:
+                validate_namespace(namespace)
+            except InvalidName as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("capabilities")
+    @classmethod
+    def _valid_capabilities(cls, value: list[str]) -> list[str]:
+        for capability in value:
+            if not 1 <= len(capability) <= 200 or not capability.isprintable():
+                raise ValueError(f"capability {capability[:40]!r} must be 1 to 200 printable characters")
+        return value
+
+    @field_validator("deployment_mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        try:
+            return DeploymentMode(value).value
+        except ValueError:
+            allowed = ", ".join(m.value for m in DeploymentMode)
+            raise ValueError(f"must be one of {allowed}") from None
 
 
 class Heartbeat(BaseModel):
