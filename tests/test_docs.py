@@ -25,7 +25,7 @@ from tasker_worker.config.reference import reference_rows
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: The guides whose examples are code to run (performance.md and reliability.md show benchmark
 #: commands of many minutes and their output, which the benchmarks themselves produce).
-GUIDES = ("workers.md", "configuration.md", "operations.md", "troubleshooting.md")
+GUIDES = ("workers.md", "configuration.md", "operations.md", "troubleshooting.md", "security.md")
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 
 
@@ -102,12 +102,28 @@ def test_toml_examples_load(doc: str, index: int, code: str, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("doc", "index", "code"), of_kind("sql"))
 def test_sql_examples_run(doc: str, index: int, code: str, db_url: str) -> None:
-    statements = [s.strip() for s in re.split(r";\s*\n", code) if s.strip() and not _only_comments(s)]
+    statements = [s.strip() for s in _statements(code) if s.strip() and not _only_comments(s)]
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("SELECT tasker.create_namespace_queue('default')")
         conn.execute("SELECT tasker.create_namespace_queue('planning')")
-        for statement in statements:
-            conn.execute(statement.rstrip(";"))
+        conn.execute("SELECT tasker.create_namespace_queue('orders')")
+        # Rolled back at the end: the examples create roles, which outlive any one database.
+        with conn.transaction(force_rollback=True):
+            for statement in statements:
+                conn.execute(statement.rstrip(";"))
+
+
+def _statements(code: str) -> list[str]:
+    """``code`` split at each ``;`` ending a line, except inside ``$$`` bodies (DO blocks)."""
+    out: list[str] = []
+    current: list[str] = []
+    for piece in re.split(r"(;\s*\n)", code):
+        current.append(piece)
+        if re.fullmatch(r";\s*\n", piece) and "".join(current).count("$$") % 2 == 0:
+            out.append("".join(current))
+            current = []
+    out.append("".join(current))
+    return out
 
 
 def _only_comments(sql: str) -> bool:
