@@ -317,6 +317,23 @@ class QueueStatements:
         )
 
 
+# The safety poll of a worker with several queues: which of them have a message visible now, in
+# one statement (an index probe of each queue's vt index) instead of one claim per queue, so an
+# idle worker's cost does not grow with its namespaces. Composed by ``visible_queues_statement``.
+_VISIBLE_IN = "SELECT {name}::text WHERE EXISTS (SELECT 1 FROM {table} WHERE vt <= clock_timestamp())"
+
+
+def visible_queues_statement(queues: list[str]) -> str:
+    """The statement returning the names of ``queues`` that have a visible message."""
+    parts = [
+        pgsql.SQL(_VISIBLE_IN)
+        .format(name=pgsql.Literal(q), table=pgsql.Identifier("pgmq", "q_" + q.lower()))
+        .as_string(None)
+        for q in queues
+    ]
+    return "\nUNION ALL\n".join(parts)
+
+
 # A step given back for a capable worker: announce when it is ready again, as the send trigger
 # announces a delayed message, so that listening workers come back for it (in EventDrivenOnly,
 # which has no poller, nothing else would). The payload follows the trigger's message_ready.
@@ -510,6 +527,28 @@ SELECT EXISTS (
 
 # Serializes the registrations that ask for one worker id (held to the end of the transaction).
 LOCK_WORKER_ID = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+
+# --- retention (fleet/retention.py) --------------------------------------------------------
+
+# One batch of outcome rows finished before the cutoff, of the namespaces in ``only`` (or, when
+# ``only`` is empty, of every namespace not in ``others``: those have horizons of their own).
+# Found through the BRIN index on finished_at, deleted by ctid: a short transaction that locks
+# only rows nobody else touches (a finished step's row is never updated).
+PRUNE_OUTCOMES = """
+DELETE FROM tasker.step_results
+ WHERE ctid = ANY (ARRAY(
+       SELECT ctid FROM tasker.step_results
+        WHERE finished_at < %(cutoff)s
+          AND (CASE WHEN cardinality(%(only)s::text[]) > 0 THEN namespace = ANY (%(only)s::text[])
+                    ELSE namespace <> ALL (%(others)s::text[]) END)
+        LIMIT %(batch)s))
+"""
+
+PRUNE_HEARTBEATS = """
+DELETE FROM tasker.worker_heartbeats
+ WHERE heartbeat_id = ANY (ARRAY(
+       SELECT heartbeat_id FROM tasker.worker_heartbeats WHERE at < %(cutoff)s LIMIT %(batch)s))
+"""
 
 # --- event log -------------------------------------------------------------------------------
 

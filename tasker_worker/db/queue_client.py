@@ -166,6 +166,7 @@ class QueueClient:
         self.store_events = store_events
         self.prepare = prepare
         self._statements: dict[str, queries.QueueStatements] = {}
+        self._visible: dict[tuple[str, ...], str] = {}
 
     def statements(self, queue: str) -> queries.QueueStatements:
         """The step-path statements of ``queue`` (built on first use)."""
@@ -298,6 +299,14 @@ class QueueClient:
             rows = await self._fetch(statements.claim, params)
         now = time.monotonic()
         return [ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], r[5], r[6], source, now) for r in rows]
+
+    async def visible_queues(self, queues: Sequence[str]) -> set[str]:
+        """Which of ``queues`` have a message visible now (one statement for all of them)."""
+        key = tuple(queues)
+        text = self._visible.get(key)
+        if text is None:
+            text = self._visible[key] = queries.visible_queues_statement(list(queues))
+        return {r[0] for r in await self._fetch(text, ())}
 
     async def announce_ready(self, queue: str, msg_id: int, delay_s: float) -> None:
         """Notify the workers listening on ``queue``'s namespace that ``msg_id`` is ready again

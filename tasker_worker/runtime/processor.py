@@ -29,6 +29,7 @@ from tasker_worker.db.queue_client import QueueClient, RetryRequest
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
 from tasker_worker.domain.notifications import MessageReady
 from tasker_worker.domain.steps import ClaimedMessage, Source
+from tasker_worker.errors import TaskerError
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.logs import error_fields
 from tasker_worker.runtime.commands import ExecuteStep, ExecuteStepFromEvent, Shutdown, WorkerCommand
@@ -126,6 +127,8 @@ class CommandProcessor:
         self.refill_at = max(1, min(self.batch_size, self.max_concurrent) // 2)
         self._timers: list[tuple[float, str, Source]] = []
         self._timer_changed = anyio.Event()
+        self._probe_wanted = anyio.Event()
+        self._probe_source = Source.POLL
         self._claiming = True
         self.last_error: str | None = None
 
@@ -147,6 +150,7 @@ class CommandProcessor:
                     for qs in self.queues.values():
                         loops.start_soon(self._claim_loop, qs)
                     loops.start_soon(self._timer_loop)
+                    loops.start_soon(self._probe_loop)
                     loops.start_soon(self._vt_keeper)
                     async with commands:
                         async for command in commands:
@@ -194,9 +198,15 @@ class CommandProcessor:
         if isinstance(command, ExecuteStepFromEvent):
             self._on_event(command.event)
         elif isinstance(command, ExecuteStep):
-            targets = [self.queues[command.queue]] if command.queue in self.queues else list(self.queues.values())
-            for qs in targets:
-                qs.poke(command.source)
+            if command.queue in self.queues:
+                self.queues[command.queue].poke(command.source)
+            elif len(self.queues) == 1:
+                for qs in self.queues.values():
+                    qs.poke(command.source)
+            else:
+                # Every queue: one probe for all of them first (``_probe_loop``).
+                self._probe_source = command.source
+                self._probe_wanted.set()
 
     def status(self) -> dict[str, Any]:
         """Statistics and in-flight work."""
@@ -250,6 +260,29 @@ class CommandProcessor:
             while self._timers and self._timers[0][1] == queue and self._timers[0][0] <= due + 0.01:
                 heapq.heappop(self._timers)
             self.queues[queue].poke(source)
+
+    async def _probe_loop(self) -> None:
+        """Wake only the queues that have a visible message, asked in one statement: a poll of
+        a worker with many namespaces costs one round trip when there is nothing to do (one
+        claim per queue before). Requests arriving during a probe coalesce into the next one."""
+        queues = list(self.queues)
+        while True:
+            await self._probe_wanted.wait()
+            self._probe_wanted = anyio.Event()
+            source = self._probe_source
+            try:
+                found = await self.client.visible_queues(queues)
+                self.stats.incr("queue_probes")
+            except TRANSIENT_DB_ERRORS as exc:
+                # Let the claims find out (they retry with their own backoff).
+                self.stats.incr("db_errors")
+                log.warning("probing %d queues failed; claiming from each", len(queues), extra=error_fields(exc))
+                found = set(queues)
+            except TaskerError as exc:  # a queue dropped behind the worker's back: each claim says which
+                log.warning("probing queues failed (%s); claiming from each", exc)
+                found = set(queues)
+            for name in found:
+                self.queues[name].poke(source)
 
     # --- claiming --------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ COUNTERS = (
     "notifications_received",
     "claims_event",
     "claims_poll",
+    "queue_probes",
     "claimed_event",
     "claimed_poll",
     "missed_wakeups",
