@@ -134,7 +134,7 @@ async def run_api(config: TaskerConfig, url: str, *, sock: socket.socket | None 
                 log.info("not a supervision candidate behind a transaction pooler (its lock needs a session)")
             elif config.registry.supervision_enabled:
                 lifecycle = WorkerLifecycle(pool, heartbeat_history=config.registry.heartbeat_history)
-                jobs = SupervisionJobs(lifecycle, config.registry, config.events)
+                jobs = SupervisionJobs(lifecycle, config.registry, config.events, config.retention)
                 ctx.supervision = LeaderElection(
                     url, jobs.jobs(), candidate_id=f"api-{socket.gethostname()}-{os.getpid()}"
                 )

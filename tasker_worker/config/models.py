@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from tasker_worker.config.durations import Duration
+from tasker_worker.config.durations import Duration, format_duration
 
 # Re-exported: the configuration names its starting mode with it.
 from tasker_worker.domain.modes import DeploymentMode as DeploymentMode
@@ -277,6 +277,55 @@ class EventsConfig(_Section):
         return value
 
 
+def _roughly(value: timedelta) -> str:
+    """``1h 0m 34s``: a computed duration for a message (rounded up to the second)."""
+    seconds = int(-(-value.total_seconds() // 1))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes}m {secs}s" if hours else f"{minutes}m {secs}s"
+
+
+class RetentionNamespaceConfig(_Section):
+    """``[retention.namespaces.<ns>]``: the history of one namespace."""
+
+    #: How long this namespace's outcome rows are kept (unset: ``[retention] outcomes``).
+    outcomes: Duration | None = None
+
+
+class RetentionConfig(_Section):
+    """``[retention]``: how long history is kept; the elected supervisor prunes the rest in
+    bounded batches (``tasker_worker.fleet.retention``)."""
+
+    enabled: bool = True
+    #: Outcome rows (``tasker.step_results``) finished longer ago are deleted. This is also the
+    #: dedup horizon: a step re-sent after its outcome row is gone runs again. It may not be
+    #: shorter than the visibility timeout plus the retry horizon (see ``retry_horizon``).
+    outcomes: Duration = timedelta(days=7)
+    #: Heartbeat history rows (``tasker.worker_heartbeats``) older than this are deleted.
+    heartbeats: Duration = timedelta(days=7)
+    #: How often the pruning job runs.
+    interval: Duration = timedelta(minutes=1)
+    #: Rows deleted per statement (each batch its own short transaction).
+    batch_size: int = Field(default=5000, ge=100, le=100_000)
+    #: Per-namespace overrides: ``[retention.namespaces.audit] outcomes = "90d"``.
+    namespaces: dict[str, RetentionNamespaceConfig] = Field(default_factory=dict)
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespace_keys(cls, value: dict[str, RetentionNamespaceConfig]) -> dict[str, RetentionNamespaceConfig]:
+        for key in value:
+            try:
+                validate_namespace(key)
+            except InvalidName as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def outcomes_for(self, namespace: str) -> timedelta:
+        """How long ``namespace``'s outcome rows are kept."""
+        own = self.namespaces.get(namespace)
+        return self.outcomes if own is None or own.outcomes is None else own.outcomes
+
+
 class ApiConfig(_Section):
     """``[api]``: the HTTP control-plane API (``tasker-worker api``, or inside ``run``)."""
 
@@ -319,7 +368,43 @@ class TaskerConfig(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+
+    def retry_horizon(self) -> timedelta:
+        """The longest a step's message can stay claimed or waiting between its first claim and
+        its outcome: one visibility timeout, plus every retry delay (attempts and releases) at
+        its largest jitter. Outcome rows must be kept at least this long, or a redelivered
+        step finds no outcome and runs again."""
+        retry = self.retry
+        grow = 1.0 + retry.jitter
+        attempts = sum(
+            min(retry.base_delay.total_seconds() * 2 ** min(a - 1, 30), retry.max_delay.total_seconds())
+            for a in range(1, retry.max_attempts)
+        )
+        releases = retry.max_releases * retry.max_delay.total_seconds()
+        vt = self.event_system.fallback_poller.visibility_timeout.total_seconds()
+        return timedelta(seconds=vt + (attempts + releases) * grow)
+
+    @model_validator(mode="after")
+    def _retention_covers_retries(self) -> TaskerConfig:
+        if not self.retention.enabled:
+            return self
+        horizon = self.retry_horizon()
+        kept = {"retention.outcomes": self.retention.outcomes}
+        kept.update(
+            {f"retention.namespaces.{ns}.outcomes": self.retention.outcomes_for(ns) for ns in self.retention.namespaces}
+        )
+        for key, value in kept.items():
+            if value < horizon:
+                raise ConfigError(
+                    f"{format_duration(value)} is shorter than a step can wait for its outcome "
+                    f"({_roughly(horizon)}: the visibility timeout plus every retry and release delay): "
+                    "a step redelivered after its outcome row is deleted would run again. Keep outcomes longer, "
+                    "or lower retry.max_releases / retry.max_delay",
+                    key=key,
+                )
+        return self
 
     @model_validator(mode="after")
     def _pooler_needs_polling(self) -> TaskerConfig:

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from tasker_worker.config.models import EventsConfig, RegistryConfig
+from tasker_worker.config.models import EventsConfig, RegistryConfig, RetentionConfig
 from tasker_worker.db import queries
 from tasker_worker.domain.workers import WorkerStatus
 from tasker_worker.errors import WorkerNotFound
-from tasker_worker.fleet import eventlog
+from tasker_worker.fleet import eventlog, retention
 from tasker_worker.fleet.lifecycle import WorkerLifecycle
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,17 @@ class Job:
 class SupervisionJobs:
     """The sweeps, bound to one registry and one clock."""
 
-    def __init__(self, lifecycle: WorkerLifecycle, config: RegistryConfig, events_config: EventsConfig) -> None:
+    def __init__(
+        self,
+        lifecycle: WorkerLifecycle,
+        config: RegistryConfig,
+        events_config: EventsConfig,
+        retention_config: RetentionConfig | None = None,
+    ) -> None:
         self.lifecycle = lifecycle
         self.config = config
         self.events_config = events_config
+        self.retention_config = retention_config or RetentionConfig()
 
     def jobs(self) -> list[Job]:
         """Every job with its configured interval."""
@@ -50,6 +57,11 @@ class SupervisionJobs:
             Job("mark_stale_offline", self.config.stale_check_interval, self.mark_stale_offline),
             Job("reactivate_offline", self.config.reactivate_interval, self.reactivate_offline),
             Job("compact_events", self.events_config.compaction_interval, self.compact_events),
+            *(
+                [Job("prune_history", self.retention_config.interval, self.prune_history)]
+                if self.retention_config.enabled
+                else []
+            ),
         ]
 
     async def _candidates(self, query: str, params: tuple[object, ...]) -> list[str]:
@@ -92,3 +104,11 @@ class SupervisionJobs:
         """Fold events older than the retention into a snapshot and delete them."""
         cutoff = self.lifecycle.clock.now() - self.events_config.retention
         return await eventlog.compact(self.lifecycle.pool, cutoff)
+
+    async def prune_history(self) -> int:
+        """Delete outcome and heartbeat rows past ``[retention]`` (in bounded batches)."""
+        now = self.lifecycle.clock.now()
+        pool = self.lifecycle.pool
+        return await retention.prune_outcomes(pool, self.retention_config, now) + await retention.prune_heartbeats(
+            pool, self.retention_config, now
+        )

@@ -198,7 +198,7 @@ class Worker(RegistersHandlers):
                     "or a worker connected directly to supervise the fleet"
                 )
             elif self.config.registry.supervision_enabled:
-                jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events)
+                jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events, self.config.retention)
                 self.supervision = LeaderElection(url, jobs.jobs(), candidate_id=self.worker_id)
             event_system = WorkerEventSystem(
                 url, self.namespaces, es_config, self.stats, probe_sender=self._probe_sender

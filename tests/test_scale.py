@@ -1,0 +1,149 @@
+"""What the database pays as a deployment grows, against a real PostgreSQL: an idle worker's
+poll does not grow with its namespaces, outcome rows past the retention horizon go, and a
+notification is claimed once however many workers hear it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from tasker_worker.domain.steps import StepMessage
+from tasker_worker.runtime.worker import Worker
+from tasker_worker.testing import make_config, outcome_counter, running_worker, wait_until
+
+MANY = [f"ns{i:02d}" for i in range(20)]
+
+
+def counter(worker: Worker, name: str) -> int:
+    return int(worker.status()["counters"].get(name, 0))
+
+
+@pytest.mark.anyio
+async def test_an_idle_poll_asks_once_for_all_namespaces(db_url: str) -> None:
+    """A PollingOnly worker on 20 namespaces polling every 100 ms: each poll is one probe of all
+    its queues, and claims only where a message is visible (before: a claim per queue per poll)."""
+    config = make_config(
+        mode="PollingOnly", namespaces=MANY, overrides={"event_system.fallback_poller.polling_interval": "100ms"}
+    )
+    async with running_worker(db_url, config) as worker:
+        await wait_until(lambda: counter(worker, "queue_probes") >= 5, timeout=10)
+        assert counter(worker, "claims_poll") == 0  # nothing visible: no claim at all
+        body = StepMessage.build("ns07", "noop", {})
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("SELECT pgmq.send('worker_ns07_queue', %s)", (Jsonb(body),))
+        count = outcome_counter(db_url)
+        await wait_until(lambda: _positive(count), timeout=10)
+        probes = counter(worker, "queue_probes")
+        await wait_until(lambda: counter(worker, "queue_probes") >= probes + 3, timeout=10)
+        claims = counter(worker, "claims_poll")
+    assert claims == 1  # the one queue that had a message, once
+
+
+async def _positive(count: Any) -> bool:
+    return bool(await count() >= 1)
+
+
+OLD_ROWS = """
+INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status, attempts,
+                                 worker_id, finished_at)
+SELECT gen_random_uuid(), %(ns)s, 'worker_' || %(ns)s || '_queue', g, 'noop', 'succeeded', 1, 'old',
+       clock_timestamp() - %(age)s::interval
+  FROM generate_series(1, %(n)s) AS g
+"""
+
+
+@pytest.mark.anyio
+async def test_retention_prunes_past_the_horizon_and_dedup_holds_inside_it(db_url: str) -> None:
+    """The elected supervisor of a running worker deletes outcome rows past [retention] outcomes
+    (7 days; 30 for the namespace "audit") in batches; a step re-sent while its outcome row is
+    kept is still not run again, and one re-sent after it was pruned runs again (the documented
+    dedup horizon)."""
+    from ledger_handlers import LEDGER_DDL, ledger
+
+    from tasker_worker.handlers.registry import HandlerRegistry
+    from tasker_worker.testing import fetch, fetch_value
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(LEDGER_DDL)
+        for ns in ("plain", "audit"):
+            await conn.execute("SELECT tasker.create_namespace_queue(%s)", (ns,))
+        for ns, age, n in (
+            ("plain", "10 days", 12_000),
+            ("plain", "1 hour", 10),
+            ("audit", "10 days", 20),
+            ("audit", "40 days", 30),
+        ):
+            await conn.execute(OLD_ROWS, {"ns": ns, "age": age, "n": n})
+        kept = StepMessage.build("plain", "ledger", {})
+        pruned = StepMessage.build("plain", "ledger", {})
+        for body, age in ((kept, "6 days"), (pruned, "8 days")):
+            await conn.execute(
+                "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status,"
+                " attempts, worker_id, finished_at) VALUES (%s, 'plain', 'worker_plain_queue', 0, 'ledger',"
+                " 'succeeded', 1, 'earlier', clock_timestamp() - %s::interval)",
+                (body["step_uuid"], age),
+            )
+    reg = HandlerRegistry()
+    reg.register("ledger", ledger)
+    config = make_config(
+        mode="Hybrid",
+        namespaces=["plain", "audit"],
+        overrides={
+            "retention.interval": "100ms",
+            "retention.namespaces": {"audit": {"outcomes": "30d"}},
+            "registry.supervision_enabled": True,
+        },
+    )
+    import types
+
+    async with running_worker(db_url, config, registry=reg, state=types.SimpleNamespace(ledger_url=db_url)):
+
+        async def pruned_all() -> bool:
+            return (
+                await fetch_value(
+                    db_url,
+                    "SELECT count(*) FROM tasker.step_results WHERE finished_at < now() - interval '7 days' AND namespace = 'plain'",
+                )
+                == 0
+            )
+
+        await wait_until(pruned_all, timeout=30)
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            for body in (kept, pruned):
+                await conn.execute("SELECT pgmq.send('worker_plain_queue', %s)", (Jsonb(body),))
+
+        async def queue_empty() -> bool:
+            return await fetch_value(db_url, "SELECT count(*) FROM pgmq.q_worker_plain_queue") == 0
+
+        await wait_until(queue_empty, timeout=20)
+    by_ns = dict(
+        await fetch(
+            db_url,
+            "SELECT namespace || ' ' || (finished_at < now() - interval '20 days')::text, count(*) FROM tasker.step_results GROUP BY 1",
+        )
+    )
+    # plain: the 10 recent rows, the kept step's row, the pruned step's new row; audit: its
+    # 10-day-old rows (inside its 30 days), not its 40-day-old ones.
+    assert by_ns == {"plain false": 12, "audit false": 20}
+    runs = dict(await fetch(db_url, "SELECT step_uuid::text, count(*) FROM public.ledger GROUP BY 1"))
+    assert runs == {pruned["step_uuid"]: 1}  # the kept step was deduplicated, the pruned one ran again
+
+
+def test_a_retention_shorter_than_the_retry_horizon_is_refused() -> None:
+    """Outcome rows kept for less than a step can wait for its outcome would let a redelivered
+    step run again: such a configuration is refused, naming the key."""
+    from tasker_worker.config.models import TaskerConfig
+    from tasker_worker.errors import ConfigError
+
+    # The defaults: vt 30 s, 2 retries of 1 s and 2 s, 100 releases of 30 s, jitter 20%.
+    assert TaskerConfig().retry_horizon().total_seconds() == pytest.approx(30 + (1 + 2 + 100 * 30) * 1.2)
+    with pytest.raises(ConfigError, match=r"^retention\.outcomes: 30m is shorter than a step can wait"):
+        TaskerConfig(retention={"outcomes": "30m"})
+    with pytest.raises(ConfigError, match=r"^retention\.namespaces\.audit\.outcomes: 10m is shorter"):
+        TaskerConfig(retention={"namespaces": {"audit": {"outcomes": "10m"}}})
+    # Fewer releases make a shorter horizon acceptable.
+    config = TaskerConfig(retention={"outcomes": "30m"}, retry={"max_releases": 10})
+    assert config.retry_horizon() < config.retention.outcomes
