@@ -127,6 +127,8 @@ ALTER TABLE tasker.workers ADD CONSTRAINT workers_status_check CHECK ((status = 
 
 CREATE INDEX workers_status_idx ON tasker.workers USING btree (status);
 
+CREATE TRIGGER tasker_fleet_changed AFTER INSERT OR DELETE OR UPDATE OF status, deployment_mode, namespaces ON tasker.workers FOR EACH STATEMENT EXECUTE FUNCTION tasker.notify_fleet_changed();
+
 -- view
 CREATE VIEW tasker.event_log AS
  SELECT e.event_id,
@@ -457,6 +459,17 @@ BEGIN
       FROM unnest(p_types, p_msg_ids, p_steps, p_data) AS i(event_type, msg_id, step, data);
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.notify_fleet_changed()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM pg_notify('tasker_fleet_changed', '');
+    RETURN NULL;
 END;
 $function$;
 

@@ -55,6 +55,7 @@ class Mutation:
 
 G = "tests/test_guarantees.py::"
 R = "tests/test_runtime.py::"
+S = "tests/test_scale.py::"
 FENCE_TESTS = (G + "test_a_stale_holder_cannot_write_anything_about_a_step_taken_over",)
 M0002 = "sql/migrations/0002_step_outcomes.sql"
 M0007 = "sql/migrations/0007_one_row_per_step.sql"
@@ -183,6 +184,11 @@ MUTATIONS: tuple[Mutation, ...] = (
                 'claim=render(_CLAIM, skip=""',
                 'claim=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=""',
             ),
+            Edit(
+                Q,
+                'claim_announcing=render(_CLAIM, skip=""',
+                'claim_announcing=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=""',
+            ),
         ),
         (G + "test_every_claim_variant_flags_a_step_already_done", R + "test_same_step_uuid_sent_twice_runs_once"),
     ),
@@ -194,6 +200,11 @@ MUTATIONS: tuple[Mutation, ...] = (
                 Q,
                 "claim_skipping=render(_CLAIM, skip=_CLAIM_SKIP",
                 'claim_skipping=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=_CLAIM_SKIP',
+            ),
+            Edit(
+                Q,
+                "claim_skipping_announcing=render(_CLAIM, skip=_CLAIM_SKIP",
+                'claim_skipping_announcing=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=_CLAIM_SKIP',
             ),
         ),
         (
@@ -320,6 +331,46 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         ("tests/test_notify.py::test_send_batch_is_one_notification",),
+    ),
+    Mutation(
+        "herd_everyone_claims",
+        "a notified message is claimed by the first-ranked worker only, not by every listener",
+        (Edit("tasker_worker/runtime/processor.py", "            if rank >= first:", "            if False:"),),
+        (S + "test_a_notification_is_claimed_once_however_many_workers_hear_it",),
+    ),
+    Mutation(
+        "herd_claims_unannounced",
+        "a worker with peers announces what it claimed, so that they need not claim it",
+        (Edit("tasker_worker/runtime/processor.py", "announce=with_peers,", "announce=False,"),),
+        (S + "test_a_notification_is_claimed_once_however_many_workers_hear_it",),
+    ),
+    Mutation(
+        "herd_no_takeover",
+        "a message whose first choice does not claim it is claimed by the next after the grace",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "needed = ids is None or not qs.claimed.covers(ids)",
+                "needed = ids is None",
+            ),
+        ),
+        (S + "test_a_silent_first_choice_is_taken_over_after_the_grace",),
+    ),
+    Mutation(
+        "probe_finds_nothing",
+        "the one-statement safety poll finds the queues that have visible messages",
+        (
+            Edit(
+                "tasker_worker/db/queue_client.py", "return {r[0] for r in await self._fetch(text, ())}", "return set()"
+            ),
+        ),
+        (S + "test_an_idle_poll_asks_once_for_all_namespaces",),
+    ),
+    Mutation(
+        "retention_ignores_horizon",
+        "retention deletes only outcome rows past the horizon (the dedup horizon)",
+        (Edit("tasker_worker/fleet/retention.py", '"cutoff": now - keep,', '"cutoff": now,'),),
+        (S + "test_retention_prunes_past_the_horizon_and_dedup_holds_inside_it",),
     ),
     Mutation(
         "planner_cuts_corners",

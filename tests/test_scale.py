@@ -147,3 +147,97 @@ def test_a_retention_shorter_than_the_retry_horizon_is_refused() -> None:
     # Fewer releases make a shorter horizon acceptable.
     config = TaskerConfig(retention={"outcomes": "30m"}, retry={"max_releases": 10})
     assert config.retry_horizon() < config.retention.outcomes
+
+
+HERD_NS = "herd"
+
+
+def _herd_config(**extra: Any) -> Any:
+    return make_config(
+        mode="Hybrid",
+        namespaces=[HERD_NS],
+        overrides={
+            # Only notifications (and the takeover after the grace) can claim in these tests.
+            "event_system.fallback_poller.polling_interval": "10m",
+            "event_system.fallback_poller.degraded_interval": "10m",
+            "registry.heartbeat_interval": "200ms",
+            "registry.stale_timeout": "60s",
+            **extra,
+        },
+    )
+
+
+def _claims(worker: Worker) -> int:
+    return counter(worker, "claims_event") + counter(worker, "claims_poll")
+
+
+def _knows(worker: Worker, n: int) -> bool:
+    ranking = worker.processor.ranking if worker.processor is not None else None
+    return ranking is not None and ranking.fleet(HERD_NS) == n
+
+
+async def _send_one_by_one(db_url: str, n: int) -> None:
+    count = outcome_counter(db_url)
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        for i in range(n):
+            await conn.execute(
+                "SELECT pgmq.send('worker_herd_queue', %s)", (Jsonb(StepMessage.build(HERD_NS, "noop", {"i": i})),)
+            )
+
+            async def done(k: int = i + 1) -> bool:
+                return bool(await count() >= k)
+
+            await wait_until(done, timeout=10)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("single_claimer", [True, False])
+async def test_a_notification_is_claimed_once_however_many_workers_hear_it(db_url: str, single_claimer: bool) -> None:
+    """Four listening workers, 40 steps sent one at a time: with single_claimer each step costs
+    about one claim in all (before: one per worker, three of them empty)."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("SELECT tasker.create_namespace_queue(%s)", (HERD_NS,))
+    config = _herd_config(**{"event_system.listener.single_claimer": single_claimer})
+    async with (
+        running_worker(db_url, config) as a,
+        running_worker(db_url, config) as b,
+        running_worker(db_url, config) as c,
+        running_worker(db_url, config) as d,
+    ):
+        fleet = [a, b, c, d]
+        if single_claimer:
+            await wait_until(lambda: all(_knows(w, 4) for w in fleet), timeout=10)
+        before = sum(_claims(w) for w in fleet)
+        await _send_one_by_one(db_url, 40)
+        claims = sum(_claims(w) for w in fleet) - before
+        by_worker = [counter(w, "claimed_event") + counter(w, "claimed_poll") for w in fleet]
+        claimed = sum(by_worker)
+    assert claimed == 40
+    if single_claimer:
+        assert claims <= 44, f"{claims} claims for 40 steps"  # at most a few empty ones
+        assert sum(1 for n in by_worker if n > 0) >= 3, by_worker  # shared out by the ranking
+    else:
+        assert claims >= 100, f"{claims} claims for 40 steps"  # the herd this mechanism avoids
+
+
+@pytest.mark.anyio
+async def test_a_silent_first_choice_is_taken_over_after_the_grace(db_url: str) -> None:
+    """A registered listening worker that never claims (dead, or stuck) is first in line for
+    about half the messages: the live worker claims those itself after the grace, so every
+    step still runs, with no poll to help."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("SELECT tasker.create_namespace_queue(%s)", (HERD_NS,))
+        await conn.execute(
+            "INSERT INTO tasker.workers (worker_id, name, hostname, pid, namespaces, capabilities, version,"
+            " deployment_mode, cpu_cores, memory_total, status, busy, registered_at, status_changed_at,"
+            " last_heartbeat_at) VALUES ('silent', 'silent', 'nowhere', 1, ARRAY[%s], ARRAY[]::text[], 'x',"
+            " 'Hybrid', 1, 0, 'active', false, now(), now(), now())",
+            (HERD_NS,),
+        )
+    async with running_worker(db_url, _herd_config()) as worker:
+        await wait_until(lambda: _knows(worker, 2), timeout=10)
+        await _send_one_by_one(db_url, 20)
+        taken_over = counter(worker, "claims_taken_over")
+        claims = _claims(worker)
+    assert taken_over >= 1  # the silent worker was first for some of them
+    assert claims <= 22

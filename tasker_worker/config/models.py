@@ -38,6 +38,13 @@ class ListenerConfig(_Section):
     liveness_interval: Duration = timedelta(seconds=5)
     #: Ceiling of the exponential reconnect backoff.
     max_reconnect_delay: Duration = timedelta(seconds=10)
+    #: One claim per notified message, however many workers hear it (``domain/herd.py``): the
+    #: first-ranked worker claims at once, the others only if it has not after ``claim_grace``
+    #: (times their rank). Off: every listening worker claims on every notification.
+    single_claimer: bool = True
+    #: How long a worker that is not first in line for a notified message waits (per rank)
+    #: before claiming it itself.
+    claim_grace: Duration = timedelta(milliseconds=50)
 
 
 class FallbackPollerConfig(_Section):

@@ -182,16 +182,36 @@ WITH ready AS (
       FROM ready
      WHERE m.msg_id = ready.msg_id
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers
-){assigned}
+){assigned}{noticed}
 SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.headers,
        d.step_uuid IS NOT NULL
   FROM claimed AS c
   LEFT JOIN LATERAL (
       SELECT s.step_uuid FROM tasker.step_results AS s
        WHERE s.step_uuid = tasker.try_uuid(c.message ->> 'step_uuid')
-       LIMIT 1) AS d ON true,
+       LIMIT 1) AS d ON true{notice_join},
        set_config('synchronous_commit', 'off', true)
 """
+
+# A worker with peers says what it claimed (domain/herd.py): peers waiting on a notified message
+# find it taken and send nothing. One notification per claim, sent when the claim commits; a
+# materialized CTE (volatile), so it runs once whatever the plan.
+_CLAIM_NOTICED = """, noticed AS (
+    SELECT pg_notify({channel}, json_build_object(
+               'q', {queue}, 'ids', (array_agg(c.msg_id ORDER BY c.msg_id))[1:100],
+               'lo', min(c.msg_id), 'hi', max(c.msg_id), 'n', count(*))::text) AS sent
+      FROM claimed AS c
+    HAVING count(*) > 0
+)"""
+
+_CLAIM_NOTICE_JOIN = """
+  LEFT JOIN noticed ON true"""
+
+#: The channel of ``StepsClaimed`` notices of a namespace.
+CLAIMED_CHANNEL_PREFIX = "tasker_claimed."
+
+#: Notified when a worker registers, leaves, or changes mode or namespaces (migration 0009).
+FLEET_CHANNEL = "tasker_fleet_changed"
 
 # A handler whose circuit is open is not claimed at all (its steps stay untouched, read_ct
 # unchanged), nor are the steps this worker gave back to a capable one a moment ago.
@@ -273,6 +293,10 @@ class QueueStatements:
     claim: str
     #: The claim leaving some messages alone; also skip_msgs (bigint[]), skip_handlers (text[]).
     claim_skipping: str
+    #: The claim and the claim leaving messages alone, each announcing what it took
+    #: (``tasker_claimed.<namespace>``), for a worker with peers.
+    claim_announcing: str
+    claim_skipping_announcing: str
     #: Parameters: outcomes (JSON text), worker_id.
     settle: str
     #: The settle returning (msg_id, outcome row written) for each message settled.
@@ -289,6 +313,7 @@ class QueueStatements:
             "queue": pgsql.Literal(queue),
             "namespace": pgsql.Literal(namespace),
             "stored": pgsql.Literal(store_events),
+            "channel": pgsql.Literal(CLAIMED_CHANNEL_PREFIX + namespace),
         }
 
         def render(template: str, **parts: str) -> str:
@@ -297,9 +322,13 @@ class QueueStatements:
             return text
 
         assigned = _CLAIM_ASSIGNED if store_events else ""
+        quiet = {"assigned": assigned, "noticed": "", "notice_join": ""}
+        loud = {"assigned": assigned, "noticed": _CLAIM_NOTICED, "notice_join": _CLAIM_NOTICE_JOIN}
         return cls(
-            claim=render(_CLAIM, skip="", assigned=assigned),
-            claim_skipping=render(_CLAIM, skip=_CLAIM_SKIP, assigned=assigned),
+            claim=render(_CLAIM, skip="", **quiet),
+            claim_skipping=render(_CLAIM, skip=_CLAIM_SKIP, **quiet),
+            claim_announcing=render(_CLAIM, skip="", **loud),
+            claim_skipping_announcing=render(_CLAIM, skip=_CLAIM_SKIP, **loud),
             settle=render(
                 _SETTLE,
                 archived=_SETTLE_ARCHIVE if archive else "",
@@ -430,6 +459,19 @@ UPDATE tasker.workers
        active_steps = %(active_steps)s, processed = %(processed)s, busy = %(busy)s,
        stats = coalesce(%(stats)s, stats)
  WHERE worker_id = %(worker_id)s
+"""
+
+# The live listening workers of each of these namespaces (domain/herd.py ranks them), read in
+# the heartbeat's transaction: the view costs no round trip of its own.
+LISTENING_PEERS = """
+SELECT n.ns, array_agg(w.worker_id ORDER BY w.worker_id)
+  FROM tasker.workers AS w
+ CROSS JOIN LATERAL unnest(w.namespaces) AS n(ns)
+ WHERE w.status IN ('pending', 'active')
+   AND w.deployment_mode IN ('Hybrid', 'EventDrivenOnly')
+   AND coalesce(w.last_heartbeat_at, w.registered_at) > %(at)s - make_interval(secs => %(stale_s)s)
+   AND n.ns = ANY (%(namespaces)s)
+ GROUP BY n.ns
 """
 
 INSERT_HEARTBEAT = """

@@ -284,19 +284,22 @@ class QueueClient:
         worker_id: str | None = None,
         skip_handlers: Sequence[str] = (),
         skip_msgs: Sequence[int] = (),
+        announce: bool = False,
     ) -> list[ClaimedMessage]:
         """Claim up to ``qty`` ready messages (oldest first, SKIP LOCKED, as pgmq.read), each with
         its dedup flag. Messages for ``skip_handlers`` (open circuits) and those with an id in
         ``skip_msgs`` are left in the queue untouched. ``worker_id`` is the claimant that stored
-        StepAssigned events name."""
+        StepAssigned events name. ``announce``: say what was claimed on ``tasker_claimed.<ns>``
+        (a worker with peers, see ``domain.herd``)."""
         statements = self.statements(queue)
         params: dict[str, Any] = {"qty": qty, "vt": vt_seconds, "worker_id": worker_id}
         if skip_handlers or skip_msgs:
             params["skip_handlers"] = list(skip_handlers)
             params["skip_msgs"] = list(skip_msgs)
-            rows = await self._fetch(statements.claim_skipping, params)
+            text = statements.claim_skipping_announcing if announce else statements.claim_skipping
         else:
-            rows = await self._fetch(statements.claim, params)
+            text = statements.claim_announcing if announce else statements.claim
+        rows = await self._fetch(text, params)
         now = time.monotonic()
         return [ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], r[5], r[6], source, now) for r in rows]
 

@@ -9,6 +9,8 @@ jobs in ``registry.jobs``.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, Literal
 
 from psycopg.types.json import Jsonb
@@ -79,6 +81,18 @@ class WorkerLifecycle:
         A change of the ``busy`` flag is appended as WorkerBusy. The status itself is the
         supervisor's to change (pending -> active once it sees this heartbeat).
         """
+        status, _ = await self.heartbeat_and_peers(worker_id, heartbeat)
+        return status
+
+    async def heartbeat_and_peers(
+        self,
+        worker_id: str,
+        heartbeat: Heartbeat,
+        namespaces: Sequence[str] = (),
+        stale_after: timedelta | None = None,
+    ) -> tuple[WorkerStatus, dict[str, list[str]]]:
+        """``heartbeat``, and in the same transaction the live listening workers of each of
+        ``namespaces`` (heartbeat within ``stale_after``)."""
         async with self.pool.connection() as conn, conn.transaction():
             current = await _lock(conn, worker_id)
             if current is None:
@@ -105,7 +119,15 @@ class WorkerLifecycle:
                     {"busy": heartbeat.busy, "active_steps": heartbeat.active_steps},
                     at,
                 )
-            return status
+            peers = await _listening_peers(conn, namespaces, stale_after, at) if namespaces else {}
+            return status, peers
+
+    async def listening_peers(
+        self, namespaces: Sequence[str], stale_after: timedelta | None = None
+    ) -> dict[str, list[str]]:
+        """The live listening workers of each of ``namespaces`` (heartbeat within ``stale_after``)."""
+        async with self.pool.connection() as conn:
+            return await _listening_peers(conn, namespaces, stale_after, self.clock.now())
 
     async def deregister(self, worker_id: str, reason: str) -> None:
         """Mark a worker ``deregistered`` (graceful shutdown) with the reason."""
@@ -192,3 +214,17 @@ async def _lock(conn: AsyncConn, worker_id: str) -> tuple[WorkerStatus, bool] | 
 
 def _generated_id(registration: WorkerRegistration) -> str:
     return f"{registration.name}-{registration.hostname}-{registration.pid}-{uuid.uuid4().hex[:6]}"
+
+
+async def _listening_peers(
+    conn: AsyncConn, namespaces: Sequence[str], stale_after: timedelta | None, at: Any
+) -> dict[str, list[str]]:
+    cur = await conn.execute(
+        queries.LISTENING_PEERS,
+        {
+            "at": at,
+            "stale_s": (stale_after or timedelta(minutes=2)).total_seconds(),
+            "namespaces": list(namespaces),
+        },
+    )
+    return {str(r[0]): list(r[1]) for r in await cur.fetchall()}

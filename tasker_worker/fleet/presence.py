@@ -9,7 +9,7 @@ A heartbeat that fails is logged and retried sooner; it never stops the worker.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
 import anyio
@@ -35,8 +35,15 @@ class WorkerPresence:
         describe: Callable[[], WorkerRegistration],
         config: RegistryConfig,
         sample: Callable[[], Heartbeat],
+        *,
+        peers_of: Sequence[str] = (),
+        on_peers: Callable[[Mapping[str, list[str]]], None] | None = None,
     ) -> None:
         self.lifecycle = lifecycle
+        #: With each heartbeat, the live listening workers of these namespaces go to
+        #: ``on_peers`` (the claim ranking of ``domain.herd``).
+        self.peers_of = list(peers_of) if on_peers is not None else []
+        self.on_peers = on_peers
         #: What to register: asked at each (re-)registration, so that it says the mode the
         #: worker runs then, not the one it started with.
         self.describe = describe
@@ -81,16 +88,26 @@ class WorkerPresence:
         is registered again under the same id (the worker is still running, after all)."""
         assert self.worker_id is not None, "register() first"
         heartbeat = self.sample()
-        try:
+
+        async def once() -> WorkerStatus:
+            assert self.worker_id is not None
             with anyio.fail_after(CALL_TIMEOUT_S):
-                status = await self.lifecycle.heartbeat(self.worker_id, heartbeat)
+                if self.on_peers is None or not self.peers_of:
+                    return await self.lifecycle.heartbeat(self.worker_id, heartbeat)
+                status, peers = await self.lifecycle.heartbeat_and_peers(
+                    self.worker_id, heartbeat, self.peers_of, self.config.stale_timeout
+                )
+            self.on_peers(peers)
+            return status
+
+        try:
+            status = await once()
         except (WorkerNotFound, InvalidTransition):
             log.warning(
                 "worker %s was removed or deregistered from outside while running; registering again", self.worker_id
             )
             await self.register()
-            with anyio.fail_after(CALL_TIMEOUT_S):
-                status = await self.lifecycle.heartbeat(self.worker_id, heartbeat)
+            status = await once()
         self.heartbeats_sent += 1
         self.last_status = status
         return status

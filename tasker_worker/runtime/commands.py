@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tasker_worker.domain.herd import StepsClaimed
 from tasker_worker.domain.notifications import MessageReady
 from tasker_worker.domain.steps import Source
 
@@ -27,10 +28,17 @@ class ExecuteStepFromEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimsSeen:
+    """Another worker claimed these messages (a ``tasker_claimed.<ns>`` notice)."""
+
+    notice: StepsClaimed
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Stop claiming; in-flight steps finish within the shutdown budget."""
 
     reason: str = "requested"
 
 
-WorkerCommand = ExecuteStep | ExecuteStepFromEvent | Shutdown
+WorkerCommand = ExecuteStep | ExecuteStepFromEvent | ClaimsSeen | Shutdown

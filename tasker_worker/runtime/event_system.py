@@ -50,6 +50,8 @@ class WorkerEventSystem:
         self.probe_sender = probe_sender
         #: Called when a notification arrives on the control channel.
         self.on_control = on_control
+        #: Called when the fleet changed (a worker came, went, or changed mode or namespaces).
+        self.on_fleet_changed: Callable[[], None] | None = None
         send, receive = anyio.create_memory_object_stream[WorkerCommand](config.command_buffer_size)
         self.send: MemoryObjectSendStream[WorkerCommand] = send
         self.receive: MemoryObjectReceiveStream[WorkerCommand] = receive
@@ -75,6 +77,7 @@ class WorkerEventSystem:
                     self._on_connected,
                     self.probe_sender,
                     on_control=self._on_control,
+                    on_fleet_changed=self._on_fleet_changed,
                 )
         else:
             listener = None
@@ -187,6 +190,10 @@ class WorkerEventSystem:
     def _on_control(self) -> None:
         if self.on_control is not None:
             self.on_control()
+
+    def _on_fleet_changed(self) -> None:
+        if self.on_fleet_changed is not None:
+            self.on_fleet_changed()
 
     async def _on_connected(self) -> None:
         self.listening.set()

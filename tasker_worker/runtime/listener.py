@@ -31,10 +31,11 @@ from tasker_worker.config.models import ListenerConfig
 from tasker_worker.db import queries
 from tasker_worker.db.connection import connect
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
+from tasker_worker.domain.herd import StepsClaimed
 from tasker_worker.domain.names import channel_for
 from tasker_worker.domain.notifications import MessageReady
 from tasker_worker.errors import ListenerUnavailable, first_line
-from tasker_worker.runtime.commands import ExecuteStepFromEvent, WorkerCommand
+from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStepFromEvent, WorkerCommand
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,15 @@ class WorkerQueueListener:
         probe_sender: ProbeSender | None = None,
         *,
         on_control: Callable[[], None] | None = None,
+        on_fleet_changed: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
         self.channels = [channel_for(ns) for ns in namespaces]
+        if config.single_claimer:
+            self.channels += [queries.CLAIMED_CHANNEL_PREFIX + ns for ns in namespaces]
+        self.on_fleet_changed = on_fleet_changed
+        if config.single_claimer and on_fleet_changed is not None:
+            self.channels.append(queries.FLEET_CHANNEL)
         self.on_control = on_control
         if on_control is not None:
             self.channels.append(CONTROL_CHANNEL)
@@ -166,6 +173,15 @@ class WorkerQueueListener:
                 if notify.channel == CONTROL_CHANNEL:
                     if self.on_control is not None:
                         self.on_control()
+                    continue
+                if notify.channel == queries.FLEET_CHANNEL:
+                    if self.on_fleet_changed is not None:
+                        self.on_fleet_changed()
+                    continue
+                if notify.channel.startswith(queries.CLAIMED_CHANNEL_PREFIX):
+                    notice = StepsClaimed.from_payload(notify.payload)
+                    if notice is not None:
+                        await self.commands.send(ClaimsSeen(notice))
                     continue
                 event = MessageReady.from_payload(notify.payload)
                 if event is not None:

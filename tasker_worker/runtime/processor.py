@@ -27,12 +27,14 @@ from psycopg_pool import AsyncConnectionPool
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db.queue_client import QueueClient, RetryRequest
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
+from tasker_worker.domain.herd import ClaimedMemory, ClaimRanking
+from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.notifications import MessageReady
 from tasker_worker.domain.steps import ClaimedMessage, Source
 from tasker_worker.errors import TaskerError
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.logs import error_fields
-from tasker_worker.runtime.commands import ExecuteStep, ExecuteStepFromEvent, Shutdown, WorkerCommand
+from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStep, ExecuteStepFromEvent, Shutdown, WorkerCommand
 from tasker_worker.runtime.executor import HandlerExecutor
 from tasker_worker.runtime.stats import WorkerStats
 from tasker_worker.runtime.steps import READY_MARGIN_S, STEP_ASSIGNMENT_REJECTED, VT_MARGIN_S, StepRunner
@@ -55,12 +57,15 @@ MAX_WRITE_RESERVE_S = 2.0
 @dataclass
 class _QueueState:
     name: str
+    namespace: str = ""
     wake: anyio.Event = field(default_factory=anyio.Event)
     woken_by_event: bool = False
     # (min_id, max_id, explicit ids) of recent notifications, to detect missed wakeups
     announced: deque[tuple[int, int, frozenset[int]]] = field(default_factory=lambda: deque(maxlen=ANNOUNCED_MEMORY))
     #: msg_id -> monotonic time until which this worker does not claim it (steps.LEAVE_REJECTED_S)
     rejected: dict[int, float] = field(default_factory=dict)
+    #: Messages recently claimed by anyone (``StepsClaimed`` notices and this worker's claims).
+    claimed: ClaimedMemory = field(default_factory=ClaimedMemory)
 
     def poke(self, source: Source) -> None:
         if source is Source.EVENT:
@@ -100,13 +105,17 @@ class CommandProcessor:
         stats: WorkerStats,
         state: Any = None,
         listening_since: Callable[[], float | None] = lambda: None,
+        ranking: ClaimRanking | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
         self.client = client
         self.stats = stats
         self.listening_since = listening_since
-        self.queues = {q: _QueueState(q) for q in queues}
+        #: Who claims a notified message first (None: this worker claims every notification).
+        self.ranking = ranking if config.event_system.listener.single_claimer else None
+        self.claim_grace = config.event_system.listener.claim_grace.total_seconds()
+        self.queues = {q: _QueueState(q, namespace_of(q) or q) for q in queues}
         self.steps = StepRunner(
             config=config,
             worker_id=worker_id,
@@ -125,7 +134,10 @@ class CommandProcessor:
         poller = config.event_system.fallback_poller
         self.batch_size = poller.batch_size
         self.refill_at = max(1, min(self.batch_size, self.max_concurrent) // 2)
-        self._timers: list[tuple[float, str, Source]] = []
+        #: (due, sequence, queue, source, ids): a wakeup of ``queue``; with ``ids``, only if one
+        #: of them is not known to be claimed by then (a deferred claim, ``domain.herd``).
+        self._timers: list[tuple[float, int, str, Source, tuple[int, ...] | None]] = []
+        self._timer_seq = 0
         self._timer_changed = anyio.Event()
         self._probe_wanted = anyio.Event()
         self._probe_source = Source.POLL
@@ -197,6 +209,11 @@ class CommandProcessor:
             log.debug("command", extra={"command_type": type(command).__name__})
         if isinstance(command, ExecuteStepFromEvent):
             self._on_event(command.event)
+        elif isinstance(command, ClaimsSeen):
+            notice = command.notice
+            seen = self.queues.get(notice.queue)
+            if seen is not None:
+                seen.claimed.add(notice.msg_ids, *((notice.lo, notice.hi) if notice.truncated else (None, None)))
         elif isinstance(command, ExecuteStep):
             if command.queue in self.queues:
                 self.queues[command.queue].poke(command.source)
@@ -228,19 +245,38 @@ class CommandProcessor:
         lo = event.min_msg_id if event.min_msg_id is not None else min(event.msg_ids, default=0)
         hi = event.max_msg_id if event.max_msg_id is not None else max(event.msg_ids, default=-1)
         qs.announced.append((lo, hi, frozenset(event.msg_ids)))
+        wait = 0.0
         if event.ready_at is not None:
             wait = (event.ready_at - datetime.now(UTC)).total_seconds()
-            if wait > 0.005:
-                self.schedule(qs.name, wait + READY_MARGIN_S, Source.EVENT)
+            wait = wait + READY_MARGIN_S if wait > 0.005 else 0.0
+        ranking = self.ranking
+        if ranking is not None and ranking.fleet(qs.namespace) > 1:
+            rank = ranking.rank(qs.namespace, lo)
+            first = ranking.immediate(qs.namespace, event.message_count, self.batch_size)
+            if rank >= first:
+                # Another worker is first in line: come back after the grace, and claim only if
+                # it has not (see domain/herd.py).
+                ids = event.msg_ids if hi in event.msg_ids or not event.msg_ids else (*event.msg_ids, hi)
+                self.stats.incr("claims_deferred")
+                self._push_timer(wait + self.claim_grace * (rank - first + 1), qs.name, Source.EVENT, ids or (hi,))
                 return
+        if wait > 0:
+            self.schedule(qs.name, wait, Source.EVENT)
+            return
         qs.poke(Source.EVENT)
 
     def schedule(self, queue: str, delay_s: float, source: Source) -> None:
         """Wake ``queue`` after ``delay_s`` (delayed messages, retries)."""
+        self._push_timer(delay_s, queue, source, None)
+
+    def _push_timer(self, delay_s: float, queue: str, source: Source, ids: tuple[int, ...] | None) -> None:
         if len(self._timers) >= MAX_TIMERS:
             self.stats.incr("timers_dropped")
+            if ids is not None:  # a deferred claim must not be lost: claim now instead
+                self.queues[queue].poke(source)
             return
-        heapq.heappush(self._timers, (anyio.current_time() + max(0.0, delay_s), queue, source))
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (anyio.current_time() + max(0.0, delay_s), self._timer_seq, queue, source, ids))
         self._timer_changed.set()
 
     async def _timer_loop(self) -> None:
@@ -249,17 +285,23 @@ class CommandProcessor:
             if not self._timers:
                 await self._timer_changed.wait()
                 continue
-            due, queue, source = self._timers[0]
+            due, _, queue, source, ids = self._timers[0]
             wait = due - anyio.current_time()
             if wait > 0:
                 with anyio.move_on_after(wait):
                     await self._timer_changed.wait()
                 continue
             heapq.heappop(self._timers)
+            qs = self.queues[queue]
+            needed = ids is None or not qs.claimed.covers(ids)
             # Timers for the same queue and moment collapse into one wakeup.
-            while self._timers and self._timers[0][1] == queue and self._timers[0][0] <= due + 0.01:
-                heapq.heappop(self._timers)
-            self.queues[queue].poke(source)
+            while self._timers and self._timers[0][2] == queue and self._timers[0][0] <= due + 0.01:
+                more = heapq.heappop(self._timers)[4]
+                needed = needed or more is None or not qs.claimed.covers(more)
+            if ids is not None:
+                self.stats.incr("claims_taken_over" if needed else "claims_left_to_peers")
+            if needed:
+                qs.poke(source)
 
     async def _probe_loop(self) -> None:
         """Wake only the queues that have a visible message, asked in one statement: a poll of
@@ -308,6 +350,8 @@ class CommandProcessor:
                 circuits = self.steps.circuits
                 skip = circuits.skipped() if circuits.circuits else ()
                 skip_msgs = qs.left_alone(time.monotonic()) if qs.rejected else ()
+                # With peers listening, say what was claimed, so that they need not look.
+                with_peers = self.ranking is not None and self.ranking.fleet(qs.namespace) > 1
                 try:
                     msgs = await self.client.claim(
                         qs.name,
@@ -317,6 +361,7 @@ class CommandProcessor:
                         worker_id=self.worker_id,
                         skip_handlers=skip,
                         skip_msgs=skip_msgs,
+                        announce=with_peers,
                     )
                     backoff.succeeded()
                 except TRANSIENT_DB_ERRORS as exc:
@@ -336,6 +381,8 @@ class CommandProcessor:
                     continue
                 self.stats.incr(f"claims_{source.value}")
                 self.stats.incr(f"claimed_{source.value}", len(msgs))
+                if with_peers and msgs:
+                    qs.claimed.add(m.msg_id for m in msgs)
                 for msg in msgs:
                     self._accept(qs, msg)
                 if len(msgs) < want:

@@ -40,6 +40,7 @@ from tasker_worker.db import migrations
 from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
+from tasker_worker.domain.herd import ClaimRanking
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
@@ -61,6 +62,9 @@ from tasker_worker.runtime.processor import CommandProcessor
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
+
+#: After a fleet change is heard, wait this long for more before re-reading the fleet once.
+FLEET_SETTLE_S = 0.05
 
 #: A service started beside the worker once it is ready (e.g. the HTTP API); cancelled at stop.
 Service = Callable[["Worker"], Coroutine[Any, Any, None]]
@@ -106,6 +110,7 @@ class Worker(RegistersHandlers):
         self._stop_requested = anyio.Event()
         self._stop_reason = "requested"
         self._deadline = float("inf")
+        self._fleet_changed = anyio.Event()
         self._hard_scope: anyio.CancelScope | None = None
 
     # --- registration: handler() and periodic() come from RegistersHandlers ------------------
@@ -181,10 +186,16 @@ class Worker(RegistersHandlers):
             for ns in self.namespaces:
                 await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
             lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
+            ranking: ClaimRanking | None = None
             if self.config.registry.enabled:
                 # Registered before anything is claimed, so every step event names a known worker.
                 self.presence = WorkerPresence(lifecycle, self._registration, self.config.registry, self._heartbeat)
                 self.worker_id = await self.presence.register()
+                # Each heartbeat brings the live listening workers of our namespaces, so that a
+                # notification is claimed by one of them, not by all (domain/herd.py).
+                ranking = ClaimRanking(self.worker_id)
+                self.presence.peers_of = list(self.namespaces)
+                self.presence.on_peers = ranking.update
             logs.bind(
                 worker_id=self.worker_id,
                 worker_name=self.config.worker.name,
@@ -215,6 +226,8 @@ class Worker(RegistersHandlers):
                 reload_config=self.reload_config,
             )
             event_system.on_control = control.wake
+            if ranking is not None:
+                event_system.on_fleet_changed = self._note_fleet_changed
             self.control = control
             processor = CommandProcessor(
                 config=self.config,
@@ -227,6 +240,7 @@ class Worker(RegistersHandlers):
                 stats=self.stats,
                 state=self.state,
                 listening_since=event_system.listening_since,
+                ranking=ranking,
             )
             self.processor = processor
             executor.start()
@@ -248,6 +262,8 @@ class Worker(RegistersHandlers):
                     tg.start_soon(control.run)
                     if self.presence is not None:
                         tg.start_soon(self.presence.run)
+                        if ranking is not None:
+                            tg.start_soon(self._follow_fleet, lifecycle, ranking)
                     if self.supervision is not None:
                         tg.start_soon(self.supervision.run)
                     for job in self.registry.periodic_jobs:
@@ -311,6 +327,22 @@ class Worker(RegistersHandlers):
         if self.control is None:
             raise UsageError("set_mode needs a running worker (call it once `ready` is set)")
         return await self.control.set_mode(DeploymentMode(mode), source=source)
+
+    def _note_fleet_changed(self) -> None:
+        self._fleet_changed.set()
+
+    async def _follow_fleet(self, lifecycle: WorkerLifecycle, ranking: ClaimRanking) -> None:
+        """Re-read the live listening workers of our namespaces whenever the fleet changes
+        (between heartbeats, which read them too), so that the claim ranking includes a worker
+        from the moment it registers and drops it when it leaves."""
+        while True:
+            await self._fleet_changed.wait()
+            await anyio.sleep(FLEET_SETTLE_S)  # a fleet starting together: one read for all of it
+            self._fleet_changed = anyio.Event()
+            try:
+                ranking.update(await lifecycle.listening_peers(self.namespaces, self.config.registry.stale_timeout))
+            except TRANSIENT_DB_ERRORS as exc:
+                log.warning("reading the fleet failed (%s); the next heartbeat reads it", first_line(exc))
 
     async def _run_sources(self, event_system: WorkerEventSystem, scope: anyio.CancelScope) -> None:
         with scope:
