@@ -217,7 +217,7 @@ class StatementLog:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"ALTER DATABASE {dbname} SET log_statement = 'all'")
             # A server-wide setting: fine on the temporary server this class is meant for.
-            conn.execute("ALTER SYSTEM SET log_line_prefix = '[db=%d] '")
+            conn.execute("ALTER SYSTEM SET log_line_prefix = '[db=%d] [app=%a] '")
             conn.execute("SELECT pg_reload_conf()")
 
     def mark(self) -> None:
@@ -231,6 +231,43 @@ class StatementLog:
             f.seek(self._offset)
             text = f.read().decode("utf-8", "replace")
         return sum(1 for line in text.splitlines() if line.startswith(tag) and self.LINE.search(line))
+
+    #: How a logged statement of the step path is recognised (any other is "other").
+    KINDS = (
+        ("claim", "FOR UPDATE SKIP LOCKED"),
+        ("settle", "jsonb_to_recordset"),
+        ("probe", "WHERE EXISTS (SELECT 1 FROM"),
+    )
+    #: Transaction control is not a statement of its own for these counts.
+    CONTROL = re.compile(r"^(BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE)\b", re.I)
+
+    def counts(self, exclude_app: str | None = None) -> dict[str, int]:
+        """Statements of the database logged since ``mark`` by kind (``claim``, ``settle``,
+        ``probe``, ``other``), leaving out the sessions of ``exclude_app`` and BEGIN/COMMIT."""
+        tag = f"[db={self.dbname}] "
+        with self.log_file.open("rb") as f:
+            f.seek(self._offset)
+            text = f.read().decode("utf-8", "replace")
+        entries: list[list[str]] = []
+        for line in text.splitlines():
+            if line.startswith("[db="):
+                entries.append([line])
+            elif entries:
+                entries[-1].append(line)  # a statement's continuation lines
+        out: dict[str, int] = {}
+        for entry in entries:
+            head = entry[0]
+            match = self.LINE.search(head)
+            if not head.startswith(tag) or match is None:
+                continue
+            if exclude_app is not None and f"[app={exclude_app}] " in head:
+                continue
+            statement = "\n".join([head[match.end() :], *entry[1:]]).strip()
+            if self.CONTROL.match(statement):
+                continue
+            kind = next((k for k, marker in self.KINDS if marker in statement), "other")
+            out[kind] = out.get(kind, 0) + 1
+        return out
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str = "") -> None:
