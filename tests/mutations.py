@@ -357,6 +357,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         (S + "test_a_silent_first_choice_is_taken_over_after_the_grace",),
     ),
     Mutation(
+        "herd_trusts_stale_claims",
+        "a message announced ready again is claimed again, whatever was claimed before",
+        (Edit("tasker_worker/runtime/processor.py", "        qs.claimed.forget(event.msg_ids or (lo,))\n", ""),),
+        ("tests/test_planning.py::test_a_step_given_back_reaches_a_capable_event_driven_worker",),
+    ),
+    Mutation(
         "probe_finds_nothing",
         "the one-statement safety poll finds the queues that have visible messages",
         (

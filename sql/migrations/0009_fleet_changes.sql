@@ -1,4 +1,4 @@
--- tasker-worker 0009: workers hear at once when the fleet changes.
+-- tasker-worker 0009: workers hear at once when the fleet changes; the supervisor may prune outcomes.
 --
 -- A notified message is claimed by the worker ranked first among the live listening workers of
 -- its namespace (domain/herd.py). Each worker reads that list with its heartbeat; a worker that
@@ -22,3 +22,13 @@ DROP TRIGGER IF EXISTS tasker_fleet_changed ON tasker.workers;
 CREATE TRIGGER tasker_fleet_changed
     AFTER INSERT OR DELETE OR UPDATE OF status, deployment_mode, namespaces ON tasker.workers
     FOR EACH STATEMENT EXECUTE FUNCTION tasker.notify_fleet_changed();
+
+-- Retention (fleet/retention.py) runs in the elected supervisor, which is a worker: workers may
+-- delete outcome rows (the job deletes only rows past the retention horizon).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tasker_worker') THEN
+        GRANT DELETE ON tasker.step_results TO tasker_worker;
+    END IF;
+END;
+$$;

@@ -116,6 +116,18 @@ class ClaimedMemory:
         if lo is not None and hi is not None:
             self._ranges.append((lo, hi))
 
+    def forget(self, ids: Iterable[int]) -> None:
+        """These messages are ready again (a notification said so after their claim: released,
+        given back to a capable worker): a later claim must be seen anew."""
+        gone = set(ids) & self._ids
+        if gone:
+            self._ids -= gone
+        if self._ranges:
+            kept = [(lo, hi) for lo, hi in self._ranges if not any(lo <= i <= hi for i in ids)]
+            if len(kept) != len(self._ranges):
+                self._ranges.clear()
+                self._ranges.extend(kept)
+
     def covers(self, ids: Iterable[int]) -> bool:
         """Whether every one of ``ids`` is known to be claimed."""
         for i in ids:

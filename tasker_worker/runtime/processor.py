@@ -245,6 +245,9 @@ class CommandProcessor:
         lo = event.min_msg_id if event.min_msg_id is not None else min(event.msg_ids, default=0)
         hi = event.max_msg_id if event.max_msg_id is not None else max(event.msg_ids, default=-1)
         qs.announced.append((lo, hi, frozenset(event.msg_ids)))
+        # Announced now, so ready now (or at ready_at): an earlier claim of these ids no longer
+        # counts (notifications arrive in commit order, a later claim's notice after this).
+        qs.claimed.forget(event.msg_ids or (lo,))
         wait = 0.0
         if event.ready_at is not None:
             wait = (event.ready_at - datetime.now(UTC)).total_seconds()
