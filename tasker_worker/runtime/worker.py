@@ -343,6 +343,9 @@ class Worker(RegistersHandlers):
                 ranking.update(await lifecycle.listening_peers(self.namespaces, self.config.registry.stale_timeout))
             except TRANSIENT_DB_ERRORS as exc:
                 log.warning("reading the fleet failed (%s); the next heartbeat reads it", first_line(exc))
+            except Exception:
+                # The ranking only saves claims: a failure here must not stop the worker's steps.
+                log.exception("reading the fleet failed; the next heartbeat reads it")
 
     async def _run_sources(self, event_system: WorkerEventSystem, scope: anyio.CancelScope) -> None:
         with scope:
