@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -225,6 +225,16 @@ class RegistryConfig(_Section):
         return value
 
 
+def _valid_namespace_keys(value: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a per-namespace table must be valid namespaces (the CLI's and SQL's rule)."""
+    for key in value:
+        try:
+            validate_namespace(key)
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
 class QueueNamespaceConfig(_Section):
     """``[queues.namespaces.<ns>]``: settings of one namespace's queue."""
 
@@ -246,12 +256,7 @@ class QueuesConfig(_Section):
     @field_validator("namespaces")
     @classmethod
     def _namespace_keys(cls, value: dict[str, QueueNamespaceConfig]) -> dict[str, QueueNamespaceConfig]:
-        for key in value:
-            try:
-                validate_namespace(key)
-            except InvalidName as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return _valid_namespace_keys(value)
 
     def archive_for(self, namespace: str) -> bool:
         """Whether settled messages of ``namespace`` are archived."""
@@ -320,12 +325,7 @@ class RetentionConfig(_Section):
     @field_validator("namespaces")
     @classmethod
     def _namespace_keys(cls, value: dict[str, RetentionNamespaceConfig]) -> dict[str, RetentionNamespaceConfig]:
-        for key in value:
-            try:
-                validate_namespace(key)
-            except InvalidName as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return _valid_namespace_keys(value)
 
     def outcomes_for(self, namespace: str) -> timedelta:
         """How long ``namespace``'s outcome rows are kept."""
