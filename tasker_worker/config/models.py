@@ -18,8 +18,8 @@ from tasker_worker.config.durations import Duration, format_duration
 
 # Re-exported: the configuration names its starting mode with it.
 from tasker_worker.domain.modes import DeploymentMode as DeploymentMode
-from tasker_worker.domain.names import validate_namespace
-from tasker_worker.errors import ConfigError, InvalidName
+from tasker_worker.domain.names import checked_namespaces
+from tasker_worker.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -140,10 +140,7 @@ class WorkerConfig(_Section):
     def _namespaces(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one namespace is required")
-        try:
-            return [validate_namespace(v) for v in value]
-        except InvalidName as exc:
-            raise ValueError(str(exc)) from None
+        return checked_namespaces(value)
 
 
 class RetryConfig(_Section):
@@ -227,11 +224,7 @@ class RegistryConfig(_Section):
 
 def _valid_namespace_keys(value: dict[str, Any]) -> dict[str, Any]:
     """The keys of a per-namespace table must be valid namespaces (the CLI's and SQL's rule)."""
-    for key in value:
-        try:
-            validate_namespace(key)
-        except InvalidName as exc:
-            raise ValueError(str(exc)) from None
+    checked_namespaces(value)
     return value
 
 

@@ -119,6 +119,8 @@ class ClaimedMemory:
     def forget(self, ids: Iterable[int]) -> None:
         """These messages are ready again (a notification said so after their claim: released,
         given back to a capable worker): a later claim must be seen anew."""
+        if not self._ids and not self._ranges:
+            return  # nothing remembered (a worker without peers): nothing to do per notification
         gone = set(ids) & self._ids
         if gone:
             self._ids -= gone

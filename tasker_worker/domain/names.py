@@ -9,6 +9,7 @@ enforced in SQL (``tasker.validate_namespace``) so that plain-SQL producers get 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from tasker_worker.errors import InvalidName
 
@@ -71,3 +72,12 @@ def channel_for(namespace: str) -> str:
 
 
 GLOBAL_CHANNEL = "pgmq_message_ready"
+
+
+def checked_namespaces(names: Iterable[str]) -> list[str]:
+    """``names``, each validated; ``ValueError`` with the reason otherwise, which a pydantic
+    validator reports as an error of its field (config, the API's registration)."""
+    try:
+        return [validate_namespace(name) for name in names]
+    except InvalidName as exc:
+        raise ValueError(str(exc)) from None

@@ -21,8 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasker_worker.domain.modes import DeploymentMode
-from tasker_worker.domain.names import validate_namespace
-from tasker_worker.errors import InvalidName, InvalidTransition
+from tasker_worker.domain.names import checked_namespaces
+from tasker_worker.errors import InvalidTransition
 
 
 class WorkerStatus(enum.StrEnum):
@@ -117,11 +117,7 @@ class WorkerRegistration(BaseModel):
     @classmethod
     def _valid_namespaces(cls, value: list[str]) -> list[str]:
         # The rules of the config and the CLI (and of tasker.validate_namespace in SQL).
-        for namespace in value:
-            try:
-                validate_namespace(namespace)
-            except InvalidName as exc:
-                raise ValueError(str(exc)) from None
+        checked_namespaces(value)
         return value
 
     @field_validator("capabilities")
