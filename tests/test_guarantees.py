@@ -10,7 +10,6 @@ when that guarantee is broken (``tests/mutations.py`` breaks them one by one to 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -27,7 +26,7 @@ from tasker_worker.testing import (
     fetch,
     fetch_value,
     make_config,
-    outcome_counter,
+    outcomes_at_least,
     running_worker,
     send_steps,
     wait_until,
@@ -55,15 +54,6 @@ def in_flight(worker: Worker) -> int:
     return 0 if worker.processor is None else len(worker.processor.steps.in_flight)
 
 
-def counts(url: str, n: int) -> Callable[[], Any]:
-    count = outcome_counter(url)
-
-    async def check() -> bool:
-        return await count() >= n
-
-    return check
-
-
 # --- vt extension -----------------------------------------------------------------------------
 
 
@@ -87,7 +77,7 @@ async def test_a_step_slower_than_its_vt_is_never_claimed_by_anyone_else(url: st
     async with running_worker(url, config, registry=reg, state=state) as first:
         async with running_worker(url, config, registry=reg, state=state) as second:
             [body] = await send_steps(url, NS, "ledger", [{"sleep": 3.0}])
-            await wait_until(counts(url, 1), timeout=20)
+            await wait_until(outcomes_at_least(url, 1), timeout=20)
     [(attempts, worker_id)] = await fetch(url, "SELECT attempts, worker_id FROM tasker.step_results")
     assert attempts == 1, "the message was claimed again while its step ran"
     assert await fetch(url, "SELECT step_uuid::text, attempt FROM public.ledger") == [(body["step_uuid"], 1)]
@@ -161,7 +151,7 @@ async def test_a_stale_holder_cannot_write_anything_about_a_step_taken_over(url:
             for name in ("succeeded", "retried", "dead_lettered", "failed"):
                 assert counter(a, name) == 0, name
             b_state.gate.set()
-            await wait_until(counts(url, 1), timeout=10)
+            await wait_until(outcomes_at_least(url, 1), timeout=10)
     [(status, result, attempts, worker_id)] = await fetch(
         url, "SELECT status, result, attempts, worker_id FROM tasker.step_results"
     )
@@ -212,7 +202,7 @@ async def test_a_failed_attempt_stays_invisible_for_its_backoff_attempt_by_attem
                 interval=0.01,
             )
             waits.append(float(row[0][1]))
-        await wait_until(counts(url, 1), timeout=10)
+        await wait_until(outcomes_at_least(url, 1), timeout=10)
     for attempt, waited in enumerate(waits, start=1):
         assert waited >= EXPECTED_BACKOFF[attempt], (attempt, waits)
     # The claims themselves, on the server's clock: no attempt began before its delay was over.
@@ -301,7 +291,7 @@ async def test_a_resent_step_is_not_run_again_while_a_circuit_is_open(url: str) 
     )
     async with running_worker(url, config, registry=reg, state=types.SimpleNamespace(ledger_url=url)) as worker:
         [body] = await send_steps(url, NS, "ledger", [{}])
-        await wait_until(counts(url, 1), timeout=10)
+        await wait_until(outcomes_at_least(url, 1), timeout=10)
         await send_steps(url, NS, "down", [{}])
         await wait_until(lambda: "down" in worker.status()["circuits"], timeout=10)
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
@@ -354,7 +344,7 @@ async def test_one_step_run_by_two_workers_at_once_records_and_commits_once(url:
         async with running_worker(url, config, registry=reg, state=b_state) as b:
             await wait_until(lambda: in_flight(b) == 1, timeout=10)
             a_state.gate.set()
-            await wait_until(counts(url, 1), timeout=10)
+            await wait_until(outcomes_at_least(url, 1), timeout=10)
             b_state.gate.set()
             await wait_until(lambda: in_flight(b) == 0, timeout=10)
     assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0

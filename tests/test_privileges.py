@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.handlers.registry import HandlerRegistry
-from tasker_worker.testing import fetch, make_config, outcome_counter, running_worker, wait_until
+from tasker_worker.testing import fetch, make_config, outcomes_at_least, running_worker, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 NS = "least"
@@ -146,9 +146,7 @@ async def test_a_fleet_runs_as_worker_roles_and_a_producer_as_a_producer_role(
                 "SELECT pgmq.send('worker_second_queue', %s)", (Jsonb(StepMessage.build("second", "flaky", {"n": 99})),)
             )
             await p.execute("SELECT tasker.send_step(%s, 'no_such_handler')", (NS,))
-            count = outcome_counter(logins["producer"])
-            await wait_until(lambda: count(), timeout=5)
-            await wait_until(_at_least(count, 12), timeout=20)
+            await wait_until(outcomes_at_least(logins["producer"], 12), timeout=20)
             rows = await (
                 await p.execute("SELECT status, count(*) FROM tasker.step_results GROUP BY 1 ORDER BY 1")
             ).fetchall()
@@ -164,13 +162,6 @@ async def test_a_fleet_runs_as_worker_roles_and_a_producer_as_a_producer_role(
     assert denied == []
     workers = await fetch(db_url, "SELECT status, last_heartbeat_at IS NOT NULL FROM tasker.workers")
     assert workers == [("deregistered", True)] * 2
-
-
-def _at_least(count: Any, n: int) -> Any:
-    async def check() -> bool:
-        return bool(await count() >= n)
-
-    return check
 
 
 def _cli(url: str, tmp: Path, *argv: str) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,7 @@ from tasker_worker.testing import (
     fetch_value,
     make_config,
     outcome_counter,
+    outcomes_at_least,
     running_worker,
     send_steps,
     wait_until,
@@ -79,7 +80,7 @@ async def test_every_message_handled_exactly_once(url: str, mode: str) -> None:
         delayed = await send_steps(url, NS, "ledger", [{"i": i} for i in range(5)], delay=1)
         in_tx = await send_steps(url, NS, "ledger", [{"in_tx": True} for _ in range(5)])
         bodies = early + single + batch + delayed + in_tx
-        await wait_until(_count_is(url, len(bodies)), timeout=30)
+        await wait_until(outcomes_at_least(url, len(bodies)), timeout=30)
     # Read after shutdown: an outcome row commits a moment before the worker counts it.
     counters = worker.status()["counters"]
     await assert_exactly_once(url, bodies)
@@ -106,14 +107,14 @@ async def test_missed_wakeups_count_only_messages_sent_while_listening(url: str)
     )
     early = await send_steps(url, NS, "ledger", [{"i": i} for i in range(30)])
     async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
-        await wait_until(_count_is(url, len(early)), timeout=20)
+        await wait_until(outcomes_at_least(url, len(early)), timeout=20)
         assert worker.status()["counters"]["missed_wakeups"] == 0
         [silent] = [StepMessage.build(NS, "ledger", {})]
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             # With triggers off (replica role) the insert sends no notification: a lost wakeup.
             await conn.execute("SET session_replication_role = replica")
             await conn.execute(f"INSERT INTO pgmq.q_{QUEUE} (vt, message) VALUES (now(), %s)", (Jsonb(silent),))
-        await wait_until(_count_is(url, len(early) + 1), timeout=20)
+        await wait_until(outcomes_at_least(url, len(early) + 1), timeout=20)
     counters = worker.status()["counters"]
     assert counters["missed_wakeups"] == 1
     await assert_exactly_once(url, [*early, silent])
@@ -130,7 +131,7 @@ async def test_archive_is_kept_only_where_configured(url: str) -> None:
     async with running_worker(url, config):
         plain = await send_steps(url, "plain", "noop", [{"i": i} for i in range(5)])
         kept = await send_steps(url, "kept", "noop", [{"i": i} for i in range(5)], batch=True)
-        await wait_until(_count_is(url, 10), timeout=20)
+        await wait_until(outcomes_at_least(url, 10), timeout=20)
     assert await fetch_value(url, "SELECT count(*) FROM pgmq.q_worker_plain_queue") == 0
     assert await fetch_value(url, "SELECT count(*) FROM pgmq.a_worker_plain_queue") == 0
     assert await fetch_value(url, "SELECT count(*) FROM pgmq.q_worker_kept_queue") == 0
@@ -143,15 +144,6 @@ async def test_archive_is_kept_only_where_configured(url: str) -> None:
     assert all(r[1] == 1 and r[2] for r in archived)
     recorded = await fetch(url, "SELECT namespace, count(*) FROM tasker.step_results GROUP BY 1 ORDER BY 1")
     assert recorded == [("kept", 5), ("plain", len(plain))]
-
-
-def _count_is(url: str, n: int) -> Any:
-    counter = outcome_counter(url)
-
-    async def check() -> bool:
-        return await counter() >= n
-
-    return check
 
 
 @pytest.mark.anyio
@@ -186,7 +178,7 @@ async def test_handler_slower_than_vt_is_not_run_twice(url: str) -> None:
     )
     bodies = await send_steps(url, NS, "ledger", [{"sleep": 2.5}, {"sleep": 2.5}])
     async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
-        await wait_until(_count_is(url, 2), timeout=20)
+        await wait_until(outcomes_at_least(url, 2), timeout=20)
     counters = worker.status()["counters"]
     assert counters["vt_extensions"] >= 2
     await assert_exactly_once(url, bodies)
@@ -217,7 +209,7 @@ async def test_dependency_unavailable_is_released_without_attempts_but_bounded(u
     )
     async with running_worker(url, config, registry=reg, state=state):
         await send_steps(url, NS, "needs_service", [{}])
-        await wait_until(_count_is(url, 1), timeout=20)
+        await wait_until(outcomes_at_least(url, 1), timeout=20)
     # Three releases use no attempt; after them each failure counts: 3 + max_attempts runs.
     assert state.runs == 3 + 2
     [(status, reason, releases)] = await fetch(
@@ -281,7 +273,7 @@ async def test_malformed_and_unknown_messages_are_dead_lettered_worker_keeps_goi
         await send_steps(url, NS, "fail", [{"mode": "failed", "reason": "no_path"}])
         good = await send_steps(url, NS, "ledger", [{"i": i} for i in range(10)])
         await wait_until(_queue_empty(url), timeout=15)
-        await wait_until(_count_is(url, 13), timeout=15)
+        await wait_until(outcomes_at_least(url, 13), timeout=15)
     assert worker.status()["counters"]["dead_lettered"] == 7
     rows = await fetch(url, f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{QUEUE}_dlq ORDER BY msg_id")
     assert [r[0] for r in rows] == ["malformed_message"] * 5 + ["unknown_handler", "non_retryable_error"]
@@ -316,7 +308,7 @@ async def test_listener_killed_reconnects_and_catches_up(url: str, mode: str) ->
         listener = worker.event_system.listener  # type: ignore[union-attr]
         assert listener is not None
         first = await send_steps(url, NS, "ledger", [{"i": i} for i in range(5)])
-        await wait_until(_count_is(url, 5), timeout=10)
+        await wait_until(outcomes_at_least(url, 5), timeout=10)
         old_pid = listener.backend_pid
         assert old_pid is not None
         # Sent with no notification (triggers off), as if while the listener was deaf.
@@ -326,10 +318,10 @@ async def test_listener_killed_reconnects_and_catches_up(url: str, mode: str) ->
             for body in deaf:
                 await conn.execute(f"INSERT INTO pgmq.q_{QUEUE} (vt, message) VALUES (now(), %s)", (Jsonb(body),))
         await _terminate(url, old_pid)
-        await wait_until(_count_is(url, 10), timeout=10)
+        await wait_until(outcomes_at_least(url, 10), timeout=10)
         await wait_until(lambda: listener.backend_pid not in (None, old_pid), timeout=10)
         third = await send_steps(url, NS, "ledger", [{"i": i} for i in range(5)])
-        await wait_until(_count_is(url, 15), timeout=10)
+        await wait_until(outcomes_at_least(url, 15), timeout=10)
     counters = worker.status()["counters"]
     assert counters["listener_reconnects"] >= 1
     await assert_exactly_once(url, first + deaf + third)
@@ -340,14 +332,14 @@ async def test_pooled_connections_killed_worker_recovers(url: str) -> None:
     config = make_config(mode="Hybrid", namespaces=[NS])
     async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)):
         first = await send_steps(url, NS, "ledger", [{} for _ in range(5)])
-        await wait_until(_count_is(url, 5), timeout=10)
+        await wait_until(outcomes_at_least(url, 5), timeout=10)
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
             )
         second = await send_steps(url, NS, "ledger", [{} for _ in range(5)])
-        await wait_until(_count_is(url, 10), timeout=20)
+        await wait_until(outcomes_at_least(url, 10), timeout=20)
     await assert_exactly_once(url, first + second)
 
 
@@ -378,7 +370,7 @@ async def test_event_driven_only_refuses_to_start_when_listen_does_not_deliver(u
         assert worker.event_system is not None and worker.event_system.listener is None
         assert "transaction-pooling" in (worker.event_system.listener_disabled_reason or "")
         await send_steps(url, NS, "noop", [{}])
-        await wait_until(_count_is(url, 1), timeout=10)
+        await wait_until(outcomes_at_least(url, 1), timeout=10)
 
 
 @pytest.mark.anyio
@@ -386,7 +378,7 @@ async def test_graceful_shutdown_releases_unfinished_steps(url: str) -> None:
     config = make_config(mode="Hybrid", namespaces=[NS], overrides={"worker.shutdown_timeout": "500ms"})
     async with running_worker(url, config) as worker:
         await send_steps(url, NS, "sleep", [{"seconds": 0.05}] * 3 + [{"seconds": 30}] * 2, timeout=60)
-        await wait_until(_count_is(url, 3), timeout=10)
+        await wait_until(outcomes_at_least(url, 3), timeout=10)
         await wait_until(
             lambda: worker.processor is not None and len(worker.processor.steps.in_flight) == 2, timeout=10
         )
@@ -510,7 +502,7 @@ async def test_a_finished_handler_frees_its_slot_while_its_outcome_waits_for_the
             untouched = await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE} WHERE read_ct = 0")
             assert untouched == 2
             await locker.rollback()
-            await wait_until(_count_is(url, 6), timeout=10)
+            await wait_until(outcomes_at_least(url, 6), timeout=10)
     assert len(set(started)) == len(started) == 6
     outcomes = await fetch(url, "SELECT step_uuid::text, status FROM tasker.step_results ORDER BY 1")
     assert outcomes == [(u, "succeeded") for u in sorted(b["step_uuid"] for b in bodies)]
@@ -533,7 +525,7 @@ async def test_a_nul_character_in_a_result_or_an_error_is_stored_not_fatal(url: 
     async with running_worker(url, config, registry=reg):
         bodies = await send_steps(url, NS, "nul", [{}, {"fail": True}], batch=True)
         bodies += await send_steps(url, NS, "noop", [{"i": i} for i in range(5)], batch=True)
-        await wait_until(_count_is(url, len(bodies)), timeout=20)
+        await wait_until(outcomes_at_least(url, len(bodies)), timeout=20)
     rows = dict(await fetch(url, "SELECT step_uuid::text, coalesce(result, error) FROM tasker.step_results"))
     assert rows[bodies[0]["step_uuid"]] == {"text": "a\ufffdb", "k\ufffd": "v"}
     assert rows[bodies[1]["step_uuid"]]["message"] == "bad\ufffdmessage"

@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.runtime.worker import Worker
-from tasker_worker.testing import make_config, outcome_counter, running_worker, wait_until
+from tasker_worker.testing import make_config, outcomes_at_least, running_worker, wait_until
 
 MANY = [f"ns{i:02d}" for i in range(20)]
 
@@ -34,16 +34,11 @@ async def test_an_idle_poll_asks_once_for_all_namespaces(db_url: str) -> None:
         body = StepMessage.build("ns07", "noop", {})
         async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
             await conn.execute("SELECT pgmq.send('worker_ns07_queue', %s)", (Jsonb(body),))
-        count = outcome_counter(db_url)
-        await wait_until(lambda: _positive(count), timeout=10)
+        await wait_until(outcomes_at_least(db_url, 1), timeout=10)
         probes = counter(worker, "queue_probes")
         await wait_until(lambda: counter(worker, "queue_probes") >= probes + 3, timeout=10)
         claims = counter(worker, "claims_poll")
     assert claims == 1  # the one queue that had a message, once
-
-
-async def _positive(count: Any) -> bool:
-    return bool(await count() >= 1)
 
 
 OLD_ROWS = """
@@ -177,17 +172,12 @@ def _knows(worker: Worker, n: int) -> bool:
 
 
 async def _send_one_by_one(db_url: str, n: int) -> None:
-    count = outcome_counter(db_url)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         for i in range(n):
             await conn.execute(
                 "SELECT pgmq.send('worker_herd_queue', %s)", (Jsonb(StepMessage.build(HERD_NS, "noop", {"i": i})),)
             )
-
-            async def done(k: int = i + 1) -> bool:
-                return bool(await count() >= k)
-
-            await wait_until(done, timeout=10)
+            await wait_until(outcomes_at_least(db_url, i + 1), timeout=10)
 
 
 @pytest.mark.anyio

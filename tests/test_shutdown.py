@@ -17,7 +17,7 @@ from ledger_handlers import LEDGER_DDL, ledger
 from proxy import Cut, DatabaseProxy
 
 from tasker_worker.handlers.registry import HandlerRegistry
-from tasker_worker.testing import fetch, make_config, outcome_counter, running_worker, send_steps, wait_until
+from tasker_worker.testing import fetch, make_config, outcomes_at_least, running_worker, send_steps, wait_until
 
 NS = "bye"
 BUDGET_S = 2.0
@@ -41,12 +41,12 @@ async def test_shutdown_keeps_its_budget_with_the_database_gone(db_url: str, how
     }
     config = make_config(mode="Hybrid", namespaces=[NS], concurrency=16, overrides=overrides)
     bodies = await send_steps(db_url, NS, "ledger", [{"sleep": 0.3, "i": i} for i in range(STEPS)], batch=True)
-    count = outcome_counter(db_url)
     async with DatabaseProxy(db_url) as proxy:
         async with running_worker(proxy.url_through, config, registry=reg, state=state) as worker:
-            await wait_until(_at_least(count, 16), timeout=30)
+            await wait_until(outcomes_at_least(db_url, 16), timeout=30)
             proxy.cut(how)
-            await anyio.sleep(0.5)  # the scenario: SIGTERM half a second after the database went
+            # SIGTERM once the worker holds finished steps whose results it cannot write.
+            await wait_until(lambda: worker.processor is not None and worker.processor.steps.handed_off > 0, timeout=10)
             started = anyio.current_time()
             worker.request_shutdown("SIGTERM")
             with anyio.fail_after(BUDGET_S + 10):
@@ -56,7 +56,7 @@ async def test_shutdown_keeps_its_budget_with_the_database_gone(db_url: str, how
     # The database is back: what the first worker could not finish returns at its vt.
     direct = make_config(mode="Hybrid", namespaces=[NS], concurrency=16, overrides=overrides)
     async with running_worker(db_url, direct, registry=reg, state=state):
-        await wait_until(_at_least(count, STEPS), timeout=60)
+        await wait_until(outcomes_at_least(db_url, STEPS), timeout=60)
     outcomes = await fetch(db_url, "SELECT step_uuid::text, status FROM tasker.step_results ORDER BY 1")
     assert [o[0] for o in outcomes] == sorted(b["step_uuid"] for b in bodies)
     assert {o[1] for o in outcomes} == {"succeeded"}
@@ -68,10 +68,3 @@ async def test_shutdown_keeps_its_budget_with_the_database_gone(db_url: str, how
     # still recorded once. Steps cut mid-run leave no ledger row.
     assert len(doubled) <= 16
     assert await fetch(db_url, f"SELECT count(*) FROM pgmq.q_worker_{NS}_queue") == [(0,)]
-
-
-def _at_least(count: object, n: int) -> object:
-    async def check() -> bool:
-        return bool(await count() >= n)  # type: ignore[operator]
-
-    return check

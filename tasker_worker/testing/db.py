@@ -157,11 +157,22 @@ def outcome_counter(url: str, status: str | None = None) -> Callable[[], Awaitab
     return count
 
 
+def outcomes_at_least(url: str, n: int, status: str | None = None) -> Callable[[], Awaitable[bool]]:
+    """An async predicate for ``wait_until``: at least ``n`` outcome rows (optionally of ``status``)."""
+    count = outcome_counter(url, status)
+
+    async def reached() -> bool:
+        return await count() >= n
+
+    return reached
+
+
 __all__ = [
     "fetch",
     "fetch_value",
     "make_config",
     "outcome_counter",
+    "outcomes_at_least",
     "running_worker",
     "send_steps",
     "wait_until",
