@@ -350,8 +350,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "tasker_worker/runtime/processor.py",
-                "needed = ids is None or not qs.claimed.covers(ids)",
-                "needed = ids is None",
+                "taken = not qs.claimed.covers(entry)",
+                "taken = False",
             ),
         ),
         (S + "test_a_silent_first_choice_is_taken_over_after_the_grace",),

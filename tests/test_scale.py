@@ -166,6 +166,11 @@ def _claims(worker: Worker) -> int:
     return counter(worker, "claims_event") + counter(worker, "claims_poll")
 
 
+def _deferrals_settled(worker: Worker) -> bool:
+    looked = counter(worker, "claims_taken_over") + counter(worker, "claims_left_to_peers")
+    return looked == counter(worker, "claims_deferred")
+
+
 def _knows(worker: Worker, n: int) -> bool:
     ranking = worker.processor.ranking if worker.processor is not None else None
     return ranking is not None and ranking.fleet(HERD_NS) == n
@@ -203,6 +208,8 @@ async def test_a_notification_is_claimed_once_however_many_workers_hear_it(db_ur
             await wait_until(lambda: all(_knows(w, 4) for w in fleet), timeout=10)
         before = sum(_claims(w) for w in fleet)
         await _send_one_by_one(db_url, 40)
+        # Every worker that waited behind a first choice has looked again (after the grace).
+        await wait_until(lambda: all(_deferrals_settled(w) for w in fleet), timeout=10)
         claims = sum(_claims(w) for w in fleet) - before
         by_worker = [counter(w, "claimed_event") + counter(w, "claimed_poll") for w in fleet]
         claimed = sum(by_worker)

@@ -276,6 +276,7 @@ class CommandProcessor:
         if len(self._timers) >= MAX_TIMERS:
             self.stats.incr("timers_dropped")
             if ids is not None:  # a deferred claim must not be lost: claim now instead
+                self.stats.incr("claims_taken_over")
                 self.queues[queue].poke(source)
             return
         self._timer_seq += 1
@@ -295,14 +296,20 @@ class CommandProcessor:
                     await self._timer_changed.wait()
                 continue
             heapq.heappop(self._timers)
-            qs = self.queues[queue]
-            needed = ids is None or not qs.claimed.covers(ids)
+            entries = [ids]
             # Timers for the same queue and moment collapse into one wakeup.
             while self._timers and self._timers[0][2] == queue and self._timers[0][0] <= due + 0.01:
-                more = heapq.heappop(self._timers)[4]
-                needed = needed or more is None or not qs.claimed.covers(more)
-            if ids is not None:
-                self.stats.incr("claims_taken_over" if needed else "claims_left_to_peers")
+                entries.append(heapq.heappop(self._timers)[4])
+            qs = self.queues[queue]
+            needed = False
+            for entry in entries:
+                if entry is None:  # a plain wakeup
+                    needed = True
+                    continue
+                # A deferred claim (domain/herd.py): only if its messages were not seen claimed.
+                taken = not qs.claimed.covers(entry)
+                self.stats.incr("claims_taken_over" if taken else "claims_left_to_peers")
+                needed = needed or taken
             if needed:
                 qs.poke(source)
 
