@@ -433,12 +433,17 @@ def connection_loss(url: str, steps: int, mode: str, every_s: float = 0.25, kill
 def contention(url: str, steps: int, processes: int = 4, concurrency: int = 16) -> Result:
     """``processes`` x ``concurrency`` Hybrid workers on one queue."""
     prepare(url)
-    bodies = enqueue(url, steps)
+    since = value(url, "SELECT clock_timestamp()")
     proc = start_run(
         base_env(url), "--mode", "Hybrid", "--processes", str(processes), "--concurrency", str(concurrency)
     )
-    t0 = time.monotonic()
     try:
+        # Every process is up before the steps exist, so all of them contend for the same
+        # messages; enqueued earlier, the first to start could drain the lot alone.
+        active = "SELECT count(*) FROM tasker.workers WHERE status = 'active' AND registered_at >= %s"
+        poll_until(lambda: value(url, active, (since,)) == processes, 60, f"{processes} active workers")
+        bodies = enqueue(url, steps)
+        t0 = time.monotonic()
         wait_outcomes(url, steps, timeout=60 + steps / 50)
     finally:
         code, _ = stop(proc)

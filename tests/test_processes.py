@@ -103,9 +103,12 @@ def test_the_event_loop_follows_the_config(env: dict[str, str], db_url: str, cho
 
 
 def test_two_processes_on_one_queue_never_double_process(env: dict[str, str], db_url: str) -> None:
-    bodies = send(db_url, "ledger", [{"i": i} for i in range(600)])
     proc = start(env, "--mode", "Hybrid", "--processes", "2", "--concurrency", "8")
     try:
+        # Both processes are up before the steps exist: sent earlier, the first process to start
+        # could drain all of them before the second has imported its handlers (CI saw that).
+        wait_for(db_url, "SELECT count(*) FROM tasker.workers WHERE status = 'active'", 2, 30)
+        bodies = send(db_url, "ledger", [{"i": i} for i in range(600)])
         wait_for(db_url, "SELECT count(*) FROM tasker.step_results", len(bodies), 90)
     finally:
         code, err = stop(proc, timeout=60)
