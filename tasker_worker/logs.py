@@ -1,8 +1,10 @@
 """Structured log lines: the same fields on every record, as JSON or as key=value text.
 
-Worker-wide fields (``worker_id``, ``worker_name``) come from a context variable the worker
-sets once at start; asyncio tasks and ``to_thread`` calls inherit it, so no log call has to
-repeat them. Per-step fields travel in ``extra=``, built only on paths that log (a failure, a
+Worker-wide fields (``worker_id``, ``worker_name``, ``deployment_mode``, ``system_id``) come from a
+context variable the worker sets once at start; asyncio tasks and ``to_thread`` calls inherit it,
+so no log call has to repeat them. A field that changes while the worker runs (its mode, its id
+once registered) is bound as a :class:`Live` value, read when a line is written: every task's
+lines carry the value of now, not the one of the moment the task was started. Per-step fields travel in ``extra=``, built only on paths that log (a failure, a
 retry, a dead letter): a step that succeeds logs nothing at INFO and pays nothing.
 
 ::
@@ -19,7 +21,7 @@ import logging
 import sys
 import time
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import IO, Any, Literal
 
@@ -40,6 +42,7 @@ FIELDS: tuple[str, ...] = (
     "error_type",
     "error_detail",
     "deployment_mode",
+    "system_id",
 )
 
 LogFormat = Literal["auto", "json", "text"]
@@ -49,6 +52,15 @@ _CONTEXT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("ta
 
 #: Attributes every LogRecord has; anything else a record carries came in through ``extra``.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class Live:
+    """A context field read when each line is written (``Live(lambda: worker.mode)``)."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self.read = read
 
 
 @contextmanager
@@ -68,7 +80,12 @@ def bind(**fields: Any) -> None:
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The structured fields of a record: the bound context, then its ``extra`` values."""
-    fields = dict(_CONTEXT.get())
+    fields: dict[str, Any] = {}
+    for key, value in _CONTEXT.get().items():
+        if isinstance(value, Live):
+            value = value.read()
+        if value is not None:
+            fields[key] = value
     for key, value in record.__dict__.items():
         if key not in _RECORD_ATTRS and not key.startswith("_") and value is not None:
             fields[key] = value
@@ -161,6 +178,7 @@ __all__ = [
     "FIELDS",
     "JsonFormatter",
     "KeyValueFormatter",
+    "Live",
     "bind",
     "configure_logging",
     "error_fields",

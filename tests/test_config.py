@@ -71,8 +71,9 @@ def test_bad_durations(bad: object) -> None:
 
 
 def test_duration_round_trip() -> None:
-    for text in ("250ms", "5s", "2m"):
+    for text in ("250ms", "5s", "2m", "1h", "7d", "1m30s", "1s500ms", "0s"):
         assert format_duration(parse_duration(text)) == text
+    assert format_duration(parse_duration("10080m")) == "7d"  # the largest units that fit exactly
 
 
 def test_precedence_base_env_file_envvar_cli(root: Path) -> None:
@@ -107,6 +108,19 @@ def test_env_name_from_environment(root: Path) -> None:
     loaded = load_config(root, None, environ={"TASKER_ENV": "staging"})
     assert loaded.config.environment == "staging"
     assert loaded.config.event_system.deployment_mode is DeploymentMode.POLLING_ONLY
+
+
+def test_an_environment_without_an_overlay_is_an_error_unless_allowed(root: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(root, "stagign", environ={})
+    assert caught.value.source == "--env" and "'stagign' has no overlay" in str(caught.value)
+    assert "known environments: staging" in str(caught.value)
+    with pytest.raises(ConfigError, match="TASKER_ENV"):
+        load_config(root, None, environ={"TASKER_ENV": "prodution"})
+    assert load_config(root, "adhoc", environ={}, allow_missing_env=True).config.environment == "adhoc"
+    assert load_config(root, "adhoc", environ={"TASKER_ALLOW_MISSING_ENV": "1"}).config.environment == "adhoc"
+    # The default environment needs no overlay: nothing was asked for by name.
+    assert load_config(root, None, environ={}).config.environment == "development"
 
 
 def test_shipped_environments_differ_in_mode() -> None:
@@ -145,12 +159,21 @@ visibility_timeout = "30s"
     cfg = load_config(path, None, environ={}).config
     assert cfg.event_system.max_concurrent_processors == 10
     assert cfg.event_system.processing_timeout == timedelta(milliseconds=100)
+    # In tasker-core it bounds one command of the event system, not a handler: handlers keep
+    # their own default (test_observability runs a 300 ms handler under this config).
+    assert cfg.worker.handler_timeout == timedelta(seconds=5)
 
 
 @pytest.mark.parametrize(
     ("toml", "key", "words"),
     [
         ('[event_system]\ndeployment_mod = "Hybrid"', "event_system.deployment_mod", "unknown key"),
+        (
+            "[event_system.listener]\nbatch_processing = false",
+            "event_system.listener.batch_processing",
+            "always coalesced",
+        ),
+        ('[event_system]\nprocessing_timeout = "0s"', "event_system.processing_timeout", "at least 10ms"),
         ('[event_system]\ndeployment_mode = "Sometimes"', "event_system.deployment_mode", "PollingOnly"),
         ('[event_system]\nmax_concurrent_processors = "many"', "event_system.max_concurrent_processors", "integer"),
         (

@@ -97,7 +97,7 @@ def test_toml_examples_load(doc: str, index: int, code: str, tmp_path: Path) -> 
     base = tmp_path / "tasker" / "base"
     base.mkdir(parents=True)
     (base / "worker.toml").write_text(code)
-    load_config(tmp_path, "development", environ={})  # raises ConfigError naming the key
+    load_config(tmp_path, None, environ={})  # raises ConfigError naming the key
 
 
 @pytest.mark.parametrize(("doc", "index", "code"), of_kind("sql"))
@@ -185,5 +185,7 @@ def test_json_examples_parse(doc: str, index: int, code: str) -> None:
 
 def test_configuration_reference_lists_every_key_with_its_default_and_variable() -> None:
     text = (DOCS / "configuration.md").read_text()
-    missing = [key for key, default, env in reference_rows() if f"| `{key}` | `{default}` | `{env}` |" not in text]
+    rows = reference_rows()
+    missing = [key for key, default, env, what in rows if f"| `{key}` | `{default}` | `{env}` | {what} |" not in text]
     assert missing == [], f"docs/configuration.md lacks (or has a stale row for): {missing}"
+    assert [key for key, _, _, what in rows if not what] == [], "every key says what it does"

@@ -70,7 +70,7 @@ async def test_a_step_slower_than_its_vt_is_never_claimed_by_anyone_else(url: st
         overrides={
             "event_system.fallback_poller.visibility_timeout": "1s",
             "event_system.fallback_poller.polling_interval": "100ms",
-            "event_system.processing_timeout": "20s",
+            "worker.handler_timeout": "20s",
         },
     )
     state = types.SimpleNamespace(ledger_url=url)
@@ -122,7 +122,7 @@ async def test_a_stale_holder_cannot_write_anything_about_a_step_taken_over(url:
         "event_system.fallback_poller.visibility_timeout": "4s",
         "event_system.fallback_poller.polling_interval": NEVER,
         "event_system.fallback_poller.degraded_interval": NEVER,
-        "event_system.processing_timeout": "30s",
+        "worker.handler_timeout": "30s",
         "retry.max_attempts": 5,
     }
     a_state = types.SimpleNamespace(name="A", action=action, gate=anyio.Event())

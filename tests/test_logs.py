@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from logcapture import json_logs, lines
 
 from tasker_worker import logs
 from tasker_worker.handlers.registry import HandlerRegistry
@@ -21,22 +22,9 @@ class _Tty(io.StringIO):
 
 
 @pytest.fixture
-def captured() -> Any:
-    """The root logger routed to a buffer as JSON, restored afterwards."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    buffer = io.StringIO()
-    logs.configure_logging("INFO", "json", buffer)
-    yield buffer
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in saved[0]:
-        root.addHandler(h)
-    root.setLevel(saved[1])
-
-
-def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+def captured() -> Iterator[io.StringIO]:
+    with json_logs() as buffer:
+        yield buffer
 
 
 def test_json_lines_carry_context_and_extra_fields(captured: io.StringIO) -> None:

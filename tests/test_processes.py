@@ -228,3 +228,30 @@ def test_run_serves_the_api_and_the_fleet_commands_see_the_worker(env: dict[str,
     assert compacted.returncode == 0, compacted.stderr
     report = json.loads(compacted.stdout)
     assert report["consistent"] is True and report["compacted"] > 0 and report["events_applied"] == 0
+
+
+def test_the_sigterm_line_names_the_worker_and_the_row_keeps_its_final_statistics(
+    env: dict[str, str], db_url: str
+) -> None:
+    proc = start(
+        {**env, "TASKER__LOGGING__LEVEL": "INFO", "TASKER__REGISTRY__HEARTBEAT_INTERVAL": "60s"},
+        "--mode",
+        "Hybrid",
+    )
+    try:
+        wait_for(db_url, "SELECT count(*) FROM tasker.workers WHERE status = 'active'", 1, 30)
+        send(db_url, "ledger", [{"i": i} for i in range(3)])
+        wait_for(db_url, "SELECT count(*) FROM tasker.step_results", 3, 30)
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    [sigterm] = [r for r in records if str(r.get("message", "")).startswith("SIGTERM: shutting down")]
+    worker_id = value(db_url, "SELECT worker_id FROM tasker.workers")
+    assert sigterm["worker_id"] == worker_id and sigterm["deployment_mode"] == "Hybrid"
+    # The only heartbeat went out before the steps: what the row says now was written at exit.
+    row = value(
+        db_url,
+        "SELECT json_build_object('p', processed, 's', stats -> 'counters' -> 'succeeded', 'st', status) FROM tasker.workers",
+    )
+    assert row == {"p": 3, "s": 3, "st": "deregistered"}

@@ -174,7 +174,7 @@ async def test_handler_slower_than_vt_is_not_run_twice(url: str) -> None:
     config = make_config(
         mode="PollingOnly",
         namespaces=[NS],
-        overrides={"event_system.fallback_poller.visibility_timeout": "1s", "event_system.processing_timeout": "10s"},
+        overrides={"event_system.fallback_poller.visibility_timeout": "1s", "worker.handler_timeout": "10s"},
     )
     bodies = await send_steps(url, NS, "ledger", [{"sleep": 2.5}, {"sleep": 2.5}])
     async with running_worker(url, config, registry=registry_with_ledger(), state=state_for(url)) as worker:
@@ -397,7 +397,7 @@ async def test_stale_ack_is_rejected_and_counted(url: str) -> None:
         await gate.wait()
 
     reg.register("gated", wait_for_gate)
-    config = make_config(mode="Hybrid", namespaces=[NS], overrides={"event_system.processing_timeout": "20s"})
+    config = make_config(mode="Hybrid", namespaces=[NS], overrides={"worker.handler_timeout": "20s"})
     async with running_worker(url, config, registry=reg) as worker:
         await send_steps(url, NS, "gated", [{}])
         await wait_until(

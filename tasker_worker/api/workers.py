@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tasker_worker.api.context import ApiError, ctx_of, int_param, mutating, read_model
+from tasker_worker.api.context import ApiContext, ApiError, ctx_of, int_param, mutating, read_model
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus, WorkerView
 from tasker_worker.errors import WorkerNotFound
@@ -32,8 +32,22 @@ class ModeRequest(BaseModel):
     mode: DeploymentMode
 
 
-def _worker_json(view: WorkerView) -> dict[str, Any]:
-    return view.model_dump(mode="json")
+def _worker_json(view: WorkerView, ctx: ApiContext | None = None) -> dict[str, Any]:
+    """A worker as JSON; the worker of this process with its figures of now (``"live": true``),
+    any other with those of its last heartbeat."""
+    body = view.model_dump(mode="json")
+    live = ctx is not None and ctx.local_status is not None and view.worker_id == ctx.local_worker_id
+    if live:
+        assert ctx is not None and ctx.local_status is not None
+        snap = ctx.local_status()
+        counters = snap.get("counters") or {}
+        body.update(
+            stats=snap,
+            processed=int(counters.get("processed", view.processed)),
+            active_steps=int(snap.get("in_flight", view.active_steps)),
+        )
+    body["live"] = live
+    return body
 
 
 async def register(request: Request) -> Response:
@@ -91,13 +105,14 @@ async def list_workers(request: Request) -> Response:
             raise ApiError(400, "invalid_request", f"status must be one of {allowed}, got {raw_status!r}") from None
     include = request.query_params.get("include_deregistered", "false").lower() in ("1", "true", "yes")
     views = await ctx.views.list(status, include_deregistered=include, limit=int_param(request, "limit", 1000))
-    return JSONResponse({"workers": [_worker_json(v) for v in views], "count": len(views)})
+    return JSONResponse({"workers": [_worker_json(v, ctx) for v in views], "count": len(views)})
 
 
 async def get_worker(request: Request) -> Response:
     """One worker; 404 for an unknown id."""
-    view = await ctx_of(request).views.get(request.path_params["worker_id"])
-    return JSONResponse(_worker_json(view))
+    ctx = ctx_of(request)
+    view = await ctx.views.get(request.path_params["worker_id"])
+    return JSONResponse(_worker_json(view, ctx))
 
 
 async def heartbeats(request: Request) -> Response:
@@ -113,7 +128,7 @@ async def healthy(request: Request) -> Response:
     """Active workers with a heartbeat within ``[registry] stale_timeout``."""
     ctx = ctx_of(request)
     views = await ctx.views.healthy(ctx.clock.now(), ctx.config.registry.stale_timeout)
-    return JSONResponse({"workers": [_worker_json(v) for v in views], "count": len(views)})
+    return JSONResponse({"workers": [_worker_json(v, ctx) for v in views], "count": len(views)})
 
 
 async def stats(request: Request) -> Response:

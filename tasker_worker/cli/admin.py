@@ -27,7 +27,12 @@ def load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> L
     """The layered config for this invocation (CLI flags on top)."""
     flags: dict[str, Any] = {"database.url": getattr(args, "database_url", None)}
     flags.update(overrides or {})
-    return load_config(getattr(args, "config", None), getattr(args, "env", None), flags)
+    return load_config(
+        getattr(args, "config", None),
+        getattr(args, "env", None),
+        flags,
+        allow_missing_env=bool(getattr(args, "allow_missing_env", False)),
+    )
 
 
 def database_url(loaded: LoadedConfig) -> str:

@@ -34,8 +34,15 @@ def _summary(view: WorkerView) -> str:
     return (
         f"{view.worker_id}  {view.status.value}{busy}  mode={view.deployment_mode}{requested}  ns={','.join(view.namespaces)}  "
         f"pid={view.pid}@{view.hostname}  heartbeat {_age(view.last_heartbeat_at)}  "
-        f"active={view.active_steps} processed={view.processed}"
+        f"active={view.active_steps} processed={view.processed} ({_as_of(view)})"
     )
+
+
+def _as_of(view: WorkerView) -> str:
+    """When the figures were taken: a worker reports them each heartbeat and once as it leaves."""
+    if view.status is WorkerStatus.DEREGISTERED:
+        return "figures as it left"
+    return f"figures as of its heartbeat {_age(view.last_heartbeat_at)}"
 
 
 async def status(args: argparse.Namespace) -> int:

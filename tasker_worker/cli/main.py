@@ -38,7 +38,13 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--env",
         metavar="ENV",
         default=default,
-        help="environment overlay to apply (default: $TASKER_ENV or development)",
+        help="environment overlay to apply (default: $TASKER_ENV or development); it must exist",
+    )
+    group.add_argument(
+        "--allow-missing-env",
+        action="store_true",
+        default=default,
+        help="run an --env that has no overlay file on the base settings (else that is an error)",
     )
     group.add_argument(
         "--database-url",

@@ -32,14 +32,21 @@ def parse_duration(value: Any) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+_FORMAT_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
+
+
 def format_duration(value: timedelta) -> str:
-    """The shortest exact string for a duration (inverse of ``parse_duration``)."""
+    """A duration the way people write it (inverse of ``parse_duration``): the largest units
+    that divide it exactly, ``"7d"``, ``"1h"``, ``"1m30s"``, ``"250ms"`` (``"0s"`` for zero)."""
     ms = round(value.total_seconds() * 1000)
-    if ms % 60_000 == 0 and ms:
-        return f"{ms // 60_000}m"
-    if ms % 1000 == 0:
-        return f"{ms // 1000}s"
-    return f"{ms}ms"
+    if ms == 0:
+        return "0s"
+    parts = []
+    for unit, size in _FORMAT_UNITS:
+        count, ms = divmod(ms, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
 
 
 Duration = Annotated[

@@ -11,6 +11,11 @@ Precedence, lowest first:
 ``<root>`` is ``--config`` (a directory; a single ``.toml`` file is used alone), else
 ``TASKER_CONFIG_DIR``, else ``./config`` when it exists. Without any root only defaults,
 environment variables and flags apply.
+
+An environment named explicitly (``--env``, ``TASKER_ENV``) must have its overlay file under a
+config root: ``--env prodution`` is a typo to report, not a run on the base settings. An
+environment that is meant to have no overlay is allowed with ``--allow-missing-env`` (or
+``TASKER_ALLOW_MISSING_ENV=1``).
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ def load_config(
     env: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    allow_missing_env: bool = False,
 ) -> LoadedConfig:
     """Load, layer and validate the configuration; raise ``ConfigError`` naming file and key.
 
@@ -88,6 +95,10 @@ def load_config(
             if not base.exists():
                 base = root / "base" / "worker.toml"
             overlay = base.parent.parent / "environments" / env_name / "worker.toml"
+            explicit = env is not None or "TASKER_ENV" in environ
+            allowed = allow_missing_env or environ.get("TASKER_ALLOW_MISSING_ENV", "") in ("1", "true", "yes")
+            if explicit and not overlay.exists() and not allowed:
+                raise _missing_environment(env_name, overlay, "--env" if env is not None else "TASKER_ENV")
             layer_files = [p for p in (base, overlay) if p.exists()]
         for path in layer_files:
             _merge(merged, _read_toml(path), origins, str(path))
@@ -112,6 +123,19 @@ def load_config(
     except ValidationError as exc:
         raise _config_error(exc, origins) from None
     return LoadedConfig(config=config, origins=origins, files=files)
+
+
+def _missing_environment(name: str, overlay: Path, source: str) -> ConfigError:
+    environments = overlay.parent.parent
+    known = (
+        sorted(p.name for p in environments.iterdir() if (p / "worker.toml").is_file()) if environments.is_dir() else []
+    )
+    return ConfigError(
+        f"environment {name!r} has no overlay file ({overlay}); known environments: "
+        f"{', '.join(known) or 'none'} (an environment without an overlay needs --allow-missing-env "
+        "or TASKER_ALLOW_MISSING_ENV=1)",
+        source=source,
+    )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -30,7 +30,9 @@ class ListenerConfig(_Section):
     """``[event_system.listener]``: the LISTEN connection."""
 
     enabled: bool = True
-    #: Accepted for tasker-core compatibility: notifications are always coalesced per queue.
+    #: Notifications are coalesced per queue: those that arrive while a queue's claim runs wake
+    #: one claim after it. ``false`` (one claim per notification) is refused: it would only
+    #: multiply claims that find nothing.
     batch_processing: bool = True
     #: Time allowed to connect, and for the startup LISTEN self-check to see its probe.
     connection_timeout: Duration = timedelta(seconds=5)
@@ -45,6 +47,15 @@ class ListenerConfig(_Section):
     #: How long a worker that is not first in line for a notified message waits (per rank)
     #: before claiming it itself.
     claim_grace: Duration = timedelta(milliseconds=50)
+
+    @field_validator("batch_processing")
+    @classmethod
+    def _coalesced(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "false is not supported: notifications are always coalesced per queue (leave it out or set true)"
+            )
+        return value
 
 
 class FallbackPollerConfig(_Section):
@@ -68,17 +79,29 @@ class FallbackPollerConfig(_Section):
 class EventSystemConfig(_Section):
     """``[event_system]``: deployment mode and the processor's limits."""
 
-    system_id: str = "worker-event-system"
+    #: The event system's name: on every log line (``system_id``) and in the worker's row.
+    system_id: str = Field(default="worker-event-system", min_length=1, max_length=100)
     deployment_mode: DeploymentMode = DeploymentMode.HYBRID
+    #: The worker judges its own health (listener, missed wakeups, error rate, open circuits)
+    #: every ``health_check_interval``, logs each change and reports it in its status.
     health_monitoring_enabled: bool = True
     health_check_interval: Duration = timedelta(seconds=10)
     max_concurrent_processors: int = Field(default=16, ge=1, le=4096)
-    #: Default time a handler may run (overridable per handler and per message).
+    #: As in tasker-core: how long the processing of one command may take (here, the claim a
+    #: wakeup triggers), after which it is abandoned, counted (``claims_timed_out``) and retried.
+    #: Not a handler timeout: that is ``[worker] handler_timeout``.
     processing_timeout: Duration = timedelta(seconds=5)
     #: Bound of the channel between the sources and the command processor.
     command_buffer_size: int = Field(default=1024, ge=1, le=1_000_000)
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
     fallback_poller: FallbackPollerConfig = Field(default_factory=FallbackPollerConfig)
+
+    @field_validator("processing_timeout", "health_check_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 0.01:
+            raise ValueError("must be at least 10ms")
+        return value
 
 
 class DatabaseConfig(_Section):
@@ -124,6 +147,8 @@ class WorkerConfig(_Section):
     #: Where sync (CPU-bound) handlers run.
     executor: Literal["thread", "process"] = "thread"
     executor_workers: int = Field(default=4, ge=1, le=256)
+    #: Default time a handler may run (a handler's ``timeout=`` and the step's ``timeout`` win).
+    handler_timeout: Duration = timedelta(seconds=5)
     periodic_timeout: Duration = timedelta(seconds=30)
     shutdown_timeout: Duration = timedelta(seconds=30)
     #: A step this worker lacks the capability for is released for others this many times at

@@ -461,6 +461,14 @@ UPDATE tasker.workers
  WHERE worker_id = %(worker_id)s
 """
 
+# A leaving worker's last statistics (its heartbeat time stays that of its last heartbeat).
+RECORD_FINAL_STATS = """
+UPDATE tasker.workers
+   SET cpu_percent = %(cpu_percent)s, memory_used = %(memory_used)s, active_steps = %(active_steps)s,
+       processed = %(processed)s, busy = %(busy)s, stats = coalesce(%(stats)s, stats)
+ WHERE worker_id = %(worker_id)s
+"""
+
 # The live listening workers of each of these namespaces (domain/herd.py ranks them), read in
 # the heartbeat's transaction: the view costs no round trip of its own.
 LISTENING_PEERS = """

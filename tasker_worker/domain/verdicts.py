@@ -141,7 +141,7 @@ def decide_failure(
 
 def step_timeout(step_timeout_s: float | None, handler_timeout: timedelta | None, default: timedelta) -> timedelta:
     """How long a run may take: the step's own ``timeout`` wins, then the handler's, then
-    ``[event_system] processing_timeout``."""
+    ``[worker] handler_timeout``."""
     if step_timeout_s is not None:
         return timedelta(seconds=step_timeout_s)
     return handler_timeout or default

@@ -129,9 +129,11 @@ class WorkerLifecycle:
         async with self.pool.connection() as conn:
             return await _listening_peers(conn, namespaces, stale_after, self.clock.now())
 
-    async def deregister(self, worker_id: str, reason: str) -> None:
-        """Mark a worker ``deregistered`` (graceful shutdown) with the reason."""
-        await self.transition(worker_id, WorkerStatus.DEREGISTERED, reason=reason)
+    async def deregister(self, worker_id: str, reason: str, final: Heartbeat | None = None) -> None:
+        """Mark a worker ``deregistered`` (graceful shutdown) with the reason; with ``final``,
+        its last statistics go into the row in the same transaction, so that the registry shows
+        what the worker did, not what it had done at its last heartbeat."""
+        await self.transition(worker_id, WorkerStatus.DEREGISTERED, reason=reason, final=final)
 
     async def request_mode(self, mode: str, *, worker_id: str | None = None, namespace: str | None = None) -> list[str]:
         """Ask live workers (one, those of a namespace, or all) to switch deployment mode;
@@ -170,6 +172,7 @@ class WorkerLifecycle:
         *,
         reason: str | None = None,
         only_from: tuple[WorkerStatus, ...] | None = None,
+        final: Heartbeat | None = None,
     ) -> bool:
         """Move a worker to ``target`` and append the matching event.
 
@@ -186,6 +189,10 @@ class WorkerLifecycle:
                 return False
             check_transition(worker_id, status, target)
             at = self.clock.now()
+            if final is not None:
+                row: dict[str, Any] = final.model_dump(exclude={"stats"})
+                row.update(worker_id=worker_id, stats=Jsonb(final.stats) if final.stats is not None else None)
+                await conn.execute(queries.RECORD_FINAL_STATS, row)
             await conn.execute(
                 queries.SET_WORKER_STATUS,
                 {"worker_id": worker_id, "status": target.value, "at": at, "reason": reason},

@@ -138,8 +138,14 @@ class WorkerPresence:
         if self.worker_id is None:
             return
         try:
+            final = self.sample()
+        except Exception:
+            # Without its statistics the row still says the worker left, and why.
+            log.exception("final statistics of %s not taken", self.worker_id)
+            final = None
+        try:
             with anyio.fail_after(CALL_TIMEOUT_S):
-                await self.lifecycle.deregister(self.worker_id, reason)
+                await self.lifecycle.deregister(self.worker_id, reason, final)
         except (WorkerNotFound, InvalidTransition) as exc:
             log.info("worker %s not deregistered: %s", self.worker_id, exc)
         except TRANSIENT_DB_ERRORS as exc:

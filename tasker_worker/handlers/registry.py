@@ -22,7 +22,7 @@ class HandlerSpec:
     name: str
     func: HandlerFunc
     is_async: bool
-    #: Overrides ``[event_system] processing_timeout``; a message's ``timeout`` overrides both.
+    #: Overrides ``[worker] handler_timeout``; a message's ``timeout`` overrides both.
     timeout: timedelta | None = None
     #: Capabilities this handler adds to the worker's registration (e.g. planning algorithms).
     capabilities: frozenset[str] = field(default_factory=frozenset)

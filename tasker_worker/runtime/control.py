@@ -115,7 +115,6 @@ class WorkerControl:
             return False
         self.stats.incr("mode_changes")
         self.last_change = {"from": old.value, "to": mode.value, "source": source}
-        logs.bind(deployment_mode=mode.value)
         log.warning(
             "deployment mode changed from %s to %s (%s)",
             old.value,

@@ -171,6 +171,7 @@ class WorkerEventSystem:
         """Mode and the state of each source."""
         listener = self.listener
         return {
+            "system_id": self.config.system_id,
             "deployment_mode": self.mode.value,
             "listener": None
             if listener is None

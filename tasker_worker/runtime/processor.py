@@ -48,6 +48,8 @@ MAX_TIMERS = 10_000
 ANNOUNCED_MEMORY = 2_048
 #: A message found by a poll counts as a missed wakeup only if it was ready this long before.
 MISSED_WAKEUP_GRACE_S = 1.0
+#: A claim that fails with these is retried (a timeout: ``[event_system] processing_timeout``).
+CLAIM_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT_DB_ERRORS, TimeoutError)
 #: At most this many rejected messages per queue are left alone (the oldest go first).
 LEAVE_REJECTED_MAX = 256
 #: The most of the shutdown budget kept for the final writes (see ``write_reserve_s``).
@@ -72,7 +74,19 @@ class _QueueState:
             self.woken_by_event = True
         self.wake.set()
 
+    #: The highest id any forgotten notification named: below it, whether a message was
+    #: announced is no longer known, so it is not counted as a missed wakeup.
+    forgotten_hi: int = -1
+
+    def announce(self, lo: int, hi: int, ids: frozenset[int]) -> None:
+        if len(self.announced) == self.announced.maxlen:
+            _, old_hi, old_ids = self.announced[0]
+            self.forgotten_hi = max(self.forgotten_hi, old_hi, max(old_ids, default=-1))
+        self.announced.append((lo, hi, ids))
+
     def was_announced(self, msg_id: int) -> bool:
+        if msg_id <= self.forgotten_hi:
+            return True
         return any(lo <= msg_id <= hi or msg_id in ids for lo, hi, ids in self.announced)
 
     def leave_alone(self, msg_id: int, until: float) -> None:
@@ -133,6 +147,9 @@ class CommandProcessor:
         self.vt_seconds = self.steps.vt_seconds
         poller = config.event_system.fallback_poller
         self.batch_size = poller.batch_size
+        #: tasker-core's meaning: how long the processing of one command (here, a wakeup's
+        #: claim) may take before it is abandoned, counted and retried.
+        self.processing_timeout_s = config.event_system.processing_timeout.total_seconds()
         self.refill_at = max(1, min(self.batch_size, self.max_concurrent) // 2)
         #: (due, sequence, queue, source, ids): a wakeup of ``queue``; with ``ids``, only if one
         #: of them is not known to be claimed by then (a deferred claim, ``domain.herd``).
@@ -244,7 +261,7 @@ class CommandProcessor:
         self.stats.incr("notifications_received")
         lo = event.min_msg_id if event.min_msg_id is not None else min(event.msg_ids, default=0)
         hi = event.max_msg_id if event.max_msg_id is not None else max(event.msg_ids, default=-1)
-        qs.announced.append((lo, hi, frozenset(event.msg_ids)))
+        qs.announce(lo, hi, frozenset(event.msg_ids))
         # Announced now, so ready now (or at ready_at): an earlier claim of these ids no longer
         # counts (notifications arrive in commit order, a later claim's notice after this).
         qs.claimed.forget(event.msg_ids or (lo,))
@@ -354,28 +371,38 @@ class CommandProcessor:
                 if free <= 0 or (backlog and free < self.refill_at):
                     await self.steps.wait_slot()
                     continue
-                if qs.woken_by_event:  # a notification arrived while this loop was busy
-                    source, qs.woken_by_event = Source.EVENT, False
+                if backlog:
+                    # A claim's source is what triggered *it*: a notification that came while
+                    # the previous claim ran, or else the backlog this loop is working through,
+                    # which it found by looking (a poll), whatever woke the loop at first.
+                    source = Source.EVENT if qs.woken_by_event else Source.POLL
+                    qs.woken_by_event = False
                 want = min(self.batch_size, free)
                 circuits = self.steps.circuits
                 skip = circuits.skipped() if circuits.circuits else ()
                 skip_msgs = qs.left_alone(time.monotonic()) if qs.rejected else ()
                 # With peers listening, say what was claimed, so that they need not look.
                 with_peers = self.ranking is not None and self.ranking.fleet(qs.namespace) > 1
+                began = time.monotonic()
                 try:
-                    msgs = await self.client.claim(
-                        qs.name,
-                        self.vt_seconds,
-                        want,
-                        source,
-                        worker_id=self.worker_id,
-                        skip_handlers=skip,
-                        skip_msgs=skip_msgs,
-                        announce=with_peers,
-                    )
+                    with anyio.fail_after(self.processing_timeout_s):
+                        msgs = await self.client.claim(
+                            qs.name,
+                            self.vt_seconds,
+                            want,
+                            source,
+                            worker_id=self.worker_id,
+                            skip_handlers=skip,
+                            skip_msgs=skip_msgs,
+                            announce=with_peers,
+                        )
                     backoff.succeeded()
-                except TRANSIENT_DB_ERRORS as exc:
-                    self.stats.incr("db_errors")
+                except CLAIM_FAILURES as exc:
+                    if isinstance(exc, TimeoutError):
+                        self.stats.incr("claims_timed_out")
+                        exc = TimeoutError(f"no answer within processing_timeout ({self.processing_timeout_s:g}s)")
+                    else:
+                        self.stats.incr("db_errors")
                     self.last_error = f"claim on {qs.name}: {exc}"
                     delay = backoff.failed()
                     log.warning(
@@ -389,6 +416,7 @@ class CommandProcessor:
                     self.schedule(qs.name, self.vt_seconds + VT_MARGIN_S, Source.POLL)
                     await anyio.sleep(delay)
                     continue
+                self.stats.observe_claim(time.monotonic() - began, len(msgs))
                 self.stats.incr(f"claims_{source.value}")
                 self.stats.incr(f"claimed_{source.value}", len(msgs))
                 if with_peers and msgs:

@@ -1,9 +1,11 @@
-"""Per-worker statistics: counters and bounded latency samples."""
+"""Per-worker statistics: counters, bounded latency samples and histograms."""
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,7 @@ COUNTERS = (
     "notifications_received",
     "claims_event",
     "claims_poll",
+    "claims_timed_out",
     "queue_probes",
     "claimed_event",
     "claimed_poll",
@@ -39,6 +42,71 @@ COUNTERS = (
     "rejections",
     "internal_errors",
 )
+
+
+#: Seconds: from a fast claim (a millisecond) to a slow handler (minutes).
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+#: Messages per claim (a claim takes at most 1000).
+CLAIM_SIZE_BUCKETS: tuple[float, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+class Histogram:
+    """Counts per bucket and a sum, as Prometheus histograms keep them (``le``: inclusive upper
+    bounds). One ``bisect`` and two additions per observation: cheap enough for every step."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        """Observations so far."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``[(le, cumulative count), ...]`` ending with ``("+Inf", count)``."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((repr(float(bound)), float(running)))
+        out.append(("+Inf", float(running + self.counts[-1])))
+        return out
+
+
+@dataclass
+class HistogramSeries:
+    """One histogram metric of this process: its series by label values."""
+
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    series: dict[tuple[str, ...], Histogram]
 
 
 def percentiles(samples: Any, qs: tuple[float, ...] = (50, 95, 99)) -> dict[str, float | None]:
@@ -94,10 +162,56 @@ class WorkerStats:
         self.queue_to_start: dict[Source, deque[float]] = {s: deque(maxlen=self.window) for s in Source}
         self.handler_duration: deque[float] = deque(maxlen=self.window)
         self.handler_outcomes = OutcomeWindow(60)
+        # Series are keyed by handler names (registered, so bounded) and fixed outcome words.
+        self.handler_seconds: dict[tuple[str, ...], Histogram] = {}
+        self.claim_seconds = Histogram(DURATION_BUCKETS)
+        self.claim_size = Histogram(CLAIM_SIZE_BUCKETS)
+        self.write_seconds: dict[tuple[str, ...], Histogram] = {}
 
     def incr(self, name: str, by: int = 1) -> None:
         """Add to a counter."""
         self.counters[name] = self.counters.get(name, 0) + by
+
+    def observe_handler(self, handler: str, outcome: str, seconds: float) -> None:
+        """One handler run: ``outcome`` is succeeded, failed (StepFailed), timed_out or error."""
+        self.handler_duration.append(seconds)
+        hist = self.handler_seconds.get((handler, outcome))
+        if hist is None:
+            hist = self.handler_seconds[(handler, outcome)] = Histogram(DURATION_BUCKETS)
+        hist.observe(seconds)
+
+    def observe_claim(self, seconds: float, size: int) -> None:
+        """One claim statement: its round trip and how many messages it brought."""
+        self.claim_seconds.observe(seconds)
+        self.claim_size.observe(size)
+
+    def observe_write(self, kind: str, seconds: float) -> None:
+        """One batched write of results (settle, retry, dead letter, ...): its round trip."""
+        hist = self.write_seconds.get((kind,))
+        if hist is None:
+            hist = self.write_seconds[(kind,)] = Histogram(DURATION_BUCKETS)
+        hist.observe(seconds)
+
+    def histograms(self) -> list[HistogramSeries]:
+        """Every histogram of this process, for ``/metrics``."""
+        return [
+            HistogramSeries(
+                "tasker_handler_duration_seconds",
+                "Handler run time, by handler and outcome",
+                ("handler", "outcome"),
+                dict(self.handler_seconds),
+            ),
+            HistogramSeries(
+                "tasker_claim_duration_seconds", "Round trip of one claim statement", (), {(): self.claim_seconds}
+            ),
+            HistogramSeries("tasker_claim_batch_size", "Messages brought by one claim", (), {(): self.claim_size}),
+            HistogramSeries(
+                "tasker_settle_duration_seconds",
+                "Round trip of one batched write of step results, by kind",
+                ("kind",),
+                dict(self.write_seconds),
+            ),
+        ]
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able view: counters, rates and latency percentiles (ms)."""

@@ -55,6 +55,7 @@ from tasker_worker.errors import (
     DependencyUnavailable,
     StepError,
     StepFailed,
+    StepTimeout,
     StepValidationError,
     UnknownHandler,
     first_line,
@@ -307,18 +308,18 @@ class StepRunner:
             state=self.state,
             _pool=self.pool,
         )
-        timeout = step_timeout(step.timeout, spec.timeout, self.config.event_system.processing_timeout)
+        timeout = step_timeout(step.timeout, spec.timeout, self.config.worker.handler_timeout)
         try:
             result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
         except Exception as exc:
-            self.stats.handler_duration.append(time.monotonic() - start_mono)
+            self.stats.observe_handler(spec.name, _handler_outcome(exc), time.monotonic() - start_mono)
             # A StepFailed is the handler's verdict, not an error of the handler.
             self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
             await ctx.rollback(exc)
             self._judge_circuit(msg, step, exc)
             return await self._on_failure(msg, step, exc, started_at)
         elapsed = time.monotonic() - start_mono
-        self.stats.handler_duration.append(elapsed)
+        self.stats.observe_handler(spec.name, "succeeded", elapsed)
         self.stats.handler_outcomes.record(True)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step succeeded", extra={**step_fields(msg), "execution_ms": round(elapsed * 1000, 3)})
@@ -618,6 +619,15 @@ class _Duplicate(Exception):
     """Rolls back a handler transaction whose step was recorded by another run first."""
 
 
+def _handler_outcome(exc: BaseException) -> str:
+    """The ``outcome`` label of a handler run that raised."""
+    if isinstance(exc, StepFailed):
+        return "failed"  # the handler's own verdict
+    if isinstance(exc, StepTimeout):
+        return "timed_out"
+    return "error"
+
+
 def step_fields(msg: ClaimedMessage) -> dict[str, Any]:
     """The log fields of a claimed message (and of its step, once parsed)."""
     fields: dict[str, Any] = {
@@ -745,7 +755,10 @@ class OutcomeWriter:
 
     async def _write_group(self, kind: WriteKind, queue: str, items: list[_Pending]) -> None:
         async def write() -> dict[int, bool]:
-            return await self._write(kind, queue, items)
+            began = time.monotonic()
+            written = await self._write(kind, queue, items)
+            self.stats.observe_write(kind.value, time.monotonic() - began)
+            return written
 
         def count(_: BaseException) -> None:
             self.stats.incr("db_errors")

@@ -145,8 +145,23 @@ class Worker(RegistersHandlers):
         With ``install_signal_handlers``, SIGTERM/SIGINT are handled from the very start: a
         signal during startup lets startup finish (it is bounded) and then stops at once.
         """
-        if not install_signal_handlers:
-            return await self._run()
+        # Bound before anything runs, so that every line of every task (the signal watcher's
+        # too) names this worker and the mode it runs now.
+        with logs.log_context(
+            worker_id=logs.Live(lambda: self.worker_id),
+            worker_name=self.config.worker.name,
+            deployment_mode=logs.Live(self._mode_now),
+            system_id=self.config.event_system.system_id,
+        ):
+            if not install_signal_handlers:
+                return await self._run()
+            return await self._run_with_signals()
+
+    def _mode_now(self) -> str:
+        es = self.event_system
+        return (es.mode if es is not None else self.config.event_system.deployment_mode).value
+
+    async def _run_with_signals(self) -> dict[str, Any]:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_signals)
@@ -196,11 +211,6 @@ class Worker(RegistersHandlers):
                 ranking = ClaimRanking(self.worker_id)
                 self.presence.peers_of = list(self.namespaces)
                 self.presence.on_peers = ranking.update
-            logs.bind(
-                worker_id=self.worker_id,
-                worker_name=self.config.worker.name,
-                deployment_mode=es_config.deployment_mode.value,
-            )
             if self.config.registry.supervision_enabled and pooled:
                 # The leader holds a session advisory lock, which a transaction pooler would
                 # hand to whichever client uses that server connection next.
@@ -260,16 +270,18 @@ class Worker(RegistersHandlers):
                     tg.start_soon(self._run_sources, event_system, sources)
                     tg.start_soon(self._stopper, event_system, sources)
                     tg.start_soon(control.run)
-                    if self.presence is not None:
-                        tg.start_soon(self.presence.run)
-                        if ranking is not None:
-                            tg.start_soon(self._follow_fleet, lifecycle, ranking)
                     if self.supervision is not None:
                         tg.start_soon(self.supervision.run)
                     for job in self.registry.periodic_jobs:
                         tg.start_soon(self._periodic_loop, job)
                     # "ready" means every source is live: a step sent now is seen by LISTEN.
                     await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
+                    if self.presence is not None:
+                        # The first heartbeat reports the listener as it is once LISTEN is up,
+                        # not as it was a moment before (disconnected, health degraded).
+                        tg.start_soon(self.presence.run)
+                        if ranking is not None:
+                            tg.start_soon(self._follow_fleet, lifecycle, ranking)
                     self.ready.set()
                     for service in self._services:
                         tg.start_soon(service, self)

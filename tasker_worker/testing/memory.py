@@ -243,7 +243,7 @@ class HandlerHarness(RegistersHandlers):
         probe = circuits.state_of(step.handler) is CircuitState.HALF_OPEN
         ctx = StepContext(step=step, attempt=msg.read_ct, worker_id="harness", queue=self.queue, msg_id=msg.msg_id)
         ctx.state = self.state
-        timeout = step_timeout(step.timeout, spec.timeout, self.config.event_system.processing_timeout)
+        timeout = step_timeout(step.timeout, spec.timeout, self.config.worker.handler_timeout)
         try:
             result = await self._executor.run(spec.func, spec.is_async, (ctx, step), timeout)
         except Exception as exc:
