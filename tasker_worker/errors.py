@@ -130,6 +130,18 @@ class InvalidTransition(RegistryError):
         )
 
 
+class HeartbeatFailed(RegistryError):
+    """A heartbeat the registry refused: the worker was deregistered (by itself, an operator or
+    the API). A running worker registers again under its id; an HTTP client gets 409."""
+
+    def __init__(self, worker_id: str, status: str) -> None:
+        super().__init__(
+            f"heartbeat of {worker_id!r} refused: the worker is {status} (register it again to report as live)",
+            worker_id=worker_id,
+            status=status,
+        )
+
+
 class RegistrationFailed(WorkerStartupError):
     """The worker could not register after the configured number of attempts."""
 

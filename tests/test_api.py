@@ -127,7 +127,7 @@ async def test_error_statuses(api: httpx.AsyncClient) -> None:
     assert_error(await api.put("/api/workers", headers=AUTH), 405)
     assert (await api.request("DELETE", "/api/workers/api-1", headers=AUTH)).status_code == 200
     assert_error(await api.request("DELETE", "/api/workers/api-1", headers=AUTH), 409, "invalid_transition")
-    assert_error(await api.post("/api/workers/api-1/heartbeat", json={}, headers=AUTH), 409, "invalid_transition")
+    assert_error(await api.post("/api/workers/api-1/heartbeat", json={}, headers=AUTH), 409, "heartbeat_failed")
     assert_error(await api.post("/api/workers", content=b"x" * (2 << 20), headers=AUTH), 413)
     assert_error(await api.post("/api/workers", content=b" " * (65 << 10), headers=AUTH), 413)
     assert_error(await api.get("/api/workers", params={"limit": 10_001}), 400)
@@ -183,6 +183,15 @@ async def test_healthy_and_stats(db_url: str) -> None:
         stats = (await api.get("/api/workers/stats")).json()
         assert stats["by_status"] == {"pending": 1, "active": 2, "offline": 0, "deregistered": 0}
         assert stats["live_cpu_cores"] == 12 and stats["total"] == 3
+        # Seed 004's spelling of the states is understood beside ours.
+        seed = (await api.get("/api/workers", params={"status": "HEALTHY"})).json()
+        assert sorted(w["worker_id"] for w in seed["workers"]) == ["s0", "s1"]
+        assert (await api.get("/api/workers", params={"status": "STARTING"})).json()["count"] == 1
+        assert_error(await api.get("/api/workers", params={"status": "SLEEPY"}), 400, "invalid_request")
+        await api.post("/api/workers/s2/heartbeat", json={"cpu_percent": 150.0, "memory_used": 2**32})
+        stats = (await api.get("/api/workers/stats")).json()
+        assert stats["live_cpu_percent"] == 150.0 and stats["cpu_utilization"] == round(150 / (100 * 12), 4)
+        assert stats["live_memory_used"] == 2**32 and stats["memory_utilization"] == round(2**32 / (3 * 2**33), 4)
         assert "throughput_per_s" in stats
 
 

@@ -48,7 +48,7 @@ class FakeCommands:
             self.enough.set()
         return WorkerStatus.ACTIVE
 
-    async def deregister(self, worker_id: str, reason: str) -> None:
+    async def deregister(self, worker_id: str, reason: str, final: Any = None) -> None:
         raise psycopg.OperationalError("gone")
 
 

@@ -17,7 +17,7 @@ from tasker_worker.config.models import DatabaseConfig, EventsConfig, RegistryCo
 from tasker_worker.db.connection import open_pool
 from tasker_worker.domain.clock import ManualClock
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus
-from tasker_worker.errors import InvalidTransition, WorkerConflict, WorkerNotFound
+from tasker_worker.errors import HeartbeatFailed, InvalidTransition, WorkerConflict, WorkerNotFound
 from tasker_worker.fleet import eventlog
 from tasker_worker.fleet.lifecycle import WorkerLifecycle
 from tasker_worker.fleet.supervision import SupervisionJobs
@@ -131,7 +131,7 @@ async def test_invalid_transitions_are_refused_with_a_typed_error(pool: AsyncCon
     for target in (WorkerStatus.ACTIVE, WorkerStatus.OFFLINE, WorkerStatus.DEREGISTERED):
         with pytest.raises(InvalidTransition, match="none \\(final\\)"):
             await commands.transition("w1", target)
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(HeartbeatFailed, match="refused: the worker is deregistered"):
         await commands.heartbeat("w1", Heartbeat())
     with pytest.raises(WorkerNotFound):
         await commands.heartbeat("nobody", Heartbeat())
@@ -219,7 +219,7 @@ async def random_operations(pool: AsyncConnectionPool, clock: ManualClock, rng: 
                 await jobs.reactivate_offline()
             elif op == "advance":
                 clock.advance(rng.choice([1, 30, 90, 200]))
-        except (InvalidTransition, WorkerNotFound):
+        except (InvalidTransition, HeartbeatFailed, WorkerNotFound):
             pass  # refused moves are part of the test: they must leave no event behind
     return ids
 

@@ -24,6 +24,7 @@ from tasker_worker.api import health, metrics, openapi, workers
 from tasker_worker.api.context import ApiContext as ApiContext
 from tasker_worker.api.context import ApiError, error_response
 from tasker_worker.errors import (
+    HeartbeatFailed,
     InvalidTransition,
     TaskerError,
     UsageError,
@@ -40,16 +41,23 @@ async def _on_api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status, exc.error, exc.detail)
 
 
+#: How each typed error is answered: (class, HTTP status, ``error``), the first match wins.
+#: A forbidden state transition is a 409, not a 400: the request is well formed, the worker's
+#: state is what conflicts with it (RFC 9110, 15.5.10), and sent again later it may succeed.
+ERROR_STATUS: tuple[tuple[type[TaskerError], int, str], ...] = (
+    (WorkerNotFound, 404, "not_found"),
+    (WorkerConflict, 409, "conflict"),
+    (HeartbeatFailed, 409, "heartbeat_failed"),
+    (InvalidTransition, 409, "invalid_transition"),
+    (UsageError, 400, "invalid_request"),
+)
+
+
 async def _on_tasker_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TaskerError)
-    if isinstance(exc, WorkerNotFound):
-        return error_response(404, "not_found", str(exc))
-    if isinstance(exc, WorkerConflict):
-        return error_response(409, "conflict", str(exc))
-    if isinstance(exc, InvalidTransition):
-        return error_response(409, "invalid_transition", str(exc))
-    if isinstance(exc, UsageError):
-        return error_response(400, "invalid_request", str(exc))
+    for kind, status, error in ERROR_STATUS:
+        if isinstance(exc, kind):
+            return error_response(status, error, str(exc))
     return _internal(request, exc, 500, "internal_error")
 
 

@@ -32,6 +32,26 @@ class ModeRequest(BaseModel):
     mode: DeploymentMode
 
 
+#: tasker-core's spellings of worker states (``?status=HEALTHY``), beside ours.
+SEED_STATUS_NAMES: dict[str, WorkerStatus] = {
+    "HEALTHY": WorkerStatus.ACTIVE,
+    "ACTIVE": WorkerStatus.ACTIVE,
+    "STARTING": WorkerStatus.PENDING,
+    "PENDING": WorkerStatus.PENDING,
+    "UNHEALTHY": WorkerStatus.OFFLINE,
+    "OFFLINE": WorkerStatus.OFFLINE,
+    "STOPPED": WorkerStatus.DEREGISTERED,
+    "DEREGISTERED": WorkerStatus.DEREGISTERED,
+}
+
+
+def _status_or_none(raw: str) -> WorkerStatus | None:
+    try:
+        return WorkerStatus(raw)
+    except ValueError:
+        return None
+
+
 def _worker_json(view: WorkerView, ctx: ApiContext | None = None) -> dict[str, Any]:
     """A worker as JSON; the worker of this process with its figures of now (``"live": true``),
     any other with those of its last heartbeat."""
@@ -98,10 +118,9 @@ async def list_workers(request: Request) -> Response:
     raw_status = request.query_params.get("status")
     status = None
     if raw_status:
-        try:
-            status = WorkerStatus(raw_status)
-        except ValueError:
-            allowed = ", ".join(s.value for s in WorkerStatus)
+        status = SEED_STATUS_NAMES.get(raw_status.upper()) or _status_or_none(raw_status)
+        if status is None:
+            allowed = ", ".join([s.value for s in WorkerStatus] + list(SEED_STATUS_NAMES))
             raise ApiError(400, "invalid_request", f"status must be one of {allowed}, got {raw_status!r}") from None
     include = request.query_params.get("include_deregistered", "false").lower() in ("1", "true", "yes")
     views = await ctx.views.list(status, include_deregistered=include, limit=int_param(request, "limit", 1000))

@@ -532,7 +532,7 @@ SELECT at, cpu_percent, memory_used, active_steps, processed
 
 WORKER_STATUS_COUNTS = """
 SELECT status, count(*), coalesce(sum(cpu_cores), 0), coalesce(sum(memory_total), 0),
-       coalesce(sum(active_steps), 0)
+       coalesce(sum(active_steps), 0), coalesce(sum(cpu_percent), 0), coalesce(sum(memory_used), 0)
   FROM tasker.workers
  GROUP BY status
 """

@@ -26,7 +26,7 @@ from tasker_worker.domain.workers import (
     WorkerStatus,
     check_transition,
 )
-from tasker_worker.errors import WorkerConflict, WorkerNotFound
+from tasker_worker.errors import HeartbeatFailed, WorkerConflict, WorkerNotFound
 from tasker_worker.fleet.eventlog import AsyncConn, append_event
 
 #: Attempts at finding a free id when the requested one is held by a live worker.
@@ -99,7 +99,7 @@ class WorkerLifecycle:
                 raise WorkerNotFound(worker_id)
             status, was_busy = current
             if status is WorkerStatus.DEREGISTERED:
-                check_transition(worker_id, status, WorkerStatus.ACTIVE)
+                raise HeartbeatFailed(worker_id, status.value)
             at = self.clock.now()
             row: dict[str, Any] = heartbeat.model_dump(exclude={"stats"})
             row.update(

@@ -17,7 +17,7 @@ import anyio
 from tasker_worker.config.models import RegistryConfig
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerStatus
-from tasker_worker.errors import InvalidTransition, RegistrationFailed, WorkerNotFound, first_line
+from tasker_worker.errors import HeartbeatFailed, InvalidTransition, RegistrationFailed, WorkerNotFound, first_line
 from tasker_worker.fleet.lifecycle import WorkerLifecycle
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class WorkerPresence:
 
         try:
             status = await once()
-        except (WorkerNotFound, InvalidTransition):
+        except (WorkerNotFound, InvalidTransition, HeartbeatFailed):
             log.warning(
                 "worker %s was removed or deregistered from outside while running; registering again", self.worker_id
             )

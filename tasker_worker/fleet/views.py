@@ -71,18 +71,27 @@ class FleetViews:
             cur = await conn.execute(queries.FLEET_THROUGHPUT)
             throughput_row = await cur.fetchone()
         by_status = dict.fromkeys((s.value for s in WorkerStatus), 0)
-        cores = memory = active_steps = 0
-        for status, count, status_cores, status_memory, steps in rows:
+        cores = memory = active_steps = memory_used = 0
+        cpu_percent = 0.0
+        for status, count, status_cores, status_memory, steps, status_cpu, status_used in rows:
             by_status[status] = int(count)
             if status in ("pending", "active"):
                 cores += int(status_cores)
                 memory += int(status_memory)
                 active_steps += int(steps)
+                cpu_percent += float(status_cpu)
+                memory_used += int(status_used)
         return {
             "by_status": by_status,
             "total": sum(by_status.values()),
             "live_cpu_cores": cores,
             "live_memory_total": memory,
+            # As of each worker's last heartbeat. Workers sharing a host each count its cores and
+            # memory, so these are each worker's share of its host, summed.
+            "live_cpu_percent": round(cpu_percent, 2),
+            "live_memory_used": memory_used,
+            "cpu_utilization": round(cpu_percent / (100.0 * cores), 4) if cores else 0.0,
+            "memory_utilization": round(memory_used / memory, 4) if memory else 0.0,
             "active_steps": active_steps,
             "throughput_per_s": round(float(throughput_row[0]), 3) if throughput_row else 0.0,
         }
