@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+import yaml
 from logcapture import json_logs, lines
+from prometheus_client.parser import text_string_to_metric_families
 from proxy import Cut, DatabaseProxy
 
+from tasker_worker.api.app import ApiContext, create_app
+from tasker_worker.db.connection import open_pool
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import (
@@ -137,3 +145,82 @@ async def test_processing_timeout_bounds_a_claim_not_a_handler(url: str) -> None
         await fetch_value(url, "SELECT count(*) FROM tasker.step_results WHERE step_uuid = %s", (body["step_uuid"],))
         == 1
     )
+
+
+MONITORING = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
+
+
+def monitoring_metric_names() -> set[str]:
+    """Every metric the shipped dashboard and alert rules query."""
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    return {name for expr in exprs for name in re.findall(r"\btasker_[a-z0-9_]+", expr)}
+
+
+@pytest.mark.anyio
+async def test_metrics_follow_prometheus_conventions_and_back_the_dashboard_and_alerts(url: str) -> None:
+    reg = HandlerRegistry()
+
+    @reg.handler("ok")
+    async def ok(ctx: Any, step: Any) -> str:
+        return "fine"
+
+    @reg.handler("explodes")
+    async def explodes(ctx: Any, step: Any) -> None:
+        raise KeyError("boom")
+
+    overrides = {"retry.max_attempts": 1, "registry.heartbeat_interval": "60s"}
+    config = make_config(mode="Hybrid", namespaces=[NS], overrides=overrides)
+    async with running_worker(url, config, registry=reg) as worker:
+        await send_steps(url, NS, "ok", [{} for _ in range(3)])
+        await send_steps(url, NS, "explodes", [{}])
+        await wait_until(outcomes_at_least(url, 4), timeout=30)
+        await wait_until(lambda: worker.presence is not None and worker.presence.heartbeats_sent >= 1, timeout=20)
+        pool = await open_pool(url, config.database, max_size=2)
+        try:
+            transport = httpx.ASGITransport(app=create_app(ApiContext.for_worker(pool, config, worker)))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as api:
+                text = (await api.get("/metrics")).text
+                shown = (await api.get(f"/api/workers/{worker.worker_id}")).json()
+        finally:
+            await pool.close()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {s.name: s for f in families.values() for s in f.samples}
+    wid = worker.worker_id
+
+    def value(name: str, **labels: str) -> float:
+        [found] = [
+            s.value
+            for f in families.values()
+            for s in f.samples
+            if s.name == name and s.labels == {"worker_id": wid, **labels}
+        ]
+        return found
+
+    # Outcomes and claims are families of their own, told apart by bounded labels.
+    assert value("tasker_worker_step_outcomes_total", outcome="succeeded") == 3
+    assert value("tasker_worker_step_outcomes_total", outcome="dead_lettered") == 1
+    assert (
+        value("tasker_worker_claimed_steps_total", source="event")
+        + value("tasker_worker_claimed_steps_total", source="poll")
+        == 4
+    )
+    assert value("tasker_worker_listener_up") == 1.0
+    assert value("tasker_worker_heartbeats_total", result="ok") >= 1
+    assert "tasker_worker_steps_total" not in samples  # the old family that mixed everything
+    # Histograms: per handler and outcome, cumulative buckets ending in +Inf, no step ids.
+    handler = families["tasker_handler_duration_seconds"]
+    assert handler.type == "histogram"
+    counts = {(s.labels["handler"], s.labels["outcome"]): s.value for s in handler.samples if s.name.endswith("_count")}
+    assert counts == {("ok", "succeeded"): 3, ("explodes", "error"): 1}
+    assert families["tasker_claim_batch_size"].type == "histogram"
+    assert sum(s.value for s in families["tasker_settle_duration_seconds"].samples if s.name.endswith("_count")) >= 1
+    labels = {k for f in families.values() for s in f.samples for k in s.labels}
+    assert not labels & {"step_uuid", "msg_id", "correlation_id"}
+    # Every metric the dashboard and the alert rules query exists in a real scrape.
+    missing = sorted(name for name in monitoring_metric_names() if name not in samples and name not in families)
+    assert missing == []
+    # The worker of this process is shown with its figures of now, not of its last heartbeat.
+    assert shown["live"] is True and shown["processed"] == 4

@@ -209,7 +209,7 @@ def test_run_serves_the_api_and_the_fleet_commands_see_the_worker(env: dict[str,
         assert listener["status"] == "healthy"
         assert get_json(port, f"/api/workers/{worker_id}")[1]["endpoint"] == f"http://127.0.0.1:{port}"
         _, metrics = get_json(port, "/metrics")
-        assert f'tasker_worker_steps_total{{counter="processed",worker_id="{worker_id}"}} 5.0' in metrics
+        assert f'tasker_worker_processed_total{{worker_id="{worker_id}"}} 5.0' in metrics
         shown = cli(env, "workers", "show", worker_id)
         assert shown.returncode == 0 and "heartbeats (newest" in shown.stdout
         listed = json.loads(cli(env, "workers", "list", "--json").stdout)

@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ValidationError
@@ -24,6 +24,9 @@ from tasker_worker.domain.clock import Clock, SystemClock
 from tasker_worker.fleet.leader import LeaderElection
 from tasker_worker.fleet.lifecycle import WorkerLifecycle
 from tasker_worker.fleet.views import FleetViews
+
+if TYPE_CHECKING:
+    from tasker_worker.runtime.stats import HistogramSeries
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,21 @@ class ApiContext:
     #: The worker running in this process, when the API is served by ``run``.
     local_status: Callable[[], dict[str, Any]] | None = None
     local_worker_id: str | None = None
+    #: The local worker's histograms (``WorkerStats.histograms``), for ``/metrics``.
+    local_histograms: Callable[[], list[HistogramSeries]] | None = None
     supervision: LeaderElection | None = None
+
+    @classmethod
+    def for_worker(cls, pool: AsyncConnectionPool, config: TaskerConfig, worker: Any) -> ApiContext:
+        """The context of an API served inside a running ``Worker``: its figures read live."""
+        return cls(
+            pool,
+            config,
+            local_status=worker.status,
+            local_worker_id=worker.worker_id,
+            local_histograms=worker.stats.histograms,
+            supervision=worker.supervision,
+        )
 
     def __post_init__(self) -> None:
         self.lifecycle = WorkerLifecycle(

@@ -8,10 +8,11 @@ apps in one process (tests, ``run`` with the API) never share or double-register
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -19,6 +20,10 @@ from starlette.responses import Response
 
 from tasker_worker.api.context import ApiContext, ctx_of
 from tasker_worker.api.health import QueueView, gather_database, gather_queues
+from tasker_worker.domain.workers import WorkerView
+
+if TYPE_CHECKING:
+    from tasker_worker.runtime.stats import HistogramSeries
 
 
 class _Gathered(Collector):
@@ -65,7 +70,17 @@ async def gather(ctx: ApiContext) -> list[Metric]:
     throughput.add_metric([], float(stats["throughput_per_s"]))
     families += [workers, cores, throughput]
 
-    families += _worker_families(await _worker_snapshots(ctx))
+    cpu = GaugeMetricFamily("tasker_fleet_cpu_utilization_ratio", "Live workers' CPU use / their cores")
+    cpu.add_metric([], float(stats["cpu_utilization"]))
+    memory = GaugeMetricFamily("tasker_fleet_memory_utilization_ratio", "Live workers' memory use / their memory")
+    memory.add_metric([], float(stats["memory_utilization"]))
+    families += [cpu, memory]
+
+    live = await ctx.views.live()
+    families.append(_heartbeat_ages(live, ctx.clock.now()))
+    families += _worker_families(_worker_snapshots(ctx, live))
+    if ctx.local_histograms is not None:
+        families += _histogram_families(ctx.local_histograms())
 
     if ctx.supervision is not None:
         leader = GaugeMetricFamily(
@@ -92,30 +107,110 @@ def _queue_families(views: list[QueueView]) -> list[Metric]:
     return [depth, visible, age, dlq, dead]
 
 
-async def _worker_snapshots(ctx: ApiContext) -> dict[str, dict[str, Any]]:
+def _worker_snapshots(ctx: ApiContext, live: list[WorkerView]) -> dict[str, dict[str, Any]]:
     """Each live worker's statistics (its last heartbeat; the local worker's current ones)."""
-    snaps = {view.worker_id: view.stats for view in await ctx.views.live() if view.stats}
+    snaps = {view.worker_id: view.stats for view in live if view.stats}
     if ctx.local_status is not None and ctx.local_worker_id is not None:
         snaps[ctx.local_worker_id] = ctx.local_status()
     return snaps
 
 
+#: Worker counters that share a family, told apart by a label: counter -> (family, label, value).
+_LABELLED: dict[str, tuple[str, str, str]] = {
+    "succeeded": ("step_outcomes", "outcome", "succeeded"),
+    "failed": ("step_outcomes", "outcome", "failed"),
+    "dead_lettered": ("step_outcomes", "outcome", "dead_lettered"),
+    "retried": ("step_outcomes", "outcome", "retried"),
+    "released": ("step_outcomes", "outcome", "released"),
+    "stale_acks": ("step_outcomes", "outcome", "stale_ack"),
+    "claims_event": ("claims", "source", "event"),
+    "claims_poll": ("claims", "source", "poll"),
+    "claimed_event": ("claimed_steps", "source", "event"),
+    "claimed_poll": ("claimed_steps", "source", "poll"),
+    "vt_extensions": ("vt_extensions", "result", "extended"),
+    "vt_extensions_refused": ("vt_extensions", "result", "refused"),
+    "claims_taken_over": ("deferred_claims_resolved", "resolution", "taken_over"),
+    "claims_left_to_peers": ("deferred_claims_resolved", "resolution", "left_to_peers"),
+}
+
+_HELP: dict[str, str] = {
+    "step_outcomes": "Steps settled by each worker, by outcome (stale_ack: a settle fenced out "
+    "because the claim had lapsed)",
+    "claims": "Claim statements, by what triggered them (a notification, or looking: poll/backlog)",
+    "claimed_steps": "Messages claimed, by what triggered their claim",
+    "vt_extensions": "Visibility-timeout extensions of running steps, by result",
+    "deferred_claims_resolved": "Claims deferred to a first-ranked peer, by how they ended",
+    "missed_wakeups": "Messages found by polling that NOTIFY should have announced",
+    "notifications_received": "NOTIFY messages received",
+    "listener_reconnects": "Times the LISTEN connection was re-established",
+    "processed": "Steps whose handler ran to an outcome",
+}
+
+
 def _worker_families(snaps: dict[str, dict[str, Any]]) -> list[Metric]:
-    steps = CounterMetricFamily(
-        "tasker_worker_steps", "Step counters of each live worker", labels=["worker_id", "counter"]
+    counters: dict[str, CounterMetricFamily] = {}
+
+    def family(name: str, labels: list[str]) -> CounterMetricFamily:
+        if name not in counters:
+            help_text = _HELP.get(name, name.replace("_", " ").capitalize() + ", per worker")
+            counters[name] = CounterMetricFamily(f"tasker_worker_{name}", help_text, labels=["worker_id", *labels])
+        return counters[name]
+
+    heartbeats = CounterMetricFamily(
+        "tasker_worker_heartbeats", "Heartbeats sent, by result", labels=["worker_id", "result"]
+    )
+    listener_up = GaugeMetricFamily(
+        "tasker_worker_listener_up",
+        "1 while the worker's LISTEN connection is up (modes with a listener)",
+        labels=["worker_id"],
     )
     error_rate = GaugeMetricFamily(
         "tasker_worker_handler_error_rate", "Handler errors / runs over the last minute", labels=["worker_id"]
     )
     slots = GaugeMetricFamily("tasker_worker_free_slots", "Free concurrency slots", labels=["worker_id"])
+    in_flight = GaugeMetricFamily("tasker_worker_in_flight_steps", "Steps running now", labels=["worker_id"])
     for worker_id, snap in sorted(snaps.items()):
         for name, value in sorted((snap.get("counters") or {}).items()):
-            steps.add_metric([worker_id, name], float(value))
+            if name in _LABELLED:
+                fam_name, label, label_value = _LABELLED[name]
+                family(fam_name, [label]).add_metric([worker_id, label_value], float(value))
+            else:
+                family(name, []).add_metric([worker_id], float(value))
+        registry = snap.get("registry") or {}
+        if "heartbeats_sent" in registry:
+            heartbeats.add_metric([worker_id, "ok"], float(registry["heartbeats_sent"]))
+            heartbeats.add_metric([worker_id, "failed"], float(registry.get("heartbeat_failures", 0)))
+        listener = (snap.get("event_system") or {}).get("listener")
+        if listener is not None:
+            listener_up.add_metric([worker_id], 1.0 if listener.get("healthy") else 0.0)
         minute = snap.get("handler_last_minute") or {}
         error_rate.add_metric([worker_id], float(minute.get("error_rate", 0.0)))
         if "free_slots" in snap:
             slots.add_metric([worker_id], float(snap["free_slots"]))
-    return [steps, error_rate, slots]
+        if "in_flight" in snap:
+            in_flight.add_metric([worker_id], float(snap["in_flight"]))
+    return [*counters.values(), heartbeats, listener_up, error_rate, slots, in_flight]
+
+
+def _histogram_families(series: list[HistogramSeries]) -> list[Metric]:
+    """This process's histograms (a worker's own: they are not carried by heartbeats)."""
+    out: list[Metric] = []
+    for hist in series:
+        fam = HistogramMetricFamily(hist.name, hist.help, labels=list(hist.labels))
+        for values, h in sorted(hist.series.items()):
+            fam.add_metric(list(values), h.cumulative(), sum_value=h.sum)
+        out.append(fam)
+    return out
+
+
+def _heartbeat_ages(views: list[WorkerView], now: datetime) -> Metric:
+    age = GaugeMetricFamily(
+        "tasker_worker_heartbeat_age_seconds", "Seconds since each live worker's last heartbeat", labels=["worker_id"]
+    )
+    for view in views:
+        last = view.last_heartbeat_at or view.registered_at
+        age.add_metric([view.worker_id], max(0.0, (now - last).total_seconds()))
+    return age
 
 
 async def metrics(request: Request) -> Response:

@@ -162,13 +162,7 @@ def worker_service(config: TaskerConfig, sock: socket.socket) -> Callable[[Any],
     async def service(worker: Any) -> None:
         pool = await open_pool(worker.database_url, config.database, max_size=4)
         try:
-            ctx = ApiContext(
-                pool,
-                config,
-                local_status=worker.status,
-                local_worker_id=worker.worker_id,
-                supervision=worker.supervision,
-            )
+            ctx = ApiContext.for_worker(pool, config, worker)
             await serve(create_app(ctx), sock)
         finally:
             with anyio.CancelScope(shield=True):
