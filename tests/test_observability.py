@@ -224,3 +224,36 @@ async def test_metrics_follow_prometheus_conventions_and_back_the_dashboard_and_
     assert missing == []
     # The worker of this process is shown with its figures of now, not of its last heartbeat.
     assert shown["live"] is True and shown["processed"] == 4
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.anyio
+async def test_the_health_monitor_runs_at_its_interval_and_says_when_health_changes(
+    url: str, captured: io.StringIO, enabled: bool
+) -> None:
+    reg = HandlerRegistry()
+
+    @reg.handler("explodes")
+    async def explodes(ctx: Any, step: Any) -> None:
+        raise KeyError("boom")
+
+    overrides = {
+        "retry.max_attempts": 1,
+        "event_system.health_monitoring_enabled": enabled,
+        "event_system.health_check_interval": "50ms",
+        "registry.heartbeat_interval": "60s",
+    }
+    async with running_worker(
+        url, make_config(mode="Hybrid", namespaces=[NS], overrides=overrides), registry=reg
+    ) as worker:
+        await send_steps(url, NS, "explodes", [{} for _ in range(12)])
+        await wait_until(outcomes_at_least(url, 12), timeout=30)
+        if enabled:
+            await wait_until(lambda: worker.status()["health"]["status"] == "degraded", timeout=10)
+            health = worker.status()["health"]
+            assert any("error_rate" in reason for reason in health["reasons"])
+        else:
+            # The steps have settled: whatever a monitor would have judged, it had the figures.
+            assert worker.health is None and worker.status()["health"] == {"status": "not monitored"}
+    changes = [r for r in lines(captured) if r["message"].startswith("health healthy -> degraded")]
+    assert len(changes) == (1 if enabled else 0)

@@ -21,6 +21,7 @@ from tasker_worker.domain.health import (
     Thresholds,
     WorkerFigures,
     judge,
+    thresholds_of,
 )
 from tasker_worker.domain.names import DLQ_SUFFIX
 from tasker_worker.errors import DatabaseError, first_line
@@ -105,13 +106,7 @@ async def gather_workers(ctx: ApiContext) -> list[WorkerFigures]:
 
 def thresholds(ctx: ApiContext) -> Thresholds:
     """``[api]`` health limits."""
-    api = ctx.config.api
-    return Thresholds(
-        max_queue_age_s=api.max_queue_age.total_seconds(),
-        max_xmin_age_s=api.max_xmin_age.total_seconds(),
-        max_error_rate=api.max_error_rate,
-        max_notify_queue_usage=api.max_notify_queue_usage,
-    )
+    return thresholds_of(ctx.config.api)
 
 
 async def live(request: Request) -> Response:

@@ -156,6 +156,24 @@ def judge(
     return HealthReport(worst, checks)
 
 
+def judge_worker(worker: WorkerFigures, limits: Thresholds) -> HealthReport:
+    """One worker's own checks (listener, missed wakeups, error rate, circuits) and the worst
+    verdict: what the worker's health monitor judges, without a database round trip."""
+    checks = _worker_checks([worker], limits)
+    worst = max((c.status for c in checks), key=_RANK.__getitem__, default=Health.HEALTHY)
+    return HealthReport(worst, checks)
+
+
+def thresholds_of(api: Any) -> Thresholds:
+    """The limits of an ``[api]`` config section."""
+    return Thresholds(
+        max_queue_age_s=api.max_queue_age.total_seconds(),
+        max_xmin_age_s=api.max_xmin_age.total_seconds(),
+        max_error_rate=api.max_error_rate,
+        max_notify_queue_usage=api.max_notify_queue_usage,
+    )
+
+
 def _worker_checks(workers: list[WorkerFigures], limits: Thresholds) -> list[Check]:
     out: list[Check] = []
     for w in workers:

@@ -40,6 +40,7 @@ from tasker_worker.db import migrations
 from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
+from tasker_worker.domain.health import thresholds_of
 from tasker_worker.domain.herd import ClaimRanking
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.names import queue_name
@@ -57,6 +58,7 @@ from tasker_worker.runtime.commands import Shutdown
 from tasker_worker.runtime.control import WorkerControl
 from tasker_worker.runtime.event_system import WorkerEventSystem
 from tasker_worker.runtime.executor import HandlerExecutor
+from tasker_worker.runtime.health_monitor import HealthMonitor
 from tasker_worker.runtime.listener import ProbeSender
 from tasker_worker.runtime.processor import CommandProcessor
 from tasker_worker.runtime.stats import WorkerStats
@@ -106,6 +108,7 @@ class Worker(RegistersHandlers):
         self._services = list(services or [])
         self.presence: WorkerPresence | None = None
         self.supervision: LeaderElection | None = None
+        self.health: HealthMonitor | None = None
         self._process = psutil.Process()
         self._stop_requested = anyio.Event()
         self._stop_reason = "requested"
@@ -276,6 +279,15 @@ class Worker(RegistersHandlers):
                         tg.start_soon(self._periodic_loop, job)
                     # "ready" means every source is live: a step sent now is seen by LISTEN.
                     await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
+                    es = self.config.event_system
+                    if es.health_monitoring_enabled:
+                        self.health = HealthMonitor(
+                            self.status,
+                            lambda: self.worker_id,
+                            thresholds_of(self.config.api),
+                            es.health_check_interval.total_seconds(),
+                        )
+                        tg.start_soon(self.health.run)
                     if self.presence is not None:
                         # The first heartbeat reports the listener as it is once LISTEN is up,
                         # not as it was a moment before (disconnected, health degraded).
@@ -332,6 +344,7 @@ class Worker(RegistersHandlers):
             snap["supervision"] = self.supervision.status()
         if self.control is not None:
             snap["control"] = self.control.status()
+        snap["health"] = self.health.status() if self.health is not None else {"status": "not monitored"}
         return snap
 
     async def set_mode(self, mode: DeploymentMode | str, *, source: str = "api") -> bool:
