@@ -790,8 +790,8 @@ BEGIN
             UPDATE pgmq.%1$I AS q
                SET vt = clock_timestamp() + make_interval(secs => i.delay_ms / 1000.0),
                    read_ct = CASE WHEN $5 THEN q.read_ct ELSE greatest(q.read_ct - 1, 0) END,
-                   headers = CASE WHEN i.patch IS NULL THEN q.headers
-                                  ELSE coalesce(q.headers, '{}'::jsonb) || i.patch END
+                   headers = CASE WHEN i.patch IS NULL THEN q.headers - 'tasker_claim'
+                                  ELSE (coalesce(q.headers, '{}'::jsonb) - 'tasker_claim') || i.patch END
               FROM input AS i
              WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct
             RETURNING q.msg_id

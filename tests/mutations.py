@@ -402,6 +402,39 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
         ("tests/test_planning.py",),
     ),
+    Mutation(
+        "lapse_put_back_kept",
+        "a put-back (retry, release) is not taken for a lapsed claim (retry_steps keeps tasker_claim)",
+        (
+            Edit(
+                "sql/migrations/0010_lapsed_claims.sql",
+                "ELSE (coalesce(q.headers, '{}'::jsonb) - 'tasker_claim') || i.patch END",
+                "ELSE coalesce(q.headers, '{}'::jsonb) || i.patch END",
+            ),
+        ),
+        ("tests/test_observability.py::test_a_lapsed_claim_is_recorded_with_its_previous_holder",),
+    ),
+    Mutation(
+        "lapse_unrecorded",
+        "a claim that finds the previous one lapsed records it (the worker ignores it)",
+        (Edit("tasker_worker/runtime/processor.py", "                if lapsed:\n", "                if False:\n"),),
+        ("tests/test_observability.py::test_a_lapsed_claim_is_recorded_with_its_previous_holder",),
+    ),
+    Mutation(
+        "source_sticks_in_a_backlog",
+        "a claim's source is what triggered it (a backlog loop keeps the source that woke it)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "source = Source.EVENT if qs.woken_by_event else Source.POLL\n                    qs.woken_by_event = False\n                want",
+                "source = Source.EVENT if qs.woken_by_event or source is Source.EVENT else Source.POLL\n                    qs.woken_by_event = False\n                want",
+            ),
+        ),
+        (
+            "tests/test_observability.py::"
+            "test_claims_after_a_switch_to_polling_only_are_polls_and_lines_say_the_new_mode",
+        ),
+    ),
 )
 
 

@@ -21,7 +21,10 @@ from proxy import Cut, DatabaseProxy
 
 from tasker_worker.api.app import ApiContext, create_app
 from tasker_worker.db.connection import open_pool
+from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.modes import DeploymentMode
+from tasker_worker.domain.names import queue_name
+from tasker_worker.domain.steps import Source
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import (
     fetch,
@@ -257,3 +260,48 @@ async def test_the_health_monitor_runs_at_its_interval_and_says_when_health_chan
             assert worker.health is None and worker.status()["health"] == {"status": "not monitored"}
     changes = [r for r in lines(captured) if r["message"].startswith("health healthy -> degraded")]
     assert len(changes) == (1 if enabled else 0)
+
+
+@pytest.mark.anyio
+async def test_a_lapsed_claim_is_recorded_with_its_previous_holder(url: str) -> None:
+    reg = HandlerRegistry()
+    runs: dict[str, int] = {}
+
+    @reg.handler("flaky")
+    async def flaky(ctx: Any, step: Any) -> str:
+        key = str(step.step_uuid)
+        runs[key] = runs.get(key, 0) + 1
+        if runs[key] == 1 and step.inputs.get("fail_first"):
+            raise KeyError("once")  # a put-back (retry): not a lapse
+        return "ok"
+
+    [lapsing] = await send_steps(url, NS, "flaky", [{}])
+    # A worker that claimed it and then went silent past its vt: the claim statement is the
+    # worker's own; the lapse is the vt reaching now.
+    pool = await open_pool(url, make_config().database, max_size=1)
+    try:
+        [held] = await QueueClient(pool).claim(queue_name(NS), 30, 1, Source.POLL, worker_id="ghost-worker")
+    finally:
+        await pool.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"UPDATE pgmq.q_{queue_name(NS)} SET vt = clock_timestamp() WHERE msg_id = %s", (held.msg_id,))
+    config = make_config(mode="Hybrid", namespaces=[NS], overrides={"retry.base_delay": "10ms"})
+    async with running_worker(url, config, registry=reg) as worker:
+        [retried] = await send_steps(url, NS, "flaky", [{"fail_first": True}])
+        await wait_until(outcomes_at_least(url, 2, "succeeded"), timeout=30)
+    events = await fetch(
+        url,
+        "SELECT step_uuid::text, worker_id, data FROM tasker.events WHERE event_type = 'StepAssignmentTimedOut'",
+    )
+    assert [(e[0], e[1]) for e in events] == [(lapsing["step_uuid"], "ghost-worker")]  # not the retried one
+    data = events[0][2]
+    assert (data["reason"], data["attempt"], data["reclaimed_by"]) == ("vt_lapsed", 1, worker.worker_id)
+    assigned = await fetch(
+        url,
+        "SELECT worker_id, data ->> 'read_ct' FROM tasker.event_log WHERE step_uuid = %s AND event_type = 'StepAssigned'"
+        " ORDER BY occurred_at",
+        (lapsing["step_uuid"],),
+    )
+    assert assigned == [("ghost-worker", "1"), (worker.worker_id, "2")]
+    assert worker.stats.counters["lapsed_claims"] == 1
+    assert retried["step_uuid"] != lapsing["step_uuid"]

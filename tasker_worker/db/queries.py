@@ -164,12 +164,14 @@ MAY_ENSURE_NOTIFY_TRIGGERS = "SELECT has_function_privilege('tasker.ensure_notif
 # Behind a transaction pooler they go as unnamed statements (parsed and planned each time).
 
 # pgmq.read's claim (oldest visible first, SKIP LOCKED), its dedup probe and asynchronous commit
-# in one statement. A claim lost in a server crash only makes its messages visible again when
+# in one statement. It writes the claimant into the message's headers (tasker_claim) and returns
+# the previous claimant when that claim lapsed (migration 0010). A claim lost in a server crash only makes its messages visible again when
 # their old vt lapses; outcomes stay exactly once through step_results' key.
 # Parameters: qty, vt (seconds); skipping: skip_msgs, skip_handlers; stored events: worker_id.
 _CLAIM = """
 WITH ready AS (
-    SELECT q.msg_id FROM {queue_table} AS q
+    SELECT q.msg_id, q.read_ct AS prior_ct, q.headers -> 'tasker_claim' AS prior
+      FROM {queue_table} AS q
      WHERE q.vt <= clock_timestamp(){skip}
      ORDER BY q.msg_id
      LIMIT %(qty)s
@@ -178,13 +180,17 @@ WITH ready AS (
     UPDATE {queue_table} AS m
        SET last_read_at = clock_timestamp(),
            vt = clock_timestamp() + make_interval(secs => %(vt)s),
-           read_ct = m.read_ct + 1
+           read_ct = m.read_ct + 1,
+           headers = coalesce(m.headers, jsonb_build_object()) || jsonb_build_object('tasker_claim',
+               jsonb_build_object('worker_id', %(worker_id)s::text, 'read_ct', m.read_ct + 1,
+                                  'at', clock_timestamp()))
       FROM ready
      WHERE m.msg_id = ready.msg_id
-    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers,
+              CASE WHEN (ready.prior ->> 'read_ct')::integer = ready.prior_ct THEN ready.prior END AS lapsed
 ){assigned}{noticed}
 SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.headers,
-       d.step_uuid IS NOT NULL
+       d.step_uuid IS NOT NULL, c.lapsed
   FROM claimed AS c
   LEFT JOIN LATERAL (
       SELECT s.step_uuid FROM tasker.step_results AS s
@@ -373,6 +379,12 @@ SELECT pg_notify('pgmq_message_ready.' || a.ns,
                                    'ready_at', clock_timestamp() + make_interval(secs => a.delay))::text)
   FROM (SELECT q, tasker.queue_namespace(q) AS ns, id, delay
           FROM (VALUES (%s::text, %s::bigint, %s::float8)) AS v (q, id, delay)) AS a
+"""
+
+# A claim that found the previous one lapsed (migration 0010).
+RECORD_LAPSED_CLAIM = """
+INSERT INTO tasker.events (event_type, worker_id, step_uuid, queue_name, msg_id, data)
+VALUES ('StepAssignmentTimedOut', %s, tasker.try_uuid(%s), %s, %s, %s)
 """
 
 RETRY_STEPS = """

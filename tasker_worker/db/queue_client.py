@@ -301,7 +301,29 @@ class QueueClient:
             text = statements.claim_announcing if announce else statements.claim
         rows = await self._fetch(text, params)
         now = time.monotonic()
-        return [ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], r[5], r[6], source, now) for r in rows]
+        return [
+            ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], r[5], r[6], source, now, lapsed_claim=r[7])
+            for r in rows
+        ]
+
+    async def record_lapsed_claims(self, queue: str, worker_id: str | None, msgs: Sequence[ClaimedMessage]) -> None:
+        """One ``StepAssignmentTimedOut`` event (reason ``vt_lapsed``) per message whose previous
+        claim lapsed, naming that claim's worker; with derived step events the event also carries
+        the lapsed claim's time, so that the event log shows that attempt's StepAssigned."""
+        rows = []
+        for m in msgs:
+            prior = m.lapsed_claim or {}
+            data: dict[str, Any] = {
+                "reason": "vt_lapsed",
+                "attempt": prior.get("read_ct"),
+                "previous_worker_id": prior.get("worker_id"),
+                "reclaimed_by": worker_id,
+            }
+            if not self.store_events and prior.get("at"):
+                data["claimed_at"] = prior["at"]
+            rows.append((prior.get("worker_id"), m.step_uuid, queue, m.msg_id, Jsonb(data)))
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.executemany(queries.RECORD_LAPSED_CLAIM, rows)
 
     async def visible_queues(self, queues: Sequence[str]) -> set[str]:
         """Which of ``queues`` have a message visible now (one statement for all of them)."""

@@ -163,6 +163,9 @@ class ClaimedMessage:
     #: Monotonic time when the claim returned (local clock).
     received_mono: float = 0.0
     step: StepMessage | None = field(default=None)
+    #: The previous claim of this message, when it lapsed (neither settled nor put back before
+    #: its vt): ``{"worker_id", "read_ct", "at"}`` as that claim wrote it into the headers.
+    lapsed_claim: dict[str, Any] | None = None
 
     @property
     def step_uuid(self) -> str | None:

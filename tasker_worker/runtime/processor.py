@@ -31,7 +31,7 @@ from tasker_worker.domain.herd import ClaimedMemory, ClaimRanking
 from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.notifications import MessageReady
 from tasker_worker.domain.steps import ClaimedMessage, Source
-from tasker_worker.errors import TaskerError
+from tasker_worker.errors import TaskerError, first_line
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.logs import error_fields
 from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStep, ExecuteStepFromEvent, Shutdown, WorkerCommand
@@ -423,9 +423,32 @@ class CommandProcessor:
                     qs.claimed.add(m.msg_id for m in msgs)
                 for msg in msgs:
                     self._accept(qs, msg)
+                lapsed = [m for m in msgs if m.lapsed_claim is not None]
+                if lapsed:
+                    await self._record_lapsed(qs, lapsed)
                 if len(msgs) < want:
                     break
                 backlog = True
+
+    async def _record_lapsed(self, qs: _QueueState, msgs: list[ClaimedMessage]) -> None:
+        """Say that the previous claims of ``msgs`` lapsed (their steps run here now): a line and
+        a StepAssignmentTimedOut event each. A failure to write the events costs only them."""
+        self.stats.incr("lapsed_claims", len(msgs))
+        for msg in msgs:
+            prior = msg.lapsed_claim or {}
+            log.warning(
+                "msg %d of %s: the claim of %s (attempt %s) lapsed before it settled; claimed again",
+                msg.msg_id,
+                qs.name,
+                prior.get("worker_id"),
+                prior.get("read_ct"),
+                extra={"queue": qs.name, "msg_id": msg.msg_id, "attempt": msg.read_ct},
+            )
+        try:
+            await self.client.record_lapsed_claims(qs.name, self.worker_id, msgs)
+        except TRANSIENT_DB_ERRORS as exc:
+            self.stats.incr("db_errors")
+            log.warning("lapsed claims on %s not recorded: %s", qs.name, first_line(exc))
 
     def _accept(self, qs: _QueueState, msg: ClaimedMessage) -> None:
         key = (msg.queue, msg.msg_id)

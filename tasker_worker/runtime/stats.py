@@ -22,6 +22,7 @@ COUNTERS = (
     "claimed_event",
     "claimed_poll",
     "missed_wakeups",
+    "lapsed_claims",
     "claims_deferred",
     "claims_taken_over",
     "claims_left_to_peers",
