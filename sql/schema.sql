@@ -813,7 +813,7 @@ AS $function$
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision)
+CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb)
  RETURNS bigint
  LANGUAGE plpgsql
 AS $function$
@@ -835,6 +835,18 @@ BEGIN
     IF p_timeout IS NOT NULL AND NOT (p_timeout > 0 AND p_timeout <= 86400) THEN
         RAISE EXCEPTION 'timeout must be between 0 and 86400 seconds' USING ERRCODE = '22023';
     END IF;
+    IF p_headers IS NOT NULL THEN
+        IF jsonb_typeof(p_headers) <> 'object' THEN
+            RAISE EXCEPTION 'headers must be a JSON object' USING ERRCODE = '22023';
+        END IF;
+        IF octet_length(p_headers::text) > 8192 THEN
+            RAISE EXCEPTION 'headers must be at most 8192 bytes of JSON' USING ERRCODE = '22023';
+        END IF;
+        IF EXISTS (SELECT 1 FROM jsonb_object_keys(p_headers) AS k WHERE k LIKE 'tasker\_%') THEN
+            RAISE EXCEPTION 'header keys beginning with tasker_ are reserved for the runtime'
+                USING ERRCODE = '22023';
+        END IF;
+    END IF;
     IF tasker.queue_table(v_queue) IS NULL THEN
         RAISE EXCEPTION 'queue % does not exist', v_queue
             USING ERRCODE = '42P01',
@@ -848,7 +860,7 @@ BEGIN
         'handler', p_handler,
         'attempt_limit', p_attempt_limit,
         'timeout', p_timeout)) || jsonb_build_object('inputs', p_inputs);
-    SELECT s.id INTO v_id FROM pgmq.send(v_queue, v_msg, p_delay) AS s(id);
+    SELECT s.id INTO v_id FROM pgmq.send(v_queue, v_msg, p_headers, p_delay) AS s(id);
     RETURN v_id;
 END;
 $function$;

@@ -149,6 +149,9 @@ class WorkerConfig(_Section):
     executor_workers: int = Field(default=4, ge=1, le=256)
     #: Default time a handler may run (a handler's ``timeout=`` and the step's ``timeout`` win).
     handler_timeout: Duration = timedelta(seconds=5)
+    #: OpenTelemetry spans around steps (``runtime/tracing.py``): ``auto`` when the ``otel``
+    #: extra is installed, ``off`` never.
+    tracing: Literal["auto", "off"] = "auto"
     periodic_timeout: Duration = timedelta(seconds=30)
     shutdown_timeout: Duration = timedelta(seconds=30)
     #: A step this worker lacks the capability for is released for others this many times at

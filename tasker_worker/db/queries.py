@@ -135,7 +135,7 @@ SELECT queue_name, queue_length, queue_visible_length, newest_msg_age_sec,
 
 PURGE_QUEUE = "SELECT pgmq.purge_queue(%s)"
 
-SEND_STEP = "SELECT tasker.send_step(%s, %s, %s::jsonb, %s, NULL, NULL, %s, %s)"
+SEND_STEP = "SELECT tasker.send_step(%s, %s, %s::jsonb, %s, NULL, NULL, %s, %s, %s::jsonb)"
 
 SEND_BATCH = "SELECT * FROM pgmq.send_batch(%s, %s::jsonb[], %s)"
 

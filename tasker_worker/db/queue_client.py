@@ -253,14 +253,24 @@ class QueueClient:
         delay: int = 0,
         attempt_limit: int | None = None,
         timeout: float | None = None,
+        headers: dict[str, Any] | None = None,
         conn: AsyncConn | None = None,
     ) -> int:
-        """Enqueue one step through ``tasker.send_step``; return its msg_id."""
+        """Enqueue one step through ``tasker.send_step``; return its msg_id. ``headers`` become
+        the message's (a W3C ``traceparent``: see ``runtime.tracing.trace_headers``)."""
         queue_name(namespace)
         validate_handler_name(handler)
         rows = await self._fetch(
             queries.SEND_STEP,
-            (namespace, handler, Jsonb(inputs or {}), delay, attempt_limit, timeout),
+            (
+                namespace,
+                handler,
+                Jsonb(inputs or {}),
+                delay,
+                attempt_limit,
+                timeout,
+                Jsonb(headers) if headers else None,
+            ),
             conn,
         )
         return int(rows[0][0])

@@ -65,6 +65,7 @@ from tasker_worker.handlers.registry import HandlerRegistry, HandlerSpec
 from tasker_worker.logs import error_fields
 from tasker_worker.runtime.executor import HandlerExecutor
 from tasker_worker.runtime.stats import WorkerStats
+from tasker_worker.runtime.tracing import step_tracer
 
 # The logger the step lines have always had (docs/troubleshooting.md shows it; operators filter on it).
 log = logging.getLogger("tasker_worker.runtime.processor")
@@ -147,6 +148,8 @@ class StepRunner:
         self.steps_in_flight: dict[int, tuple[str, int]] = {}
         self._slot_freed = anyio.Event()
         retry = config.retry
+        #: OpenTelemetry (the otel extra); None costs the step path one ``is None`` test.
+        self.tracer = step_tracer(config.worker.tracing)
         self.retry_policy = RetryPolicy(
             retry.max_attempts, retry.base_delay, retry.max_delay, retry.jitter, retry.max_releases
         )
@@ -310,7 +313,11 @@ class StepRunner:
         )
         timeout = step_timeout(step.timeout, spec.timeout, self.config.worker.handler_timeout)
         try:
-            result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
+            if self.tracer is None:
+                result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
+            else:
+                with self.tracer.span(msg, step):
+                    result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
         except Exception as exc:
             self.stats.observe_handler(spec.name, _handler_outcome(exc), time.monotonic() - start_mono)
             # A StepFailed is the handler's verdict, not an error of the handler.

@@ -1,0 +1,78 @@
+"""OpenTelemetry spans around steps: the ``otel`` extra (``pip install tasker-worker[otel]``).
+
+With ``opentelemetry-api`` importable and ``[worker] tracing = "auto"``, each step's handler
+runs in a span ``tasker.step <handler>`` (kind CONSUMER) carrying the namespace, handler, attempt,
+step_uuid and correlation_id, continuing the W3C trace context (``traceparent``,
+``tracestate``) found in the message's headers. Where the spans go is the application's
+OpenTelemetry configuration (a TracerProvider and its exporters); without one the API's spans
+are no-ops. Without the package, or with ``tracing = "off"``, the worker holds no tracer and
+the step path does not look at headers at all.
+
+Producers hand their current trace context to a step with :func:`trace_headers` (the headers of
+``tasker.send_step(..., p_headers => ...)`` or of ``pgmq.send``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from tasker_worker import __version__
+from tasker_worker.domain.steps import ClaimedMessage, StepMessage
+
+try:
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind
+except ImportError:  # the otel extra is not installed
+    propagate = trace = SpanKind = None  # type: ignore[assignment,misc]
+
+
+def available() -> bool:
+    """Whether ``opentelemetry-api`` is importable."""
+    return trace is not None
+
+
+class StepTracer:
+    """Opens the span of each step run."""
+
+    def __init__(self) -> None:
+        assert trace is not None, "the otel extra is not installed"
+        self._tracer = trace.get_tracer("tasker_worker", __version__)
+
+    @contextmanager
+    def span(self, msg: ClaimedMessage, step: StepMessage) -> Iterator[Any]:
+        """The span of one run of ``step``; an exception leaves it with an error status."""
+        parent = propagate.extract(msg.headers) if msg.headers else None
+        attributes: dict[str, str | int] = {
+            "tasker.namespace": step.namespace,
+            "tasker.handler": step.handler,
+            "tasker.attempt": msg.read_ct,
+            "tasker.step_uuid": str(step.step_uuid),
+            "tasker.correlation_id": str(step.correlation_id),
+            "tasker.queue": msg.queue,
+            "messaging.system": "pgmq",
+            "messaging.message.id": str(msg.msg_id),
+        }
+        with self._tracer.start_as_current_span(
+            f"tasker.step {step.handler}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        ) as span:
+            yield span
+
+
+def step_tracer(mode: str) -> StepTracer | None:
+    """The tracer ``[worker] tracing`` asks for: None when off or when the extra is missing."""
+    if mode == "off" or not available():
+        return None
+    return StepTracer()
+
+
+def trace_headers(headers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``headers`` plus the current W3C trace context (unchanged without the otel extra)."""
+    out = dict(headers or {})
+    if propagate is not None:
+        propagate.inject(out)
+    return out
+
+
+__all__ = ["StepTracer", "available", "step_tracer", "trace_headers"]
