@@ -101,6 +101,21 @@ def test_unreachable_database_is_a_runtime_error(cli_env: dict[str, str]) -> Non
     assert proc.stderr.startswith("error: cannot connect to PostgreSQL") and proc.stderr.count("\n") == 1
 
 
+def test_config_reference_says_what_each_key_means_with_durations_as_written(cli_env: dict[str, str]) -> None:
+    proc = run(cli_env, "config", "reference")
+    assert proc.returncode == 0
+    rows = {line.split(" | ")[0].strip("| `"): line for line in proc.stdout.splitlines() if line.startswith("| `")}
+    assert rows["retention.outcomes"].startswith('| `retention.outcomes` | `"7d"` |')  # not "10080m"
+    assert "not a handler timeout" in rows["event_system.processing_timeout"]
+    assert all(not line.endswith("|  |") for line in rows.values())  # every key has a meaning
+
+
+def test_a_mistyped_environment_is_an_error(cli_env: dict[str, str]) -> None:
+    proc = run(cli_env, "--env", "prodution", "config", "show")
+    assert proc.returncode == 2 and "'prodution' has no overlay" in proc.stderr and "production" in proc.stderr
+    assert run(cli_env, "--env", "adhoc", "--allow-missing-env", "config", "show").returncode == 0
+
+
 def test_debug_shows_traceback(cli_env: dict[str, str]) -> None:
     proc = run(cli_env, "--debug", "queue", "metrics", "nosuch")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
