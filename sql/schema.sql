@@ -44,6 +44,18 @@ CREATE TABLE tasker.schema_migrations (
 ALTER TABLE tasker.schema_migrations ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
 -- table
+CREATE TABLE tasker.step_keys (
+    step_uuid uuid NOT NULL,
+    queue_name text NOT NULL,
+    msg_id bigint NOT NULL,
+    created_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL
+);
+
+ALTER TABLE tasker.step_keys ADD CONSTRAINT step_keys_pkey PRIMARY KEY (step_uuid);
+
+CREATE INDEX step_keys_created_brin ON tasker.step_keys USING brin (created_at);
+
+-- table
 CREATE TABLE tasker.step_results (
     step_uuid uuid NOT NULL,
     task_uuid uuid,
@@ -70,7 +82,7 @@ ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_pkey PRIMARY KEY (st
 
 ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_source_check CHECK ((source = ANY (ARRAY['event'::text, 'poll'::text])));
 
-ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_status_check CHECK ((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead_lettered'::text])));
+ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_status_check CHECK ((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead_lettered'::text, 'cancelled'::text])));
 
 CREATE INDEX step_results_finished_brin ON tasker.step_results USING brin (finished_at);
 
@@ -200,6 +212,64 @@ BEGIN
         RETURN false;
     END;
     RETURN true;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.cancel_step(p_namespace text, p_step_uuid uuid)
+ RETURNS TABLE(msg_id bigint, state text)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_queue text := tasker.namespace_queue(p_namespace);
+    v_table text := pgmq.format_table_name(v_queue, 'q');
+    v_id    bigint;
+    v_done  bigint;
+    v_held  boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
+    SELECT r.msg_id INTO v_done FROM tasker.step_results AS r WHERE r.step_uuid = p_step_uuid;
+    IF FOUND THEN
+        RETURN QUERY SELECT v_done, 'finished'::text;
+        RETURN;
+    END IF;
+    SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;
+    IF v_id IS NULL THEN
+        -- Sent without a key: found by its body (a scan of this namespace's queue).
+        EXECUTE format('SELECT q.msg_id FROM pgmq.%I AS q WHERE q.message ->> ''step_uuid'' = $1 LIMIT 1', v_table)
+            INTO v_id USING p_step_uuid::text;
+    END IF;
+    IF v_id IS NULL THEN
+        RETURN QUERY SELECT NULL::bigint, 'not_found'::text;
+        RETURN;
+    END IF;
+    EXECUTE format($sql$
+        WITH gone AS (
+            DELETE FROM pgmq.%1$I AS q
+             WHERE q.msg_id = $1
+               AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())
+            RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.message
+        ), recorded AS (
+            INSERT INTO tasker.step_results (step_uuid, task_uuid, correlation_id, namespace, queue_name,
+                                             msg_id, handler, status, error, attempts, worker_id,
+                                             enqueued_at, finished_at)
+            SELECT $2, tasker.try_uuid(g.message ->> 'task_uuid'), tasker.try_uuid(g.message ->> 'correlation_id'),
+                   %2$L, %3$L, g.msg_id, g.message ->> 'handler', 'cancelled',
+                   jsonb_build_object('reason', 'cancelled'), g.read_ct, 'cancel:' || session_user,
+                   g.enqueued_at, clock_timestamp()
+              FROM gone AS g
+            ON CONFLICT (step_uuid) DO NOTHING
+        )
+        SELECT count(*) > 0 FROM gone
+        $sql$, v_table, p_namespace, v_queue)
+        INTO v_held USING v_id, p_step_uuid;
+    IF v_held THEN
+        RETURN QUERY SELECT v_id, 'cancelled'::text;
+    ELSE
+        RETURN QUERY SELECT v_id, 'running'::text;
+    END IF;
 END;
 $function$;
 
@@ -371,6 +441,44 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false)
+ RETURNS TABLE(step_uuid uuid, msg_id bigint, created boolean)
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_msg     jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, p_step_uuid, p_task_uuid,
+                                           p_correlation_id, p_attempt_limit, p_timeout, p_headers);
+    v_queue   text := tasker.namespace_queue(p_namespace);
+    v_uuid    uuid := (v_msg ->> 'step_uuid')::uuid;
+    v_headers jsonb := p_headers;
+    v_id      bigint;
+BEGIN
+    IF p_delay IS NULL OR p_delay < 0 THEN
+        RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+    END IF;
+    IF p_step_uuid IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
+        SELECT r.msg_id INTO v_id FROM tasker.step_results AS r WHERE r.step_uuid = p_step_uuid;
+        IF NOT FOUND THEN
+            SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;
+        END IF;
+        IF v_id IS NOT NULL THEN
+            RETURN QUERY SELECT p_step_uuid, v_id, false;
+            RETURN;
+        END IF;
+    END IF;
+    IF p_notify THEN
+        v_headers := coalesce(v_headers, '{}'::jsonb) || '{"tasker_notify": true}'::jsonb;
+    END IF;
+    SELECT s.id INTO v_id FROM pgmq.send(v_queue, v_msg, v_headers, p_delay) AS s(id);
+    IF p_step_uuid IS NOT NULL THEN
+        INSERT INTO tasker.step_keys (step_uuid, queue_name, msg_id) VALUES (p_step_uuid, v_queue, v_id);
+    END IF;
+    RETURN QUERY SELECT v_uuid, v_id, true;
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.ensure_notify_triggers()
  RETURNS integer
  LANGUAGE plpgsql
@@ -459,6 +567,24 @@ BEGIN
       FROM unnest(p_types, p_msg_ids, p_steps, p_data) AS i(event_type, msg_id, step, data);
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.namespace_queue(p_namespace text)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+    v_queue text := 'worker_' || tasker.validate_namespace(p_namespace) || '_queue';
+BEGIN
+    IF tasker.queue_table(v_queue) IS NULL THEN
+        RAISE EXCEPTION 'queue % does not exist', v_queue
+            USING ERRCODE = '42P01',
+                  HINT = format('create it with SELECT tasker.create_namespace_queue(%L)', p_namespace);
+    END IF;
+    RETURN v_queue;
 END;
 $function$;
 
@@ -818,16 +944,36 @@ CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_
  LANGUAGE plpgsql
 AS $function$
 DECLARE
-    v_queue text := 'worker_' || tasker.validate_namespace(p_namespace) || '_queue';
-    v_msg   jsonb;
-    v_id    bigint;
+    v_msg jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, NULL, p_task_uuid,
+                                       p_correlation_id, p_attempt_limit, p_timeout, p_headers);
 BEGIN
+    IF p_delay IS NULL OR p_delay < 0 THEN
+        RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+    END IF;
+    RETURN (SELECT s.id FROM pgmq.send(tasker.namespace_queue(p_namespace), v_msg, p_headers, p_delay) AS s(id));
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.step_events_stored()
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT coalesce(current_setting('tasker.step_events', true), '') = 'stored';
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.step_message(p_namespace text, p_handler text, p_inputs jsonb, p_step_uuid uuid, p_task_uuid uuid, p_correlation_id uuid, p_attempt_limit integer, p_timeout double precision, p_headers jsonb)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+BEGIN
+    PERFORM tasker.validate_namespace(p_namespace);
     PERFORM tasker.validate_handler(p_handler);
     IF p_inputs IS NULL OR jsonb_typeof(p_inputs) <> 'object' THEN
         RAISE EXCEPTION 'inputs must be a JSON object' USING ERRCODE = '22023';
-    END IF;
-    IF p_delay IS NULL OR p_delay < 0 THEN
-        RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
     END IF;
     IF p_attempt_limit IS NOT NULL AND p_attempt_limit NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION 'attempt_limit must be between 1 and 100' USING ERRCODE = '22023';
@@ -847,31 +993,15 @@ BEGIN
                 USING ERRCODE = '22023';
         END IF;
     END IF;
-    IF tasker.queue_table(v_queue) IS NULL THEN
-        RAISE EXCEPTION 'queue % does not exist', v_queue
-            USING ERRCODE = '42P01',
-                  HINT = format('create it with SELECT tasker.create_namespace_queue(%L)', p_namespace);
-    END IF;
-    v_msg := jsonb_strip_nulls(jsonb_build_object(
-        'step_uuid', gen_random_uuid(),
+    RETURN jsonb_strip_nulls(jsonb_build_object(
+        'step_uuid', coalesce(p_step_uuid, gen_random_uuid()),
         'task_uuid', coalesce(p_task_uuid, gen_random_uuid()),
         'correlation_id', coalesce(p_correlation_id, gen_random_uuid()),
         'namespace', p_namespace,
         'handler', p_handler,
         'attempt_limit', p_attempt_limit,
         'timeout', p_timeout)) || jsonb_build_object('inputs', p_inputs);
-    SELECT s.id INTO v_id FROM pgmq.send(v_queue, v_msg, p_headers, p_delay) AS s(id);
-    RETURN v_id;
 END;
-$function$;
-
--- function
-CREATE OR REPLACE FUNCTION tasker.step_events_stored()
- RETURNS boolean
- LANGUAGE sql
- STABLE
-AS $function$
-    SELECT coalesce(current_setting('tasker.step_events', true), '') = 'stored';
 $function$;
 
 -- function

@@ -146,6 +146,17 @@ class RegistrationFailed(WorkerStartupError):
     """The worker could not register after the configured number of attempts."""
 
 
+class StepWaitTimeout(TaskerError, TimeoutError):
+    """``wait_for`` gave up: the step has no outcome yet (it may still be queued or running)."""
+
+    def __init__(self, step_uuid: str, timeout: float) -> None:
+        super().__init__(
+            f"step {step_uuid} has no outcome after {timeout:g}s (it may still be queued or running; "
+            "`tasker-worker steps show` tells)",
+            step_uuid=step_uuid,
+        )
+
+
 # --- step outcomes, raised by handlers or the runtime ---------------------------------------
 
 

@@ -103,7 +103,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a retry applies only to the holder's claim (read_ct fence removed from retry_steps)",
         (
             Edit(
-                M0002,
+                # The definition in force (0010 replaced 0002's).
+                "sql/migrations/0010_lapsed_claims.sql",
                 "WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n            RETURNING q.msg_id\n",
                 "WHERE q.msg_id = i.msg_id\n            RETURNING q.msg_id\n",
             ),

@@ -142,6 +142,36 @@ SEND_BATCH = "SELECT * FROM pgmq.send_batch(%s, %s::jsonb[], %s)"
 SEND = "SELECT pgmq.send(%s, %s, %s)"
 
 # A planning step with fresh ids (the demo's producer).
+# --- the producer's side (tasker_worker.AsyncClient / Client, migration 0012) -------------------
+
+ENQUEUE_STEP = """
+SELECT step_uuid, msg_id, created
+  FROM tasker.enqueue_step(%(namespace)s, %(handler)s, %(inputs)s::jsonb, %(step_uuid)s::uuid, %(delay)s,
+                           %(task_uuid)s::uuid, %(correlation_id)s::uuid, %(attempt_limit)s, %(timeout)s,
+                           %(headers)s::jsonb, %(notify)s)
+"""
+
+# A batch in one statement: bodies built and checked by the client (domain.steps.build_message),
+# encoded once; one headers object for all of them.
+SEND_STEPS = """
+SELECT s.id FROM pgmq.send_batch(%(queue)s, %(bodies)s::text[]::jsonb[],
+                                 array_fill(%(headers)s::jsonb, ARRAY[cardinality(%(bodies)s::text[])]),
+                                 %(delay)s) AS s(id)
+"""
+
+STEP_RESULT = "SELECT {columns} FROM tasker.step_results WHERE step_uuid = %s"
+
+# Newest first, by finished_at (the BRIN index keeps the range cheap); both filters optional.
+LIST_STEP_RESULTS = """
+SELECT {columns} FROM tasker.step_results
+ WHERE (%(namespace)s::text IS NULL OR namespace = %(namespace)s)
+   AND (%(status)s::text IS NULL OR status = %(status)s)
+ ORDER BY finished_at DESC
+ LIMIT %(limit)s
+"""
+
+CANCEL_STEP = "SELECT msg_id, state FROM tasker.cancel_step(%s, %s::uuid)"
+
 SEND_PLANNING_STEP = "SELECT tasker.send_step(%s, 'path_plan', %s)"
 
 # Composed with the queue table's identifier (``sql.SQL(QUEUE_LENGTH).format(...)``).
@@ -234,7 +264,8 @@ _CLAIM_ASSIGNED = """, logged AS (
 )"""
 
 # Settle finished steps: a fenced DELETE of each message (applied only while its read_ct is the
-# one claimed) and its outcome row, at most one per step_uuid. A row without a status only
+# one claimed) and its outcome row, at most one per step_uuid; steps whose producer waits for
+# them (header tasker_notify) are named on tasker_outcome when this commits. A row without a status only
 # settles (the step's outcome was recorded before). Returns the msg_ids settled; an input
 # missing from the result was fenced out (a stale ack). Parameters: outcomes (one JSON array,
 # see queue_client.encode_outcomes), worker_id.
@@ -263,9 +294,19 @@ WITH input AS (
       FROM settled AS s
      WHERE s.status IS NOT NULL AND s.step_uuid IS NOT NULL
     ON CONFLICT (step_uuid) DO NOTHING{returning}
-){logged}
-SELECT s.msg_id{recorded} FROM settled AS s
+){logged}, notified AS (
+    SELECT pg_notify('tasker_outcome', json_build_object(
+               'step_uuids', (array_agg(s.step_uuid ORDER BY s.msg_id))[1:150])::text) AS sent
+      FROM settled AS s
+     WHERE s.status IS NOT NULL AND s.headers ? 'tasker_notify'
+    HAVING count(*) > 0
+)
+SELECT s.msg_id{recorded} FROM settled AS s LEFT JOIN notified ON true
 """
+
+#: Notified when the outcome of a step sent with ``notify`` is recorded (migration 0012): JSON
+#: ``{"step_uuids": [...]}`` (at most 150 per settle; a waiter also polls, slowly).
+OUTCOME_CHANNEL = "tasker_outcome"
 
 # The settle inside a handler's own transaction also says whether the outcome row was written:
 # when another run of the same step recorded first, the handler's writes must not commit.
@@ -394,9 +435,18 @@ SELECT msg_id, applied
 
 EXTEND_VT = "SELECT msg_id, vt FROM tasker.extend_vt(%s, %s, %s, %s)"
 
+# The last two parameters: msg_ids and step_uuids of the steps whose producer waits for them
+# (header tasker_notify), named on tasker_outcome once they are moved.
 DEAD_LETTER_STEPS = """
-SELECT msg_id, moved
-  FROM tasker.dead_letter_steps(%s, %s, %s, %s, %s, %s::jsonb[], %s, %s, %s, %s)
+WITH moved AS (
+    SELECT msg_id, moved FROM tasker.dead_letter_steps(%s, %s, %s, %s, %s, %s::jsonb[], %s, %s, %s, %s)
+), notified AS (
+    SELECT pg_notify('tasker_outcome', json_build_object('step_uuids', (array_agg(w.u))[1:150])::text)
+      FROM moved AS m JOIN unnest(%s::bigint[], %s::text[]) AS w(id, u) ON w.id = m.msg_id
+     WHERE m.moved
+    HAVING count(*) > 0
+)
+SELECT m.msg_id, m.moved FROM moved AS m LEFT JOIN notified ON true
 """
 
 # --- dead-letter queues ----------------------------------------------------------------------
@@ -604,6 +654,13 @@ DELETE FROM tasker.step_results
           AND (CASE WHEN cardinality(%(only)s::text[]) > 0 THEN namespace = ANY (%(only)s::text[])
                     ELSE namespace <> ALL (%(others)s::text[]) END)
         LIMIT %(batch)s))
+"""
+
+# Idempotency keys (tasker.enqueue_step) older than the longest outcome horizon.
+PRUNE_STEP_KEYS = """
+DELETE FROM tasker.step_keys
+ WHERE step_uuid = ANY (ARRAY(
+       SELECT step_uuid FROM tasker.step_keys WHERE created_at < %(cutoff)s LIMIT %(batch)s))
 """
 
 PRUNE_HEARTBEATS = """

@@ -373,6 +373,7 @@ class QueueClient:
         self, queue: str, worker_id: str, outcomes: Sequence[Outcome], conn: AsyncConn | None = None
     ) -> dict[int, bool]:
         """Move messages to ``<queue>_dlq`` with their error and record outcomes (fenced)."""
+        waited = [o.msg for o in outcomes if o.msg.headers and o.msg.headers.get("tasker_notify")]
         rows = await self._fetch(
             queries.DEAD_LETTER_STEPS,
             (
@@ -386,6 +387,8 @@ class QueueClient:
                 [_timestamp(o.finished_at) for o in outcomes],
                 [o.msg.source.value for o in outcomes],
                 self.store_events,
+                [m.msg_id for m in waited],
+                [m.step_uuid for m in waited],
             ),
             conn,
         )

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from tasker_worker.domain.names import HANDLER_MAX_LEN
+from tasker_worker.domain.names import HANDLER_MAX_LEN, validate_handler_name, validate_namespace
 from tasker_worker.errors import StepValidationError
 
 MAX_ATTEMPT_LIMIT = 100
@@ -115,6 +115,37 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
         return body
 
 
+def build_message(
+    namespace: str,
+    handler: str,
+    inputs: dict[str, Any] | None = None,
+    *,
+    step_uuid: uuid.UUID | str | None = None,
+    task_uuid: uuid.UUID | str | None = None,
+    correlation_id: uuid.UUID | str | None = None,
+    attempt_limit: int | None = None,
+    timeout: float | None = None,
+) -> StepMessage:
+    """A step message checked by the rules ``tasker.step_message`` applies in SQL (names,
+    inputs an object, attempt_limit 1..100, timeout within a day); fresh ids where none given.
+    Raises ``InvalidName`` or ``StepValidationError``."""
+    validate_namespace(namespace)
+    validate_handler_name(handler)
+    if inputs is not None and not isinstance(inputs, dict):
+        raise StepValidationError("inputs must be a JSON object", reason="malformed_message")
+    body = {
+        "step_uuid": str(step_uuid or uuid.uuid4()),
+        "task_uuid": str(task_uuid or uuid.uuid4()),
+        "correlation_id": str(correlation_id or uuid.uuid4()),
+        "namespace": namespace,
+        "handler": handler,
+        "inputs": inputs or {},
+        "attempt_limit": attempt_limit,
+        "timeout": timeout,
+    }
+    return StepMessage.parse({k: v for k, v in body.items() if v is not None})
+
+
 _DECODER = msgspec.json.Decoder(StepMessage, strict=False)
 
 
@@ -142,6 +173,8 @@ class OutcomeStatus(enum.StrEnum):
     FAILED = "failed"
     #: Not runnable at all (malformed, unknown handler, non-retryable): dead-lettered.
     DEAD_LETTERED = "dead_lettered"
+    #: Taken off its queue before it ran (``tasker.cancel_step``, ``Client.cancel``).
+    CANCELLED = "cancelled"
 
 
 @dataclass(slots=True)

@@ -41,6 +41,11 @@ async def prune_outcomes(pool: AsyncConnectionPool, config: RetentionConfig, now
         deleted += await _in_batches(pool, queries.PRUNE_OUTCOMES, params, config.batch_size)
     if deleted:
         log.info("retention: deleted %d outcome rows", deleted)
+    # A step_uuid is answered as already sent (tasker.enqueue_step) for as long as any outcome
+    # horizon: after that a re-send is a new step, as after its outcome row is gone.
+    longest = max([config.outcomes, *(config.outcomes_for(ns) for ns in overridden)])
+    params = {"cutoff": now - longest, "batch": config.batch_size}
+    await _in_batches(pool, queries.PRUNE_STEP_KEYS, params, config.batch_size)
     return deleted
 
 

@@ -1,0 +1,1 @@
+"""The producer's side: ``AsyncClient`` and ``Client`` send steps and read their outcomes."""

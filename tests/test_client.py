@@ -1,0 +1,173 @@
+"""The producer's API (AsyncClient, Client) against a real PostgreSQL and real workers:
+identity, idempotent enqueue, the caller's transaction, batches, results, wait_for woken by the
+outcome's notification, and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from functools import partial
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from tasker_worker import AsyncClient, Client
+from tasker_worker.domain.steps import OutcomeStatus
+from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout
+from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.testing import fetch_value, make_config, outcomes_at_least, running_worker, wait_until
+
+NS = "orders"
+QUEUE = f"pgmq.q_worker_{NS}_queue"
+
+
+@pytest.fixture
+def url(db_url: str) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
+    return db_url
+
+
+def registry(gate: asyncio.Event | None = None) -> HandlerRegistry:
+    reg = HandlerRegistry()
+
+    @reg.handler("double")
+    async def double(ctx: Any, step: Any) -> int:
+        if gate is not None and step.inputs.get("gated"):
+            await gate.wait()
+        return int(step.inputs["n"]) * 2
+
+    @reg.handler("explodes")
+    async def explodes(ctx: Any, step: Any) -> None:
+        if gate is not None and step.inputs.get("gated"):
+            await gate.wait()
+        raise KeyError("boom")
+
+    return reg
+
+
+@pytest.mark.anyio
+async def test_send_step_is_idempotent_on_its_step_uuid(url: str) -> None:
+    chosen = uuid.uuid4()
+    async with AsyncClient(url) as client:
+        first = await client.send_step(NS, "double", {"n": 1}, step_uuid=chosen)
+        again = await client.send_step(NS, "double", {"n": 99}, step_uuid=chosen)  # still queued
+        assert (first.step_uuid, first.created) == (chosen, True)
+        assert (again.step_uuid, again.msg_id, again.created) == (chosen, first.msg_id, False)
+        # Two producers racing with one step_uuid: one message.
+        racing = uuid.uuid4()
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(partial(client.send_step, NS, "double", {"n": 2}, step_uuid=racing))
+        async with running_worker(url, make_config(namespaces=[NS]), registry=registry()):
+            await wait_until(outcomes_at_least(url, 2), timeout=30)
+        done = await client.send_step(NS, "double", {"n": 3}, step_uuid=chosen)  # done now
+        assert (done.msg_id, done.created) == (first.msg_id, False)
+        result = await client.get_result(chosen)
+    assert result is not None and result.status is OutcomeStatus.SUCCEEDED and result.result == 2
+    assert await fetch_value(url, f"SELECT count(*) FROM {QUEUE}") == 0
+    assert await fetch_value(url, "SELECT count(*) FROM tasker.step_results") == 2  # chosen, racing
+
+
+@pytest.mark.anyio
+async def test_a_step_sent_in_the_callers_transaction_exists_iff_it_commits(url: str) -> None:
+    async with AsyncClient(url) as client:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            async with conn.transaction(force_rollback=True):
+                gone = await client.send_step(NS, "double", {"n": 1}, conn=conn)
+                batch = await client.send_steps(NS, "double", [{"n": 2}], conn=conn)
+            async with conn.transaction():
+                kept = await client.send_step(NS, "double", {"n": 3}, conn=conn)
+        bodies = await fetch_value(url, f"SELECT array_agg(message->>'step_uuid') FROM {QUEUE}")
+    assert bodies == [str(kept.step_uuid)]
+    assert str(gone.step_uuid) not in bodies and str(batch[0].step_uuid) not in bodies
+
+
+@pytest.mark.anyio
+async def test_send_steps_is_one_statement_and_every_step_runs(url: str) -> None:
+    async with AsyncClient(url) as client:
+        refs = await client.send_steps(NS, "double", [{"n": i} for i in range(50)], attempt_limit=2)
+        assert len({r.step_uuid for r in refs}) == 50 and len({r.msg_id for r in refs}) == 50
+        async with running_worker(url, make_config(namespaces=[NS]), registry=registry()):
+            await wait_until(outcomes_at_least(url, 50), timeout=30)
+        results = {r.step_uuid: r.result for r in await client.list_results(namespace=NS, limit=100)}
+        with pytest.raises(StepValidationError):
+            await client.send_steps(NS, "double", [{"n": 1}], attempt_limit=0)
+        with pytest.raises(QueueNotFound):
+            await client.send_steps("nosuch", "double", [{}])
+    assert results == {r.step_uuid: 2 * i for i, r in enumerate(refs)}
+
+
+@pytest.mark.anyio
+async def test_wait_for_is_woken_by_the_outcome_notification(url: str) -> None:
+    """The steps finish only after wait_for has looked once and found nothing; its poll is ten
+    minutes away, so only the outcome's notification can end these waits in time."""
+    gate = asyncio.Event()
+    async with AsyncClient(url) as client:
+        looks: list[Any] = []
+        real_get_result = client.get_result
+
+        async def counted(step_uuid: Any) -> Any:
+            found = await real_get_result(step_uuid)
+            looks.append(found)
+            return found
+
+        client.get_result = counted  # type: ignore[method-assign]
+        async with running_worker(url, make_config(namespaces=[NS]), registry=registry(gate)):
+            ok = await client.send_step(NS, "double", {"n": 21, "gated": True})
+            bad = await client.send_step(NS, "explodes", {"gated": True}, attempt_limit=1)  # dead-lettered
+            results: dict[str, Any] = {}
+
+            async def wait(name: str, step_uuid: uuid.UUID) -> None:
+                results[name] = await client.wait_for(step_uuid, timeout=600, poll_interval=600)
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(wait, "ok", ok.step_uuid)
+                    tg.start_soon(wait, "bad", bad.step_uuid)
+                    await wait_until(lambda: len(looks) >= 2, timeout=20)
+                    assert looks == [None, None]
+                    gate.set()
+        assert results["ok"].result == 42 and results["ok"].succeeded
+        assert results["bad"].status is OutcomeStatus.FAILED and results["bad"].error is not None
+        assert len(looks) == 4  # one look each before, one after its notification
+        with pytest.raises(StepWaitTimeout):
+            await client.wait_for(uuid.uuid4(), timeout=0.2, poll_interval=0.05)
+
+
+@pytest.mark.anyio
+async def test_cancel_takes_only_a_queued_step(url: str) -> None:
+    gate = asyncio.Event()
+    async with AsyncClient(url) as client:
+        queued = await client.send_step(NS, "double", {"n": 1}, delay=3600)
+        assert await client.cancel(NS, queued.step_uuid) == "cancelled"
+        assert await client.cancel(NS, queued.step_uuid) == "finished"
+        assert await client.cancel(NS, uuid.uuid4()) == "not_found"
+        cancelled = await client.get_result(queued.step_uuid)
+        assert cancelled is not None and cancelled.status is OutcomeStatus.CANCELLED
+        async with running_worker(url, make_config(namespaces=[NS]), registry=registry(gate)):
+            running = await client.send_step(NS, "double", {"n": 2, "gated": True})
+            await wait_until(
+                lambda: fetch_value(url, f"SELECT count(*) FROM {QUEUE} WHERE headers ? 'tasker_claim'"), timeout=20
+            )
+            assert await client.cancel(NS, running.step_uuid) == "running"
+            gate.set()
+            result = await client.wait_for(running.step_uuid, timeout=30)
+    assert result.result == 4
+
+
+@pytest.mark.anyio
+async def test_the_blocking_client_does_the_same(url: str) -> None:
+    def produce() -> tuple[Any, Any, Any]:
+        with Client(url) as client:
+            ref = client.send_step(NS, "double", {"n": 5}, step_uuid=uuid.uuid4())
+            again = client.send_step(NS, "double", {"n": 5}, step_uuid=ref.step_uuid)
+            result = client.wait_for(ref.step_uuid, timeout=30, poll_interval=600)
+            return ref, again, result
+
+    async with running_worker(url, make_config(namespaces=[NS]), registry=registry()):
+        ref, again, result = await anyio.to_thread.run_sync(produce)
+    assert again.created is False and again.msg_id == ref.msg_id
+    assert result.result == 10
