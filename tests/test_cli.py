@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tasker_worker.cli.main import build_parser
@@ -166,3 +169,76 @@ def test_event_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> No
     assert run_module.loop_options("auto") == {"use_uvloop": False}
     with pytest.raises(ConfigError, match="uvloop is not installed"):
         run_module.loop_options("uvloop")
+
+
+def test_queue_send_prints_the_step_uuid_and_steps_show_where_it_is(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "queue", "create", "shown").returncode == 0
+    chosen = str(uuid.uuid4())
+    sent = run(cli_env, "queue", "send", "shown", "--handler", "noop", "--step-uuid", chosen, "--delay", "3600")
+    assert sent.returncode == 0 and sent.stdout.startswith(f"step_uuid {chosen} (msg_id "), sent.stderr
+    again = run(cli_env, "queue", "send", "shown", "--handler", "noop", "--step-uuid", chosen, "--json")
+    [ref] = json.loads(again.stdout)
+    assert ref["step_uuid"] == chosen and ref["created"] is False
+    shown = run(cli_env, "steps", "show", chosen)
+    assert shown.returncode == 0 and "delayed" in shown.stdout and "worker_shown_queue" in shown.stdout
+    batch = json.loads(run(cli_env, "queue", "send", "shown", "--handler", "noop", "--count", "3", "--json").stdout)
+    assert len({r["step_uuid"] for r in batch}) == 3
+    missing = run(cli_env, "steps", "show", str(uuid.uuid4()))
+    assert missing.returncode == 1 and "--namespace" in missing.stdout
+    assert run(cli_env, "steps", "show", "not-a-uuid").returncode == 2
+
+
+def test_steps_wait_and_list_after_a_worker_ran_them(cli_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "my_app.py").write_text(
+        "def register(worker):\n"
+        "    @worker.handler('triple')\n"
+        "    def triple(ctx, step):\n"
+        "        return step.inputs['n'] * 3\n"
+    )
+    assert run(cli_env, "queue", "create", "app").returncode == 0
+    ok = json.loads(
+        run(cli_env, "queue", "send", "app", "--handler", "triple", "--inputs", '{"n": 2}', "--json").stdout
+    )
+    env = {**cli_env, "TASKER__EVENT_SYSTEM__DEPLOYMENT_MODE": "Hybrid"}
+    # A module in the working directory, named on the command line: importable as with `python -m`.
+    # The console script (not `python -m`, which would put the directory on sys.path itself).
+    script = str(Path(sys.executable).parent / "tasker-worker")
+    worker = subprocess.Popen(
+        [script, "run", "--namespace", "app", "--handlers", "my_app"],
+        env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        waited = run(cli_env, "steps", "wait", ok[0]["step_uuid"], "--timeout", "60", "--json")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
+    assert waited.returncode == 0, (waited.stdout, waited.stderr, err)
+    assert json.loads(waited.stdout)["result"] == 6
+    listed = run(cli_env, "steps", "list", "--namespace", "app", "--status", "succeeded", "--json")
+    assert [r["step_uuid"] for r in json.loads(listed.stdout)] == [ok[0]["step_uuid"]]
+    assert "succeeded" in run(cli_env, "steps", "list").stdout
+
+
+def test_db_url_and_db_shell(cli_env: dict[str, str]) -> None:
+    url = run(cli_env, "db", "url")
+    assert url.returncode == 0 and url.stdout.strip() == cli_env["TASKER_DATABASE_URL"]
+    shell = run(cli_env, "db", "shell", "--", "-tAc", "SELECT count(*) FROM tasker.schema_migrations")
+    assert shell.returncode == 0 and int(shell.stdout.strip()) >= 12, shell.stderr
+
+
+def test_db_url_starts_the_embedded_server_and_db_stop_stops_it(cli_env: dict[str, str], tmp_path: Path) -> None:
+    env = {k: v for k, v in cli_env.items() if k != "TASKER_DATABASE_URL"}
+    env["TASKER__DATABASE__EMBEDDED_DATA_DIR"] = str(tmp_path / "pgdata")
+    try:
+        printed = run(env, "db", "url", timeout=120)
+        assert printed.returncode == 0, printed.stderr
+        with psycopg.connect(printed.stdout.strip(), autocommit=True) as conn:  # after the command ended
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        stopped = run(env, "db", "stop", timeout=120)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert "no embedded server" in run(env, "db", "stop").stdout

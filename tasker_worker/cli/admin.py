@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -17,7 +20,6 @@ from tasker_worker.db import migrations, schema
 from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.names import dlq_name, queue_name
-from tasker_worker.domain.steps import StepMessage
 from tasker_worker.errors import UsageError
 
 MAX_SEND_COUNT = 100_000
@@ -62,6 +64,58 @@ async def client(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIter
 
 
 # --- db ------------------------------------------------------------------------------------
+
+
+def _embedded_dir(loaded: LoadedConfig) -> Path:
+    from tasker_worker.db.embedded import default_data_dir
+
+    return (loaded.config.database.embedded_data_dir or default_data_dir()).expanduser().resolve()
+
+
+def db_url(args: argparse.Namespace) -> int:
+    """``db url``: the DSN in use; the embedded server is started (and left running) when no
+    URL is configured, so that ``psql "$(tasker-worker db url)"`` works between runs."""
+    loaded = load(args)
+    if loaded.config.database.url:
+        print(loaded.config.database.url)
+        return 0
+    from tasker_worker.db.embedded import start_embedded
+
+    url = start_embedded(_embedded_dir(loaded), cleanup_mode=None)
+    print(url)
+    print(
+        f"(the embedded server in {_embedded_dir(loaded)} keeps running; `tasker-worker db stop` stops it)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def db_stop(args: argparse.Namespace) -> int:
+    """``db stop``: stop the embedded server (its data stays)."""
+    loaded = load(args)
+    if loaded.config.database.url:
+        raise UsageError("a database URL is configured: there is no embedded server to stop")
+    from tasker_worker.db.embedded import stop_running
+
+    path = _embedded_dir(loaded)
+    print(f"stopped the embedded server in {path}" if stop_running(path) else f"no embedded server runs in {path}")
+    return 0
+
+
+def db_shell(args: argparse.Namespace) -> int:
+    """``db shell``: psql on the database in use (``psql`` from PATH, else the embedded
+    server's own); the exit code is psql's."""
+    loaded = load(args)
+    url = loaded.config.database.url or database_url(loaded)
+    from tasker_worker.db.embedded import bundled_psql
+
+    psql = shutil.which("psql") or bundled_psql()
+    if psql is None:
+        raise UsageError(f"no psql here (install the PostgreSQL client); the database is at {url}")
+    extra = list(args.psql_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return subprocess.call([psql, url, *extra])
 
 
 async def db_migrate(args: argparse.Namespace) -> int:
@@ -152,7 +206,10 @@ async def queue_metrics(args: argparse.Namespace) -> int:
 
 
 async def queue_send(args: argparse.Namespace) -> int:
-    """``queue send NAMESPACE --handler H [--inputs JSON] [--count N]``."""
+    """``queue send NAMESPACE --handler H [--inputs JSON] [--count N] [--step-uuid U] [--json]``:
+    prints each step's ``step_uuid`` (what ``steps show`` and ``steps wait`` take)."""
+    from tasker_worker.producer.client import MAX_BATCH, AsyncClient
+
     try:
         inputs = json.loads(args.inputs)
     except ValueError as exc:
@@ -163,31 +220,32 @@ async def queue_send(args: argparse.Namespace) -> int:
         raise UsageError(f"--count must be between 1 and {MAX_SEND_COUNT}")
     if args.delay < 0:
         raise UsageError("--delay must be zero or more seconds")
+    if args.step_uuid and args.count != 1:
+        raise UsageError("--step-uuid names one step: it cannot go with --count")
     queue = queue_name(args.namespace)
-    async with client(args) as qc:
+    options = {"delay": args.delay, "attempt_limit": args.attempt_limit, "timeout": args.timeout}
+    async with small_pool(args) as pool, AsyncClient(pool=pool) as producer:
         if args.count == 1:
-            ids = [
-                await qc.send_step(
-                    args.namespace,
-                    args.handler,
-                    inputs,
-                    delay=args.delay,
-                    attempt_limit=args.attempt_limit,
-                    timeout=args.timeout,
-                )
-            ]
+            refs = [await producer.send_step(args.namespace, args.handler, inputs, step_uuid=args.step_uuid, **options)]
         else:
+            qc = QueueClient(pool)
             if not await qc.queue_exists(queue):
                 await qc.create_namespace_queue(args.namespace)
-            bodies = [
-                StepMessage.build(
-                    args.namespace, args.handler, inputs, attempt_limit=args.attempt_limit, timeout=args.timeout
-                )
-                for _ in range(args.count)
-            ]
-            StepMessage.parse(bodies[0])  # the validation the worker applies, before sending
-            ids = await qc.send_batch(queue, bodies, delay=args.delay)
-    print(f"sent {len(ids)} to {queue} (msg_id {ids[0]}{'..' + str(ids[-1]) if len(ids) > 1 else ''})")
+            refs = []
+            for start in range(0, args.count, MAX_BATCH):
+                size = min(MAX_BATCH, args.count - start)
+                refs += await producer.send_steps(args.namespace, args.handler, [inputs] * size, **options)
+    if args.json:
+        print(json.dumps([r.as_json() for r in refs], indent=2))
+        return 0
+    if len(refs) == 1:
+        ref = refs[0]
+        known = "" if ref.created else " (already sent: this is that step)"
+        print(f"step_uuid {ref.step_uuid} (msg_id {ref.msg_id} in {queue}){known}")
+    else:
+        print(
+            f"sent {len(refs)} to {queue} (msg_id {refs[0].msg_id}..{refs[-1].msg_id}); --json lists their step_uuids"
+        )
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from tasker_worker import __version__
-from tasker_worker.cli import admin, demo, fleet, run
+from tasker_worker.cli import admin, demo, fleet, run, steps
 from tasker_worker.errors import TaskerError
 from tasker_worker.logs import configure_logging
 
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(db_sub, "migrate", admin.db_migrate, "install pgmq and apply pending migrations")
     _command(db_sub, "status", admin.db_status, "show installed pgmq and migrations")
     _command(db_sub, "schema", admin.db_schema, "print the current tasker schema (what sql/schema.sql holds)")
+    _command(db_sub, "url", admin.db_url, "print the database URL (starting the embedded server, left running)")
+    _command(db_sub, "stop", admin.db_stop, "stop the embedded server (its data stays)")
+    p = _command(db_sub, "shell", admin.db_shell, "psql on the database in use")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed on to psql (after --)")
 
     # queue
     queue = sub.add_parser("queue", help="queues", description="Create, inspect and feed queues.")
@@ -96,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="how many identical steps (1..100000)")
     p.add_argument("--attempt-limit", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="handler timeout in seconds")
+    p.add_argument(
+        "--step-uuid", default=None, help="the step's id: a step_uuid already sent or done is not sent again"
+    )
+    p.add_argument("--json", action="store_true", help="print each step's step_uuid and msg_id as JSON")
     p = _command(q_sub, "purge", admin.queue_purge, "delete every message of a namespace queue")
     p.add_argument("namespace")
     p.add_argument("--dlq", action="store_true", help="purge the dead-letter queue instead")
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "version", admin.version, "print the version")
 
     run.add_commands(sub, _command)
+    steps.add_commands(sub, _command)
     fleet.add_commands(sub, _command)
     demo.add_command(sub, _command)
     return parser
@@ -120,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 NEEDED_ROLE = {
     "run": "tasker_worker",
     "queue send": "tasker_producer",
+    "steps show": "tasker_producer",
+    "steps wait": "tasker_producer",
+    "steps list": "tasker_producer",
     "queue create": "tasker_worker",
     "db migrate": "",
 }

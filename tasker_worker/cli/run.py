@@ -26,7 +26,23 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "event_system.deployment_mode": getattr(args, "mode", None),
         "worker.namespaces": getattr(args, "namespace", None) or None,
         "event_system.max_concurrent_processors": getattr(args, "concurrency", None),
+        "worker.handler_modules": _handler_modules(getattr(args, "handlers", None)),
     }
+
+
+def _handler_modules(given: list[str] | None) -> list[str] | None:
+    """``--handlers a.b --handlers c`` or ``--handlers a.b,c``; None when not given."""
+    if not given:
+        return None
+    return [name.strip() for item in given for name in item.split(",") if name.strip()]
+
+
+def importable_cwd() -> None:
+    """Put the current directory first on ``sys.path``, as ``python -m`` and every other worker
+    CLI do (``celery -A``, ``procrastinate --app``): handler modules next to the config load."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def configure_logging(loaded: LoadedConfig, debug: bool) -> None:
@@ -46,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         from tasker_worker.runtime.worker import catch_early_signals
 
         catch_early_signals()
+    importable_cwd()
     loaded = load(args, run_overrides(args))
     configure_logging(loaded, bool(getattr(args, "debug", False)))
     if args.processes < 1 or args.processes > 64:
@@ -193,6 +210,13 @@ def add_commands(sub: Any, command: Any) -> None:
     p.add_argument("--namespace", action="append", metavar="N", help="namespace to serve (repeatable)")
     p.add_argument("--concurrency", type=int, metavar="C", help="max concurrent steps per process")
     p.add_argument("--processes", type=int, default=1, metavar="K", help="worker processes under one supervisor")
+    p.add_argument(
+        "--handlers",
+        action="append",
+        metavar="MODULE",
+        help="handler module(s) to import, replacing [worker] handler_modules (repeatable or comma-separated; "
+        "the current directory is importable)",
+    )
 
     dlq = sub.add_parser("dlq", help="dead-letter queues", description="Inspect and redrive dead letters.")
     d_sub = dlq.add_subparsers(dest="dlq_command", metavar="COMMAND", required=True)

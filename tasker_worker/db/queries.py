@@ -172,6 +172,17 @@ SELECT {columns} FROM tasker.step_results
 
 CANCEL_STEP = "SELECT msg_id, state FROM tasker.cancel_step(%s, %s::uuid)"
 
+STEP_KEY = "SELECT queue_name, msg_id FROM tasker.step_keys WHERE step_uuid = %s"
+
+
+def queued_step(queue: str) -> pgsql.Composed:
+    """A step's message in ``queue`` by its step_uuid (a scan: for a person looking, not a path)."""
+    return pgsql.SQL(
+        "SELECT msg_id, read_ct, vt, enqueued_at, headers, vt <= clock_timestamp() FROM {} "
+        "WHERE message ->> 'step_uuid' = %s LIMIT 1"
+    ).format(pgsql.Identifier("pgmq", "q_" + queue.lower()))
+
+
 SEND_PLANNING_STEP = "SELECT tasker.send_step(%s, 'path_plan', %s)"
 
 # Composed with the queue table's identifier (``sql.SQL(QUEUE_LENGTH).format(...)``).

@@ -1,0 +1,147 @@
+"""``steps show|wait|list``: a step's outcome, or where it is while it has none."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from tasker_worker.cli.admin import small_pool
+from tasker_worker.db import queries
+from tasker_worker.domain.names import queue_name
+from tasker_worker.domain.results import StepResult
+from tasker_worker.domain.steps import OutcomeStatus
+from tasker_worker.errors import UsageError
+from tasker_worker.producer.client import AsyncClient
+
+
+@asynccontextmanager
+async def producer(args: argparse.Namespace) -> AsyncIterator[AsyncClient]:
+    """An ``AsyncClient`` on the CLI's small pool."""
+    async with small_pool(args) as pool, AsyncClient(pool=pool) as client:
+        yield client
+
+
+def _step_uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise UsageError(f"not a step_uuid: {text!r}") from None
+
+
+def _line(result: StepResult) -> str:
+    took = ""
+    if result.started_at is not None:
+        took = f" in {(result.finished_at - result.started_at).total_seconds() * 1000:.1f} ms"
+    detail = json.dumps(result.result) if result.succeeded else json.dumps(result.error)
+    return (
+        f"{result.step_uuid}  {result.status.value}  {result.namespace}/{result.handler}  "
+        f"attempts={result.attempts} worker={result.worker_id} finished {result.finished_at:%Y-%m-%d %H:%M:%S}{took}  "
+        f"{detail[:300]}"
+    )
+
+
+async def _find_queued(client: AsyncClient, step_uuid: uuid.UUID, namespace: str | None) -> dict[str, Any] | None:
+    """The step's message while it has no outcome: through its idempotency key, else (with a
+    namespace) a scan of that namespace's queue."""
+    async with client.pool.connection() as conn:
+        row = await (await conn.execute(queries.STEP_KEY, (step_uuid,))).fetchone()
+        queue = row[0] if row else (queue_name(namespace) if namespace else None)
+        if queue is None:
+            return None
+        found = await (await conn.execute(queries.queued_step(queue), (str(step_uuid),))).fetchone()
+    if found is None:
+        return None
+    msg_id, read_ct, vt, enqueued_at, headers, visible = found
+    claim = (headers or {}).get("tasker_claim")
+    if claim and not visible:
+        state = "running"
+    elif read_ct and not visible:
+        state = "waiting to retry"
+    elif not visible:
+        state = "delayed"
+    else:
+        state = "queued"
+    return {
+        "step_uuid": str(step_uuid),
+        "queue": queue,
+        "msg_id": msg_id,
+        "state": state,
+        "attempts": read_ct,
+        "visible_at": vt.isoformat(),
+        "enqueued_at": enqueued_at.isoformat(),
+        "claimed_by": claim.get("worker_id") if claim and state == "running" else None,
+    }
+
+
+async def steps_show(args: argparse.Namespace) -> int:
+    """``steps show UUID [--namespace N] [--json]``: exit 0 when found, 1 when not."""
+    step_uuid = _step_uuid(args.step_uuid)
+    async with producer(args) as client:
+        result = await client.get_result(step_uuid)
+        queued = None if result is not None else await _find_queued(client, step_uuid, args.namespace)
+    if result is not None:
+        print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
+        return 0
+    if queued is not None:
+        if args.json:
+            print(json.dumps(queued, indent=2))
+        else:
+            by = f" by {queued['claimed_by']}" if queued["claimed_by"] else ""
+            print(
+                f"{step_uuid}  {queued['state']}{by}  {queued['queue']} msg {queued['msg_id']}  "
+                f"attempts={queued['attempts']} visible at {queued['visible_at']}"
+            )
+        return 0
+    hint = "" if args.namespace else " (give --namespace to look for it in a queue)"
+    print(f"{step_uuid}: no outcome and no message found{hint}")
+    return 1
+
+
+async def steps_wait(args: argparse.Namespace) -> int:
+    """``steps wait UUID [--timeout S] [--json]``: exit 0 when it succeeded, 1 otherwise."""
+    step_uuid = _step_uuid(args.step_uuid)
+    if not 0 < args.timeout <= 86_400:
+        raise UsageError("--timeout must be between 0 and 86400 seconds")
+    async with producer(args) as client:
+        result = await client.wait_for(step_uuid, timeout=args.timeout, poll_interval=args.poll_interval)
+    print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
+    return 0 if result.succeeded else 1
+
+
+async def steps_list(args: argparse.Namespace) -> int:
+    """``steps list [--namespace N] [--status S] [--limit K] [--json]``: newest outcomes first."""
+    if not 1 <= args.limit <= 1000:
+        raise UsageError("--limit must be between 1 and 1000")
+    async with producer(args) as client:
+        results = await client.list_results(namespace=args.namespace, status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps([r.as_json() for r in results], indent=2))
+    elif not results:
+        print("no outcomes")
+    for result in [] if args.json else results:
+        print(_line(result))
+    return 0
+
+
+def add_commands(sub: Any, command: Any) -> None:
+    """Wire ``steps`` into the parser."""
+    steps = sub.add_parser("steps", help="step outcomes", description="Look steps up and wait for them.")
+    s_sub = steps.add_subparsers(dest="steps_command", metavar="COMMAND", required=True)
+    p = command(s_sub, "show", steps_show, "a step's outcome, or where its message is")
+    p.add_argument("step_uuid")
+    p.add_argument("--namespace", help="look for the message in this namespace's queue")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = command(s_sub, "wait", steps_wait, "wait for a step's outcome (exit 0 when it succeeded)")
+    p.add_argument("step_uuid")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    p.add_argument("--poll-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = command(s_sub, "list", steps_list, "recent outcomes, newest first")
+    p.add_argument("--namespace")
+    p.add_argument("--status", choices=[s.value for s in OutcomeStatus])
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print JSON")
