@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tasker_worker.api.app import ApiContext, create_app
 from tasker_worker.db.connection import open_pool
 from tasker_worker.domain.clock import ManualClock
-from tasker_worker.testing import make_config
+from tasker_worker.testing import make_config, outcomes_at_least, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -312,3 +313,37 @@ async def test_openapi_document_lists_every_route(open_api: httpx.AsyncClient) -
     schemas = doc["components"]["schemas"]
     assert "WorkerRegistration" in schemas and "WorkerStatus" in schemas
     assert "$defs" not in schemas["WorkerView"]
+
+
+async def test_steps_over_http_with_the_sql_validation_and_idempotency(api: httpx.AsyncClient, db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue('web')")
+    chosen = str(uuid.uuid4())
+    submission = {"handler": "noop", "inputs": {"a": 1}, "step_uuid": chosen, "notify": True}
+    assert_error(await api.post("/api/namespaces/web/steps", json=submission), 401, "unauthorized")
+    first = await api.post("/api/namespaces/web/steps", json=submission, headers=AUTH)
+    assert first.status_code == 201 and first.json()["step_uuid"] == chosen, first.text
+    again = await api.post("/api/namespaces/web/steps", json=submission, headers=AUTH)
+    assert again.status_code == 200 and again.json()["msg_id"] == first.json()["msg_id"]
+    pending = (await api.get(f"/api/steps/{chosen}")).json()
+    assert pending["status"] == "pending" and pending["msg_id"] == first.json()["msg_id"]
+    for bad, error in (
+        ({"handler": "bad handler"}, "invalid_request"),
+        ({"handler": "noop", "attempt_limit": 0}, "invalid_request"),
+        ({"handler": "noop", "headers": {"tasker_claim": 1}}, "invalid_request"),
+        ({"handler": "noop", "surprise": 1}, "invalid_request"),
+    ):
+        assert_error(await api.post("/api/namespaces/web/steps", json=bad, headers=AUTH), 400, error)
+    assert_error(await api.post("/api/namespaces/BAD NS/steps", json={"handler": "noop"}, headers=AUTH), 400)
+    assert_error(await api.post("/api/namespaces/nosuch/steps", json={"handler": "noop"}, headers=AUTH), 404)
+    assert_error(await api.get("/api/steps/not-a-uuid"), 400, "invalid_request")
+    assert_error(await api.get(f"/api/steps/{uuid.uuid4()}"), 404, "not_found")
+
+    async with running_worker(db_url, make_config(namespaces=["web"])):
+        await wait_until(outcomes_at_least(db_url, 1), timeout=30)
+    done = (await api.get(f"/api/steps/{chosen}")).json()
+    assert done["status"] == "succeeded" and done["handler"] == "noop"
+    listed = (await api.get("/api/steps", params={"namespace": "web", "status": "succeeded"})).json()
+    assert [s["step_uuid"] for s in listed["steps"]] == [chosen]
+    assert_error(await api.get("/api/steps", params={"status": "sleeping"}), 400, "invalid_request")
+    assert_error(await api.get("/api/steps", params={"limit": "5000"}), 400)

@@ -20,12 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tasker_worker.api import health, metrics, openapi, workers
+from tasker_worker.api import health, metrics, openapi, steps, workers
 from tasker_worker.api.context import ApiContext as ApiContext
 from tasker_worker.api.context import ApiError, error_response
 from tasker_worker.errors import (
     HeartbeatFailed,
     InvalidTransition,
+    QueueNotFound,
+    StepValidationError,
     TaskerError,
     UsageError,
     WorkerConflict,
@@ -50,6 +52,8 @@ ERROR_STATUS: tuple[tuple[type[TaskerError], int, str], ...] = (
     (HeartbeatFailed, 409, "heartbeat_failed"),
     (InvalidTransition, 409, "invalid_transition"),
     (UsageError, 400, "invalid_request"),
+    (StepValidationError, 400, "invalid_request"),
+    (QueueNotFound, 404, "queue_not_found"),
 )
 
 
@@ -101,6 +105,7 @@ def create_app(ctx: ApiContext) -> Starlette:
     """The ASGI application."""
     routes: list[Route] = [
         *workers.routes(),
+        *steps.routes(),
         *health.routes(),
         Route("/api/queues", health.queues, methods=["GET"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tasker_worker import __version__
+from tasker_worker.api.steps import StepSubmission
 from tasker_worker.api.workers import Deregistration, ModeRequest
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerView
 
@@ -39,6 +40,12 @@ _SHAPES: dict[tuple[str, str], tuple[str | None, dict[str, str]]] = {
     ("GET", "/api/workers"): (None, {"400": "invalid status or limit"}),
     ("GET", "/api/workers/{worker_id}"): (None, {"404": "unknown worker"}),
     ("GET", "/api/workers/{worker_id}/heartbeats"): (None, {"400": "invalid limit", "404": "unknown worker"}),
+    ("POST", "/api/namespaces/{namespace}/steps"): (
+        "StepSubmission",
+        {"201": "enqueued", "400": "invalid body", "404": "no such namespace queue"},
+    ),
+    ("GET", "/api/steps"): (None, {"400": "invalid status or limit"}),
+    ("GET", "/api/steps/{step_uuid}"): (None, {"400": "not a UUID", "404": "unknown step"}),
     ("GET", "/health/ready"): (None, {"503": "not ready"}),
     ("GET", "/health/detailed"): (None, {"503": "unhealthy"}),
 }
@@ -91,7 +98,7 @@ def build(routes: list[Any]) -> dict[str, Any]:
             "properties": {"error": {"type": "string"}, "detail": {}, "error_id": {"type": "string"}},
         }
     }
-    for model in (WorkerRegistration, Heartbeat, WorkerView, Deregistration, ModeRequest):
+    for model in (WorkerRegistration, Heartbeat, WorkerView, Deregistration, ModeRequest, StepSubmission):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))  # nested enums become components of their own
         schemas[model.__name__] = schema
