@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from tasker_worker.config.durations import parse_duration
-from tasker_worker.domain.names import validate_handler_name
+from tasker_worker.domain.names import validate_handler_name, validate_namespace
+from tasker_worker.domain.schedules import Cadence, tick_handler
 from tasker_worker.errors import UsageError
 
 HandlerFunc = Callable[..., Any]
@@ -32,13 +34,47 @@ class HandlerSpec:
 
 @dataclass(frozen=True)
 class PeriodicSpec:
-    """Work run every ``every`` (``func(ctx)``), with its own timeout."""
+    """Work run at each tick of ``cadence`` (``func(ctx)``), with its own timeout: on every
+    worker, or (``fleet_once``) once per tick for the whole fleet, as a step of ``namespace``."""
 
     name: str
     func: HandlerFunc
     is_async: bool
-    every: timedelta
+    cadence: Cadence
     timeout: timedelta | None = None
+    fleet_once: bool = False
+    #: Fleet-wide: the namespace whose queue carries the tick steps (default: the worker's first).
+    namespace: str | None = None
+    #: Fleet-wide: on start, run the latest tick if it never ran (a tick missed while the fleet
+    #: was down runs once on return).
+    catch_up: bool = True
+
+    @property
+    def every(self) -> timedelta | None:
+        """The interval, for an interval schedule."""
+        return self.cadence.every
+
+
+def _tick_runner(spec: PeriodicSpec) -> HandlerFunc:
+    """The handler of a fleet-wide schedule's steps: ``spec.func`` with the periodic context
+    (``worker_id``, ``state``, ``job``, ``log``, and ``tick``: the tick's time, ISO 8601)."""
+
+    def context(ctx: Any, step: Any) -> types.SimpleNamespace:
+        return types.SimpleNamespace(
+            worker_id=ctx.worker_id, state=ctx.state, job=spec.name, log=ctx.log, tick=step.inputs.get("tick")
+        )
+
+    if spec.is_async:
+
+        async def run_async(ctx: Any, step: Any) -> Any:
+            return await spec.func(context(ctx, step))
+
+        return run_async
+
+    def run_sync(ctx: Any, step: Any) -> Any:
+        return spec.func(context(ctx, step))
+
+    return run_sync
 
 
 def _as_duration(value: str | timedelta | float | None) -> timedelta | None:
@@ -95,22 +131,42 @@ class HandlerRegistry:
         return decorate
 
     def periodic(
-        self, every: str | timedelta | float, *, name: str | None = None, timeout: str | timedelta | float | None = None
+        self,
+        every: str | timedelta | float | None = None,
+        *,
+        cron: str | None = None,
+        name: str | None = None,
+        timeout: str | timedelta | float | None = None,
+        fleet_once: bool = False,
+        namespace: str | None = None,
+        catch_up: bool = True,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator: run ``func(ctx)`` every ``every``."""
-        interval = _as_duration(every)
-        if interval is None or interval.total_seconds() <= 0:
-            raise UsageError("periodic work needs a positive interval")
+        """Decorator: run ``func(ctx)`` at each tick of ``every`` (ticks aligned to the epoch)
+        or of ``cron`` (five fields, UTC). With ``fleet_once`` each tick runs on exactly one
+        worker of the fleet: every worker enqueues the tick's step under the same step_uuid,
+        which is sent once, and whichever worker claims it runs it."""
+        cadence = Cadence(every=_as_duration(every), cron=cron)
+        if namespace is not None:
+            validate_namespace(namespace)
 
         def decorate(func: HandlerFunc) -> HandlerFunc:
             job = name or str(getattr(func, "__name__", "periodic"))
-            self._periodic[job] = PeriodicSpec(
+            validate_handler_name(tick_handler(job))
+            if job in self._periodic:
+                raise UsageError(f"periodic job {job!r} is already registered")
+            spec = PeriodicSpec(
                 name=job,
                 func=func,
                 is_async=inspect.iscoroutinefunction(func),
-                every=interval,
+                cadence=cadence,
                 timeout=_as_duration(timeout),
+                fleet_once=fleet_once,
+                namespace=namespace,
+                catch_up=catch_up,
             )
+            self._periodic[job] = spec
+            if fleet_once:
+                self.register(tick_handler(job), _tick_runner(spec), timeout=spec.timeout)
             return func
 
         return decorate
@@ -150,7 +206,18 @@ class RegistersHandlers:
         return self.registry.handler(name, timeout=timeout)
 
     def periodic(
-        self, every: str | timedelta | float, *, name: str | None = None, timeout: str | timedelta | float | None = None
+        self,
+        every: str | timedelta | float | None = None,
+        *,
+        cron: str | None = None,
+        name: str | None = None,
+        timeout: str | timedelta | float | None = None,
+        fleet_once: bool = False,
+        namespace: str | None = None,
+        catch_up: bool = True,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator: run ``func(ctx)`` every ``every`` while the worker runs."""
-        return self.registry.periodic(every, name=name, timeout=timeout)
+        """Decorator: run ``func(ctx)`` at each tick of ``every`` or ``cron`` while the worker
+        runs; once per fleet with ``fleet_once`` (see ``HandlerRegistry.periodic``)."""
+        return self.registry.periodic(
+            every, cron=cron, name=name, timeout=timeout, fleet_once=fleet_once, namespace=namespace, catch_up=catch_up
+        )

@@ -44,6 +44,7 @@ from tasker_worker.domain.health import thresholds_of
 from tasker_worker.domain.herd import ClaimRanking
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.names import queue_name
+from tasker_worker.domain.schedules import tick_handler, tick_step_uuid
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
 from tasker_worker.errors import ConfigError, UsageError, WorkerStartupError, first_line, tasker_error_in
 from tasker_worker.fleet.leader import LeaderElection
@@ -53,7 +54,8 @@ from tasker_worker.fleet.supervision import SupervisionJobs
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
-from tasker_worker.handlers.registry import HandlerRegistry, RegistersHandlers
+from tasker_worker.handlers.registry import HandlerRegistry, PeriodicSpec, RegistersHandlers
+from tasker_worker.producer.client import AsyncClient
 from tasker_worker.runtime.commands import Shutdown
 from tasker_worker.runtime.control import WorkerControl
 from tasker_worker.runtime.event_system import WorkerEventSystem
@@ -64,6 +66,9 @@ from tasker_worker.runtime.processor import CommandProcessor
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
+
+#: A periodic loop sleeps at most this long at a time, so that a clock jump is noticed.
+PERIODIC_MAX_SLEEP_S = 60.0
 
 #: After a fleet change is heard, wait this long for more before re-reading the fleet once.
 FLEET_SETTLE_S = 0.05
@@ -275,8 +280,9 @@ class Worker(RegistersHandlers):
                     tg.start_soon(control.run)
                     if self.supervision is not None:
                         tg.start_soon(self.supervision.run)
+                    producer = AsyncClient(pool=pool)
                     for job in self.registry.periodic_jobs:
-                        tg.start_soon(self._periodic_loop, job)
+                        tg.start_soon(self._periodic_loop, job, producer)
                     # "ready" means every source is live: a step sent now is seen by LISTEN.
                     await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
                     es = self.config.event_system
@@ -450,17 +456,46 @@ class Worker(RegistersHandlers):
             stats=status,
         )
 
-    async def _periodic_loop(self, job: Any) -> None:
+    async def _periodic_loop(self, job: PeriodicSpec, producer: AsyncClient) -> None:
+        """Run ``job`` at each tick: here, or (``fleet_once``) by enqueueing the tick's step,
+        which every worker of the fleet names alike and which is therefore sent and run once."""
+        cadence = job.cadence
+        namespace = job.namespace or self.namespaces[0]
+        if job.fleet_once and job.catch_up:
+            # A tick missed while the fleet was down runs once now (a no-op if it ran).
+            await self._enqueue_tick(job, producer, namespace, cadence.last_tick(datetime.now(UTC)))
         timeout = job.timeout or self.config.worker.periodic_timeout
         assert self.processor is not None
         executor = self.processor.steps.executor
+        tick = cadence.next_tick(datetime.now(UTC))
         while True:
-            await anyio.sleep(job.every.total_seconds())
-            ctx = types.SimpleNamespace(worker_id=self.worker_id, state=self.state, job=job.name, log=log)
-            try:
-                await executor.run(job.func, job.is_async, (ctx,), timeout)
-            except Exception as exc:
-                log.warning("periodic job %s failed: %s", job.name, exc)
+            # Slept in bounded pieces: a wall clock that jumps is noticed within a minute.
+            left = (tick - datetime.now(UTC)).total_seconds()
+            if left > 0:
+                await anyio.sleep(min(left, PERIODIC_MAX_SLEEP_S))
+                continue
+            if job.fleet_once:
+                await self._enqueue_tick(job, producer, namespace, tick)
+            else:
+                ctx = types.SimpleNamespace(worker_id=self.worker_id, state=self.state, job=job.name, log=log)
+                try:
+                    await executor.run(job.func, job.is_async, (ctx,), timeout)
+                except Exception as exc:
+                    log.warning("periodic job %s failed: %s", job.name, exc)
+            tick = cadence.next_tick(max(tick, datetime.now(UTC)))
+
+    async def _enqueue_tick(self, job: PeriodicSpec, producer: AsyncClient, namespace: str, tick: datetime) -> None:
+        try:
+            await producer.send_step(
+                namespace,
+                tick_handler(job.name),
+                {"tick": tick.isoformat(), "schedule": job.name},
+                step_uuid=tick_step_uuid(job.name, tick),
+                notify=False,
+            )
+        except Exception as exc:
+            # The next tick is sent all the same; a missed one is caught up at the next start.
+            log.warning("periodic job %s: tick %s not enqueued: %s", job.name, tick.isoformat(), first_line(exc))
 
     def _load_handler_modules(self) -> None:
         for path in self.config.worker.handler_modules:

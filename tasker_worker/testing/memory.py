@@ -311,14 +311,14 @@ class HandlerHarness(RegistersHandlers):
     def _next_periodic(self) -> tuple[str, datetime] | None:
         best: tuple[str, datetime] | None = None
         for job in self.registry.periodic_jobs:
-            due = self._periodic_due.setdefault(job.name, self._started + job.every)
+            due = self._periodic_due.setdefault(job.name, job.cadence.next_tick(self._started))
             if best is None or due < best[1]:
                 best = (job.name, due)
         return best
 
     async def _run_periodic(self, name: str) -> None:
         job = next(j for j in self.registry.periodic_jobs if j.name == name)
-        self._periodic_due[name] = self._periodic_due[name] + job.every
+        self._periodic_due[name] = job.cadence.next_tick(self._periodic_due[name])
         # The same attributes as a worker's periodic context, no more (a job must run in both).
         ctx = types.SimpleNamespace(worker_id="harness", state=self.state, job=name, log=log)
         timeout = job.timeout or self.config.worker.periodic_timeout
