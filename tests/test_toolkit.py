@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tasker_worker.errors import DependencyUnavailable, NonRetryableError, StepFailed
+from tasker_worker.errors import DependencyUnavailable, NonRetryableError, StepFailed, UsageError
 from tasker_worker.testing import HandlerHarness, make_config
 
 
@@ -274,3 +274,33 @@ def test_asking_for_containers_without_docker_fails_instead_of_skipping(tmp_path
     assert done.returncode != 0, done.stdout
     assert "1 error" in done.stdout and "skipped" not in done.stdout
     assert "TASKER_TEST_CONTAINERS=1 but no Docker engine answers" in done.stdout
+
+
+@pytest.mark.anyio
+async def test_a_handler_policy_overrides_retry_in_the_harness() -> None:
+    h = harness()
+
+    @h.handler("charge", max_attempts=5, backoff=("10s", "40s"), retry_on=(ConnectionError,), dlq=False)
+    def charge(ctx: Any, step: Any) -> None:
+        raise ConnectionError("card network down") if step.inputs.get("flaky") else ValueError("bad card")
+
+    flaky = str(h.send("charge", {"flaky": True}).step_uuid)
+    bad = str(h.send("charge", {}).step_uuid)
+    await h.run_until_settled()
+    # Five attempts of the retried error ([retry] says three), backing off from 10 s; the other
+    # error is not in retry_on: dead-lettered at once.
+    retries = [r for r in h.runs if r.step_uuid == flaky and r.verdict == "retry"]
+    assert [r.attempt for r in retries] == [1, 2, 3, 4]
+    assert 8 <= retries[0].delay_s <= 12 and all(r.delay_s <= 40 * 1.2 for r in retries)
+    assert (h.outcomes[flaky].status, h.outcomes[flaky].attempts) == ("failed", 5)
+    assert h.outcomes[flaky].error is not None and h.outcomes[flaky].error["reason"] == "retries_exhausted"
+    assert h.outcomes[bad].status == "dead_lettered" and h.outcomes[bad].attempts == 1
+    assert h.outcomes[bad].error is not None and h.outcomes[bad].error["reason"] == "non_retryable_error"
+    assert h.dead_letters == []  # dlq=False: the outcome row is the record
+
+
+def test_handler_policies_are_checked_when_registered() -> None:
+    h = harness()
+    for bad in ({"max_attempts": 0}, {"backoff": ("10s", "1s")}, {"backoff": ("0s", "1s")}, {"retry_on": ("oops",)}):
+        with pytest.raises(UsageError):
+            h.handler("x", **bad)(lambda ctx, step: None)  # type: ignore[arg-type]

@@ -263,16 +263,39 @@ async def queue_purge(args: argparse.Namespace) -> int:
 
 
 async def config_show(args: argparse.Namespace) -> int:
-    """``config show``: every effective value and where it came from."""
+    """``config show``: every effective value and where it came from, then the failure policy
+    in force for each handler the worker would run (its handler modules imported)."""
     loaded = load(args)
     rows = effective_items(loaded)
+    policies = handler_policies(loaded)
     if args.json:
-        print(json.dumps({k: {"value": v, "origin": o} for k, v, o in rows}, indent=2, default=str))
+        shown: dict[str, Any] = {k: {"value": v, "origin": o} for k, v, o in rows}
+        shown["handlers"] = policies
+        print(json.dumps(shown, indent=2, default=str))
         return 0
     width = max(len(k) for k, _, _ in rows)
     for key, value, origin in rows:
         print(f"{key:<{width}}  {json.dumps(value, default=str):<32}  # {origin}")
+    print("\n# failure policy per handler ([retry] unless the handler sets its own)")
+    for name, policy in policies.items():
+        print(f"{name:<{width}}  {policy}")
     return 0
+
+
+def handler_policies(loaded: LoadedConfig) -> dict[str, str]:
+    """``{handler: policy line}`` for every handler of ``[worker] handler_modules`` and the
+    built-in ones."""
+    from tasker_worker.domain.verdicts import RetryPolicy
+    from tasker_worker.runtime.worker import Worker
+
+    registry = Worker(loaded.config).load_handlers()
+    default = RetryPolicy.from_settings(loaded.config.retry)
+    out: dict[str, str] = {}
+    for name in registry.names:
+        spec = registry.get(name)
+        policy = spec.policy.applied_to(default) if spec is not None and spec.policy is not None else default
+        out[name] = policy.describe()
+    return out
 
 
 async def config_reference(args: argparse.Namespace) -> int:

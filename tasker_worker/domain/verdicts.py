@@ -10,6 +10,8 @@ records in production.
 ``NonRetryableError``       DEAD_LETTER: outcome ``dead_lettered``, message to the DLQ
 unavailable dependency      RELEASE: back after a backoff, the attempt given back, at most
                             ``max_releases`` times (then it counts like any error)
+outside a ``retry_on``      DEAD_LETTER (reason ``non_retryable_error``); a handler's
+                            ``dlq=False`` records dead letters without the DLQ copy
 anything else / timeout     RETRY after a backoff, or EXHAUSTED (outcome ``failed``, DLQ)
                             once ``attempt`` reached the limit
 ==========================  ===========================================================
@@ -18,12 +20,12 @@ anything else / timeout     RETRY after a backoff, or EXHAUSTED (outcome ``faile
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, cast
 
 from tasker_worker.domain.backoff import backoff_delay
-from tasker_worker.errors import NonRetryableError, StepError, StepFailed, StepTimeout
+from tasker_worker.errors import NonRetryableError, RetryableError, StepError, StepFailed, StepTimeout
 
 
 class VerdictKind(enum.StrEnum):
@@ -38,13 +40,56 @@ class VerdictKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """``[retry]`` as the rulebook needs it."""
+    """``[retry]`` as the rulebook needs it, with a handler's own overrides applied."""
 
     max_attempts: int = 3
     base_delay: timedelta = timedelta(seconds=1)
     max_delay: timedelta = timedelta(seconds=30)
     jitter: float = 0.2
     max_releases: int = 100
+    #: Exceptions retried (``RetryableError``, timeouts included, always are); any other is
+    #: dead-lettered at once. None: every exception is retried.
+    retry_on: tuple[type[BaseException], ...] | None = None
+    #: Dead letters (and exhausted retries) go to the DLQ; False: the outcome is recorded and
+    #: the message deleted, with no DLQ copy.
+    dlq: bool = True
+
+    @classmethod
+    def from_settings(cls, retry: Any) -> RetryPolicy:
+        """From a ``[retry]`` section (``RetryConfig``)."""
+        return cls(retry.max_attempts, retry.base_delay, retry.max_delay, retry.jitter, retry.max_releases)
+
+    def describe(self) -> str:
+        """One line for ``config show``."""
+        retry_on = "any exception" if self.retry_on is None else ", ".join(t.__name__ for t in self.retry_on)
+        return (
+            f"max_attempts={self.max_attempts} backoff={self.base_delay.total_seconds():g}s.."
+            f"{self.max_delay.total_seconds():g}s retry_on={retry_on} dlq={'yes' if self.dlq else 'no'}"
+        )
+
+
+@dataclass(frozen=True)
+class HandlerPolicy:
+    """What a handler says about its failures (``@worker.handler(..., max_attempts=5,
+    backoff=("10s", "10m"), retry_on=(...), dlq=False)``); unset fields keep ``[retry]``'s.
+    A message's ``attempt_limit`` still beats ``max_attempts``."""
+
+    max_attempts: int | None = None
+    base_delay: timedelta | None = None
+    max_delay: timedelta | None = None
+    retry_on: tuple[type[BaseException], ...] | None = None
+    dlq: bool = True
+
+    def applied_to(self, default: RetryPolicy) -> RetryPolicy:
+        """``default`` with this handler's settings."""
+        return replace(
+            default,
+            max_attempts=self.max_attempts or default.max_attempts,
+            base_delay=self.base_delay or default.base_delay,
+            max_delay=self.max_delay or default.max_delay,
+            retry_on=self.retry_on if self.retry_on is not None else default.retry_on,
+            dlq=self.dlq,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +125,8 @@ def judge_failure(
     if unavailable and releases + 1 <= policy.max_releases:
         delay = backoff_delay(releases + 1, policy.base_delay, policy.max_delay, policy.jitter)
         return Verdict(VerdictKind.RELEASE, delay, releases + 1)
+    if policy.retry_on is not None and not isinstance(exc, (RetryableError, *policy.retry_on)):
+        return Verdict(VerdictKind.DEAD_LETTER)
     timed_out = isinstance(exc, StepTimeout)
     if attempt >= (attempt_limit or policy.max_attempts):
         return Verdict(VerdictKind.EXHAUSTED, timed_out=timed_out)
@@ -134,6 +181,9 @@ def decide_failure(
         exc, attempt=attempt, attempt_limit=attempt_limit, releases=releases, policy=policy, unavailable=unavailable
     )
     error = error_json(exc)
+    if verdict.kind is VerdictKind.DEAD_LETTER and not isinstance(exc, NonRetryableError):
+        # Not among the handler's retry_on.
+        error = {**error, "reason": "non_retryable_error", "last_reason": error.get("reason")}
     if verdict.kind is VerdictKind.EXHAUSTED:
         error = {**error, "reason": "retries_exhausted", "last_reason": error.get("reason"), "attempts": attempt}
     return Fate(verdict, error)

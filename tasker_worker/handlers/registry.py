@@ -7,11 +7,15 @@ import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
+
+from typing_extensions import Unpack
 
 from tasker_worker.config.durations import parse_duration
 from tasker_worker.domain.names import validate_handler_name, validate_namespace
 from tasker_worker.domain.schedules import Cadence, tick_handler
+from tasker_worker.domain.steps import MAX_ATTEMPT_LIMIT
+from tasker_worker.domain.verdicts import HandlerPolicy
 from tasker_worker.errors import UsageError
 
 HandlerFunc = Callable[..., Any]
@@ -30,6 +34,8 @@ class HandlerSpec:
     capabilities: frozenset[str] = field(default_factory=frozenset)
     #: The capability a step's inputs need (a worker without it rejects the step).
     requires: Callable[[dict[str, Any]], str] | None = None
+    #: The handler's own failure policy (None: ``[retry]`` as it is).
+    policy: HandlerPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,61 @@ def _as_duration(value: str | timedelta | float | None) -> timedelta | None:
     return parse_duration(value)
 
 
+Duration = str | timedelta | float
+
+
+class HandlerOptions(TypedDict, total=False):
+    """What ``handler`` (and ``register``) take besides the name."""
+
+    #: Time a run may take (a step's ``timeout`` wins; default ``[worker] handler_timeout``).
+    timeout: Duration | None
+    #: Capabilities this handler adds to the worker's registration.
+    capabilities: Iterable[str]
+    #: Attempts before the step is dead-lettered (a step's ``attempt_limit`` wins).
+    max_attempts: int | None
+    #: ``(first, longest)`` retry delay: doubling from the first, capped at the longest.
+    backoff: tuple[Duration, Duration] | None
+    #: Exceptions to retry; any other is dead-lettered at once (``RetryableError`` always retries).
+    retry_on: tuple[type[BaseException], ...] | None
+    #: False: dead letters are recorded as outcomes without a copy in the DLQ.
+    dlq: bool
+
+
+class PeriodicOptions(TypedDict, total=False):
+    """What ``periodic`` takes besides ``every``."""
+
+    #: A cron expression (five fields, UTC) instead of ``every``.
+    cron: str | None
+    #: The job's name (default: the function's).
+    name: str | None
+    timeout: Duration | None
+    #: Each tick runs on exactly one worker of the fleet (an ordinary step, sent once).
+    fleet_once: bool
+    #: Fleet-wide: the namespace carrying the tick steps (default: the worker's first).
+    namespace: str | None
+    #: Fleet-wide: on start, run the latest tick if it never ran.
+    catch_up: bool
+
+
+def _policy(options: HandlerOptions) -> HandlerPolicy | None:
+    max_attempts = options.get("max_attempts")
+    backoff = options.get("backoff")
+    retry_on = options.get("retry_on")
+    dlq = options.get("dlq", True)
+    if max_attempts is None and backoff is None and retry_on is None and dlq:
+        return None
+    if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPT_LIMIT:
+        raise UsageError(f"max_attempts must be between 1 and {MAX_ATTEMPT_LIMIT}, got {max_attempts}")
+    base = longest = None
+    if backoff is not None:
+        base, longest = (_as_duration(d) for d in backoff)
+        if base is None or longest is None or base.total_seconds() <= 0 or longest < base:
+            raise UsageError(f"backoff must be (first, longest) with 0 < first <= longest, got {backoff!r}")
+    if retry_on is not None and not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+        raise UsageError("retry_on must be a tuple of exception classes")
+    return HandlerPolicy(max_attempts, base, longest, tuple(retry_on) if retry_on is not None else None, dlq)
+
+
 class HandlerRegistry:
     """Handlers by step name, and periodic jobs."""
 
@@ -97,12 +158,11 @@ class HandlerRegistry:
         name: str,
         func: HandlerFunc,
         *,
-        timeout: str | timedelta | float | None = None,
-        capabilities: Iterable[str] = (),
         requires: Callable[[dict[str, Any]], str] | None = None,
         replace: bool = False,
+        **options: Unpack[HandlerOptions],
     ) -> HandlerSpec:
-        """Register ``func`` for steps whose ``handler`` is ``name``."""
+        """Register ``func`` for steps whose ``handler`` is ``name`` (``HandlerOptions``)."""
         validate_handler_name(name)
         if not callable(func):
             raise UsageError(f"handler {name!r} is not callable")
@@ -112,39 +172,37 @@ class HandlerRegistry:
             name=name,
             func=func,
             is_async=inspect.iscoroutinefunction(func),
-            timeout=_as_duration(timeout),
-            capabilities=frozenset(capabilities),
+            timeout=_as_duration(options.get("timeout")),
+            capabilities=frozenset(options.get("capabilities", ())),
             requires=requires,
+            policy=_policy(options),
         )
         self._handlers[name] = spec
         return spec
 
-    def handler(
-        self, name: str, *, timeout: str | timedelta | float | None = None, capabilities: Iterable[str] = ()
-    ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator form of ``register``."""
+    def handler(self, name: str, **options: Unpack[HandlerOptions]) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator form of ``register``: ``@registry.handler("charge", max_attempts=5,
+        backoff=("10s", "10m"), timeout="30s", retry_on=(ConnectionError,), dlq=True)``."""
 
         def decorate(func: HandlerFunc) -> HandlerFunc:
-            self.register(name, func, timeout=timeout, capabilities=capabilities)
+            self.register(name, func, **options)
             return func
 
         return decorate
 
     def periodic(
-        self,
-        every: str | timedelta | float | None = None,
-        *,
-        cron: str | None = None,
-        name: str | None = None,
-        timeout: str | timedelta | float | None = None,
-        fleet_once: bool = False,
-        namespace: str | None = None,
-        catch_up: bool = True,
+        self, every: Duration | None = None, **options: Unpack[PeriodicOptions]
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Decorator: run ``func(ctx)`` at each tick of ``every`` (ticks aligned to the epoch)
         or of ``cron`` (five fields, UTC). With ``fleet_once`` each tick runs on exactly one
         worker of the fleet: every worker enqueues the tick's step under the same step_uuid,
         which is sent once, and whichever worker claims it runs it."""
+        cron = options.get("cron")
+        name = options.get("name")
+        timeout = options.get("timeout")
+        fleet_once = options.get("fleet_once", False)
+        namespace = options.get("namespace")
+        catch_up = options.get("catch_up", True)
         cadence = Cadence(every=_as_duration(every), cron=cron)
         if namespace is not None:
             validate_namespace(namespace)
@@ -199,25 +257,14 @@ class RegistersHandlers:
 
     registry: HandlerRegistry
 
-    def handler(
-        self, name: str, *, timeout: str | timedelta | float | None = None
-    ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator: register a sync or async ``func(ctx, step)`` for steps named ``name``."""
-        return self.registry.handler(name, timeout=timeout)
+    def handler(self, name: str, **options: Unpack[HandlerOptions]) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator: register a sync or async ``func(ctx, step)`` for steps named ``name``
+        (``HandlerOptions``: timeout, max_attempts, backoff, retry_on, dlq, capabilities)."""
+        return self.registry.handler(name, **options)
 
     def periodic(
-        self,
-        every: str | timedelta | float | None = None,
-        *,
-        cron: str | None = None,
-        name: str | None = None,
-        timeout: str | timedelta | float | None = None,
-        fleet_once: bool = False,
-        namespace: str | None = None,
-        catch_up: bool = True,
+        self, every: Duration | None = None, **options: Unpack[PeriodicOptions]
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Decorator: run ``func(ctx)`` at each tick of ``every`` or ``cron`` while the worker
         runs; once per fleet with ``fleet_once`` (see ``HandlerRegistry.periodic``)."""
-        return self.registry.periodic(
-            every, cron=cron, name=name, timeout=timeout, fleet_once=fleet_once, namespace=namespace, catch_up=catch_up
-        )
+        return self.registry.periodic(every, **options)

@@ -150,9 +150,8 @@ class StepRunner:
         retry = config.retry
         #: OpenTelemetry (the otel extra); None costs the step path one ``is None`` test.
         self.tracer = step_tracer(config.worker.tracing)
-        self.retry_policy = RetryPolicy(
-            retry.max_attempts, retry.base_delay, retry.max_delay, retry.jitter, retry.max_releases
-        )
+        self.retry_policy = RetryPolicy.from_settings(retry)
+        self._policies: dict[str, RetryPolicy] = {}
         breaker = config.circuit_breaker
         self.circuits = CircuitBreakers(
             failure_threshold=breaker.failure_threshold,
@@ -324,7 +323,7 @@ class StepRunner:
             self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
             await ctx.rollback(exc)
             self._judge_circuit(msg, step, exc)
-            return await self._on_failure(msg, step, exc, started_at)
+            return await self._on_failure(msg, step, exc, started_at, self.policy_for(spec))
         elapsed = time.monotonic() - start_mono
         self.stats.observe_handler(spec.name, "succeeded", elapsed)
         self.stats.handler_outcomes.record(True)
@@ -470,7 +469,18 @@ class StepRunner:
                     "could not announce released msg %s", msg.msg_id, extra={**step_fields(msg), **error_fields(exc)}
                 )
 
-    async def _on_failure(self, msg: ClaimedMessage, step: StepMessage, exc: Exception, started_at: float) -> bool:
+    def policy_for(self, spec: HandlerSpec) -> RetryPolicy:
+        """``[retry]`` with the handler's own policy applied (computed once per handler)."""
+        if spec.policy is None:
+            return self.retry_policy
+        policy = self._policies.get(spec.name)
+        if policy is None:
+            policy = self._policies[spec.name] = spec.policy.applied_to(self.retry_policy)
+        return policy
+
+    async def _on_failure(
+        self, msg: ClaimedMessage, step: StepMessage, exc: Exception, started_at: float, policy: RetryPolicy
+    ) -> bool:
         """Decide and apply what a failed run leads to; True when the outcome went to the
         batched writer (see ``_run_step``)."""
         fate = decide_failure(
@@ -478,7 +488,7 @@ class StepRunner:
             attempt=msg.read_ct,
             attempt_limit=step.attempt_limit,
             releases=int((msg.headers or {}).get("tasker_releases", 0)),
-            policy=self.retry_policy,
+            policy=policy,
             # A broken database connection (the step's own transaction, or a handler's query)
             # says nothing about the step: like DependencyUnavailable it gives the attempt back.
             unavailable=isinstance(exc, DependencyUnavailable | psycopg.OperationalError | psycopg.InterfaceError),
@@ -489,6 +499,10 @@ class StepRunner:
             outcome = Outcome(msg, OutcomeStatus.FAILED, None, error, started_at, time.time())
             return self._record_later(msg, outcome)
         if kind is VerdictKind.DEAD_LETTER:
+            if not policy.dlq:  # the handler keeps no DLQ copies: the outcome row is the record
+                return self._record_later(
+                    msg, Outcome(msg, OutcomeStatus.DEAD_LETTERED, None, error, started_at, time.time())
+                )
             await self._dead_letter(msg, error, OutcomeStatus.DEAD_LETTERED, started_at)
             return False
         self.stats.incr("handler_errors")
@@ -503,6 +517,8 @@ class StepRunner:
             )
             return False
         if kind is VerdictKind.EXHAUSTED:
+            if not policy.dlq:
+                return self._record_later(msg, Outcome(msg, OutcomeStatus.FAILED, None, error, started_at, time.time()))
             await self._dead_letter(msg, error, OutcomeStatus.FAILED, started_at)
             return False
         log.info(
@@ -616,6 +632,8 @@ class StepRunner:
             counters["succeeded"] += 1
         elif status is OutcomeStatus.FAILED:
             counters["failed"] += 1
+        elif status is OutcomeStatus.DEAD_LETTERED:  # a handler with dlq=False
+            counters["dead_lettered"] += 1
 
 
 class _StaleAck(Exception):

@@ -184,10 +184,16 @@ class Worker(RegistersHandlers):
             raise
         return final
 
-    async def _run(self) -> dict[str, Any]:
+    def load_handlers(self) -> HandlerRegistry:
+        """Register the handlers this worker runs: its ``[worker] handler_modules``, the
+        built-in ones and the planners (done by ``run``; ``config show`` lists them too)."""
         self._load_handler_modules()
         register_builtins(self.registry)
         register_planning(self.registry, self.config.handlers.planning)
+        return self.registry
+
+    async def _run(self) -> dict[str, Any]:
+        self.load_handlers()
         url = self.database_url
         if url is None:
             url = await anyio.to_thread.run_sync(resolve_database_url, self.config.database)

@@ -112,9 +112,7 @@ class HandlerHarness(RegistersHandlers):
         self.state = state if state is not None else types.SimpleNamespace()
         self.registry = registry or HandlerRegistry()
         retry = self.config.retry
-        self.policy = RetryPolicy(
-            retry.max_attempts, retry.base_delay, retry.max_delay, retry.jitter, retry.max_releases
-        )
+        self.policy = RetryPolicy.from_settings(retry)
         breaker = self.config.circuit_breaker
         self.circuits = CircuitBreakers(
             breaker.failure_threshold, breaker.cooldown, breaker.max_cooldown, breaker.enabled, self.clock
@@ -261,19 +259,27 @@ class HandlerHarness(RegistersHandlers):
         self._archive(msg, key, "succeeded")
 
     def _on_failure(self, msg: MemoryMessage, step: StepMessage, exc: Exception) -> None:
+        spec = self.registry.get(step.handler)
+        policy = spec.policy.applied_to(self.policy) if spec is not None and spec.policy is not None else self.policy
         fate = decide_failure(
             exc,
             attempt=msg.read_ct,
             attempt_limit=step.attempt_limit,
             releases=msg.releases,
-            policy=self.policy,
+            policy=policy,
             unavailable=isinstance(exc, DependencyUnavailable),
         )
         verdict, error = fate.verdict, fate.error
         msg.headers["tasker_last_error"] = error
-        if verdict.kind is VerdictKind.FAILED:
-            self._record(msg, step, "failed", None, error)
-            self._archive(msg, str(step.step_uuid), "failed")
+        final = {
+            VerdictKind.FAILED: "failed",
+            VerdictKind.DEAD_LETTER: "dead_lettered",
+            VerdictKind.EXHAUSTED: "failed",
+        }
+        if verdict.kind is VerdictKind.FAILED or (verdict.kind in final and not policy.dlq):
+            # Settled with its outcome row (a handler with dlq=False keeps no DLQ copies).
+            self._record(msg, step, final[verdict.kind], None, error)
+            self._archive(msg, str(step.step_uuid), final[verdict.kind])
         elif verdict.kind is VerdictKind.DEAD_LETTER:
             self._dead_letter(msg, step, "dead_lettered", error)
         elif verdict.kind is VerdictKind.EXHAUSTED:
