@@ -41,6 +41,16 @@ def db_url(tasker_db_url: str) -> str:
 
 
 @pytest.fixture
+def url(db_url: str, request: pytest.FixtureRequest) -> str:
+    """``db_url`` with the queue of the test module's ``NS`` namespace created."""
+    namespace = getattr(request.module, "NS", None)
+    if namespace:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("SELECT tasker.create_namespace_queue(%s)", (namespace,))
+    return db_url
+
+
+@pytest.fixture
 def blank_db_url(tasker_blank_db_url: str) -> str:
     """A fresh empty database (nothing installed) for one test."""
     return tasker_blank_db_url

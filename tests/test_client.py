@@ -23,13 +23,6 @@ NS = "orders"
 QUEUE = f"pgmq.q_worker_{NS}_queue"
 
 
-@pytest.fixture
-def url(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
-    return db_url
-
-
 def registry(gate: asyncio.Event | None = None) -> HandlerRegistry:
     reg = HandlerRegistry()
 

@@ -28,13 +28,6 @@ QUEUE = f"worker_{NS}_queue"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def url(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
-    return db_url
-
-
 async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The CLI off the event loop: the worker under test runs on this loop, and the command may
     wait on a row lock the worker holds (a heartbeat) until the worker gets to run."""

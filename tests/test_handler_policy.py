@@ -10,20 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import fetch, make_config, outcomes_at_least, running_worker, send_steps, wait_until
 
 NS = "policy"
-
-
-@pytest.fixture
-def url(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
-    return db_url
 
 
 @pytest.mark.anyio

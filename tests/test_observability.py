@@ -40,13 +40,6 @@ NS = "obs"
 
 
 @pytest.fixture
-def url(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
-    return db_url
-
-
-@pytest.fixture
 def captured() -> Iterator[io.StringIO]:
     with json_logs() as buffer:
         yield buffer

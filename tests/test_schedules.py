@@ -7,7 +7,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 import pytest
 
 from tasker_worker.domain.schedules import Cadence, tick_handler, tick_step_uuid
@@ -16,13 +15,6 @@ from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import fetch, make_config, running_worker, wait_until
 
 NS = "sched"
-
-
-@pytest.fixture
-def url(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
-    return db_url
 
 
 def test_ticks_are_the_same_instants_for_every_worker() -> None:

@@ -55,13 +55,6 @@ def spans() -> Iterator[_Recent]:
     yield _EXPORTER
 
 
-@pytest.fixture
-def url(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
-    return db_url
-
-
 @pytest.mark.anyio
 async def test_a_step_continues_the_trace_in_its_headers(url: str, spans: _Recent) -> None:
     reg = HandlerRegistry()
