@@ -436,6 +436,65 @@ MUTATIONS: tuple[Mutation, ...] = (
             "test_claims_after_a_switch_to_polling_only_are_polls_and_lines_say_the_new_mode",
         ),
     ),
+    Mutation(
+        "enqueue_not_idempotent",
+        "a step_uuid already sent is answered with that step, not sent again (enqueue_step skips its key)",
+        (
+            Edit(
+                "sql/migrations/0012_producers.sql",
+                "SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;\n        END IF;\n        IF v_id IS NOT NULL",
+                "NULL;\n        END IF;\n        IF v_id IS NOT NULL",
+            ),
+            Edit(
+                "sql/migrations/0012_producers.sql",
+                "INSERT INTO tasker.step_keys (step_uuid, queue_name, msg_id) VALUES (p_step_uuid, v_queue, v_id);",
+                "NULL;",
+            ),
+        ),
+        ("tests/test_client.py::test_send_step_is_idempotent_on_its_step_uuid",),
+    ),
+    Mutation(
+        "cancel_takes_running",
+        "cancel takes only a step no live claim holds (the tasker_claim test removed)",
+        (
+            Edit(
+                "sql/migrations/0012_producers.sql",
+                "AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())",
+                "",
+            ),
+        ),
+        ("tests/test_client.py::test_cancel_takes_only_a_queued_step",),
+    ),
+    Mutation(
+        "outcome_not_notified",
+        "the settle names a waited-for step on tasker_outcome (it never does)",
+        (Edit(Q, "WHERE s.status IS NOT NULL AND s.headers ? 'tasker_notify'", "WHERE false"),),
+        ("tests/test_client.py::test_wait_for_is_woken_by_the_outcome_notification",),
+    ),
+    Mutation(
+        "tick_uuid_random",
+        "every worker names a fleet-wide tick's step alike (each draws a random step_uuid)",
+        (
+            Edit(
+                "tasker_worker/domain/schedules.py",
+                'return uuid.uuid5(TICK_NAMESPACE, f"{schedule}@{tick.astimezone(UTC).isoformat()}")',
+                "return uuid.uuid4()",
+            ),
+        ),
+        ("tests/test_schedules.py::test_a_fleet_once_schedule_runs_each_tick_once_while_workers_come_and_go",),
+    ),
+    Mutation(
+        "retry_on_ignored",
+        "an exception outside a handler's retry_on is dead-lettered at once (it is retried)",
+        (
+            Edit(
+                "tasker_worker/domain/verdicts.py",
+                "if policy.retry_on is not None and not isinstance(exc, (RetryableError, *policy.retry_on)):",
+                "if False:",
+            ),
+        ),
+        ("tests/test_handler_policy.py::test_a_handler_policy_replaces_retry_in_a_real_worker",),
+    ),
 )
 
 
