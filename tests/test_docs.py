@@ -22,10 +22,11 @@ import yaml
 from tasker_worker.config.loader import load_config
 from tasker_worker.config.reference import reference_rows
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
 #: The guides whose examples are code to run (performance.md and reliability.md show benchmark
 #: commands of many minutes and their output, which the benchmarks themselves produce).
-GUIDES = ("workers.md", "configuration.md", "operations.md", "troubleshooting.md", "security.md")
+GUIDES = ("workers.md", "configuration.md", "operations.md", "troubleshooting.md", "security.md", "messages.md")
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 
 
@@ -189,3 +190,49 @@ def test_configuration_reference_lists_every_key_with_its_default_and_variable()
     missing = [key for key, default, env, what in rows if f"| `{key}` | `{default}` | `{env}` | {what} |" not in text]
     assert missing == [], f"docs/configuration.md lacks (or has a stale row for): {missing}"
     assert [key for key, _, _, what in rows if not what] == [], "every key says what it does"
+
+
+STEP_EXAMPLE = re.compile(r"<!-- step-message: (valid|invalid) -->\n```json\n(.*?)\n```", re.S)
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_the_shipped_schema_is_the_validators() -> None:
+    from tasker_worker.domain.steps import SCHEMA_FILE, step_message_schema
+
+    shipped = json.loads((REPO / "tasker_worker" / SCHEMA_FILE).read_text())
+    assert shipped == step_message_schema(), "regenerate tasker_worker/schemas/step_message.schema.json"
+
+
+def test_the_message_examples_are_judged_alike_by_the_schema_and_the_worker() -> None:
+    import jsonschema
+
+    from tasker_worker.domain.steps import SCHEMA_FILE, StepMessage
+    from tasker_worker.errors import StepValidationError
+
+    schema = json.loads((REPO / "tasker_worker" / SCHEMA_FILE).read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    examples = STEP_EXAMPLE.findall((DOCS / "messages.md").read_text())
+    assert {kind for kind, _ in examples} == {"valid", "invalid"}
+    for kind, text in examples:
+        body = json.loads(text)
+        by_schema = validator.is_valid(body)
+        try:
+            StepMessage.parse(body)
+            by_worker = True
+        except StepValidationError:
+            by_worker = False
+        assert (by_schema, by_worker) == (kind == "valid", kind == "valid"), text
+
+
+def test_documents_point_only_inside_the_repository() -> None:
+    """A clone has no ../shared: every relative link of the README and docs/ resolves here."""
+    broken = []
+    for doc in [REPO / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = doc.read_text()
+        assert "../shared" not in text and "DESIGN.md" not in text, doc.name
+        for target in LINK.findall(text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (doc.parent / target).resolve().exists():
+                broken.append((doc.name, target))
+    assert broken == []

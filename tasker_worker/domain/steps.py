@@ -146,6 +146,28 @@ def build_message(
     return StepMessage.parse({k: v for k, v in body.items() if v is not None})
 
 
+#: Where the package ships the step message's JSON Schema (docs/messages.md).
+SCHEMA_FILE = "schemas/step_message.schema.json"
+
+
+def step_message_schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of a step message, generated from ``StepMessage`` (the
+    validator the worker decodes with), so that the shipped file cannot say otherwise."""
+    generated = msgspec.json.schema(StepMessage)
+    body: dict[str, Any] = generated["$defs"]["StepMessage"]
+    body.pop("title", None)
+    body["description"] = (
+        "A tasker-worker step: one unit of work stored as the message of a pgmq queue "
+        "(worker_<namespace>_queue). Unknown keys are ignored."
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:tasker-worker:schema:step-message",
+        "title": "StepMessage",
+        **body,
+    }
+
+
 _DECODER = msgspec.json.Decoder(StepMessage, strict=False)
 
 
