@@ -17,6 +17,7 @@ from tasker_worker import AsyncClient, Client
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout
 from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.producer.client import _batch_params, _uuid4_batch
 from tasker_worker.testing import fetch_value, make_config, outcomes_at_least, running_worker, wait_until
 
 NS = "orders"
@@ -164,3 +165,14 @@ async def test_the_blocking_client_does_the_same(url: str) -> None:
         ref, again, result = await anyio.to_thread.run_sync(produce)
     assert again.created is False and again.msg_id == ref.msg_id
     assert result.result == 10
+
+
+def test_batch_ids_are_random_version_4_uuids() -> None:
+    texts, ints = _uuid4_batch(3000)
+    parsed = [uuid.UUID(t) for t in texts]
+    assert len(set(parsed)) == 3000
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 and u.int == n for u, n in zip(parsed, ints, strict=True))
+    with pytest.raises(StepValidationError, match="not JSON"):
+        _batch_params(
+            NS, "double", [{"at": object()}], delay=None, attempt_limit=None, timeout=None, headers=None, notify=False
+        )

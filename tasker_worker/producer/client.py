@@ -23,12 +23,14 @@ embedded server when none is set).
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import msgspec
+import numpy as np
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
@@ -41,7 +43,7 @@ from tasker_worker.db.queue_client import translate_error
 from tasker_worker.domain.names import queue_name, validate_namespace
 from tasker_worker.domain.results import CancelState, StepRef, StepResult
 from tasker_worker.domain.steps import OutcomeStatus, build_message
-from tasker_worker.errors import StepWaitTimeout, UsageError
+from tasker_worker.errors import StepValidationError, StepWaitTimeout, UsageError
 from tasker_worker.runtime.tracing import trace_headers
 
 #: ``send_steps`` takes at most this many steps per call (one statement each).
@@ -115,19 +117,58 @@ def _batch_params(
     headers: dict[str, Any] | None,
     notify: bool,
 ) -> tuple[dict[str, Any], list[uuid.UUID]]:
-    messages = [build_message(namespace, handler, i, attempt_limit=attempt_limit, timeout=timeout) for i in inputs]
-    if not 1 <= len(messages) <= MAX_BATCH:
-        raise UsageError(f"send_steps takes 1 to {MAX_BATCH} steps per call, got {len(messages)}")
+    items = list(inputs)
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise UsageError(f"send_steps takes 1 to {MAX_BATCH} steps per call, got {len(items)}")
+    # What is the same for every step is checked once, by the rules of tasker.step_message;
+    # each step adds only its inputs (an object) and three fresh UUIDs.
+    build_message(namespace, handler, None, attempt_limit=attempt_limit, timeout=timeout)
+    common: dict[str, Any] = {"namespace": namespace, "handler": handler}
+    if attempt_limit is not None:
+        common["attempt_limit"] = attempt_limit
+    if timeout is not None:
+        common["timeout"] = timeout
+    for k, step_inputs in enumerate(items):
+        if not isinstance(step_inputs, dict):
+            raise StepValidationError(f"inputs must be a JSON object (step {k})", reason="malformed_message")
+    ids, ints = _uuid4_batch(3 * len(items))
+    # The fixed part of every body, encoded once; only the ids and the inputs differ.
+    fixed = _ENCODE.encode(common).decode()[1:-1]
+    try:
+        bodies = [
+            f'{{"step_uuid":"{ids[3 * k]}","task_uuid":"{ids[3 * k + 1]}","correlation_id":"{ids[3 * k + 2]}",'
+            f'{fixed},"inputs":{_ENCODE.encode(step_inputs).decode()}}}'
+            for k, step_inputs in enumerate(items)
+        ]
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise StepValidationError(f"inputs are not JSON: {exc}", reason="malformed_message") from None
     batch_headers = trace_headers(headers)
     if notify:
         batch_headers["tasker_notify"] = True
     params = {
         "queue": queue_name(namespace),
-        "bodies": [_ENCODE.encode(m).decode() for m in messages],
+        "bodies": bodies,
+        "count": len(bodies),
         "headers": json.dumps(batch_headers) if batch_headers else None,
         "delay": _delay(delay),
     }
-    return params, [m.step_uuid for m in messages]
+    return params, [uuid.UUID(int=n) for n in ints[0::3]]
+
+
+def _uuid4_batch(n: int) -> tuple[list[str], list[int]]:
+    """``n`` random (version 4) UUIDs as strings and as integers, made in bulk: building them
+    one ``uuid.uuid4()`` at a time cost a batch more than its INSERT."""
+    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    hexed = np.frombuffer(raw.tobytes().hex().encode(), dtype=np.uint8).reshape(n, 32)
+    text = np.full((n, 36), ord("-"), dtype=np.uint8)
+    for src, dst, width in ((0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)):
+        text[:, dst : dst + width] = hexed[:, src : src + width]
+    joined = text.tobytes().decode()
+    halves = raw.view(">u8").reshape(n, 2)
+    ints = [(hi << 64) | lo for hi, lo in zip(halves[:, 0].tolist(), halves[:, 1].tolist(), strict=True)]
+    return [joined[i : i + 36] for i in range(0, 36 * n, 36)], ints
 
 
 def _delay(delay: float | None) -> int:
