@@ -184,6 +184,27 @@ def test_a_command_given_too_little_names_the_missing_grant(logins: dict[str, st
         assert done.returncode != 0, (argv, done.stdout)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "permission denied" in lines[0] and words in lines[0], (argv, done.stderr)
-    # What the role holds, it may do.
+    # What the role holds, it may do: send (idempotently too), look a step up, cancel it.
     done = _cli(logins["producer"], tmp_path, "queue", "send", NS, "--handler", "noop")
     assert done.returncode == 0, done.stderr
+    chosen = str(uuid.uuid4())
+    for _ in range(2):
+        done = _cli(
+            logins["producer"],
+            tmp_path,
+            "queue",
+            "send",
+            NS,
+            "--handler",
+            "noop",
+            "--step-uuid",
+            chosen,
+            "--delay",
+            "600",
+        )
+        assert done.returncode == 0 and chosen in done.stdout, done.stderr
+    assert _cli(logins["producer"], tmp_path, "steps", "show", chosen).returncode == 0
+    with psycopg.connect(logins["producer"], autocommit=True) as conn:
+        assert conn.execute("SELECT state FROM tasker.cancel_step(%s, %s::uuid)", (NS, chosen)).fetchone() == (
+            "cancelled",
+        )
