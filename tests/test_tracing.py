@@ -121,3 +121,18 @@ def test_without_the_extra_the_worker_holds_no_tracer() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_without_a_tracer_provider_the_worker_holds_no_tracer() -> None:
+    """Spans nobody records would cost every step ~70 us: "auto" waits for a TracerProvider."""
+    code = (
+        "from tasker_worker.runtime import tracing\n"
+        "assert tracing.available() and not tracing.configured()\n"
+        "assert tracing.step_tracer('auto') is None\n"
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "trace.set_tracer_provider(TracerProvider())\n"
+        "assert tracing.configured() and tracing.step_tracer('auto') is not None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -150,7 +150,7 @@ class WorkerConfig(_Section):
     #: Default time a handler may run (a handler's ``timeout=`` and the step's ``timeout`` win).
     handler_timeout: Duration = timedelta(seconds=5)
     #: OpenTelemetry spans around steps (``runtime/tracing.py``): ``auto`` when the ``otel``
-    #: extra is installed, ``off`` never.
+    #: extra is installed and a TracerProvider is set when the worker starts, ``off`` never.
     tracing: Literal["auto", "off"] = "auto"
     periodic_timeout: Duration = timedelta(seconds=30)
     shutdown_timeout: Duration = timedelta(seconds=30)

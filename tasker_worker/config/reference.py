@@ -45,7 +45,7 @@ DESCRIPTIONS: dict[str, str] = {
     "worker.executor_workers": "size of that pool",
     "worker.handler_timeout": "default time a handler may run (a handler's `timeout=` and the step's `timeout` win)",
     "worker.tracing": "OpenTelemetry spans around steps, continuing a `traceparent` found in the message headers: "
-    '`"auto"` when the `otel` extra is installed, `"off"` never',
+    '`"auto"` when the `otel` extra is installed and a TracerProvider is set at start, `"off"` never',
     "worker.periodic_timeout": "default timeout of periodic jobs",
     "worker.shutdown_timeout": "the whole graceful shutdown: handlers may finish until it less a reserve for the final writes (30%, at most 2 s); then unfinished steps are released, results flushed and the worker deregistered, all by this deadline; the process exits within it + 1 s even with the database stopped or unreachable (what could not be written is logged with its count and returns at its vt)",
     "worker.max_rejections": "times a step needing a missing capability is bounced before the DLQ",

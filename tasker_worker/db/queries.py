@@ -231,8 +231,8 @@ WITH ready AS (
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers,
               CASE WHEN (ready.prior ->> 'read_ct')::integer = ready.prior_ct THEN ready.prior END AS lapsed
 ){assigned}{noticed}
-SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.headers,
-       d.step_uuid IS NOT NULL, c.lapsed
+SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text,
+       nullif(c.headers - 'tasker_claim', jsonb_build_object()), d.step_uuid IS NOT NULL, c.lapsed
   FROM claimed AS c
   LEFT JOIN LATERAL (
       SELECT s.step_uuid FROM tasker.step_results AS s

@@ -4,9 +4,9 @@ With ``opentelemetry-api`` importable and ``[worker] tracing = "auto"``, each st
 runs in a span ``tasker.step <handler>`` (kind CONSUMER) carrying the namespace, handler, attempt,
 step_uuid and correlation_id, continuing the W3C trace context (``traceparent``,
 ``tracestate``) found in the message's headers. Where the spans go is the application's
-OpenTelemetry configuration (a TracerProvider and its exporters); without one the API's spans
-are no-ops. Without the package, or with ``tracing = "off"``, the worker holds no tracer and
-the step path does not look at headers at all.
+OpenTelemetry configuration (a TracerProvider and its exporters), which must be in place when
+the worker starts: without one, without the package, or with ``tracing = "off"``, the worker
+holds no tracer and the step path does not look at headers at all.
 
 Producers hand their current trace context to a step with :func:`trace_headers` (the headers of
 ``tasker.send_step(..., p_headers => ...)`` or of ``pgmq.send``).
@@ -60,9 +60,21 @@ class StepTracer:
             yield span
 
 
+def configured() -> bool:
+    """Whether the application has set a TracerProvider (the API's default is a proxy that
+    records nothing)."""
+    if trace is None:
+        return False
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def step_tracer(mode: str) -> StepTracer | None:
-    """The tracer ``[worker] tracing`` asks for: None when off or when the extra is missing."""
-    if mode == "off" or not available():
+    """The tracer ``[worker] tracing`` asks for: None when off, when the extra is missing, or
+    when no TracerProvider is set when the worker starts. Spans that nobody records would still
+    cost a step about 70 us of worker CPU (context switches, header parsing), so "auto" means
+    "when something records them" (``benchmarks/drain.py``, alternated runs)."""
+    if mode == "off" or not configured():
         return None
     return StepTracer()
 
@@ -75,4 +87,4 @@ def trace_headers(headers: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return out
 
 
-__all__ = ["StepTracer", "available", "step_tracer", "trace_headers"]
+__all__ = ["StepTracer", "available", "configured", "step_tracer", "trace_headers"]
