@@ -893,7 +893,7 @@ BEGIN
         END IF;
         SELECT s.id INTO v_new
           FROM pgmq.send(p_queue, v_row.message,
-                         (coalesce(v_row.headers, '{}'::jsonb) - 'tasker_dlq' - 'tasker_last_error' - 'tasker_rejections')
+                         (coalesce(v_row.headers, '{}'::jsonb) - 'tasker_dlq' - 'tasker_last_error' - 'tasker_rejections' - 'tasker_claim')
                          || jsonb_build_object('tasker_requeued_from', v_row.msg_id)) AS s(id);
         dlq_msg_id := v_row.msg_id;
         new_msg_id := v_new;

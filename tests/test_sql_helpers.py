@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from typing import Any
@@ -225,7 +226,7 @@ async def test_the_claim_is_planned_for_the_queue_it_meets(conn: Conn, db_url: s
     pool = await open_pool(db_url, DatabaseConfig(), max_size=1)
     try:
         statement = QueueClient(pool).statements(queue).claim
-        params = {"qty": 10, "vt": 30, "worker_id": None}
+        params = {"qty": 10, "vt": 30, "worker_id": None, "stamp": '{"tasker_claim": {"worker_id": null}}'}
         async with pool.connection() as c:
             for _ in range(8):  # past the five custom plans after which PostgreSQL may go generic
                 assert await (await c.execute(statement, params, prepare=True)).fetchall() == []
@@ -234,13 +235,25 @@ async def test_the_claim_is_planned_for_the_queue_it_meets(conn: Conn, db_url: s
             claimed = await (await c.execute(statement, params, prepare=True)).fetchall()
             cur = await c.execute(
                 "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = %s",
-                (statement.replace("%(qty)s", "$1").replace("%(vt)s", "$2").replace("%(worker_id)s", "$3"),),
+                (_numbered(statement),),
             )
             plans = await cur.fetchall()
     finally:
         await pool.close()
     assert len(claimed) == 10
     assert plans == [(0, 9)]
+
+
+def _numbered(statement: str) -> str:
+    """``statement`` with its named parameters numbered as psycopg sends them (in order of
+    first appearance), as pg_prepared_statements shows it."""
+    names: list[str] = []
+    for name in re.findall(r"%\((\w+)\)s", statement):
+        if name not in names:
+            names.append(name)
+    for i, name in enumerate(names, 1):
+        statement = statement.replace(f"%({name})s", f"${i}")
+    return statement
 
 
 def test_sql_settle_is_fenced_and_records_once(conn: Conn) -> None:

@@ -2,11 +2,12 @@
 --
 -- A worker paused or cut off past its visibility timeout loses its claim: the message becomes
 -- visible and another claim takes it. Until now that left no trace but a second StepAssigned.
--- The worker's claim now writes who claimed, at which read_ct and when into the message's
--- headers (key tasker_claim); a put-back (tasker.retry_steps: a retry, a release, a rejection)
--- removes it, a settle deletes the message. So when a claim finds tasker_claim with the read_ct
--- the message still has, that earlier claim neither settled nor put back: its vt lapsed. The
--- claiming worker records StepAssignmentTimedOut (reason vt_lapsed, the previous holder).
+-- The worker's claim now writes who claimed into the message's headers (key tasker_claim, one
+-- constant object per worker: {"worker_id": ...}, merged in without building JSON per row); a
+-- put-back (tasker.retry_steps: a retry, a release, a rejection) and a requeue from the DLQ
+-- remove it, a settle deletes the message. So a claim that finds tasker_claim knows the previous
+-- claim neither settled nor was put back: its vt lapsed. The claiming worker records
+-- StepAssignmentTimedOut (reason vt_lapsed, the previous holder and its claim time).
 -- Put-backs keep their fence and their header patch; they only drop the key.
 
 CREATE OR REPLACE FUNCTION tasker.retry_steps(
@@ -40,3 +41,43 @@ BEGIN
     USING p_msg_ids, p_read_cts, p_delays_ms, p_headers, p_count_attempt;
 END;
 $$;
+
+-- A requeued dead letter starts afresh: no claim of its former life is taken for a lapse.
+CREATE OR REPLACE FUNCTION tasker.requeue_dead_letters(p_queue text, p_msg_ids bigint[] DEFAULT NULL)
+RETURNS TABLE (dlq_msg_id bigint, new_msg_id bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_dlq  text := p_queue || '_dlq';
+    v_row  record;
+    v_new  bigint;
+BEGIN
+    IF tasker.queue_table(p_queue) IS NULL OR tasker.queue_table(v_dlq) IS NULL THEN
+        RAISE EXCEPTION 'queue % or its dead-letter queue does not exist', p_queue
+            USING ERRCODE = '42P01';
+    END IF;
+    FOR v_row IN EXECUTE format(
+        'DELETE FROM pgmq.%1$I WHERE $1 IS NULL OR msg_id = ANY($1) '
+        'RETURNING msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers',
+        pgmq.format_table_name(v_dlq, 'q')) USING p_msg_ids
+    LOOP
+        EXECUTE format(
+            'INSERT INTO pgmq.%1$I (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers) '
+            'VALUES ($1, $2, $3, $4, $5, $6, $7)', pgmq.format_table_name(v_dlq, 'a'))
+            USING v_row.msg_id, v_row.vt, v_row.read_ct, v_row.enqueued_at, v_row.last_read_at,
+                  v_row.message, v_row.headers;
+        IF jsonb_typeof(v_row.message) = 'object' THEN
+            DELETE FROM tasker.step_results
+             WHERE step_uuid = tasker.try_uuid(v_row.message ->> 'step_uuid')
+               AND status IN ('failed', 'dead_lettered');
+        END IF;
+        SELECT s.id INTO v_new
+          FROM pgmq.send(p_queue, v_row.message,
+                         (coalesce(v_row.headers, '{}'::jsonb) - 'tasker_dlq' - 'tasker_last_error' - 'tasker_rejections' - 'tasker_claim')
+                         || jsonb_build_object('tasker_requeued_from', v_row.msg_id)) AS s(id);
+        dlq_msg_id := v_row.msg_id;
+        new_msg_id := v_new;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+

@@ -206,13 +206,15 @@ MAY_ENSURE_NOTIFY_TRIGGERS = "SELECT has_function_privilege('tasker.ensure_notif
 # Behind a transaction pooler they go as unnamed statements (parsed and planned each time).
 
 # pgmq.read's claim (oldest visible first, SKIP LOCKED), its dedup probe and asynchronous commit
-# in one statement. It writes the claimant into the message's headers (tasker_claim) and returns
-# the previous claimant when that claim lapsed (migration 0010). A claim lost in a server crash only makes its messages visible again when
+# in one statement. It merges the claimant (%(stamp)s, {"tasker_claim": {"worker_id": ...}}) into
+# the message's headers and returns the headers as they were: a tasker_claim there means the
+# previous claim lapsed (migration 0010). Merging one constant object costs a claim about 1 us
+# per message; building it per row (with the read_ct and the time) cost 8. A claim lost in a server crash only makes its messages visible again when
 # their old vt lapses; outcomes stay exactly once through step_results' key.
 # Parameters: qty, vt (seconds); skipping: skip_msgs, skip_handlers; stored events: worker_id.
 _CLAIM = """
 WITH ready AS (
-    SELECT q.msg_id, q.read_ct AS prior_ct, q.headers -> 'tasker_claim' AS prior
+    SELECT q.msg_id, q.headers AS prior_headers, q.last_read_at AS prior_read_at
       FROM {queue_table} AS q
      WHERE q.vt <= clock_timestamp(){skip}
      ORDER BY q.msg_id
@@ -223,16 +225,14 @@ WITH ready AS (
        SET last_read_at = clock_timestamp(),
            vt = clock_timestamp() + make_interval(secs => %(vt)s),
            read_ct = m.read_ct + 1,
-           headers = coalesce(m.headers, jsonb_build_object()) || jsonb_build_object('tasker_claim',
-               jsonb_build_object('worker_id', %(worker_id)s::text, 'read_ct', m.read_ct + 1,
-                                  'at', clock_timestamp()))
+           headers = CASE WHEN m.headers IS NULL THEN %(stamp)s::jsonb ELSE m.headers || %(stamp)s::jsonb END
       FROM ready
      WHERE m.msg_id = ready.msg_id
-    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers,
-              CASE WHEN (ready.prior ->> 'read_ct')::integer = ready.prior_ct THEN ready.prior END AS lapsed
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, ready.prior_headers,
+              ready.prior_read_at
 ){assigned}{noticed}
-SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text,
-       nullif(c.headers - 'tasker_claim', jsonb_build_object()), d.step_uuid IS NOT NULL, c.lapsed
+SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.prior_headers,
+       d.step_uuid IS NOT NULL, c.prior_read_at
   FROM claimed AS c
   LEFT JOIN LATERAL (
       SELECT s.step_uuid FROM tasker.step_results AS s
@@ -240,6 +240,9 @@ SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text,
        LIMIT 1) AS d ON true{notice_join},
        set_config('synchronous_commit', 'off', true)
 """
+
+#: The key of a message's headers that names the worker holding its claim (migration 0010).
+CLAIM_HEADER = "tasker_claim"
 
 # A worker with peers says what it claimed (domain/herd.py): peers waiting on a notified message
 # find it taken and send nothing. One notification per claim, sent when the claim commits; a

@@ -6,6 +6,7 @@ inside its own transaction (a handler's rows, its outcome and the ack commit tog
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -164,6 +165,8 @@ class QueueClient:
         self.pool = pool
         self.archive = archive or (lambda namespace: False)
         self.store_events = store_events
+        #: The claim's header stamp per claimant, encoded once.
+        self._stamps: dict[str | None, str] = {}
         self.prepare = prepare
         self._statements: dict[str, queries.QueueStatements] = {}
         self._visible: dict[tuple[str, ...], str] = {}
@@ -302,7 +305,10 @@ class QueueClient:
         StepAssigned events name. ``announce``: say what was claimed on ``tasker_claimed.<ns>``
         (a worker with peers, see ``domain.herd``)."""
         statements = self.statements(queue)
-        params: dict[str, Any] = {"qty": qty, "vt": vt_seconds, "worker_id": worker_id}
+        stamp = self._stamps.get(worker_id)
+        if stamp is None:
+            stamp = self._stamps[worker_id] = json.dumps({queries.CLAIM_HEADER: {"worker_id": worker_id}})
+        params: dict[str, Any] = {"qty": qty, "vt": vt_seconds, "worker_id": worker_id, "stamp": stamp}
         if skip_handlers or skip_msgs:
             params["skip_handlers"] = list(skip_handlers)
             params["skip_msgs"] = list(skip_msgs)
@@ -311,10 +317,20 @@ class QueueClient:
             text = statements.claim_announcing if announce else statements.claim
         rows = await self._fetch(text, params)
         now = time.monotonic()
-        return [
-            ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], r[5], r[6], source, now, lapsed_claim=r[7])
-            for r in rows
-        ]
+        out = []
+        for r in rows:
+            headers, lapsed = r[5], None
+            if headers is not None and queries.CLAIM_HEADER in headers:
+                # The previous claim was neither settled nor put back: it lapsed.
+                headers = dict(headers)
+                holder = headers.pop(queries.CLAIM_HEADER) or {}
+                at = r[7].isoformat() if r[7] is not None else None
+                lapsed = {"worker_id": holder.get("worker_id"), "read_ct": r[1] - 1, "at": at}
+                headers = headers or None
+            out.append(
+                ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], headers, r[6], source, now, lapsed_claim=lapsed)
+            )
+        return out
 
     async def record_lapsed_claims(self, queue: str, worker_id: str | None, msgs: Sequence[ClaimedMessage]) -> None:
         """One ``StepAssignmentTimedOut`` event (reason ``vt_lapsed``) per message whose previous
