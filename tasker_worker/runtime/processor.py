@@ -385,6 +385,9 @@ class CommandProcessor:
                 with_peers = self.ranking is not None and self.ranking.fleet(qs.namespace) > 1
                 began = time.monotonic()
                 try:
+                    # anyio's scope, not asyncio.timeout (5 us against 22 us a claim): its
+                    # cancellation is delivered until the claim gives up, where asyncio's once
+                    # left psycopg's cancel waiting on a dead network path for as long as it was.
                     with anyio.fail_after(self.processing_timeout_s):
                         msgs = await self.client.claim(
                             qs.name,
