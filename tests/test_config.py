@@ -216,3 +216,15 @@ def test_effective_items_cover_every_leaf(root: Path) -> None:
     keys = {k for k, _, _ in rows}
     assert "event_system.fallback_poller.visibility_timeout" in keys
     assert all(isinstance(o, str) for _, _, o in rows)
+
+
+def test_a_rule_across_keys_names_who_set_each_of_them(root: Path) -> None:
+    """A cross-key check failing on a CLI override used to be blamed on the file that opened the
+    section; it names each key's origin now."""
+    (root / "tasker" / "base" / "worker.toml").write_text('[circuit_breaker]\nmax_cooldown = "1m"\nenabled = true\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(root, None, {"circuit_breaker.cooldown": "10m"}, environ={})
+    assert caught.value.source is not None
+    assert "cli flag (circuit_breaker.cooldown)" in caught.value.source
+    assert "worker.toml (circuit_breaker.max_cooldown)" in caught.value.source
+    assert "enabled" not in caught.value.source  # not named by the rule

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -212,10 +213,17 @@ def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigErr
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc)
     source = None
+    # A rule across the keys of a section (cooldown <= max_cooldown) names the section: blame
+    # whoever set its keys, each with its key, not the file that merely opened the table.
+    within = {k: o for k, o in origins.items() if k.startswith(key + ".")} if key else {}
+    named = {k: o for k, o in within.items() if re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", err["msg"])}
+    within = named or within
+    if within:
+        source = ", ".join(f"{o} ({k})" for k, o in sorted(within.items()))
     for i in range(len(loc), 0, -1):
-        source = origins.get(".".join(loc[:i]))
         if source:
             break
+        source = origins.get(".".join(loc[:i]))
     if err["type"] == "extra_forbidden":
         message = "unknown key (check its spelling and section)"
     else:
