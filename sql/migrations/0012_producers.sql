@@ -12,7 +12,7 @@
 -- * p_notify adds the header tasker_notify: when such a step's outcome is recorded the settle
 --   notifies tasker_outcome with its step_uuid (tasker_worker.AsyncClient.wait_for listens).
 --   Steps without it cost the settle nothing more.
--- * tasker.step_message: the one validation and shape of a step message, used by both sends.
+-- * Both sends build their message with tasker.step_message (0011).
 
 CREATE TABLE IF NOT EXISTS tasker.step_keys (
     step_uuid  uuid PRIMARY KEY,
@@ -25,94 +25,6 @@ CREATE INDEX IF NOT EXISTS step_keys_created_brin ON tasker.step_keys USING brin
 ALTER TABLE tasker.step_results DROP CONSTRAINT IF EXISTS step_results_status_check;
 ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_status_check
     CHECK (status IN ('succeeded', 'failed', 'dead_lettered', 'cancelled'));
-
-CREATE OR REPLACE FUNCTION tasker.step_message(
-    p_namespace      text,
-    p_handler        text,
-    p_inputs         jsonb,
-    p_step_uuid      uuid,
-    p_task_uuid      uuid,
-    p_correlation_id uuid,
-    p_attempt_limit  integer,
-    p_timeout        double precision,
-    p_headers        jsonb
-)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    PERFORM tasker.validate_namespace(p_namespace);
-    PERFORM tasker.validate_handler(p_handler);
-    IF p_inputs IS NULL OR jsonb_typeof(p_inputs) <> 'object' THEN
-        RAISE EXCEPTION 'inputs must be a JSON object' USING ERRCODE = '22023';
-    END IF;
-    IF p_attempt_limit IS NOT NULL AND p_attempt_limit NOT BETWEEN 1 AND 100 THEN
-        RAISE EXCEPTION 'attempt_limit must be between 1 and 100' USING ERRCODE = '22023';
-    END IF;
-    IF p_timeout IS NOT NULL AND NOT (p_timeout > 0 AND p_timeout <= 86400) THEN
-        RAISE EXCEPTION 'timeout must be between 0 and 86400 seconds' USING ERRCODE = '22023';
-    END IF;
-    IF p_headers IS NOT NULL THEN
-        IF jsonb_typeof(p_headers) <> 'object' THEN
-            RAISE EXCEPTION 'headers must be a JSON object' USING ERRCODE = '22023';
-        END IF;
-        IF octet_length(p_headers::text) > 8192 THEN
-            RAISE EXCEPTION 'headers must be at most 8192 bytes of JSON' USING ERRCODE = '22023';
-        END IF;
-        IF EXISTS (SELECT 1 FROM jsonb_object_keys(p_headers) AS k WHERE k LIKE 'tasker\_%') THEN
-            RAISE EXCEPTION 'header keys beginning with tasker_ are reserved for the runtime'
-                USING ERRCODE = '22023';
-        END IF;
-    END IF;
-    RETURN jsonb_strip_nulls(jsonb_build_object(
-        'step_uuid', coalesce(p_step_uuid, gen_random_uuid()),
-        'task_uuid', coalesce(p_task_uuid, gen_random_uuid()),
-        'correlation_id', coalesce(p_correlation_id, gen_random_uuid()),
-        'namespace', p_namespace,
-        'handler', p_handler,
-        'attempt_limit', p_attempt_limit,
-        'timeout', p_timeout)) || jsonb_build_object('inputs', p_inputs);
-END;
-$$;
-
--- The queue of a namespace, or an error that says how to create it.
-CREATE OR REPLACE FUNCTION tasker.namespace_queue(p_namespace text)
-RETURNS text
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_queue text := 'worker_' || tasker.validate_namespace(p_namespace) || '_queue';
-BEGIN
-    IF tasker.queue_table(v_queue) IS NULL THEN
-        RAISE EXCEPTION 'queue % does not exist', v_queue
-            USING ERRCODE = '42P01',
-                  HINT = format('create it with SELECT tasker.create_namespace_queue(%L)', p_namespace);
-    END IF;
-    RETURN v_queue;
-END;
-$$;
-
-CREATE OR REPLACE FUNCTION tasker.send_step(
-    p_namespace      text,
-    p_handler        text,
-    p_inputs         jsonb DEFAULT '{}'::jsonb,
-    p_delay          integer DEFAULT 0,
-    p_task_uuid      uuid DEFAULT NULL,
-    p_correlation_id uuid DEFAULT NULL,
-    p_attempt_limit  integer DEFAULT NULL,
-    p_timeout        double precision DEFAULT NULL,
-    p_headers        jsonb DEFAULT NULL
-)
-RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_msg jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, NULL, p_task_uuid,
-                                       p_correlation_id, p_attempt_limit, p_timeout, p_headers);
-BEGIN
-    IF p_delay IS NULL OR p_delay < 0 THEN
-        RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
-    END IF;
-    RETURN (SELECT s.id FROM pgmq.send(tasker.namespace_queue(p_namespace), v_msg, p_headers, p_delay) AS s(id));
-END;
-$$;
 
 CREATE OR REPLACE FUNCTION tasker.enqueue_step(
     p_namespace      text,
@@ -220,9 +132,7 @@ BEGIN
 END;
 $$;
 
-REVOKE EXECUTE ON FUNCTION tasker.step_message(text, text, jsonb, uuid, uuid, uuid, integer, double precision, jsonb),
-                           tasker.namespace_queue(text),
-                           tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
+REVOKE EXECUTE ON FUNCTION tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
                                                double precision, jsonb, boolean),
                            tasker.cancel_step(text, uuid)
     FROM PUBLIC;
@@ -230,26 +140,20 @@ REVOKE EXECUTE ON FUNCTION tasker.step_message(text, text, jsonb, uuid, uuid, uu
 DO $$
 BEGIN
     IF tasker.role_exists('tasker_producer') THEN
-        GRANT EXECUTE ON FUNCTION tasker.step_message(text, text, jsonb, uuid, uuid, uuid, integer, double precision, jsonb),
-                                  tasker.namespace_queue(text),
-                                  tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
+        GRANT EXECUTE ON FUNCTION tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
                                                       double precision, jsonb, boolean),
                                   tasker.cancel_step(text, uuid)
             TO tasker_producer;
         GRANT SELECT, INSERT ON tasker.step_keys TO tasker_producer;
     END IF;
     IF tasker.role_exists('tasker_worker') THEN
-        GRANT EXECUTE ON FUNCTION tasker.step_message(text, text, jsonb, uuid, uuid, uuid, integer, double precision, jsonb),
-                                  tasker.namespace_queue(text),
-                                  tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
+        GRANT EXECUTE ON FUNCTION tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
                                                       double precision, jsonb, boolean)
             TO tasker_worker;
         GRANT SELECT, INSERT, DELETE ON tasker.step_keys TO tasker_worker;
     END IF;
     IF tasker.role_exists('tasker_operator') THEN
-        GRANT EXECUTE ON FUNCTION tasker.step_message(text, text, jsonb, uuid, uuid, uuid, integer, double precision, jsonb),
-                                  tasker.namespace_queue(text),
-                                  tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
+        GRANT EXECUTE ON FUNCTION tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer,
                                                       double precision, jsonb, boolean),
                                   tasker.cancel_step(text, uuid)
             TO tasker_operator;
