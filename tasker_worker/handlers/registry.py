@@ -55,11 +55,6 @@ class PeriodicSpec:
     #: was down runs once on return).
     catch_up: bool = True
 
-    @property
-    def every(self) -> timedelta | None:
-        """The interval, for an interval schedule."""
-        return self.cadence.every
-
 
 def _tick_runner(spec: PeriodicSpec) -> HandlerFunc:
     """The handler of a fleet-wide schedule's steps: ``spec.func`` with the periodic context

@@ -224,8 +224,10 @@ class WorkerStats:
             "queue_to_start_ms": {s.value: percentiles(self.queue_to_start[s]) for s in Source},
             "queue_to_start_samples": {s.value: len(self.queue_to_start[s]) for s in Source},
             "handler_ms": percentiles(self.handler_duration),
-            "handler_last_minute": dict(
-                zip(("runs", "errors"), self.handler_outcomes.totals(), strict=True),
-                error_rate=round(self.handler_outcomes.error_rate(), 4),
-            ),
+            "handler_last_minute": self.last_minute(),
         }
+
+    def last_minute(self) -> dict[str, Any]:
+        """Handler runs, errors and the error rate over the last minute."""
+        runs, errors = self.handler_outcomes.totals()
+        return {"runs": runs, "errors": errors, "error_rate": round(errors / runs if runs else 0.0, 4)}
