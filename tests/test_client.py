@@ -103,8 +103,8 @@ async def test_wait_for_is_woken_by_the_outcome_notification(url: str) -> None:
         looks: list[Any] = []
         real_get_result = client.get_result
 
-        async def counted(step_uuid: Any) -> Any:
-            found = await real_get_result(step_uuid)
+        async def counted(step_uuid: Any, **options: Any) -> Any:
+            found = await real_get_result(step_uuid, **options)
             looks.append(found)
             return found
 
@@ -155,7 +155,7 @@ async def test_cancel_takes_only_a_queued_step(url: str) -> None:
 @pytest.mark.anyio
 async def test_the_blocking_client_does_the_same(url: str) -> None:
     def produce() -> tuple[Any, Any, Any]:
-        with Client(url) as client:
+        with Client(url, max_size=1) as client:  # a waiter needs one connection, not two
             ref = client.send_step(NS, "double", {"n": 5}, step_uuid=uuid.uuid4())
             again = client.send_step(NS, "double", {"n": 5}, step_uuid=ref.step_uuid)
             result = client.wait_for(ref.step_uuid, timeout=30, poll_interval=600)

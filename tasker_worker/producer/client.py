@@ -318,9 +318,11 @@ class AsyncClient:
         rows = await self._rows(queries.SEND_STEPS, params, conn)
         return [StepRef(u, int(r[0]), namespace) for u, r in zip(uuids, rows, strict=True)]
 
-    async def get_result(self, step_uuid: uuid.UUID | str) -> StepResult | None:
+    async def get_result(
+        self, step_uuid: uuid.UUID | str, *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> StepResult | None:
         """The step's outcome, or None while it has none."""
-        rows = await self._rows(_STEP_RESULT, (_uuid(step_uuid),), None)
+        rows = await self._rows(_STEP_RESULT, (_uuid(step_uuid),), conn)
         return StepResult.from_row(rows[0]) if rows else None
 
     async def list_results(
@@ -340,7 +342,9 @@ class AsyncClient:
             await conn.execute(_LISTEN)  # before the first look: nothing falls in between
             try:
                 while True:
-                    result = await self.get_result(wanted)
+                    # On the listening connection: a waiter holds one connection, not two (a
+                    # pool of one would otherwise wait on itself).
+                    result = await self.get_result(wanted, conn=conn)
                     if result is not None:
                         return result
                     left = deadline - time.monotonic()
@@ -475,9 +479,11 @@ class Client:
         rows = self._rows(queries.SEND_STEPS, params, conn)
         return [StepRef(u, int(r[0]), namespace) for u, r in zip(uuids, rows, strict=True)]
 
-    def get_result(self, step_uuid: uuid.UUID | str) -> StepResult | None:
+    def get_result(
+        self, step_uuid: uuid.UUID | str, *, conn: psycopg.Connection[Any] | None = None
+    ) -> StepResult | None:
         """See ``AsyncClient.get_result``."""
-        rows = self._rows(_STEP_RESULT, (_uuid(step_uuid),), None)
+        rows = self._rows(_STEP_RESULT, (_uuid(step_uuid),), conn)
         return StepResult.from_row(rows[0]) if rows else None
 
     def list_results(
@@ -496,7 +502,7 @@ class Client:
             conn.execute(_LISTEN)
             try:
                 while True:
-                    result = self.get_result(wanted)
+                    result = self.get_result(wanted, conn=conn)
                     if result is not None:
                         return result
                     left = deadline - time.monotonic()

@@ -145,11 +145,6 @@ class OutcomeWindow:
                 errors += err
         return runs, errors
 
-    def error_rate(self) -> float:
-        """Errors / runs in the window (0 when nothing ran)."""
-        runs, errors = self.totals()
-        return errors / runs if runs else 0.0
-
 
 @dataclass
 class WorkerStats:
