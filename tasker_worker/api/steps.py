@@ -12,7 +12,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tasker_worker.api.context import ApiError, ctx_of, int_param, mutating, read_model
-from tasker_worker.db import queries
 from tasker_worker.domain.steps import MAX_ATTEMPT_LIMIT, MAX_STEP_TIMEOUT_S, OutcomeStatus
 from tasker_worker.producer.client import AsyncClient
 
@@ -59,21 +58,21 @@ async def send(request: Request) -> Response:
 
 
 async def get_step(request: Request) -> Response:
-    """A step's outcome; ``{"status": "pending"}`` for a step sent with a step_uuid that has none
-    yet; 404 when neither is known."""
+    """A step's outcome; ``{"status": "pending", "state": ...}`` while a step sent with a
+    step_uuid has none yet; 404 when neither is known."""
     ctx = ctx_of(request)
     try:
         step_uuid = uuid.UUID(request.path_params["step_uuid"])
     except ValueError:
         raise ApiError(400, "invalid_request", "step_uuid must be a UUID") from None
-    result = await AsyncClient(pool=ctx.pool).get_result(step_uuid)
+    client = AsyncClient(pool=ctx.pool)
+    result = await client.get_result(step_uuid)
     if result is not None:
         return JSONResponse(result.as_json())
-    async with ctx.pool.connection() as conn:
-        key = await (await conn.execute(queries.STEP_KEY, (step_uuid,))).fetchone()
-    if key is None:
+    queued = await client.find_queued(step_uuid)
+    if queued is None:
         raise ApiError(404, "not_found", f"no outcome and no pending step {step_uuid}")
-    return JSONResponse({"step_uuid": str(step_uuid), "status": "pending", "queue": key[0], "msg_id": key[1]})
+    return JSONResponse({**queued, "status": "pending"})
 
 
 async def list_steps(request: Request) -> Response:

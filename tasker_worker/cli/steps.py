@@ -10,8 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from tasker_worker.cli.admin import small_pool
-from tasker_worker.db import queries
-from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.results import StepResult
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.errors import UsageError
@@ -44,45 +42,12 @@ def _line(result: StepResult) -> str:
     )
 
 
-async def _find_queued(client: AsyncClient, step_uuid: uuid.UUID, namespace: str | None) -> dict[str, Any] | None:
-    """The step's message while it has no outcome: through its idempotency key, else (with a
-    namespace) a scan of that namespace's queue."""
-    async with client.pool.connection() as conn:
-        row = await (await conn.execute(queries.STEP_KEY, (step_uuid,))).fetchone()
-        queue = row[0] if row else (queue_name(namespace) if namespace else None)
-        if queue is None:
-            return None
-        found = await (await conn.execute(queries.queued_step(queue), (str(step_uuid),))).fetchone()
-    if found is None:
-        return None
-    msg_id, read_ct, vt, enqueued_at, headers, visible = found
-    claim = (headers or {}).get("tasker_claim")
-    if claim and not visible:
-        state = "running"
-    elif read_ct and not visible:
-        state = "waiting to retry"
-    elif not visible:
-        state = "delayed"
-    else:
-        state = "queued"
-    return {
-        "step_uuid": str(step_uuid),
-        "queue": queue,
-        "msg_id": msg_id,
-        "state": state,
-        "attempts": read_ct,
-        "visible_at": vt.isoformat(),
-        "enqueued_at": enqueued_at.isoformat(),
-        "claimed_by": claim.get("worker_id") if claim and state == "running" else None,
-    }
-
-
 async def steps_show(args: argparse.Namespace) -> int:
     """``steps show UUID [--namespace N] [--json]``: exit 0 when found, 1 when not."""
     step_uuid = _step_uuid(args.step_uuid)
     async with producer(args) as client:
         result = await client.get_result(step_uuid)
-        queued = None if result is not None else await _find_queued(client, step_uuid, args.namespace)
+        queued = None if result is not None else await client.find_queued(step_uuid, namespace=args.namespace)
     if result is not None:
         print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
         return 0

@@ -356,6 +356,40 @@ class AsyncClient:
             finally:
                 await conn.execute("UNLISTEN *")
 
+    async def find_queued(self, step_uuid: uuid.UUID | str, *, namespace: str | None = None) -> dict[str, Any] | None:
+        """Where a step without an outcome is: its message's queue, msg_id, state (queued,
+        delayed, waiting to retry, running and by whom), attempts and times; found through its
+        idempotency key, else (given ``namespace``) by a scan of that namespace's queue."""
+        wanted = _uuid(step_uuid)
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(queries.STEP_KEY, (wanted,))).fetchone()
+            queue = row[0] if row else (queue_name(namespace) if namespace else None)
+            if queue is None:
+                return None
+            found = await (await conn.execute(queries.queued_step(queue), (str(wanted),))).fetchone()
+        if found is None:
+            return None
+        msg_id, read_ct, vt, enqueued_at, headers, visible = found
+        claim = (headers or {}).get(queries.CLAIM_HEADER)
+        if claim and not visible:
+            state = "running"
+        elif read_ct and not visible:
+            state = "waiting to retry"
+        elif not visible:
+            state = "delayed"
+        else:
+            state = "queued"
+        return {
+            "step_uuid": str(wanted),
+            "queue": queue,
+            "msg_id": msg_id,
+            "state": state,
+            "attempts": read_ct,
+            "visible_at": vt.isoformat(),
+            "enqueued_at": enqueued_at.isoformat(),
+            "claimed_by": claim.get("worker_id") if claim and state == "running" else None,
+        }
+
     async def cancel(self, namespace: str, step_uuid: uuid.UUID | str) -> CancelState:
         """Take a step still queued off its queue (recorded as ``cancelled``); a step held by a
         live claim or already finished is left alone, and the answer says which."""
