@@ -293,8 +293,7 @@ def handler_policies(loaded: LoadedConfig) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in registry.names:
         spec = registry.get(name)
-        policy = spec.policy.applied_to(default) if spec is not None and spec.policy is not None else default
-        out[name] = policy.describe()
+        out[name] = (spec.retry_policy(default) if spec is not None else default).describe()
     return out
 
 

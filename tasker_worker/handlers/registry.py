@@ -15,7 +15,7 @@ from tasker_worker.config.durations import parse_duration
 from tasker_worker.domain.names import validate_handler_name, validate_namespace
 from tasker_worker.domain.schedules import Cadence, tick_handler
 from tasker_worker.domain.steps import MAX_ATTEMPT_LIMIT
-from tasker_worker.domain.verdicts import HandlerPolicy
+from tasker_worker.domain.verdicts import HandlerPolicy, RetryPolicy
 from tasker_worker.errors import UsageError
 
 HandlerFunc = Callable[..., Any]
@@ -36,6 +36,10 @@ class HandlerSpec:
     requires: Callable[[dict[str, Any]], str] | None = None
     #: The handler's own failure policy (None: ``[retry]`` as it is).
     policy: HandlerPolicy | None = None
+
+    def retry_policy(self, default: RetryPolicy) -> RetryPolicy:
+        """``default`` (``[retry]``) with this handler's own policy applied."""
+        return default if self.policy is None else self.policy.applied_to(default)
 
 
 @dataclass(frozen=True)

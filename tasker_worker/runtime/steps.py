@@ -471,11 +471,9 @@ class StepRunner:
 
     def policy_for(self, spec: HandlerSpec) -> RetryPolicy:
         """``[retry]`` with the handler's own policy applied (computed once per handler)."""
-        if spec.policy is None:
-            return self.retry_policy
         policy = self._policies.get(spec.name)
         if policy is None:
-            policy = self._policies[spec.name] = spec.policy.applied_to(self.retry_policy)
+            policy = self._policies[spec.name] = spec.retry_policy(self.retry_policy)
         return policy
 
     async def _on_failure(

@@ -260,7 +260,7 @@ class HandlerHarness(RegistersHandlers):
 
     def _on_failure(self, msg: MemoryMessage, step: StepMessage, exc: Exception) -> None:
         spec = self.registry.get(step.handler)
-        policy = spec.policy.applied_to(self.policy) if spec is not None and spec.policy is not None else self.policy
+        policy = spec.retry_policy(self.policy) if spec is not None else self.policy
         fate = decide_failure(
             exc,
             attempt=msg.read_ct,
