@@ -47,6 +47,34 @@ def test_four_processes_migrating_at_once(blank_db_url: str) -> None:
         assert conn.execute("SELECT count(*) FROM pg_type WHERE typname = 'message_record'").fetchone() == (1,)
 
 
+async def _migrate_at_once(url: str, count: int) -> list[BaseException | None]:
+    results: list[BaseException | None] = []
+
+    async def one() -> None:
+        try:
+            await migrations.migrate(url)
+        except Exception as exc:  # collected: every start must succeed
+            results.append(exc)
+        else:
+            results.append(None)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(one)
+    return results
+
+
+def test_processes_starting_at_once_on_a_migrated_database_with_queues(db_url: str) -> None:
+    """Each start re-checks the queues' triggers and grants (an up-to-date database takes no
+    migration lock); two starts granting on one table at once failed with "tuple concurrently
+    updated" (an API process and a worker started together saw it)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for i in range(20):
+            conn.execute("SELECT tasker.create_namespace_queue(%s)", (f"race{i}",))
+    for _ in range(5):
+        assert anyio.run(_migrate_at_once, db_url, 6) == [None] * 6
+
+
 def test_queues_created_before_migrate_get_the_trigger(blank_db_url: str) -> None:
     from pgmq.install import get_embedded_install_sql
 
