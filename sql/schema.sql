@@ -717,6 +717,34 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.queue_glance(p_cap integer DEFAULT 10000)
+ RETURNS TABLE(queue_name text, depth bigint, visible bigint, capped boolean, oldest_enqueued_at timestamp with time zone)
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+    v_cap   integer := least(greatest(coalesce(p_cap, 10000), 1), 1000000);
+    v_queue text;
+    v_total bigint;
+    v_ready bigint;
+BEGIN
+    FOR v_queue IN SELECT m.queue_name FROM pgmq.meta AS m ORDER BY m.queue_name LIMIT 1000 LOOP
+        EXECUTE format(
+            'SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.%1$I LIMIT $1 + 1) AS a), '
+            '       (SELECT count(*) FROM (SELECT 1 FROM pgmq.%1$I WHERE vt <= clock_timestamp() LIMIT $1 + 1) AS v), '
+            '       (SELECT q.enqueued_at FROM pgmq.%1$I AS q ORDER BY q.msg_id LIMIT 1)',
+            pgmq.format_table_name(v_queue, 'q'))
+        INTO v_total, v_ready, oldest_enqueued_at USING v_cap;
+        queue_name := v_queue;
+        capped := v_total > v_cap;
+        depth := least(v_total, v_cap);
+        visible := least(v_ready, v_cap);
+        RETURN NEXT;
+    END LOOP;
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.queue_namespace(p_queue text)
  RETURNS text
  LANGUAGE sql
@@ -863,7 +891,7 @@ END;
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.requeue_dead_letters(p_queue text, p_msg_ids bigint[] DEFAULT NULL::bigint[])
+CREATE OR REPLACE FUNCTION tasker.requeue_dead_letters(p_queue text, p_msg_ids bigint[] DEFAULT NULL::bigint[], p_actor text DEFAULT NULL::text, p_limit integer DEFAULT NULL::integer)
  RETURNS TABLE(dlq_msg_id bigint, new_msg_id bigint)
  LANGUAGE plpgsql
 AS $function$
@@ -876,10 +904,14 @@ BEGIN
         RAISE EXCEPTION 'queue % or its dead-letter queue does not exist', p_queue
             USING ERRCODE = '42P01';
     END IF;
+    IF p_limit IS NOT NULL AND p_limit < 1 THEN
+        RAISE EXCEPTION 'limit must be at least 1, got %', p_limit USING ERRCODE = '22023';
+    END IF;
     FOR v_row IN EXECUTE format(
-        'DELETE FROM pgmq.%1$I WHERE $1 IS NULL OR msg_id = ANY($1) '
+        'DELETE FROM pgmq.%1$I WHERE msg_id IN ('
+        '    SELECT msg_id FROM pgmq.%1$I WHERE $1 IS NULL OR msg_id = ANY($1) ORDER BY msg_id LIMIT $2) '
         'RETURNING msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers',
-        pgmq.format_table_name(v_dlq, 'q')) USING p_msg_ids
+        pgmq.format_table_name(v_dlq, 'q')) USING p_msg_ids, p_limit
     LOOP
         EXECUTE format(
             'INSERT INTO pgmq.%1$I (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers) '
@@ -895,6 +927,14 @@ BEGIN
           FROM pgmq.send(p_queue, v_row.message,
                          (coalesce(v_row.headers, '{}'::jsonb) - 'tasker_dlq' - 'tasker_last_error' - 'tasker_rejections' - 'tasker_claim')
                          || jsonb_build_object('tasker_requeued_from', v_row.msg_id)) AS s(id);
+        INSERT INTO tasker.events (event_type, worker_id, step_uuid, queue_name, msg_id, data)
+        VALUES ('DeadLetterRequeued', NULL,
+                CASE WHEN jsonb_typeof(v_row.message) = 'object'
+                     THEN tasker.try_uuid(v_row.message ->> 'step_uuid') END,
+                p_queue, v_new,
+                jsonb_build_object('dlq_msg_id', v_row.msg_id, 'by', coalesce(p_actor, 'sql'),
+                                   'role', session_user::text,
+                                   'reason', v_row.headers -> 'tasker_dlq' ->> 'reason'));
         dlq_msg_id := v_row.msg_id;
         new_msg_id := v_new;
         RETURN NEXT;

@@ -26,7 +26,15 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 #: The guides whose examples are code to run (performance.md and reliability.md show benchmark
 #: commands of many minutes and their output, which the benchmarks themselves produce).
-GUIDES = ("workers.md", "configuration.md", "operations.md", "troubleshooting.md", "security.md", "messages.md")
+GUIDES = (
+    "workers.md",
+    "configuration.md",
+    "operations.md",
+    "troubleshooting.md",
+    "security.md",
+    "messages.md",
+    "dashboard.md",
+)
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 
 

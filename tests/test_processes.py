@@ -165,6 +165,12 @@ def test_status_and_dlq_commands(env: dict[str, str], db_url: str) -> None:
     assert requeued.returncode == 0 and "requeued 2" in requeued.stdout
     assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 2
     assert value(db_url, f"SELECT count(*) FROM pgmq.q_{QUEUE}_dlq") == 0
+    # Each requeue is on record, by whom (the malformed message has no step_uuid to name).
+    by = value(
+        db_url,
+        "SELECT array_agg(data->>'by' ORDER BY event_id) FROM tasker.events WHERE event_type = 'DeadLetterRequeued'",
+    )
+    assert by == ["cli", "cli"]
     stopped = json.loads(cli(env, "status", "--json", "--all").stdout)
     assert stopped[0]["status"] == "deregistered" and stopped[0]["deregister_reason"] == "SIGTERM"
 
@@ -208,6 +214,8 @@ def test_run_serves_the_api_and_the_fleet_commands_see_the_worker(env: dict[str,
         listener = next(c for c in health["checks"] if c["name"] == f"worker {worker_id} listener")
         assert listener["status"] == "healthy"
         assert get_json(port, f"/api/workers/{worker_id}")[1]["endpoint"] == f"http://127.0.0.1:{port}"
+        dashboard = get_json(port, "/workers")  # the pages come with the API
+        assert dashboard[0] == 200 and worker_id in dashboard[1]
         _, metrics = get_json(port, "/metrics")
         assert f'tasker_worker_processed_total{{worker_id="{worker_id}"}} 5.0' in metrics
         shown = cli(env, "workers", "show", worker_id)

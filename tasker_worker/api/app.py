@@ -1,7 +1,8 @@
 """The control-plane API application: its routes and how each error becomes a JSON response.
 
 ``create_app(ctx)`` returns a Starlette app over an ``ApiContext`` (pool, the fleet's lifecycle
-and views, config, and -- when the API runs inside ``run`` -- the local worker's status). Every
+and views, config, and -- when the API runs inside ``run`` -- the local worker's status), and
+with ``[api] dashboard`` the operators' pages (``api.dashboard``, HTML). Every API
 error is JSON ``{"error": ..., "detail": ...}``: 400 invalid input, 401 missing or wrong token,
 404 unknown worker or route, 409 conflict or forbidden transition, 413 a body over the limit, 500
 anything unexpected and 503 the database unavailable (these two with a generic detail and an
@@ -18,9 +19,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from tasker_worker.api import health, metrics, openapi, steps, workers
+from tasker_worker.api import dashboard, health, metrics, openapi, steps, workers
 from tasker_worker.api.context import ApiContext as ApiContext
 from tasker_worker.api.context import ApiError, error_response
 from tasker_worker.errors import (
@@ -103,13 +104,14 @@ def _internal(request: Request, exc: Exception, status: int, error: str) -> Resp
 
 def create_app(ctx: ApiContext) -> Starlette:
     """The ASGI application."""
-    routes: list[Route] = [
+    routes: list[BaseRoute] = [
         *workers.routes(),
         *steps.routes(),
         *health.routes(),
         Route("/api/queues", health.queues, methods=["GET"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),
         Route("/openapi.json", openapi.document, methods=["GET"]),
+        *(dashboard.routes() if ctx.config.api.dashboard else []),
     ]
     app = Starlette(
         routes=routes,
@@ -122,4 +124,5 @@ def create_app(ctx: ApiContext) -> Starlette:
         },
     )
     app.state.ctx = ctx
+    app.state.overview = dashboard.OverviewCache()
     return app

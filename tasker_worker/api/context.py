@@ -89,7 +89,7 @@ def error_response(status: int, error: str, detail: Any) -> JSONResponse:
 
 async def read_model(request: Request, model: type[M], *, empty_ok: bool = False) -> M:
     """Parse the JSON body into ``model``; 400 with the validation errors otherwise."""
-    raw = await _bounded_body(request)
+    raw = await bounded_body(request)
     if not raw.strip():
         if empty_ok:
             return model()
@@ -110,7 +110,8 @@ async def read_model(request: Request, model: type[M], *, empty_ok: bool = False
         raise ApiError(400, "invalid_request", detail) from None
 
 
-async def _bounded_body(request: Request) -> bytes:
+async def bounded_body(request: Request) -> bytes:
+    """The request body; 413 once it is over ``MAX_BODY_BYTES`` (declared or read)."""
     too_large = ApiError(413, "payload_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:

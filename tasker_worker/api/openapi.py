@@ -85,7 +85,7 @@ def build(routes: list[Any]) -> dict[str, Any]:
     """The document for these routes."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        if not isinstance(route, Route) or route.path == "/openapi.json":
+        if not isinstance(route, Route) or not route.include_in_schema or route.path == "/openapi.json":
             continue
         for method in sorted(route.methods or ()):
             if method == "HEAD":

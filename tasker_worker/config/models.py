@@ -362,6 +362,8 @@ class ApiConfig(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     #: When set, mutating routes require ``Authorization: Bearer <token>``.
     token: str | None = None
+    #: Serve the operators' dashboard (HTML pages at ``/``) beside the JSON API.
+    dashboard: bool = True
     #: Health thresholds for ``/health/detailed``.
     max_queue_age: Duration = timedelta(minutes=5)
     max_xmin_age: Duration = timedelta(minutes=5)

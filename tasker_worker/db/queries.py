@@ -471,7 +471,8 @@ SELECT msg_id, enqueued_at, read_ct, message, headers
   FROM tasker.peek_messages(%s, %s)
 """
 
-REQUEUE_DEAD_LETTERS = "SELECT dlq_msg_id, new_msg_id FROM tasker.requeue_dead_letters(%s, %s)"
+# Parameters: queue, msg_ids (NULL: all), actor (recorded in each DeadLetterRequeued event), limit.
+REQUEUE_DEAD_LETTERS = "SELECT dlq_msg_id, new_msg_id FROM tasker.requeue_dead_letters(%s, %s, %s, %s)"
 
 # --- outcomes ------------------------------------------------------------------------------
 
@@ -769,6 +770,42 @@ SELECT relname, n_live_tup, n_dead_tup
   FROM pg_stat_all_tables
  WHERE schemaname = 'pgmq' AND relname LIKE 'q\_%%'
  ORDER BY n_dead_tup DESC
+"""
+
+# --- dashboard (api/dashboard) -------------------------------------------------------------
+
+# Every queue's depth and visible count, each counted up to a cap, and its oldest message.
+QUEUE_GLANCE = "SELECT queue_name, depth, visible, capped, oldest_enqueued_at FROM tasker.queue_glance(%s)"
+
+# Outcomes per namespace and time bucket (epoch seconds / bucket) over the last window seconds;
+# the BRIN index on finished_at keeps the range read to the pages of that window.
+OUTCOME_BUCKETS = """
+SELECT namespace,
+       floor(extract(epoch FROM finished_at) / %(bucket)s)::bigint AS bucket,
+       count(*) AS outcomes,
+       count(*) FILTER (WHERE status IN ('failed', 'dead_lettered')) AS errors
+  FROM tasker.step_results
+ WHERE finished_at > clock_timestamp() - make_interval(secs => %(window)s)
+ GROUP BY 1, 2
+"""
+
+# A worker's own events (not its steps'), newest first: events_worker_idx answers it.
+WORKER_TIMELINE = """
+SELECT event_id, event_type, data, occurred_at
+  FROM tasker.events
+ WHERE worker_id = %s AND step_uuid IS NULL
+ ORDER BY event_id DESC
+ LIMIT %s
+"""
+
+# A step's events, stored and derived from its outcome row (the view tasker.event_log), in the
+# order they happened; the step_uuid reaches each branch (events_step_idx, step_results' key).
+STEP_EVENTS = """
+SELECT event_id, event_type, worker_id, queue_name, msg_id, data, occurred_at
+  FROM tasker.event_log
+ WHERE step_uuid = %s
+ ORDER BY occurred_at, event_id NULLS LAST
+ LIMIT %s
 """
 
 # --- control channel (runtime deployment mode changes) -------------------------------------

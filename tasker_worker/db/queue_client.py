@@ -472,10 +472,34 @@ class QueueClient:
         """``(msg_id, enqueued_at, read_ct, message, headers)`` without claiming."""
         return await self._fetch(queries.PEEK_MESSAGES, (queue, limit))
 
-    async def requeue_dead_letters(self, queue: str, msg_ids: Sequence[int] | None = None) -> list[tuple[int, int]]:
-        """Send DLQ messages back to ``queue``; ``[(dlq_msg_id, new_msg_id)]``."""
-        rows = await self._fetch(queries.REQUEUE_DEAD_LETTERS, (queue, list(msg_ids) if msg_ids else None))
+    async def requeue_dead_letters(
+        self, queue: str, msg_ids: Sequence[int] | None = None, *, actor: str = "cli", limit: int | None = None
+    ) -> list[tuple[int, int]]:
+        """Send DLQ messages (the ones named, else all, oldest first, at most ``limit``) back to
+        ``queue``, each recorded as a DeadLetterRequeued event by ``actor``;
+        ``[(dlq_msg_id, new_msg_id)]``."""
+        ids = list(msg_ids) if msg_ids else None
+        rows = await self._fetch(queries.REQUEUE_DEAD_LETTERS, (queue, ids, actor, limit))
         return [(int(r[0]), int(r[1])) for r in rows]
+
+    # --- dashboard reads -----------------------------------------------------------------------
+
+    async def queue_glance(self, cap: int) -> list[tuple[str, int, int, bool, datetime | None]]:
+        """``(queue, depth, visible, capped, oldest_enqueued_at)`` of every queue, each count
+        stopping at ``cap`` (``capped``: there are more)."""
+        rows = await self._fetch(queries.QUEUE_GLANCE, (cap,))
+        return [(str(r[0]), int(r[1]), int(r[2]), bool(r[3]), r[4]) for r in rows]
+
+    async def outcome_buckets(self, bucket_s: int, window_s: int) -> list[tuple[str, int, int, int]]:
+        """``(namespace, bucket, outcomes, errors)`` over the last ``window_s`` seconds, a bucket
+        being ``floor(epoch / bucket_s)`` of the outcome's finished_at."""
+        rows = await self._fetch(queries.OUTCOME_BUCKETS, {"bucket": bucket_s, "window": window_s})
+        return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    async def step_events(self, step_uuid: str, limit: int) -> list[tuple[Any, ...]]:
+        """``(event_id, event_type, worker_id, queue_name, msg_id, data, occurred_at)`` of one
+        step, oldest first."""
+        return await self._fetch(queries.STEP_EVENTS, (step_uuid, limit))
 
     # --- worker registry -------------------------------------------------------------------
 

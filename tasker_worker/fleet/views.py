@@ -63,6 +63,10 @@ class FleetViews:
         await self.get(worker_id)
         return await self._rows(queries.LIST_HEARTBEATS, (worker_id, _bounded(limit)))
 
+    async def timeline(self, worker_id: str, *, limit: int = 50) -> builtins.list[dict[str, Any]]:
+        """A worker's own events (registration, states, modes, supervision), newest first."""
+        return await self._rows(queries.WORKER_TIMELINE, (worker_id, _bounded(limit)))
+
     async def stats(self) -> dict[str, Any]:
         """Counts by status, cores and memory of the live fleet, and throughput (steps/s, last minute)."""
         async with self.pool.connection() as conn:
