@@ -354,6 +354,7 @@ AS $function$
 DECLARE
     v_queue text := 'worker_' || tasker.validate_namespace(p_namespace) || '_queue';
 BEGIN
+    PERFORM pg_advisory_xact_lock(127961897067890);
     PERFORM pgmq.create(v_queue);
     PERFORM pgmq.create(v_queue || '_dlq');
     PERFORM tasker.attach_notify_trigger(tasker.queue_table(v_queue));
@@ -489,6 +490,7 @@ DECLARE
     v_attached integer := 0;
     v_table regclass;
 BEGIN
+    PERFORM pg_advisory_xact_lock(127961897067890);
     FOR v_table IN
         SELECT c.oid::regclass
           FROM pg_class c

@@ -47,32 +47,38 @@ def test_four_processes_migrating_at_once(blank_db_url: str) -> None:
         assert conn.execute("SELECT count(*) FROM pg_type WHERE typname = 'message_record'").fetchone() == (1,)
 
 
-async def _migrate_at_once(url: str, count: int) -> list[BaseException | None]:
+async def _starts_at_once(url: str, count: int) -> list[BaseException | None]:
+    """What each start does to the schema, ``count`` at once: half migrate (an up-to-date
+    database: the triggers and grants of every queue re-checked), half create their namespace's
+    queue (which exists)."""
     results: list[BaseException | None] = []
 
-    async def one() -> None:
+    async def one(i: int) -> None:
         try:
-            await migrations.migrate(url)
+            if i % 2:
+                await migrations.migrate(url)
+            else:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    await conn.execute("SELECT tasker.create_namespace_queue(%s)", (f"race{i}",))
         except Exception as exc:  # collected: every start must succeed
             results.append(exc)
         else:
             results.append(None)
 
     async with anyio.create_task_group() as tg:
-        for _ in range(count):
-            tg.start_soon(one)
+        for i in range(count):
+            tg.start_soon(one, i)
     return results
 
 
 def test_processes_starting_at_once_on_a_migrated_database_with_queues(db_url: str) -> None:
-    """Each start re-checks the queues' triggers and grants (an up-to-date database takes no
-    migration lock); two starts granting on one table at once failed with "tuple concurrently
-    updated" (an API process and a worker started together saw it)."""
+    """Starts GRANT on the queue tables; two at once on one table failed with "tuple
+    concurrently updated" (an API process and a worker started together saw it)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         for i in range(20):
             conn.execute("SELECT tasker.create_namespace_queue(%s)", (f"race{i}",))
     for _ in range(5):
-        assert anyio.run(_migrate_at_once, db_url, 6) == [None] * 6
+        assert anyio.run(_starts_at_once, db_url, 8) == [None] * 8
 
 
 def test_queues_created_before_migrate_get_the_trigger(blank_db_url: str) -> None:

@@ -111,3 +111,48 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- Creating a namespace's queue (every worker start does, for its namespaces) and re-checking
+-- every queue's trigger and grants (every start on an up-to-date database does) GRANT on the
+-- queue tables; two of them at once on one table failed with "tuple concurrently updated" (an
+-- API process and a worker started together). Both now hold the migration lock (a transaction
+-- advisory lock, the one migrations take) while they do it.
+CREATE OR REPLACE FUNCTION tasker.create_namespace_queue(p_namespace text)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_queue text := 'worker_' || tasker.validate_namespace(p_namespace) || '_queue';
+BEGIN
+    PERFORM pg_advisory_xact_lock(127961897067890);
+    PERFORM pgmq.create(v_queue);
+    PERFORM pgmq.create(v_queue || '_dlq');
+    PERFORM tasker.attach_notify_trigger(tasker.queue_table(v_queue));
+    PERFORM tasker.attach_notify_trigger(tasker.queue_table(v_queue || '_dlq'));
+    RETURN v_queue;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION tasker.ensure_notify_triggers()
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_attached integer := 0;
+    v_table regclass;
+BEGIN
+    PERFORM pg_advisory_xact_lock(127961897067890);
+    FOR v_table IN
+        SELECT c.oid::regclass
+          FROM pg_class c
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'pgmq'
+           AND c.relname LIKE 'q\_%'
+           AND c.relkind IN ('r', 'p')
+           AND NOT c.relispartition
+    LOOP
+        IF tasker.attach_notify_trigger(v_table) THEN
+            v_attached := v_attached + 1;
+        END IF;
+    END LOOP;
+    RETURN v_attached;
+END;
+$$;

@@ -22,7 +22,9 @@ from tasker_worker.errors import MigrationError, first_line
 log = logging.getLogger(__name__)
 
 #: Arbitrary constant shared by every tasker-worker migrator ("tasker" in ASCII).
-MIGRATION_LOCK_KEY = 0x7461736B6572
+MIGRATION_LOCK_KEY = (
+    0x7461736B6572  # 127961897067890: tasker.create_namespace_queue and ensure_notify_triggers take it too (0013)
+)
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,7 @@ async def migrate(url: str) -> list[str]:
             # owns nothing, can start with auto_migrate on (only `db migrate` needs ownership).
             may = await (await conn.execute(queries.MAY_ENSURE_NOTIFY_TRIGGERS)).fetchone()
             if may and may[0]:
-                # Under the migration lock (a lock, not DDL: any role may take it): two starts
-                # granting on one queue table at once fail with "tuple concurrently updated".
-                async with conn.transaction():
-                    await conn.execute(queries.MIGRATION_LOCK, (MIGRATION_LOCK_KEY,))
-                    await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
+                await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
             return applied
         async with conn.transaction():
             await conn.execute(queries.MIGRATION_LOCK, (MIGRATION_LOCK_KEY,))
@@ -120,8 +118,8 @@ async def migrate(url: str) -> list[str]:
                     raise MigrationError(f"migration {migration.path.name} failed: {first_line(exc)}") from exc
                 applied.append(f"{migration.version}_{migration.name}")
                 log.info("applied migration %s", migration.path.name)
-            # Queues created while no event trigger could exist (or by a non-superuser).
-            await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
+        # Queues created while no event trigger could exist (or by a non-superuser).
+        await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
     except psycopg.Error as exc:
         raise MigrationError(f"migration failed: {first_line(exc)}") from exc
     finally:
