@@ -332,3 +332,13 @@ async def test_the_dashboard_can_be_left_out(url: str) -> None:
             assert (await client.get("/health/live")).status_code == 200
     finally:
         await pool.close()
+
+
+async def test_with_the_database_gone_a_page_says_so_and_keeps_trying(url: str) -> None:
+    async for client, ctx in make_client(url, TOKEN):
+        await ctx.pool.close()
+        for path in ("/", "/workers", f"/dlq/{NS}", "/modes"):
+            resp = await client.get(path)
+            assert resp.status_code == 503, path
+            assert "The database is unavailable" in resp.text and 'data-refresh="5"' in resp.text
+            assert "closed" not in resp.text  # the cause stays in the log

@@ -236,6 +236,16 @@ def test_the_overview_and_the_worker_pages_show_the_fleet(browser: Any, fleet: F
     wait_text(browser, "#heartbeats", "UTC")
     screenshot(browser, "dashboard-worker.png", tmp_path)
 
+    # On a phone: every page fits the width (wide tables scroll inside their own box).
+    browser.set_window_size(390, 844)
+    try:
+        for path in ("/", "/workers", f"/workers/{fleet.worker_id}", "/steps", f"/dlq/{NS}", "/modes"):
+            browser.get(fleet.base + path)
+            overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 1, (path, overflow)
+    finally:
+        browser.set_window_size(1280, 900)
+
 
 def test_a_dead_letter_requeued_from_the_page_returns_and_succeeds(browser: Any, fleet: Fleet) -> None:
     from selenium.webdriver.common.by import By

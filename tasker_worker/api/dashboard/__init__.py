@@ -22,7 +22,7 @@ __all__ = ["OverviewCache", "routes"]
 
 def _page(path: str, endpoint: Any, method: str = "GET") -> Route:
     # HTML for people: not part of the JSON API's OpenAPI document.
-    return Route(path, endpoint, methods=[method], include_in_schema=False)
+    return Route(path, pages.html_errors(endpoint), methods=[method], include_in_schema=False)
 
 
 def routes() -> list[BaseRoute]:

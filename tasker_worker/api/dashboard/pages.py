@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
+import psycopg
+from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from tasker_worker.api.context import ctx_of
+from tasker_worker.api.context import Endpoint, ctx_of
 from tasker_worker.api.dashboard import reads
-from tasker_worker.api.dashboard.render import render
+from tasker_worker.api.dashboard.render import REFRESH_S, render
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.names import validate_namespace
-from tasker_worker.errors import InvalidName, QueueNotFound, WorkerNotFound
+from tasker_worker.errors import InvalidName, QueueNotFound, WorkerNotFound, first_line
+
+log = logging.getLogger(__name__)
 
 MODES = [m.value for m in DeploymentMode]
 
@@ -22,9 +27,33 @@ def _int(request: Request, name: str) -> int | None:
     return int(raw) if raw.isdigit() and len(raw) < 10 else None
 
 
-def refused(request: Request, status: int, heading: str, detail: str) -> Response:
+def refused(request: Request, status: int, heading: str, detail: str, *, refresh: int = 0) -> Response:
     """A page saying why a request was not served."""
-    return render(request, "message.html", title=heading, status=status, refresh=0, heading=heading, detail=detail)
+    return render(
+        request, "message.html", title=heading, status=status, refresh=refresh, heading=heading, detail=detail
+    )
+
+
+def html_errors(endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` answering a database outage with a page (503) that keeps trying, instead of
+    the API's JSON error."""
+
+    async def page(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.warning("%s %s: the database is unavailable: %s", request.method, request.url.path, first_line(exc))
+            return refused(
+                request,
+                503,
+                "The database is unavailable",
+                "The page could not be read from the database; it tries again by itself.",
+                refresh=REFRESH_S,
+            )
+
+    page.__name__ = endpoint.__name__
+    page.__doc__ = endpoint.__doc__
+    return page
 
 
 async def overview(request: Request) -> Response:

@@ -44,7 +44,8 @@
     var timer = window.setTimeout(function () { controller.abort(); }, 10000);
     fetch(window.location.href, { headers: { "X-Tasker-Partial": "1" }, signal: controller.signal, credentials: "same-origin" })
       .then(function (response) {
-        if (!response.ok && response.status !== 404) { throw new Error("HTTP " + response.status); }
+        // A 404 or 400 page is content (the worker or step is gone); other failures are not.
+        if (!response.ok && response.status !== 404 && response.status !== 400) { throw new Error("HTTP " + response.status); }
         return response.text();
       })
       .then(function (html) {
@@ -56,7 +57,14 @@
         }
         delay = every;
       })
-      .catch(function () { delay = Math.min(delay * 2, MAX_DELAY); }) // the server is away: back off
+      .catch(function () {
+        // The server is away: say the page is stale, and back off.
+        var stamp = document.querySelector("footer .as-of");
+        if (stamp && stamp.textContent.indexOf("not refreshed") < 0) {
+          stamp.textContent = stamp.textContent.replace("as of", "not refreshed since");
+        }
+        delay = Math.min(delay * 2, MAX_DELAY);
+      })
       .then(function () { window.clearTimeout(timer); schedule(); });
   }
   schedule();
