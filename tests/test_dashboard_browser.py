@@ -163,11 +163,17 @@ def browser() -> Iterator[Any]:
 
 
 def text_of(driver: Any, css: str) -> str:
-    """The visible text of the first element matching ``css`` ("" when there is none)."""
-    from selenium.webdriver.common.by import By
+    """The visible text of the first element matching ``css`` ("" when there is none), read in
+    one script call: the page replaces its content as it refreshes, so an element found in one
+    call may be gone by the next."""
+    script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';"
+    return str(driver.execute_script(script, css))
 
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return str(found[0].text) if found else ""
+
+def hold_still(driver: Any) -> None:
+    """Stop the page's own refresh as an operator does by starting to fill in a form (an input
+    event), so that the elements a test goes on to click stay the ones it found."""
+    driver.execute_script("document.getElementById('live').dispatchEvent(new Event('input', {bubbles: true}));")
 
 
 def wait_text(driver: Any, css: str, wanted: str, timeout: float = SEEN_WITHIN_S) -> None:
@@ -230,6 +236,7 @@ def test_the_overview_and_the_worker_pages_show_the_fleet(browser: Any, fleet: F
     wait_text(browser, f"{row} td.mode", "Hybrid")
     from selenium.webdriver.common.by import By
 
+    hold_still(browser)
     browser.find_element(By.CSS_SELECTOR, f"{row} a").click()
     wait_text(browser, "#worker-mode", "Hybrid")
     wait_text(browser, "#timeline", "WorkerRegistered")
@@ -268,12 +275,14 @@ def test_a_dead_letter_requeued_from_the_page_returns_and_succeeds(browser: Any,
     )
     row = f'tr[data-msg-id="{dlq_msg_id}"]'
     wait_text(browser, f"{row} td.reason", "gate_closed")
+    hold_still(browser)
     assert hostile in text_of(browser, f"{row} td.error")  # shown as text ...
     assert "<script>window.__pwned=2</script>" in text_of(browser, "#dead-letters")
     assert browser.execute_script("return window.__pwned === undefined")  # ... never run
     assert not browser.find_elements(By.CSS_SELECTOR, "#dead-letters img, #dead-letters td script")
 
     fleet.gate.touch()
+    hold_still(browser)
     browser.find_element(By.CSS_SELECTOR, f"{row} a.requeue").click()
     wait_text(browser, "h1", "Requeue dead letters")
     browser.find_element(By.CSS_SELECTOR, '#confirm-requeue input[name="token"]').send_keys(TOKEN)
@@ -298,6 +307,7 @@ def test_a_mode_switch_from_the_page_reaches_the_worker(browser: Any, fleet: Fle
     from selenium.webdriver.support.ui import Select
 
     browser.get(fleet.base + "/modes")
+    hold_still(browser)
     form = browser.find_element(By.ID, "namespace-mode")
     Select(form.find_element(By.NAME, "namespace")).select_by_visible_text(NS)
     Select(form.find_element(By.NAME, "mode")).select_by_visible_text("PollingOnly")
@@ -310,6 +320,7 @@ def test_a_mode_switch_from_the_page_reaches_the_worker(browser: Any, fleet: Fle
     wait_text(browser, "#worker-mode", "PollingOnly")
     wait_text(browser, "#timeline", "DeploymentModeChanged")
     # And back, from the worker's own page (the token is remembered for the tab).
+    hold_still(browser)
     form = browser.find_element(By.CSS_SELECTOR, 'form[action$="/modes"]')
     Select(form.find_element(By.NAME, "mode")).select_by_visible_text("Hybrid")
     assert form.find_element(By.NAME, "token").get_attribute("value") == TOKEN
