@@ -272,6 +272,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         (R + "test_graceful_shutdown_releases_unfinished_steps",),
     ),
     Mutation(
+        "release_unannounced",
+        "steps released at shutdown are announced to the workers that only listen",
+        (Edit("tasker_worker/runtime/processor.py", "await self.client.announce_ready(queue, msg_ids)", "pass"),),
+        (R + "test_steps_released_at_shutdown_are_announced_to_an_event_driven_fleet",),
+    ),
+    Mutation(
         "release_counts_an_attempt",
         "a release at shutdown gives the attempt back",
         (Edit("tasker_worker/runtime/processor.py", "count_attempt=False,", "count_attempt=True,"),),
@@ -494,6 +500,41 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         ("tests/test_handler_policy.py::test_a_handler_policy_replaces_retry_in_a_real_worker",),
+    ),
+    Mutation(
+        "dashboard_open_to_anyone",
+        "the dashboard's actions need the operator token (any form gets through)",
+        (Edit("tasker_worker/api/dashboard/actions.py", "if not given or not hmac.compare_digest(", "if False and ("),),
+        ("tests/test_dashboard.py::test_actions_without_the_operator_token_are_refused_and_change_nothing",),
+    ),
+    Mutation(
+        "dashboard_unescaped",
+        "the dashboard shows database text as text (it renders it as markup)",
+        (
+            Edit(
+                "tasker_worker/api/dashboard/render.py",
+                'autoescape=select_autoescape(["html"], default=True)',
+                "autoescape=False",
+            ),
+        ),
+        ("tests/test_dashboard.py::test_every_value_is_escaped",),
+    ),
+    Mutation(
+        "requeue_unrecorded",
+        "a requeue from the DLQ is recorded as an event of the step (it leaves no trace)",
+        (
+            Edit(
+                "sql/migrations/0013_dashboard.sql",
+                "VALUES ('DeadLetterRequeued', NULL,",
+                "SELECT 'DeadLetterRequeued', NULL,",
+            ),
+            Edit(
+                "sql/migrations/0013_dashboard.sql",
+                "                                   'reason', v_row.headers -> 'tasker_dlq' ->> 'reason'));",
+                "                                   'reason', v_row.headers -> 'tasker_dlq' ->> 'reason') WHERE false;",
+            ),
+        ),
+        ("tests/test_dashboard.py::test_a_requeue_from_the_page_is_recorded_as_an_event_of_the_step",),
     ),
 )
 

@@ -14,6 +14,7 @@ from psycopg.types.json import Jsonb
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.errors import NonRetryableError
 from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.runtime.worker import Worker
 from tasker_worker.testing import (
     fetch,
     fetch_value,
@@ -325,6 +326,40 @@ async def test_listener_killed_reconnects_and_catches_up(url: str, mode: str) ->
     counters = worker.status()["counters"]
     assert counters["listener_reconnects"] >= 1
     await assert_exactly_once(url, first + deaf + third)
+
+
+@pytest.mark.anyio
+async def test_steps_released_at_shutdown_are_announced_to_an_event_driven_fleet(url: str) -> None:
+    """A step released at shutdown is visible at once, but no INSERT announces it: the leaving
+    worker announces it itself, or a fleet without pollers would leave it in its queue until
+    some other step's notification came."""
+
+    def config(worker_id: str) -> Any:
+        overrides = {"worker.shutdown_timeout": "300ms", "worker.id": worker_id}
+        return make_config(mode="EventDrivenOnly", namespaces=[NS], overrides=overrides)
+
+    leaving = Worker(config("leaving"), database_url=url, registry=registry_with_ledger(), state=state_for(url))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leaving.run)
+        with anyio.fail_after(30):
+            await leaving.ready.wait()
+        bodies = await send_steps(url, NS, "ledger", [{"sleep": 2}])
+        await wait_until(lambda: _claimed(url), timeout=10)
+        async with running_worker(
+            url, config("staying"), registry=registry_with_ledger(), state=state_for(url)
+        ) as staying:
+            leaving.request_shutdown("test")  # releases the step it is running
+            with anyio.fail_after(30):
+                await leaving.stopped.wait()
+            await wait_until(outcomes_at_least(url, 1), timeout=15)
+            assert staying.status()["counters"]["succeeded"] == 1
+    await assert_exactly_once(url, bodies)
+    released = await fetch_value(url, "SELECT count(*) FROM tasker.events WHERE data->>'reason' = 'shutdown'")
+    assert released == 1
+
+
+async def _claimed(url: str) -> bool:
+    return bool(await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE} WHERE read_ct = 1"))
 
 
 @pytest.mark.anyio

@@ -430,11 +430,16 @@ def visible_queues_statement(queues: list[str]) -> str:
 # which has no poller, nothing else would). The payload follows the trigger's message_ready.
 ANNOUNCE_READY = """
 SELECT pg_notify('pgmq_message_ready.' || a.ns,
-                 json_build_object('event_type', 'message_ready', 'queue_name', a.q, 'namespace', a.ns,
-                                   'msg_id', a.id, 'message_count', 1,
-                                   'ready_at', clock_timestamp() + make_interval(secs => a.delay))::text)
-  FROM (SELECT q, tasker.queue_namespace(q) AS ns, id, delay
-          FROM (VALUES (%s::text, %s::bigint, %s::float8)) AS v (q, id, delay)) AS a
+                 CASE WHEN cardinality(a.ids) = 1
+                 THEN json_build_object('event_type', 'message_ready', 'queue_name', a.q, 'namespace', a.ns,
+                                        'msg_id', a.ids[1], 'message_count', 1, 'ready_at', a.ready)
+                 ELSE json_build_object('event_type', 'batch_ready', 'queue_name', a.q, 'namespace', a.ns,
+                                        'msg_ids', a.ids[1:100], 'message_count', cardinality(a.ids),
+                                        'min_msg_id', a.ids[1], 'max_msg_id', a.ids[cardinality(a.ids)],
+                                        'truncated', cardinality(a.ids) > 100, 'ready_at', a.ready)
+                 END::text)
+  FROM (SELECT %(queue)s::text AS q, tasker.queue_namespace(%(queue)s::text) AS ns, %(ids)s::bigint[] AS ids,
+               clock_timestamp() + make_interval(secs => %(delay)s::float8) AS ready) AS a
 """
 
 # A claim that found the previous one lapsed (migration 0010).

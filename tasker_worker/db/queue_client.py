@@ -359,10 +359,12 @@ class QueueClient:
             text = self._visible[key] = queries.visible_queues_statement(list(queues))
         return {r[0] for r in await self._fetch(text, ())}
 
-    async def announce_ready(self, queue: str, msg_id: int, delay_s: float) -> None:
-        """Notify the workers listening on ``queue``'s namespace that ``msg_id`` is ready again
-        in ``delay_s`` seconds (a step given back with that delay)."""
-        await self._fetch(queries.ANNOUNCE_READY, (queue, msg_id, delay_s))
+    async def announce_ready(self, queue: str, msg_ids: Sequence[int], delay_s: float = 0.0) -> None:
+        """Notify the workers listening on ``queue``'s namespace that ``msg_ids`` are ready again
+        in ``delay_s`` seconds (steps given back, which no INSERT announces): one notification,
+        ``message_ready`` or ``batch_ready`` as the trigger would send for them."""
+        if msg_ids:
+            await self._fetch(queries.ANNOUNCE_READY, {"queue": queue, "ids": sorted(msg_ids), "delay": delay_s})
 
     async def settle(
         self, queue: str, worker_id: str, outcomes: Sequence[Outcome], conn: AsyncConn | None = None

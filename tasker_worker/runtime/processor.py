@@ -522,6 +522,15 @@ class CommandProcessor:
 
     # --- shutdown --------------------------------------------------------------------------
 
+    async def _announce_released(self, queue: str, msg_ids: list[int]) -> None:
+        """Visible again at once, but no INSERT announces them: without this, workers that only
+        listen (EventDrivenOnly) would not know of them until another step came."""
+        try:
+            await self.client.announce_ready(queue, msg_ids)
+        except psycopg.Error as exc:  # released all the same; pollers of the other modes find them
+            self.stats.incr("db_errors")
+            log.warning("released %d messages of %s but could not announce them: %s", len(msg_ids), queue, exc)
+
     async def _release_all(self) -> None:
         """Give every still-running step's message back at once (not counted as an attempt)."""
         items = [i.msg for i in self.steps.in_flight.values()]
@@ -549,6 +558,7 @@ class CommandProcessor:
                     done = await self.client.retry(queue, requests, worker_id=self.worker_id)
                     self.stats.incr("released", sum(done.values()))
                     released.update((queue, m) for m in done)
+                    await self._announce_released(queue, [m for m, applied in done.items() if applied])
                 except psycopg.Error as exc:
                     log.error(
                         "could not release %d messages of %s (they return after their vt): %s", len(msgs), queue, exc

@@ -462,7 +462,7 @@ class StepRunner:
             self.stats.incr("released")
             self.leave_alone(msg.queue, msg.msg_id, time.monotonic() + delay_s + LEAVE_REJECTED_S)
             try:
-                await self.client.announce_ready(msg.queue, msg.msg_id, delay_s)
+                await self.client.announce_ready(msg.queue, [msg.msg_id], delay_s)
             except psycopg.Error as exc:  # the pollers of the other modes still find it
                 self.stats.incr("db_errors")
                 log.warning(
