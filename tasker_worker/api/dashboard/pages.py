@@ -14,7 +14,7 @@ from tasker_worker.api.context import Endpoint, ctx_of
 from tasker_worker.api.dashboard import reads
 from tasker_worker.api.dashboard.render import REFRESH_S, render
 from tasker_worker.domain.modes import DeploymentMode
-from tasker_worker.domain.names import validate_namespace
+from tasker_worker.domain.names import dlq_name, queue_name, validate_namespace
 from tasker_worker.errors import InvalidName, QueueNotFound, WorkerNotFound, first_line
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ async def dead_letters(request: Request) -> Response:
     except QueueNotFound:
         return refused(request, 404, "No such namespace", f"Namespace {namespace!r} has no queue.")
     glances = {g.queue: g for g in await reads.glance(ctx)}
-    dlq = glances.get(f"worker_{namespace}_queue_dlq")
+    dlq = glances.get(dlq_name(queue_name(namespace)))
     return render(
         request,
         "dlq.html",
