@@ -21,10 +21,9 @@ from tasker_worker.errors import MigrationError, first_line
 
 log = logging.getLogger(__name__)
 
-#: Arbitrary constant shared by every tasker-worker migrator ("tasker" in ASCII).
-MIGRATION_LOCK_KEY = (
-    0x7461736B6572  # 127961897067890: tasker.create_namespace_queue and ensure_notify_triggers take it too (0013)
-)
+#: Arbitrary constant shared by every tasker-worker migrator ("tasker" in ASCII; 127961897067890,
+#: which tasker.create_namespace_queue and tasker.ensure_notify_triggers take too, 0013).
+MIGRATION_LOCK_KEY = 0x7461736B6572
 
 
 @dataclass(frozen=True)
