@@ -1,9 +1,13 @@
-"""What a handler's exception means for its step: the one rulebook.
+"""What happens to a step: the one rulebook.
 
-The processor (against PostgreSQL) and ``tasker_worker.testing.HandlerHarness`` (in memory)
-both ask ``decide_failure`` (the verdict and the error recorded with it) and ``step_timeout``,
-so a handler tested with the harness meets the same retries, releases, dead letters and error
-records in production.
+Every way a step ends is decided here and nowhere else, as a ``Settlement`` value
+(``domain/settlement.py``): ``after_success``, ``after_failure`` (from ``decide_failure``: the
+verdict on a handler's exception and the error recorded with it), ``not_a_step``,
+``no_such_handler``, ``running_here_already``, ``held_by_circuit``, ``lacking_capability`` and
+``released``. The step runner (``runtime/steps.py``) asks these and hands the answer to the
+outcome writer; ``tasker_worker.testing.HandlerHarness`` runs that same runner on an in-memory
+store, so a handler tested with the harness meets the same retries, releases, dead letters and
+error records in production.
 
 ==========================  ===========================================================
 ``StepFailed``              FAILED: outcome ``failed``, message settled
@@ -25,7 +29,34 @@ from datetime import timedelta
 from typing import Any, cast
 
 from tasker_worker.domain.backoff import backoff_delay
-from tasker_worker.errors import NonRetryableError, RetryableError, StepError, StepFailed, StepTimeout
+from tasker_worker.domain.settlement import DeadLetter, PutBack, Record, Settlement
+from tasker_worker.domain.steps import OutcomeStatus
+from tasker_worker.domain.workers import WorkerEventType
+from tasker_worker.errors import (
+    NonRetryableError,
+    RetryableError,
+    StepError,
+    StepFailed,
+    StepTimeout,
+    StepValidationError,
+    UnknownHandler,
+)
+
+STEP_ASSIGNMENT_REJECTED = WorkerEventType.STEP_ASSIGNMENT_REJECTED.value
+STEP_ASSIGNMENT_TIMED_OUT = WorkerEventType.STEP_ASSIGNMENT_TIMED_OUT.value
+STEP_FAILED = WorkerEventType.STEP_FAILED.value
+
+#: A second message of a step running here comes back after this (then finds its outcome).
+DUPLICATE_RETRY_S = 1.0
+#: A step given back for lack of a capability is not claimed again by the same worker for this
+#: long after its release: time for a capable worker's poll to find it (a lacking worker whose
+#: poll ticks line up with its own releases would otherwise win it back again and again).
+LEAVE_REJECTED_S = 30.0
+#: Release delays of a rejected step: exponential from 0.1 s to 5 s, with jitter.
+REJECT_DELAY_BASE = timedelta(milliseconds=100)
+REJECT_DELAY_CAP = timedelta(seconds=5)
+#: A step held back by an open circuit comes back no sooner than this.
+CIRCUIT_HOLD_MIN_S = 0.05
 
 
 class VerdictKind(enum.StrEnum):
@@ -189,6 +220,116 @@ def decide_failure(
     return Fate(verdict, error)
 
 
+#: The verdicts that count as the handler's errors (``handler_errors``): the others are the
+#: handler's own word on the step (``StepFailed``, ``NonRetryableError``, not in ``retry_on``).
+HANDLER_ERROR_VERDICTS = frozenset({VerdictKind.RELEASE, VerdictKind.RETRY, VerdictKind.EXHAUSTED})
+
+
+def after_success(result: Any, started_at: float | None = None, finished_at: float | None = None) -> Record:
+    """The handler returned ``result``: record it."""
+    return Record(OutcomeStatus.SUCCEEDED, result, None, started_at, finished_at)
+
+
+def after_failure(
+    fate: Fate, policy: RetryPolicy, started_at: float | None = None, finished_at: float | None = None
+) -> Settlement:
+    """What a failed run (``decide_failure``'s ``fate``) leads to under ``policy``."""
+    verdict, error = fate.verdict, fate.error
+    kind = verdict.kind
+    if kind is VerdictKind.FAILED:
+        return Record(OutcomeStatus.FAILED, None, error, started_at, finished_at)
+    if kind is VerdictKind.DEAD_LETTER or kind is VerdictKind.EXHAUSTED:
+        status = OutcomeStatus.DEAD_LETTERED if kind is VerdictKind.DEAD_LETTER else OutcomeStatus.FAILED
+        if not policy.dlq:  # the handler keeps no DLQ copies: the outcome row is the record
+            return Record(status, None, error, started_at, finished_at)
+        return DeadLetter(status, error, started_at, finished_at)
+    data = {"final": False, "reason": error.get("reason"), "retry_in_s": round(verdict.delay_s, 3)}
+    if kind is VerdictKind.RELEASE:
+        return PutBack(
+            verdict.delay_s,
+            count_attempt=False,
+            event=STEP_FAILED,
+            event_data=data,
+            headers={"tasker_last_error": error, "tasker_releases": verdict.releases},
+            counter="released",
+        )
+    return PutBack(
+        verdict.delay_s,
+        count_attempt=True,
+        event=STEP_ASSIGNMENT_TIMED_OUT if verdict.timed_out else STEP_FAILED,
+        event_data=data,
+        headers={"tasker_last_error": error},
+        counter="retried",
+    )
+
+
+def not_a_step(exc: StepValidationError) -> DeadLetter:
+    """The message is not a valid step message (malformed JSON, a missing id, ...)."""
+    return DeadLetter(OutcomeStatus.DEAD_LETTERED, error_json(exc))
+
+
+def no_such_handler(handler: str, known: list[str]) -> DeadLetter:
+    """No handler of that name is registered here."""
+    error = UnknownHandler(f"no handler {handler!r} in this worker (has: {', '.join(known)})")
+    return DeadLetter(OutcomeStatus.DEAD_LETTERED, error_json(error))
+
+
+def running_here_already() -> PutBack:
+    """Another message of the same step runs here now: come back when it is done, then find its
+    outcome recorded and settle without running."""
+    return PutBack(
+        DUPLICATE_RETRY_S,
+        count_attempt=False,
+        event=STEP_ASSIGNMENT_REJECTED,
+        event_data={"reason": "duplicate_in_flight"},
+    )
+
+
+def held_by_circuit(handler: str, retry_after_s: float) -> PutBack:
+    """The handler's circuit is open (or its probe is running): give the step back, no attempt
+    used, until the circuit lets steps through again."""
+    return PutBack(
+        max(CIRCUIT_HOLD_MIN_S, retry_after_s),
+        count_attempt=False,
+        event=STEP_ASSIGNMENT_REJECTED,
+        event_data={"reason": "circuit_open", "handler": handler},
+        counter="released",
+    )
+
+
+def lacking_capability(capability: str, rejections: int, limit: int, someone_capable: bool) -> Settlement:
+    """This worker lacks what the step needs (its ``rejections``-th time): give it back for a
+    capable worker, or dead-letter it when nobody running offers it or it bounced too often."""
+    if not someone_capable or rejections >= limit:
+        reason = "no_capable_worker" if rejections < limit else "too_many_rejections"
+        error = StepError(f"no running worker offers {capability} (rejected {rejections} times)", reason=reason)
+        return DeadLetter(OutcomeStatus.DEAD_LETTERED, error.to_json())
+    # Jitter keeps a fleet of lacking workers from coming back in step.
+    return PutBack(
+        backoff_delay(rejections, REJECT_DELAY_BASE, REJECT_DELAY_CAP),
+        count_attempt=False,
+        event=STEP_ASSIGNMENT_REJECTED,
+        event_data={"reason": "missing_capability", "capability": capability, "rejections": rejections},
+        headers={"tasker_rejections": rejections},
+        counter="released",
+        announce=True,
+        leave_alone_s=LEAVE_REJECTED_S,
+    )
+
+
+def released(reason: str) -> PutBack:
+    """Given back unfinished (``shutdown``): visible again at once, the attempt given back, and
+    announced (no INSERT announces it to the workers that only listen)."""
+    return PutBack(
+        0.0,
+        count_attempt=False,
+        event=STEP_ASSIGNMENT_REJECTED,
+        event_data={"reason": reason},
+        counter="released",
+        announce=True,
+    )
+
+
 def step_timeout(step_timeout_s: float | None, handler_timeout: timedelta | None, default: timedelta) -> timedelta:
     """How long a run may take: the step's own ``timeout`` wins, then the handler's, then
     ``[worker] handler_timeout``."""
@@ -198,13 +339,22 @@ def step_timeout(step_timeout_s: float | None, handler_timeout: timedelta | None
 
 
 __all__ = [
+    "HANDLER_ERROR_VERDICTS",
     "Fate",
     "RetryPolicy",
     "Verdict",
     "VerdictKind",
+    "after_failure",
+    "after_success",
     "decide_failure",
     "error_json",
+    "held_by_circuit",
     "jsonb_safe",
     "judge_failure",
+    "lacking_capability",
+    "no_such_handler",
+    "not_a_step",
+    "released",
+    "running_here_already",
     "step_timeout",
 ]

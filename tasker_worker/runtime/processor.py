@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,22 +23,22 @@ from typing import Any
 import anyio
 import psycopg
 from anyio.streams.memory import MemoryObjectReceiveStream
-from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker.config.models import TaskerConfig
-from tasker_worker.db.queue_client import QueueClient, RetryRequest
+from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
 from tasker_worker.domain.herd import ClaimedMemory, ClaimRanking
 from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.notifications import MessageReady
 from tasker_worker.domain.steps import ClaimedMessage, Source
+from tasker_worker.domain.verdicts import released
 from tasker_worker.errors import TaskerError, first_line
-from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.logs import error_fields
 from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStep, ExecuteStepFromEvent, Shutdown, WorkerCommand
-from tasker_worker.runtime.executor import HandlerExecutor
+from tasker_worker.runtime.inflight import HeldStep
+from tasker_worker.runtime.ports import WAKE_MARGIN_S
 from tasker_worker.runtime.stats import WorkerStats
-from tasker_worker.runtime.steps import READY_MARGIN_S, STEP_ASSIGNMENT_REJECTED, VT_MARGIN_S, StepRunner
+from tasker_worker.runtime.steps import StepRunner
 
 CLAIM_RETRY_BASE = timedelta(milliseconds=100)
 CLAIM_RETRY_CAP = timedelta(seconds=5)
@@ -103,193 +104,34 @@ class _QueueState:
         return list(self.rejected)
 
 
-class CommandProcessor:
-    """Consumes WorkerCommands: wakes claim loops, claims, and hands each message to the steps."""
+class ClaimTimers:
+    """The claim side's queues and timers: what wakes a queue's claim loop later.
 
-    def __init__(
-        self,
-        *,
-        config: TaskerConfig,
-        worker_id: str,
-        queues: list[str],
-        client: QueueClient,
-        pool: AsyncConnectionPool,
-        registry: HandlerRegistry,
-        executor: HandlerExecutor,
-        stats: WorkerStats,
-        state: Any = None,
-        listening_since: Callable[[], float | None] = lambda: None,
-        ranking: ClaimRanking | None = None,
-    ) -> None:
-        self.config = config
-        self.worker_id = worker_id
-        self.client = client
-        self.stats = stats
-        self.listening_since = listening_since
-        #: Who claims a notified message first (None: this worker claims every notification).
-        self.ranking = ranking if config.event_system.listener.single_claimer else None
-        self.claim_grace = config.event_system.listener.claim_grace.total_seconds()
+    Built before everything that asks for wakeups (the step runner, the outcome writer, the
+    processor itself), so that they are handed it rather than calling back into each other.
+    Implements ``ports.Wakeups``."""
+
+    def __init__(self, queues: list[str], stats: WorkerStats) -> None:
         self.queues = {q: _QueueState(q, namespace_of(q) or q) for q in queues}
-        self.steps = StepRunner(
-            config=config,
-            worker_id=worker_id,
-            client=client,
-            pool=pool,
-            registry=registry,
-            executor=executor,
-            stats=stats,
-            state=state,
-            queue_names=list(self.queues),
-            wake_later=self.schedule,
-            leave_alone=self._leave_alone,
-        )
-        self.max_concurrent = self.steps.max_concurrent
-        self.vt_seconds = self.steps.vt_seconds
-        poller = config.event_system.fallback_poller
-        self.batch_size = poller.batch_size
-        #: tasker-core's meaning: how long the processing of one command (here, a wakeup's
-        #: claim) may take before it is abandoned, counted and retried.
-        self.processing_timeout_s = config.event_system.processing_timeout.total_seconds()
-        self.refill_at = max(1, min(self.batch_size, self.max_concurrent) // 2)
+        self.stats = stats
         #: (due, sequence, queue, source, ids): a wakeup of ``queue``; with ``ids``, only if one
         #: of them is not known to be claimed by then (a deferred claim, ``domain.herd``).
         self._timers: list[tuple[float, int, str, Source, tuple[int, ...] | None]] = []
         self._timer_seq = 0
         self._timer_changed = anyio.Event()
-        self._probe_wanted = anyio.Event()
-        self._probe_source = Source.POLL
-        self._claiming = True
-        self.last_error: str | None = None
-
-    # --- public ----------------------------------------------------------------------------
-
-    @property
-    def free_slots(self) -> int:
-        """How many more steps may start now."""
-        return self.steps.free_slots
-
-    async def run(
-        self, commands: MemoryObjectReceiveStream[WorkerCommand], shutdown_deadline: Callable[[], float]
-    ) -> None:
-        """Process commands until ``Shutdown``; then drain within the budget and release."""
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(self.steps.writer.run)
-            try:
-                async with anyio.create_task_group() as loops:
-                    for qs in self.queues.values():
-                        loops.start_soon(self._claim_loop, qs)
-                    loops.start_soon(self._timer_loop)
-                    loops.start_soon(self._probe_loop)
-                    loops.start_soon(self._vt_keeper)
-                    async with commands:
-                        async for command in commands:
-                            if isinstance(command, Shutdown):
-                                log.info("shutdown: %s", command.reason)
-                                break
-                            self.handle(command)
-                    self._claiming = False
-                    loops.cancel_scope.cancel()
-                # Sources are stopped and nothing new is claimed: let in-flight steps finish
-                # until the deadline less the reserve for the final writes, then cancel them and
-                # give their messages back.
-                deadline = self.final_deadline(shutdown_deadline())
-                with anyio.move_on_after(max(0.0, deadline - self.write_reserve_s - anyio.current_time())):
-                    while self.steps.in_flight:
-                        await self.steps.wait_slot()
-            finally:
-                self._claiming = False
-                deadline = self.final_deadline(shutdown_deadline())
-                # Everything from here on ends by the one deadline, whatever the database does.
-                with anyio.CancelScope(shield=True, deadline=deadline):
-                    if self.steps.in_flight:
-                        await self._release_all()
-                    await self.steps.cancel_all()
-                self.steps.writer.final_deadline = deadline
-            outer.cancel_scope.cancel()
-
-    @property
-    def write_reserve_s(self) -> float:
-        """The share of the shutdown budget kept for the final writes (releases, outcomes,
-        deregistration) rather than waiting for handlers: 30% of it, at most 2 s."""
-        return min(MAX_WRITE_RESERVE_S, 0.3 * self.config.worker.shutdown_timeout.total_seconds())
-
-    def final_deadline(self, requested: float) -> float:
-        """The shutdown's deadline: the one set when it was requested, else (a crash, a
-        cancellation) the budget from now."""
-        if requested != float("inf"):
-            return requested
-        return anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
-
-    def handle(self, command: WorkerCommand) -> None:
-        """Apply one non-shutdown command (no I/O: it only wakes claim loops)."""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("command", extra={"command_type": type(command).__name__})
-        if isinstance(command, ExecuteStepFromEvent):
-            self._on_event(command.event)
-        elif isinstance(command, ClaimsSeen):
-            notice = command.notice
-            seen = self.queues.get(notice.queue)
-            if seen is not None:
-                seen.claimed.add(notice.msg_ids, *((notice.lo, notice.hi) if notice.truncated else (None, None)))
-        elif isinstance(command, ExecuteStep):
-            if command.queue in self.queues:
-                self.queues[command.queue].poke(command.source)
-            elif len(self.queues) == 1:
-                for qs in self.queues.values():
-                    qs.poke(command.source)
-            else:
-                # Every queue: one probe for all of them first (``_probe_loop``).
-                self._probe_source = command.source
-                self._probe_wanted.set()
-
-    def status(self) -> dict[str, Any]:
-        """Statistics and in-flight work."""
-        snap = self.stats.snapshot()
-        snap["in_flight"] = len(self.steps.in_flight)
-        snap["outcomes_waiting"] = self.steps.handed_off
-        snap["free_slots"] = self.free_slots
-        snap["queues"] = sorted(self.queues)
-        snap["circuits"] = self.steps.circuits.open_circuits()
-        return snap
-
-    # --- waking ----------------------------------------------------------------------------
-
-    def _on_event(self, event: MessageReady) -> None:
-        qs = self.queues.get(event.queue_name)
-        if qs is None:
-            return
-        self.stats.incr("notifications_received")
-        lo = event.min_msg_id if event.min_msg_id is not None else min(event.msg_ids, default=0)
-        hi = event.max_msg_id if event.max_msg_id is not None else max(event.msg_ids, default=-1)
-        qs.announce(lo, hi, frozenset(event.msg_ids))
-        # Announced now, so ready now (or at ready_at): an earlier claim of these ids no longer
-        # counts (notifications arrive in commit order, a later claim's notice after this).
-        qs.claimed.forget(event.msg_ids or (lo,))
-        wait = 0.0
-        if event.ready_at is not None:
-            wait = (event.ready_at - datetime.now(UTC)).total_seconds()
-            wait = wait + READY_MARGIN_S if wait > 0.005 else 0.0
-        ranking = self.ranking
-        if ranking is not None and ranking.fleet(qs.namespace) > 1:
-            rank = ranking.rank(qs.namespace, lo)
-            first = ranking.immediate(qs.namespace, event.message_count, self.batch_size)
-            if rank >= first:
-                # Another worker is first in line: come back after the grace, and claim only if
-                # it has not (see domain/herd.py).
-                ids = event.msg_ids if hi in event.msg_ids or not event.msg_ids else (*event.msg_ids, hi)
-                self.stats.incr("claims_deferred")
-                self._push_timer(wait + self.claim_grace * (rank - first + 1), qs.name, Source.EVENT, ids or (hi,))
-                return
-        if wait > 0:
-            self.schedule(qs.name, wait, Source.EVENT)
-            return
-        qs.poke(Source.EVENT)
 
     def schedule(self, queue: str, delay_s: float, source: Source) -> None:
-        """Wake ``queue`` after ``delay_s`` (delayed messages, retries)."""
-        self._push_timer(delay_s, queue, source, None)
+        """Wake ``queue`` after ``delay_s`` (delayed messages, put-backs, lapsing vts)."""
+        self.push(delay_s, queue, source, None)
 
-    def _push_timer(self, delay_s: float, queue: str, source: Source, ids: tuple[int, ...] | None) -> None:
+    def leave_alone(self, queue: str, msg_id: int, until: float) -> None:
+        """Do not claim ``msg_id`` of ``queue`` before monotonic time ``until``."""
+        qs = self.queues.get(queue)
+        if qs is not None:
+            qs.leave_alone(msg_id, until)
+
+    def push(self, delay_s: float, queue: str, source: Source, ids: tuple[int, ...] | None) -> None:
+        """A wakeup of ``queue`` after ``delay_s``; with ``ids``, a deferred claim of them."""
         if len(self._timers) >= MAX_TIMERS:
             self.stats.incr("timers_dropped")
             if ids is not None:  # a deferred claim must not be lost: claim now instead
@@ -300,7 +142,8 @@ class CommandProcessor:
         heapq.heappush(self._timers, (anyio.current_time() + max(0.0, delay_s), self._timer_seq, queue, source, ids))
         self._timer_changed.set()
 
-    async def _timer_loop(self) -> None:
+    async def run(self) -> None:
+        """Wake the queues whose timers fall due, until cancelled."""
         while True:
             self._timer_changed = anyio.Event()
             if not self._timers:
@@ -329,6 +172,200 @@ class CommandProcessor:
                 needed = needed or taken
             if needed:
                 qs.poke(source)
+
+
+@dataclass(frozen=True)
+class ClaimSettings:
+    """What the claim side reads of the configuration."""
+
+    worker_id: str
+    #: At most this many messages per claim (``[event_system.fallback_poller] batch_size``).
+    batch_size: int
+    #: The claim's visibility timeout, whole seconds.
+    vt_seconds: int
+    #: tasker-core's meaning: how long the processing of one command (here, a wakeup's claim)
+    #: may take before it is abandoned, counted and retried.
+    processing_timeout_s: float
+    claim_grace_s: float
+    #: The whole shutdown budget (``[worker] shutdown_timeout``).
+    shutdown_timeout_s: float
+
+    @classmethod
+    def from_config(cls, config: TaskerConfig, worker_id: str) -> ClaimSettings:
+        """The settings of a worker's configuration."""
+        es = config.event_system
+        return cls(
+            worker_id=worker_id,
+            batch_size=es.fallback_poller.batch_size,
+            vt_seconds=max(1, math.ceil(es.fallback_poller.visibility_timeout.total_seconds())),
+            processing_timeout_s=es.processing_timeout.total_seconds(),
+            claim_grace_s=es.listener.claim_grace.total_seconds(),
+            shutdown_timeout_s=config.worker.shutdown_timeout.total_seconds(),
+        )
+
+
+class CommandProcessor:
+    """Consumes WorkerCommands: wakes claim loops, claims, and hands each message to the steps."""
+
+    def __init__(
+        self,
+        settings: ClaimSettings,
+        *,
+        client: QueueClient,
+        timers: ClaimTimers,
+        runner: StepRunner,
+        stats: WorkerStats,
+        listening_since: Callable[[], float | None] = lambda: None,
+        ranking: ClaimRanking | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.client = client
+        self.stats = stats
+        self.listening_since = listening_since
+        #: Who claims a notified message first (None: this worker claims every notification).
+        self.ranking = ranking
+        self.claim_grace = settings.claim_grace_s
+        self.timers = timers
+        self.queues = timers.queues
+        #: The step side: the runner, the messages it holds and the writer that ends its steps.
+        self.steps = runner
+        self.held = runner.held
+        self.writer = runner.writer
+        self.max_concurrent = self.held.max_concurrent
+        self.vt_seconds = settings.vt_seconds
+        self.batch_size = settings.batch_size
+        self.processing_timeout_s = settings.processing_timeout_s
+        self.refill_at = max(1, min(self.batch_size, self.max_concurrent) // 2)
+        self._probe_wanted = anyio.Event()
+        self._probe_source = Source.POLL
+        self._claiming = True
+        self.last_error: str | None = None
+
+    # --- public ----------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        """How many more steps may start now."""
+        return self.held.free_slots
+
+    async def run(
+        self, commands: MemoryObjectReceiveStream[WorkerCommand], shutdown_deadline: Callable[[], float]
+    ) -> None:
+        """Process commands until ``Shutdown``; then drain within the budget and release."""
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self.writer.run)
+            try:
+                async with anyio.create_task_group() as loops:
+                    for qs in self.queues.values():
+                        loops.start_soon(self._claim_loop, qs)
+                    loops.start_soon(self.timers.run)
+                    loops.start_soon(self._probe_loop)
+                    loops.start_soon(self._vt_keeper)
+                    async with commands:
+                        async for command in commands:
+                            if isinstance(command, Shutdown):
+                                log.info("shutdown: %s", command.reason)
+                                break
+                            self.handle(command)
+                    self._claiming = False
+                    loops.cancel_scope.cancel()
+                # Sources are stopped and nothing new is claimed: let in-flight steps finish
+                # until the deadline less the reserve for the final writes, then cancel them and
+                # give their messages back.
+                deadline = self.final_deadline(shutdown_deadline())
+                with anyio.move_on_after(max(0.0, deadline - self.write_reserve_s - anyio.current_time())):
+                    while self.held:
+                        await self.held.wait_slot()
+            finally:
+                self._claiming = False
+                deadline = self.final_deadline(shutdown_deadline())
+                # Everything from here on ends by the one deadline, whatever the database does.
+                with anyio.CancelScope(shield=True, deadline=deadline):
+                    running = self.held.running()
+                    if running:
+                        await self._release_all(running)
+                    await self.steps.cancel(running)
+                self.writer.final_deadline = deadline
+            outer.cancel_scope.cancel()
+
+    @property
+    def write_reserve_s(self) -> float:
+        """The share of the shutdown budget kept for the final writes (releases, outcomes,
+        deregistration) rather than waiting for handlers: 30% of it, at most 2 s."""
+        return min(MAX_WRITE_RESERVE_S, 0.3 * self.settings.shutdown_timeout_s)
+
+    def final_deadline(self, requested: float) -> float:
+        """The shutdown's deadline: the one set when it was requested, else (a crash, a
+        cancellation) the budget from now."""
+        if requested != float("inf"):
+            return requested
+        return anyio.current_time() + self.settings.shutdown_timeout_s
+
+    def handle(self, command: WorkerCommand) -> None:
+        """Apply one non-shutdown command (no I/O: it only wakes claim loops)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("command", extra={"command_type": type(command).__name__})
+        if isinstance(command, ExecuteStepFromEvent):
+            self._on_event(command.event)
+        elif isinstance(command, ClaimsSeen):
+            notice = command.notice
+            seen = self.queues.get(notice.queue)
+            if seen is not None:
+                seen.claimed.add(notice.msg_ids, *((notice.lo, notice.hi) if notice.truncated else (None, None)))
+        elif isinstance(command, ExecuteStep):
+            if command.queue in self.queues:
+                self.queues[command.queue].poke(command.source)
+            elif len(self.queues) == 1:
+                for qs in self.queues.values():
+                    qs.poke(command.source)
+            else:
+                # Every queue: one probe for all of them first (``_probe_loop``).
+                self._probe_source = command.source
+                self._probe_wanted.set()
+
+    def status(self) -> dict[str, Any]:
+        """Statistics and in-flight work."""
+        snap = self.stats.snapshot()
+        snap["in_flight"] = len(self.held)
+        snap["outcomes_waiting"] = self.held.handed_off
+        snap["free_slots"] = self.free_slots
+        snap["queues"] = sorted(self.queues)
+        snap["circuits"] = self.steps.circuits.open_circuits()
+        return snap
+
+    # --- waking ----------------------------------------------------------------------------
+
+    def _on_event(self, event: MessageReady) -> None:
+        qs = self.queues.get(event.queue_name)
+        if qs is None:
+            return
+        self.stats.incr("notifications_received")
+        lo = event.min_msg_id if event.min_msg_id is not None else min(event.msg_ids, default=0)
+        hi = event.max_msg_id if event.max_msg_id is not None else max(event.msg_ids, default=-1)
+        qs.announce(lo, hi, frozenset(event.msg_ids))
+        # Announced now, so ready now (or at ready_at): an earlier claim of these ids no longer
+        # counts (notifications arrive in commit order, a later claim's notice after this).
+        qs.claimed.forget(event.msg_ids or (lo,))
+        wait = 0.0
+        if event.ready_at is not None:
+            wait = (event.ready_at - datetime.now(UTC)).total_seconds()
+            wait = wait + WAKE_MARGIN_S if wait > 0.005 else 0.0
+        ranking = self.ranking
+        if ranking is not None and ranking.fleet(qs.namespace) > 1:
+            rank = ranking.rank(qs.namespace, lo)
+            first = ranking.immediate(qs.namespace, event.message_count, self.batch_size)
+            if rank >= first:
+                # Another worker is first in line: come back after the grace, and claim only if
+                # it has not (see domain/herd.py).
+                ids = event.msg_ids if hi in event.msg_ids or not event.msg_ids else (*event.msg_ids, hi)
+                self.stats.incr("claims_deferred")
+                self.timers.push(wait + self.claim_grace * (rank - first + 1), qs.name, Source.EVENT, ids or (hi,))
+                return
+        if wait > 0:
+            self.timers.schedule(qs.name, wait, Source.EVENT)
+            return
+        qs.poke(Source.EVENT)
 
     async def _probe_loop(self) -> None:
         """Wake only the queues that have a visible message, asked in one statement: a poll of
@@ -364,12 +401,12 @@ class CommandProcessor:
             qs.woken_by_event = False
             backlog = False
             while self._claiming:
-                free = self.steps.free_slots
+                free = self.held.free_slots
                 # While the last claim came back full (a backlog), wait until a good share of
                 # the slots is free: one claim of 50 costs the server little more than a claim
                 # of 1, so refilling slot by slot would multiply the round trips.
                 if free <= 0 or (backlog and free < self.refill_at):
-                    await self.steps.wait_slot()
+                    await self.held.wait_slot()
                     continue
                 if backlog:
                     # A claim's source is what triggered *it*: a notification that came while
@@ -416,7 +453,7 @@ class CommandProcessor:
                     )
                     # The claim may have gone through with its reply lost: those messages
                     # reappear after their vt, and must be looked for then in every mode.
-                    self.schedule(qs.name, self.vt_seconds + VT_MARGIN_S, Source.POLL)
+                    self.timers.schedule(qs.name, self.vt_seconds + WAKE_MARGIN_S, Source.POLL)
                     await anyio.sleep(delay)
                     continue
                 self.stats.observe_claim(time.monotonic() - began, len(msgs))
@@ -454,8 +491,7 @@ class CommandProcessor:
             log.warning("lapsed claims on %s not recorded: %s", qs.name, first_line(exc))
 
     def _accept(self, qs: _QueueState, msg: ClaimedMessage) -> None:
-        key = (msg.queue, msg.msg_id)
-        current = self.steps.in_flight.get(key)
+        current = self.held.get(msg.queue, msg.msg_id)
         if current is not None:
             # Redelivered while still running here (our vt lapsed): we hold the newest claim,
             # so adopt its read_ct for the ack and keep running the first copy only.
@@ -476,11 +512,6 @@ class CommandProcessor:
                 self.stats.incr("missed_wakeups")
         self.steps.start(msg)
 
-    def _leave_alone(self, queue: str, msg_id: int, until: float) -> None:
-        qs = self.queues.get(queue)
-        if qs is not None:
-            qs.leave_alone(msg_id, until)
-
     async def _vt_keeper(self) -> None:
         """Extend the vt of steps running past half of it, in one statement per queue."""
         tick = min(1.0, max(0.05, self.vt_seconds / 4))
@@ -489,7 +520,7 @@ class CommandProcessor:
             await anyio.sleep(tick)
             now = time.monotonic()
             due: dict[str, list[Any]] = {}
-            for item in self.steps.in_flight.values():
+            for item in self.held.entries.values():
                 if not item.lost_claim and item.vt_deadline - now < self.vt_seconds / 2:
                     due.setdefault(item.msg.queue, []).append(item)
             for queue, items in due.items():
@@ -505,7 +536,7 @@ class CommandProcessor:
                     if item.msg.msg_id in extended:
                         item.vt_deadline = after + self.vt_seconds
                         self.stats.incr("vt_extensions")
-                    elif not item.settled:
+                    elif not item.ending:
                         # The fence refused it: the message was claimed again elsewhere (our vt
                         # lapsed). The step runs on (its handler may be mid-write), but its
                         # outcome will be refused too; no more extensions are tried for it.
@@ -522,49 +553,21 @@ class CommandProcessor:
 
     # --- shutdown --------------------------------------------------------------------------
 
-    async def _announce_released(self, queue: str, msg_ids: list[int]) -> None:
-        """Visible again at once, but no INSERT announces them: without this, workers that only
-        listen (EventDrivenOnly) would not know of them until another step came."""
-        try:
-            await self.client.announce_ready(queue, msg_ids)
-        except psycopg.Error as exc:  # released all the same; pollers of the other modes find them
-            self.stats.incr("db_errors")
-            log.warning("released %d messages of %s but could not announce them: %s", len(msg_ids), queue, exc)
-
-    async def _release_all(self) -> None:
-        """Give every still-running step's message back at once (not counted as an attempt)."""
-        items = [i.msg for i in self.steps.in_flight.values()]
-        log.info("releasing %d unfinished steps back to their queues", len(items))
-        by_queue: dict[str, list[ClaimedMessage]] = {}
-        for m in items:
-            by_queue.setdefault(m.queue, []).append(m)
-        released: set[tuple[str, int]] = set()
+    async def _release_all(self, running: list[HeldStep]) -> None:
+        """Give every still-running step's message back at once (not counted as an attempt):
+        each ends with the rulebook's ``released`` settlement, through the writer, which also
+        announces them (visible again at once, but no INSERT announces them: workers that only
+        listen would not know of them until another step came)."""
+        log.info("releasing %d unfinished steps back to their queues", len(running))
+        settlement = released("shutdown")
+        for entry in running:
+            self.writer.end(entry, settlement)
         # The caller's scope shields this from the shutdown's cancellation and bounds it by the
         # shutdown's deadline (a shield here would hide that deadline).
         try:
-            for queue, msgs in by_queue.items():
-                try:
-                    requests = [
-                        RetryRequest(
-                            m,
-                            0,
-                            None,
-                            count_attempt=False,
-                            event=STEP_ASSIGNMENT_REJECTED,
-                            event_data={"reason": "shutdown"},
-                        )
-                        for m in msgs
-                    ]
-                    done = await self.client.retry(queue, requests, worker_id=self.worker_id)
-                    self.stats.incr("released", sum(done.values()))
-                    released.update((queue, m) for m in done)
-                    await self._announce_released(queue, [m for m, applied in done.items() if applied])
-                except psycopg.Error as exc:
-                    log.error(
-                        "could not release %d messages of %s (they return after their vt): %s", len(msgs), queue, exc
-                    )
-                    released.update((queue, m.msg_id) for m in msgs)  # reported: not again below
+            while any(not e.ended for e in running):
+                await self.held.wait_slot()
         except anyio.get_cancelled_exc_class():
-            left = sum(1 for m in items if (m.queue, m.msg_id) not in released)
+            left = sum(1 for e in running if not e.ended)
             log.error("shutdown deadline: %d unfinished steps not released; they return after their vt", left)
             raise

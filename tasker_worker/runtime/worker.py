@@ -56,6 +56,7 @@ from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.planning.handler import register_planning
 from tasker_worker.handlers.registry import HandlerRegistry, PeriodicSpec, RegistersHandlers
 from tasker_worker.producer.client import AsyncClient
+from tasker_worker.runtime.assembly import step_path
 from tasker_worker.runtime.commands import Shutdown
 from tasker_worker.runtime.control import WorkerControl
 from tasker_worker.runtime.event_system import WorkerEventSystem
@@ -253,8 +254,8 @@ class Worker(RegistersHandlers):
             if ranking is not None:
                 event_system.on_fleet_changed = self._note_fleet_changed
             self.control = control
-            processor = CommandProcessor(
-                config=self.config,
+            processor = step_path(
+                self.config,
                 worker_id=self.worker_id,
                 queues=self.queues,
                 client=client,

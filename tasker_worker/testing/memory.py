@@ -1,11 +1,13 @@
 """HandlerHarness: run handlers against scripted step messages, in memory, on a clock you move.
 
-No database and no waiting: a retry due in 30 s is run by ``advance(30)``. The harness applies
-the runtime's own rulebook (``domain.verdicts`` for retries, releases and dead letters,
-``domain.circuits`` for circuit breaking) and its own executor (timeouts, thread pool), so what
-a handler does here is what it does in a worker. What it leaves out: SQL, LISTEN/NOTIFY, vt
-expiry of a crashed worker, and ``ctx.transaction()`` (there is no database; use the pytest
-plugin's real one for that).
+No database and no waiting: a retry due in 30 s is run by ``advance(30)``. The harness runs the
+runtime's own ``StepRunner`` and ``OutcomeWriter`` (``runtime/steps.py``, ``runtime/writer.py``:
+the rulebook, the executor with its timeouts, the circuit breakers, the dedup of a step run
+twice) on ``MemoryStore``, an in-memory implementation of the same ``StepStore`` port the
+database client implements, so what a handler does here is what it does in a worker; this module
+holds no step rule of its own. What it leaves out: SQL, LISTEN/NOTIFY, vt expiry of a crashed
+worker, and ``ctx.transaction()`` (there is no database; use the pytest plugin's real one for
+that).
 
 ::
 
@@ -25,33 +27,37 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 import types
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tasker_worker.config.models import TaskerConfig
-from tasker_worker.domain.circuits import CircuitBreakers, CircuitState
+from tasker_worker.db.queue_client import RetryRequest, encode_outcomes
+from tasker_worker.domain.circuits import CircuitState
 from tasker_worker.domain.clock import ManualClock
 from tasker_worker.domain.names import queue_name
-from tasker_worker.domain.steps import StepMessage
-from tasker_worker.domain.verdicts import RetryPolicy, VerdictKind, decide_failure, step_timeout
-from tasker_worker.errors import (
-    DependencyUnavailable,
-    StepValidationError,
-    UnknownHandler,
-    first_line,
-)
-from tasker_worker.handlers.context import StepContext
+from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source, StepMessage
+from tasker_worker.domain.verdicts import STEP_ASSIGNMENT_TIMED_OUT
+from tasker_worker.errors import UsageError
 from tasker_worker.handlers.registry import HandlerRegistry, RegistersHandlers
 from tasker_worker.runtime.executor import HandlerExecutor
+from tasker_worker.runtime.inflight import InFlight
+from tasker_worker.runtime.ports import NoWakeups
+from tasker_worker.runtime.stats import WorkerStats
+from tasker_worker.runtime.steps import StepRunner, StepSettings, circuit_breakers
+from tasker_worker.runtime.writer import OutcomeWriter
 
 log = logging.getLogger("tasker_worker.testing")
 
 #: Bounds of one call, so a handler that always retries cannot loop a test forever.
 MAX_RUNS_PER_CALL = 10_000
 MAX_PERIODIC_RUNS_PER_ADVANCE = 10_000
+#: The worker id the harness's runs carry.
+HARNESS_WORKER = "harness"
 
 
 @dataclass
@@ -63,6 +69,7 @@ class MemoryMessage:
     vt: datetime
     read_ct: int = 0
     headers: dict[str, Any] = field(default_factory=dict)
+    enqueued_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def releases(self) -> int:
@@ -83,7 +90,7 @@ class StepOutcome:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One handler run (or one decision without a run) and what followed."""
+    """One write about a claimed message (what a run, or a decision without a run, led to)."""
 
     msg_id: int
     step_uuid: str | None
@@ -93,8 +100,214 @@ class RunRecord:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+#: The ``verdict`` of a put-back that gives the attempt back, by the reason of its event.
+_PUT_BACK_VERDICTS = {
+    "circuit_open": "circuit_open",
+    "duplicate_in_flight": "duplicate_in_flight",
+    "missing_capability": "rejected",
+    "shutdown": "released",
+}
+
+
+class MemoryStore:
+    """pgmq's queues and ``tasker.step_results`` in memory, on a manual clock: the
+    ``runtime.ports.StepStore`` port, as ``db.queue_client.QueueClient`` implements it on
+    PostgreSQL (``tests/test_store.py`` runs one conformance suite against both).
+
+    Messages live per queue; a DLQ is ``<queue>_dlq``. Every write about a claimed message is
+    fenced on its read_ct. Outcome rows are kept by step_uuid, the first one winning, with what
+    the database would store (the same JSON encoding)."""
+
+    def __init__(self, clock: ManualClock | None = None) -> None:
+        self.clock = clock or ManualClock(datetime(2030, 1, 1, tzinfo=UTC))
+        self.queues: dict[str, dict[int, MemoryMessage]] = {}
+        #: Outcome rows by step_uuid: at most one per step, as in ``tasker.step_results``.
+        self.outcomes: dict[str, StepOutcome] = {}
+        #: Settled messages (kept, as pgmq's archive with ``[queues] archive = true``).
+        self.archived: list[MemoryMessage] = []
+        #: Every write about a claimed message, in order.
+        self.runs: list[RunRecord] = []
+        #: Step events recorded with put-backs: (event type, msg_id, data).
+        self.events: list[tuple[str, int, dict[str, Any]]] = []
+        #: Announcements of messages ready again: (queue, msg_ids, delay_s).
+        self.announcements: list[tuple[str, list[int], float]] = []
+        #: Capabilities that some other live worker offers (``capable_worker_exists``).
+        self.capable_peers: set[str] = set()
+        self._ids = itertools.count(1)
+
+    # --- producing and looking (not part of the port) ---------------------------------------
+
+    def send(self, queue: str, body: Any, *, delay: float = 0, headers: dict[str, Any] | None = None) -> int:
+        """Enqueue ``body`` (any JSON value, malformed steps included); return its msg_id."""
+        msg_id = next(self._ids)
+        now = self.clock.now()
+        self.queues.setdefault(queue, {})[msg_id] = MemoryMessage(
+            msg_id, body, now + timedelta(seconds=delay), headers=dict(headers or {}), enqueued_at=now
+        )
+        return msg_id
+
+    def messages(self, queue: str) -> dict[int, MemoryMessage]:
+        """The messages of ``queue`` by msg_id (the harness's live view)."""
+        return self.queues.setdefault(queue, {})
+
+    # --- the StepStore port -----------------------------------------------------------------
+
+    async def claim(
+        self,
+        queue: str,
+        vt_seconds: int,
+        qty: int,
+        source: Source,
+        *,
+        worker_id: str | None = None,
+        skip_handlers: Sequence[str] = (),
+        skip_msgs: Sequence[int] = (),
+        announce: bool = False,
+    ) -> list[ClaimedMessage]:
+        """Up to ``qty`` visible messages, oldest first, each invisible for ``vt_seconds``;
+        messages of ``skip_handlers`` and with an id in ``skip_msgs`` are left untouched."""
+        now = self.clock.now()
+        skipped, left = set(skip_handlers), set(skip_msgs)
+        ready = [
+            m
+            for m in self.messages(queue).values()
+            if m.vt <= now and m.msg_id not in left and not (skipped and _handler_of(m.body) in skipped)
+        ]
+        claimed = []
+        for m in sorted(ready, key=lambda m: m.msg_id)[:qty]:
+            m.read_ct += 1
+            m.vt = now + timedelta(seconds=vt_seconds)
+            step_uuid = _step_uuid_of(m.body)
+            claimed.append(
+                ClaimedMessage(
+                    queue,
+                    m.msg_id,
+                    m.read_ct,
+                    m.enqueued_at,
+                    now,
+                    json.dumps(m.body),
+                    dict(m.headers) or None,
+                    step_uuid is not None and step_uuid in self.outcomes,
+                    source,
+                    time.monotonic(),
+                )
+            )
+        return claimed
+
+    async def settle(self, queue: str, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
+        """Delete (archive) each message still held by its claim and record its outcome row."""
+        settled = set()
+        for outcome in outcomes:
+            m = self._held(queue, outcome.msg)
+            if m is None:
+                continue
+            del self.messages(queue)[m.msg_id]
+            self.archived.append(m)
+            key = self._record(m, outcome)
+            verdict = outcome.status.value if outcome.status is not None else "duplicate"
+            self.runs.append(RunRecord(m.msg_id, key, m.read_ct, verdict, 0.0, self.clock.now()))
+            settled.add(m.msg_id)
+        return settled
+
+    async def dead_letter(self, queue: str, worker_id: str, outcomes: Sequence[Outcome]) -> dict[int, bool]:
+        """Move each message still held by its claim to ``<queue>_dlq`` (the error in its
+        headers, as ``tasker.dead_letter_steps`` writes it) and record its outcome row."""
+        moved = {}
+        for outcome in outcomes:
+            m = self._held(queue, outcome.msg)
+            moved[outcome.msg.msg_id] = m is not None
+            if m is None:
+                continue
+            del self.messages(queue)[m.msg_id]
+            error = outcome.error or {}
+            m.headers["tasker_dlq"] = {
+                "reason": error.get("reason"),
+                "error": error,
+                "status": outcome.status.value if outcome.status else None,
+                "source_queue": queue,
+                "source_msg_id": m.msg_id,
+                "attempts": m.read_ct,
+                "worker_id": worker_id,
+            }
+            # The harness's name for the error (docs/workers.md), kept beside the database's.
+            m.headers["tasker_dead_letter"] = error
+            self.messages(queue + "_dlq")[m.msg_id] = m
+            key = self._record(m, outcome)
+            self.runs.append(RunRecord(m.msg_id, key, m.read_ct, "dead_letter", 0.0, self.clock.now()))
+        return moved
+
+    async def retry(
+        self, queue: str, requests: Sequence[RetryRequest], *, worker_id: str | None = None
+    ) -> dict[int, bool]:
+        """Put each message still held by its claim back after its delay, its headers patched,
+        the attempt given back unless it counts."""
+        applied = {}
+        for request in requests:
+            m = self._held(queue, request.msg)
+            applied[request.msg.msg_id] = m is not None
+            if m is None:
+                continue
+            m.vt = self.clock.now() + timedelta(milliseconds=max(0, request.delay_ms))
+            if not request.count_attempt:
+                m.read_ct = max(0, m.read_ct - 1)
+            if request.headers:
+                m.headers.update(request.headers)
+            data = dict(request.event_data or {})
+            if request.event is not None:
+                self.events.append((request.event, m.msg_id, {"attempt": request.msg.read_ct, **data}))
+            if request.count_attempt:
+                verdict = "timeout" if request.event == STEP_ASSIGNMENT_TIMED_OUT else "retry"
+            else:
+                verdict = _PUT_BACK_VERDICTS.get(str(data.get("reason")), "release")
+            self.runs.append(
+                RunRecord(
+                    m.msg_id, _step_uuid_of(m.body), m.read_ct, verdict, request.delay_ms / 1000, self.clock.now()
+                )
+            )
+        return applied
+
+    async def extend_vt(self, queue: str, msgs: Sequence[ClaimedMessage], vt_ms: int) -> dict[int, datetime]:
+        """Push the vt of messages still held by their claims."""
+        extended = {}
+        for msg in msgs:
+            m = self._held(queue, msg)
+            if m is not None:
+                m.vt = self.clock.now() + timedelta(milliseconds=vt_ms)
+                extended[m.msg_id] = m.vt
+        return extended
+
+    async def announce_ready(self, queue: str, msg_ids: Sequence[int], delay_s: float = 0.0) -> None:
+        """Noted in ``announcements`` (nobody listens in memory)."""
+        if msg_ids:
+            self.announcements.append((queue, sorted(msg_ids), delay_s))
+
+    async def capable_worker_exists(self, capability: str, fresh_within_s: float, other_than: str) -> bool:
+        """Whether ``capability`` is among ``capable_peers``."""
+        return capability in self.capable_peers
+
+    async def settle_in_transaction(self, outcome: Outcome, worker_id: str, conn: Any) -> tuple[bool, bool]:
+        """There are no transactions in memory (``ctx.transaction()`` raises first)."""
+        raise UsageError("the in-memory store has no transactions")
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _held(self, queue: str, msg: ClaimedMessage) -> MemoryMessage | None:
+        """The message, if the claim ``msg`` still holds it (its read_ct unchanged)."""
+        m = self.messages(queue).get(msg.msg_id)
+        return m if m is not None and m.read_ct == msg.read_ct else None
+
+    def _record(self, m: MemoryMessage, outcome: Outcome) -> str | None:
+        """Record the outcome row (the first per step_uuid wins), encoded as the settle encodes
+        it for the database; return the step_uuid."""
+        key = _step_uuid_of(m.body)
+        if outcome.status is not None and key is not None and key not in self.outcomes:
+            row = json.loads(encode_outcomes([outcome]))[0]
+            self.outcomes[key] = StepOutcome(key, outcome.status.value, row.get("result"), outcome.error, m.read_ct)
+        return key
+
+
 class HandlerHarness(RegistersHandlers):
-    """Handlers, an in-memory queue and a manual clock."""
+    """Handlers, the runtime's step runner on an in-memory store, and a manual clock."""
 
     def __init__(
         self,
@@ -111,24 +324,58 @@ class HandlerHarness(RegistersHandlers):
         self.clock = clock or ManualClock(datetime(2030, 1, 1, tzinfo=UTC))
         self.state = state if state is not None else types.SimpleNamespace()
         self.registry = registry or HandlerRegistry()
-        retry = self.config.retry
-        self.policy = RetryPolicy.from_settings(retry)
-        breaker = self.config.circuit_breaker
-        self.circuits = CircuitBreakers(
-            breaker.failure_threshold, breaker.cooldown, breaker.max_cooldown, breaker.enabled, self.clock
+        self.store = MemoryStore(self.clock)
+        self.circuits = circuit_breakers(self.config, self.clock)
+        self.stats = WorkerStats(window=self.config.worker.stats_window)
+        self._settings = StepSettings.from_config(self.config, HARNESS_WORKER)
+        self._executor = HandlerExecutor("thread", self.config.worker.executor_workers)
+        held = InFlight(self._settings.max_concurrent, self._settings.vt_seconds)
+        wakeups = NoWakeups()  # the harness moves the clock and claims by itself
+        self._writer = OutcomeWriter(self.store, HARNESS_WORKER, self.stats, held, wakeups)
+        self._runner = StepRunner(
+            self._settings,
+            store=self.store,
+            held=held,
+            writer=self._writer,
+            registry=self.registry,
+            executor=self._executor,
+            circuits=self.circuits,
+            wakeups=wakeups,
+            stats=self.stats,
+            queue_names=[self.queue],
+            state=self.state,
         )
-        self.messages: dict[int, MemoryMessage] = {}
-        #: Outcomes by step_uuid: at most one per step, as in ``tasker.step_results``.
-        self.outcomes: dict[str, StepOutcome] = {}
-        self.dead_letters: list[MemoryMessage] = []
-        self.archived: list[MemoryMessage] = []
-        self.runs: list[RunRecord] = []
         #: Every periodic run: (job name, clock time, the exception it raised or None).
         self.periodic_runs: list[tuple[str, datetime, BaseException | None]] = []
-        self._ids = itertools.count(1)
-        self._executor = HandlerExecutor("thread", self.config.worker.executor_workers)
         self._started = self.clock.now()
         self._periodic_due: dict[str, datetime] = {}
+
+    # --- the store's contents --------------------------------------------------------------
+
+    @property
+    def messages(self) -> dict[int, MemoryMessage]:
+        """The queue's messages by msg_id (waiting for their vt, or ready)."""
+        return self.store.messages(self.queue)
+
+    @property
+    def outcomes(self) -> dict[str, StepOutcome]:
+        """Outcomes by step_uuid: at most one per step, as in ``tasker.step_results``."""
+        return self.store.outcomes
+
+    @property
+    def dead_letters(self) -> list[MemoryMessage]:
+        """The messages moved to the DLQ, oldest first."""
+        return list(self.store.messages(self.queue + "_dlq").values())
+
+    @property
+    def archived(self) -> list[MemoryMessage]:
+        """The settled messages."""
+        return self.store.archived
+
+    @property
+    def runs(self) -> list[RunRecord]:
+        """Every write about a claimed message, in order."""
+        return self.store.runs
 
     # --- setting up (handler() and periodic() come from RegistersHandlers) ---------------
 
@@ -145,24 +392,33 @@ class HandlerHarness(RegistersHandlers):
         A string is taken as JSON text, like a message typed in SQL."""
         if isinstance(body, str):
             body = json.loads(body)
-        msg_id = next(self._ids)
-        self.messages[msg_id] = MemoryMessage(msg_id, body, self.clock.now() + timedelta(seconds=delay))
-        return msg_id
+        return self.store.send(self.queue, body, delay=delay)
 
     # --- running -------------------------------------------------------------------------
 
     async def run_ready(self) -> int:
-        """Run every message visible now, oldest first, until none is; return how many ran."""
+        """Claim every message visible now and run them one after another, oldest first, until
+        none is visible; return how many ran. As the worker's claim, the steps of handlers whose
+        circuit is open stay untouched."""
         count = 0
         while count < MAX_RUNS_PER_CALL:
-            now = self.clock.now()
-            # As the runtime's claim: the steps of handlers whose circuit is open stay untouched.
-            skipped = set(self.circuits.skipped())
-            ready = [m for m in self.messages.values() if m.vt <= now and _handler_of(m.body) not in skipped]
-            if not ready:
+            circuits = self.circuits
+            skip = circuits.skipped() if circuits.circuits else ()
+            claimed = await self.store.claim(
+                self.queue,
+                self._settings.vt_seconds,
+                MAX_RUNS_PER_CALL - count,
+                Source.POLL,
+                worker_id=HARNESS_WORKER,
+                skip_handlers=skip,
+            )
+            if not claimed:
                 return count
-            for msg in sorted(ready, key=lambda m: m.msg_id):
-                await self._process(msg)
+            for msg in claimed:
+                entry = self._runner.start(msg)
+                assert entry.task is not None
+                await entry.task
+                await self._writer.flush()
                 count += 1
         raise RuntimeError(f"more than {MAX_RUNS_PER_CALL} runs without the queue settling")
 
@@ -215,105 +471,6 @@ class HandlerHarness(RegistersHandlers):
         """The state of ``handler``'s circuit."""
         return self.circuits.state_of(handler)
 
-    # --- the rulebook in memory ------------------------------------------------------------
-
-    async def _process(self, msg: MemoryMessage) -> None:
-        msg.read_ct += 1
-        msg.vt = self.clock.now() + self.config.event_system.fallback_poller.visibility_timeout
-        try:
-            step = StepMessage.parse(msg.body)
-        except StepValidationError as exc:
-            self._dead_letter(msg, None, "dead_lettered", exc.to_json())
-            return
-        key = str(step.step_uuid)
-        if key in self.outcomes:  # a duplicate of a step already recorded: archive only
-            self._archive(msg, key, "duplicate")
-            return
-        spec = self.registry.get(step.handler)
-        if spec is None:
-            error = UnknownHandler(f"no handler {step.handler!r} (has: {', '.join(self.registry.names)})")
-            self._dead_letter(msg, step, "dead_lettered", error.to_json())
-            return
-        circuits = self.circuits
-        if not circuits.allow(step.handler):
-            self._back(msg, step, max(0.05, circuits.retry_after(step.handler)), "circuit_open", give_back=True)
-            return
-        probe = circuits.state_of(step.handler) is CircuitState.HALF_OPEN
-        ctx = StepContext(step=step, attempt=msg.read_ct, worker_id="harness", queue=self.queue, msg_id=msg.msg_id)
-        ctx.state = self.state
-        timeout = step_timeout(step.timeout, spec.timeout, self.config.worker.handler_timeout)
-        try:
-            result = await self._executor.run(spec.func, spec.is_async, (ctx, step), timeout)
-        except Exception as exc:
-            if isinstance(exc, DependencyUnavailable):
-                circuits.record_unavailable(step.handler, first_line(exc))
-            else:
-                circuits.record_other(step.handler)
-            self._on_failure(msg, step, exc)
-            return
-        finally:
-            if probe:
-                circuits.release_probe(step.handler)
-        circuits.record_other(step.handler)
-        self._record(msg, step, "succeeded", _roundtrip(result), None)
-        self._archive(msg, key, "succeeded")
-
-    def _on_failure(self, msg: MemoryMessage, step: StepMessage, exc: Exception) -> None:
-        spec = self.registry.get(step.handler)
-        policy = spec.retry_policy(self.policy) if spec is not None else self.policy
-        fate = decide_failure(
-            exc,
-            attempt=msg.read_ct,
-            attempt_limit=step.attempt_limit,
-            releases=msg.releases,
-            policy=policy,
-            unavailable=isinstance(exc, DependencyUnavailable),
-        )
-        verdict, error = fate.verdict, fate.error
-        msg.headers["tasker_last_error"] = error
-        final = {
-            VerdictKind.FAILED: "failed",
-            VerdictKind.DEAD_LETTER: "dead_lettered",
-            VerdictKind.EXHAUSTED: "failed",
-        }
-        if verdict.kind is VerdictKind.FAILED or (verdict.kind in final and not policy.dlq):
-            # Settled with its outcome row (a handler with dlq=False keeps no DLQ copies).
-            self._record(msg, step, final[verdict.kind], None, error)
-            self._archive(msg, str(step.step_uuid), final[verdict.kind])
-        elif verdict.kind is VerdictKind.DEAD_LETTER:
-            self._dead_letter(msg, step, "dead_lettered", error)
-        elif verdict.kind is VerdictKind.EXHAUSTED:
-            self._dead_letter(msg, step, "failed", error)
-        elif verdict.kind is VerdictKind.RELEASE:
-            msg.headers["tasker_releases"] = verdict.releases
-            self._back(msg, step, verdict.delay_s, "release", give_back=True)
-        else:
-            self._back(msg, step, verdict.delay_s, "timeout" if verdict.timed_out else "retry", give_back=False)
-
-    def _back(self, msg: MemoryMessage, step: StepMessage, delay_s: float, verdict: str, *, give_back: bool) -> None:
-        if give_back:
-            msg.read_ct -= 1
-        msg.vt = self.clock.now() + timedelta(seconds=delay_s)
-        self.runs.append(RunRecord(msg.msg_id, str(step.step_uuid), msg.read_ct, verdict, delay_s, self.clock.now()))
-
-    def _record(self, msg: MemoryMessage, step: StepMessage, status: str, result: Any, error: Any) -> None:
-        key = str(step.step_uuid)
-        self.outcomes.setdefault(key, StepOutcome(key, status, result, error, msg.read_ct))
-
-    def _archive(self, msg: MemoryMessage, key: str | None, verdict: str) -> None:
-        del self.messages[msg.msg_id]
-        self.archived.append(msg)
-        self.runs.append(RunRecord(msg.msg_id, key, msg.read_ct, verdict, 0.0, self.clock.now()))
-
-    def _dead_letter(self, msg: MemoryMessage, step: StepMessage | None, status: str, error: dict[str, Any]) -> None:
-        key = str(step.step_uuid) if step is not None else None
-        if key is not None:
-            self.outcomes.setdefault(key, StepOutcome(key, status, None, error, msg.read_ct))
-        del self.messages[msg.msg_id]
-        msg.headers["tasker_dead_letter"] = error
-        self.dead_letters.append(msg)
-        self.runs.append(RunRecord(msg.msg_id, key, msg.read_ct, "dead_letter", 0.0, self.clock.now()))
-
     def _next_periodic(self) -> tuple[str, datetime] | None:
         best: tuple[str, datetime] | None = None
         for job in self.registry.periodic_jobs:
@@ -343,9 +500,15 @@ def _handler_of(body: Any) -> Any:
     return body.get("handler") if isinstance(body, dict) else None
 
 
-def _roundtrip(result: Any) -> Any:
-    """The result as the database would store it (JSON), so a non-JSON result shows here too."""
-    return json.loads(json.dumps(result, default=repr))
+def _step_uuid_of(body: Any) -> str | None:
+    """The message's step_uuid as the database reads it (``tasker.try_uuid``), or None."""
+    value = body.get("step_uuid") if isinstance(body, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
 
 
-__all__ = ["HandlerHarness", "MemoryMessage", "RunRecord", "StepOutcome"]
+__all__ = ["HandlerHarness", "MemoryMessage", "MemoryStore", "RunRecord", "StepOutcome"]

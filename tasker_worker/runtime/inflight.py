@@ -1,0 +1,128 @@
+"""The claimed messages a worker holds, and its slots.
+
+A message is held from its claim until the write that ends its step is over: the step runner
+adds it (``hold``), the outcome writer ends it (``release_hold``), the claim side keeps its vt
+and, at shutdown, gives back those still running. A step's slot is free again as soon as its
+handler is done (``hand_off``), while its outcome waits for the writer: at most
+``max_concurrent`` outcomes wait so, so at most twice ``max_concurrent`` messages are held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import anyio
+
+from tasker_worker.domain.steps import ClaimedMessage
+
+#: How many step_uuids recorded here are remembered (``InFlight.recorded_here``).
+RECORDED_MEMORY = 4_096
+
+
+@dataclass(slots=True, eq=False)
+class HeldStep:
+    """One claimed message held here, and where its step is."""
+
+    msg: ClaimedMessage
+    #: Monotonic time at which our claim expires (pushed by each vt extension).
+    vt_deadline: float
+    #: Its end was handed to the outcome writer: nothing else may end it.
+    ending: bool = False
+    #: Its end is over (written, fenced out, or given up on): it is no longer held.
+    ended: bool = False
+    #: Its handler is done and its outcome waits for the writer: the slot is free again.
+    handed_off: bool = False
+    #: The integer of the step_uuid this message holds in ``InFlight.steps`` (None: none).
+    step_key: int | None = None
+    #: The task running its step.
+    task: asyncio.Task[None] | None = None
+    #: An extension of its vt was refused: someone else holds the message now.
+    lost_claim: bool = False
+
+
+class InFlight:
+    """The held messages by (queue, msg_id), the steps running by step_uuid, and the slots."""
+
+    def __init__(self, max_concurrent: int, vt_seconds: int) -> None:
+        self.max_concurrent = max_concurrent
+        self.vt_seconds = vt_seconds
+        self.entries: dict[tuple[str, int], HeldStep] = {}
+        #: The steps held here by the integer of their step_uuid (a UUID's hash is a Python-level
+        #: call per step), with their (queue, msg_id).
+        self.steps: dict[int, tuple[str, int]] = {}
+        #: How many entries are handed off.
+        self.handed_off = 0
+        #: The steps whose outcome this worker recorded last (bounded, oldest forgotten): a
+        #: second message of such a step claimed in the same batch, which its claim's dedup
+        #: probe could not see yet, is settled without running.
+        self.recorded: OrderedDict[int, None] = OrderedDict()
+        self._slot_freed = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def free_slots(self) -> int:
+        """How many more steps may start now."""
+        return self.max_concurrent - len(self.entries) + self.handed_off
+
+    async def wait_slot(self) -> None:
+        """Until a slot frees up (one more than ``free_slots`` said just before)."""
+        # A set event is from frees already counted in free_slots (checked just before, with
+        # no await in between): wait for the next one. Renewing the event here rather than at
+        # every free keeps an allocation off each step.
+        if self._slot_freed.is_set():
+            self._slot_freed = anyio.Event()
+        await self._slot_freed.wait()
+
+    def hold(self, msg: ClaimedMessage) -> HeldStep:
+        """Hold a message just claimed (its vt counted from the claim's return)."""
+        entry = self.entries[(msg.queue, msg.msg_id)] = HeldStep(msg, msg.received_mono + self.vt_seconds)
+        return entry
+
+    def get(self, queue: str, msg_id: int) -> HeldStep | None:
+        """The entry of a message held here."""
+        return self.entries.get((queue, msg_id))
+
+    def hand_off(self, entry: HeldStep) -> None:
+        """The handler is done and only the write is left: free the step's slot, so the next
+        step starts while the writer batches this one with others (unless ``max_concurrent``
+        outcomes wait already: then the slot frees when the write is over)."""
+        if not entry.handed_off and self.handed_off < self.max_concurrent:
+            entry.handed_off = True
+            self.handed_off += 1
+            self._slot_freed.set()
+
+    def release_hold(self, entry: HeldStep) -> None:
+        """The step of ``entry`` is over here: forget it and free its slot."""
+        entry.ended = True
+        if self.entries.get((entry.msg.queue, entry.msg.msg_id)) is entry:
+            del self.entries[(entry.msg.queue, entry.msg.msg_id)]
+        if entry.step_key is not None:
+            self.steps.pop(entry.step_key, None)
+        if entry.handed_off:
+            self.handed_off -= 1
+        self._slot_freed.set()
+
+    def note_recorded(self, step_key: int) -> None:
+        """The outcome of the step with this step_uuid integer was recorded here."""
+        recorded = self.recorded
+        recorded[step_key] = None
+        if len(recorded) > RECORDED_MEMORY:
+            recorded.popitem(last=False)
+
+    def recorded_here(self, step_key: int) -> bool:
+        """Whether this worker recorded that step's outcome a moment ago."""
+        return step_key in self.recorded
+
+    def running(self) -> list[HeldStep]:
+        """The entries whose end is not handed to the writer yet (their steps still run)."""
+        return [e for e in self.entries.values() if not e.ending]
+
+
+__all__ = ["HeldStep", "InFlight"]
