@@ -60,6 +60,12 @@ FENCE_TESTS = (G + "test_a_stale_holder_cannot_write_anything_about_a_step_taken
 M0002 = "sql/migrations/0002_step_outcomes.sql"
 M0007 = "sql/migrations/0007_one_row_per_step.sql"
 Q = "tasker_worker/db/queries.py"
+V = "tasker_worker/domain/verdicts.py"
+#: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
+#: in production and in the harness alike, so it must be caught on both stores (two mutations).
+RELEASE_RULE = Edit(
+    V, "verdict.delay_s,\n            count_attempt=False,", "verdict.delay_s,\n            count_attempt=True,"
+)
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
@@ -148,9 +154,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a failed attempt's message waits out its backoff (the runtime sends delay 0)",
         (
             Edit(
-                "tasker_worker/runtime/steps.py",
-                "RetryRequest(msg, int(delay_s * 1000), headers, count_attempt,",
-                "RetryRequest(msg, 0, headers, count_attempt,",
+                "tasker_worker/runtime/writer.py",
+                "e.msg, int(s.delay_s * 1000), s.headers,",
+                "e.msg, 0, s.headers,",
             ),
         ),
         (G + "test_a_failed_attempt_stays_invisible_for_its_backoff_attempt_by_attempt",),
@@ -242,7 +248,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "dedup_in_flight",
         "a second message of a step running here waits for it (instead of running alongside)",
-        (Edit("tasker_worker/runtime/steps.py", "if step_key in self.steps_in_flight:", "if False:"),),
+        (Edit("tasker_worker/runtime/steps.py", "if step_key in held.steps:", "if False:"),),
         (R + "test_same_step_uuid_sent_twice_runs_once",),
     ),
     Mutation(
@@ -268,19 +274,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "no_release_at_shutdown",
         "steps unfinished at shutdown are given back at once",
-        (Edit("tasker_worker/runtime/processor.py", "await self._release_all()", "pass"),),
+        (Edit("tasker_worker/runtime/processor.py", "await self._release_all(running)", "pass"),),
         (R + "test_graceful_shutdown_releases_unfinished_steps",),
     ),
     Mutation(
         "release_unannounced",
         "steps released at shutdown are announced to the workers that only listen",
-        (Edit("tasker_worker/runtime/processor.py", "await self.client.announce_ready(queue, msg_ids)", "pass"),),
+        (Edit("tasker_worker/runtime/writer.py", "await self.store.announce_ready(queue, msg_ids, delay_s)", "pass"),),
         (R + "test_steps_released_at_shutdown_are_announced_to_an_event_driven_fleet",),
     ),
     Mutation(
         "release_counts_an_attempt",
         "a release at shutdown gives the attempt back",
-        (Edit("tasker_worker/runtime/processor.py", "count_attempt=False,", "count_attempt=True,"),),
+        (Edit(V, "        0.0,\n        count_attempt=False,", "        0.0,\n        count_attempt=True,"),),
         (R + "test_graceful_shutdown_releases_unfinished_steps",),
     ),
     Mutation(
@@ -293,7 +299,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "with anyio.CancelScope(shield=True):",
             ),
             Edit(
-                "tasker_worker/runtime/steps.py",
+                "tasker_worker/runtime/writer.py",
                 "with anyio.CancelScope(shield=True, deadline=self.final_deadline) as scope:",
                 "with anyio.CancelScope(shield=True) as scope:",
             ),
@@ -535,6 +541,18 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         ("tests/test_dashboard.py::test_a_requeue_from_the_page_is_recorded_as_an_event_of_the_step",),
+    ),
+    Mutation(
+        "rulebook_release_in_memory",
+        "a rule of the rulebook holds in the harness (a dependency outage gives the attempt back)",
+        (RELEASE_RULE,),
+        ("tests/test_toolkit.py::test_dependency_unavailable_opens_the_circuit_then_a_probe_closes_it",),
+    ),
+    Mutation(
+        "rulebook_release_in_postgres",
+        "the same rule holds in a worker on PostgreSQL (a dependency outage gives the attempt back)",
+        (RELEASE_RULE,),
+        (R + "test_dependency_unavailable_is_released_without_attempts_but_bounded",),
     ),
 )
 
