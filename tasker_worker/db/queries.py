@@ -217,6 +217,7 @@ WITH ready AS (
     SELECT q.msg_id, q.headers AS prior_headers, q.last_read_at AS prior_read_at
       FROM {queue_table} AS q
      WHERE q.vt <= clock_timestamp(){skip}
+       AND NOT EXISTS (SELECT 1 FROM tasker.queue_flow AS f WHERE f.namespace = {namespace})
      ORDER BY q.msg_id
      LIMIT %(qty)s
        FOR UPDATE SKIP LOCKED
@@ -232,13 +233,62 @@ WITH ready AS (
               ready.prior_read_at
 ){assigned}{noticed}
 SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.prior_headers,
-       d.step_uuid IS NOT NULL, c.prior_read_at
+       d.step_uuid IS NOT NULL, c.prior_read_at, NULL::text AS hold, NULL::float8 AS retry_after
   FROM claimed AS c
   LEFT JOIN LATERAL (
       SELECT s.step_uuid FROM tasker.step_results AS s
        WHERE s.step_uuid = tasker.try_uuid(c.message ->> 'step_uuid')
        LIMIT 1) AS d ON true{notice_join},
        set_config('synchronous_commit', 'off', true)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'flow', NULL
+  FROM tasker.queue_flow AS f WHERE f.namespace = {namespace}
+"""
+
+# The claim of a namespace under flow control (migration 0016): limits, pause, priority and
+# groups are applied inside it, under the namespace's lock where a limit is counted. Same rows as
+# the claim above; its row with a NULL msg_id says why fewer were taken ('none': no flow row,
+# claim the plain way again; 'paused'; 'limited', with seconds until the rate allows a start).
+CLAIM_FLOW = """
+SELECT msg_id, read_ct, enqueued_at, last_read_at, message, prior_headers, done, prior_read_at,
+       hold, retry_after
+  FROM tasker.claim_flow(%(queue)s, %(qty)s, %(vt)s, %(stamp)s::jsonb, %(worker_id)s, %(skip_msgs)s::bigint[],
+                         %(skip_handlers)s::text[], %(announce)s, %(stored)s)
+"""
+
+#: A worker saw a step with a priority or a group in a namespace: claim it in that order from now on.
+NOTE_FLOW_FIELDS = "SELECT tasker.note_flow_fields(%s, %s, %s)"
+
+#: Every namespace's flow control (``queue limit``, ``status``, ``/metrics``, the dashboard).
+QUEUE_FLOW = """
+SELECT namespace, paused, max_running, key_max_running, rate_count, rate_period_s, rate_burst,
+       uses_priority, uses_groups, changed_at, changed_by
+  FROM tasker.queue_flow ORDER BY namespace
+"""
+
+PAUSE_QUEUE = "SELECT tasker.pause_queue(%s, %s)"
+RESUME_QUEUE = "SELECT tasker.resume_queue(%s, %s)"
+SET_QUEUE_LIMITS = """
+SELECT namespace FROM tasker.set_queue_limits(%(namespace)s, %(max_running)s, %(key_max_running)s,
+                                              %(rate_count)s, %(rate_period_s)s, %(rate_burst)s, %(by)s)
+"""
+
+# The indexes that keep a flow-controlled claim O(claimed) on a long queue: the claimed messages
+# (counted against max_running), and the claim orders (priority; group then priority). Built
+# CONCURRENTLY (no lock on producers) when a namespace first needs them; a claim is correct without
+# them, only slower. {table}: pgmq.q_<queue>; {name}: the index's name.
+FLOW_INDEXES = {
+    "claimed": "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} (vt) WHERE headers ? 'tasker_claim'",
+    "priority": "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} (tasker.step_priority(message), msg_id)",
+    "group": (
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} "
+        "(tasker.step_group(message), tasker.step_priority(message), msg_id)"
+    ),
+}
+#: An index left invalid by a build that failed half-way (CREATE INDEX CONCURRENTLY leaves it).
+INVALID_INDEX = """
+SELECT c.relname FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid
+ WHERE c.relname = %s AND c.relnamespace = 'pgmq'::regnamespace AND NOT i.indisvalid
 """
 
 #: The key of a message's headers that names the worker holding its claim (migration 0010).

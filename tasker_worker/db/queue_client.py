@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker.db import queries
+from tasker_worker.domain.flow import ClaimBatch, FlowHold, HoldReason
 from tasker_worker.domain.names import namespace_of, queue_name, validate_handler_name
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source
 from tasker_worker.domain.verdicts import jsonb_safe
@@ -169,6 +170,9 @@ class QueueClient:
         self._stamps: dict[str | None, str] = {}
         self.prepare = prepare
         self._statements: dict[str, queries.QueueStatements] = {}
+        #: The queues whose namespace is under flow control (claimed through tasker.claim_flow),
+        #: as the last claim of each said.
+        self.flow_queues: set[str] = set()
         self._visible: dict[tuple[str, ...], str] = {}
 
     def statements(self, queue: str) -> queries.QueueStatements:
@@ -298,24 +302,73 @@ class QueueClient:
         skip_handlers: Sequence[str] = (),
         skip_msgs: Sequence[int] = (),
         announce: bool = False,
-    ) -> list[ClaimedMessage]:
-        """Claim up to ``qty`` ready messages (oldest first, SKIP LOCKED, as pgmq.read), each with
-        its dedup flag. Messages for ``skip_handlers`` (open circuits) and those with an id in
+    ) -> ClaimBatch[ClaimedMessage]:
+        """Claim up to ``qty`` ready messages (SKIP LOCKED, as pgmq.read), each with its dedup
+        flag. Messages for ``skip_handlers`` (open circuits) and those with an id in
         ``skip_msgs`` are left in the queue untouched. ``worker_id`` is the claimant that stored
         StepAssigned events name. ``announce``: say what was claimed on ``tasker_claimed.<ns>``
-        (a worker with peers, see ``domain.herd``)."""
-        statements = self.statements(queue)
+        (a worker with peers, see ``domain.herd``).
+
+        A namespace without flow control is claimed oldest first by the queue's own statement,
+        which refuses (and says so) once the namespace has any; one with flow control through
+        ``tasker.claim_flow``, which applies its pause, limits and order and answers (``hold``)
+        what held steps back. Each answer also says when to switch, so a change made by an
+        operator or another worker takes effect at this worker's next claim."""
         stamp = self._stamps.get(worker_id)
         if stamp is None:
             stamp = self._stamps[worker_id] = json.dumps({queries.CLAIM_HEADER: {"worker_id": worker_id}})
-        params: dict[str, Any] = {"qty": qty, "vt": vt_seconds, "worker_id": worker_id, "stamp": stamp}
-        if skip_handlers or skip_msgs:
-            params["skip_handlers"] = list(skip_handlers)
-            params["skip_msgs"] = list(skip_msgs)
-            text = statements.claim_skipping_announcing if announce else statements.claim_skipping
+        hold: FlowHold | None = None
+        for _switch in range(2):  # at most one switch between the two claims per call
+            if queue in self.flow_queues:
+                rows = await self._fetch(
+                    queries.CLAIM_FLOW,
+                    {
+                        "queue": queue,
+                        "qty": qty,
+                        "vt": vt_seconds,
+                        "stamp": stamp,
+                        "worker_id": worker_id,
+                        "skip_msgs": list(skip_msgs),
+                        "skip_handlers": list(skip_handlers),
+                        "announce": announce,
+                        "stored": self.store_events,
+                    },
+                )
+            else:
+                rows = await self._fetch(
+                    self._claim_text(queue, announce, bool(skip_handlers or skip_msgs)),
+                    {
+                        "qty": qty,
+                        "vt": vt_seconds,
+                        "worker_id": worker_id,
+                        "stamp": stamp,
+                        "skip_handlers": list(skip_handlers),
+                        "skip_msgs": list(skip_msgs),
+                    },
+                )
+            marker = rows[-1][8] if rows and rows[-1][0] is None else None
+            if marker == "flow":
+                self.flow_queues.add(queue)
+                continue
+            if marker == "none":
+                self.flow_queues.discard(queue)
+                continue
+            if marker is not None:
+                retry_after = rows.pop()[9]
+                hold = FlowHold(HoldReason(marker), None if retry_after is None else float(retry_after))
+            break
         else:
-            text = statements.claim_announcing if announce else statements.claim
-        rows = await self._fetch(text, params)
+            rows = []
+        return ClaimBatch(self._claimed(queue, rows, source), hold)
+
+    def _claim_text(self, queue: str, announce: bool, skipping: bool) -> str:
+        statements = self.statements(queue)
+        if skipping:
+            return statements.claim_skipping_announcing if announce else statements.claim_skipping
+        return statements.claim_announcing if announce else statements.claim
+
+    @staticmethod
+    def _claimed(queue: str, rows: list[tuple[Any, ...]], source: Source) -> list[ClaimedMessage]:
         now = time.monotonic()
         out = []
         for r in rows:
@@ -331,6 +384,15 @@ class QueueClient:
                 ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], headers, r[6], source, now, lapsed_claim=lapsed)
             )
         return out
+
+    def flow_controlled(self, queue: str) -> bool:
+        """Whether ``queue``'s namespace was under flow control at this worker's last claim."""
+        return queue in self.flow_queues
+
+    async def note_flow_fields(self, namespace: str, priority: bool, groups: bool) -> None:
+        """Steps of ``namespace`` carry priorities or groups: from now on every worker claims it
+        in priority order, round-robin across groups."""
+        await self._fetch(queries.NOTE_FLOW_FIELDS, (namespace, priority, groups))
 
     async def record_lapsed_claims(self, queue: str, worker_id: str | None, msgs: Sequence[ClaimedMessage]) -> None:
         """One ``StepAssignmentTimedOut`` event (reason ``vt_lapsed``) per message whose previous

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from tasker_worker.domain.flow import MAX_KEY_LEN, MAX_PRIORITY, MIN_PRIORITY
 from tasker_worker.domain.names import HANDLER_MAX_LEN, validate_handler_name, validate_namespace
 from tasker_worker.errors import StepValidationError
 
@@ -27,6 +28,8 @@ _HandlerName = Annotated[
 ]
 _AttemptLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPT_LIMIT)]
 _Timeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_STEP_TIMEOUT_S)]
+_Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
+_Key = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_LEN)]
 _UUID_KEYS = ("step_uuid", "task_uuid", "correlation_id")
 _WHERE = re.compile(r" - at `\$\.?([^`]*)`$")
 
@@ -50,6 +53,12 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     attempt_limit: _AttemptLimit | None = None
     #: Seconds; overrides the handler's timeout for this step.
     timeout: _Timeout | None = None
+    #: 0 (first, the default) to 9 (last): with a backlog, claims take the lowest value first.
+    priority: _Priority = 0
+    #: A tenant, a customer, ...: claims take the steps of a namespace round-robin across groups.
+    group: _Key | None = None
+    #: Steps sharing a key are capped together (``queue limit NS --key-max-running N``).
+    concurrency_key: _Key | None = None
 
     @classmethod
     def decode(cls, text: str | bytes) -> StepMessage:
@@ -93,6 +102,8 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
     def as_body(self) -> dict[str, Any]:
         """The message body as JSON-able builtins (UUIDs as strings; unset options left out)."""
         body: dict[str, Any] = msgspec.to_builtins(self)
+        if not body.get("priority"):
+            body.pop("priority", None)
         return {k: v for k, v in body.items() if v is not None}
 
     @staticmethod
@@ -125,10 +136,14 @@ def build_message(
     correlation_id: uuid.UUID | str | None = None,
     attempt_limit: int | None = None,
     timeout: float | None = None,
+    priority: int | None = None,
+    group: str | None = None,
+    concurrency_key: str | None = None,
 ) -> StepMessage:
     """A step message checked by the rules ``tasker.step_message`` applies in SQL (names,
-    inputs an object, attempt_limit 1..100, timeout within a day); fresh ids where none given.
-    Raises ``InvalidName`` or ``StepValidationError``."""
+    inputs an object, attempt_limit 1..100, timeout within a day, priority 0..9, group and
+    concurrency_key 1..128 characters); fresh ids where none given. Raises ``InvalidName`` or
+    ``StepValidationError``."""
     validate_namespace(namespace)
     validate_handler_name(handler)
     if inputs is not None and not isinstance(inputs, dict):
@@ -142,6 +157,9 @@ def build_message(
         "inputs": inputs or {},
         "attempt_limit": attempt_limit,
         "timeout": timeout,
+        "priority": priority,
+        "group": group,
+        "concurrency_key": concurrency_key,
     }
     return StepMessage.parse({k: v for k, v in body.items() if v is not None})
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from tasker_worker.config.models import EventsConfig, RegistryConfig, RetentionConfig
-from tasker_worker.db import queries
+from tasker_worker.db import flow, queries
+from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.workers import WorkerStatus
 from tasker_worker.errors import WorkerNotFound
 from tasker_worker.fleet import eventlog, retention
@@ -49,6 +50,8 @@ class SupervisionJobs:
         self.config = config
         self.events_config = events_config
         self.retention_config = retention_config or RetentionConfig()
+        #: The flow indexes known to exist (built, or found): not asked for again.
+        self._flow_indexes: set[str] = set()
 
     def jobs(self) -> list[Job]:
         """Every job with its configured interval."""
@@ -57,6 +60,7 @@ class SupervisionJobs:
             Job("mark_stale_offline", self.config.stale_check_interval, self.mark_stale_offline),
             Job("reactivate_offline", self.config.reactivate_interval, self.reactivate_offline),
             Job("compact_events", self.events_config.compaction_interval, self.compact_events),
+            Job("flow_indexes", self.config.reactivate_interval, self.flow_indexes),
             *(
                 [Job("prune_history", self.retention_config.interval, self.prune_history)]
                 if self.retention_config.enabled
@@ -112,3 +116,17 @@ class SupervisionJobs:
         return await retention.prune_outcomes(pool, self.retention_config, now) + await retention.prune_heartbeats(
             pool, self.retention_config, now
         )
+
+    async def flow_indexes(self) -> int:
+        """Build the indexes a namespace's flow control came to need (its steps began to carry
+        priorities or groups: the worker that saw the first one said so); how many were built."""
+        pool = self.lifecycle.pool
+        built = 0
+        for found in await flow.read_flow(pool):
+            wanted = {flow.index_name(queue_name(found.namespace), k) for k in flow.needed_indexes(found)}
+            if wanted <= self._flow_indexes:
+                continue
+            done = await flow.ensure_indexes(pool, found.namespace, found)
+            built += len(set(done) - self._flow_indexes)
+            self._flow_indexes.update(done)
+        return built

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from tasker_worker.db.queue_client import RetryRequest
+from tasker_worker.domain.flow import ClaimBatch
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source
 
 #: Wake slightly after the moment something falls due (a put-back's delay, a vt, a ready_at),
@@ -39,8 +40,14 @@ class StepStore(Protocol):
         skip_handlers: Sequence[str] = (),
         skip_msgs: Sequence[int] = (),
         announce: bool = False,
-    ) -> list[ClaimedMessage]:
-        """Up to ``qty`` visible messages, oldest first, each invisible for ``vt_seconds``."""
+    ) -> ClaimBatch[ClaimedMessage]:
+        """Up to ``qty`` visible messages, each invisible for ``vt_seconds``: oldest first, or
+        under the namespace's flow control (``domain/flow.py``: pause, fleet-wide limits,
+        priority, groups), whose ``hold`` says what held the others back."""
+        ...
+
+    async def note_flow_fields(self, namespace: str, priority: bool, groups: bool) -> None:
+        """Steps of ``namespace`` carry priorities or groups: claim it in that order from now on."""
         ...
 
     async def settle(self, queue: str, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:

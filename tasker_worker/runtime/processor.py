@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
+from tasker_worker.domain.flow import FlowHold, HoldReason
 from tasker_worker.domain.herd import ClaimedMemory, ClaimRanking
 from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.notifications import MessageReady
@@ -55,6 +56,9 @@ CLAIM_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT_DB_ERRORS, Timeout
 LEAVE_REJECTED_MAX = 256
 #: The most of the shutdown budget kept for the final writes (see ``write_reserve_s``).
 MAX_WRITE_RESERVE_S = 2.0
+#: A claim held back by a fleet-wide limit is tried again after this (or as soon as a slot frees
+#: here): a slot freed by another worker is found within it.
+FLOW_RECHECK_S = 0.25
 
 
 @dataclass
@@ -69,6 +73,8 @@ class _QueueState:
     rejected: dict[int, float] = field(default_factory=dict)
     #: Messages recently claimed by anyone (``StepsClaimed`` notices and this worker's claims).
     claimed: ClaimedMemory = field(default_factory=ClaimedMemory)
+    #: What held back the last claim (flow control: paused, or at a limit), None when nothing.
+    hold: FlowHold | None = None
 
     def poke(self, source: Source) -> None:
         if source is Source.EVENT:
@@ -466,6 +472,22 @@ class CommandProcessor:
                 lapsed = [m for m in msgs if m.lapsed_claim is not None]
                 if lapsed:
                     await self._record_lapsed(qs, lapsed)
+                hold = msgs.hold
+                qs.hold = hold
+                if hold is not None:
+                    self.stats.incr("claims_held")
+                    if hold.reason is HoldReason.PAUSED:
+                        break  # resuming announces the namespace; the poller looks anyway
+                    # Held by a limit with steps ready: come back when the rate allows the next
+                    # start, or when a slot frees here, or after a moment (one freed elsewhere).
+                    with anyio.move_on_after(
+                        FLOW_RECHECK_S if hold.retry_after_s is None else hold.retry_after_s + WAKE_MARGIN_S
+                    ):
+                        if hold.retry_after_s is None:
+                            await self.held.wait_slot()
+                        else:
+                            await anyio.sleep_forever()
+                    continue
                 if len(msgs) < want:
                     break
                 backlog = True
@@ -500,7 +522,15 @@ class CommandProcessor:
             current.vt_deadline = msg.received_mono + self.vt_seconds
             current.lost_claim = False
             return
-        since = self.listening_since() if msg.source is Source.POLL and msg.read_ct == 1 else None
+        # A message of a namespace under flow control may wait on purpose: never a missed wakeup.
+        since = (
+            self.listening_since()
+            if msg.source is Source.POLL
+            and msg.read_ct == 1
+            and qs.hold is None
+            and qs.name not in self.client.flow_queues
+            else None
+        )
         if since is not None:
             # Only a message sent while LISTEN was up can be a missed wakeup. Both times are
             # read on the server's clock: the listener's start is placed there by how long ago

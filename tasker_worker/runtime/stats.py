@@ -42,6 +42,7 @@ COUNTERS = (
     "handler_errors",
     "rejections",
     "internal_errors",
+    "claims_held",
 )
 
 

@@ -41,6 +41,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.domain.circuits import CircuitBreakers, CircuitState
+from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.settlement import SETTLE_ONLY, Record, Settlement, Written
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source, StepMessage
 from tasker_worker.domain.verdicts import (
@@ -151,6 +152,8 @@ class StepRunner:
         #: Where a handler's ``ctx.transaction()`` comes from (None: handlers get none).
         self.pool = pool
         self._policies: dict[str, RetryPolicy] = {}
+        #: Per queue: whether a step with a priority, and one with a group, was noted.
+        self._flow_noted: dict[str, tuple[bool, bool]] = {}
 
     @property
     def in_flight(self) -> InFlight:
@@ -226,6 +229,8 @@ class StepRunner:
         except StepValidationError as exc:
             return not_a_step(exc)
         msg.step = step
+        if step.priority or step.group is not None:
+            await self._note_flow_fields(msg.queue, step)
         # The UUID's integer: hashing a UUID object is a Python-level call per step.
         step_key = step.step_uuid.int
         held = self.held
@@ -242,6 +247,20 @@ class StepRunner:
         held.steps[step_key] = (msg.queue, msg.msg_id)
         entry.step_key = step_key
         return await self._execute(entry, step)
+
+    async def _note_flow_fields(self, queue: str, step: StepMessage) -> None:
+        """The first step of a queue with a priority (or a group) seen here: say so in the
+        database, once, so that every claim of its namespace orders by them from now on."""
+        had = self._flow_noted.get(queue, (False, False))
+        now = (had[0] or step.priority > 0, had[1] or step.group is not None)
+        if now == had:
+            return
+        self._flow_noted[queue] = now
+        try:
+            await self.store.note_flow_fields(namespace_of(queue) or step.namespace, *now)
+        except psycopg.Error as exc:
+            self._flow_noted[queue] = had  # the next such step tries again
+            log.warning("could not note the priorities or groups of %s: %s", queue, first_line(exc))
 
     async def _execute(self, entry: HeldStep, step: StepMessage) -> Settlement | None:
         spec = self.registry.get(step.handler)

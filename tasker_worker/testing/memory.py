@@ -27,11 +27,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 import types
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,7 +40,18 @@ from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db.queue_client import RetryRequest, encode_outcomes
 from tasker_worker.domain.circuits import CircuitState
 from tasker_worker.domain.clock import ManualClock
-from tasker_worker.domain.names import queue_name
+from tasker_worker.domain.flow import (
+    ClaimBatch,
+    FlowHold,
+    HoldReason,
+    QueueFlow,
+    Rate,
+    claim_order,
+    step_concurrency_key,
+    step_group,
+    step_priority,
+)
+from tasker_worker.domain.names import namespace_of, queue_name
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source, StepMessage
 from tasker_worker.domain.verdicts import STEP_ASSIGNMENT_TIMED_OUT
 from tasker_worker.errors import UsageError
@@ -70,6 +82,8 @@ class MemoryMessage:
     read_ct: int = 0
     headers: dict[str, Any] = field(default_factory=dict)
     enqueued_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The worker whose claim holds it (the database's tasker_claim header); None once put back.
+    claimed_by: str | None = None
 
     @property
     def releases(self) -> int:
@@ -133,6 +147,11 @@ class MemoryStore:
         self.announcements: list[tuple[str, list[int], float]] = []
         #: Capabilities that some other live worker offers (``capable_worker_exists``).
         self.capable_peers: set[str] = set()
+        #: Flow control by namespace (``tasker.queue_flow``): ``pause``, ``limit``, and the
+        #: priority and group flags a claimed step sets.
+        self.flow: dict[str, QueueFlow] = {}
+        #: The rate's token bucket by namespace: (tokens, when they were counted).
+        self._buckets: dict[str, tuple[float, datetime]] = {}
         self._ids = itertools.count(1)
 
     # --- producing and looking (not part of the port) ---------------------------------------
@@ -150,6 +169,51 @@ class MemoryStore:
         """The messages of ``queue`` by msg_id (the harness's live view)."""
         return self.queues.setdefault(queue, {})
 
+    # --- flow control (as tasker.pause_queue, resume_queue, set_queue_limits) ---------------
+
+    def pause(self, namespace: str) -> None:
+        """No step of ``namespace`` starts until ``resume``; those running finish."""
+        self.flow[namespace] = replace(self.flow.get(namespace) or QueueFlow(namespace), paused=True)
+
+    def resume(self, namespace: str) -> None:
+        """Lift ``pause``."""
+        if namespace in self.flow:
+            self.flow[namespace] = replace(self.flow[namespace], paused=False)
+
+    def limit(
+        self,
+        namespace: str,
+        *,
+        max_running: int | None = None,
+        key_max_running: int | None = None,
+        rate: Rate | str | None = None,
+    ) -> None:
+        """Set fleet-wide limits (None leaves one as it is, 0 removes it), as ``queue limit``."""
+        flow = self.flow.get(namespace) or QueueFlow(namespace)
+        if max_running is not None:
+            flow = replace(flow, max_running=max_running or None)
+        if key_max_running is not None:
+            flow = replace(flow, key_max_running=key_max_running or None)
+        if rate is not None:
+            flow = replace(flow, rate=Rate.parse(rate) if isinstance(rate, str) else rate)
+            self._buckets.pop(namespace, None)  # a new rate starts with a full bucket
+        self.flow[namespace] = flow
+
+    def _tokens(self, namespace: str, rate: Rate) -> float:
+        """The rate's tokens now (refilled since they were last counted, up to the burst)."""
+        now = self.clock.now()
+        tokens, at = self._buckets.get(namespace, (float(rate.burst), now))
+        return min(float(rate.burst), tokens + rate.per_second * max(0.0, (now - at).total_seconds()))
+
+    def next_start_at(self, queue: str) -> datetime | None:
+        """When a rate-limited namespace can start its next step (None: not rate-limited)."""
+        namespace = namespace_of(queue) or queue
+        flow = self.flow.get(namespace)
+        if flow is None or flow.rate is None:
+            return None
+        tokens = self._tokens(namespace, flow.rate)
+        return self.clock.now() + timedelta(seconds=max(0.0, (1 - tokens) / flow.rate.per_second))
+
     # --- the StepStore port -----------------------------------------------------------------
 
     async def claim(
@@ -163,20 +227,77 @@ class MemoryStore:
         skip_handlers: Sequence[str] = (),
         skip_msgs: Sequence[int] = (),
         announce: bool = False,
-    ) -> list[ClaimedMessage]:
-        """Up to ``qty`` visible messages, oldest first, each invisible for ``vt_seconds``;
-        messages of ``skip_handlers`` and with an id in ``skip_msgs`` are left untouched."""
+    ) -> ClaimBatch[ClaimedMessage]:
+        """Up to ``qty`` visible messages, each invisible for ``vt_seconds``: oldest first, or
+        under the namespace's flow control as ``tasker.claim_flow`` applies it (pause, limits
+        counted over the messages claimed and not yet lapsed, priority, groups); messages of
+        ``skip_handlers`` and with an id in ``skip_msgs`` are left untouched."""
         now = self.clock.now()
         skipped, left = set(skip_handlers), set(skip_msgs)
+        messages = self.messages(queue)
         ready = [
             m
-            for m in self.messages(queue).values()
+            for m in messages.values()
             if m.vt <= now and m.msg_id not in left and not (skipped and _handler_of(m.body) in skipped)
         ]
+        namespace = namespace_of(queue) or queue
+        flow = self.flow.get(namespace)
+        if flow is None:
+            chosen = sorted(ready, key=lambda m: m.msg_id)[:qty]
+            return ClaimBatch(self._take(queue, chosen, vt_seconds, source, worker_id))
+        if flow.paused:
+            return ClaimBatch([], FlowHold(HoldReason.PAUSED))
+        running = [m for m in messages.values() if m.claimed_by is not None and m.vt > now]
+        budget = qty
+        if flow.max_running is not None:
+            budget = min(budget, flow.max_running - len(running))
+        tokens = 0.0
+        if flow.rate is not None:
+            tokens = self._tokens(namespace, flow.rate)
+            budget = min(budget, math.floor(tokens + 1e-9))
+        retry_after = None
+        if flow.rate is not None and tokens < 1:
+            retry_after = (1 - tokens) / flow.rate.per_second
+        if budget <= 0:
+            return ClaimBatch([], FlowHold(HoldReason.LIMITED, retry_after) if ready else None)
+        by_key: dict[str, int] = {}
+        for m in running:
+            key = step_concurrency_key(m.body)
+            if key:
+                by_key[key] = by_key.get(key, 0) + 1
+        by_id = {m.msg_id: m for m in ready}
+        order = claim_order(
+            ((m.msg_id, step_priority(m.body), step_group(m.body)) for m in ready), groups=flow.uses_groups
+        )
+        chosen = []
+        for msg_id in order:
+            if len(chosen) == budget:
+                break
+            key = step_concurrency_key(by_id[msg_id].body)
+            if flow.key_max_running is not None and key:
+                if by_key.get(key, 0) >= flow.key_max_running:
+                    continue
+                by_key[key] = by_key.get(key, 0) + 1
+            chosen.append(by_id[msg_id])
+        if flow.rate is not None:
+            self._buckets[namespace] = (tokens - len(chosen), now)
+        hold = None
+        if budget < qty and len(chosen) == budget:
+            left_tokens = tokens - len(chosen)
+            after = (1 - left_tokens) / flow.rate.per_second if flow.rate is not None and left_tokens < 1 else None
+            hold = FlowHold(HoldReason.LIMITED, after)
+        return ClaimBatch(self._take(queue, chosen, vt_seconds, source, worker_id), hold)
+
+    def _take(
+        self, queue: str, chosen: list[MemoryMessage], vt_seconds: int, source: Source, worker_id: str | None
+    ) -> list[ClaimedMessage]:
+        """Claim ``chosen``: each invisible for ``vt_seconds``, its read count up by one."""
+        now = self.clock.now()
         claimed = []
-        for m in sorted(ready, key=lambda m: m.msg_id)[:qty]:
+        for m in chosen:
             m.read_ct += 1
             m.vt = now + timedelta(seconds=vt_seconds)
+            m.claimed_by = worker_id or ""
             step_uuid = _step_uuid_of(m.body)
             claimed.append(
                 ClaimedMessage(
@@ -193,6 +314,13 @@ class MemoryStore:
                 )
             )
         return claimed
+
+    async def note_flow_fields(self, namespace: str, priority: bool, groups: bool) -> None:
+        """From now on, claim ``namespace`` by priority (and round-robin across groups)."""
+        flow = self.flow.get(namespace) or QueueFlow(namespace)
+        self.flow[namespace] = replace(
+            flow, uses_priority=flow.uses_priority or priority, uses_groups=flow.uses_groups or groups
+        )
 
     async def settle(self, queue: str, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         """Delete (archive) each message still held by its claim and record its outcome row."""
@@ -248,6 +376,7 @@ class MemoryStore:
             if m is None:
                 continue
             m.vt = self.clock.now() + timedelta(milliseconds=max(0, request.delay_ms))
+            m.claimed_by = None
             if not request.count_attempt:
                 m.read_ct = max(0, m.read_ct - 1)
             if request.headers:
@@ -394,6 +523,24 @@ class HandlerHarness(RegistersHandlers):
             body = json.loads(body)
         return self.store.send(self.queue, body, delay=delay)
 
+    # --- flow control (as ``tasker-worker queue pause|resume|limit``) ------------------------
+
+    def pause(self) -> None:
+        """Pause the namespace: ``run_ready`` starts nothing until ``resume``."""
+        self.store.pause(self.namespace)
+
+    def resume(self) -> None:
+        """Resume the namespace."""
+        self.store.resume(self.namespace)
+
+    def limit(
+        self, *, max_running: int | None = None, key_max_running: int | None = None, rate: Rate | str | None = None
+    ) -> None:
+        """Fleet-wide limits of the namespace (None leaves one as it is, 0 removes it); ``rate``
+        as ``"20/s"``. The harness runs one step at a time, so ``max_running`` shows in how many
+        a claim takes; a rate shows on the manual clock."""
+        self.store.limit(self.namespace, max_running=max_running, key_max_running=key_max_running, rate=rate)
+
     # --- running -------------------------------------------------------------------------
 
     async def run_ready(self) -> int:
@@ -449,6 +596,9 @@ class HandlerHarness(RegistersHandlers):
             now = self.clock.now()
             moments = [m.vt for m in self.messages.values() if m.vt > now]
             moments += [now + timedelta(seconds=self.circuits.retry_after(h)) for h in self.circuits.skipped()]
+            next_start = self.store.next_start_at(self.queue)
+            if next_start is not None:
+                moments.append(next_start)
             upcoming = [t for t in moments if t > now]
             if not upcoming or min(upcoming) > end:
                 break
