@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tasker_worker.api import dashboard, health, metrics, openapi, steps, workers
+from tasker_worker.api import dashboard, flow, health, metrics, openapi, steps, workers
 from tasker_worker.api.context import ApiContext as ApiContext
 from tasker_worker.api.context import ApiError, error_response
 from tasker_worker.errors import (
@@ -107,6 +107,7 @@ def create_app(ctx: ApiContext) -> Starlette:
     routes: list[BaseRoute] = [
         *workers.routes(),
         *steps.routes(),
+        *flow.routes(),
         *health.routes(),
         Route("/api/queues", health.queues, methods=["GET"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),

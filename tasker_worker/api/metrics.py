@@ -20,6 +20,8 @@ from starlette.responses import Response
 
 from tasker_worker.api.context import ApiContext, ctx_of
 from tasker_worker.api.health import QueueView, gather_database, gather_queues
+from tasker_worker.db import flow as flow_db
+from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.workers import WorkerView
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ async def gather(ctx: ApiContext) -> list[Metric]:
     families += [oldest, xmin, notify]
 
     families += _queue_families(await gather_queues(ctx))
+    families += _flow_families(await flow_db.read_flow(ctx.pool))
 
     stats = await ctx.views.stats()
     workers = GaugeMetricFamily("tasker_workers", "Registered workers by status", labels=["status"])
@@ -107,6 +110,31 @@ def _queue_families(views: list[QueueView]) -> list[Metric]:
     return [depth, visible, age, dlq, dead]
 
 
+def _flow_families(flows: list[QueueFlow]) -> list[Metric]:
+    """Each namespace's flow control (namespaces without any have no series)."""
+    paused = GaugeMetricFamily("tasker_queue_paused", "1 while the namespace is paused", labels=["namespace"])
+    running = GaugeMetricFamily(
+        "tasker_queue_max_running", "Fleet-wide cap on the namespace's running steps", labels=["namespace"]
+    )
+    per_key = GaugeMetricFamily(
+        "tasker_queue_key_max_running", "Fleet-wide cap on running steps per concurrency_key", labels=["namespace"]
+    )
+    rate = GaugeMetricFamily(
+        "tasker_queue_rate_limit_per_second",
+        "Fleet-wide cap on the namespace's starts per second",
+        labels=["namespace"],
+    )
+    for found in flows:
+        paused.add_metric([found.namespace], 1.0 if found.paused else 0.0)
+        if found.max_running is not None:
+            running.add_metric([found.namespace], float(found.max_running))
+        if found.key_max_running is not None:
+            per_key.add_metric([found.namespace], float(found.key_max_running))
+        if found.rate is not None:
+            rate.add_metric([found.namespace], found.rate.per_second)
+    return [paused, running, per_key, rate]
+
+
 def _worker_snapshots(ctx: ApiContext, live: list[WorkerView]) -> dict[str, dict[str, Any]]:
     """Each live worker's statistics (its last heartbeat; the local worker's current ones)."""
     snaps = {view.worker_id: view.stats for view in live if view.stats}
@@ -144,6 +172,7 @@ _HELP: dict[str, str] = {
     "notifications_received": "NOTIFY messages received",
     "listener_reconnects": "Times the LISTEN connection was re-established",
     "processed": "Steps whose handler ran to an outcome",
+    "claims_held": "Claims that flow control held back (a paused namespace, or one at a fleet-wide limit)",
 }
 
 

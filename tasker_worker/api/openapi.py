@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tasker_worker import __version__
+from tasker_worker.api.flow import LimitsRequest
 from tasker_worker.api.steps import StepSubmission
 from tasker_worker.api.workers import Deregistration, ModeRequest
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerView
@@ -46,6 +47,10 @@ _SHAPES: dict[tuple[str, str], tuple[str | None, dict[str, str]]] = {
     ),
     ("GET", "/api/steps"): (None, {"400": "invalid status or limit"}),
     ("GET", "/api/steps/{step_uuid}"): (None, {"400": "not a UUID", "404": "unknown step"}),
+    ("GET", "/api/queues/{namespace}/flow"): (None, {"400": "invalid namespace"}),
+    ("POST", "/api/queues/{namespace}/pause"): (None, {"400": "invalid namespace"}),
+    ("POST", "/api/queues/{namespace}/resume"): (None, {"400": "invalid namespace"}),
+    ("POST", "/api/queues/{namespace}/limits"): ("LimitsRequest", {"400": "invalid namespace or body"}),
     ("GET", "/health/ready"): (None, {"503": "not ready"}),
     ("GET", "/health/detailed"): (None, {"503": "unhealthy"}),
 }
@@ -98,7 +103,15 @@ def build(routes: list[Any]) -> dict[str, Any]:
             "properties": {"error": {"type": "string"}, "detail": {}, "error_id": {"type": "string"}},
         }
     }
-    for model in (WorkerRegistration, Heartbeat, WorkerView, Deregistration, ModeRequest, StepSubmission):
+    for model in (
+        WorkerRegistration,
+        Heartbeat,
+        WorkerView,
+        Deregistration,
+        ModeRequest,
+        StepSubmission,
+        LimitsRequest,
+    ):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))  # nested enums become components of their own
         schemas[model.__name__] = schema

@@ -16,10 +16,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker import __version__
 from tasker_worker.config.loader import LoadedConfig, effective_items, load_config
+from tasker_worker.db import flow as flow_db
 from tasker_worker.db import migrations, schema
 from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
-from tasker_worker.domain.names import dlq_name, queue_name
+from tasker_worker.domain.flow import QueueFlow
+from tasker_worker.domain.names import dlq_name, namespace_of, queue_name
 from tasker_worker.errors import UsageError
 
 MAX_SEND_COUNT = 100_000
@@ -171,11 +173,18 @@ async def queue_list(args: argparse.Namespace) -> int:
     """``queue list``."""
     async with client(args) as qc:
         rows = await qc.list_queues()
+        flows = {f.namespace: f for f in await flow_db.read_flow(qc.pool)}
     if args.json:
         print(
             json.dumps(
                 [
-                    {"queue_name": r[0], "is_partitioned": r[1], "is_unlogged": r[2], "created_at": r[3].isoformat()}
+                    {
+                        "queue_name": r[0],
+                        "is_partitioned": r[1],
+                        "is_unlogged": r[2],
+                        "created_at": r[3].isoformat(),
+                        "flow": _flow_of(r[0], flows),
+                    }
                     for r in rows
                 ],
                 indent=2,
@@ -184,10 +193,19 @@ async def queue_list(args: argparse.Namespace) -> int:
         return 0
     for name, partitioned, unlogged, created in rows:
         flags = ",".join(f for f, on in (("partitioned", partitioned), ("unlogged", unlogged)) if on)
-        print(f"{name:<48} {created:%Y-%m-%d %H:%M:%S} {flags}")
+        found = _flow_of(name, flows)
+        shown = f"  [{flows[found['namespace']].describe()}]" if found else ""
+        print(f"{name:<48} {created:%Y-%m-%d %H:%M:%S} {flags}{shown}")
     if not rows:
         print("no queues (create one: tasker-worker queue create NAMESPACE)")
     return 0
+
+
+def _flow_of(queue: str, flows: dict[str, QueueFlow]) -> dict[str, Any] | None:
+    """The flow control of a namespace queue (not of its DLQ), as JSON."""
+    namespace = namespace_of(queue)
+    found = flows.get(namespace) if namespace and queue == queue_name(namespace) else None
+    return found.as_json() if found else None
 
 
 async def queue_metrics(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 from tasker_worker.cli.admin import database_url, load, small_pool
 from tasker_worker.config.durations import parse_duration
+from tasker_worker.db import flow as flow_db
 from tasker_worker.db import migrations
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.workers import WorkerStatus, WorkerView
@@ -49,9 +50,12 @@ async def status(args: argparse.Namespace) -> int:
     """``status``: live workers with their last reported statistics."""
     async with small_pool(args) as pool:
         views = await FleetViews(pool).list(include_deregistered=args.all, limit=args.limit)
+        flows = await flow_db.read_flow(pool)
     if args.json:
         _print_json([v.model_dump(mode="json") for v in views])
         return 0
+    for found in flows:
+        print(f"namespace {found.namespace}: {found.describe()}")
     if not views:
         print("no registered workers" + ("" if args.all else " (use --all to include deregistered ones)"))
         return 0

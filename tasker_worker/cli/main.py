@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from tasker_worker import __version__
-from tasker_worker.cli import admin, demo, fleet, run, steps
+from tasker_worker.cli import admin, demo, fleet, flow, run, steps
 from tasker_worker.errors import TaskerError
 from tasker_worker.logs import configure_logging
 
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(q_sub, "purge", admin.queue_purge, "delete every message of a namespace queue")
     p.add_argument("namespace")
     p.add_argument("--dlq", action="store_true", help="purge the dead-letter queue instead")
+    flow.add_commands(q_sub, _command)
 
     # config
     cfg = sub.add_parser("config", help="configuration", description="Inspect the configuration.")

@@ -39,5 +39,6 @@ def routes() -> list[BaseRoute]:
         _page("/dlq/{namespace}/requeue", actions.requeue, "POST"),
         _page("/modes", pages.modes),
         _page("/modes", actions.switch_mode, "POST"),
+        _page("/flow", actions.pause_or_resume, "POST"),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]

@@ -18,6 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from tasker_worker.api.context import ApiError, bounded_body, ctx_of
 from tasker_worker.api.dashboard import reads
 from tasker_worker.api.dashboard.pages import MODES, refused
+from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.names import queue_name, validate_namespace
 from tasker_worker.errors import InvalidName, QueueNotFound
 
@@ -121,3 +122,27 @@ async def switch_mode(request: Request) -> Response:
             return refused(request, 404, "No such live worker", f"No live worker is registered as {worker_id!r}.")
         return _redirect(request, f"/workers/{quote(worker_id, safe='')}", asked=1, mode=mode)
     return _redirect(request, "/modes", asked=len(asked), mode=mode)
+
+
+async def pause_or_resume(request: Request) -> Response:
+    """Pause (``action=pause``) or resume (``action=resume``) a namespace (``namespace``):
+    applied by every worker at its next claim; recorded as a QueuePaused or QueueResumed event."""
+    form = await _form(request)
+    denied = _authorized(request, form)
+    if denied is not None:
+        return denied
+    action = _one(form, "action")
+    if action not in ("pause", "resume"):
+        return refused(request, 400, "Pause or resume?", "Choose pause or resume.")
+    namespace = _one(form, "namespace")
+    try:
+        validate_namespace(namespace)
+    except InvalidName as exc:
+        return refused(request, 400, "Not a namespace", str(exc))
+    pool = ctx_of(request).pool
+    if action == "pause":
+        await flow_db.pause(pool, namespace, "dashboard")
+    else:
+        await flow_db.resume(pool, namespace, "dashboard")
+    request.app.state.overview.forget()
+    return _redirect(request, "/", flow=action, namespace=namespace)

@@ -60,7 +60,15 @@ async def overview(request: Request) -> Response:
     """Per namespace the depth, the oldest message, steps/s, errors and the DLQ; fleet health."""
     ctx = ctx_of(request)
     data = await request.app.state.overview.get(ctx)
-    return render(request, "overview.html", title="Overview", overview=data)
+    done = request.query_params.get("flow")
+    return render(
+        request,
+        "overview.html",
+        title="Overview",
+        overview=data,
+        flow_done=done if done in ("pause", "resume") else None,
+        flow_namespace=request.query_params.get("namespace", "")[:40],
+    )
 
 
 async def workers(request: Request) -> Response:

@@ -20,6 +20,8 @@ import anyio
 from tasker_worker.api.context import ApiContext
 from tasker_worker.api.dashboard.chart import Sparkline, sparkline
 from tasker_worker.api.health import gather_database, gather_workers, thresholds
+from tasker_worker.db import flow as flow_db
+from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.health import HealthReport, QueueFigures, WorkerFigures, judge, judge_worker
 from tasker_worker.domain.names import DLQ_SUFFIX, dlq_name, namespace_of, queue_name
 from tasker_worker.domain.results import StepResult
@@ -75,6 +77,8 @@ class NamespaceRow:
     error_rate: float | None
     chart: Sparkline
     error_chart: Sparkline
+    #: Its flow control (pause, limits, ordering); None when it has none.
+    flow: QueueFlow | None = None
 
 
 @dataclass
@@ -189,6 +193,10 @@ class OverviewCache:
                 self._at = anyio.current_time()
             return self._value
 
+    def forget(self) -> None:
+        """Gather anew at the next request (an action changed what the overview shows)."""
+        self._value = None
+
 
 async def glance(ctx: ApiContext) -> list[QueueGlance]:
     """Every queue's depth and oldest message, each counted up to ``GLANCE_CAP``."""
@@ -269,6 +277,7 @@ async def gather_overview(ctx: ApiContext) -> Overview:
     namespaces, others = pair_queues(glances)
     series = series_of(await ctx.client.outcome_buckets(BUCKET_S, WINDOW_S + BUCKET_S), now)
     tuples = await ctx.client.queue_table_tuples()
+    flows = {f.namespace: f for f in await flow_db.read_flow(ctx.pool)}
     rows: list[NamespaceRow] = []
     figures: list[QueueFigures] = []
     for namespace, (queue, dlq) in sorted(namespaces.items()):
@@ -284,6 +293,7 @@ async def gather_overview(ctx: ApiContext) -> Overview:
                 error_rate=error_rate,
                 chart=sparkline(points.per_s()),
                 error_chart=sparkline(points.error_shares(), floor=1.0),
+                flow=flows.get(namespace),
             )
         )
         live, dead = tuples.get(queue.queue, (0, 0))
