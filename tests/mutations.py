@@ -61,6 +61,9 @@ M0002 = "sql/migrations/0002_step_outcomes.sql"
 M0007 = "sql/migrations/0007_one_row_per_step.sql"
 Q = "tasker_worker/db/queries.py"
 V = "tasker_worker/domain/verdicts.py"
+M0016 = "sql/migrations/0016_flow_control.sql"
+F = "tests/test_flow.py::"
+ST = "tests/test_store.py::"
 #: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
 #: in production and in the harness alike, so it must be caught on both stores (two mutations).
 RELEASE_RULE = Edit(
@@ -553,6 +556,95 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the same rule holds in a worker on PostgreSQL (a dependency outage gives the attempt back)",
         (RELEASE_RULE,),
         (R + "test_dependency_unavailable_is_released_without_attempts_but_bounded",),
+    ),
+    Mutation(
+        "flow_guard_gone",
+        "a worker's plain claim takes nothing of a namespace under flow control (it claims as if there were none)",
+        (
+            Edit(
+                Q, "       AND NOT EXISTS (SELECT 1 FROM tasker.queue_flow AS f WHERE f.namespace = {namespace})\n", ""
+            ),
+        ),
+        (F + "test_a_pause_holds_across_a_restart_and_resume_runs_everything_once",),
+    ),
+    Mutation(
+        "flow_max_running_uncounted",
+        "at most max_running steps of a namespace run at once, fleet-wide (the running ones are not counted)",
+        (Edit(M0016, "v_budget := least(v_budget, f.max_running - v_running);", "NULL;"),),
+        (F + "test_a_fleet_wide_limit_holds_across_workers",),
+    ),
+    Mutation(
+        "flow_claims_unserialized",
+        "limited claims are counted under the namespace's lock (two workers can both take the last slot)",
+        (
+            Edit(
+                M0016,
+                "        SELECT * INTO f FROM tasker.queue_flow AS q WHERE q.namespace = v_ns FOR UPDATE;",
+                "        SELECT * INTO f FROM tasker.queue_flow AS q WHERE q.namespace = v_ns;",
+            ),
+        ),
+        (F + "test_a_fleet_wide_limit_holds_across_workers",),
+    ),
+    Mutation(
+        "flow_lapsed_slot_counted",
+        "a slot held by a dead worker frees when its claim lapses (it is counted forever)",
+        (
+            Edit(
+                M0016,
+                "'WHERE q.headers ? ''tasker_claim'' AND q.vt > clock_timestamp()', v_table)\n           INTO v_running;",
+                "'WHERE q.headers ? ''tasker_claim''', v_table)\n           INTO v_running;",
+            ),
+        ),
+        (F + "test_a_killed_workers_slots_free_at_its_vt_not_before",),
+    ),
+    Mutation(
+        "flow_key_cap_ignored",
+        "at most key_max_running steps of one concurrency_key run at once (keys are not counted within a claim)",
+        (Edit(M0016, "WHERE $7 IS NULL OR r.k = '' OR r.kn + coalesce(($6 ->> r.k)::int, 0) <= $7", "WHERE true"),),
+        (F + "test_a_per_key_limit_caps_each_key_not_the_namespace",),
+    ),
+    Mutation(
+        "flow_rate_ignored",
+        "a rate spaces the starts of a namespace (the tokens are not counted)",
+        (Edit(M0016, "v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);", "NULL;"),),
+        (F + "test_a_rate_spreads_starts_and_no_window_passes_it",),
+    ),
+    Mutation(
+        "flow_priority_ignored",
+        "with a backlog, the lowest priority value is claimed first (claims take the oldest)",
+        (
+            Edit(
+                M0016,
+                "ORDER BY tasker.step_priority(q.message), q.msg_id\n                 LIMIT $8\n",
+                "ORDER BY q.msg_id\n                 LIMIT $8\n",
+            ),
+            Edit(M0016, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.gn, r.msg_id"),
+        ),
+        (F + "test_urgent_steps_sent_last_run_first",),
+    ),
+    Mutation(
+        "flow_groups_not_round_robin",
+        "a namespace's groups are claimed round-robin (a big group ahead takes every claim)",
+        (Edit(M0016, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.p, r.msg_id"),),
+        (F + "test_a_small_group_is_not_stuck_behind_a_big_one",),
+    ),
+    Mutation(
+        "flow_memory_pause_ignored",
+        "the harness's store obeys a pause as the database does",
+        (Edit("tasker_worker/testing/memory.py", "        if flow.paused:\n", "        if False:\n"),),
+        (ST + "test_a_paused_namespace_claims_nothing_and_says_why",),
+    ),
+    Mutation(
+        "flow_order_rule_broken",
+        "the harness orders a flow-controlled claim as the database does (by priority, round-robin)",
+        (
+            Edit(
+                "tasker_worker/domain/flow.py",
+                "rows = sorted(candidates, key=lambda c: (c[1], c[0]))",
+                "rows = sorted(candidates)",
+            ),
+        ),
+        ("tests/test_toolkit.py::test_flow_control_in_the_harness_pause_priority_and_rate",),
     ),
 )
 

@@ -18,6 +18,7 @@ import pytest
 from tasker_worker.db.connection import open_pool
 from tasker_worker.db.queue_client import QueueClient, RetryRequest
 from tasker_worker.domain.clock import ManualClock
+from tasker_worker.domain.flow import FlowHold, HoldReason
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, OutcomeStatus, Source, StepMessage
 from tasker_worker.runtime.ports import StepStore
@@ -43,6 +44,14 @@ class Side:
 
     def outcome(self, step_uuid: str) -> tuple[str, Any, int] | None:
         """(status, result, attempts) of the step's outcome row."""
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        """Pause the namespace (``tasker.pause_queue``)."""
+        raise NotImplementedError
+
+    def limit(self, max_running: int | None = None, key_max_running: int | None = None) -> None:
+        """Fleet-wide limits (``tasker.set_queue_limits``)."""
         raise NotImplementedError
 
 
@@ -80,6 +89,12 @@ class PostgresSide(Side):
         found = self._one("SELECT status, result, attempts FROM tasker.step_results WHERE step_uuid = %s", (step_uuid,))
         return None if found is None else (found[0], found[1], int(found[2]))
 
+    def pause(self) -> None:
+        self._one("SELECT tasker.pause_queue(%s)", (NS,))
+
+    def limit(self, max_running: int | None = None, key_max_running: int | None = None) -> None:
+        self._one("SELECT namespace FROM tasker.set_queue_limits(%s, %s, %s)", (NS, max_running, key_max_running))
+
 
 class MemorySide(Side):
     def __init__(self) -> None:
@@ -105,6 +120,12 @@ class MemorySide(Side):
     def outcome(self, step_uuid: str) -> tuple[str, Any, int] | None:
         o = self.memory.outcomes.get(step_uuid)
         return None if o is None else (o.status, o.result, o.attempts)
+
+    def pause(self) -> None:
+        self.memory.pause(NS)
+
+    def limit(self, max_running: int | None = None, key_max_running: int | None = None) -> None:
+        self.memory.limit(NS, max_running=max_running, key_max_running=key_max_running)
 
 
 @pytest.fixture(params=["postgres", "memory"])
@@ -170,7 +191,9 @@ async def test_a_settle_is_fenced_and_records_one_outcome_per_step(side: Side) -
     a = side.send(step(step_uuid=key))
     b = side.send(step(step_uuid=key))
     [ma, mb] = await claim(side)
-    stale = ClaimedMessage(QUEUE, ma.msg_id, ma.read_ct + 1, ma.enqueued_at, ma.claimed_at, ma.body, None, False, ma.source)
+    stale = ClaimedMessage(
+        QUEUE, ma.msg_id, ma.read_ct + 1, ma.enqueued_at, ma.claimed_at, ma.body, None, False, ma.source
+    )
     assert await side.store.settle(QUEUE, "w1", [done(stale)]) == set()
     assert side.row(a) is not None  # the fence kept it
     assert await side.store.settle(QUEUE, "w1", [done(ma, result={"x": 1})]) == {a}
@@ -253,6 +276,47 @@ async def test_the_attempt_count_is_the_claims_read_ct(side: Side) -> None:
     assert m.msg_id == a and m.read_ct == 3
     await side.store.settle(QUEUE, "w1", [done(m, OutcomeStatus.FAILED)])
     assert side.outcome(key) == ("failed", None, 3)
+
+
+async def test_a_paused_namespace_claims_nothing_and_says_why(side: Side) -> None:
+    a = side.send(step())
+    side.pause()
+    got = await side.store.claim(QUEUE, VT, 10, Source.POLL, worker_id="w1")
+    assert list(got) == [] and got.hold == FlowHold(HoldReason.PAUSED)
+    assert side.row(a) is not None and side.row(a)[0] == 0  # type: ignore[index]
+
+
+async def test_max_running_counts_the_claims_held_and_not_lapsed(side: Side) -> None:
+    for _ in range(5):
+        side.send(step())
+    side.limit(max_running=3)
+    first = await side.store.claim(QUEUE, VT, 2, Source.POLL, worker_id="w1")
+    assert len(first) == 2 and first.hold is None
+    second = await side.store.claim(QUEUE, VT, 10, Source.POLL, worker_id="w2")
+    assert len(second) == 1 and second.hold is not None and second.hold.reason is HoldReason.LIMITED
+    assert list(await side.store.claim(QUEUE, VT, 10, Source.POLL, worker_id="w2")) == []
+    # A put-back ends its claim: its slot is free again.
+    await side.store.retry(QUEUE, [RetryRequest(first[0], 60_000, None, count_attempt=False)])
+    assert len(await side.store.claim(QUEUE, VT, 10, Source.POLL, worker_id="w2")) == 1
+
+
+async def test_a_key_cap_takes_other_keys_first(side: Side) -> None:
+    body = lambda key: StepMessage.build(NS, "noop", {}, concurrency_key=key)  # noqa: E731
+    a1, a2, b1 = side.send(body("a")), side.send(body("a")), side.send(body("b"))
+    side.limit(key_max_running=1)
+    got = await side.store.claim(QUEUE, VT, 10, Source.POLL, worker_id="w1")
+    assert sorted(m.msg_id for m in got) == [a1, b1]
+    assert side.row(a2) is not None and side.row(a2)[0] == 0  # type: ignore[index]
+
+
+async def test_priorities_then_groups_round_robin_order_the_claim(side: Side) -> None:
+    build = StepMessage.build
+    low = side.send(build(NS, "noop", {}, priority=9))
+    a = [side.send(build(NS, "noop", {}, group="A")) for _ in range(3)]
+    b = side.send(build(NS, "noop", {}, group="B"))
+    await side.store.note_flow_fields(NS, True, True)
+    got = await side.store.claim(QUEUE, VT, 10, Source.POLL, worker_id="w1")
+    assert [m.msg_id for m in got] == [a[0], b, a[1], a[2], low]
 
 
 def test_both_stores_have_the_whole_port() -> None:

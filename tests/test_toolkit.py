@@ -304,3 +304,40 @@ def test_handler_policies_are_checked_when_registered() -> None:
     for bad in ({"max_attempts": 0}, {"backoff": ("10s", "1s")}, {"backoff": ("0s", "1s")}, {"retry_on": ("oops",)}):
         with pytest.raises(UsageError):
             h.handler("x", **bad)(lambda ctx, step: None)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_flow_control_in_the_harness_pause_priority_and_rate() -> None:
+    """The harness's queue obeys the namespace's flow control as the database's claim does:
+    nothing starts while paused, urgent steps first, and a rate spaces starts on the clock."""
+    h = harness()
+    ran: list[str] = []
+
+    @h.handler("job")
+    async def job(ctx: Any, step: Any) -> None:
+        ran.append(ctx.inputs["name"])
+
+    h.pause()
+    h.send("job", {"name": "low"}, priority=9)
+    h.send("job", {"name": "urgent"})
+    assert await h.run_ready() == 0 and ran == []
+    h.resume()
+    await h.run_ready()
+    # The first claim took both (the low one, sent first, ahead); from then on by priority.
+    assert sorted(ran) == ["low", "urgent"]
+    ran.clear()
+    for name in ("late", "later"):
+        h.send("job", {"name": name}, priority=5)
+    h.send("job", {"name": "now"}, priority=0)
+    await h.run_ready()
+    assert ran == ["now", "late", "later"]
+
+    ran.clear()
+    h.limit(rate="2/s")
+    for i in range(6):
+        h.send("job", {"name": str(i)})
+    began = h.clock.now()
+    await h.run_until_settled(within=10)
+    assert len(ran) == 6
+    starts = [(r.at - began).total_seconds() for r in h.runs[-6:]]
+    assert starts == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]  # burst 1, then one every half second
