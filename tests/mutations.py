@@ -277,7 +277,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "no_release_at_shutdown",
         "steps unfinished at shutdown are given back at once",
-        (Edit("tasker_worker/runtime/processor.py", "await self._release_all(running)", "pass"),),
+        (Edit("tasker_worker/runtime/processor.py", 'await self._release_all(running, "shutdown")', "pass"),),
         (R + "test_graceful_shutdown_releases_unfinished_steps",),
     ),
     Mutation(
@@ -583,7 +583,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "        SELECT * INTO f FROM tasker.queue_flow AS q WHERE q.namespace = v_ns;",
             ),
         ),
-        (F + "test_a_fleet_wide_limit_holds_across_workers",),
+        (F + "test_two_claims_cannot_both_take_the_last_slot",),
     ),
     Mutation(
         "flow_lapsed_slot_counted",
@@ -645,6 +645,42 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         ("tests/test_toolkit.py::test_flow_control_in_the_harness_pause_priority_and_rate",),
+    ),
+    Mutation(
+        "prefetch_vt_unchecked",
+        "a prefetched step whose claim may have lapsed is not started (it runs beside the worker that took it over)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "if entry.vt_deadline - time.monotonic() < self.vt_seconds * PREFETCH_SAFE_SHARE:",
+                "if False:",
+            ),
+        ),
+        ("tests/test_prefetch.py::test_a_prefetched_step_whose_vt_lapsed_in_the_buffer_is_not_started",),
+    ),
+    Mutation(
+        "prefetch_kept_at_shutdown",
+        "a shutdown gives prefetched steps back at once (they wait for the running ones to finish)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "buffered = self._take_buffered()\n",
+                "buffered: list[HeldStep] = []\n",
+            ),
+        ),
+        ("tests/test_prefetch.py::test_a_shutdown_gives_the_buffer_back_at_once_without_an_attempt",),
+    ),
+    Mutation(
+        "prefetch_kept_on_pause",
+        "a pause reaches what a worker prefetched (it starts after the pause)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                'await self._release_all(self._take_buffered(qs.name), "flow_control")',
+                "pass",
+            ),
+        ),
+        ("tests/test_prefetch.py::test_a_paused_namespace_stops_prefetching_and_gives_the_buffer_back",),
     ),
 )
 

@@ -291,3 +291,51 @@ def test_the_rate_is_read_as_documented() -> None:
     for bad in ("20", "x/s", "0/s", "20/d", "20/0s"):
         with pytest.raises(UsageError):
             Rate.parse(bad)
+
+
+def _claim_params(worker: str) -> dict[str, Any]:
+    stamp = json.dumps({queries.CLAIM_HEADER: {"worker_id": worker}})
+    return {
+        "queue": QUEUE,
+        "qty": 5,
+        "vt": 30,
+        "stamp": stamp,
+        "worker_id": worker,
+        "skip_msgs": [],
+        "skip_handlers": [],
+        "announce": False,
+        "stored": False,
+    }
+
+
+@pytest.mark.anyio
+async def test_two_claims_cannot_both_take_the_last_slot(url: str) -> None:
+    """max_running 1: a second claim made while the first is still uncommitted waits for it
+    (the namespace's lock), then counts it and takes nothing. Without the lock it would not see
+    the uncommitted claim and take a second step: two running at once."""
+    await sql(url, "SELECT namespace FROM tasker.set_queue_limits(%s, 1)", (NS,))
+    await send_steps(url, NS, "work", [{}, {}])
+    first = await psycopg.AsyncConnection.connect(url)  # its claim stays uncommitted for now
+    try:
+        rows = await (await first.execute(queries.CLAIM_FLOW, _claim_params("first"))).fetchall()
+        assert len([r for r in rows if r[0] is not None]) == 1
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as second:
+            pid = second.info.backend_pid
+            answer: list[tuple[Any, ...]] = []
+
+            async def claim() -> None:
+                answer.extend(await (await second.execute(queries.CLAIM_FLOW, _claim_params("second"))).fetchall())
+
+            async def waiting() -> bool:
+                found = await sql(url, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,))
+                return bool(found) or bool(answer)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claim)
+                await wait_until(waiting, timeout=10)
+                assert not answer, "the second claim did not wait for the first one's commit"
+                await first.commit()
+        assert [r for r in answer if r[0] is not None] == []
+        assert answer[-1][8] == "limited"
+    finally:
+        await first.close()

@@ -330,12 +330,12 @@ async def test_one_step_run_by_two_workers_at_once_records_and_commits_once(url:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         for _ in range(2):
             await conn.execute("SELECT pgmq.send(%s, %s)", (QUEUE, Jsonb(body)))
-    # One slot each and no polling: each worker takes exactly one message, at its start.
+    # One slot each, no prefetch and no polling: each worker takes exactly one message, at its start.
     config = make_config(
         mode="PollingOnly",
         namespaces=[NS],
         concurrency=1,
-        overrides={"event_system.fallback_poller.polling_interval": NEVER},
+        overrides={"event_system.fallback_poller.polling_interval": NEVER, "worker.prefetch": 0},
     )
     a_state = types.SimpleNamespace(name="A", gate=anyio.Event())
     b_state = types.SimpleNamespace(name="B", gate=anyio.Event())

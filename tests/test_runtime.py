@@ -522,7 +522,8 @@ async def test_a_finished_handler_frees_its_slot_while_its_outcome_waits_for_the
         started.append(ctx.msg_id)
 
     reg.register("note", note)
-    config = make_config(mode="Hybrid", namespaces=[NS], concurrency=2)
+    # Without prefetch, which would claim up to worker.prefetch more into its buffer.
+    config = make_config(mode="Hybrid", namespaces=[NS], concurrency=2, overrides={"worker.prefetch": 0})
     async with await psycopg.AsyncConnection.connect(url) as locker:
         await locker.execute("LOCK TABLE tasker.step_results IN EXCLUSIVE MODE")  # outcome inserts wait
         async with running_worker(url, config, registry=reg) as worker:

@@ -89,6 +89,8 @@ BEGIN
         INSERT INTO tasker.events (event_type, queue_name, data)
         VALUES ('QueuePaused', 'worker_' || p_namespace || '_queue',
                 jsonb_build_object('namespace', p_namespace, 'by', p_by, 'role', current_user));
+        -- Listening workers claim now, find the pause, and give back what they prefetched.
+        PERFORM tasker.announce_namespace(p_namespace);
     END IF;
     RETURN NOT coalesce(v_was, false);
 END;

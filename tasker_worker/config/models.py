@@ -157,6 +157,11 @@ class WorkerConfig(_Section):
     #: A step this worker lacks the capability for is released for others this many times at
     #: most, then dead-lettered (at once when no running worker offers the capability).
     max_rejections: int = Field(default=5, ge=1, le=1000)
+    #: Steps claimed ahead of the free slots while a backlog is worked through, so that a slot
+    #: that frees starts the next step without waiting for a claim (0: claim only for free slots).
+    #: Their vt counts from the claim (kept by the vt keeper); given back at shutdown without an
+    #: attempt; none for a namespace under flow control.
+    prefetch: int = Field(default=16, ge=0, le=4096)
     #: How many recent latency samples the statistics keep.
     stats_window: int = Field(default=100_000, ge=100, le=10_000_000)
     #: The event loop of ``tasker-worker run``: ``auto`` takes uvloop where it is installed (a

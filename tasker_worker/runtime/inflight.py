@@ -4,7 +4,8 @@ A message is held from its claim until the write that ends its step is over: the
 adds it (``hold``), the outcome writer ends it (``release_hold``), the claim side keeps its vt
 and, at shutdown, gives back those still running. A step's slot is free again as soon as its
 handler is done (``hand_off``), while its outcome waits for the writer: at most
-``max_concurrent`` outcomes wait so, so at most twice ``max_concurrent`` messages are held.
+``max_concurrent`` outcomes wait so, so at most twice ``max_concurrent`` messages are held, plus
+the prefetched ones (claimed ahead, not started: ``buffered``), which take no slot.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class HeldStep:
     task: asyncio.Task[None] | None = None
     #: An extension of its vt was refused: someone else holds the message now.
     lost_claim: bool = False
+    #: Claimed ahead (prefetched): held, its vt kept, but its step not started yet and no slot taken.
+    buffered: bool = False
 
 
 class InFlight:
@@ -54,6 +57,8 @@ class InFlight:
         self.steps: dict[int, tuple[str, int]] = {}
         #: How many entries are handed off.
         self.handed_off = 0
+        #: How many entries are prefetched (claimed, their step not started).
+        self.buffered = 0
         #: The steps whose outcome this worker recorded last (bounded, oldest forgotten): a
         #: second message of such a step claimed in the same batch, which its claim's dedup
         #: probe could not see yet, is settled without running.
@@ -69,7 +74,7 @@ class InFlight:
     @property
     def free_slots(self) -> int:
         """How many more steps may start now."""
-        return self.max_concurrent - len(self.entries) + self.handed_off
+        return self.max_concurrent - len(self.entries) + self.handed_off + self.buffered
 
     async def wait_slot(self) -> None:
         """Until a slot frees up (one more than ``free_slots`` said just before)."""
@@ -80,10 +85,25 @@ class InFlight:
             self._slot_freed = anyio.Event()
         await self._slot_freed.wait()
 
-    def hold(self, msg: ClaimedMessage) -> HeldStep:
-        """Hold a message just claimed (its vt counted from the claim's return)."""
-        entry = self.entries[(msg.queue, msg.msg_id)] = HeldStep(msg, msg.received_mono + self.vt_seconds)
+    def nudge(self) -> None:
+        """Wake whoever waits for a slot without freeing one (they look again at why they wait)."""
+        self._slot_freed.set()
+
+    def hold(self, msg: ClaimedMessage, *, buffered: bool = False) -> HeldStep:
+        """Hold a message just claimed (its vt counted from the claim's return); ``buffered``:
+        prefetched, taking no slot until ``unbuffer``."""
+        entry = self.entries[(msg.queue, msg.msg_id)] = HeldStep(
+            msg, msg.received_mono + self.vt_seconds, buffered=buffered
+        )
+        if buffered:
+            self.buffered += 1
         return entry
+
+    def unbuffer(self, entry: HeldStep) -> None:
+        """A prefetched entry leaves the buffer: its step starts (taking a slot) or it ends."""
+        if entry.buffered:
+            entry.buffered = False
+            self.buffered -= 1
 
     def get(self, queue: str, msg_id: int) -> HeldStep | None:
         """The entry of a message held here."""
@@ -101,6 +121,7 @@ class InFlight:
     def release_hold(self, entry: HeldStep) -> None:
         """The step of ``entry`` is over here: forget it and free its slot."""
         entry.ended = True
+        self.unbuffer(entry)
         if self.entries.get((entry.msg.queue, entry.msg.msg_id)) is entry:
             del self.entries[(entry.msg.queue, entry.msg.msg_id)]
         if entry.step_key is not None:
@@ -121,7 +142,8 @@ class InFlight:
         return step_key in self.recorded
 
     def running(self) -> list[HeldStep]:
-        """The entries whose end is not handed to the writer yet (their steps still run)."""
+        """The entries whose end is not handed to the writer yet (their steps still run, or
+        wait in the prefetch buffer)."""
         return [e for e in self.entries.values() if not e.ending]
 
 

@@ -59,6 +59,9 @@ MAX_WRITE_RESERVE_S = 2.0
 #: A claim held back by a fleet-wide limit is tried again after this (or as soon as a slot frees
 #: here): a slot freed by another worker is found within it.
 FLOW_RECHECK_S = 0.25
+#: A prefetched step starts only while at least this share of its vt is left (the keeper extends
+#: it at half): one that waited longer, its claim at risk of lapsing while it runs, goes back.
+PREFETCH_SAFE_SHARE = 0.25
 
 
 @dataclass
@@ -75,6 +78,8 @@ class _QueueState:
     claimed: ClaimedMemory = field(default_factory=ClaimedMemory)
     #: What held back the last claim (flow control: paused, or at a limit), None when nothing.
     hold: FlowHold | None = None
+    #: Its flow control changed since the last claim: claim (or just look, with no room) now.
+    flow_changed: bool = False
 
     def poke(self, source: Source) -> None:
         if source is Source.EVENT:
@@ -195,6 +200,8 @@ class ClaimSettings:
     claim_grace_s: float
     #: The whole shutdown budget (``[worker] shutdown_timeout``).
     shutdown_timeout_s: float
+    #: Steps claimed ahead of free slots while working through a backlog (``[worker] prefetch``).
+    prefetch: int = 0
 
     @classmethod
     def from_config(cls, config: TaskerConfig, worker_id: str) -> ClaimSettings:
@@ -207,6 +214,7 @@ class ClaimSettings:
             processing_timeout_s=es.processing_timeout.total_seconds(),
             claim_grace_s=es.listener.claim_grace.total_seconds(),
             shutdown_timeout_s=config.worker.shutdown_timeout.total_seconds(),
+            prefetch=config.worker.prefetch,
         )
 
 
@@ -242,7 +250,12 @@ class CommandProcessor:
         self.vt_seconds = settings.vt_seconds
         self.batch_size = settings.batch_size
         self.processing_timeout_s = settings.processing_timeout_s
+        self.prefetch = settings.prefetch
         self.refill_at = max(1, min(self.batch_size, self.max_concurrent) // 2)
+        self.refill_prefetching_at = max(1, min(self.batch_size, self.max_concurrent + self.prefetch) // 2)
+        #: Prefetched entries in the order they were claimed, started by ``_starter`` as slots free.
+        self.ready: deque[HeldStep] = deque()
+        self._ready_added = anyio.Event()
         self._probe_wanted = anyio.Event()
         self._probe_source = Source.POLL
         self._claiming = True
@@ -268,6 +281,7 @@ class CommandProcessor:
                     loops.start_soon(self.timers.run)
                     loops.start_soon(self._probe_loop)
                     loops.start_soon(self._vt_keeper)
+                    loops.start_soon(self._starter)
                     async with commands:
                         async for command in commands:
                             if isinstance(command, Shutdown):
@@ -276,6 +290,12 @@ class CommandProcessor:
                             self.handle(command)
                     self._claiming = False
                     loops.cancel_scope.cancel()
+                # Prefetched steps never start after a shutdown was asked for: they go back at
+                # once, with the attempt given back (as unfinished ones do below).
+                buffered = self._take_buffered()
+                if buffered:
+                    with anyio.CancelScope(shield=True, deadline=self.final_deadline(shutdown_deadline())):
+                        await self._release_all(buffered, "shutdown")
                 # Sources are stopped and nothing new is claimed: let in-flight steps finish
                 # until the deadline less the reserve for the final writes, then cancel them and
                 # give their messages back.
@@ -288,9 +308,10 @@ class CommandProcessor:
                 deadline = self.final_deadline(shutdown_deadline())
                 # Everything from here on ends by the one deadline, whatever the database does.
                 with anyio.CancelScope(shield=True, deadline=deadline):
+                    self.ready.clear()
                     running = self.held.running()
                     if running:
-                        await self._release_all(running)
+                        await self._release_all(running, "shutdown")
                     await self.steps.cancel(running)
                 self.writer.final_deadline = deadline
             outer.cancel_scope.cancel()
@@ -335,6 +356,7 @@ class CommandProcessor:
         snap = self.stats.snapshot()
         snap["in_flight"] = len(self.held)
         snap["outcomes_waiting"] = self.held.handed_off
+        snap["prefetched"] = self.held.buffered
         snap["free_slots"] = self.free_slots
         snap["queues"] = sorted(self.queues)
         snap["circuits"] = self.steps.circuits.open_circuits()
@@ -347,6 +369,13 @@ class CommandProcessor:
         if qs is None:
             return
         self.stats.incr("notifications_received")
+        if event.message_count == 0 and not event.msg_ids:
+            # The namespace's flow control changed (tasker.announce_namespace: paused, resumed, a
+            # limit set): every worker looks at once, also one whose slots and buffer are full.
+            qs.flow_changed = True
+            qs.poke(Source.EVENT)
+            self.held.nudge()  # a claim loop waiting for room wakes and looks
+            return
         lo = event.min_msg_id if event.min_msg_id is not None else min(event.msg_ids, default=0)
         hi = event.max_msg_id if event.max_msg_id is not None else max(event.msg_ids, default=-1)
         qs.announce(lo, hi, frozenset(event.msg_ids))
@@ -407,13 +436,23 @@ class CommandProcessor:
             qs.woken_by_event = False
             backlog = False
             while self._claiming:
-                free = self.held.free_slots
+                # Room: the free slots, and while working through a backlog the prefetch buffer
+                # too (claimed ahead, so the next steps start without waiting for a claim). Not
+                # for a namespace under flow control: a step is claimed when it can start.
+                free = self.held.free_slots - self.held.buffered
+                refill_at = self.refill_at
+                if backlog and self.prefetch and qs.name not in self.client.flow_queues:
+                    free += self.prefetch
+                    refill_at = self.refill_prefetching_at
                 # While the last claim came back full (a backlog), wait until a good share of
-                # the slots is free: one claim of 50 costs the server little more than a claim
+                # the room is free: one claim of 50 costs the server little more than a claim
                 # of 1, so refilling slot by slot would multiply the round trips.
-                if free <= 0 or (backlog and free < self.refill_at):
-                    await self.held.wait_slot()
-                    continue
+                if free <= 0 or (backlog and free < refill_at):
+                    if not qs.flow_changed:
+                        await self.held.wait_slot()  # or a nudge: see _on_event
+                        continue
+                    free = 0  # no room, but look: a pause must reach what was prefetched
+                qs.flow_changed = False
                 if backlog:
                     # A claim's source is what triggered *it*: a notification that came while
                     # the previous claim ran, or else the backlog this loop is working through,
@@ -474,6 +513,10 @@ class CommandProcessor:
                     await self._record_lapsed(qs, lapsed)
                 hold = msgs.hold
                 qs.hold = hold
+                if qs.name in self.client.flow_queues and any(e.msg.queue == qs.name for e in self.ready):
+                    # Flow control came in (or a pause): what this queue prefetched before it does
+                    # not start; it goes back, with the attempt given back.
+                    await self._release_all(self._take_buffered(qs.name), "flow_control")
                 if hold is not None:
                     self.stats.incr("claims_held")
                     if hold.reason is HoldReason.PAUSED:
@@ -540,7 +583,47 @@ class CommandProcessor:
             ready_for = (msg.claimed_at - msg.enqueued_at).total_seconds()
             if sent_after_listen and ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
                 self.stats.incr("missed_wakeups")
-        self.steps.start(msg)
+        if not self.ready and self.held.free_slots > 0:
+            self.steps.start(msg)
+            return
+        self.ready.append(self.held.hold(msg, buffered=True))
+        self._ready_added.set()
+
+    async def _starter(self) -> None:
+        """Start prefetched steps as slots free: the hand-over costs no round trip."""
+        while True:
+            ready, held = self.ready, self.held
+            while ready and held.free_slots > 0:
+                self._start_prefetched(ready.popleft())
+            if ready:
+                await held.wait_slot()
+            else:
+                if self._ready_added.is_set():
+                    self._ready_added = anyio.Event()
+                    continue
+                await self._ready_added.wait()
+
+    def _start_prefetched(self, entry: HeldStep) -> None:
+        """Start a prefetched step, unless its claim is no longer safely ours: a step whose vt
+        could lapse while it runs is given back instead (never run twice)."""
+        if entry.ending:
+            return  # released meanwhile (a shutdown, flow control)
+        if entry.lost_claim:
+            self.writer.abandon(entry)  # claimed by someone else since: theirs now
+            return
+        if entry.vt_deadline - time.monotonic() < self.vt_seconds * PREFETCH_SAFE_SHARE:
+            self.stats.incr("prefetch_expired")
+            self.held.unbuffer(entry)
+            self.writer.end(entry, released("prefetch_expired"))
+            return
+        self.steps.start_buffered(entry)
+
+    def _take_buffered(self, queue: str | None = None) -> list[HeldStep]:
+        """Take the prefetched entries (of ``queue``, or all) out of the start order."""
+        taken = [e for e in self.ready if queue is None or e.msg.queue == queue]
+        if taken:
+            self.ready = deque(e for e in self.ready if e not in taken) if queue is not None else deque()
+        return taken
 
     async def _vt_keeper(self) -> None:
         """Extend the vt of steps running past half of it, in one statement per queue."""
@@ -583,14 +666,15 @@ class CommandProcessor:
 
     # --- shutdown --------------------------------------------------------------------------
 
-    async def _release_all(self, running: list[HeldStep]) -> None:
-        """Give every still-running step's message back at once (not counted as an attempt):
-        each ends with the rulebook's ``released`` settlement, through the writer, which also
-        announces them (visible again at once, but no INSERT announces them: workers that only
-        listen would not know of them until another step came)."""
-        log.info("releasing %d unfinished steps back to their queues", len(running))
-        settlement = released("shutdown")
+    async def _release_all(self, running: list[HeldStep], reason: str) -> None:
+        """Give every still-running (or prefetched) step's message back at once (not counted as
+        an attempt): each ends with the rulebook's ``released`` settlement, through the writer,
+        which also announces them (visible again at once, but no INSERT announces them: workers
+        that only listen would not know of them until another step came)."""
+        log.info("releasing %d unfinished steps back to their queues (%s)", len(running), reason)
+        settlement = released(reason)
         for entry in running:
+            self.held.unbuffer(entry)
             self.writer.end(entry, settlement)
         # The caller's scope shields this from the shutdown's cancellation and bounds it by the
         # shutdown's deadline (a shield here would hide that deadline).

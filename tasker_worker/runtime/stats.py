@@ -43,6 +43,7 @@ COUNTERS = (
     "rejections",
     "internal_errors",
     "claims_held",
+    "prefetch_expired",
 )
 
 

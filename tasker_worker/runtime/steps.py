@@ -175,6 +175,11 @@ class StepRunner:
         entry.task = asyncio.get_running_loop().create_task(self._run_step(entry))
         return entry
 
+    def start_buffered(self, entry: HeldStep) -> None:
+        """Run the step of a prefetched message (held already, in the buffer) now."""
+        self.held.unbuffer(entry)
+        entry.task = asyncio.get_running_loop().create_task(self._run_step(entry))
+
     async def cancel(self, entries: list[HeldStep]) -> None:
         """Cancel the step tasks of ``entries`` still running and wait (bounded) until they are
         gone (at shutdown: their messages were given back, or return at their vt)."""
