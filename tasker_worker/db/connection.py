@@ -20,12 +20,13 @@ CLIENT_APPLICATION_NAME = "tasker-client"
 
 
 def resolve_database_url(config: DatabaseConfig) -> str:
-    """The configured URL, or the embedded server's (started on demand)."""
+    """The configured URL, or the embedded server's: attached to when it runs, else started
+    and left running for whoever comes next (``db/embedded.py``: only ``db stop`` stops it)."""
     if config.url:
         return config.url
-    from tasker_worker.db.embedded import start_embedded
+    from tasker_worker.db.embedded import ensure_embedded
 
-    return start_embedded(config.embedded_data_dir)
+    return ensure_embedded(config.embedded_data_dir).url
 
 
 def describe(url: str) -> str:
