@@ -100,9 +100,13 @@ class Process:
         self.popen = popen
         self.stdout = ""
         self.stderr = ""
+        self.stopped = False
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then wait for it to exit (a graceful stop: its exit handlers run)."""
+        """SIGTERM, then wait for it to exit (a graceful stop: its exit handlers run); once."""
+        if self.stopped:
+            return int(self.popen.returncode)
+        self.stopped = True
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
         try:
