@@ -29,8 +29,9 @@ TOKEN = "contract-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: Fixed, so that a run is the same cases every time (and a failure can be replayed with it).
 SEED = 1
-#: Examples per operation in the fuzzing phase: the coverage and stateful phases add their own.
-EXAMPLES = 10
+#: Examples per operation in the fuzzing phase (as the issue tried it); the coverage and stateful
+#: phases add their own.
+EXAMPLES = 30
 
 
 def test_schemathesis_finds_no_failure_in_the_live_api(db_url: str, tmp_path: Path) -> None:
@@ -208,3 +209,18 @@ async def test_a_deregistered_worker_is_no_longer_there_to_read(api: httpx.Async
     assert (await api.get("/api/workers/w-1/heartbeats")).status_code == 404
     listed = (await api.get("/api/workers", params={"include_deregistered": "true"})).json()
     assert [w["status"] for w in listed["workers"]] == ["deregistered"]
+
+
+@pytest.mark.anyio
+async def test_a_generated_worker_id_is_one_the_api_can_address(api: httpx.AsyncClient) -> None:
+    """Found once the rest was fixed (stateful: created, then 404): a registration without an id
+    got ``name-hostname-pid-random``, which held the hostname's ``/`` (and could pass 200
+    characters), so no route reached it. The generated id now obeys the id's rule."""
+    for name, hostname in (("n", "|N/ä"), ("x" * 200, "h" * 255)):
+        created = await api.post("/api/workers", json={"name": name, "hostname": hostname, "pid": 7}, headers=AUTH)
+        assert created.status_code == 201, created.text
+        worker_id = created.json()["worker_id"]
+        assert "/" not in worker_id and len(worker_id) <= 200
+        assert (await api.get(f"/api/workers/{worker_id}")).status_code == 200
+        beat = await api.post(f"/api/workers/{worker_id}/heartbeat", json={}, headers=AUTH)
+        assert beat.status_code == 200

@@ -126,7 +126,11 @@ def operations() -> list[Operation]:
             "POST",
             "/api/namespaces/{namespace}/steps",
             send,
-            {201: "enqueued", 404: "no queue for this namespace"},
+            {
+                201: "enqueued",
+                200: "the step_uuid was already sent or done: this is that step (nothing sent)",
+                404: "no queue for this namespace",
+            },
             path_params=NamespacePath,
             body=StepSubmission,
             success=201,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -108,9 +109,19 @@ def _worker_json(view: WorkerView, ctx: ApiContext | None = None) -> dict[str, A
     return body
 
 
+def generated_id(registration: WorkerRegistration) -> str:
+    """An id for a registration that names none: ``name-hostname-pid-random``, made a valid id
+    (the path segment of ``/api/workers/{worker_id}``: no ``/``, at most 200 characters, no space
+    at either end), so that the worker can be read, beaten and deregistered by it."""
+    stem = f"{registration.name}-{registration.hostname}-{registration.pid}".replace("/", "-")
+    return f"{stem[:190].rstrip()}-{uuid.uuid4().hex[:6]}"
+
+
 async def register(request: Request, body: WorkerRegistration) -> Response:
     """Register a worker: 201 with its id and status; 409 when a live worker holds the id."""
     ctx = ctx_of(request)
+    if body.worker_id is None:
+        body = body.model_copy(update={"worker_id": generated_id(body)})
     worker_id = await ctx.lifecycle.register(body, on_conflict="error")
     view = await ctx.views.get(worker_id)
     return JSONResponse(
