@@ -66,7 +66,8 @@ async def client(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIter
 # --- db ------------------------------------------------------------------------------------
 
 
-def _embedded_dir(loaded: LoadedConfig) -> Path:
+def embedded_dir(loaded: LoadedConfig) -> Path:
+    """The embedded server's data directory in force (configured, or the default one)."""
     from tasker_worker.db.embedded import default_data_dir
 
     return (loaded.config.database.embedded_data_dir or default_data_dir()).expanduser().resolve()
@@ -82,7 +83,7 @@ def db_url(args: argparse.Namespace) -> int:
         return 0
     from tasker_worker.db.embedded import ensure_embedded
 
-    server = ensure_embedded(_embedded_dir(loaded))
+    server = ensure_embedded(embedded_dir(loaded))
     print(server.url)
     how = "started it now" if server.started else f"it was running, started by {server.describe_starter()}"
     print(
@@ -102,7 +103,7 @@ def db_stop(args: argparse.Namespace) -> int:
         )
     from tasker_worker.db.embedded import describe_starter, stop_running
 
-    path = _embedded_dir(loaded)
+    path = embedded_dir(loaded)
     record = stop_running(path)
     if record is None:
         print(f"no embedded server runs in {path}")
