@@ -208,6 +208,8 @@ class Operation:
     secured: bool = False
     #: The media type of a successful answer.
     media_type: str = "application/json"
+    #: Whether it reads the database (then a 503 is one of its answers).
+    database: bool = True
 
     @property
     def summary(self) -> str:
@@ -226,7 +228,8 @@ class Operation:
             out[401] = "missing or wrong bearer token (when [api] token is set)"
         out.update(self.responses)
         out[500] = "unexpected error (generic detail; the log has the cause under error_id)"
-        out.setdefault(503, "the database is unavailable (generic detail, with an error_id)")
+        if self.database:
+            out.setdefault(503, "the database is unavailable (generic detail, with an error_id)")
         return out
 
     def endpoint(self) -> Callable[[Request], Awaitable[Response]]:

@@ -145,8 +145,8 @@ class WorkerRegistration(BaseModel):
     hostname: Text = Field(min_length=1, max_length=255)
     pid: WholeNumber = Field(ge=0, le=INT4_MAX)
     endpoint: Text | None = Field(default=None, max_length=500)
-    namespaces: list[Namespace] = Field(default_factory=list, max_length=100)
-    capabilities: list[Annotated[Text, Field(max_length=200)]] = Field(default_factory=list, max_length=1000)
+    namespaces: list[Namespace] = Field(default_factory=list, max_length=1000)
+    capabilities: list[Annotated[Text, Field(max_length=200)]] = Field(default_factory=list, max_length=10_000)
     version: Text = Field(default="unknown", max_length=100)
     deployment_mode: str = Field(
         default="Hybrid", max_length=50, json_schema_extra={"enum": [m.value for m in DeploymentMode]}
