@@ -1311,7 +1311,9 @@ BEGIN
            rate_count      = CASE WHEN p_rate_count IS NULL THEN f.rate_count ELSE nullif(p_rate_count, 0) END,
            rate_period_s   = CASE WHEN p_rate_count IS NULL THEN f.rate_period_s
                                   WHEN p_rate_count = 0 THEN NULL ELSE p_rate_period_s END,
+           -- A burst alone changes the burst of the rate in force (none: nothing to change).
            rate_burst      = CASE WHEN p_rate_count = 0 THEN NULL
+                                  WHEN p_rate_count IS NULL AND f.rate_count IS NULL THEN NULL
                                   WHEN p_rate_burst IS NOT NULL THEN nullif(p_rate_burst, 0)
                                   WHEN p_rate_count IS NOT NULL THEN coalesce(f.rate_burst, 1)
                                   ELSE f.rate_burst END,

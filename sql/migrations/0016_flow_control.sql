@@ -117,7 +117,8 @@ END;
 $$;
 
 -- NULL leaves a setting as it is; 0 removes it. A rate is p_rate_count starts per
--- p_rate_period_s seconds, at most p_rate_burst at once (default 1: evenly spaced starts).
+-- p_rate_period_s seconds, at most p_rate_burst at once (default 1: evenly spaced starts); a
+-- burst given alone changes the burst of the rate in force.
 CREATE FUNCTION tasker.set_queue_limits(
     p_namespace       text,
     p_max_running     integer DEFAULT NULL,
@@ -148,7 +149,9 @@ BEGIN
            rate_count      = CASE WHEN p_rate_count IS NULL THEN f.rate_count ELSE nullif(p_rate_count, 0) END,
            rate_period_s   = CASE WHEN p_rate_count IS NULL THEN f.rate_period_s
                                   WHEN p_rate_count = 0 THEN NULL ELSE p_rate_period_s END,
+           -- A burst alone changes the burst of the rate in force (none: nothing to change).
            rate_burst      = CASE WHEN p_rate_count = 0 THEN NULL
+                                  WHEN p_rate_count IS NULL AND f.rate_count IS NULL THEN NULL
                                   WHEN p_rate_burst IS NOT NULL THEN nullif(p_rate_burst, 0)
                                   WHEN p_rate_count IS NOT NULL THEN coalesce(f.rate_burst, 1)
                                   ELSE f.rate_burst END,

@@ -1,20 +1,18 @@
 """What every route of the API shares: its context, its errors, reading requests, the token check.
 
-The route modules (``workers``, ``health``, ``metrics``, ``openapi``) import from here and
-``app.py`` imports them, so imports point one way.
+The route modules (``routing``, ``workers``, ``steps``, ``health``, ``metrics``, ``openapi``)
+import from here and ``app.py`` imports them, so imports point one way.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -35,7 +33,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 << 10
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -87,29 +84,6 @@ def error_response(status: int, error: str, detail: Any) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
 
 
-async def read_model(request: Request, model: type[M], *, empty_ok: bool = False) -> M:
-    """Parse the JSON body into ``model``; 400 with the validation errors otherwise."""
-    raw = await bounded_body(request)
-    if not raw.strip():
-        if empty_ok:
-            return model()
-        raise ApiError(400, "invalid_request", "a JSON object body is required")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request", "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        detail = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        raise ApiError(400, "invalid_request", detail) from None
-
-
 async def bounded_body(request: Request) -> bytes:
     """The request body; 413 once it is over ``MAX_BODY_BYTES`` (declared or read)."""
     too_large = ApiError(413, "payload_too_large", f"request bodies are limited to {MAX_BODY_BYTES} bytes")
@@ -122,20 +96,6 @@ async def bounded_body(request: Request) -> bytes:
         if len(raw) > MAX_BODY_BYTES:
             raise too_large
     return bytes(raw)
-
-
-def int_param(request: Request, name: str, default: int, *, low: int = 1, high: int = 10_000) -> int:
-    """An integer query parameter within ``[low, high]``; 400 otherwise."""
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_request", f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(400, "invalid_request", f"{name} must be between {low} and {high}, got {value}")
-    return value
 
 
 def ctx_of(request: Request) -> ApiContext:

@@ -10,9 +10,9 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from tasker_worker.api.context import ApiContext, ctx_of
+from tasker_worker.api.routing import Operation
 from tasker_worker.db.queue_client import QueueMetrics
 from tasker_worker.domain.health import (
     DatabaseFigures,
@@ -155,10 +155,11 @@ async def queues(request: Request) -> Response:
     return JSONResponse({"queues": [v.to_json() for v in views], "count": len(views)})
 
 
-def routes() -> list[Route]:
-    """The health routes."""
+def operations() -> list[Operation]:
+    """The health operations and ``/api/queues``."""
     return [
-        Route("/health/live", live, methods=["GET"]),
-        Route("/health/ready", ready, methods=["GET"]),
-        Route("/health/detailed", detailed, methods=["GET"]),
+        Operation("GET", "/health/live", live, database=False),
+        Operation("GET", "/health/ready", ready, {503: "not ready: the database is unreachable or not migrated"}),
+        Operation("GET", "/health/detailed", detailed, {503: "unhealthy (the body says why)"}),
+        Operation("GET", "/api/queues", queues),
     ]

@@ -15,7 +15,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker import __version__
-from tasker_worker.config.loader import LoadedConfig, effective_items, load_config
+from tasker_worker.config.loader import LoadedConfig, database_source, effective_items, load_config
 from tasker_worker.db import flow as flow_db
 from tasker_worker.db import migrations, schema
 from tasker_worker.db.connection import open_pool, resolve_database_url
@@ -68,39 +68,49 @@ async def client(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIter
 # --- db ------------------------------------------------------------------------------------
 
 
-def _embedded_dir(loaded: LoadedConfig) -> Path:
+def embedded_dir(loaded: LoadedConfig) -> Path:
+    """The embedded server's data directory in force (configured, or the default one)."""
     from tasker_worker.db.embedded import default_data_dir
 
     return (loaded.config.database.embedded_data_dir or default_data_dir()).expanduser().resolve()
 
 
 def db_url(args: argparse.Namespace) -> int:
-    """``db url``: the DSN in use; the embedded server is started (and left running) when no
-    URL is configured, so that ``psql "$(tasker-worker db url)"`` works between runs."""
+    """``db url``: the DSN in use; with no URL configured, the embedded server's (started when it
+    is not running, and left running either way), so that ``psql "$(tasker-worker db url)"`` and
+    ``export TASKER_DATABASE_URL=$(tasker-worker db url)`` work between runs."""
     loaded = load(args)
     if loaded.config.database.url:
         print(loaded.config.database.url)
         return 0
-    from tasker_worker.db.embedded import start_embedded
+    from tasker_worker.db.embedded import ensure_embedded
 
-    url = start_embedded(_embedded_dir(loaded), cleanup_mode=None)
-    print(url)
+    server = ensure_embedded(embedded_dir(loaded))
+    print(server.url)
+    how = "started it now" if server.started else f"it was running, started by {server.describe_starter()}"
     print(
-        f"(the embedded server in {_embedded_dir(loaded)} keeps running; `tasker-worker db stop` stops it)",
+        f"(the embedded server in {server.data_dir}: {how}; it keeps running until `tasker-worker db stop`)",
         file=sys.stderr,
     )
     return 0
 
 
 def db_stop(args: argparse.Namespace) -> int:
-    """``db stop``: stop the embedded server (its data stays)."""
+    """``db stop``: stop the embedded server (its data stays), whoever started it: the one
+    explicit stop of a server that every process on the machine may share."""
     loaded = load(args)
     if loaded.config.database.url:
-        raise UsageError("a database URL is configured: there is no embedded server to stop")
-    from tasker_worker.db.embedded import stop_running
+        raise UsageError(
+            f"a database URL is configured ({database_source(loaded)}): there is no embedded server to stop"
+        )
+    from tasker_worker.db.embedded import describe_starter, stop_running
 
-    path = _embedded_dir(loaded)
-    print(f"stopped the embedded server in {path}" if stop_running(path) else f"no embedded server runs in {path}")
+    path = embedded_dir(loaded)
+    record = stop_running(path)
+    if record is None:
+        print(f"no embedded server runs in {path}")
+    else:
+        print(f"stopped the embedded server in {path} (started by {describe_starter(record)})")
     return 0
 
 

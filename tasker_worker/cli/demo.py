@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from tasker_worker.cli.admin import database_url, load
+from tasker_worker.cli.admin import database_url, embedded_dir, load
 from tasker_worker.cli.run import configure_logging
 from tasker_worker.db import migrations, queries
 from tasker_worker.domain.steps import StepMessage
@@ -59,7 +59,14 @@ async def demo(args: argparse.Namespace) -> int:
     if not debug:
         logging.getLogger().setLevel(logging.WARNING)  # the summary is the output
     t0 = time.perf_counter()
-    url = database_url(loaded)
+    embedded = None
+    if loaded.config.database.url:
+        url = database_url(loaded)
+    else:
+        from tasker_worker.db.embedded import ensure_embedded
+
+        embedded = ensure_embedded(embedded_dir(loaded))
+        url = embedded.url
     await migrations.migrate(url)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute(queries.CREATE_NAMESPACE_QUEUE, (NAMESPACE,))
@@ -137,6 +144,12 @@ async def demo(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(summary, default=str))
+    if embedded is not None:
+        how = "started by this demo" if embedded.started else f"started by {embedded.describe_starter()}"
+        print(
+            f"\nthe embedded server in {embedded.data_dir} ({how}) keeps running for the next command: "
+            "`tasker-worker db url` prints its URL, `tasker-worker db stop` stops it"
+        )
     return 0
 
 

@@ -12,6 +12,11 @@ Precedence, lowest first:
 ``TASKER_CONFIG_DIR``, else ``./config`` when it exists. Without any root only defaults,
 environment variables and flags apply.
 
+This is the one resolution every entry point uses: the CLI (``run``, ``api``, ``steps``, ...),
+``AsyncClient()`` / ``Client()`` and ``Worker()`` without a config, and the pytest plugin (its
+test database on top, as a flag would be). So a client with no URL, a worker and
+``tasker-worker steps show`` reach the same database, and ``config show`` says from where.
+
 An environment named explicitly (``--env``, ``TASKER_ENV``) must have its overlay file under a
 config root: ``--env prodution`` is a typo to report, not a run on the base settings. An
 environment that is meant to have no overlay is allowed with ``--allow-missing-env`` (or
@@ -75,11 +80,13 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     *,
     allow_missing_env: bool = False,
+    overrides_origin: str = "cli flag",
 ) -> LoadedConfig:
     """Load, layer and validate the configuration; raise ``ConfigError`` naming file and key.
 
     ``overrides`` maps dotted keys (``event_system.deployment_mode``) to values given as CLI
-    flags; ``None`` values are ignored.
+    flags (or arguments: ``overrides_origin`` names them in ``origins``); ``None`` values are
+    ignored.
     """
     environ = os.environ if environ is None else environ
     env_name = env or environ.get("TASKER_ENV") or DEFAULT_ENV
@@ -114,7 +121,7 @@ def load_config(
         if value is None:
             continue
         _set_dotted(cli_layer, dotted, value)
-        cli_origins[dotted] = "cli flag"
+        cli_origins[dotted] = overrides_origin
     _merge(merged, cli_layer, origins, None, cli_origins)
 
     merged["environment"] = env_name
@@ -234,6 +241,15 @@ def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigErr
     if more:
         message += f" [and {more} more problem{'s' if more > 1 else ''}]"
     return ConfigError(message, source=source or "config", key=key)
+
+
+def database_source(loaded: LoadedConfig) -> str:
+    """Where the database of ``loaded`` comes from, for messages: ``database.url from env
+    TASKER_DATABASE_URL``, ``... from config/tasker/base/worker.toml``, or the embedded server."""
+    if loaded.config.database.url:
+        return f"database.url from {loaded.origin('database.url')}"
+    where = loaded.config.database.embedded_data_dir
+    return "the embedded server" + (f" in {where}" if where else "") + " (no database.url, no TASKER_DATABASE_URL)"
 
 
 def leaves(config: TaskerConfig) -> list[tuple[str, Any]]:

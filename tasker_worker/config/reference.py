@@ -11,7 +11,7 @@ from tasker_worker.config.models import TaskerConfig
 #: What each key does: the description column of ``config reference`` and of
 #: docs/configuration.md (tests/test_docs.py checks that the two agree row by row).
 DESCRIPTIONS: dict[str, str] = {
-    "database.url": "PostgreSQL URL; unset starts the embedded server (`TASKER_DATABASE_URL` also works)",
+    "database.url": "PostgreSQL URL (`TASKER_DATABASE_URL` also works); unset: the embedded server, attached to when it runs, else started and left running (`tasker-worker db stop` stops it)",
     "database.pooler": '`"transaction"` when the URL goes through a transaction pooler (PgBouncer `pool_mode = transaction`): no prepared statements, no session state, PollingOnly only, no supervision candidacy (see below)',
     "database.embedded_data_dir": "data directory of the embedded server (default: the user's data directory)",
     "database.auto_migrate": "apply pending migrations at start (off: run `tasker-worker db migrate` yourself)",
@@ -49,6 +49,7 @@ DESCRIPTIONS: dict[str, str] = {
     "worker.periodic_timeout": "default timeout of periodic jobs",
     "worker.shutdown_timeout": "the whole graceful shutdown: handlers may finish until it less a reserve for the final writes (30%, at most 2 s); then unfinished steps are released, results flushed and the worker deregistered, all by this deadline; the process exits within it + 1 s even with the database stopped or unreachable (what could not be written is logged with its count and returns at its vt)",
     "worker.max_rejections": "times a step needing a missing capability is bounced before the DLQ",
+    "worker.prefetch": "steps claimed ahead of the free slots while a backlog is worked through (0: none); never for a namespace under flow control",
     "worker.stats_window": "latency samples kept for percentiles",
     "worker.event_loop": "event loop of `tasker-worker run`: `auto` (uvloop when installed), `asyncio` or `uvloop`",
     "retry.max_attempts": "attempts before a failing step goes to the DLQ (a step's `attempt_limit` wins)",

@@ -35,6 +35,7 @@ import anyio
 import psutil
 
 from tasker_worker import __version__, logs
+from tasker_worker.config.loader import load_config
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
 from tasker_worker.db.connection import open_pool, resolve_database_url
@@ -92,7 +93,8 @@ class Worker(RegistersHandlers):
         services: list[Service] | None = None,
         reload_config: Callable[[], TaskerConfig] | None = None,
     ) -> None:
-        self.config = config or TaskerConfig()
+        # No config: the one resolution every entry point uses (files, TASKER_* variables).
+        self.config = config if config is not None else load_config().config
         #: Re-reads the configuration on SIGHUP (the CLI passes its loader).
         self.reload_config = reload_config
         self.control: WorkerControl | None = None

@@ -1,0 +1,403 @@
+"""What the producer's clients do, written once for ``AsyncClient`` and ``Client`` alike.
+
+Each public operation is a *plan*: a generator that yields the I/O it needs (``Rows``: run one
+statement; ``Hold``: keep one pooled connection for the rest of the plan, optionally LISTENing;
+``Notification``: wait for the next notification on it) and gets each answer sent back. The
+clients only *drive* plans, ``AsyncClient`` with ``await`` and ``Client`` by blocking, so their
+methods cannot drift apart: both are made from these functions (``client.py``), and
+``tests/test_client.py`` lists both public surfaces.
+
+A plan that needs the result of another plan delegates to it with ``yield from``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+import numpy as np
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.types.json import Jsonb
+
+from tasker_worker.db import queries
+from tasker_worker.domain.names import queue_name, validate_namespace
+from tasker_worker.domain.results import CancelState, StepRef, StepResult
+from tasker_worker.domain.steps import OutcomeStatus, build_message
+from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout, UsageError
+from tasker_worker.runtime.tracing import trace_headers
+
+#: ``send_steps`` takes at most this many steps per call (one statement each).
+MAX_BATCH = 10_000
+#: How often ``wait_for`` looks without a notification, by default.
+DEFAULT_POLL_INTERVAL_S = 5.0
+
+_LISTEN_OUTCOMES = pgsql.SQL("LISTEN {}").format(pgsql.Identifier(queries.OUTCOME_CHANNEL))
+_STEP_RESULT = queries.STEP_RESULT.format(columns=StepResult.COLUMNS)
+_LIST_RESULTS = queries.LIST_STEP_RESULTS.format(columns=StepResult.COLUMNS)
+_ENCODE = msgspec.json.Encoder()
+
+#: A caller's own connection (``conn=``): ``AsyncClient`` takes a ``psycopg.AsyncConnection``,
+#: ``Client`` a ``psycopg.Connection``; the other kind is refused with a ``UsageError``.
+AnyConn = psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
+
+
+# --- the requests a plan yields ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Run ``query`` and answer its rows (``[]`` for a statement without any): on ``conn`` (the
+    caller's, or one held by the plan), else on a pooled connection. Server errors arrive in the
+    plan as ``TaskerError`` (``translate_error``)."""
+
+    query: Any
+    params: Any = None
+    conn: Any = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Keep one pooled connection until the plan ends and answer it; with ``listen``, the
+    connection LISTENs on that channel first (UNLISTENed before it goes back to the pool)."""
+
+    listen: Any = None
+
+
+@dataclass(frozen=True)
+class Notification:
+    """Wait up to ``timeout`` seconds for the next notification on ``conn`` (a held, listening
+    connection); answer its payload, or None when none came."""
+
+    conn: Any
+    timeout: float
+
+
+Request = Rows | Hold | Notification
+R = TypeVar("R")
+#: A plan that ends with a value of type ``R``.
+Plan = Generator[Request, Any, R]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _uuid(value: uuid.UUID | str) -> uuid.UUID:
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        raise UsageError(f"not a UUID: {value!r}") from None
+
+
+def _enqueue_params(
+    namespace: str,
+    handler: str,
+    inputs: dict[str, Any] | None,
+    *,
+    step_uuid: uuid.UUID | str | None,
+    task_uuid: uuid.UUID | str | None,
+    correlation_id: uuid.UUID | str | None,
+    delay: float | None,
+    attempt_limit: int | None,
+    timeout: float | None,
+    headers: dict[str, Any] | None,
+    notify: bool,
+) -> dict[str, Any]:
+    # Checked here too, so that a mistake is a UsageError before any round trip.
+    build_message(
+        namespace,
+        handler,
+        inputs,
+        step_uuid=step_uuid,
+        task_uuid=task_uuid,
+        correlation_id=correlation_id,
+        attempt_limit=attempt_limit,
+        timeout=timeout,
+    )
+    traced = trace_headers(headers)
+    return {
+        "namespace": namespace,
+        "handler": handler,
+        "inputs": Jsonb(inputs or {}),
+        "step_uuid": str(step_uuid) if step_uuid else None,
+        "task_uuid": str(task_uuid) if task_uuid else None,
+        "correlation_id": str(correlation_id) if correlation_id else None,
+        "delay": _delay(delay),
+        "attempt_limit": attempt_limit,
+        "timeout": timeout,
+        "headers": Jsonb(traced) if traced else None,
+        "notify": notify,
+    }
+
+
+def _batch_params(
+    namespace: str,
+    handler: str,
+    inputs: Iterable[dict[str, Any]],
+    *,
+    delay: float | None,
+    attempt_limit: int | None,
+    timeout: float | None,
+    headers: dict[str, Any] | None,
+    notify: bool,
+) -> tuple[dict[str, Any], list[uuid.UUID]]:
+    items = list(inputs)
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise UsageError(f"send_steps takes 1 to {MAX_BATCH} steps per call, got {len(items)}")
+    # What is the same for every step is checked once, by the rules of tasker.step_message;
+    # each step adds only its inputs (an object) and three fresh UUIDs.
+    build_message(namespace, handler, None, attempt_limit=attempt_limit, timeout=timeout)
+    common: dict[str, Any] = {"namespace": namespace, "handler": handler}
+    if attempt_limit is not None:
+        common["attempt_limit"] = attempt_limit
+    if timeout is not None:
+        common["timeout"] = timeout
+    for k, step_inputs in enumerate(items):
+        if not isinstance(step_inputs, dict):
+            raise StepValidationError(f"inputs must be a JSON object (step {k})", reason="malformed_message")
+    ids, ints = _uuid4_batch(3 * len(items))
+    # The fixed part of every body, encoded once; only the ids and the inputs differ.
+    fixed = _ENCODE.encode(common).decode()[1:-1]
+    try:
+        bodies = [
+            f'{{"step_uuid":"{ids[3 * k]}","task_uuid":"{ids[3 * k + 1]}","correlation_id":"{ids[3 * k + 2]}",'
+            f'{fixed},"inputs":{_ENCODE.encode(step_inputs).decode()}}}'
+            for k, step_inputs in enumerate(items)
+        ]
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise StepValidationError(f"inputs are not JSON: {exc}", reason="malformed_message") from None
+    batch_headers = trace_headers(headers)
+    if notify:
+        batch_headers["tasker_notify"] = True
+    params = {
+        "queue": queue_name(namespace),
+        "bodies": bodies,
+        "count": len(bodies),
+        "headers": json.dumps(batch_headers) if batch_headers else None,
+        "delay": _delay(delay),
+    }
+    return params, [uuid.UUID(int=n) for n in ints[0::3]]
+
+
+def _uuid4_batch(n: int) -> tuple[list[str], list[int]]:
+    """``n`` random (version 4) UUIDs as strings and as integers, made in bulk: building them
+    one ``uuid.uuid4()`` at a time cost a batch more than its INSERT."""
+    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    hexed = np.frombuffer(raw.tobytes().hex().encode(), dtype=np.uint8).reshape(n, 32)
+    text = np.full((n, 36), ord("-"), dtype=np.uint8)
+    for src, dst, width in ((0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)):
+        text[:, dst : dst + width] = hexed[:, src : src + width]
+    joined = text.tobytes().decode()
+    halves = raw.view(">u8").reshape(n, 2)
+    ints = [(hi << 64) | lo for hi, lo in zip(halves[:, 0].tolist(), halves[:, 1].tolist(), strict=True)]
+    return [joined[i : i + 36] for i in range(0, 36 * n, 36)], ints
+
+
+def _delay(delay: float | None) -> int:
+    seconds = int(delay or 0)
+    if seconds < 0:
+        raise UsageError("delay must be zero or more seconds")
+    return seconds
+
+
+def _outcome_names(payload: str) -> set[str]:
+    try:
+        return set(json.loads(payload).get("step_uuids") or [])
+    except (ValueError, AttributeError):
+        return set()
+
+
+def _list_params(namespace: str | None, status: OutcomeStatus | str | None, limit: int) -> dict[str, Any]:
+    if namespace is not None:
+        validate_namespace(namespace)
+    return {
+        "namespace": namespace,
+        "status": OutcomeStatus(status).value if status is not None else None,
+        "limit": max(1, min(int(limit), 1000)),
+    }
+
+
+# --- the operations ------------------------------------------------------------------------
+
+
+def send_step(
+    namespace: str,
+    handler: str,
+    inputs: dict[str, Any] | None = None,
+    *,
+    step_uuid: uuid.UUID | str | None = None,
+    task_uuid: uuid.UUID | str | None = None,
+    correlation_id: uuid.UUID | str | None = None,
+    delay: float | None = None,
+    attempt_limit: int | None = None,
+    timeout: float | None = None,
+    headers: dict[str, Any] | None = None,
+    notify: bool = True,
+    conn: AnyConn | None = None,
+) -> Plan[StepRef]:
+    """Enqueue one step; with ``step_uuid``, idempotently (a step_uuid already sent or done is
+    answered with that step, ``created=False``). ``headers`` are the message's (the current
+    trace context is added); ``notify`` lets ``wait_for`` be woken; ``conn`` sends inside the
+    caller's own transaction."""
+    params = _enqueue_params(
+        namespace,
+        handler,
+        inputs,
+        step_uuid=step_uuid,
+        task_uuid=task_uuid,
+        correlation_id=correlation_id,
+        delay=delay,
+        attempt_limit=attempt_limit,
+        timeout=timeout,
+        headers=headers,
+        notify=notify,
+    )
+    [row] = yield Rows(queries.ENQUEUE_STEP, params, conn)
+    return StepRef(step_uuid=row[0], msg_id=int(row[1]), namespace=namespace, created=bool(row[2]))
+
+
+def send_steps(
+    namespace: str,
+    handler: str,
+    inputs: Iterable[dict[str, Any]],
+    *,
+    delay: float | None = None,
+    attempt_limit: int | None = None,
+    timeout: float | None = None,
+    headers: dict[str, Any] | None = None,
+    notify: bool = False,
+    conn: AnyConn | None = None,
+) -> Plan[list[StepRef]]:
+    """Enqueue one step per ``inputs`` item in one statement (fresh step_uuids: a batch is not
+    deduplicated; use ``send_step(step_uuid=...)`` for that)."""
+    params, uuids = _batch_params(
+        namespace,
+        handler,
+        inputs,
+        delay=delay,
+        attempt_limit=attempt_limit,
+        timeout=timeout,
+        headers=headers,
+        notify=notify,
+    )
+    rows = yield Rows(queries.SEND_STEPS, params, conn)
+    return [StepRef(u, int(r[0]), namespace) for u, r in zip(uuids, rows, strict=True)]
+
+
+def get_result(step_uuid: uuid.UUID | str, *, conn: AnyConn | None = None) -> Plan[StepResult | None]:
+    """The step's outcome, or None while it has none."""
+    rows = yield Rows(_STEP_RESULT, (_uuid(step_uuid),), conn)
+    return StepResult.from_row(rows[0]) if rows else None
+
+
+def list_results(
+    *, namespace: str | None = None, status: OutcomeStatus | str | None = None, limit: int = 100
+) -> Plan[list[StepResult]]:
+    """Outcomes, newest first (at most 1000)."""
+    rows = yield Rows(_LIST_RESULTS, _list_params(namespace, status, limit))
+    return [StepResult.from_row(r) for r in rows]
+
+
+def wait_for(
+    step_uuid: uuid.UUID | str, timeout: float, *, poll_interval: float = DEFAULT_POLL_INTERVAL_S
+) -> Plan[StepResult]:
+    """The step's outcome once it is recorded; ``StepWaitTimeout`` after ``timeout`` seconds.
+
+    Woken by the outcome's notification (``tasker_outcome``, for steps sent with
+    ``notify=True``); it also looks every ``poll_interval`` seconds, so a step sent by someone
+    else, or a lost notification, costs a wait of at most that. A waiter holds one connection.
+    """
+    wanted = _uuid(step_uuid)
+    deadline = time.monotonic() + timeout
+    # LISTEN before the first look: an outcome recorded in between is not missed.
+    conn = yield Hold(listen=_LISTEN_OUTCOMES)
+    while True:
+        result = yield from get_result(wanted, conn=conn)
+        if result is not None:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StepWaitTimeout(str(wanted), timeout)
+        look_again = time.monotonic() + min(left, poll_interval)
+        # Other steps' outcomes wake the wait too; only ours (or the poll interval) ends it.
+        while (wait := look_again - time.monotonic()) > 0:
+            payload = yield Notification(conn, wait)
+            if payload is None or str(wanted) in _outcome_names(payload):
+                break
+
+
+def find_queued(step_uuid: uuid.UUID | str, *, namespace: str | None = None) -> Plan[dict[str, Any] | None]:
+    """Where a step without an outcome is: its message's queue, msg_id, state (queued, delayed,
+    waiting to retry, running and by whom), attempts and times; found through its idempotency
+    key, else (given ``namespace``) by a scan of that namespace's queue."""
+    wanted = _uuid(step_uuid)
+    conn = yield Hold()
+    keys = yield Rows(queries.STEP_KEY, (wanted,), conn)
+    queue = keys[0][0] if keys else (queue_name(namespace) if namespace else None)
+    if queue is None:
+        return None
+    try:
+        found = yield Rows(queries.queued_step(queue), (str(wanted),), conn)
+    except QueueNotFound:  # a namespace without a queue holds no message
+        return None
+    if not found:
+        return None
+    msg_id, read_ct, vt, enqueued_at, headers, visible = found[0]
+    claim = (headers or {}).get(queries.CLAIM_HEADER)
+    if claim and not visible:
+        state = "running"
+    elif read_ct and not visible:
+        state = "waiting to retry"
+    elif not visible:
+        state = "delayed"
+    else:
+        state = "queued"
+    return {
+        "step_uuid": str(wanted),
+        "queue": queue,
+        "msg_id": msg_id,
+        "state": state,
+        "attempts": read_ct,
+        "visible_at": vt.isoformat(),
+        "enqueued_at": enqueued_at.isoformat(),
+        "claimed_by": claim.get("worker_id") if claim and state == "running" else None,
+    }
+
+
+def cancel(namespace: str, step_uuid: uuid.UUID | str) -> Plan[CancelState]:
+    """Take a step still queued off its queue (recorded as ``cancelled``); a step held by a
+    live claim or already finished is left alone, and the answer says which."""
+    [row] = yield Rows(queries.CANCEL_STEP, (namespace, str(_uuid(step_uuid))))
+    state: CancelState = row[1]
+    return state
+
+
+#: Every operation, in the order the clients list them.
+OPERATIONS = (send_step, send_steps, get_result, list_results, wait_for, find_queued, cancel)
+
+__all__ = [
+    "DEFAULT_POLL_INTERVAL_S",
+    "MAX_BATCH",
+    "OPERATIONS",
+    "AnyConn",
+    "Hold",
+    "Notification",
+    "Plan",
+    "Request",
+    "Rows",
+    "cancel",
+    "find_queued",
+    "get_result",
+    "list_results",
+    "send_step",
+    "send_steps",
+    "wait_for",
+]
