@@ -144,6 +144,7 @@ _HELP: dict[str, str] = {
     "notifications_received": "NOTIFY messages received",
     "listener_reconnects": "Times the LISTEN connection was re-established",
     "processed": "Steps whose handler ran to an outcome",
+    "tasker_core_steps_left": "tasker-core step messages given back untouched for tasker-core's workers",
 }
 
 

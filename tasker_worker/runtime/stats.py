@@ -42,6 +42,7 @@ COUNTERS = (
     "handler_errors",
     "rejections",
     "internal_errors",
+    "tasker_core_steps_left",
 )
 
 
