@@ -24,6 +24,7 @@ import pytest
 from listening import notifications_so_far
 from logcapture import json_logs, lines
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import conninfo, sql
 from psycopg.types.json import Jsonb
 
 from tasker_worker.api.app import ApiContext, create_app
@@ -149,7 +150,9 @@ def test_every_payload_on_the_ready_channels_is_read_by_tasker_core(url: str) ->
     put-back's announcement) and those of tasker-core's producer functions: each send is one
     notification per channel, under 8,000 bytes, with tasker-core's fields and ours."""
     step = StepMessage.build(NS, "noop", {"n": 1})
-    wide = "é" * 4000  # 4,000 characters, 8,000 bytes: under tasker-core's threshold in characters
+    # 3,600 and 4,000 characters, 7,200 and 8,000 bytes: both under tasker-core's threshold,
+    # which it measures in characters (the second then fails its send: pg_notify's 8,000 bytes).
+    wide, wider = "é" * 3600, "é" * 4000
     with _listen(url) as lc, _connect_as_tasker_core(url) as tc:
         sends: list[str] = []
 
@@ -165,6 +168,7 @@ def test_every_payload_on_the_ready_channels_is_read_by_tasker_core(url: str) ->
         send("core", "SELECT pgmq_send_with_notify(%s, %s)", (QUEUE, Jsonb(step)))
         send("core delayed", "SELECT pgmq_send_with_notify(%s, %s, 3)", (QUEUE, Jsonb(step)))
         send("core wide", "SELECT pgmq_send_with_notify(%s, %s)", (QUEUE, Jsonb({"text": wide})))
+        send("core wider", "SELECT pgmq_send_with_notify(%s, %s)", (QUEUE, Jsonb({"text": wider})))
         send(
             "core batch",
             "SELECT count(*) FROM pgmq_send_batch_with_notify(%s, ARRAY[%s, %s]::jsonb[])",
@@ -206,9 +210,10 @@ def test_every_payload_on_the_ready_channels_is_read_by_tasker_core(url: str) ->
     delayed = shown["core delayed"]
     assert delayed["delay_seconds"] == 3
     assert (datetime.fromisoformat(delayed["ready_at"]) - datetime.now(UTC)).total_seconds() > 1
-    wide_ready = shown["core wide"]  # measured in bytes: sent without the message, never cut
-    assert wide_ready["event_type"] == "message_ready" and wide_ready["payload_omitted"] is True
-    assert "message" not in wide_ready
+    for label in ("core wide", "core wider"):  # measured in bytes: sent without the message, never cut
+        omitted = shown[label]
+        assert omitted["event_type"] == "message_ready" and omitted["payload_omitted"] is True, label
+        assert "message" not in omitted, label
     big = shown["core batch 1000 delayed"]
     assert big["event_type"] == "batch_ready" and big["message_count"] == 1000 and big["delay_seconds"] == 2
     assert len(big["msg_ids"]) == 100 and big["truncated"] is True
@@ -244,6 +249,45 @@ def test_read_specific_message_claims_one_visible_message(url: str) -> None:
             tc.execute("SELECT * FROM pgmq_read_specific_message('worker_nowhere_queue', 1)")
 
 
+def test_a_producer_role_sends_through_them_with_tasker_on_its_search_path(url: str) -> None:
+    """Granted to tasker_producer, called unqualified as tasker-core does (the search_path set on
+    its role, docs/tasker-core.md); reading one message claims, which is a worker's privilege."""
+    suffix = uuid.uuid4().hex[:8]
+    password = uuid.uuid4().hex
+    roles = {"producer": f"t_core_producer_{suffix}", "worker": f"t_core_worker_{suffix}"}
+    with psycopg.connect(url, autocommit=True) as admin:
+        for kind, role in roles.items():
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                    sql.Identifier(role), sql.Literal(password), sql.Identifier(f"tasker_{kind}")
+                )
+            )
+            admin.execute(
+                sql.SQL('ALTER ROLE {} SET search_path = "$user", public, tasker').format(sql.Identifier(role))
+            )
+    try:
+        as_producer = conninfo.make_conninfo(url, user=roles["producer"], password=password)
+        as_worker = conninfo.make_conninfo(url, user=roles["worker"], password=password)
+        with psycopg.connect(as_producer, autocommit=True) as p:
+            [(msg_id,)] = p.execute("SELECT pgmq_send_with_notify(%s, %s)", (QUEUE, Jsonb(_core_step()))).fetchall()
+            batch = p.execute("SELECT * FROM pgmq_send_batch_with_notify(%s, ARRAY['{}', '{}']::jsonb[], 1)", (QUEUE,))
+            assert len(batch.fetchall()) == 2
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                p.execute("SELECT * FROM pgmq_read_specific_message(%s, %s)", (QUEUE, msg_id))
+        with psycopg.connect(as_worker, autocommit=True) as w:
+            [row] = w.execute("SELECT msg_id, read_ct FROM pgmq_read_specific_message(%s, %s)", (QUEUE, msg_id))
+            assert row == (msg_id, 1)
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY(%s)",
+                (list(roles.values()),),
+            )
+            for role in roles.values():
+                admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_a_database_that_has_tasker_cores_functions_keeps_them(blank_db_url: str) -> None:
     """Created only where absent: tasker-core's migrations ran first, so its functions stay."""
     with psycopg.connect(blank_db_url, autocommit=True) as conn:
@@ -271,20 +315,28 @@ async def test_an_event_driven_worker_runs_every_step_sent_through_tasker_cores_
     a signal-only message_ready, batch_ready; delayed or not) can wake it."""
     config = make_config(mode="EventDrivenOnly", namespaces=[NS])
     bodies = [StepMessage.build(NS, "noop", {"n": i}) for i in range(9)]
-    bodies[2]["inputs"]["padding"] = "x" * 8000  # too large to travel with its notification
+    for big in (bodies[1], bodies[7]):
+        big["inputs"]["padding"] = "x" * 8000  # too large to travel with its notification
     async with running_worker(url, config) as worker:
         assert worker.event_system is not None and worker.event_system.listener is not None
         with _connect_as_tasker_core(url) as tc:
-            for i, body in enumerate(bodies[:3]):
-                tc.execute("SELECT pgmq_send_with_notify(%s, %s, %s)", (QUEUE, Jsonb(body), i % 2))
-            tc.execute(
-                "SELECT count(*) FROM pgmq_send_batch_with_notify(%s, %s::jsonb[])",
-                (QUEUE, [Jsonb(b) for b in bodies[3:6]]),
-            )
-            tc.execute(
-                "SELECT count(*) FROM pgmq_send_batch_with_notify(%s, %s::jsonb[], 2)",
-                (QUEUE, [Jsonb(b) for b in bodies[6:]]),
-            )
+
+            def one(body: dict[str, Any], delay: int) -> None:
+                tc.execute("SELECT pgmq_send_with_notify(%s, %s, %s)", (QUEUE, Jsonb(body), delay))
+
+            def batch(some: list[dict[str, Any]], delay: int) -> None:
+                tc.execute(
+                    "SELECT count(*) FROM pgmq_send_batch_with_notify(%s, %s::jsonb[], %s)",
+                    (QUEUE, [Jsonb(b) for b in some], delay),
+                )
+
+            one(bodies[0], 0)
+            one(bodies[1], 0)
+            batch(bodies[2:5], 0)
+            batch(bodies[5:7], 1)
+            one(bodies[7], 1)
+            # Sent last, due last: nothing else wakes the worker for it.
+            one(bodies[8], 3)
         await wait_until(outcomes_at_least(url, len(bodies)), timeout=30)
     rows = await fetch(url, "SELECT step_uuid::text, status FROM tasker.step_results")
     assert sorted(rows) == sorted((b["step_uuid"], "succeeded") for b in bodies)
