@@ -574,6 +574,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         CORE_STEP_TESTS,
     ),
     Mutation(
+        "tasker_core_step_dead_lettered_in_memory",
+        "the same rule holds in the harness (it runs the real runner on the in-memory store)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "            if is_tasker_core_step(msg.body):",
+                "            if False:",
+            ),
+        ),
+        (TC + "test_the_harness_leaves_a_tasker_core_step_as_the_worker_does",),
+    ),
+    Mutation(
         "tasker_core_step_uses_an_attempt",
         "a tasker-core step given back keeps its read count (no attempt of ours counted on it)",
         (

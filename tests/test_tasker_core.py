@@ -401,3 +401,18 @@ async def _metrics(url: str, config: Any, worker: Any) -> str:
             return (await api.get("/metrics")).text
     finally:
         await pool.close()
+
+
+@pytest.mark.anyio
+async def test_the_harness_leaves_a_tasker_core_step_as_the_worker_does() -> None:
+    """The rule is the rulebook's, so HandlerHarness (the real runner, in memory) keeps it too."""
+    from tasker_worker.testing import HandlerHarness
+
+    harness = HandlerHarness()
+    core = _core_step()
+    harness.send_raw(core)
+    harness.send_raw({**_core_step(), "inputs": {}})  # names a key of ours: a malformed step of ours
+    await harness.run_until_settled(within=30)
+    assert [(m.body, m.read_ct) for m in harness.pending()] == [(core, 0)]
+    [dead] = harness.dead_letters
+    assert dead.body["inputs"] == {} and not harness.outcome(core["step_uuid"])
