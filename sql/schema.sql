@@ -223,6 +223,21 @@ AS $function$
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.announce_send(p_namespace text, p_payload text)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_channel text := 'pgmq_message_ready.' || p_namespace;
+BEGIN
+    IF octet_length(v_channel) <= 63 THEN
+        PERFORM pg_notify(v_channel, p_payload);
+    END IF;
+    PERFORM pg_notify('pgmq_message_ready', p_payload);
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.attach_notify_trigger(p_table regclass)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -858,16 +873,21 @@ DECLARE
     v_min     bigint;
     v_max     bigint;
     v_ready   timestamptz;
+    v_delay   integer;
     v_ids     bigint[];
     v_payload text;
     v_channel text;
 BEGIN
+    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     SELECT count(*), min(msg_id), max(msg_id), min(vt)
       INTO v_count, v_min, v_max, v_ready
       FROM new_rows;
     IF v_count = 0 THEN
         RETURN NULL;
     END IF;
+    v_delay := least(greatest(round(extract(epoch FROM v_ready - clock_timestamp())), 0), 2147483647)::integer;
     IF v_count = 1 THEN
         v_payload := json_build_object(
             'event_type', 'message_ready',
@@ -875,7 +895,8 @@ BEGIN
             'namespace', v_ns,
             'msg_id', v_min,
             'message_count', 1,
-            'ready_at', v_ready)::text;
+            'ready_at', v_ready,
+            'delay_seconds', v_delay)::text;
     ELSE
         SELECT array_agg(msg_id ORDER BY msg_id) INTO v_ids
           FROM (SELECT msg_id FROM new_rows ORDER BY msg_id LIMIT 100) AS first_ids;
@@ -888,7 +909,8 @@ BEGIN
             'min_msg_id', v_min,
             'max_msg_id', v_max,
             'truncated', v_count > 100,
-            'ready_at', v_ready)::text;
+            'ready_at', v_ready,
+            'delay_seconds', v_delay)::text;
     END IF;
     v_channel := 'pgmq_message_ready.' || v_ns;
     -- Channel names longer than 63 bytes are an error in pg_notify: such queues (only
@@ -982,6 +1004,114 @@ BEGIN
         'SELECT msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers '
         'FROM pgmq.%I ORDER BY msg_id LIMIT $1', pgmq.format_table_name(p_queue, 'q'))
     USING least(greatest(p_limit, 0), 10000);
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.pgmq_read_specific_message(queue_name text, target_msg_id bigint, vt_seconds integer DEFAULT 30)
+ RETURNS TABLE(msg_id bigint, read_ct integer, enqueued_at timestamp with time zone, vt timestamp with time zone, message jsonb)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_table regclass := tasker.queue_table(queue_name);
+BEGIN
+    IF v_table IS NULL THEN
+        RAISE EXCEPTION 'queue % does not exist', queue_name USING ERRCODE = '42P01';
+    END IF;
+    RETURN QUERY EXECUTE format($sql$
+        WITH target AS (
+            SELECT q.msg_id FROM %1$s AS q
+             WHERE q.msg_id = $1 AND q.vt <= clock_timestamp()
+               FOR UPDATE SKIP LOCKED
+        )
+        UPDATE %1$s AS m
+           SET vt = clock_timestamp() + make_interval(secs => $2),
+               read_ct = m.read_ct + 1,
+               last_read_at = clock_timestamp()
+          FROM target
+         WHERE m.msg_id = target.msg_id
+        RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message
+        $sql$, v_table)
+    USING target_msg_id, coalesce(vt_seconds, 30);
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.pgmq_send_batch_with_notify(queue_name text, messages jsonb[], delay_seconds integer DEFAULT 0)
+ RETURNS SETOF bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_delay integer := greatest(coalesce(delay_seconds, 0), 0);
+    v_ns    text := tasker.tasker_core_namespace(queue_name);
+    v_ids   bigint[];
+    v_count integer;
+BEGIN
+    PERFORM set_config('tasker.announced_by_caller', 'on', true);
+    SELECT array_agg(s.id ORDER BY s.id) INTO v_ids
+      FROM pgmq.send_batch(queue_name, messages, v_delay) AS s(id);
+    PERFORM set_config('tasker.announced_by_caller', '', true);
+    v_count := coalesce(cardinality(v_ids), 0);
+    IF v_count = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM tasker.announce_send(v_ns, json_build_object(
+        'event_type', 'batch_ready',
+        'msg_ids', v_ids[1:100],
+        'queue_name', queue_name,
+        'namespace', v_ns,
+        'message_count', v_count,
+        'min_msg_id', v_ids[1],
+        'max_msg_id', v_ids[v_count],
+        'truncated', v_count > 100,
+        'ready_at', clock_timestamp() + make_interval(secs => v_delay),
+        'delay_seconds', v_delay)::text);
+    RETURN QUERY SELECT unnest(v_ids);
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.pgmq_send_with_notify(queue_name text, message jsonb, delay_seconds integer DEFAULT 0)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_delay   integer := greatest(coalesce(delay_seconds, 0), 0);
+    v_ns      text := tasker.tasker_core_namespace(queue_name);
+    v_id      bigint;
+    v_ready   timestamptz;
+    v_payload text;
+BEGIN
+    PERFORM set_config('tasker.announced_by_caller', 'on', true);
+    SELECT s.id INTO v_id FROM pgmq.send(queue_name, message, v_delay) AS s(id);
+    PERFORM set_config('tasker.announced_by_caller', '', true);
+    v_ready := clock_timestamp() + make_interval(secs => v_delay);
+    IF octet_length(message::text) < 7000 THEN
+        v_payload := json_build_object(
+            'event_type', 'message_with_payload',
+            'msg_id', v_id,
+            'queue_name', queue_name,
+            'namespace', v_ns,
+            'message', message,
+            'ready_at', v_ready,
+            'delay_seconds', v_delay)::text;
+    END IF;
+    IF v_payload IS NULL OR octet_length(v_payload) >= 8000 THEN
+        v_payload := json_build_object(
+            'event_type', 'message_ready',
+            'msg_id', v_id,
+            'queue_name', queue_name,
+            'namespace', v_ns,
+            'message_count', 1,
+            'ready_at', v_ready,
+            'delay_seconds', v_delay,
+            'payload_omitted', true)::text;
+    END IF;
+    PERFORM tasker.announce_send(v_ns, v_payload);
+    RETURN v_id;
 END;
 $function$;
 
@@ -1415,6 +1545,20 @@ AS $function$
     SELECT CASE WHEN jsonb_typeof(p_message -> 'priority') = 'number'
                 THEN least(9, greatest(0, floor((p_message ->> 'priority')::numeric)))::smallint
                 ELSE 0::smallint END
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.tasker_core_namespace(p_queue text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT CASE
+        WHEN p_queue ~ '^orchestration' THEN 'orchestration'
+        WHEN p_queue ~ '^worker_.+_queue$' THEN substring(p_queue FROM '^worker_(.+)_queue$')
+        WHEN p_queue ~ '^[A-Za-z][A-Za-z0-9_]*_queue$' THEN left(p_queue, length(p_queue) - 6)
+        ELSE 'default'
+    END;
 $function$;
 
 -- function

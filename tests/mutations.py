@@ -64,6 +64,12 @@ V = "tasker_worker/domain/verdicts.py"
 M0016 = "sql/migrations/0016_flow_control.sql"
 F = "tests/test_flow.py::"
 ST = "tests/test_store.py::"
+M0015 = "sql/migrations/0015_tasker_core_wire.sql"
+TC = "tests/test_tasker_core.py::"
+CH = "tests/test_channels.py::"
+LISTENER = "tasker_worker/runtime/listener.py"
+#: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
+CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
 #: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
 #: in production and in the harness alike, so it must be caught on both stores (two mutations).
 RELEASE_RULE = Edit(
@@ -339,9 +345,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         "notify_per_row",
         "one notification per statement, whatever its row count",
         (
-            Edit("sql/migrations/0001_notify_and_namespaces.sql", "FOR EACH STATEMENT '", "FOR EACH ROW '"),
+            # The definitions in force: 0008's attach_notify_trigger, 0015's trigger function.
+            Edit("sql/migrations/0008_least_privilege.sql", "FOR EACH STATEMENT '", "FOR EACH ROW '"),
             Edit(
-                "sql/migrations/0001_notify_and_namespaces.sql",
+                M0015,
                 "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows;",
                 "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows WHERE msg_id = NEW.msg_id;",
             ),
@@ -681,6 +688,162 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         ("tests/test_prefetch.py::test_a_paused_namespace_stops_prefetching_and_gives_the_buffer_back",),
+    ),
+    Mutation(
+        "tasker_core_step_dead_lettered",
+        "a tasker-core step (three UUIDs, nothing of ours) is never dead-lettered by our worker",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "            if is_tasker_core_step(msg.body):",
+                "            if False:",
+            ),
+        ),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "tasker_core_step_dead_lettered_in_memory",
+        "the same rule holds in the harness (it runs the real runner on the in-memory store)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "            if is_tasker_core_step(msg.body):",
+                "            if False:",
+            ),
+        ),
+        (TC + "test_the_harness_leaves_a_tasker_core_step_as_the_worker_does",),
+    ),
+    Mutation(
+        "tasker_core_step_uses_an_attempt",
+        "a tasker-core step given back keeps its read count (no attempt of ours counted on it)",
+        (
+            Edit(
+                V,
+                "        GIVE_BACK_TASKER_CORE_S,\n        count_attempt=False,",
+                "        GIVE_BACK_TASKER_CORE_S,\n        count_attempt=True,",
+            ),
+        ),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "tasker_core_step_taken_back_every_poll",
+        "a worker leaves a tasker-core step it gave back alone (it does not claim it on every poll)",
+        (Edit(V, "        leave_alone_s=LEAVE_TASKER_CORE_S,\n", ""),),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "tasker_core_detection_ignores_our_keys",
+        "a malformed message of ours (it names one of our keys) is still dead-lettered as malformed_message",
+        (
+            Edit(
+                "tasker_worker/domain/steps.py",
+                "if not isinstance(body, dict) or not _OUR_KEYS.isdisjoint(body):",
+                "if not isinstance(body, dict):",
+            ),
+        ),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "batch_ready_without_delay_seconds",
+        "every batch_ready we send carries delay_seconds (tasker-core's listener requires it)",
+        (
+            Edit(
+                M0015,
+                "            'truncated', v_count > 100,\n            'ready_at', v_ready,\n            'delay_seconds', v_delay)::text;",
+                "            'truncated', v_count > 100,\n            'ready_at', v_ready)::text;",
+            ),
+        ),
+        (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
+    ),
+    Mutation(
+        "trigger_announces_function_sends_too",
+        "a send through tasker-core's functions is announced once, in its shape (the trigger stays quiet)",
+        (Edit(M0015, "    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN", "    IF false THEN"),),
+        (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
+    ),
+    Mutation(
+        "trigger_quiet_after_function_send",
+        "the trigger is quiet only for the statement a producer function announces itself",
+        (
+            Edit(
+                M0015,
+                "    PERFORM set_config('tasker.announced_by_caller', '', true);\n    v_ready := ",
+                "    v_ready := ",
+            ),
+        ),
+        (TC + "test_a_function_send_rolled_back_or_failed_leaves_the_trigger_announcing",),
+    ),
+    Mutation(
+        "tasker_core_functions_replaced",
+        "tasker-core's functions are created only where absent (a database that has its own keeps them)",
+        (
+            Edit(
+                M0015,
+                "    IF to_regprocedure('tasker.pgmq_send_with_notify(text, jsonb, integer)') IS NULL THEN",
+                "    IF true THEN\n        DROP FUNCTION IF EXISTS tasker.pgmq_send_with_notify(text, jsonb, integer);",
+            ),
+        ),
+        (TC + "test_a_database_that_has_tasker_cores_functions_keeps_them",),
+    ),
+    Mutation(
+        "tasker_core_functions_not_granted",
+        "tasker_producer may send through tasker-core's functions",
+        (Edit(M0015, "    IF tasker.role_exists('tasker_producer') THEN", "    IF false THEN"),),
+        (TC + "test_a_producer_role_sends_through_them_with_tasker_on_its_search_path",),
+    ),
+    Mutation(
+        "payload_threshold_in_characters",
+        "the 7,000 threshold of a message travelling with its notification is measured in bytes",
+        (Edit(M0015, "    IF octet_length(message::text) < 7000 THEN", "    IF length(message::text) < 7000 THEN"),),
+        (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
+    ),
+    Mutation(
+        "read_specific_ignores_vt",
+        "pgmq_read_specific_message claims a visible message only",
+        (Edit(M0015, "WHERE q.msg_id = $1 AND q.vt <= clock_timestamp()", "WHERE q.msg_id = $1"),),
+        (TC + "test_read_specific_message_claims_one_visible_message",),
+    ),
+    Mutation(
+        "wakeups_ignore_message_with_payload",
+        "tasker-core's message_with_payload is a wakeup at its ready_at (a delayed one too, in EventDrivenOnly)",
+        (
+            Edit(
+                "tasker_worker/domain/notifications.py",
+                "MessageReady = MessageReadyEvent | BatchReadyEvent | MessageWithPayloadEvent\n",
+                "MessageReady = MessageReadyEvent | BatchReadyEvent\n",
+            ),
+        ),
+        (TC + "test_an_event_driven_worker_runs_every_step_sent_through_tasker_cores_functions_once",),
+    ),
+    Mutation(
+        "delayed_wakeup_early",
+        "a delayed wakeup whose ready_at has passed (tasker-core's: the time of the send) is not claimed early",
+        (
+            Edit(
+                LISTENER,
+                "            if event.delay_seconds:\n                event = event.due_from(datetime.now(UTC))\n",
+                "",
+            ),
+        ),
+        (CH + "test_the_listener_routes_each_channel_by_its_table",),
+    ),
+    Mutation(
+        "unreadable_wakeup_dropped",
+        "a notification on a namespace's channel that cannot be read still wakes that queue",
+        (
+            Edit(
+                LISTENER,
+                "                await self.commands.send(ExecuteStep(queue, Source.EVENT))\n                return\n",
+                "                return\n",
+            ),
+        ),
+        (CH + "test_the_listener_routes_each_channel_by_its_table",),
+    ),
+    Mutation(
+        "tasker_core_config_ignored",
+        "tasker-core's worker.toml is read through the mapping (not as our layout)",
+        (Edit("tasker_worker/config/tasker_core.py", "    if not is_tasker_core_layout(document):", "    if True:"),),
+        ("tests/test_tasker_core_config.py::test_tasker_cores_worker_toml_loads_through_the_mapping",),
     ),
 )
 

@@ -173,6 +173,7 @@ _HELP: dict[str, str] = {
     "listener_reconnects": "Times the LISTEN connection was re-established",
     "processed": "Steps whose handler ran to an outcome",
     "claims_held": "Claims that flow control held back (a paused namespace, or one at a fleet-wide limit)",
+    "tasker_core_steps_left": "tasker-core step messages given back untouched for tasker-core's workers",
 }
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tasker_worker.config import tasker_core
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.errors import ConfigError
 
@@ -50,6 +51,8 @@ class LoadedConfig:
     config: TaskerConfig
     origins: dict[str, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    #: Keys of tasker-core's layout that have no counterpart here: key -> (value, origin).
+    unused: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def origin(self, dotted_key: str) -> str:
         """Where ``dotted_key`` was set (``default`` when nothing set it)."""
@@ -93,6 +96,7 @@ def load_config(
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     files: list[Path] = []
+    unused: dict[str, tuple[Any, str]] = {}
 
     root = find_config_root(config_path)
     if root is not None:
@@ -109,7 +113,11 @@ def load_config(
                 raise _missing_environment(env_name, overlay, "--env" if env is not None else "TASKER_ENV")
             layer_files = [p for p in (base, overlay) if p.exists()]
         for path in layer_files:
-            _merge(merged, _read_toml(path), origins, str(path))
+            # A file in tasker-core's layout is read through its mapping (config/tasker_core.py).
+            layer = tasker_core.map_layout(_read_toml(path), str(path), environ)
+            _merge(merged, layer.values, origins, str(path))
+            origins.update(layer.origins)
+            unused.update(layer.unused)
             files.append(path)
 
     env_layer, env_origins = _environment_layer(environ)
@@ -130,7 +138,7 @@ def load_config(
         config = TaskerConfig(**merged)
     except ValidationError as exc:
         raise _config_error(exc, origins) from None
-    return LoadedConfig(config=config, origins=origins, files=files)
+    return LoadedConfig(config=config, origins=origins, files=files, unused=unused)
 
 
 def _missing_environment(name: str, overlay: Path, source: str) -> ConfigError:
@@ -268,5 +276,7 @@ def leaves(config: TaskerConfig) -> list[tuple[str, Any]]:
 
 
 def effective_items(loaded: LoadedConfig) -> list[tuple[str, Any, str]]:
-    """Every leaf of the effective config as ``(dotted key, value, origin)``."""
-    return [(key, value, loaded.origin(key)) for key, value in leaves(loaded.config)]
+    """Every leaf of the effective config as ``(dotted key, value, origin)``, then the keys of
+    a tasker-core file that are not used (their origin says so, and why)."""
+    rows = [(key, value, loaded.origin(key)) for key, value in leaves(loaded.config)]
+    return rows + [(key, value, origin) for key, (value, origin) in loaded.unused.items()]

@@ -1,8 +1,11 @@
 """The configuration models.
 
-The ``[event_system]`` tree keeps the names of tasker-core's worker config so that a tasker-core
-``worker.toml`` loads unchanged; the other sections follow the same style. Every model forbids
-unknown keys, so a typo fails loudly instead of silently using a default.
+The ``[event_system]`` tree keeps the names of the seed's worker config (``deployment_mode``,
+``[event_system.listener]``, ``[event_system.fallback_poller]``); the other sections follow the
+same style. tasker-core's own layout (``[worker.event_systems.worker]``, integer ``_seconds`` and
+``_ms`` keys) is not these models' shape: it loads through the mapping of
+``config/tasker_core.py``. Every model forbids unknown keys, so a typo fails loudly instead of
+silently using a default.
 """
 
 from __future__ import annotations

@@ -11,6 +11,14 @@ from dataclasses import dataclass
 
 from psycopg import sql as pgsql
 
+from tasker_worker.domain.notifications import CLAIMED_PREFIX, MESSAGE_READY_PREFIX, OUTCOME_CHANNEL
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (a channel name written into a statement)."""
+    return pgsql.Literal(text).as_string(None)
+
+
 # --- migrations ------------------------------------------------------------------------------
 
 CREATE_MIGRATIONS_TABLE = """
@@ -308,12 +316,6 @@ _CLAIM_NOTICED = """, noticed AS (
 _CLAIM_NOTICE_JOIN = """
   LEFT JOIN noticed ON true"""
 
-#: The channel of ``StepsClaimed`` notices of a namespace.
-CLAIMED_CHANNEL_PREFIX = "tasker_claimed."
-
-#: Notified when a worker registers, leaves, or changes mode or namespaces (migration 0009).
-FLEET_CHANNEL = "tasker_fleet_changed"
-
 # A handler whose circuit is open is not claimed at all (its steps stay untouched, read_ct
 # unchanged), nor are the steps this worker gave back to a capable one a moment ago.
 _CLAIM_SKIP = """
@@ -360,7 +362,7 @@ WITH input AS (
      WHERE s.status IS NOT NULL AND s.step_uuid IS NOT NULL
     ON CONFLICT (step_uuid) DO NOTHING{returning}
 ){logged}, notified AS (
-    SELECT pg_notify('tasker_outcome', json_build_object(
+    SELECT pg_notify({outcome_channel}, json_build_object(
                'step_uuids', (array_agg(s.step_uuid ORDER BY s.msg_id))[1:150])::text) AS sent
       FROM settled AS s
      WHERE s.status IS NOT NULL AND s.headers ? 'tasker_notify'
@@ -368,10 +370,6 @@ WITH input AS (
 )
 SELECT s.msg_id{recorded} FROM settled AS s LEFT JOIN notified ON true
 """
-
-#: Notified when the outcome of a step sent with ``notify`` is recorded (migration 0012): JSON
-#: ``{"step_uuids": [...]}`` (at most 150 per settle; a waiter also polls, slowly).
-OUTCOME_CHANNEL = "tasker_outcome"
 
 # The settle inside a handler's own transaction also says whether the outcome row was written:
 # when another run of the same step recorded first, the handler's writes must not commit.
@@ -425,7 +423,8 @@ class QueueStatements:
             "queue": pgsql.Literal(queue),
             "namespace": pgsql.Literal(namespace),
             "stored": pgsql.Literal(store_events),
-            "channel": pgsql.Literal(CLAIMED_CHANNEL_PREFIX + namespace),
+            "channel": pgsql.Literal(CLAIMED_PREFIX + namespace),
+            "outcome_channel": pgsql.Literal(OUTCOME_CHANNEL),
         }
 
         def render(template: str, **parts: str) -> str:
@@ -477,19 +476,23 @@ def visible_queues_statement(queues: list[str]) -> str:
 
 # A step given back for a capable worker: announce when it is ready again, as the send trigger
 # announces a delayed message, so that listening workers come back for it (in EventDrivenOnly,
-# which has no poller, nothing else would). The payload follows the trigger's message_ready.
-ANNOUNCE_READY = """
-SELECT pg_notify('pgmq_message_ready.' || a.ns,
+# which has no poller, nothing else would). The payload follows the trigger's message_ready
+# (``delay_seconds``: the delay rounded to whole seconds, as tasker-core's field is).
+ANNOUNCE_READY = f"""
+SELECT pg_notify({_literal(MESSAGE_READY_PREFIX)} || a.ns,
                  CASE WHEN cardinality(a.ids) = 1
                  THEN json_build_object('event_type', 'message_ready', 'queue_name', a.q, 'namespace', a.ns,
-                                        'msg_id', a.ids[1], 'message_count', 1, 'ready_at', a.ready)
+                                        'msg_id', a.ids[1], 'message_count', 1, 'ready_at', a.ready,
+                                        'delay_seconds', a.delay)
                  ELSE json_build_object('event_type', 'batch_ready', 'queue_name', a.q, 'namespace', a.ns,
                                         'msg_ids', a.ids[1:100], 'message_count', cardinality(a.ids),
                                         'min_msg_id', a.ids[1], 'max_msg_id', a.ids[cardinality(a.ids)],
-                                        'truncated', cardinality(a.ids) > 100, 'ready_at', a.ready)
+                                        'truncated', cardinality(a.ids) > 100, 'ready_at', a.ready,
+                                        'delay_seconds', a.delay)
                  END::text)
   FROM (SELECT %(queue)s::text AS q, tasker.queue_namespace(%(queue)s::text) AS ns, %(ids)s::bigint[] AS ids,
-               clock_timestamp() + make_interval(secs => %(delay)s::float8) AS ready) AS a
+               clock_timestamp() + make_interval(secs => %(delay)s::float8) AS ready,
+               least(round(greatest(%(delay)s::float8, 0)), 2147483647)::integer AS delay) AS a
 """
 
 # A claim that found the previous one lapsed (migration 0010).
@@ -507,11 +510,11 @@ EXTEND_VT = "SELECT msg_id, vt FROM tasker.extend_vt(%s, %s, %s, %s)"
 
 # The last two parameters: msg_ids and step_uuids of the steps whose producer waits for them
 # (header tasker_notify), named on tasker_outcome once they are moved.
-DEAD_LETTER_STEPS = """
+DEAD_LETTER_STEPS = f"""
 WITH moved AS (
     SELECT msg_id, moved FROM tasker.dead_letter_steps(%s, %s, %s, %s, %s, %s::jsonb[], %s, %s, %s, %s)
 ), notified AS (
-    SELECT pg_notify('tasker_outcome', json_build_object('step_uuids', (array_agg(w.u))[1:150])::text)
+    SELECT pg_notify({_literal(OUTCOME_CHANNEL)}, json_build_object('step_uuids', (array_agg(w.u))[1:150])::text)
       FROM moved AS m JOIN unnest(%s::bigint[], %s::text[]) AS w(id, u) ON w.id = m.msg_id
      WHERE m.moved
     HAVING count(*) > 0

@@ -95,14 +95,6 @@ def namespace_of(queue: str) -> str | None:
     return match.group(1)
 
 
-def channel_for(namespace: str) -> str:
-    """The NOTIFY channel of a namespace."""
-    return f"pgmq_message_ready.{namespace}"
-
-
-GLOBAL_CHANNEL = "pgmq_message_ready"
-
-
 def checked_namespaces(names: Iterable[str]) -> list[str]:
     """``names``, each validated; ``ValueError`` with the reason otherwise, which a pydantic
     validator reports as an error of its field (config, the API's registration)."""

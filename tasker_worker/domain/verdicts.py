@@ -3,8 +3,8 @@
 Every way a step ends is decided here and nowhere else, as a ``Settlement`` value
 (``domain/settlement.py``): ``after_success``, ``after_failure`` (from ``decide_failure``: the
 verdict on a handler's exception and the error recorded with it), ``not_a_step``,
-``no_such_handler``, ``running_here_already``, ``held_by_circuit``, ``lacking_capability`` and
-``released``. The step runner (``runtime/steps.py``) asks these and hands the answer to the
+``left_for_tasker_core``, ``no_such_handler``, ``running_here_already``, ``held_by_circuit``,
+``lacking_capability`` and ``released``. The step runner (``runtime/steps.py``) asks these and hands the answer to the
 outcome writer; ``tasker_worker.testing.HandlerHarness`` runs that same runner on an in-memory
 store, so a handler tested with the harness meets the same retries, releases, dead letters and
 error records in production.
@@ -57,6 +57,16 @@ REJECT_DELAY_BASE = timedelta(milliseconds=100)
 REJECT_DELAY_CAP = timedelta(seconds=5)
 #: A step held back by an open circuit comes back no sooner than this.
 CIRCUIT_HOLD_MIN_S = 0.05
+#: A tasker-core step given back is visible again after this: long enough that this worker has
+#: noted it to be left alone before anyone can claim it again (a claim of a message still ending
+#: here would be taken for a redelivery of it), short next to tasker-core's own poll, which takes
+#: messages some seconds old.
+GIVE_BACK_TASKER_CORE_S = 1.0
+#: A tasker-core step is not claimed again by the worker that gave it back for this long: its
+#: own workers have it meanwhile (a worker's poll would otherwise take it back every interval).
+LEAVE_TASKER_CORE_S = 300.0
+#: The counter of tasker-core steps given back (``tasker_worker_tasker_core_steps_left``).
+TASKER_CORE_STEPS_LEFT = "tasker_core_steps_left"
 
 
 class VerdictKind(enum.StrEnum):
@@ -268,6 +278,19 @@ def not_a_step(exc: StepValidationError) -> DeadLetter:
     return DeadLetter(OutcomeStatus.DEAD_LETTERED, error_json(exc))
 
 
+def left_for_tasker_core() -> PutBack:
+    """The message is a tasker-core step (``domain/steps.py``: ``is_tasker_core_step``): only a
+    tasker-core worker can run it. Never dead-lettered: given back with its read count restored
+    (no attempt used), visible again within a second, with no step event (it is not a step of
+    ours), and left alone by this worker for a while."""
+    return PutBack(
+        GIVE_BACK_TASKER_CORE_S,
+        count_attempt=False,
+        counter=TASKER_CORE_STEPS_LEFT,
+        leave_alone_s=LEAVE_TASKER_CORE_S,
+    )
+
+
 def no_such_handler(handler: str, known: list[str]) -> DeadLetter:
     """No handler of that name is registered here."""
     error = UnknownHandler(f"no handler {handler!r} in this worker (has: {', '.join(known)})")
@@ -352,6 +375,7 @@ __all__ = [
     "jsonb_safe",
     "judge_failure",
     "lacking_capability",
+    "left_for_tasker_core",
     "no_such_handler",
     "not_a_step",
     "released",

@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 
 from tasker_worker.db import queries
 from tasker_worker.domain.names import queue_name, validate_namespace
+from tasker_worker.domain.notifications import OUTCOME_CHANNEL, decode_outcomes
 from tasker_worker.domain.results import CancelState, StepRef, StepResult
 from tasker_worker.domain.steps import OutcomeStatus, build_message
 from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout, UsageError
@@ -38,7 +39,7 @@ MAX_BATCH = 10_000
 #: How often ``wait_for`` looks without a notification, by default.
 DEFAULT_POLL_INTERVAL_S = 5.0
 
-_LISTEN_OUTCOMES = pgsql.SQL("LISTEN {}").format(pgsql.Identifier(queries.OUTCOME_CHANNEL))
+_LISTEN_OUTCOMES = pgsql.SQL("LISTEN {}").format(pgsql.Identifier(OUTCOME_CHANNEL))
 _STEP_RESULT = queries.STEP_RESULT.format(columns=StepResult.COLUMNS)
 _LIST_RESULTS = queries.LIST_STEP_RESULTS.format(columns=StepResult.COLUMNS)
 _ENCODE = msgspec.json.Encoder()
@@ -209,10 +210,7 @@ def _delay(delay: float | None) -> int:
 
 
 def _outcome_names(payload: str) -> set[str]:
-    try:
-        return set(json.loads(payload).get("step_uuids") or [])
-    except (ValueError, AttributeError):
-        return set()
+    return decode_outcomes(payload)
 
 
 def _list_params(namespace: str | None, status: OutcomeStatus | str | None, limit: int) -> dict[str, Any]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasker_worker.domain.herd import StepsClaimed
-from tasker_worker.domain.notifications import MessageReady
+from tasker_worker.domain.notifications import MessageReady, StepsClaimed
 from tasker_worker.domain.steps import Source
 
 

@@ -44,6 +44,7 @@ COUNTERS = (
     "internal_errors",
     "claims_held",
     "prefetch_expired",
+    "tasker_core_steps_left",
 )
 
 

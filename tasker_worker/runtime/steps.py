@@ -12,6 +12,7 @@ What a claimed message ends with (every write fenced on the read_ct it was claim
 handler returns             ``Record(succeeded)``: outcome + settle (batched)
 ``StepFailed``              ``Record(failed)``: a business failure
 malformed / unknown handler ``DeadLetter(dead_lettered)``: outcome + move to ``<queue>_dlq``
+a tasker-core step          ``PutBack`` without an attempt, left for tasker-core's workers
 ``NonRetryableError``       ``DeadLetter(dead_lettered)``
 any other error / timeout   ``PutBack`` with backoff via vt; after the attempt limit,
                             ``DeadLetter(failed)``
@@ -43,7 +44,7 @@ from tasker_worker.config.models import TaskerConfig
 from tasker_worker.domain.circuits import CircuitBreakers, CircuitState
 from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.settlement import SETTLE_ONLY, Record, Settlement, Written
-from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source, StepMessage
+from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source, StepMessage, is_tasker_core_step
 from tasker_worker.domain.verdicts import (
     HANDLER_ERROR_VERDICTS,
     RetryPolicy,
@@ -53,6 +54,7 @@ from tasker_worker.domain.verdicts import (
     decide_failure,
     held_by_circuit,
     lacking_capability,
+    left_for_tasker_core,
     no_such_handler,
     not_a_step,
     running_here_already,
@@ -154,6 +156,8 @@ class StepRunner:
         self._policies: dict[str, RetryPolicy] = {}
         #: Per queue: whether a step with a priority, and one with a group, was noted.
         self._flow_noted: dict[str, tuple[bool, bool]] = {}
+        #: Queues this worker found tasker-core steps in (each is logged once).
+        self._tasker_core_queues: set[str] = set()
 
     @property
     def in_flight(self) -> InFlight:
@@ -232,6 +236,9 @@ class StepRunner:
         try:
             step = StepMessage.decode(msg.body)
         except StepValidationError as exc:
+            if is_tasker_core_step(msg.body):
+                self._left_for_tasker_core(msg)
+                return left_for_tasker_core()
             return not_a_step(exc)
         msg.step = step
         if step.priority or step.group is not None:
@@ -266,6 +273,20 @@ class StepRunner:
         except psycopg.Error as exc:
             self._flow_noted[queue] = had  # the next such step tries again
             log.warning("could not note the priorities or groups of %s: %s", queue, first_line(exc))
+
+    def _left_for_tasker_core(self, msg: ClaimedMessage) -> None:
+        """Say once per queue that it holds tasker-core steps, which this worker leaves alone."""
+        if msg.queue in self._tasker_core_queues:
+            return
+        self._tasker_core_queues.add(msg.queue)
+        log.warning(
+            "queue %s holds tasker-core steps (msg %s: task_uuid, step_uuid and correlation_id only); "
+            "this worker gives them back for tasker-core's workers and counts them in tasker_core_steps_left "
+            "(docs/tasker-core.md)",
+            msg.queue,
+            msg.msg_id,
+            extra=step_fields(msg),
+        )
 
     async def _execute(self, entry: HeldStep, step: StepMessage) -> Settlement | None:
         spec = self.registry.get(step.handler)
