@@ -356,12 +356,16 @@ def theta_search(
 
 @_jit
 def trace(parent: np.ndarray, s: int, t: int) -> np.ndarray:
-    """Nodes of the path from ``s`` to ``t`` through ``parent`` (``t`` must be reached)."""
+    """Nodes of the path from ``s`` to ``t`` through ``parent`` (``t`` must be reached); an
+    empty array if the chain breaks (a bug, never a crash: numba does not check bounds)."""
     n = 1
     node = t
+    size = parent.shape[0]
     while node != s:
         node = parent[node]
         n += 1
+        if node < 0 or node >= size or n > size:
+            return np.empty(0, np.int64)
     out = np.empty(n, np.int64)
     node = t
     for i in range(n - 1, -1, -1):
