@@ -7,15 +7,20 @@ never cleared between searches (generation stamps, see ``kernels``) and goes bac
 pool afterwards, so a step pays neither for allocating nor for resetting a grid-sized array.
 
 The compiled kernels (``kernels``, numba) are loaded in a background thread on first use
-(``load_kernels``): compiling them takes seconds the first time on a machine, and a step never
-waits for that. Until they are ready (or where numba cannot run) the pure-Python
-implementation (``search``) plans instead; both are held to the same reference by the tests,
-and every result says which one ran (``KernelKind``).
+(``load_kernels``). Compiling them takes about five seconds the first time on a machine, so
+that thread has a child Python process compile them into numba's on-disk cache first (on
+another core, without the worker's GIL, and finishing even if the worker stops meanwhile),
+then loads them from that cache (about half a second). No step waits for a compile: until
+the kernels are ready (or where numba cannot run) the pure-Python implementation (``search``)
+plans instead. The tests hold both to the same reference, and every result says which one ran
+(``KernelKind``).
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -173,9 +178,41 @@ def load_kernels(*, wait: bool = True, timeout: float | None = None) -> bool:
     return _state == "ready"
 
 
+#: How long the child process may take to compile the kernels.
+COMPILE_TIMEOUT_S = 300.0
+_COMPILE = "from tasker_worker.handlers.planning import engine; engine.warm_up_here()"
+
+
+def warm_up_here() -> None:
+    """Compile the kernels in this process (numba's cache keeps them for the next ones)."""
+    from tasker_worker.handlers.planning import kernels
+
+    _warm_up(kernels)
+
+
+def _compile_in_child() -> None:
+    """Fill numba's cache from a child process; best effort (a failure here only means the
+    kernels compile in this process instead)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _COMPILE],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=COMPILE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("planning: kernels not compiled in a child process (%s)", exc)
+        return
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        log.info("planning: the child compiling the kernels failed (%s)", tail[0])
+
+
 def _load() -> None:
     global _kernels, _state, _failure
     try:
+        _compile_in_child()
         from tasker_worker.handlers.planning import kernels
 
         _warm_up(kernels)
