@@ -393,7 +393,7 @@ def test_before_the_kernels_are_ready_steps_plan_in_python(monkeypatch: pytest.M
     blocked = make_grid(40)
     inputs = _request(blocked, start=_at(0, 0), goal=_at(39, 39))
     compiled = plan(PlanRequest.parse(inputs), max_cells=10_000, algorithms=ALL)
-    monkeypatch.setattr(engine, "_kernels_now", lambda: None)
+    monkeypatch.setattr(engine, "_kernels_now", lambda cells: None)
     python = plan(PlanRequest.parse(inputs), max_cells=10_000, algorithms=ALL)
     assert (compiled["kernel"], python["kernel"]) == ("compiled", "python")
     assert python["cost"] == pytest.approx(compiled["cost"], abs=1e-9)

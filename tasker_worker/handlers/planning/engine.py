@@ -22,6 +22,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
@@ -47,11 +48,15 @@ MAX_POOLED_WORKSPACE_BYTES = 256 * 1024 * 1024
 _MAX_GEN = 2**31 - 8
 #: First size of the open list (grown by doubling in the kernels).
 _HEAP_START = 1024
-#: While the compiled kernels load, a grid of more cells than this waits for them (up to
-#: ``KERNEL_WAIT_S``) rather than being searched in Python: loading them from numba's cache
-#: takes about half a second, which Python spends on a grid of about this size.
-AUTO_WAIT_CELLS = 256 * 256
-KERNEL_WAIT_S = 10.0
+#: A step that comes while the kernels load waits for them until this long after loading
+#: began, then plans in Python: loading them from numba's cache takes about a second (and the
+#: Python planners on four threads would slow it down, holding the GIL); a first compile, about
+#: five, is not worth waiting for on a small grid.
+KERNEL_WAIT_S = 2.0
+#: ...except on a grid of more cells than this, which Python would take longer to search than
+#: a first compile takes: it waits up to ``KERNEL_WAIT_LARGE_S``.
+LARGE_GRID_CELLS = 512 * 512
+KERNEL_WAIT_LARGE_S = 30.0
 
 
 class PreparedGrid:
@@ -155,6 +160,7 @@ _state: Literal["idle", "loading", "ready", "failed"] = "idle"
 _failure: str | None = None
 _state_lock = threading.Lock()
 _settled = threading.Event()
+_load_began = 0.0
 
 
 def kernels_state() -> tuple[str, str | None]:
@@ -168,10 +174,11 @@ def load_kernels(*, wait: bool = True, timeout: float | None = None) -> bool:
     With ``wait=False`` it starts the work in a daemon thread and returns at once; returns
     whether the kernels are ready now.
     """
-    global _state
+    global _state, _load_began
     with _state_lock:
         if _state == "idle":
             _state = "loading"
+            _load_began = time.monotonic()
             threading.Thread(target=_load, name="planning-kernels", daemon=True).start()
     if wait:
         _settled.wait(timeout)
@@ -237,13 +244,19 @@ def _warm_up(kernels: ModuleType) -> None:
         kernels.trace(ws.parent, np.int64(grid.index(0, 0)), np.int64(grid.index(2, 2)))
 
 
-def _kernels_now() -> ModuleType | None:
-    """The compiled kernels when ready; otherwise starts loading them and answers ``None``."""
+def _kernels_now(cells: int) -> ModuleType | None:
+    """The compiled kernels for a search of ``cells`` padded cells: at once when ready;
+    while they load, after waiting for them as ``KERNEL_WAIT_S`` says; else ``None``."""
     if _state == "ready":
         return _kernels
     if _state == "idle":
         load_kernels(wait=False)
-    return None
+    if _state == "loading":
+        wait = KERNEL_WAIT_LARGE_S if cells > LARGE_GRID_CELLS else KERNEL_WAIT_S
+        left = _load_began + wait - time.monotonic()
+        if left > 0:
+            _settled.wait(left)
+    return _kernels  # set only once they are ready
 
 
 def _run_grid(
@@ -319,9 +332,8 @@ def search_pairs(
     (endpoints on free cells); ``None`` where no path exists.
 
     ``kernel`` forces an implementation (``"compiled"`` waits for the kernels to load);
-    by default the compiled kernels run when ready, a large grid waits for them while they
-    load (``AUTO_WAIT_CELLS``), and the Python ones run otherwise. Dijkstra answers all the
-    pairs that share a start with one search.
+    by default the compiled kernels run when ready (or soon: ``KERNEL_WAIT_S``), and the
+    Python ones otherwise. Dijkstra answers all the pairs that share a start with one search.
     """
     kernels: ModuleType | None
     if kernel == "python":
@@ -331,10 +343,7 @@ def search_pairs(
             raise RuntimeError(f"the compiled planning kernels are unavailable: {_failure}")
         kernels = _kernels
     else:
-        kernels = _kernels_now()
-        if kernels is None and grid.blk.size > AUTO_WAIT_CELLS and _state == "loading":
-            _settled.wait(KERNEL_WAIT_S)
-            kernels = _kernels
+        kernels = _kernels_now(grid.blk.size)
     if kernels is None:
         return [_python_search(grid, algorithm, s, t, connectivity) for s, t in pairs], "python"
     results: list[SearchResult | None] = [None] * len(pairs)
