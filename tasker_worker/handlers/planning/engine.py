@@ -46,8 +46,10 @@ MAX_POOLED_WORKSPACES = 2
 MAX_POOLED_WORKSPACE_BYTES = 256 * 1024 * 1024
 #: Generations run up to here before the stamps are cleared (int32 stamps).
 _MAX_GEN = 2**31 - 8
-#: First size of the open list (grown by doubling in the kernels).
+#: First size of the open lists (grown by doubling in the kernels).
 _HEAP_START = 1024
+#: An entry of the A* and Theta* heap.
+HEAP_ENTRY = np.dtype([("f", np.float64), ("g", np.float64), ("v", np.int64)])
 #: A step that comes while the kernels load waits for them until this long after loading
 #: began, then plans in Python: loading them from numba's cache takes about a second (and the
 #: Python planners on four threads would slow it down, holding the GIL); a first compile, about
@@ -94,7 +96,7 @@ class Workspace:
     """Per-node search arrays for grids of up to ``capacity`` padded cells, reused without
     clearing: a search takes a new generation (``next_gen``) instead."""
 
-    __slots__ = ("capacity", "g", "gen", "hf", "hg", "hv", "parent", "stamp")
+    __slots__ = ("buckets", "capacity", "g", "gen", "heap", "parent", "stamp")
 
     def __init__(self) -> None:
         self.capacity = 0
@@ -102,14 +104,13 @@ class Workspace:
         self.parent = np.empty(0, np.int32)
         self.stamp = np.zeros(0, np.int32)
         self.gen = 0
-        self.hf = np.empty(_HEAP_START, np.float64)
-        self.hg = np.empty(_HEAP_START, np.float64)
-        self.hv = np.empty(_HEAP_START, np.int64)
+        self.heap = np.empty(_HEAP_START, HEAP_ENTRY)
+        self.buckets = np.empty((3, _HEAP_START), np.int64)
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the per-node arrays and the open list."""
-        return int(self.g.nbytes + self.parent.nbytes + self.stamp.nbytes + self.hf.nbytes * 3)
+        """Memory held by the per-node arrays and the open lists."""
+        return int(self.g.nbytes + self.parent.nbytes + self.stamp.nbytes + self.heap.nbytes + self.buckets.nbytes)
 
     def reserve(self, n: int) -> None:
         """Make room for a grid of ``n`` padded cells (new arrays only when it is larger)."""
@@ -128,10 +129,6 @@ class Workspace:
             self.stamp.fill(0)
             self.gen = 2
         return self.gen
-
-    def keep(self, hf: np.ndarray, hg: np.ndarray, hv: np.ndarray) -> None:
-        """Keep the open list a kernel grew, for the next search."""
-        self.hf, self.hg, self.hv = hf, hg, hv
 
 
 _pool: list[Workspace] = []
@@ -238,10 +235,12 @@ def _warm_up(kernels: ModuleType) -> None:
     """Run each kernel once on a tiny grid with the argument types real searches pass, so that
     numba compiles (or loads) exactly the versions the searches use."""
     grid = PreparedGrid(np.zeros((3, 3), dtype=bool))
+    s, t = grid.index(0, 0), grid.index(2, 2)
     with workspace(grid.blk.size) as ws:
-        _run_grid(kernels, grid, ws, grid.index(0, 0), [grid.index(2, 2)], diagonal=True, heuristic=True)
-        _run_theta(kernels, grid, ws, grid.index(0, 0), grid.index(2, 2))
-        kernels.trace(ws.parent, np.int64(grid.index(0, 0)), np.int64(grid.index(2, 2)))
+        _run_astar(kernels, grid, ws, s, t, diagonal=True)
+        _run_dijkstra(kernels, grid, ws, s, [t], diagonal=True)
+        _run_theta(kernels, grid, ws, s, t)
+        kernels.trace(ws.parent, np.int64(s), np.int64(t))
 
 
 def _kernels_now(cells: int) -> ModuleType | None:
@@ -259,39 +258,49 @@ def _kernels_now(cells: int) -> ModuleType | None:
     return _kernels  # set only once they are ready
 
 
-def _run_grid(
-    kernels: ModuleType,
-    grid: PreparedGrid,
-    ws: Workspace,
-    s: int,
-    targets: Sequence[int],
-    *,
-    diagonal: bool,
-    heuristic: bool,
+# Every call passes numpy scalars of one type (int64) and the same array types, so that numba
+# compiles one version of each kernel, the one _warm_up loads.
+
+
+def _run_astar(kernels: ModuleType, grid: PreparedGrid, ws: Workspace, s: int, t: int, *, diagonal: bool) -> int:
+    gen = ws.next_gen()
+    expanded, ws.heap = kernels.astar_search(
+        grid.blk,
+        np.int64(grid.pw),
+        np.int64(s),
+        np.int64(t),
+        diagonal,
+        ws.g,
+        ws.parent,
+        ws.stamp,
+        np.int64(gen),
+        ws.heap,
+    )
+    return int(expanded)
+
+
+def _run_dijkstra(
+    kernels: ModuleType, grid: PreparedGrid, ws: Workspace, s: int, targets: Sequence[int], *, diagonal: bool
 ) -> int:
     gen = ws.next_gen()
-    expanded, hf, hg, hv = kernels.grid_search(
+    expanded, ws.buckets = kernels.dijkstra_search(
         grid.blk,
         np.int64(grid.pw),
         np.int64(s),
         np.array(sorted(set(targets)), dtype=np.int64),
         diagonal,
-        heuristic,
         ws.g,
         ws.parent,
         ws.stamp,
         np.int64(gen),
-        ws.hf,
-        ws.hg,
-        ws.hv,
+        ws.buckets,
     )
-    ws.keep(hf, hg, hv)
     return int(expanded)
 
 
 def _run_theta(kernels: ModuleType, grid: PreparedGrid, ws: Workspace, s: int, t: int) -> int:
     gen = ws.next_gen()
-    expanded, hf, hg, hv = kernels.theta_search(
+    expanded, ws.heap = kernels.theta_search(
         grid.blk,
         np.int64(grid.pw),
         np.int64(s),
@@ -300,11 +309,8 @@ def _run_theta(kernels: ModuleType, grid: PreparedGrid, ws: Workspace, s: int, t
         ws.parent,
         ws.stamp,
         np.int64(gen),
-        ws.hf,
-        ws.hg,
-        ws.hv,
+        ws.heap,
     )
-    ws.keep(hf, hg, hv)
     return int(expanded)
 
 
@@ -314,6 +320,8 @@ def _result(
     if ws.stamp[t] != ws.gen + 1:  # never closed: unreachable
         return None
     nodes = kernels.trace(ws.parent, np.int64(s), np.int64(t))
+    if not len(nodes):
+        raise RuntimeError("planning kernel left a broken parent chain")
     return SearchResult(grid.cells(nodes), float(ws.g[t]), expanded)
 
 
@@ -354,16 +362,14 @@ def search_pairs(
                 by_start.setdefault(grid.index(*s), []).append(i)
             for s_node, members in by_start.items():
                 goals = [grid.index(*pairs[i][1]) for i in members]
-                expanded = _run_grid(kernels, grid, ws, s_node, goals, diagonal=connectivity == 8, heuristic=False)
+                expanded = _run_dijkstra(kernels, grid, ws, s_node, goals, diagonal=connectivity == 8)
                 for i, t_node in zip(members, goals, strict=True):
                     results[i] = _result(kernels, grid, ws, s_node, t_node, expanded)
         else:
             for i, (s, t) in enumerate(pairs):
                 s_node, t_node = grid.index(*s), grid.index(*t)
                 if algorithm == "astar":
-                    expanded = _run_grid(
-                        kernels, grid, ws, s_node, [t_node], diagonal=connectivity == 8, heuristic=True
-                    )
+                    expanded = _run_astar(kernels, grid, ws, s_node, t_node, diagonal=connectivity == 8)
                 else:
                     expanded = _run_theta(kernels, grid, ws, s_node, t_node)
                 results[i] = _result(kernels, grid, ws, s_node, t_node, expanded)

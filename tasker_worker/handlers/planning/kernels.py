@@ -13,9 +13,10 @@ Layout shared by every kernel:
   long as ``blk``, reused from one search to the next without clearing: a node's ``g`` and
   ``parent`` mean something only when ``stamp[node]`` is ``gen`` (open) or ``gen + 1``
   (closed). The caller moves ``gen`` on by two for every search.
-- The open list is a binary heap in three parallel arrays (``hf`` f, ``hg`` g, ``hv`` node)
-  with lazy deletion; a kernel grows them when full and returns them, so that the caller keeps
-  the larger ones for the next search.
+- A* and Theta* keep the open list in a binary heap of records (``engine.HEAP_ENTRY``: f, g, node, read in one place)
+  with lazy deletion; Dijkstra in three buckets (``dijkstra_search``).
+  A kernel grows them when full and returns them, so that the caller keeps the larger ones for
+  the next search.
 
 Every kernel releases the GIL (``nogil``): a worker's planning threads run on all cores.
 """
@@ -41,62 +42,53 @@ def _jit(fn: F) -> F:
 
 
 @_jit
-def _grow(hf: np.ndarray, hg: np.ndarray, hv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    size = hf.shape[0]
-    nf = np.empty(size * 2, np.float64)
-    nf[:size] = hf
-    ng = np.empty(size * 2, np.float64)
-    ng[:size] = hg
-    nv = np.empty(size * 2, np.int64)
-    nv[:size] = hv
-    return nf, ng, nv
+def _grow(heap: np.ndarray) -> np.ndarray:
+    grown = np.empty(heap.shape[0] * 2, heap.dtype)
+    grown[: heap.shape[0]] = heap
+    return grown
 
 
 @_jit
-def _sift_up(hf: np.ndarray, hg: np.ndarray, hv: np.ndarray, i: int, f: float, gv: float, v: int) -> None:
+def _sift_up(heap: np.ndarray, i: int, f: float, gv: float, v: int) -> None:
     # Smaller f first; on equal f the larger g (the deeper node), as in ``search``.
     while i > 0:
         p = (i - 1) >> 1
-        pf = hf[p]
-        if f < pf or (f == pf and gv > hg[p]):
-            hf[i] = pf
-            hg[i] = hg[p]
-            hv[i] = hv[p]
+        pf = heap[p].f
+        if f < pf or (f == pf and gv > heap[p].g):
+            heap[i] = heap[p]
             i = p
         else:
             break
-    hf[i] = f
-    hg[i] = gv
-    hv[i] = v
+    heap[i].f = f
+    heap[i].g = gv
+    heap[i].v = v
 
 
 @_jit
-def _pop(hf: np.ndarray, hg: np.ndarray, hv: np.ndarray, size: int) -> int:
+def _pop(heap: np.ndarray, size: int) -> int:
     """Remove the top entry of a heap of ``size`` entries and return its node."""
-    top = hv[0]
+    top = heap[0].v
     size -= 1
     if size > 0:
-        lf = hf[size]
-        lg = hg[size]
-        lv = hv[size]
+        lf = heap[size].f
+        lg = heap[size].g
+        lv = heap[size].v
         i = 0
         while True:
             c = 2 * i + 1
             if c >= size:
                 break
             r = c + 1
-            if r < size and (hf[r] < hf[c] or (hf[r] == hf[c] and hg[r] > hg[c])):
+            if r < size and (heap[r].f < heap[c].f or (heap[r].f == heap[c].f and heap[r].g > heap[c].g)):
                 c = r
-            if hf[c] < lf or (hf[c] == lf and hg[c] > lg):
-                hf[i] = hf[c]
-                hg[i] = hg[c]
-                hv[i] = hv[c]
+            if heap[c].f < lf or (heap[c].f == lf and heap[c].g > lg):
+                heap[i] = heap[c]
                 i = c
             else:
                 break
-        hf[i] = lf
-        hg[i] = lg
-        hv[i] = lv
+        heap[i].f = lf
+        heap[i].g = lg
+        heap[i].v = lv
     return int(top)
 
 
@@ -114,74 +106,70 @@ def _is_target(targets: np.ndarray, u: int) -> bool:
 
 
 @_jit
-def grid_search(
+def _move(k: int) -> tuple[int, int]:
+    """``(drow, dcol)`` of move ``k``: 0..3 straight (right, left, down, up), 4..7 diagonal."""
+    if k == 0:
+        return 0, 1
+    if k == 1:
+        return 0, -1
+    if k == 2:
+        return 1, 0
+    if k == 3:
+        return -1, 0
+    if k == 4:
+        return 1, 1
+    if k == 5:
+        return 1, -1
+    if k == 6:
+        return -1, 1
+    return -1, -1
+
+
+@_jit
+def astar_search(
     blk: np.ndarray,
     pw: int,
     s: int,
-    targets: np.ndarray,
+    t: int,
     diagonal: bool,
-    heuristic: bool,
     g: np.ndarray,
     parent: np.ndarray,
     stamp: np.ndarray,
     gen: int,
-    hf: np.ndarray,
-    hg: np.ndarray,
-    hv: np.ndarray,
-) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """A* (``heuristic``: octile, or Manhattan when 4-connected, towards ``targets[0]``) or
-    Dijkstra (no heuristic; stops once every node of the sorted ``targets`` is closed).
+    heap: np.ndarray,
+) -> tuple[int, np.ndarray]:
+    """A* from ``s`` to ``t`` with the octile heuristic (Manhattan when 4-connected).
 
     Moves as in ``search``: straight ones cost 1, diagonal ones sqrt(2) and need both
     orthogonal cells beside them free. Returns the number of expanded nodes and the heap
-    arrays; a target is reached when its stamp is ``gen + 1``, at cost ``g[target]``.
+    arrays; ``t`` is reached when its stamp is ``gen + 1``, at cost ``g[t]``.
     """
     closed = gen + 1
-    t0 = targets[0]
-    tr = t0 // pw
-    tc = t0 - tr * pw
-    remaining = targets.shape[0]
+    tr = t // pw
+    tc = t - tr * pw
     de = SQRT2 - 2.0 if diagonal else 0.0
     stamp[s] = gen
     g[s] = 0.0
     parent[s] = -1
-    hf[0] = 0.0
-    hg[0] = 0.0
-    hv[0] = s
+    heap[0].f = 0.0
+    heap[0].g = 0.0
+    heap[0].v = s
     size = 1
     expanded = 0
     while size > 0:
-        u = _pop(hf, hg, hv, size)
+        u = _pop(heap, size)
         size -= 1
         if stamp[u] == closed:
             continue
         stamp[u] = closed
-        if _is_target(targets, u):
-            remaining -= 1
-            if remaining == 0:
-                break
+        if u == t:
+            break
         expanded += 1
         gu = g[u]
         ur = u // pw
         uc = u - ur * pw
         for k in range(8 if diagonal else 4):
-            # k: 0..3 straight (right, left, down, up), 4..7 diagonal
-            if k == 0:
-                dr, dc = 0, 1
-            elif k == 1:
-                dr, dc = 0, -1
-            elif k == 2:
-                dr, dc = 1, 0
-            elif k == 3:
-                dr, dc = -1, 0
-            elif k == 4:
-                dr, dc = 1, 1
-            elif k == 5:
-                dr, dc = 1, -1
-            elif k == 6:
-                dr, dc = -1, 1
-            else:
-                dr, dc = -1, -1
+            dr, dc = _move(k)
             v = u + dr * pw + dc
             if blk[v]:
                 continue
@@ -200,16 +188,99 @@ def grid_search(
             stamp[v] = gen
             g[v] = ng
             parent[v] = u
-            f = ng
-            if heuristic:
-                dy = abs(ur + dr - tr)
-                dx = abs(uc + dc - tc)
-                f = ng + (dx + dy + de * min(dx, dy))
-            if size == hf.shape[0]:
-                hf, hg, hv = _grow(hf, hg, hv)
-            _sift_up(hf, hg, hv, size, f, ng, v)
+            dy = abs(ur + dr - tr)
+            dx = abs(uc + dc - tc)
+            if size == heap.shape[0]:
+                heap = _grow(heap)
+            _sift_up(heap, size, ng + (dx + dy + de * min(dx, dy)), ng, v)
             size += 1
-    return expanded, hf, hg, hv
+    return expanded, heap
+
+
+@_jit
+def dijkstra_search(
+    blk: np.ndarray,
+    pw: int,
+    s: int,
+    targets: np.ndarray,
+    diagonal: bool,
+    g: np.ndarray,
+    parent: np.ndarray,
+    stamp: np.ndarray,
+    gen: int,
+    buckets: np.ndarray,
+) -> tuple[int, np.ndarray]:
+    """Dijkstra from ``s`` until every node of the sorted ``targets`` is closed (or none is
+    left to reach), with a bucket queue instead of a heap.
+
+    Every move costs at least 1, so the open nodes whose cost lies in ``[k, k + 1)`` are final
+    once no open node costs less than ``k``: they are closed in any order, bucket after bucket
+    (Dial's algorithm with buckets as wide as the cheapest move). A move adds less than
+    ``1 + sqrt(2)``, so three buckets, used in turn, hold every open node. The costs are the
+    same sums of 1 and sqrt(2) as with a heap. ``buckets`` (shape ``(3, capacity)``) is grown
+    when full and returned with the number of expanded nodes.
+    """
+    closed = gen + 1
+    remaining = targets.shape[0]
+    capacity = buckets.shape[1]
+    sizes = np.zeros(3, np.int64)
+    stamp[s] = gen
+    g[s] = 0.0
+    parent[s] = -1
+    buckets[0, 0] = s
+    sizes[0] = 1
+    pending = 1
+    level = 0
+    expanded = 0
+    while pending > 0:
+        b = level % 3
+        i = 0
+        while i < sizes[b]:
+            u = buckets[b, i]
+            i += 1
+            pending -= 1
+            if stamp[u] == closed:
+                continue
+            gu = g[u]
+            if int(gu) != level:  # a stale entry: the node was queued again at a lower cost
+                continue
+            stamp[u] = closed
+            if _is_target(targets, u):
+                remaining -= 1
+                if remaining == 0:
+                    return expanded, buckets
+            expanded += 1
+            for k in range(8 if diagonal else 4):
+                dr, dc = _move(k)
+                v = u + dr * pw + dc
+                if blk[v]:
+                    continue
+                sv = stamp[v]
+                if sv == closed:
+                    continue
+                if k >= 4:
+                    if blk[u + dr * pw] or blk[u + dc]:
+                        continue
+                    ng = gu + SQRT2
+                else:
+                    ng = gu + 1.0
+                if sv == gen and ng >= g[v]:
+                    continue
+                stamp[v] = gen
+                g[v] = ng
+                parent[v] = u
+                nb = int(ng) % 3
+                if sizes[nb] == capacity:
+                    grown = np.empty((3, capacity * 2), np.int64)
+                    grown[:, :capacity] = buckets
+                    buckets = grown
+                    capacity *= 2
+                buckets[nb, sizes[nb]] = v
+                sizes[nb] += 1
+                pending += 1
+        sizes[b] = 0
+        level += 1
+    return expanded, buckets
 
 
 @_jit
@@ -265,10 +336,8 @@ def theta_search(
     parent: np.ndarray,
     stamp: np.ndarray,
     gen: int,
-    hf: np.ndarray,
-    hg: np.ndarray,
-    hv: np.ndarray,
-) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    heap: np.ndarray,
+) -> tuple[int, np.ndarray]:
     """Theta* as in ``search``: every 8-connected grid edge is relaxed, and so is the
     shortcut from the node's parent when it is cheaper and in line of sight; Euclidean costs
     and heuristic. Returns like ``grid_search``."""
@@ -280,13 +349,13 @@ def theta_search(
     stamp[s] = gen
     g[s] = 0.0
     parent[s] = -1
-    hf[0] = math.sqrt((sr - tr) ** 2 + (sc - tc) ** 2)
-    hg[0] = 0.0
-    hv[0] = s
+    heap[0].f = math.sqrt((sr - tr) ** 2 + (sc - tc) ** 2)
+    heap[0].g = 0.0
+    heap[0].v = s
     size = 1
     expanded = 0
     while size > 0:
-        u = _pop(hf, hg, hv, size)
+        u = _pop(heap, size)
         size -= 1
         if stamp[u] == closed:
             continue
@@ -306,22 +375,7 @@ def theta_search(
             pc = pu - pr * pw
             gp = g[pu]
         for k in range(8):
-            if k == 0:
-                dr, dc = 0, 1
-            elif k == 1:
-                dr, dc = 0, -1
-            elif k == 2:
-                dr, dc = 1, 0
-            elif k == 3:
-                dr, dc = -1, 0
-            elif k == 4:
-                dr, dc = 1, 1
-            elif k == 5:
-                dr, dc = 1, -1
-            elif k == 6:
-                dr, dc = -1, 1
-            else:
-                dr, dc = -1, -1
+            dr, dc = _move(k)
             v = u + dr * pw + dc
             if blk[v]:
                 continue
@@ -347,11 +401,11 @@ def theta_search(
             stamp[v] = gen
             g[v] = best
             parent[v] = best_parent
-            if size == hf.shape[0]:
-                hf, hg, hv = _grow(hf, hg, hv)
-            _sift_up(hf, hg, hv, size, best + math.sqrt((vr - tr) ** 2 + (vc - tc) ** 2), best, v)
+            if size == heap.shape[0]:
+                heap = _grow(heap)
+            _sift_up(heap, size, best + math.sqrt((vr - tr) ** 2 + (vc - tc) ** 2), best, v)
             size += 1
-    return expanded, hf, hg, hv
+    return expanded, heap
 
 
 @_jit
