@@ -239,11 +239,11 @@ def dijkstra_search(
             u = buckets[b, i]
             i += 1
             pending -= 1
+            # A node queued again at a lower cost was closed from its earlier bucket: its
+            # other entries are skipped here.
             if stamp[u] == closed:
                 continue
             gu = g[u]
-            if int(gu) != level:  # a stale entry: the node was queued again at a lower cost
-                continue
             stamp[u] = closed
             if _is_target(targets, u):
                 remaining -= 1
