@@ -5,7 +5,9 @@ origins (world coordinates), the bounds, and all of it through a real worker."""
 from __future__ import annotations
 
 import base64
+import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -444,3 +446,31 @@ async def test_batches_and_ros_maps_through_a_worker(url: str) -> None:
     assert ros["cost"] == pytest.approx(ref, abs=1e-9) and ros["grid"]["origin"] == [-3.0, 4.0, 0.5]
     [bad] = by_status["dead_lettered"]
     assert bad["reason"] == "validation_error" and "free_thresh must be smaller" in bad["message"]
+
+
+# --- the guide's examples ----------------------------------------------------------------------
+
+
+def _doc_examples() -> list[Any]:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "planning.md").read_text()
+    return [
+        pytest.param(json.loads(code), id=f"example-{i}")
+        for i, code in enumerate(re.findall(r"^```json\n(.*?)^```", text, re.S | re.M))
+    ]
+
+
+@pytest.mark.parametrize("inputs", _doc_examples())
+def test_the_guides_examples_plan(inputs: dict[str, Any]) -> None:
+    out = plan(PlanRequest.parse(inputs), max_cells=10_000, algorithms=ALL)
+    paths = out.get("paths", [out])
+    assert any("waypoints" in p for p in paths)
+    for p in paths:
+        if "waypoints" in p:
+            assert (p["waypoints"][-1]["x"], p["waypoints"][-1]["y"]) != (
+                p["waypoints"][0]["x"],
+                p["waypoints"][0]["y"],
+            )
+
+
+def test_the_guide_has_its_examples() -> None:
+    assert len(_doc_examples()) == 3
