@@ -353,7 +353,10 @@ def search_pairs(
     else:
         kernels = _kernels_now(grid.blk.size)
     if kernels is None:
-        return [_python_search(grid, algorithm, s, t, connectivity) for s, t in pairs], "python"
+        # One Python search at a time: they hold the GIL, so more threads would plan no faster
+        # and would only slow down the thread loading the compiled kernels.
+        with _python_lock:
+            return [_python_search(grid, algorithm, s, t, connectivity) for s, t in pairs], "python"
     results: list[SearchResult | None] = [None] * len(pairs)
     with workspace(grid.blk.size) as ws:
         if algorithm == "dijkstra":
@@ -374,6 +377,9 @@ def search_pairs(
                     expanded = _run_theta(kernels, grid, ws, s_node, t_node)
                 results[i] = _result(kernels, grid, ws, s_node, t_node, expanded)
     return results, "compiled"
+
+
+_python_lock = threading.Lock()
 
 
 def _python_search(
