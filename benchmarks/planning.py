@@ -14,9 +14,10 @@ Costs are checked against scipy's: A* and Dijkstra equal (1e-9), Theta* never lo
 
 Runtime: ``--steps`` path_plan steps (A*, distinct random 20% grids, corner to corner) at
 128x128 and 512x512 through a real worker (``tasker-worker run``, thread executor) with 1 and 2
-processes on the embedded PostgreSQL, once the worker has planned 20 warm-up steps (during
-which its processes load the compiled kernels; ``first step ms`` is how long the first of them
-took from enqueueing to its outcome); steps/s from the first start to the last outcome.
+processes on the embedded PostgreSQL, once each process has planned a warm-up step with the
+compiled kernels (which a process loads on its first planning step; ``first step ms`` is how
+long the first warm-up step took from enqueueing to its outcome); steps/s from the first start
+to the last outcome.
 """
 
 from __future__ import annotations
@@ -192,11 +193,13 @@ def _plan_inputs(size: int, seed: int) -> dict[str, Any]:
     }
 
 
-def runtime_throughput(steps: int, processes: int, admin: str, size: int = 128, warmup: int = 20) -> dict[str, Any]:
-    """Run a worker with ``processes`` processes, let it plan ``warmup`` steps (its processes
-    load the compiled kernels meanwhile: ``first_ms`` is how long the first of those took to
-    finish), then enqueue ``steps`` ``size``x``size`` A* steps (a distinct random grid each)
-    and report their steps/s, from the first start to the last outcome."""
+def runtime_throughput(steps: int, processes: int, admin: str, size: int = 128, warmup: int = 10) -> dict[str, Any]:
+    """Run a worker with ``processes`` processes and let it plan warm-up steps, ``warmup`` at a
+    time, until each of its processes has planned one with the compiled kernels (they load them
+    on their first planning step; ``first_ms`` is how long the first warm-up step took from
+    enqueueing to its outcome, ``warmup_steps`` how many it took); then enqueue ``steps``
+    ``size``x``size`` A* steps (a distinct random grid each) and report their steps/s, from the
+    first start to the last outcome."""
     import psycopg
     from psycopg.types.json import Jsonb
 
@@ -218,7 +221,7 @@ def runtime_throughput(steps: int, processes: int, admin: str, size: int = 128, 
         [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"], env=env, check=True, capture_output=True
     )
     # Built before the worker starts, so that the producer does not share the cores with it.
-    warm = [StepMessage.build("planning", "path_plan", _plan_inputs(size, SEED - 1 - i)) for i in range(warmup)]
+    warm = [StepMessage.build("planning", "path_plan", _plan_inputs(size, SEED - 1 - i)) for i in range(20 * warmup)]
     measured = [StepMessage.build("planning", "path_plan", _plan_inputs(size, SEED + 1000 * i)) for i in range(steps)]
     ids = [m["step_uuid"] for m in measured]
     with psycopg.connect(url, autocommit=True) as conn:
@@ -245,12 +248,20 @@ def runtime_throughput(steps: int, processes: int, admin: str, size: int = 128, 
                 raise TimeoutError(f"fewer than {n} outcomes after 600 s")
 
             sent = time.monotonic()
-            send(warm)
+            send(warm[:warmup])
             wait(1)
             first_ms = (time.monotonic() - sent) * 1000.0
-            wait(warmup)
+            done = warmup
+            wait(done)
+            compiled_by = (
+                "SELECT count(DISTINCT worker_id) FROM tasker.step_results WHERE result->>'kernel' = 'compiled'"
+            )
+            while conn.execute(compiled_by).fetchone()[0] < processes and done < len(warm):
+                send(warm[done : done + warmup])
+                done += warmup
+                wait(done)
             send(measured)
-            wait(warmup + steps)
+            wait(done + steps)
             first, last, ok, compiled = conn.execute(
                 "SELECT min(started_at), max(finished_at), count(*) FILTER (WHERE status = 'succeeded'), "
                 "count(*) FILTER (WHERE result->>'kernel' = 'compiled') FROM tasker.step_results "
@@ -268,6 +279,7 @@ def runtime_throughput(steps: int, processes: int, admin: str, size: int = 128, 
         "succeeded": ok,
         "compiled": compiled,
         "first_ms": round(first_ms),
+        "warmup_steps": done,
         "seconds": round(seconds, 2),
         "steps_per_s": round(steps / seconds, 1),
     }
