@@ -244,7 +244,7 @@ def _warm_up(kernels: ModuleType) -> None:
 
 
 def _kernels_now(cells: int) -> ModuleType | None:
-    """The compiled kernels for a search of ``cells`` padded cells: at once when ready;
+    """The compiled kernels for a search on a grid of ``cells`` cells: at once when ready;
     while they load, after waiting for them as ``KERNEL_WAIT_S`` says; else ``None``."""
     if _state == "ready":
         return _kernels
@@ -351,7 +351,7 @@ def search_pairs(
             raise RuntimeError(f"the compiled planning kernels are unavailable: {_failure}")
         kernels = _kernels
     else:
-        kernels = _kernels_now(grid.blk.size)
+        kernels = _kernels_now(grid.height * grid.width)
     if kernels is None:
         # One Python search at a time: they hold the GIL, so more threads would plan no faster
         # and would only slow down the thread loading the compiled kernels.
