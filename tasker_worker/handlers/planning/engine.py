@@ -10,10 +10,10 @@ The compiled kernels (``kernels``, numba) are loaded in a background thread on f
 (``load_kernels``). Compiling them takes about five seconds the first time on a machine, so
 that thread has a child Python process compile them into numba's on-disk cache first (on
 another core, without the worker's GIL, and finishing even if the worker stops meanwhile),
-then loads them from that cache (about half a second). No step waits for a compile: until
-the kernels are ready (or where numba cannot run) the pure-Python implementation (``search``)
-plans instead. The tests hold both to the same reference, and every result says which one ran
-(``KernelKind``).
+then loads them from that cache (about half a second). A step that comes meanwhile waits
+for them a bounded time (``KERNEL_WAIT_S``), then the pure-Python implementation (``search``)
+plans it, as it plans everything where numba cannot run. The tests hold both to the same
+reference, and every result says which one ran (``KernelKind``).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ _HEAP_START = 1024
 #: An entry of the A* and Theta* heap.
 HEAP_ENTRY = np.dtype([("f", np.float64), ("g", np.float64), ("v", np.int64)])
 #: A step that comes while the kernels load waits for them until this long after loading
-#: began, then plans in Python: loading them from numba's cache takes about a second (and the
-#: Python planners on four threads would slow it down, holding the GIL); a first compile, about
-#: five, is not worth waiting for on a small grid.
+#: began, then plans in Python: loading them from numba's cache takes about a second (longer
+#: while Python planning holds the GIL); a first compile, about five, is not worth waiting for
+#: on a small grid.
 KERNEL_WAIT_S = 2.0
 #: ...except on a grid of more cells than this, which Python would take longer to search than
 #: a first compile takes: it waits up to ``KERNEL_WAIT_LARGE_S``.
