@@ -10,7 +10,8 @@ The compiled kernels (``kernels``, numba) are loaded in a background thread on f
 (``load_kernels``). Compiling them takes about five seconds the first time on a machine, so
 that thread has a child Python process compile them into numba's on-disk cache first (on
 another core, without the worker's GIL, and finishing even if the worker stops meanwhile),
-then loads them from that cache (about half a second). A step that comes meanwhile waits
+then loads them from that cache (about half a second); once a child has compiled them, later
+processes skip the child. A step that comes meanwhile waits
 for them a bounded time (``KERNEL_WAIT_S``), then the pure-Python implementation (``search``)
 plans it, as it plans everything where numba cannot run. The tests hold both to the same
 reference, and every result says which one ran (``KernelKind``).
@@ -18,6 +19,8 @@ reference, and every result says which one ran (``KernelKind``).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
 import subprocess
 import sys
@@ -25,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
@@ -188,10 +192,33 @@ _COMPILE = "from tasker_worker.handlers.planning import engine; engine.warm_up_h
 
 
 def warm_up_here() -> None:
-    """Compile the kernels in this process (numba's cache keeps them for the next ones)."""
+    """Compile the kernels in this process (numba's cache keeps them for the next ones), and
+    leave the mark that says so (``_compiled_mark``)."""
     from tasker_worker.handlers.planning import kernels
 
     _warm_up(kernels)
+    mark = _compiled_mark()
+    if mark is not None:
+        try:
+            mark.parent.mkdir(exist_ok=True)
+            mark.touch()
+        except OSError:
+            pass  # a read-only package: the next process asks a child again, as before
+
+
+def _compiled_mark() -> Path | None:
+    """A file beside numba's cache whose name digests the kernels' source and the numba and
+    Python versions: present once a child compiled exactly these kernels, so that later
+    processes load them without asking a child (saving a second at each start)."""
+    source = Path(__file__).with_name("kernels.py")
+    try:
+        digest = hashlib.blake2b(
+            source.read_bytes() + importlib.metadata.version("numba").encode() + sys.version.encode(),
+            digest_size=8,
+        ).hexdigest()
+    except (OSError, importlib.metadata.PackageNotFoundError):
+        return None
+    return source.parent / "__pycache__" / f"kernels-{digest}.compiled"
 
 
 def _compile_in_child() -> None:
@@ -216,7 +243,9 @@ def _compile_in_child() -> None:
 def _load() -> None:
     global _kernels, _state, _failure
     try:
-        _compile_in_child()
+        mark = _compiled_mark()
+        if mark is None or not mark.exists():
+            _compile_in_child()
         from tasker_worker.handlers.planning import kernels
 
         _warm_up(kernels)
