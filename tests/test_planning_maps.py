@@ -474,3 +474,18 @@ def test_the_guides_examples_plan(inputs: dict[str, Any]) -> None:
 
 def test_the_guide_has_its_examples() -> None:
     assert len(_doc_examples()) == 3
+
+
+def test_a_child_that_cannot_compile_leaves_the_kernels_to_this_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    python = sys.executable
+    with caplog.at_level("INFO", logger="tasker_worker.handlers.planning.engine"):
+        monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+        engine._compile_in_child()  # logs, never raises
+        monkeypatch.setattr(sys, "executable", python)
+        monkeypatch.setattr(engine, "_COMPILE", "raise SystemExit('no compiler today')")
+        engine._compile_in_child()
+    assert "No such file" in caplog.text and "no compiler today" in caplog.text
+    mark = engine._compiled_mark()
+    assert mark is not None and mark.name.startswith("kernels-") and mark.exists()  # this session's load left it
