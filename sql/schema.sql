@@ -687,13 +687,14 @@ END;
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false)
+CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text)
  RETURNS TABLE(step_uuid uuid, msg_id bigint, created boolean)
  LANGUAGE plpgsql
 AS $function$
 DECLARE
     v_msg     jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, p_step_uuid, p_task_uuid,
-                                           p_correlation_id, p_attempt_limit, p_timeout, p_headers);
+                                           p_correlation_id, p_attempt_limit, p_timeout, p_headers,
+                                           p_priority, p_group, p_concurrency_key);
     v_queue   text := tasker.namespace_queue(p_namespace);
     v_uuid    uuid := (v_msg ->> 'step_uuid')::uuid;
     v_headers jsonb := p_headers;
@@ -1401,13 +1402,14 @@ AS $function$
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb)
+CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
 AS $function$
 DECLARE
     v_msg jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, NULL, p_task_uuid,
-                                       p_correlation_id, p_attempt_limit, p_timeout, p_headers);
+                                       p_correlation_id, p_attempt_limit, p_timeout, p_headers,
+                                       p_priority, p_group, p_concurrency_key);
 BEGIN
     IF p_delay IS NULL OR p_delay < 0 THEN
         RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
@@ -1496,7 +1498,7 @@ AS $function$
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.step_message(p_namespace text, p_handler text, p_inputs jsonb, p_step_uuid uuid, p_task_uuid uuid, p_correlation_id uuid, p_attempt_limit integer, p_timeout double precision, p_headers jsonb)
+CREATE OR REPLACE FUNCTION tasker.step_message(p_namespace text, p_handler text, p_inputs jsonb, p_step_uuid uuid, p_task_uuid uuid, p_correlation_id uuid, p_attempt_limit integer, p_timeout double precision, p_headers jsonb, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text)
  RETURNS jsonb
  LANGUAGE plpgsql
  STABLE
@@ -1512,6 +1514,15 @@ BEGIN
     END IF;
     IF p_timeout IS NOT NULL AND NOT (p_timeout > 0 AND p_timeout <= 86400) THEN
         RAISE EXCEPTION 'timeout must be between 0 and 86400 seconds' USING ERRCODE = '22023';
+    END IF;
+    IF p_priority IS NOT NULL AND p_priority NOT BETWEEN 0 AND 9 THEN
+        RAISE EXCEPTION 'priority must be between 0 (first) and 9' USING ERRCODE = '22023';
+    END IF;
+    IF p_group IS NOT NULL AND char_length(p_group) NOT BETWEEN 1 AND 128 THEN
+        RAISE EXCEPTION 'group must be 1 to 128 characters' USING ERRCODE = '22023';
+    END IF;
+    IF p_concurrency_key IS NOT NULL AND char_length(p_concurrency_key) NOT BETWEEN 1 AND 128 THEN
+        RAISE EXCEPTION 'concurrency_key must be 1 to 128 characters' USING ERRCODE = '22023';
     END IF;
     IF p_headers IS NOT NULL THEN
         IF jsonb_typeof(p_headers) <> 'object' THEN
@@ -1532,7 +1543,10 @@ BEGIN
         'namespace', p_namespace,
         'handler', p_handler,
         'attempt_limit', p_attempt_limit,
-        'timeout', p_timeout)) || jsonb_build_object('inputs', p_inputs);
+        'timeout', p_timeout,
+        'priority', nullif(p_priority, 0),
+        'group', p_group,
+        'concurrency_key', p_concurrency_key)) || jsonb_build_object('inputs', p_inputs);
 END;
 $function$;
 

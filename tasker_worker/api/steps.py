@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tasker_worker.api.context import ApiError, ctx_of
-from tasker_worker.api.routing import JsonObject, Operation, Parameters, QueryInt
+from tasker_worker.api.routing import NO_NUL_PATTERN, JsonObject, Operation, Parameters, QueryInt
 from tasker_worker.domain.names import HANDLER_MAX_LEN, HANDLER_PATTERN
 from tasker_worker.domain.steps import MAX_ATTEMPT_LIMIT, MAX_STEP_TIMEOUT_S, OutcomeStatus
 from tasker_worker.domain.workers import Namespace, WholeNumber, whole_number
@@ -51,6 +51,10 @@ class StepSubmission(BaseModel):
     headers: JsonObject | None = None
     #: Name the step on ``tasker_outcome`` when its outcome is recorded.
     notify: bool = False
+    #: Flow control: 0 (first, the default) to 9; claims round-robin across groups; capped per key.
+    priority: Annotated[int, Field(ge=0, le=9), BeforeValidator(whole_number)] | None = None
+    group: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)] | None = None
+    concurrency_key: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)] | None = None
 
 
 class NamespacePath(Parameters):
@@ -90,6 +94,9 @@ async def send(request: Request, path: NamespacePath, body: StepSubmission) -> R
         timeout=body.timeout,
         headers=body.headers,
         notify=body.notify,
+        priority=body.priority,
+        group=body.group,
+        concurrency_key=body.concurrency_key,
     )
     return JSONResponse(ref.as_json(), status_code=201 if ref.created else 200)
 

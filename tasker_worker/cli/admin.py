@@ -251,7 +251,14 @@ async def queue_send(args: argparse.Namespace) -> int:
     if args.step_uuid and args.count != 1:
         raise UsageError("--step-uuid names one step: it cannot go with --count")
     queue = queue_name(args.namespace)
-    options = {"delay": args.delay, "attempt_limit": args.attempt_limit, "timeout": args.timeout}
+    options = {
+        "delay": args.delay,
+        "attempt_limit": args.attempt_limit,
+        "timeout": args.timeout,
+        "priority": args.priority,
+        "group": args.group,
+        "concurrency_key": args.concurrency_key,
+    }
     async with small_pool(args) as pool, AsyncClient(pool=pool) as producer:
         if args.count == 1:
             refs = [await producer.send_step(args.namespace, args.handler, inputs, step_uuid=args.step_uuid, **options)]

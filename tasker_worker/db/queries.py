@@ -156,7 +156,7 @@ ENQUEUE_STEP = """
 SELECT step_uuid, msg_id, created
   FROM tasker.enqueue_step(%(namespace)s, %(handler)s, %(inputs)s::jsonb, %(step_uuid)s::uuid, %(delay)s,
                            %(task_uuid)s::uuid, %(correlation_id)s::uuid, %(attempt_limit)s, %(timeout)s,
-                           %(headers)s::jsonb, %(notify)s)
+                           %(headers)s::jsonb, %(notify)s, %(priority)s, %(group)s, %(concurrency_key)s)
 """
 
 # A batch in one statement: bodies built and checked by the client, encoded once; one headers

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import msgspec
 import numpy as np
@@ -96,6 +96,18 @@ def _uuid(value: uuid.UUID | str) -> uuid.UUID:
         raise UsageError(f"not a UUID: {value!r}") from None
 
 
+class _Flow(TypedDict):
+    """A step message's flow control fields (None: not set)."""
+
+    priority: int | None
+    group: str | None
+    concurrency_key: str | None
+
+
+#: No flow control field set.
+_NO_FLOW: _Flow = {"priority": None, "group": None, "concurrency_key": None}
+
+
 def _enqueue_params(
     namespace: str,
     handler: str,
@@ -109,7 +121,9 @@ def _enqueue_params(
     timeout: float | None,
     headers: dict[str, Any] | None,
     notify: bool,
+    flow: _Flow | None = None,
 ) -> dict[str, Any]:
+    flow = flow or _NO_FLOW
     # Checked here too, so that a mistake is a UsageError before any round trip.
     build_message(
         namespace,
@@ -120,6 +134,7 @@ def _enqueue_params(
         correlation_id=correlation_id,
         attempt_limit=attempt_limit,
         timeout=timeout,
+        **flow,
     )
     traced = trace_headers(headers)
     return {
@@ -134,6 +149,9 @@ def _enqueue_params(
         "timeout": timeout,
         "headers": Jsonb(traced) if traced else None,
         "notify": notify,
+        "priority": flow.get("priority"),
+        "group": flow.get("group"),
+        "concurrency_key": flow.get("concurrency_key"),
     }
 
 
@@ -147,18 +165,21 @@ def _batch_params(
     timeout: float | None,
     headers: dict[str, Any] | None,
     notify: bool,
+    flow: _Flow | None = None,
 ) -> tuple[dict[str, Any], list[uuid.UUID]]:
+    flow = flow or _NO_FLOW
     items = list(inputs)
     if not 1 <= len(items) <= MAX_BATCH:
         raise UsageError(f"send_steps takes 1 to {MAX_BATCH} steps per call, got {len(items)}")
     # What is the same for every step is checked once, by the rules of tasker.step_message;
     # each step adds only its inputs (an object) and three fresh UUIDs.
-    build_message(namespace, handler, None, attempt_limit=attempt_limit, timeout=timeout)
+    build_message(namespace, handler, None, attempt_limit=attempt_limit, timeout=timeout, **flow)
     common: dict[str, Any] = {"namespace": namespace, "handler": handler}
     if attempt_limit is not None:
         common["attempt_limit"] = attempt_limit
     if timeout is not None:
         common["timeout"] = timeout
+    common.update({k: v for k, v in flow.items() if v is not None and (k != "priority" or v)})
     for k, step_inputs in enumerate(items):
         if not isinstance(step_inputs, dict):
             raise StepValidationError(f"inputs must be a JSON object (step {k})", reason="malformed_message")
@@ -239,12 +260,16 @@ def send_step(
     timeout: float | None = None,
     headers: dict[str, Any] | None = None,
     notify: bool = True,
+    priority: int | None = None,
+    group: str | None = None,
+    concurrency_key: str | None = None,
     conn: AnyConn | None = None,
 ) -> Plan[StepRef]:
     """Enqueue one step; with ``step_uuid``, idempotently (a step_uuid already sent or done is
     answered with that step, ``created=False``). ``headers`` are the message's (the current
-    trace context is added); ``notify`` lets ``wait_for`` be woken; ``conn`` sends inside the
-    caller's own transaction."""
+    trace context is added); ``notify`` lets ``wait_for`` be woken; ``priority`` (0 first),
+    ``group`` (round-robin) and ``concurrency_key`` (capped together) are the message's flow
+    control fields; ``conn`` sends inside the caller's own transaction."""
     params = _enqueue_params(
         namespace,
         handler,
@@ -257,6 +282,7 @@ def send_step(
         timeout=timeout,
         headers=headers,
         notify=notify,
+        flow={"priority": priority, "group": group, "concurrency_key": concurrency_key},
     )
     [row] = yield Rows(queries.ENQUEUE_STEP, params, conn)
     return StepRef(step_uuid=row[0], msg_id=int(row[1]), namespace=namespace, created=bool(row[2]))
@@ -272,10 +298,14 @@ def send_steps(
     timeout: float | None = None,
     headers: dict[str, Any] | None = None,
     notify: bool = False,
+    priority: int | None = None,
+    group: str | None = None,
+    concurrency_key: str | None = None,
     conn: AnyConn | None = None,
 ) -> Plan[list[StepRef]]:
     """Enqueue one step per ``inputs`` item in one statement (fresh step_uuids: a batch is not
-    deduplicated; use ``send_step(step_uuid=...)`` for that)."""
+    deduplicated; use ``send_step(step_uuid=...)`` for that); every step of the batch gets the
+    same ``priority``, ``group`` and ``concurrency_key``."""
     params, uuids = _batch_params(
         namespace,
         handler,
@@ -285,6 +315,7 @@ def send_steps(
         timeout=timeout,
         headers=headers,
         notify=notify,
+        flow={"priority": priority, "group": group, "concurrency_key": concurrency_key},
     )
     rows = yield Rows(queries.SEND_STEPS, params, conn)
     return [StepRef(u, int(r[0]), namespace) for u, r in zip(uuids, rows, strict=True)]
