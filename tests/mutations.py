@@ -322,7 +322,7 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 "tasker_worker/runtime/event_system.py",
                 "        self.listening.set()\n        # Catch up on anything sent while the listener was away.\n"
-                "        await self.send.send(ExecuteStep(None, Source.POLL))",
+                "        await self.send.send(WakeClaims(None, Source.POLL))",
                 "        self.listening.set()",
             ),
         ),
@@ -833,7 +833,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 LISTENER,
-                "                await self.commands.send(ExecuteStep(queue, Source.EVENT))\n                return\n",
+                "                await self.commands.send(WakeClaims(queue, Source.EVENT))\n                return\n",
                 "                return\n",
             ),
         ),

@@ -31,7 +31,7 @@ from tasker_worker.domain.notifications import (
     message_ready_channel,
 )
 from tasker_worker.domain.steps import Source
-from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStep, ExecuteStepFromEvent, WorkerCommand
+from tasker_worker.runtime.commands import ClaimsSeen, MessagesAnnounced, WakeClaims, WorkerCommand
 from tasker_worker.runtime.listener import WorkerQueueListener
 from tasker_worker.runtime.stats import WorkerStats
 from tasker_worker.testing import make_config, running_worker, wait_until
@@ -165,18 +165,18 @@ async def test_the_listener_routes_each_channel_by_its_table() -> None:
         f' "message": {{}}, "ready_at": "{AT}", "delay_seconds": 0}}'
     )
     got = commands.receive_nowait()
-    assert isinstance(got, ExecuteStepFromEvent) and got.event.msg_ids == (4,)
+    assert isinstance(got, MessagesAnnounced) and got.event.msg_ids == (4,)
     # Unreadable (tasker-core cuts an oversized batch_ready into invalid JSON): the channel
     # still says which queue has news.
     await listener.routes[message_ready_channel("b")]('{"event_type": "batch_ready", "msg_ids": [1, 2...}')
-    assert commands.receive_nowait() == ExecuteStep("worker_b_queue", Source.EVENT)
+    assert commands.receive_nowait() == WakeClaims("worker_b_queue", Source.EVENT)
     # tasker-core's own function sent a delayed message: its ready_at is the time of the send.
     await listener.routes[message_ready_channel("a")](
         '{"event_type": "message_with_payload", "msg_id": 5, "queue_name": "worker_a_queue", "namespace": "a",'
         f' "message": {{}}, "ready_at": "{AT}", "delay_seconds": 30}}'
     )
     delayed = commands.receive_nowait()
-    assert isinstance(delayed, ExecuteStepFromEvent) and delayed.event.ready_at is not None
+    assert isinstance(delayed, MessagesAnnounced) and delayed.event.ready_at is not None
     assert (delayed.event.ready_at - datetime.now(UTC)).total_seconds() > 25
     await listener.routes[claimed_channel("a")]('{"q": "worker_a_queue", "ids": [1], "lo": 1, "hi": 1, "n": 1}')
     seen = commands.receive_nowait()

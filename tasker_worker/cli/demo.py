@@ -23,6 +23,7 @@ from tasker_worker.cli.admin import database_url, embedded_dir, load
 from tasker_worker.cli.run import configure_logging
 from tasker_worker.db import migrations, queries
 from tasker_worker.domain.steps import StepMessage
+from tasker_worker.handlers.planning import MODULE as PLANNING_MODULE
 from tasker_worker.handlers.planning.grid import encode_cells
 from tasker_worker.runtime.worker import Worker
 from tasker_worker.testing import fetch, fetch_value, wait_until
@@ -77,7 +78,13 @@ async def demo(args: argparse.Namespace) -> int:
         print(f"note: {stale} steps from an earlier run are still queued; they run too")
 
     rng = np.random.default_rng(args.seed)
-    worker = Worker(loaded.config, database_url=url)
+    config = loaded.config
+    if PLANNING_MODULE not in config.worker.handler_modules:  # the demo plans, whatever else is configured
+        worker_section = config.worker.model_copy(
+            update={"handler_modules": [*config.worker.handler_modules, PLANNING_MODULE]}
+        )
+        config = config.model_copy(update={"worker": worker_section})
+    worker = Worker(config, database_url=url)
     total = args.steps
     batch_n = total // 3
     single_n = total - batch_n

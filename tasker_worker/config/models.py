@@ -146,7 +146,7 @@ class WorkerConfig(_Section):
     name: str = "tasker-worker"
     namespaces: list[str] = Field(default_factory=lambda: ["default"])
     #: Import paths of user modules that register handlers (``my_app.handlers``).
-    handler_modules: list[str] = Field(default_factory=list)
+    handler_modules: list[str] = Field(default_factory=lambda: ["tasker_worker.handlers.planning"])
     #: Where sync (CPU-bound) handlers run.
     executor: Literal["thread", "process"] = "thread"
     executor_workers: int = Field(default=4, ge=1, le=256)

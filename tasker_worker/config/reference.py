@@ -40,7 +40,7 @@ DESCRIPTIONS: dict[str, str] = {
     "worker.id": "fixed worker id (default: name-host-pid-random)",
     "worker.name": "worker name shown in the registry and logs",
     "worker.namespaces": "namespaces served (queues `worker_<ns>_queue`)",
-    "worker.handler_modules": "modules whose `register(worker)` adds handlers",
+    "worker.handler_modules": "modules whose `register(worker)` adds handlers (the planners are one: list it beside yours to keep `path_plan`)",
     "worker.executor": "where sync handlers run: `thread` or `process`",
     "worker.executor_workers": "size of that pool",
     "worker.handler_timeout": "default time a handler may run (a handler's `timeout=` and the step's `timeout` win)",

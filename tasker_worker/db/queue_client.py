@@ -264,7 +264,7 @@ class QueueClient:
         conn: AsyncConn | None = None,
     ) -> int:
         """Enqueue one step through ``tasker.send_step``; return its msg_id. ``headers`` become
-        the message's (a W3C ``traceparent``: see ``runtime.tracing.trace_headers``)."""
+        the message's (a W3C ``traceparent``: see ``tracecontext.trace_headers``)."""
         queue_name(namespace)
         validate_handler_name(handler)
         rows = await self._fetch(

@@ -1,6 +1,6 @@
 """Step messages, claimed messages and outcomes.
 
-``StepMessage`` is the JSON contract producers write (DESIGN.md "Step message").
+``StepMessage`` is the JSON contract producers write (docs/messages.md, "The step message").
 ``ClaimedMessage`` is one row a claim returned; ``Outcome`` is what the runtime records.
 """
 

@@ -3,7 +3,7 @@
 Each job reads its candidates, then moves each one in its own short transaction through
 ``WorkerLifecycle.transition(only_from=...)``, so a worker that changed meanwhile (it
 deregistered, another sweep got there first) is skipped, never forced. Only the fleet's leader
-runs them (``registry.leader``).
+runs them (``fleet.leader``).
 """
 
 from __future__ import annotations

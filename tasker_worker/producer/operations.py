@@ -32,7 +32,7 @@ from tasker_worker.domain.notifications import OUTCOME_CHANNEL, decode_outcomes
 from tasker_worker.domain.results import CancelState, StepRef, StepResult
 from tasker_worker.domain.steps import OutcomeStatus, build_message
 from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout, UsageError
-from tasker_worker.runtime.tracing import trace_headers
+from tasker_worker.tracecontext import trace_headers
 
 #: ``send_steps`` takes at most this many steps per call (one statement each).
 MAX_BATCH = 10_000

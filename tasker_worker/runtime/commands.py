@@ -9,19 +9,18 @@ from tasker_worker.domain.steps import Source
 
 
 @dataclass(frozen=True, slots=True)
-class ExecuteStep:
-    """Claim ready steps from ``queue`` (``None``: every queue of the worker).
-
-    (tasker-core's name: the command only wakes the queue's claim loop, which claims as many
-    steps as it has free slots.)"""
+class WakeClaims:
+    """Wake the claim loop of ``queue`` (``None``: every queue of the worker), which claims as
+    many steps as it has room for. (tasker-core's ``ExecuteStep``: it executes nothing itself.)"""
 
     queue: str | None = None
     source: Source = Source.POLL
 
 
 @dataclass(frozen=True, slots=True)
-class ExecuteStepFromEvent:
-    """A notification said ``event.queue_name`` has (or soon has) ready steps."""
+class MessagesAnnounced:
+    """A notification said ``event.queue_name`` has (or soon has) ready steps (tasker-core's
+    ``ExecuteStepFromEvent``)."""
 
     event: MessageReady
 
@@ -40,4 +39,4 @@ class Shutdown:
     reason: str = "requested"
 
 
-WorkerCommand = ExecuteStep | ExecuteStepFromEvent | ClaimsSeen | Shutdown
+WorkerCommand = WakeClaims | MessagesAnnounced | ClaimsSeen | Shutdown

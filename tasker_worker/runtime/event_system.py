@@ -21,7 +21,7 @@ from tasker_worker.config.models import EventSystemConfig
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.steps import Source
 from tasker_worker.errors import ListenerUnavailable, ModeChangeRefused, WorkerStartupError
-from tasker_worker.runtime.commands import ExecuteStep, WorkerCommand
+from tasker_worker.runtime.commands import WakeClaims, WorkerCommand
 from tasker_worker.runtime.listener import ProbeSender, WorkerQueueListener
 from tasker_worker.runtime.poller import WorkerFallbackPoller
 from tasker_worker.runtime.stats import WorkerStats
@@ -164,7 +164,7 @@ class WorkerEventSystem:
                         del running[name]
                     if source is not None:
                         running[name] = (source, await tg.start(_run_in_scope, source.run))
-                await self.send.send(ExecuteStep(None, Source.POLL))
+                await self.send.send(WakeClaims(None, Source.POLL))
                 await self._restart.wait()
 
     def status(self) -> dict[str, Any]:
@@ -199,10 +199,10 @@ class WorkerEventSystem:
     async def _on_connected(self) -> None:
         self.listening.set()
         # Catch up on anything sent while the listener was away.
-        await self.send.send(ExecuteStep(None, Source.POLL))
+        await self.send.send(WakeClaims(None, Source.POLL))
 
     async def _on_tick(self) -> None:
-        await self.send.send(ExecuteStep(None, Source.POLL))
+        await self.send.send(WakeClaims(None, Source.POLL))
 
 
 async def _run_in_scope(

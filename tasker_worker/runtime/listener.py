@@ -2,7 +2,7 @@
 
 - Each notification is routed by its channel through a dispatch table built once (the
   channels and their payloads are those of ``domain/notifications.py``): a step wakeup of a
-  queue goes straight into the command channel as an ``ExecuteStepFromEvent``, which the
+  queue goes straight into the command channel as an ``MessagesAnnounced``, which the
   ``CommandProcessor`` (``processor.py``) reads; the ``WorkerEventSystem`` owns that channel and
   decides, by deployment mode, whether a listener runs at all. Whoever sent the wakeup (our
   notify trigger, tasker-core's producer functions: ``message_with_payload``, a signal-only
@@ -47,7 +47,7 @@ from tasker_worker.domain.notifications import (
 )
 from tasker_worker.domain.steps import Source
 from tasker_worker.errors import ListenerUnavailable, first_line
-from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStep, ExecuteStepFromEvent, WorkerCommand
+from tasker_worker.runtime.commands import ClaimsSeen, MessagesAnnounced, WakeClaims, WorkerCommand
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class WorkerQueueListener:
         self.config = config
         self.stats = stats
         #: The command channel to the CommandProcessor: each notification becomes an
-        #: ExecuteStepFromEvent there (bounded: a full channel slows the listener, not memory).
+        #: MessagesAnnounced there (bounded: a full channel slows the listener, not memory).
         self.commands = commands
         self.on_connected = on_connected
         self.probe_sender = probe_sender or self._send_probe
@@ -126,11 +126,11 @@ class WorkerQueueListener:
             if event is None:
                 # Not a payload we can read (tasker-core cuts an oversized batch_ready into
                 # invalid JSON), but the channel says which queue has news: look there.
-                await self.commands.send(ExecuteStep(queue, Source.EVENT))
+                await self.commands.send(WakeClaims(queue, Source.EVENT))
                 return
             if event.delay_seconds:
                 event = event.due_from(datetime.now(UTC))
-            await self.commands.send(ExecuteStepFromEvent(event))
+            await self.commands.send(MessagesAnnounced(event))
 
         return on_wakeup
 

@@ -35,7 +35,7 @@ from tasker_worker.domain.steps import ClaimedMessage, Source
 from tasker_worker.domain.verdicts import released
 from tasker_worker.errors import TaskerError, first_line
 from tasker_worker.logs import error_fields
-from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStep, ExecuteStepFromEvent, Shutdown, WorkerCommand
+from tasker_worker.runtime.commands import ClaimsSeen, MessagesAnnounced, Shutdown, WakeClaims, WorkerCommand
 from tasker_worker.runtime.inflight import HeldStep
 from tasker_worker.runtime.ports import WAKE_MARGIN_S
 from tasker_worker.runtime.stats import WorkerStats
@@ -333,14 +333,14 @@ class CommandProcessor:
         """Apply one non-shutdown command (no I/O: it only wakes claim loops)."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("command", extra={"command_type": type(command).__name__})
-        if isinstance(command, ExecuteStepFromEvent):
+        if isinstance(command, MessagesAnnounced):
             self._on_event(command.event)
         elif isinstance(command, ClaimsSeen):
             notice = command.notice
             seen = self.queues.get(notice.queue)
             if seen is not None:
                 seen.claimed.add(notice.msg_ids, *((notice.lo, notice.hi) if notice.truncated else (None, None)))
-        elif isinstance(command, ExecuteStep):
+        elif isinstance(command, WakeClaims):
             if command.queue in self.queues:
                 self.queues[command.queue].poke(command.source)
             elif len(self.queues) == 1:

@@ -8,18 +8,20 @@ OpenTelemetry configuration (a TracerProvider and its exporters), which must be 
 the worker starts: without one, without the package, or with ``tracing = "off"``, the worker
 holds no tracer and the step path does not look at headers at all.
 
-Producers hand their current trace context to a step with :func:`trace_headers` (the headers of
-``tasker.send_step(..., p_headers => ...)`` or of ``pgmq.send``).
+Producers hand their current trace context to a step with ``trace_headers`` (the headers of
+``tasker.send_step(..., p_headers => ...)`` or of ``pgmq.send``), in the leaf module
+``tasker_worker.tracecontext`` (also importable from here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from tasker_worker import __version__
 from tasker_worker.domain.steps import ClaimedMessage, StepMessage
+from tasker_worker.tracecontext import trace_headers  # where it always was, for callers
 
 try:
     from opentelemetry import propagate, trace
@@ -77,14 +79,6 @@ def step_tracer(mode: str) -> StepTracer | None:
     if mode == "off" or not configured():
         return None
     return StepTracer()
-
-
-def trace_headers(headers: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``headers`` plus the current W3C trace context (unchanged without the otel extra)."""
-    out = dict(headers or {})
-    if propagate is not None:
-        propagate.inject(out)
-    return out
 
 
 __all__ = ["StepTracer", "available", "configured", "step_tracer", "trace_headers"]

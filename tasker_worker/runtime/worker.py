@@ -54,7 +54,6 @@ from tasker_worker.fleet.presence import WorkerPresence
 from tasker_worker.fleet.supervision import SupervisionJobs
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
-from tasker_worker.handlers.planning.handler import register_planning
 from tasker_worker.handlers.registry import HandlerRegistry, PeriodicSpec, RegistersHandlers
 from tasker_worker.producer.client import AsyncClient
 from tasker_worker.runtime.assembly import step_path
@@ -187,12 +186,18 @@ class Worker(RegistersHandlers):
             raise
         return final
 
+    def on_start(self, service: Service) -> Service:
+        """Run ``service(worker)`` in the background once the worker is ready (a handler
+        module's own start: the planners load their compiled kernels so). Cancelled at stop."""
+        self._services.append(service)
+        return service
+
     def load_handlers(self) -> HandlerRegistry:
-        """Register the handlers this worker runs: its ``[worker] handler_modules``, the
-        built-in ones and the planners (done by ``run``; ``config show`` lists them too)."""
+        """Register the handlers this worker runs: its ``[worker] handler_modules`` (the default
+        configuration lists the planners, ``tasker_worker.handlers.planning``) and the built-in
+        ones (done by ``run``; ``config show`` lists them too)."""
         self._load_handler_modules()
         register_builtins(self.registry)
-        register_planning(self.registry, self.config.handlers.planning)
         return self.registry
 
     async def _run(self) -> dict[str, Any]:
