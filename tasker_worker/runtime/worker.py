@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import types
 import uuid
 from collections.abc import Callable, Coroutine
@@ -41,7 +42,7 @@ from tasker_worker.db import migrations
 from tasker_worker.db.connection import open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
-from tasker_worker.domain.health import thresholds_of
+from tasker_worker.domain.health import WorkerFigures, thresholds_of
 from tasker_worker.domain.herd import ClaimRanking
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.names import queue_name
@@ -302,8 +303,7 @@ class Worker(RegistersHandlers):
                     es = self.config.event_system
                     if es.health_monitoring_enabled:
                         self.health = HealthMonitor(
-                            self._health_view,
-                            lambda: self.worker_id,
+                            self.figures,
                             thresholds_of(self.config.api),
                             es.health_check_interval.total_seconds(),
                         )
@@ -367,15 +367,25 @@ class Worker(RegistersHandlers):
         snap["health"] = self.health.status() if self.health is not None else {"status": "not monitored"}
         return snap
 
-    def _health_view(self) -> dict[str, Any]:
-        """What the health checks read of ``status()``, without its latency percentiles (tens of
-        milliseconds over full sample windows, every health check interval)."""
-        view: dict[str, Any] = {"counters": dict(self.stats.counters), "handler_last_minute": self.stats.last_minute()}
-        if self.event_system is not None:
-            view["event_system"] = self.event_system.status()
-        if self.processor is not None:
-            view["circuits"] = self.processor.steps.circuits.open_circuits()
-        return view
+    def figures(self) -> WorkerFigures:
+        """What the health checks judge of this worker, read from its own objects as a frozen
+        value (the status dict, with its latency percentiles, is for the API and heartbeats)."""
+        counters = self.stats.counters
+        minute = self.stats.last_minute()
+        es = self.event_system
+        listener = es.listener if es is not None else None
+        heard = listener.last_notification_at if listener is not None else None
+        return WorkerFigures(
+            worker_id=self.worker_id,
+            deployment_mode=es.mode.value if es is not None else "unknown",
+            listener_healthy=None if listener is None else listener.healthy,
+            last_notification_age_s=None if heard is None else round(time.monotonic() - heard, 3),
+            missed_wakeups=counters.get("missed_wakeups", 0),
+            claimed_event=counters.get("claimed_event", 0),
+            handler_runs=int(minute.get("runs", 0)),
+            handler_errors=int(minute.get("errors", 0)),
+            open_circuits=self.processor.steps.circuits.open_circuits() if self.processor is not None else {},
+        )
 
     async def set_mode(self, mode: DeploymentMode | str, *, source: str = "api") -> bool:
         """Switch the running worker's deployment mode; False if it was refused (see the log)."""
