@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anyio
+
 from tasker_worker.domain.notifications import MessageReady, StepsClaimed
 from tasker_worker.domain.steps import Source
 
@@ -37,6 +39,24 @@ class Shutdown:
     """Stop claiming; in-flight steps finish within the shutdown budget."""
 
     reason: str = "requested"
+
+
+class Nudge:
+    """A wakeup remembered until waited for: ``set`` any number of times, and the next ``wait``
+    returns (and consumes it). The sources hand control notices and fleet changes to the loops
+    that act on them so, with nothing attached after construction."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        """Wake the waiter (now, or at its next ``wait``)."""
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Until set; consumes it."""
+        await self._event.wait()
+        self._event = anyio.Event()
 
 
 WorkerCommand = WakeClaims | MessagesAnnounced | ClaimsSeen | Shutdown

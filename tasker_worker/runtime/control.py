@@ -60,12 +60,9 @@ class WorkerControl:
         self.reload_config = reload_config
         self.last_change: dict[str, Any] | None = None
         self.last_error: str | None = None
-        self._wake = anyio.Event()
+        #: Set by a notification on the control channel (the event system's) and by SIGHUP.
+        self._wake = event_system.control_requested
         self._reload_requested = False
-
-    def wake(self) -> None:
-        """Look for a requested mode now (a notification on the control channel arrived)."""
-        self._wake.set()
 
     def request_reload(self) -> None:
         """Re-read the configuration soon (SIGHUP; the signal handler must not block)."""
@@ -77,7 +74,6 @@ class WorkerControl:
         while True:
             with anyio.move_on_after(self.check_interval if self.lifecycle is not None else float("inf")):
                 await self._wake.wait()
-            self._wake = anyio.Event()
             if self._reload_requested:
                 self._reload_requested = False
                 await self.reload()

@@ -58,7 +58,7 @@ from tasker_worker.handlers.context import StepContext
 from tasker_worker.handlers.registry import HandlerRegistry, PeriodicSpec, RegistersHandlers
 from tasker_worker.producer.client import AsyncClient
 from tasker_worker.runtime.assembly import step_path
-from tasker_worker.runtime.commands import Shutdown
+from tasker_worker.runtime.commands import Nudge, Shutdown
 from tasker_worker.runtime.control import WorkerControl
 from tasker_worker.runtime.event_system import WorkerEventSystem
 from tasker_worker.runtime.executor import HandlerExecutor
@@ -121,7 +121,6 @@ class Worker(RegistersHandlers):
         self._stop_requested = anyio.Event()
         self._stop_reason = "requested"
         self._deadline = float("inf")
-        self._fleet_changed = anyio.Event()
         self._hard_scope: anyio.CancelScope | None = None
 
     # --- registration: handler() and periodic() come from RegistersHandlers ------------------
@@ -245,7 +244,12 @@ class Worker(RegistersHandlers):
                 jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events, self.config.retention)
                 self.supervision = LeaderElection(url, jobs.jobs(), candidate_id=self.worker_id)
             event_system = WorkerEventSystem(
-                url, self.namespaces, es_config, self.stats, probe_sender=self._probe_sender
+                url,
+                self.namespaces,
+                es_config,
+                self.stats,
+                probe_sender=self._probe_sender,
+                follow_fleet=ranking is not None and es_config.listener.single_claimer,
             )
             await self._startup_call("checking LISTEN delivery", event_system.prepare)
             self.event_system = event_system
@@ -258,9 +262,6 @@ class Worker(RegistersHandlers):
                 check_interval=self.config.registry.heartbeat_interval.total_seconds(),
                 reload_config=self.reload_config,
             )
-            event_system.on_control = control.wake
-            if ranking is not None:
-                event_system.on_fleet_changed = self._note_fleet_changed
             self.control = control
             processor = step_path(
                 self.config,
@@ -313,7 +314,7 @@ class Worker(RegistersHandlers):
                         # not as it was a moment before (disconnected, health degraded).
                         tg.start_soon(self.presence.run)
                         if ranking is not None:
-                            tg.start_soon(self._follow_fleet, lifecycle, ranking)
+                            tg.start_soon(self._follow_fleet, lifecycle, ranking, event_system.fleet_changed)
                     self.ready.set()
                     for service in self._services:
                         tg.start_soon(service, self)
@@ -393,17 +394,13 @@ class Worker(RegistersHandlers):
             raise UsageError("set_mode needs a running worker (call it once `ready` is set)")
         return await self.control.set_mode(DeploymentMode(mode), source=source)
 
-    def _note_fleet_changed(self) -> None:
-        self._fleet_changed.set()
-
-    async def _follow_fleet(self, lifecycle: WorkerLifecycle, ranking: ClaimRanking) -> None:
+    async def _follow_fleet(self, lifecycle: WorkerLifecycle, ranking: ClaimRanking, changes: Nudge) -> None:
         """Re-read the live listening workers of our namespaces whenever the fleet changes
         (between heartbeats, which read them too), so that the claim ranking includes a worker
         from the moment it registers and drops it when it leaves."""
         while True:
-            await self._fleet_changed.wait()
+            await changes.wait()
             await anyio.sleep(FLEET_SETTLE_S)  # a fleet starting together: one read for all of it
-            self._fleet_changed = anyio.Event()
             try:
                 ranking.update(await lifecycle.listening_peers(self.namespaces, self.config.registry.stale_timeout))
             except TRANSIENT_DB_ERRORS as exc:
