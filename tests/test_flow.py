@@ -85,13 +85,13 @@ async def test_a_fleet_wide_limit_holds_across_workers(url: str) -> None:
         running_worker(url, cfg[3], registry=registry()) as d,
     ):
         await wait_until(outcomes_at_least(url, len(bodies)), timeout=60)
-        held = sum(w.status()["counters"]["claims_held"] for w in (a, b, c, d))
+        held = [w.status()["counters"]["claims_held"] for w in (a, b, c, d)]
     spans = await intervals(url)
     assert len(spans) == 30
     assert most_at_once(spans) == 3  # the limit is reached, never passed
-    assert held > 0  # the workers were held back (and came back when slots freed)
-    workers = await fetch(url, "SELECT DISTINCT worker_id FROM tasker.step_results")
-    assert len(workers) >= 2  # the cap is the fleet's, not one worker's
+    # The cap is the fleet's, not one worker's: several workers were held back by it (and came
+    # back when slots freed), whichever of them ran the steps.
+    assert sum(1 for n in held if n > 0) >= 2, held
 
 
 @pytest.mark.anyio
