@@ -75,6 +75,17 @@ CREATE TABLE tasker.schema_migrations (
 ALTER TABLE tasker.schema_migrations ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
 -- table
+CREATE TABLE tasker.step_cancellations (
+    step_uuid uuid NOT NULL,
+    namespace text NOT NULL,
+    msg_id bigint,
+    requested_by text,
+    requested_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL
+);
+
+ALTER TABLE tasker.step_cancellations ADD CONSTRAINT step_cancellations_pkey PRIMARY KEY (step_uuid);
+
+-- table
 CREATE TABLE tasker.step_keys (
     step_uuid uuid NOT NULL,
     queue_name text NOT NULL,
@@ -85,6 +96,23 @@ CREATE TABLE tasker.step_keys (
 ALTER TABLE tasker.step_keys ADD CONSTRAINT step_keys_pkey PRIMARY KEY (step_uuid);
 
 CREATE INDEX step_keys_created_brin ON tasker.step_keys USING brin (created_at);
+
+-- table
+CREATE TABLE tasker.step_progress (
+    step_uuid uuid NOT NULL,
+    namespace text NOT NULL,
+    fraction double precision,
+    note text,
+    data jsonb,
+    worker_id text,
+    updated_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL
+);
+
+ALTER TABLE tasker.step_progress ADD CONSTRAINT step_progress_fraction_check CHECK (((fraction >= (0)::double precision) AND (fraction <= (1)::double precision)));
+
+ALTER TABLE tasker.step_progress ADD CONSTRAINT step_progress_pkey PRIMARY KEY (step_uuid);
+
+CREATE INDEX step_progress_updated_idx ON tasker.step_progress USING btree (updated_at);
 
 -- table
 CREATE TABLE tasker.step_results (
@@ -116,6 +144,19 @@ ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_source_check CHECK (
 ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_status_check CHECK ((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead_lettered'::text, 'cancelled'::text])));
 
 CREATE INDEX step_results_finished_brin ON tasker.step_results USING brin (finished_at);
+
+-- table
+CREATE TABLE tasker.unique_keys (
+    namespace text NOT NULL,
+    unique_key text NOT NULL,
+    step_uuid uuid NOT NULL,
+    msg_id bigint NOT NULL,
+    expires_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE tasker.unique_keys ADD CONSTRAINT unique_keys_pkey PRIMARY KEY (namespace, unique_key);
+
+CREATE INDEX unique_keys_expires_idx ON tasker.unique_keys USING btree (expires_at);
 
 -- table
 CREATE TABLE tasker.worker_heartbeats (
@@ -274,7 +315,7 @@ END;
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.cancel_step(p_namespace text, p_step_uuid uuid)
+CREATE OR REPLACE FUNCTION tasker.cancel_step(p_namespace text, p_step_uuid uuid, p_by text DEFAULT NULL::text)
  RETURNS TABLE(msg_id bigint, state text)
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -286,6 +327,7 @@ DECLARE
     v_id    bigint;
     v_done  bigint;
     v_held  boolean;
+    v_by    text := coalesce(p_by, 'cancel:' || session_user);
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
     SELECT r.msg_id INTO v_done FROM tasker.step_results AS r WHERE r.step_uuid = p_step_uuid;
@@ -315,19 +357,24 @@ BEGIN
                                              enqueued_at, finished_at)
             SELECT $2, tasker.try_uuid(g.message ->> 'task_uuid'), tasker.try_uuid(g.message ->> 'correlation_id'),
                    %2$L, %3$L, g.msg_id, g.message ->> 'handler', 'cancelled',
-                   jsonb_build_object('reason', 'cancelled'), g.read_ct, 'cancel:' || session_user,
+                   jsonb_build_object('reason', 'cancelled', 'by', $3), g.read_ct, 'cancel:' || session_user,
                    g.enqueued_at, clock_timestamp()
               FROM gone AS g
             ON CONFLICT (step_uuid) DO NOTHING
         )
         SELECT count(*) > 0 FROM gone
         $sql$, v_table, p_namespace, v_queue)
-        INTO v_held USING v_id, p_step_uuid;
+        INTO v_held USING v_id, p_step_uuid, v_by;
     IF v_held THEN
         RETURN QUERY SELECT v_id, 'cancelled'::text;
-    ELSE
-        RETURN QUERY SELECT v_id, 'running'::text;
+        RETURN;
     END IF;
+    INSERT INTO tasker.step_cancellations (step_uuid, namespace, msg_id, requested_by)
+    VALUES (p_step_uuid, p_namespace, v_id, v_by)
+    ON CONFLICT (step_uuid) DO NOTHING;
+    PERFORM pg_notify('tasker_cancel.' || p_namespace,
+                      json_build_object('step_uuid', p_step_uuid, 'msg_id', v_id, 'by', v_by)::text);
+    RETURN QUERY SELECT v_id, 'cancelling'::text;
 END;
 $function$;
 
@@ -687,7 +734,7 @@ END;
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text, p_unique_key text DEFAULT NULL::text, p_unique_for double precision DEFAULT NULL::double precision, p_debounce boolean DEFAULT false)
  RETURNS TABLE(step_uuid uuid, msg_id bigint, created boolean)
  LANGUAGE plpgsql
 AS $function$
@@ -699,9 +746,35 @@ DECLARE
     v_uuid    uuid := (v_msg ->> 'step_uuid')::uuid;
     v_headers jsonb := p_headers;
     v_id      bigint;
+    v_first   tasker.unique_keys;
 BEGIN
     IF p_delay IS NULL OR p_delay < 0 THEN
         RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+    END IF;
+    IF p_unique_key IS NOT NULL THEN
+        IF char_length(p_unique_key) NOT BETWEEN 1 AND 200 THEN
+            RAISE EXCEPTION 'unique_key must be 1 to 200 characters' USING ERRCODE = '22023';
+        END IF;
+        IF p_unique_for IS NULL OR NOT (p_unique_for > 0 AND p_unique_for <= 31622400) THEN
+            RAISE EXCEPTION 'unique_for must be more than 0 seconds and at most a year' USING ERRCODE = '22023';
+        END IF;
+        -- One producer at a time per key: the second waits, then finds the first's row.
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ':' || p_unique_key, 6135));
+        SELECT * INTO v_first FROM tasker.unique_keys AS u
+         WHERE u.namespace = p_namespace AND u.unique_key = p_unique_key AND u.expires_at > clock_timestamp();
+        IF FOUND THEN
+            IF p_debounce THEN
+                -- Still queued (no live claim): the new inputs replace the old ones.
+                EXECUTE format('UPDATE pgmq.%I AS q SET message = jsonb_set(q.message, ''{inputs}'', $2) '
+                               'WHERE q.msg_id = $1 AND (NOT coalesce(q.headers ? ''tasker_claim'', false) '
+                               'OR q.vt <= clock_timestamp())', pgmq.format_table_name(v_queue, 'q'))
+                    USING v_first.msg_id, p_inputs;
+            END IF;
+            RETURN QUERY SELECT v_first.step_uuid, v_first.msg_id, false;
+            RETURN;
+        END IF;
+    ELSIF p_unique_for IS NOT NULL OR p_debounce THEN
+        RAISE EXCEPTION 'unique_for and debounce go with unique_key' USING ERRCODE = '22023';
     END IF;
     IF p_step_uuid IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
@@ -720,6 +793,12 @@ BEGIN
     SELECT s.id INTO v_id FROM pgmq.send(v_queue, v_msg, v_headers, p_delay) AS s(id);
     IF p_step_uuid IS NOT NULL THEN
         INSERT INTO tasker.step_keys (step_uuid, queue_name, msg_id) VALUES (p_step_uuid, v_queue, v_id);
+    END IF;
+    IF p_unique_key IS NOT NULL THEN
+        INSERT INTO tasker.unique_keys AS u (namespace, unique_key, step_uuid, msg_id, expires_at)
+        VALUES (p_namespace, p_unique_key, v_uuid, v_id, clock_timestamp() + make_interval(secs => p_unique_for))
+        ON CONFLICT (namespace, unique_key) DO UPDATE
+           SET step_uuid = excluded.step_uuid, msg_id = excluded.msg_id, expires_at = excluded.expires_at;
     END IF;
     RETURN QUERY SELECT v_uuid, v_id, true;
 END;
@@ -1402,19 +1481,26 @@ AS $function$
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text, p_unique_key text DEFAULT NULL::text, p_unique_for double precision DEFAULT NULL::double precision, p_debounce boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE plpgsql
 AS $function$
-DECLARE
-    v_msg jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, NULL, p_task_uuid,
-                                       p_correlation_id, p_attempt_limit, p_timeout, p_headers,
-                                       p_priority, p_group, p_concurrency_key);
 BEGIN
-    IF p_delay IS NULL OR p_delay < 0 THEN
-        RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+    IF p_unique_key IS NULL AND p_unique_for IS NULL AND NOT p_debounce THEN
+        -- The plain send, as before: one INSERT, no lock.
+        IF p_delay IS NULL OR p_delay < 0 THEN
+            RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+        END IF;
+        RETURN (SELECT s.id FROM pgmq.send(tasker.namespace_queue(p_namespace),
+                                           tasker.step_message(p_namespace, p_handler, p_inputs, NULL, p_task_uuid,
+                                                               p_correlation_id, p_attempt_limit, p_timeout, p_headers,
+                                                               p_priority, p_group, p_concurrency_key),
+                                           p_headers, p_delay) AS s(id));
     END IF;
-    RETURN (SELECT s.id FROM pgmq.send(tasker.namespace_queue(p_namespace), v_msg, p_headers, p_delay) AS s(id));
+    RETURN (SELECT e.msg_id FROM tasker.enqueue_step(
+        p_namespace, p_handler, p_inputs, NULL, p_delay, p_task_uuid, p_correlation_id, p_attempt_limit,
+        p_timeout, p_headers, false, p_priority, p_group, p_concurrency_key, p_unique_key, p_unique_for,
+        p_debounce) AS e);
 END;
 $function$;
 
@@ -1633,4 +1719,25 @@ BEGIN
     END IF;
     RETURN p_namespace;
 END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.write_progress(p_rows jsonb, p_worker_id text)
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    WITH input AS (
+        SELECT * FROM jsonb_to_recordset(p_rows)
+            AS i(step_uuid uuid, namespace text, fraction double precision, note text, data jsonb)
+    ), written AS (
+        INSERT INTO tasker.step_progress AS p (step_uuid, namespace, fraction, note, data, worker_id, updated_at)
+        SELECT i.step_uuid, i.namespace, least(1, greatest(0, i.fraction)), left(i.note, 1000), i.data,
+               p_worker_id, clock_timestamp()
+          FROM input AS i
+        ON CONFLICT (step_uuid) DO UPDATE
+           SET fraction = excluded.fraction, note = excluded.note, data = excluded.data,
+               worker_id = excluded.worker_id, updated_at = excluded.updated_at
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM written
 $function$;

@@ -64,6 +64,7 @@ V = "tasker_worker/domain/verdicts.py"
 M0016 = "sql/migrations/0016_flow_control.sql"
 F = "tests/test_flow.py::"
 ST = "tests/test_store.py::"
+HC = "tests/test_handler_control.py::"
 M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
@@ -844,6 +845,78 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tasker-core's worker.toml is read through the mapping (not as our layout)",
         (Edit("tasker_worker/config/tasker_core.py", "    if not is_tasker_core_layout(document):", "    if True:"),),
         ("tests/test_tasker_core_config.py::test_tasker_cores_worker_toml_loads_through_the_mapping",),
+    ),
+    Mutation(
+        "snooze_uses_an_attempt",
+        "a snooze puts the step back without using an attempt",
+        (
+            Edit(
+                V,
+                "        max(0.0, delay_s),\n        count_attempt=False,",
+                "        max(0.0, delay_s),\n        count_attempt=True,",
+            ),
+        ),
+        (HC + "test_a_snoozed_step_reruns_after_its_delay_with_its_attempt_unchanged",),
+    ),
+    Mutation(
+        "snooze_unbounded",
+        "max_snoozes bounds a step that always snoozes (it snoozes forever)",
+        (Edit(V, "    if snoozes > limit:", "    if False:"),),
+        (HC + "test_max_snoozes_bounds_a_step_that_always_snoozes",),
+    ),
+    Mutation(
+        "cancel_not_forced",
+        "an async step asked to stop is cancelled after its grace (it runs on)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "        entry.cancel_fired = True\n        task.cancel()",
+                "        pass",
+            ),
+        ),
+        (HC + "test_a_running_async_step_cancelled_from_another_process_stops_within_its_grace",),
+    ),
+    Mutation(
+        "cancel_not_recorded",
+        "a step asked to stop that returns anyway is recorded cancelled (recorded succeeded)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "        if ctx.cancelled:\n            # Stopped cooperatively",
+                "        if False:\n            # Stopped cooperatively",
+            ),
+        ),
+        (HC + "test_a_sync_step_sees_ctx_cancelled_and_is_recorded_cancelled_when_it_returns",),
+    ),
+    Mutation(
+        "progress_not_written",
+        "what a running step reports is written where another process reads it",
+        (Edit("tasker_worker/runtime/processor.py", "await self.client.write_progress(rows, self.worker_id)", "pass"),),
+        (HC + "test_progress_is_visible_from_another_process_while_the_step_runs",),
+    ),
+    Mutation(
+        "middleware_skipped",
+        "registered middleware wraps every handler call",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "found = self._chain = [*builtin, *self.registry.middlewares]",
+                "found = self._chain = builtin",
+            ),
+        ),
+        (HC + "test_a_middleware_wraps_every_handler_and_can_end_a_step_itself",),
+    ),
+    Mutation(
+        "unique_window_ignored",
+        "a second send of a unique key within its window gets the first step (a second is sent)",
+        (
+            Edit(
+                "sql/migrations/0019_handler_control.sql",
+                "AND u.expires_at > clock_timestamp();\n        IF FOUND THEN",
+                "AND u.expires_at > clock_timestamp();\n        IF false THEN",
+            ),
+        ),
+        (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
     ),
 )
 

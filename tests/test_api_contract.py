@@ -183,11 +183,11 @@ async def test_a_body_that_is_no_object_is_a_documented_400(api: httpx.AsyncClie
 
 @pytest.mark.anyio
 async def test_every_405_says_which_methods_the_path_allows(api: httpx.AsyncClient) -> None:
-    """The fifteen 405s without ``Allow`` (now nineteen paths, with flow control's): every
+    """The fifteen 405s without ``Allow`` (now twenty paths, with flow control and step cancels): every
     documented path answers an undocumented method with 405 and ``Allow`` listing its methods
     (RFC 9110, 15.5.6), all of them."""
     paths = build(api_operations())["paths"]
-    assert len(paths) == 19
+    assert len(paths) == 20
     for path, operations in paths.items():
         concrete = path.replace("{worker_id}", "w-1").replace("{step_uuid}", "0" * 8 + "-0000-0000-0000-" + "0" * 12)
         concrete = concrete.replace("{namespace}", "orders")

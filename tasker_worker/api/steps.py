@@ -55,6 +55,11 @@ class StepSubmission(BaseModel):
     priority: Annotated[int, Field(ge=0, le=9), BeforeValidator(whole_number)] | None = None
     group: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)] | None = None
     concurrency_key: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)] | None = None
+    #: A unique window: a second send of ``unique_key`` within ``unique_for`` seconds is answered
+    #: with the first step (200); with ``debounce`` the queued step's inputs are replaced.
+    unique_key: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL_PATTERN)] | None = None
+    unique_for: Annotated[float, Field(gt=0, le=366 * 86_400)] | None = None
+    debounce: bool = False
 
 
 class NamespacePath(Parameters):
@@ -97,6 +102,9 @@ async def send(request: Request, path: NamespacePath, body: StepSubmission) -> R
         priority=body.priority,
         group=body.group,
         concurrency_key=body.concurrency_key,
+        unique_key=body.unique_key,
+        unique_for=body.unique_for,
+        debounce=body.debounce,
     )
     return JSONResponse(ref.as_json(), status_code=201 if ref.created else 200)
 
@@ -112,7 +120,27 @@ async def get_step(request: Request, path: StepPath) -> Response:
     queued = await client.find_queued(path.step_uuid)
     if queued is None:
         raise ApiError(404, "not_found", f"no outcome and no pending step {path.step_uuid}")
-    return JSONResponse({**queued, "status": "pending"})
+    progress = await client.get_progress(path.step_uuid)
+    return JSONResponse({**queued, "status": "pending", "progress": progress.as_json() if progress else None})
+
+
+class StepInNamespacePath(Parameters):
+    """``{namespace}`` and ``{step_uuid}``."""
+
+    namespace: Namespace
+    step_uuid: CanonicalUUID
+
+
+async def cancel(request: Request, path: StepInNamespacePath) -> Response:
+    """Cancel a step: a queued one at once (``cancelled``), a running one asked to stop
+    (``cancelling``: recorded ``cancelled`` once its handler has stopped); 409 when it is
+    finished, 404 when not found."""
+    state = await AsyncClient(pool=ctx_of(request).pool).cancel(path.namespace, path.step_uuid, by="api")
+    if state == "finished":
+        raise ApiError(409, "conflict", f"step {path.step_uuid} has finished")
+    if state == "not_found":
+        raise ApiError(404, "not_found", f"no step {path.step_uuid} in namespace {path.namespace}")
+    return JSONResponse({"step_uuid": str(path.step_uuid), "state": state})
 
 
 async def list_steps(request: Request, query: StepListQuery) -> Response:
@@ -141,6 +169,14 @@ def operations() -> list[Operation]:
             path_params=NamespacePath,
             body=StepSubmission,
             success=201,
+            secured=True,
+        ),
+        Operation(
+            "POST",
+            "/api/namespaces/{namespace}/steps/{step_uuid}/cancel",
+            cancel,
+            {404: "no such step in this namespace", 409: "the step has finished"},
+            path_params=StepInNamespacePath,
             secured=True,
         ),
     ]

@@ -251,6 +251,13 @@ async def queue_send(args: argparse.Namespace) -> int:
     if args.step_uuid and args.count != 1:
         raise UsageError("--step-uuid names one step: it cannot go with --count")
     queue = queue_name(args.namespace)
+    if args.unique_key and args.count != 1:
+        raise UsageError("--unique-key names one step: it cannot go with --count")
+    unique = (
+        {"unique_key": args.unique_key, "unique_for": args.unique_for, "debounce": args.debounce}
+        if args.unique_key or args.unique_for or args.debounce
+        else {}
+    )
     options = {
         "delay": args.delay,
         "attempt_limit": args.attempt_limit,
@@ -261,7 +268,11 @@ async def queue_send(args: argparse.Namespace) -> int:
     }
     async with small_pool(args) as pool, AsyncClient(pool=pool) as producer:
         if args.count == 1:
-            refs = [await producer.send_step(args.namespace, args.handler, inputs, step_uuid=args.step_uuid, **options)]
+            refs = [
+                await producer.send_step(
+                    args.namespace, args.handler, inputs, step_uuid=args.step_uuid, **options, **unique
+                )
+            ]
         else:
             qc = QueueClient(pool)
             if not await qc.queue_exists(queue):

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default=None, help="claims go round-robin across a namespace's groups")
     p.add_argument("--concurrency-key", default=None, help="capped with its key by queue limit --key-max-running")
     p.add_argument(
+        "--unique-key", default=None, help="a second send of this key within --unique-for gets the first step"
+    )
+    p.add_argument("--unique-for", default=None, metavar="DURATION", help="the unique window, e.g. 60s")
+    p.add_argument("--debounce", action="store_true", help="with --unique-key: replace the queued step's inputs")
+    p.add_argument(
         "--step-uuid", default=None, help="the step's id: a step_uuid already sent or done is not sent again"
     )
     p.add_argument("--json", action="store_true", help="print each step's step_uuid and msg_id as JSON")

@@ -165,6 +165,9 @@ class WorkerConfig(_Section):
     #: Their vt counts from the claim (kept by the vt keeper); given back at shutdown without an
     #: attempt; none for a namespace under flow control.
     prefetch: int = Field(default=16, ge=0, le=4096)
+    #: A step asked to stop (``steps cancel``) may end by itself this long (``ctx.cancelled``)
+    #: before an async handler's task is cancelled.
+    cancel_grace: Duration = timedelta(seconds=5)
     #: How many recent latency samples the statistics keep.
     stats_window: int = Field(default=100_000, ge=100, le=10_000_000)
     #: The event loop of ``tasker-worker run``: ``auto`` takes uvloop where it is installed (a
@@ -191,6 +194,8 @@ class RetryConfig(_Section):
     #: message; past this many, each further failure counts as an attempt, so nothing retries
     #: forever.
     max_releases: int = Field(default=100, ge=0, le=100_000)
+    #: Snoozes (a handler's ``Snooze``) per message, at most; one more fails the step.
+    max_snoozes: int = Field(default=100, ge=0, le=100_000)
 
 
 class CircuitBreakerConfig(_Section):

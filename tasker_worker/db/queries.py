@@ -156,7 +156,8 @@ ENQUEUE_STEP = """
 SELECT step_uuid, msg_id, created
   FROM tasker.enqueue_step(%(namespace)s, %(handler)s, %(inputs)s::jsonb, %(step_uuid)s::uuid, %(delay)s,
                            %(task_uuid)s::uuid, %(correlation_id)s::uuid, %(attempt_limit)s, %(timeout)s,
-                           %(headers)s::jsonb, %(notify)s, %(priority)s, %(group)s, %(concurrency_key)s)
+                           %(headers)s::jsonb, %(notify)s, %(priority)s, %(group)s, %(concurrency_key)s,
+                           %(unique_key)s, %(unique_for)s, %(debounce)s)
 """
 
 # A batch in one statement: bodies built and checked by the client, encoded once; one headers
@@ -179,7 +180,17 @@ SELECT {columns} FROM tasker.step_results
  LIMIT %(limit)s
 """
 
-CANCEL_STEP = "SELECT msg_id, state FROM tasker.cancel_step(%s, %s::uuid)"
+CANCEL_STEP = "SELECT msg_id, state FROM tasker.cancel_step(%s, %s::uuid, %s)"
+
+#: What running steps reported with ``ctx.progress``, a batch at a time (migration 0019).
+WRITE_PROGRESS = "SELECT tasker.write_progress(%s::jsonb, %s)"
+STEP_PROGRESS = """
+SELECT fraction, note, data, worker_id, updated_at FROM tasker.step_progress WHERE step_uuid = %s::uuid
+"""
+#: Cancel requests of steps held here, for a worker that missed (or does not listen for) them.
+PENDING_CANCELLATIONS = """
+SELECT step_uuid::text, requested_by FROM tasker.step_cancellations WHERE step_uuid = ANY(%s::uuid[])
+"""
 
 STEP_KEY = "SELECT queue_name, msg_id FROM tasker.step_keys WHERE step_uuid = %s"
 

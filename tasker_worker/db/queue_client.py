@@ -421,6 +421,19 @@ class QueueClient:
             text = self._visible[key] = queries.visible_queues_statement(list(queues))
         return {r[0] for r in await self._fetch(text, ())}
 
+    async def write_progress(self, rows: Sequence[Mapping[str, Any]], worker_id: str) -> None:
+        """Store what running steps reported (``ctx.progress``): one row per step, the newest
+        value winning."""
+        if rows:
+            await self._fetch(queries.WRITE_PROGRESS, (json.dumps(list(rows), default=str), worker_id))
+
+    async def pending_cancellations(self, step_uuids: Sequence[str]) -> dict[str, str | None]:
+        """The cancel requests (``{step_uuid: who asked}``) of these steps."""
+        if not step_uuids:
+            return {}
+        rows = await self._fetch(queries.PENDING_CANCELLATIONS, (list(step_uuids),))
+        return {str(r[0]): r[1] for r in rows}
+
     async def announce_ready(self, queue: str, msg_ids: Sequence[int], delay_s: float = 0.0) -> None:
         """Notify the workers listening on ``queue``'s namespace that ``msg_ids`` are ready again
         in ``delay_s`` seconds (steps given back, which no INSERT announces): one notification,

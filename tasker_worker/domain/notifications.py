@@ -48,6 +48,9 @@ FLEET_CHANNEL = "tasker_fleet_changed"
 CONTROL_CHANNEL = "tasker_worker_control"
 #: The outcome of a step sent with ``notify`` was recorded (migration 0012): ``OutcomesRecorded``.
 OUTCOME_CHANNEL = "tasker_outcome"
+#: Prefix of a namespace's cancel requests for running steps (migration 0019):
+#: ``tasker_cancel.<namespace>``, ``CancelRequested``.
+CANCEL_PREFIX = "tasker_cancel."
 #: Prefix of the one-off channel a listener proves delivery on at startup.
 PROBE_PREFIX = "tasker_probe_"
 #: tasker-core's own queue-created channel: not sent by this runtime, not listened to.
@@ -67,6 +70,11 @@ def message_ready_channel(namespace: str) -> str:
 def claimed_channel(namespace: str) -> str:
     """The claim-notice channel of ``namespace``: ``tasker_claimed.<namespace>``."""
     return CLAIMED_PREFIX + namespace
+
+
+def cancel_channel(namespace: str) -> str:
+    """The channel of ``namespace``'s cancel requests: ``tasker_cancel.<namespace>``."""
+    return CANCEL_PREFIX + namespace
 
 
 # --- step wakeups: pgmq_message_ready.<namespace> --------------------------------------------
@@ -214,6 +222,26 @@ class OutcomesRecorded(msgspec.Struct, frozen=True):
     step_uuids: list[str] = msgspec.field(default_factory=list)
 
 
+class CancelRequested(msgspec.Struct, frozen=True):
+    """``tasker.cancel_step`` asked a running step to stop (``by``: who asked); the request is
+    also kept in ``tasker.step_cancellations`` for a worker that was not listening."""
+
+    step_uuid: str
+    msg_id: int | None = None
+    by: str | None = None
+
+
+_CANCEL = msgspec.json.Decoder(CancelRequested)
+
+
+def decode_cancel(payload: str | bytes) -> CancelRequested | None:
+    """A ``tasker_cancel.<namespace>`` payload (None when it is not one)."""
+    try:
+        return _CANCEL.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+
+
 _OUTCOMES = msgspec.json.Decoder(OutcomesRecorded)
 
 
@@ -226,6 +254,7 @@ def decode_outcomes(payload: str | bytes) -> set[str]:
 
 
 __all__ = [
+    "CANCEL_PREFIX",
     "CLAIMED_PREFIX",
     "CONTROL_CHANNEL",
     "FLEET_CHANNEL",
@@ -237,13 +266,16 @@ __all__ = [
     "PROBE_PREFIX",
     "TASKER_CORE_QUEUE_CREATED_CHANNEL",
     "BatchReadyEvent",
+    "CancelRequested",
     "MessageReady",
     "MessageReadyEvent",
     "MessageWithPayloadEvent",
     "ModeRequested",
     "OutcomesRecorded",
     "StepsClaimed",
+    "cancel_channel",
     "claimed_channel",
+    "decode_cancel",
     "decode_claimed",
     "decode_outcomes",
     "decode_wakeup",

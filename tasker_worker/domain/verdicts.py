@@ -88,6 +88,8 @@ class RetryPolicy:
     max_delay: timedelta = timedelta(seconds=30)
     jitter: float = 0.2
     max_releases: int = 100
+    #: Snoozes (``Snooze``) per message, at most; one more fails the step.
+    max_snoozes: int = 100
     #: Exceptions retried (``RetryableError``, timeouts included, always are); any other is
     #: dead-lettered at once. None: every exception is retried.
     retry_on: tuple[type[BaseException], ...] | None = None
@@ -98,7 +100,14 @@ class RetryPolicy:
     @classmethod
     def from_settings(cls, retry: Any) -> RetryPolicy:
         """From a ``[retry]`` section (``RetryConfig``)."""
-        return cls(retry.max_attempts, retry.base_delay, retry.max_delay, retry.jitter, retry.max_releases)
+        return cls(
+            retry.max_attempts,
+            retry.base_delay,
+            retry.max_delay,
+            retry.jitter,
+            retry.max_releases,
+            getattr(retry, "max_snoozes", 100),
+        )
 
     def describe(self) -> str:
         """One line for ``config show``."""
@@ -120,6 +129,7 @@ class HandlerPolicy:
     max_delay: timedelta | None = None
     retry_on: tuple[type[BaseException], ...] | None = None
     dlq: bool = True
+    max_snoozes: int | None = None
 
     def applied_to(self, default: RetryPolicy) -> RetryPolicy:
         """``default`` with this handler's settings."""
@@ -130,6 +140,7 @@ class HandlerPolicy:
             max_delay=self.max_delay or default.max_delay,
             retry_on=self.retry_on if self.retry_on is not None else default.retry_on,
             dlq=self.dlq,
+            max_snoozes=self.max_snoozes if self.max_snoozes is not None else default.max_snoozes,
         )
 
 
@@ -353,6 +364,28 @@ def released(reason: str) -> PutBack:
     )
 
 
+def snoozed(delay_s: float, snoozes: int, limit: int) -> Settlement:
+    """The handler snoozed (its ``snoozes``-th time): back in ``delay_s`` with the attempt given
+    back and no failure event; past ``limit`` snoozes the step fails instead."""
+    if snoozes > limit:
+        error = StepError(f"snoozed {snoozes} times, more than max_snoozes {limit}", reason="too_many_snoozes")
+        return Record(OutcomeStatus.FAILED, None, error.to_json())
+    return PutBack(
+        max(0.0, delay_s),
+        count_attempt=False,
+        event_data={"reason": "snoozed", "snoozes": snoozes},
+        headers={"tasker_snoozes": snoozes},
+        counter="snoozed",
+    )
+
+
+def cancelled(by: str | None, started_at: float | None = None, finished_at: float | None = None) -> Record:
+    """Someone asked for the step to be cancelled while it was held here: whatever its handler
+    did (stopped, or ran to its end), the outcome is ``cancelled``, naming who asked."""
+    error = {"type": "Cancelled", "reason": "cancelled", "message": "cancelled while running", "by": by}
+    return Record(OutcomeStatus.CANCELLED, None, error, started_at, finished_at)
+
+
 def step_timeout(step_timeout_s: float | None, handler_timeout: timedelta | None, default: timedelta) -> timedelta:
     """How long a run may take: the step's own ``timeout`` wins, then the handler's, then
     ``[worker] handler_timeout``."""
@@ -369,6 +402,7 @@ __all__ = [
     "VerdictKind",
     "after_failure",
     "after_success",
+    "cancelled",
     "decide_failure",
     "error_json",
     "held_by_circuit",
@@ -380,5 +414,6 @@ __all__ = [
     "not_a_step",
     "released",
     "running_here_already",
+    "snoozed",
     "step_timeout",
 ]

@@ -45,7 +45,7 @@ from tasker_worker.db.queue_client import translate_error
 from tasker_worker.domain.results import StepRef, StepResult
 from tasker_worker.errors import DatabaseError, TaskerError, UsageError
 from tasker_worker.producer import operations
-from tasker_worker.producer.operations import MAX_BATCH, Hold, Notification, Plan, Request, Rows
+from tasker_worker.producer.operations import MAX_BATCH, Call, Hold, Notification, Plan, Request, Rows
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -213,6 +213,11 @@ class AsyncClient:
                     await conn.execute(request.listen)
                     held.push_async_callback(_unlisten, conn)
                 return conn
+            if isinstance(request, Call):
+                called = request.func(request.arg)
+                if inspect.isawaitable(called):
+                    await called
+                return None
             async for notice in request.conn.notifies(timeout=request.timeout, stop_after=1):
                 return notice.payload
             return None
@@ -226,6 +231,7 @@ class AsyncClient:
     wait_for = _awaiting(operations.wait_for)
     find_queued = _awaiting(operations.find_queued)
     cancel = _awaiting(operations.cancel)
+    get_progress = _awaiting(operations.get_progress)
 
 
 async def _unlisten(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -315,6 +321,9 @@ class Client:
                     conn.execute(request.listen)
                     held.callback(_unlisten_sync, conn)
                 return conn
+            if isinstance(request, Call):
+                request.func(request.arg)
+                return None
             assert isinstance(request, Notification)
             for notice in request.conn.notifies(timeout=request.timeout, stop_after=1):
                 return notice.payload
@@ -329,6 +338,7 @@ class Client:
     wait_for = _blocking(operations.wait_for)
     find_queued = _blocking(operations.find_queued)
     cancel = _blocking(operations.cancel)
+    get_progress = _blocking(operations.get_progress)
 
 
 def _unlisten_sync(conn: psycopg.Connection[Any]) -> None:

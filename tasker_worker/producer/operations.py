@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypedDict, TypeVar
 
 import msgspec
@@ -26,10 +27,11 @@ import psycopg
 from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
+from tasker_worker.config.durations import parse_duration
 from tasker_worker.db import queries
 from tasker_worker.domain.names import queue_name, validate_namespace
 from tasker_worker.domain.notifications import OUTCOME_CHANNEL, decode_outcomes
-from tasker_worker.domain.results import CancelState, StepRef, StepResult
+from tasker_worker.domain.results import CancelState, StepProgress, StepRef, StepResult
 from tasker_worker.domain.steps import OutcomeStatus, build_message
 from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout, UsageError
 from tasker_worker.tracecontext import trace_headers
@@ -38,6 +40,8 @@ from tasker_worker.tracecontext import trace_headers
 MAX_BATCH = 10_000
 #: How often ``wait_for`` looks without a notification, by default.
 DEFAULT_POLL_INTERVAL_S = 5.0
+#: How often ``wait_for(on_progress=...)`` looks at the step's progress.
+PROGRESS_POLL_S = 1.0
 
 _LISTEN_OUTCOMES = pgsql.SQL("LISTEN {}").format(pgsql.Identifier(OUTCOME_CHANNEL))
 _STEP_RESULT = queries.STEP_RESULT.format(columns=StepResult.COLUMNS)
@@ -80,7 +84,16 @@ class Notification:
     timeout: float
 
 
-Request = Rows | Hold | Notification
+@dataclass(frozen=True)
+class Call:
+    """Call ``func(arg)`` (awaited when it returns an awaitable, by the async client): a
+    caller's callback, such as ``wait_for``'s ``on_progress``."""
+
+    func: Any
+    arg: Any
+
+
+Request = Rows | Hold | Notification | Call
 R = TypeVar("R")
 #: A plan that ends with a value of type ``R``.
 Plan = Generator[Request, Any, R]
@@ -122,6 +135,7 @@ def _enqueue_params(
     headers: dict[str, Any] | None,
     notify: bool,
     flow: _Flow | None = None,
+    unique: tuple[str | None, float | None, bool] = (None, None, False),
 ) -> dict[str, Any]:
     flow = flow or _NO_FLOW
     # Checked here too, so that a mistake is a UsageError before any round trip.
@@ -152,6 +166,9 @@ def _enqueue_params(
         "priority": flow.get("priority"),
         "group": flow.get("group"),
         "concurrency_key": flow.get("concurrency_key"),
+        "unique_key": unique[0],
+        "unique_for": unique[1],
+        "debounce": unique[2],
     }
 
 
@@ -205,6 +222,29 @@ def _batch_params(
         "delay": _delay(delay),
     }
     return params, [uuid.UUID(int=n) for n in ints[0::3]]
+
+
+def _unique(
+    unique_key: str | None, unique_for: float | str | timedelta | None, debounce: bool
+) -> tuple[str | None, float | None, bool]:
+    """A unique window as the database takes it: (key, seconds, debounce)."""
+    if unique_key is None:
+        if unique_for is not None or debounce:
+            raise UsageError("unique_for and debounce go with unique_key")
+        return None, None, False
+    if not 1 <= len(unique_key) <= 200:
+        raise UsageError("unique_key must be 1 to 200 characters")
+    if unique_for is None:
+        raise UsageError("unique_key needs unique_for (how long the window lasts, e.g. '60s')")
+    if isinstance(unique_for, timedelta):
+        seconds = unique_for.total_seconds()
+    elif isinstance(unique_for, str):
+        seconds = parse_duration(unique_for).total_seconds()
+    else:
+        seconds = float(unique_for)
+    if not 0 < seconds <= 366 * 86_400:
+        raise UsageError("unique_for must be more than 0 seconds and at most a year")
+    return unique_key, seconds, debounce
 
 
 def _uuid4_batch(n: int) -> tuple[list[str], list[int]]:
@@ -263,13 +303,19 @@ def send_step(
     priority: int | None = None,
     group: str | None = None,
     concurrency_key: str | None = None,
+    unique_key: str | None = None,
+    unique_for: float | str | timedelta | None = None,
+    debounce: bool = False,
     conn: AnyConn | None = None,
 ) -> Plan[StepRef]:
     """Enqueue one step; with ``step_uuid``, idempotently (a step_uuid already sent or done is
     answered with that step, ``created=False``). ``headers`` are the message's (the current
     trace context is added); ``notify`` lets ``wait_for`` be woken; ``priority`` (0 first),
     ``group`` (round-robin) and ``concurrency_key`` (capped together) are the message's flow
-    control fields; ``conn`` sends inside the caller's own transaction."""
+    control fields; with ``unique_key`` and ``unique_for`` (``"60s"``) a second send of the key
+    within the window is answered with the first step (``created=False``; with ``debounce``
+    the queued step's inputs are replaced by these), across producers; ``conn`` sends inside
+    the caller's own transaction."""
     params = _enqueue_params(
         namespace,
         handler,
@@ -283,6 +329,7 @@ def send_step(
         headers=headers,
         notify=notify,
         flow={"priority": priority, "group": group, "concurrency_key": concurrency_key},
+        unique=_unique(unique_key, unique_for, debounce),
     )
     [row] = yield Rows(queries.ENQUEUE_STEP, params, conn)
     return StepRef(step_uuid=row[0], msg_id=int(row[1]), namespace=namespace, created=bool(row[2]))
@@ -336,22 +383,37 @@ def list_results(
 
 
 def wait_for(
-    step_uuid: uuid.UUID | str, timeout: float, *, poll_interval: float = DEFAULT_POLL_INTERVAL_S
+    step_uuid: uuid.UUID | str,
+    timeout: float,
+    *,
+    poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+    on_progress: Any = None,
 ) -> Plan[StepResult]:
     """The step's outcome once it is recorded; ``StepWaitTimeout`` after ``timeout`` seconds.
 
     Woken by the outcome's notification (``tasker_outcome``, for steps sent with
     ``notify=True``); it also looks every ``poll_interval`` seconds, so a step sent by someone
     else, or a lost notification, costs a wait of at most that. A waiter holds one connection.
+    ``on_progress(StepProgress)`` (sync, or async with ``AsyncClient``) is called with each new
+    progress the step reports while it runs (looked at every second).
     """
     wanted = _uuid(step_uuid)
     deadline = time.monotonic() + timeout
+    if on_progress is not None:
+        poll_interval = min(poll_interval, PROGRESS_POLL_S)
+    seen: tuple[Any, ...] | None = None
     # LISTEN before the first look: an outcome recorded in between is not missed.
     conn = yield Hold(listen=_LISTEN_OUTCOMES)
     while True:
         result = yield from get_result(wanted, conn=conn)
         if result is not None:
             return result
+        if on_progress is not None:
+            rows = yield Rows(queries.STEP_PROGRESS, (str(wanted),), conn)
+            if rows and tuple(rows[0]) != seen:
+                seen = tuple(rows[0])
+                fraction, note, data, worker_id, updated_at = rows[0]
+                yield Call(on_progress, StepProgress(wanted, fraction, note, data, worker_id, updated_at))
         left = deadline - time.monotonic()
         if left <= 0:
             raise StepWaitTimeout(str(wanted), timeout)
@@ -401,16 +463,28 @@ def find_queued(step_uuid: uuid.UUID | str, *, namespace: str | None = None) -> 
     }
 
 
-def cancel(namespace: str, step_uuid: uuid.UUID | str) -> Plan[CancelState]:
-    """Take a step still queued off its queue (recorded as ``cancelled``); a step held by a
-    live claim or already finished is left alone, and the answer says which."""
-    [row] = yield Rows(queries.CANCEL_STEP, (namespace, str(_uuid(step_uuid))))
+def cancel(namespace: str, step_uuid: uuid.UUID | str, *, by: str | None = None) -> Plan[CancelState]:
+    """Cancel a step: one still queued is taken off its queue (recorded ``cancelled`` at once);
+    one running is asked to stop (``cancelling``: its worker tells the handler through
+    ``ctx.cancelled``, cancels an async one after ``[worker] cancel_grace``, and records
+    ``cancelled``, naming ``by``); a finished one is left alone. The answer says which."""
+    [row] = yield Rows(queries.CANCEL_STEP, (namespace, str(_uuid(step_uuid)), by))
     state: CancelState = row[1]
     return state
 
 
+def get_progress(step_uuid: uuid.UUID | str) -> Plan[StepProgress | None]:
+    """The last progress the step reported while running (``ctx.progress``), if any."""
+    wanted = _uuid(step_uuid)
+    rows = yield Rows(queries.STEP_PROGRESS, (str(wanted),))
+    if not rows:
+        return None
+    fraction, note, data, worker_id, updated_at = rows[0]
+    return StepProgress(wanted, fraction, note, data, worker_id, updated_at)
+
+
 #: Every operation, in the order the clients list them.
-OPERATIONS = (send_step, send_steps, get_result, list_results, wait_for, find_queued, cancel)
+OPERATIONS = (send_step, send_steps, get_result, list_results, wait_for, find_queued, cancel, get_progress)
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
@@ -424,6 +498,7 @@ __all__ = [
     "Rows",
     "cancel",
     "find_queued",
+    "get_progress",
     "get_result",
     "list_results",
     "send_step",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from tasker_worker.domain.notifications import MessageReady, StepsClaimed
+from tasker_worker.domain.notifications import CancelRequested, MessageReady, StepsClaimed
 from tasker_worker.domain.steps import Source
 
 
@@ -35,6 +35,13 @@ class ClaimsSeen:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelStep:
+    """Someone asked a running step to stop (a ``tasker_cancel.<ns>`` notice)."""
+
+    request: CancelRequested
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Stop claiming; in-flight steps finish within the shutdown budget."""
 
@@ -59,4 +66,4 @@ class Nudge:
         self._event = anyio.Event()
 
 
-WorkerCommand = WakeClaims | MessagesAnnounced | ClaimsSeen | Shutdown
+WorkerCommand = WakeClaims | MessagesAnnounced | ClaimsSeen | CancelStep | Shutdown

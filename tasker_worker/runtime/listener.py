@@ -40,14 +40,16 @@ from tasker_worker.domain.notifications import (
     CONTROL_CHANNEL,
     FLEET_CHANNEL,
     PROBE_PREFIX,
+    cancel_channel,
     claimed_channel,
+    decode_cancel,
     decode_claimed,
     decode_wakeup,
     message_ready_channel,
 )
 from tasker_worker.domain.steps import Source
 from tasker_worker.errors import ListenerUnavailable, first_line
-from tasker_worker.runtime.commands import ClaimsSeen, MessagesAnnounced, WakeClaims, WorkerCommand
+from tasker_worker.runtime.commands import CancelStep, ClaimsSeen, MessagesAnnounced, WakeClaims, WorkerCommand
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class WorkerQueueListener:
         routes: dict[str, Route] = {}
         for ns in namespaces:
             routes[message_ready_channel(ns)] = self._wakeup_route(queue_name(ns))
+            routes[cancel_channel(ns)] = self._on_cancel
         if single_claimer:
             for ns in namespaces:
                 routes[claimed_channel(ns)] = self._on_claimed
@@ -138,6 +141,11 @@ class WorkerQueueListener:
         notice = decode_claimed(payload)
         if notice is not None:
             await self.commands.send(ClaimsSeen(notice))
+
+    async def _on_cancel(self, payload: str) -> None:
+        request = decode_cancel(payload)
+        if request is not None:
+            await self.commands.send(CancelStep(request))
 
     async def _on_fleet_changed(self, payload: str) -> None:
         if self.on_fleet_changed is not None:

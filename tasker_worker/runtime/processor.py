@@ -14,6 +14,7 @@ import heapq
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,14 @@ from tasker_worker.domain.steps import ClaimedMessage, Source
 from tasker_worker.domain.verdicts import released
 from tasker_worker.errors import TaskerError, first_line
 from tasker_worker.logs import error_fields
-from tasker_worker.runtime.commands import ClaimsSeen, MessagesAnnounced, Shutdown, WakeClaims, WorkerCommand
+from tasker_worker.runtime.commands import (
+    CancelStep,
+    ClaimsSeen,
+    MessagesAnnounced,
+    Shutdown,
+    WakeClaims,
+    WorkerCommand,
+)
 from tasker_worker.runtime.inflight import HeldStep
 from tasker_worker.runtime.ports import WAKE_MARGIN_S
 from tasker_worker.runtime.stats import WorkerStats
@@ -62,6 +70,8 @@ FLOW_RECHECK_S = 0.25
 #: A prefetched step starts only while at least this share of its vt is left (the keeper extends
 #: it at half): one that waited longer, its claim at risk of lapsing while it runs, goes back.
 PREFETCH_SAFE_SHARE = 0.25
+#: Progress reported by running steps is written at most this often (the newest value wins).
+PROGRESS_WRITE_S = 1.0
 
 
 @dataclass
@@ -202,6 +212,9 @@ class ClaimSettings:
     shutdown_timeout_s: float
     #: Steps claimed ahead of free slots while working through a backlog (``[worker] prefetch``).
     prefetch: int = 0
+    #: How often cancel requests of held steps are looked for without a notification (a
+    #: worker that does not listen, or missed one): ``[registry] heartbeat_interval``.
+    cancel_check_s: float = 30.0
 
     @classmethod
     def from_config(cls, config: TaskerConfig, worker_id: str) -> ClaimSettings:
@@ -215,6 +228,7 @@ class ClaimSettings:
             claim_grace_s=es.listener.claim_grace.total_seconds(),
             shutdown_timeout_s=config.worker.shutdown_timeout.total_seconds(),
             prefetch=config.worker.prefetch,
+            cancel_check_s=config.registry.heartbeat_interval.total_seconds(),
         )
 
 
@@ -282,6 +296,8 @@ class CommandProcessor:
                     loops.start_soon(self._probe_loop)
                     loops.start_soon(self._vt_keeper)
                     loops.start_soon(self._starter)
+                    loops.start_soon(self._progress_writer)
+                    loops.start_soon(self._cancel_watch)
                     async with commands:
                         async for command in commands:
                             if isinstance(command, Shutdown):
@@ -340,6 +356,11 @@ class CommandProcessor:
             seen = self.queues.get(notice.queue)
             if seen is not None:
                 seen.claimed.add(notice.msg_ids, *((notice.lo, notice.hi) if notice.truncated else (None, None)))
+        elif isinstance(command, CancelStep):
+            try:
+                self.steps.request_cancel(uuid.UUID(command.request.step_uuid), command.request.by)
+            except ValueError:
+                log.warning("a cancel request named no step: %r", command.request.step_uuid)
         elif isinstance(command, WakeClaims):
             if command.queue in self.queues:
                 self.queues[command.queue].poke(command.source)
@@ -624,6 +645,37 @@ class CommandProcessor:
         if taken:
             self.ready = deque(e for e in self.ready if e not in taken) if queue is not None else deque()
         return taken
+
+    async def _progress_writer(self) -> None:
+        """Write what running steps reported (``ctx.progress``) at most once a second, in one
+        statement for all of them; nothing when nobody reports."""
+        board = self.steps.progress
+        while True:
+            await anyio.sleep(PROGRESS_WRITE_S)
+            if not board:
+                continue
+            rows = board.take()
+            try:
+                await self.client.write_progress(rows, self.worker_id)
+            except TRANSIENT_DB_ERRORS as exc:
+                self.stats.incr("db_errors")
+                log.warning("progress of %d steps not written: %s", len(rows), first_line(exc))
+
+    async def _cancel_watch(self) -> None:
+        """Look for cancel requests of the steps held here every ``cancel_check_s``: a worker
+        that does not listen (or missed the notice) finds them so."""
+        while True:
+            await anyio.sleep(self.settings.cancel_check_s)
+            running = [str(e.msg.step.step_uuid) for e in self.held.running() if e.msg.step is not None]
+            if not running:
+                continue
+            try:
+                found = await self.client.pending_cancellations(running)
+            except TRANSIENT_DB_ERRORS as exc:
+                log.warning("cancel requests not looked for: %s", first_line(exc))
+                continue
+            for step_uuid, by in found.items():
+                self.steps.request_cancel(uuid.UUID(step_uuid), by)
 
     async def _vt_keeper(self) -> None:
         """Extend the vt of steps running past half of it, in one statement per queue."""

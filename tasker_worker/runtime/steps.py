@@ -32,6 +32,8 @@ import contextlib
 import logging
 import math
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -40,10 +42,11 @@ import anyio
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from tasker_worker.config.durations import parse_duration
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.domain.circuits import CircuitBreakers, CircuitState
 from tasker_worker.domain.names import namespace_of
-from tasker_worker.domain.settlement import SETTLE_ONLY, Record, Settlement, Written
+from tasker_worker.domain.settlement import SETTLE_ONLY, DeadLetter, PutBack, Record, Settlement, Written
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source, StepMessage, is_tasker_core_step
 from tasker_worker.domain.verdicts import (
     HANDLER_ERROR_VERDICTS,
@@ -51,6 +54,7 @@ from tasker_worker.domain.verdicts import (
     VerdictKind,
     after_failure,
     after_success,
+    cancelled,
     decide_failure,
     held_by_circuit,
     lacking_capability,
@@ -58,11 +62,19 @@ from tasker_worker.domain.verdicts import (
     no_such_handler,
     not_a_step,
     running_here_already,
+    snoozed,
     step_timeout,
 )
-from tasker_worker.errors import DependencyUnavailable, StepFailed, StepTimeout, StepValidationError, first_line
+from tasker_worker.errors import (
+    DependencyUnavailable,
+    Snooze,
+    StepFailed,
+    StepTimeout,
+    StepValidationError,
+    first_line,
+)
 from tasker_worker.handlers.context import StepContext
-from tasker_worker.handlers.registry import HandlerRegistry, HandlerSpec
+from tasker_worker.handlers.registry import HandlerRegistry, HandlerSpec, Middleware
 from tasker_worker.logs import error_fields
 from tasker_worker.runtime.executor import HandlerExecutor
 from tasker_worker.runtime.inflight import HeldStep, InFlight
@@ -89,6 +101,8 @@ class StepSettings:
     #: A worker is live when it showed a sign of life this recently (capability rejections).
     stale_timeout_s: float
     max_rejections: int
+    #: How long a step asked to stop may end by itself before an async handler is cancelled.
+    cancel_grace_s: float = 5.0
 
     @classmethod
     def from_config(cls, config: TaskerConfig, worker_id: str) -> StepSettings:
@@ -102,6 +116,7 @@ class StepSettings:
             retry=RetryPolicy.from_settings(config.retry),
             stale_timeout_s=config.registry.stale_timeout.total_seconds(),
             max_rejections=config.worker.max_rejections,
+            cancel_grace_s=config.worker.cancel_grace.total_seconds(),
         )
 
 
@@ -115,6 +130,34 @@ def circuit_breakers(config: TaskerConfig, clock: Any = None) -> CircuitBreakers
         enabled=breaker.enabled,
         **({"clock": clock} if clock is not None else {}),
     )
+
+
+class ProgressBoard:
+    """The last progress each running step reported, until it is written (``take``): at most
+    one row per step, the newest value winning. Thread-safe for the one thing sync handlers do
+    (a report from their thread: a dict assignment under the GIL)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    def report(self, ctx: StepContext, progress: tuple[float | None, str | None, Any]) -> None:
+        """``ctx``'s step reported ``(fraction, note, data)``."""
+        fraction, note, data = progress
+        self._pending[str(ctx.step.step_uuid)] = {
+            "step_uuid": str(ctx.step.step_uuid),
+            "namespace": ctx.step.namespace,
+            "fraction": fraction,
+            "note": note,
+            "data": data,
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def take(self) -> list[dict[str, Any]]:
+        """Everything reported since the last ``take``."""
+        taken, self._pending = self._pending, {}
+        return list(taken.values())
 
 
 class StepRunner:
@@ -154,6 +197,11 @@ class StepRunner:
         #: Where a handler's ``ctx.transaction()`` comes from (None: handlers get none).
         self.pool = pool
         self._policies: dict[str, RetryPolicy] = {}
+        #: The middlewares around every handler call, the runtime's first (built on first use).
+        self._chain: list[Middleware] | None = None
+        self._builtin_count = 0
+        #: What running steps reported with ``ctx.progress``, until the next write.
+        self.progress = ProgressBoard()
         #: Per queue: whether a step with a priority, and one with a group, was noted.
         self._flow_noted: dict[str, tuple[bool, bool]] = {}
         #: Queues this worker found tasker-core steps in (each is logged once).
@@ -327,34 +375,152 @@ class StepRunner:
             queue=msg.queue,
             msg_id=msg.msg_id,
             state=self.state,
+            headers=msg.headers,
             _pool=self.pool,
+            _report=self.progress.report,
         )
+        entry.ctx = ctx
+        if entry.cancel_by is not None:  # asked to stop before it started: it does not run
+            ctx.request_cancel(entry.cancel_by)
+            return cancelled(ctx.cancelled_by, started_at, time.time())
         timeout = step_timeout(step.timeout, spec.timeout, self.settings.handler_timeout)
-        task = entry.task
         try:
-            if self.tracer is None:
-                result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
-            else:
-                with self.tracer.span(msg, step):
-                    result = await self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
+            result = await self._call(spec, ctx, step, timeout, entry.task)
+        except asyncio.CancelledError:
+            if not entry.cancel_fired:
+                raise
+            # Our cancellation (a cancel asked for, its grace over), not the worker's.
+            task = entry.task
+            if task is not None:
+                task.uncancel()
+            await ctx.rollback(_Cancelled())
+            return cancelled(ctx.cancelled_by, started_at, time.time())
+        except Snooze as snooze:
+            await ctx.rollback(snooze)
+            return self._snoozed(msg, spec, snooze)
         except Exception as exc:
-            self.stats.observe_handler(spec.name, _handler_outcome(exc), time.monotonic() - start_mono)
-            # A StepFailed is the handler's verdict, not an error of the handler.
-            self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
             await ctx.rollback(exc)
+            if ctx.cancelled:
+                return cancelled(ctx.cancelled_by, started_at, time.time())
             self._judge_circuit(msg, step, exc)
             return self._after_failure(msg, step, exc, started_at, self.policy_for(spec))
-        elapsed = time.monotonic() - start_mono
-        self.stats.observe_handler(spec.name, "succeeded", elapsed)
-        self.stats.handler_outcomes.record(True)
+        if ctx.cancelled:
+            # Stopped cooperatively, or ran to its end after all: cancelled either way, and
+            # nothing it wrote in its transaction stays.
+            await ctx.rollback(_Cancelled())
+            return cancelled(ctx.cancelled_by, started_at, time.time())
+        if isinstance(result, Snooze):
+            await ctx.rollback(result)
+            return self._snoozed(msg, spec, result)
+        if isinstance(result, Record | DeadLetter | PutBack):
+            await ctx.rollback(_ShortCircuited())  # a middleware decided the step's end itself
+            return result
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("step succeeded", extra={**step_fields(msg), "execution_ms": round(elapsed * 1000, 3)})
+            log.debug(
+                "step succeeded",
+                extra={**step_fields(msg), "execution_ms": round((time.monotonic() - start_mono) * 1000, 3)},
+            )
         if self.circuits.circuits:
             self._judge_circuit(msg, step, None)
         settlement = after_success(result, started_at, time.time())
         if ctx.has_transaction:
             return await self._record_in_handler_transaction(entry, ctx, settlement)
         return settlement
+
+    async def _call(self, spec: HandlerSpec, ctx: StepContext, step: StepMessage, timeout: timedelta, task: Any) -> Any:
+        """The handler call through every middleware: the runtime's (handler metrics, then a
+        span when tracing is on), then the registered ones in order, the first outermost."""
+        middlewares = self._middlewares
+
+        def link(i: int) -> Callable[[], Awaitable[Any]]:
+            if i == len(middlewares):
+                return lambda: self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
+            inner = link(i + 1)
+            middleware = middlewares[i]
+            return lambda: middleware(ctx, step, inner)
+
+        return await link(0)()
+
+    @property
+    def _middlewares(self) -> list[Middleware]:
+        found = self._chain
+        if found is None or len(found) != self._builtin_count + len(self.registry.middlewares):
+            builtin: list[Middleware] = [self._measure]
+            if self.tracer is not None:
+                builtin.append(self._trace)
+            self._builtin_count = len(builtin)
+            found = self._chain = [*builtin, *self.registry.middlewares]
+        return found
+
+    async def _measure(self, ctx: StepContext, step: StepMessage, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        """The runtime's handler metrics, as a middleware: duration by outcome, error share."""
+        began = time.monotonic()
+        try:
+            result = await call_next()
+        except Snooze:
+            self.stats.observe_handler(step.handler, "snoozed", time.monotonic() - began)
+            raise
+        except Exception as exc:
+            self.stats.observe_handler(step.handler, _handler_outcome(exc), time.monotonic() - began)
+            # A StepFailed is the handler's verdict, not an error of the handler.
+            self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
+            raise
+        self.stats.observe_handler(step.handler, "succeeded", time.monotonic() - began)
+        self.stats.handler_outcomes.record(True)
+        return result
+
+    async def _trace(self, ctx: StepContext, step: StepMessage, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        """The step's OpenTelemetry span, as a middleware (``runtime/tracing.py``)."""
+        assert self.tracer is not None
+        with self.tracer.span(ctx, step):
+            return await call_next()
+
+    def _snoozed(self, msg: ClaimedMessage, spec: HandlerSpec, snooze: Snooze) -> Settlement:
+        """The rulebook's settlement of a snooze (its delay read as a duration)."""
+        delay = snooze.delay
+        if isinstance(delay, timedelta):
+            seconds = delay.total_seconds()
+        elif isinstance(delay, int | float):
+            seconds = float(delay)
+        else:
+            try:
+                seconds = parse_duration(str(delay)).total_seconds()
+            except ValueError as exc:
+                return not_a_step(StepValidationError(f"snooze delay {delay!r}: {exc}", reason="invalid_snooze"))
+        self.stats.incr("snoozed")
+        snoozes = int((msg.headers or {}).get("tasker_snoozes", 0)) + 1
+        return snoozed(seconds, snoozes, self.policy_for(spec).max_snoozes)
+
+    # --- cancellation ----------------------------------------------------------------------
+
+    def request_cancel(self, step_uuid: uuid.UUID, by: str | None) -> bool:
+        """Someone asked the step ``step_uuid`` to stop: tell its handler (``ctx.cancelled``),
+        and cancel an async one after ``cancel_grace``. False: it is not held here."""
+        where = self.held.steps.get(step_uuid.int)
+        entry = self.held.get(*where) if where is not None else None
+        if entry is None or entry.ending or entry.cancel_by is not None:
+            return False
+        entry.cancel_by = by or "unknown"
+        self.stats.incr("cancel_requests")
+        if entry.ctx is not None:
+            entry.ctx.request_cancel(by)
+        task = entry.task
+        if task is not None and not task.done():
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.settings.cancel_grace_s, self._cancel_after_grace, entry)
+        return True
+
+    def _cancel_after_grace(self, entry: HeldStep) -> None:
+        """Its grace over, a step asked to stop is cancelled if still running (an async
+        handler; a sync one is left to return, and recorded ``cancelled`` when it does)."""
+        task = entry.task
+        if entry.ending or entry.ended or task is None or task.done():
+            return
+        spec = self.registry.get(entry.msg.step.handler) if entry.msg.step is not None else None
+        if spec is not None and not spec.is_async:
+            return
+        entry.cancel_fired = True
+        task.cancel()
 
     def _after_failure(
         self, msg: ClaimedMessage, step: StepMessage, exc: Exception, started_at: float, policy: RetryPolicy
@@ -482,6 +648,14 @@ class StepRunner:
             extra=step_fields(msg),
         )
         return lacking_capability(capability, rejections, limit, someone)
+
+
+class _Cancelled(Exception):
+    """Rolls back a handler transaction whose step was cancelled."""
+
+
+class _ShortCircuited(Exception):
+    """Rolls back a handler transaction whose step a middleware ended itself."""
 
 
 class _StaleAck(Exception):

@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from tasker_worker import __version__
-from tasker_worker.domain.steps import ClaimedMessage, StepMessage
+from tasker_worker.domain.steps import StepMessage
+from tasker_worker.handlers.context import StepContext
 from tasker_worker.tracecontext import trace_headers  # where it always was, for callers
 
 try:
@@ -43,18 +44,18 @@ class StepTracer:
         self._tracer = trace.get_tracer("tasker_worker", __version__)
 
     @contextmanager
-    def span(self, msg: ClaimedMessage, step: StepMessage) -> Iterator[Any]:
+    def span(self, ctx: StepContext, step: StepMessage) -> Iterator[Any]:
         """The span of one run of ``step``; an exception leaves it with an error status."""
-        parent = propagate.extract(msg.headers) if msg.headers else None
+        parent = propagate.extract(ctx.headers) if ctx.headers else None
         attributes: dict[str, str | int] = {
             "tasker.namespace": step.namespace,
             "tasker.handler": step.handler,
-            "tasker.attempt": msg.read_ct,
+            "tasker.attempt": ctx.attempt,
             "tasker.step_uuid": str(step.step_uuid),
             "tasker.correlation_id": str(step.correlation_id),
-            "tasker.queue": msg.queue,
+            "tasker.queue": ctx.queue,
             "messaging.system": "pgmq",
-            "messaging.message.id": str(msg.msg_id),
+            "messaging.message.id": str(ctx.msg_id),
         }
         with self._tracer.start_as_current_span(
             f"tasker.step {step.handler}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes

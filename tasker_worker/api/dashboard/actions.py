@@ -10,6 +10,7 @@ actions are switched off (403). A refused action changes nothing.
 from __future__ import annotations
 
 import hmac
+import uuid
 from urllib.parse import parse_qs, quote, urlencode
 
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from tasker_worker.api.dashboard.pages import MODES, refused
 from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.names import queue_name, validate_namespace
 from tasker_worker.errors import InvalidName, QueueNotFound
+from tasker_worker.producer.client import AsyncClient
 
 Form = dict[str, list[str]]
 
@@ -146,3 +148,25 @@ async def pause_or_resume(request: Request) -> Response:
         await flow_db.resume(pool, namespace, "dashboard")
     request.app.state.overview.forget()
     return _redirect(request, "/", flow=action, namespace=namespace)
+
+
+async def cancel_step(request: Request) -> Response:
+    """Cancel a step (``namespace`` in the form): a queued one at once, a running one asked to
+    stop; recorded with who asked (``dashboard``)."""
+    form = await _form(request)
+    denied = _authorized(request, form)
+    if denied is not None:
+        return denied
+    try:
+        step_uuid = uuid.UUID(request.path_params["step_uuid"])
+    except ValueError:
+        return refused(request, 400, "Not a step_uuid", "The address does not end in a UUID.")
+    namespace = _one(form, "namespace")
+    try:
+        validate_namespace(namespace)
+    except InvalidName as exc:
+        return refused(request, 400, "Not a namespace", str(exc))
+    state = await AsyncClient(pool=ctx_of(request).pool).cancel(namespace, step_uuid, by="dashboard")
+    if state not in ("cancelled", "cancelling"):
+        return refused(request, 409, "Not cancelled", f"The step is {state.replace('_', ' ')}.")
+    return _redirect(request, f"/steps/{step_uuid}", cancel=state)

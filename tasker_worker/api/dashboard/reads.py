@@ -24,7 +24,7 @@ from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.health import HealthReport, QueueFigures, WorkerFigures, judge, judge_worker
 from tasker_worker.domain.names import DLQ_SUFFIX, dlq_name, namespace_of, queue_name
-from tasker_worker.domain.results import StepResult
+from tasker_worker.domain.results import StepProgress, StepResult
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.domain.workers import WorkerStatus, WorkerView
 from tasker_worker.producer.client import AsyncClient
@@ -129,6 +129,13 @@ class StepPage:
     queued: dict[str, Any] | None
     dead_letter: DeadLetter | None
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: What it reported while running (``ctx.progress``), when it has no outcome yet.
+    progress: StepProgress | None = None
+
+    @property
+    def namespace(self) -> str | None:
+        """The namespace of its queued message (for its cancel form)."""
+        return namespace_of(self.queued["queue"]) if self.queued else None
 
     @property
     def found(self) -> bool:
@@ -371,7 +378,8 @@ async def gather_step_page(ctx: ApiContext, step_uuid: uuid.UUID, namespace: str
     dead_letter = None
     if result is not None and result.status in (OutcomeStatus.FAILED, OutcomeStatus.DEAD_LETTERED):
         dead_letter = await _find_dead_letter(ctx, result.namespace, str(step_uuid))
-    return StepPage(step_uuid, result, queued, dead_letter, events)
+    progress = await client.get_progress(step_uuid) if queued is not None else None
+    return StepPage(step_uuid, result, queued, dead_letter, events, progress)
 
 
 async def _find_dead_letter(ctx: ApiContext, namespace: str, step_uuid: str) -> DeadLetter | None:
