@@ -464,12 +464,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a step_uuid already sent is answered with that step, not sent again (enqueue_step skips its key)",
         (
             Edit(
-                "sql/migrations/0012_producers.sql",
+                "sql/migrations/0019_handler_control.sql",
                 "SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;\n        END IF;\n        IF v_id IS NOT NULL",
                 "NULL;\n        END IF;\n        IF v_id IS NOT NULL",
             ),
             Edit(
-                "sql/migrations/0012_producers.sql",
+                "sql/migrations/0019_handler_control.sql",
                 "INSERT INTO tasker.step_keys (step_uuid, queue_name, msg_id) VALUES (p_step_uuid, v_queue, v_id);",
                 "NULL;",
             ),
@@ -481,12 +481,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "cancel takes only a step no live claim holds (the tasker_claim test removed)",
         (
             Edit(
-                "sql/migrations/0012_producers.sql",
+                "sql/migrations/0019_handler_control.sql",
                 "AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())",
                 "",
             ),
         ),
-        ("tests/test_client.py::test_cancel_takes_only_a_queued_step",),
+        ("tests/test_client.py::test_cancel_takes_a_queued_step_and_stops_a_running_one",),
     ),
     Mutation(
         "outcome_not_notified",

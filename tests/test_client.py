@@ -135,7 +135,7 @@ async def test_wait_for_is_woken_by_the_outcome_notification(url: str, monkeypat
 
 
 @pytest.mark.anyio
-async def test_cancel_takes_only_a_queued_step(url: str) -> None:
+async def test_cancel_takes_a_queued_step_and_stops_a_running_one(url: str) -> None:
     gate = asyncio.Event()
     async with AsyncClient(url) as client:
         queued = await client.send_step(NS, "double", {"n": 1}, delay=3600)
@@ -144,15 +144,17 @@ async def test_cancel_takes_only_a_queued_step(url: str) -> None:
         assert await client.cancel(NS, uuid.uuid4()) == "not_found"
         cancelled = await client.get_result(queued.step_uuid)
         assert cancelled is not None and cancelled.status is OutcomeStatus.CANCELLED
-        async with running_worker(url, make_config(namespaces=[NS]), registry=registry(gate)):
+        config = make_config(namespaces=[NS], overrides={"worker.cancel_grace": "200ms"})
+        async with running_worker(url, config, registry=registry(gate)):
             running = await client.send_step(NS, "double", {"n": 2, "gated": True})
             await wait_until(
                 lambda: fetch_value(url, f"SELECT count(*) FROM {QUEUE} WHERE headers ? 'tasker_claim'"), timeout=20
             )
-            assert await client.cancel(NS, running.step_uuid) == "running"
-            gate.set()
+            # Running: asked to stop, and (its handler waiting on a gate that never opens) cancelled
+            # after the grace; the outcome names who asked.
+            assert await client.cancel(NS, running.step_uuid, by="ops") == "cancelling"
             result = await client.wait_for(running.step_uuid, timeout=30)
-    assert result.result == 4
+    assert result.status is OutcomeStatus.CANCELLED and result.error is not None and result.error["by"] == "ops"
 
 
 @pytest.mark.anyio
@@ -194,6 +196,7 @@ CLIENT_SURFACE = {
     "wait_for",
     "find_queued",
     "cancel",
+    "get_progress",
 }
 
 

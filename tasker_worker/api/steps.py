@@ -34,6 +34,18 @@ CanonicalUUID = Annotated[
 ]
 
 
+class UniqueWindow(BaseModel):
+    """A send unique within a window: a second send of ``key`` within ``seconds`` is answered
+    with the first step (200, ``created: false``); with ``debounce`` the queued step's inputs
+    are replaced by the new ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=200, pattern=NO_NUL_PATTERN)
+    seconds: float = Field(gt=0, le=366 * 86_400)
+    debounce: bool = False
+
+
 class StepSubmission(BaseModel):
     """Body of ``POST /api/namespaces/{namespace}/steps``."""
 
@@ -55,11 +67,8 @@ class StepSubmission(BaseModel):
     priority: Annotated[int, Field(ge=0, le=9), BeforeValidator(whole_number)] | None = None
     group: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)] | None = None
     concurrency_key: Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)] | None = None
-    #: A unique window: a second send of ``unique_key`` within ``unique_for`` seconds is answered
-    #: with the first step (200); with ``debounce`` the queued step's inputs are replaced.
-    unique_key: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL_PATTERN)] | None = None
-    unique_for: Annotated[float, Field(gt=0, le=366 * 86_400)] | None = None
-    debounce: bool = False
+    #: A unique window: a second send of its key within it is answered with the first step.
+    unique: UniqueWindow | None = None
 
 
 class NamespacePath(Parameters):
@@ -102,9 +111,9 @@ async def send(request: Request, path: NamespacePath, body: StepSubmission) -> R
         priority=body.priority,
         group=body.group,
         concurrency_key=body.concurrency_key,
-        unique_key=body.unique_key,
-        unique_for=body.unique_for,
-        debounce=body.debounce,
+        unique_key=body.unique.key if body.unique else None,
+        unique_for=body.unique.seconds if body.unique else None,
+        debounce=body.unique.debounce if body.unique else False,
     )
     return JSONResponse(ref.as_json(), status_code=201 if ref.created else 200)
 

@@ -748,6 +748,25 @@ DELETE FROM tasker.step_keys
        SELECT step_uuid FROM tasker.step_keys WHERE created_at < %(cutoff)s LIMIT %(batch)s))
 """
 
+# What steps reported while running, and cancel requests, older than the longest outcome horizon;
+# unique windows that are over (migration 0019).
+PRUNE_STEP_PROGRESS = """
+DELETE FROM tasker.step_progress
+ WHERE step_uuid = ANY (ARRAY(
+       SELECT step_uuid FROM tasker.step_progress WHERE updated_at < %(cutoff)s LIMIT %(batch)s))
+"""
+PRUNE_CANCELLATIONS = """
+DELETE FROM tasker.step_cancellations
+ WHERE step_uuid = ANY (ARRAY(
+       SELECT step_uuid FROM tasker.step_cancellations WHERE requested_at < %(cutoff)s LIMIT %(batch)s))
+"""
+PRUNE_UNIQUE_KEYS = """
+DELETE FROM tasker.unique_keys AS u
+ USING (SELECT namespace, unique_key FROM tasker.unique_keys
+         WHERE expires_at < clock_timestamp() LIMIT %(batch)s) AS o
+ WHERE u.namespace = o.namespace AND u.unique_key = o.unique_key AND u.expires_at < clock_timestamp()
+"""
+
 PRUNE_HEARTBEATS = """
 DELETE FROM tasker.worker_heartbeats
  WHERE heartbeat_id = ANY (ARRAY(
