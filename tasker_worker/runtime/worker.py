@@ -28,12 +28,14 @@ import time
 import types
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import anyio
 import psutil
+from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker import __version__, logs
 from tasker_worker.config.loader import load_config
@@ -77,6 +79,17 @@ FLEET_SETTLE_S = 0.05
 
 #: A service started beside the worker once it is ready (e.g. the HTTP API); cancelled at stop.
 Service = Callable[["Worker"], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What ``Worker._assemble`` builds and ``_serve`` runs."""
+
+    lifecycle: WorkerLifecycle
+    ranking: ClaimRanking | None
+    event_system: WorkerEventSystem
+    control: WorkerControl
+    processor: CommandProcessor
 
 
 class Worker(RegistersHandlers):
@@ -201,6 +214,7 @@ class Worker(RegistersHandlers):
         return self.registry
 
     async def _run(self) -> dict[str, Any]:
+        """Open the database, put the worker together, serve until stopped, close."""
         self.load_handlers()
         url = self.database_url
         if url is None:
@@ -208,118 +222,21 @@ class Worker(RegistersHandlers):
         self.database_url = url
         if self.config.database.auto_migrate:
             await migrations.migrate(url)
-        es_config = self.config.event_system
-        pooled = self.config.database.pooler == "transaction"
         pool = await open_pool(url, self.config.database)
         executor = HandlerExecutor(self.config.worker.executor, self.config.worker.executor_workers)
         try:
-            client = QueueClient(
-                pool,
-                archive=self.config.queues.archive_for,
-                store_events=self.config.events.step_events == "stored",
-                prepare=not pooled,
-            )
-            self.client = client
-            for ns in self.namespaces:
-                await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
-            lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
-            ranking: ClaimRanking | None = None
-            if self.config.registry.enabled:
-                # Registered before anything is claimed, so every step event names a known worker.
-                self.presence = WorkerPresence(lifecycle, self._registration, self.config.registry, self._heartbeat)
-                self.worker_id = await self.presence.register()
-                # Each heartbeat brings the live listening workers of our namespaces, so that a
-                # notification is claimed by one of them, not by all (domain/herd.py).
-                ranking = ClaimRanking(self.worker_id)
-                self.presence.peers_of = list(self.namespaces)
-                self.presence.on_peers = ranking.update
-            if self.config.registry.supervision_enabled and pooled:
-                # The leader holds a session advisory lock, which a transaction pooler would
-                # hand to whichever client uses that server connection next.
-                log.info(
-                    "not a supervision candidate behind a transaction pooler: run `tasker-worker api` "
-                    "or a worker connected directly to supervise the fleet"
-                )
-            elif self.config.registry.supervision_enabled:
-                jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events, self.config.retention)
-                self.supervision = LeaderElection(url, jobs.jobs(), candidate_id=self.worker_id)
-            event_system = WorkerEventSystem(
-                url,
-                self.namespaces,
-                es_config,
-                self.stats,
-                probe_sender=self._probe_sender,
-                follow_fleet=ranking is not None and es_config.listener.single_claimer,
-            )
-            await self._startup_call("checking LISTEN delivery", event_system.prepare)
-            self.event_system = event_system
-            control = WorkerControl(
-                event_system,
-                self.config,
-                self.stats,
-                worker_id=self.worker_id,
-                lifecycle=lifecycle if self.config.registry.enabled else None,
-                check_interval=self.config.registry.heartbeat_interval.total_seconds(),
-                reload_config=self.reload_config,
-            )
-            self.control = control
-            processor = step_path(
-                self.config,
-                worker_id=self.worker_id,
-                queues=self.queues,
-                client=client,
-                pool=pool,
-                registry=self.registry,
-                executor=executor,
-                stats=self.stats,
-                state=self.state,
-                listening_since=event_system.listening_since,
-                ranking=ranking,
-            )
-            self.processor = processor
+            parts = await self._assemble(url, pool, executor)
             executor.start()
             self.started_at = datetime.now(UTC)
             log.info(
                 "worker %s started: mode=%s namespaces=%s concurrency=%d loop=%s",
                 self.worker_id,
-                event_system.mode.value,
+                parts.event_system.mode.value,
                 ",".join(self.namespaces),
-                processor.max_concurrent,
+                parts.processor.max_concurrent,
                 _loop_name(),
             )
-            with anyio.CancelScope() as hard:
-                self._hard_scope = hard
-                async with anyio.create_task_group() as tg:
-                    sources = anyio.CancelScope()
-                    tg.start_soon(self._run_sources, event_system, sources)
-                    tg.start_soon(self._stopper, event_system, sources)
-                    tg.start_soon(control.run)
-                    if self.supervision is not None:
-                        tg.start_soon(self.supervision.run)
-                    producer = AsyncClient(pool=pool)
-                    for job in self.registry.periodic_jobs:
-                        tg.start_soon(self._periodic_loop, job, producer)
-                    # "ready" means every source is live: a step sent now is seen by LISTEN.
-                    await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
-                    es = self.config.event_system
-                    if es.health_monitoring_enabled:
-                        self.health = HealthMonitor(
-                            self.figures,
-                            thresholds_of(self.config.api),
-                            es.health_check_interval.total_seconds(),
-                        )
-                        tg.start_soon(self.health.run)
-                    if self.presence is not None:
-                        # The first heartbeat reports the listener as it is once LISTEN is up,
-                        # not as it was a moment before (disconnected, health degraded).
-                        tg.start_soon(self.presence.run)
-                        if ranking is not None:
-                            tg.start_soon(self._follow_fleet, lifecycle, ranking, event_system.fleet_changed)
-                    self.ready.set()
-                    for service in self._services:
-                        tg.start_soon(service, self)
-                    await processor.run(event_system.receive, lambda: self._deadline)
-                    tg.cancel_scope.cancel()
+            await self._serve(parts, pool)
         except Exception as exc:
             # A task's TaskerError (a claim that found a pooler, say) reaches the caller as itself.
             reason = tasker_error_in(exc)
@@ -329,25 +246,132 @@ class Worker(RegistersHandlers):
             raise
         finally:
             executor.close()
-            # The same deadline as the drain's: what is left of the shutdown budget (a crash or
-            # a failed start gets the whole budget from now).
-            deadline = self._deadline
-            if deadline == float("inf"):
-                deadline = anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
-            with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-                if self.presence is not None:
-                    # Also after a failed start or a crash: the row says why this worker left.
-                    await self.presence.deregister(self._stop_reason[:500])
-            if scope.cancelled_caught:
-                log.error("shutdown deadline: %s not deregistered; the supervisor marks it offline", self.worker_id)
-            with anyio.CancelScope(shield=True):
-                # Connections still checked out (hanging on an unreachable server) are closed
-                # by the pool after this grace, not waited for.
-                await pool.close(timeout=max(0.1, min(1.0, deadline - anyio.current_time())))
-            self.stopped.set()
+            await self._close(pool)
         final = self.status()
         log.info("worker %s stopped (%s): %s", self.worker_id, self._stop_reason, final["counters"])
         return final
+
+    async def _assemble(self, url: str, pool: AsyncConnectionPool, executor: HandlerExecutor) -> _Parts:
+        """Build the worker's parts, leaves first, each handed what it uses: the queue client,
+        its registration (before anything is claimed, so every step event names a known
+        worker), the supervision candidate, the event system, control and the step path."""
+        es_config = self.config.event_system
+        pooled = self.config.database.pooler == "transaction"
+        client = QueueClient(
+            pool,
+            archive=self.config.queues.archive_for,
+            store_events=self.config.events.step_events == "stored",
+            prepare=not pooled,
+        )
+        self.client = client
+        for ns in self.namespaces:
+            await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
+        lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
+        ranking: ClaimRanking | None = None
+        if self.config.registry.enabled:
+            self.presence = WorkerPresence(lifecycle, self._registration, self.config.registry, self._heartbeat)
+            self.worker_id = await self.presence.register()
+            # Each heartbeat brings the live listening workers of our namespaces, so that a
+            # notification is claimed by one of them, not by all (domain/herd.py).
+            ranking = ClaimRanking(self.worker_id)
+            self.presence.follow_peers(self.namespaces, ranking.update)
+        if self.config.registry.supervision_enabled and pooled:
+            # The leader holds a session advisory lock, which a transaction pooler would
+            # hand to whichever client uses that server connection next.
+            log.info(
+                "not a supervision candidate behind a transaction pooler: run `tasker-worker api` "
+                "or a worker connected directly to supervise the fleet"
+            )
+        elif self.config.registry.supervision_enabled:
+            jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events, self.config.retention)
+            self.supervision = LeaderElection(url, jobs.jobs(), candidate_id=self.worker_id)
+        event_system = WorkerEventSystem(
+            url,
+            self.namespaces,
+            es_config,
+            self.stats,
+            probe_sender=self._probe_sender,
+            follow_fleet=ranking is not None and es_config.listener.single_claimer,
+        )
+        await self._startup_call("checking LISTEN delivery", event_system.prepare)
+        self.event_system = event_system
+        self.control = WorkerControl(
+            event_system,
+            self.config,
+            self.stats,
+            worker_id=self.worker_id,
+            lifecycle=lifecycle if self.config.registry.enabled else None,
+            check_interval=self.config.registry.heartbeat_interval.total_seconds(),
+            reload_config=self.reload_config,
+        )
+        self.processor = step_path(
+            self.config,
+            worker_id=self.worker_id,
+            queues=self.queues,
+            client=client,
+            pool=pool,
+            registry=self.registry,
+            executor=executor,
+            stats=self.stats,
+            state=self.state,
+            listening_since=event_system.listening_since,
+            ranking=ranking,
+        )
+        return _Parts(lifecycle, ranking, event_system, self.control, self.processor)
+
+    async def _serve(self, parts: _Parts, pool: AsyncConnectionPool) -> None:
+        """Run every part until the processor stops (a shutdown, or ``kill``'s hard scope)."""
+        es = self.config.event_system
+        with anyio.CancelScope() as hard:
+            self._hard_scope = hard
+            async with anyio.create_task_group() as tg:
+                sources = anyio.CancelScope()
+                tg.start_soon(self._run_sources, parts.event_system, sources)
+                tg.start_soon(self._stopper, parts.event_system, sources)
+                tg.start_soon(parts.control.run)
+                if self.supervision is not None:
+                    tg.start_soon(self.supervision.run)
+                producer = AsyncClient(pool=pool)
+                for job in self.registry.periodic_jobs:
+                    tg.start_soon(self._periodic_loop, job, producer)
+                # "ready" means every source is live: a step sent now is seen by LISTEN.
+                await parts.event_system.wait_listening(es.listener.connection_timeout.total_seconds())
+                if es.health_monitoring_enabled:
+                    self.health = HealthMonitor(
+                        self.figures, thresholds_of(self.config.api), es.health_check_interval.total_seconds()
+                    )
+                    tg.start_soon(self.health.run)
+                if self.presence is not None:
+                    # The first heartbeat reports the listener as it is once LISTEN is up,
+                    # not as it was a moment before (disconnected, health degraded).
+                    tg.start_soon(self.presence.run)
+                    if parts.ranking is not None:
+                        tg.start_soon(
+                            self._follow_fleet, parts.lifecycle, parts.ranking, parts.event_system.fleet_changed
+                        )
+                self.ready.set()
+                for service in self._services:
+                    tg.start_soon(service, self)
+                await parts.processor.run(parts.event_system.receive, lambda: self._deadline)
+                tg.cancel_scope.cancel()
+
+    async def _close(self, pool: AsyncConnectionPool) -> None:
+        """Deregister (with the reason it left) and close the pool, by the shutdown's deadline:
+        what is left of the budget (a crash or a failed start gets the whole budget from now)."""
+        deadline = self._deadline
+        if deadline == float("inf"):
+            deadline = anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+            if self.presence is not None:
+                # Also after a failed start or a crash: the row says why this worker left.
+                await self.presence.deregister(self._stop_reason[:500])
+        if scope.cancelled_caught:
+            log.error("shutdown deadline: %s not deregistered; the supervisor marks it offline", self.worker_id)
+        with anyio.CancelScope(shield=True):
+            # Connections still checked out (hanging on an unreachable server) are closed
+            # by the pool after this grace, not waited for.
+            await pool.close(timeout=max(0.1, min(1.0, deadline - anyio.current_time())))
+        self.stopped.set()
 
     def status(self) -> dict[str, Any]:
         """Statistics, in-flight work and the event system's state."""
