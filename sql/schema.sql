@@ -335,7 +335,9 @@ BEGIN
         RETURN QUERY SELECT v_done, 'finished'::text;
         RETURN;
     END IF;
-    SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;
+    -- msg_ids are numbered per queue: a key of another namespace's queue names another message.
+    SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k
+     WHERE k.step_uuid = p_step_uuid AND k.queue_name = v_queue;
     IF v_id IS NULL THEN
         -- Sent without a key: found by its body (a scan of this namespace's queue).
         EXECUTE format('SELECT q.msg_id FROM pgmq.%I AS q WHERE q.message ->> ''step_uuid'' = $1 LIMIT 1', v_table)
@@ -348,7 +350,7 @@ BEGIN
     EXECUTE format($sql$
         WITH gone AS (
             DELETE FROM pgmq.%1$I AS q
-             WHERE q.msg_id = $1
+             WHERE q.msg_id = $1 AND q.message ->> 'step_uuid' = $2::text
                AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())
             RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.message
         ), recorded AS (
@@ -369,6 +371,14 @@ BEGIN
         RETURN QUERY SELECT v_id, 'cancelled'::text;
         RETURN;
     END IF;
+    -- Not taken: held by a live claim, if the message is this step's at all.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I AS q WHERE q.msg_id = $1 AND q.message ->> ''step_uuid'' = $2::text)',
+                   v_table)
+        INTO v_held USING v_id, p_step_uuid;
+    IF NOT v_held THEN
+        RETURN QUERY SELECT NULL::bigint, 'not_found'::text;
+        RETURN;
+    END IF;
     INSERT INTO tasker.step_cancellations (step_uuid, namespace, msg_id, requested_by)
     VALUES (p_step_uuid, p_namespace, v_id, v_by)
     ON CONFLICT (step_uuid) DO NOTHING;
@@ -382,6 +392,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.claim_flow(p_queue text, p_qty integer, p_vt integer, p_stamp jsonb, p_worker_id text, p_skip_msgs bigint[] DEFAULT '{}'::bigint[], p_skip_handlers text[] DEFAULT '{}'::text[], p_announce boolean DEFAULT false, p_store_events boolean DEFAULT false)
  RETURNS TABLE(msg_id bigint, read_ct integer, enqueued_at timestamp with time zone, last_read_at timestamp with time zone, message text, prior_headers jsonb, done boolean, prior_read_at timestamp with time zone, hold text, retry_after double precision)
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     v_ns       text := tasker.queue_namespace(p_queue);
@@ -431,8 +443,8 @@ BEGIN
     IF f.rate_count IS NOT NULL THEN
         v_now := clock_timestamp();
         v_rate := f.rate_count / f.rate_period_s;
-        v_tokens := least(f.rate_burst::float8,
-                          coalesce(f.tokens, f.rate_burst::float8)
+        v_tokens := least(coalesce(f.rate_burst, 1)::float8,
+                          coalesce(f.tokens, coalesce(f.rate_burst, 1)::float8)
                           + v_rate * greatest(0, extract(epoch FROM v_now - coalesce(f.refilled_at, v_now))));
         v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);
     END IF;
@@ -553,7 +565,16 @@ BEGIN
         UPDATE tasker.queue_flow AS q SET tokens = v_tokens - v_took, refilled_at = v_now
          WHERE q.namespace = v_ns;
     END IF;
-    IF v_budget < p_qty AND v_took = v_budget THEN
+    IF v_took < v_budget AND f.key_max_running IS NOT NULL THEN
+        -- Fewer than the budget: if steps are ready, the per-key cap held them; come back when
+        -- a slot of their key frees (a finished step here, or a recheck).
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I AS q WHERE q.vt <= clock_timestamp())', v_table)
+           INTO v_ready;
+        IF v_ready THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::text,
+                                NULL::jsonb, NULL::boolean, NULL::timestamptz, 'limited'::text, NULL::float8;
+        END IF;
+    ELSIF v_budget < p_qty AND v_took = v_budget THEN
         -- Held back by a limit, not by an empty queue: the worker comes back (when the rate
         -- allows the next start, or when a slot frees).
         RETURN QUERY SELECT NULL::bigint, NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::text,
@@ -734,6 +755,26 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.debounce_step(p_queue text, p_msg_id bigint, p_step_uuid uuid, p_inputs jsonb)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_done integer;
+BEGIN
+    EXECUTE format('UPDATE pgmq.%I AS q SET message = jsonb_set(q.message, ''{inputs}'', $2) '
+                   'WHERE q.msg_id = $1 AND q.message ->> ''step_uuid'' = $3::text '
+                   'AND (NOT coalesce(q.headers ? ''tasker_claim'', false) OR q.vt <= clock_timestamp())',
+                   pgmq.format_table_name(p_queue, 'q'))
+        USING p_msg_id, p_inputs, p_step_uuid;
+    GET DIAGNOSTICS v_done = ROW_COUNT;
+    RETURN v_done > 0;
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text, p_unique_key text DEFAULT NULL::text, p_unique_for double precision DEFAULT NULL::double precision, p_debounce boolean DEFAULT false)
  RETURNS TABLE(step_uuid uuid, msg_id bigint, created boolean)
  LANGUAGE plpgsql
@@ -762,17 +803,13 @@ BEGIN
         PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ':' || p_unique_key, 6135));
         SELECT * INTO v_first FROM tasker.unique_keys AS u
          WHERE u.namespace = p_namespace AND u.unique_key = p_unique_key AND u.expires_at > clock_timestamp();
-        IF FOUND THEN
-            IF p_debounce THEN
-                -- Still queued (no live claim): the new inputs replace the old ones.
-                EXECUTE format('UPDATE pgmq.%I AS q SET message = jsonb_set(q.message, ''{inputs}'', $2) '
-                               'WHERE q.msg_id = $1 AND (NOT coalesce(q.headers ? ''tasker_claim'', false) '
-                               'OR q.vt <= clock_timestamp())', pgmq.format_table_name(v_queue, 'q'))
-                    USING v_first.msg_id, p_inputs;
-            END IF;
+        IF FOUND AND (NOT p_debounce OR tasker.debounce_step(v_queue, v_first.msg_id, v_first.step_uuid, p_inputs)) THEN
+            -- Within the window: the first step answers (with debounce, holding the new inputs).
             RETURN QUERY SELECT v_first.step_uuid, v_first.msg_id, false;
             RETURN;
         END IF;
+        -- No window open, or (debounce) its step already ran or runs: this send is a new step,
+        -- and the window moves to it, so that the newest inputs run.
     ELSIF p_unique_for IS NOT NULL OR p_debounce THEN
         RAISE EXCEPTION 'unique_for and debounce go with unique_key' USING ERRCODE = '22023';
     END IF;
@@ -919,6 +956,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.note_flow_fields(p_namespace text, p_priority boolean, p_groups boolean)
  RETURNS void
  LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     INSERT INTO tasker.queue_flow AS f (namespace, uses_priority, uses_groups, changed_by)
     VALUES (p_namespace, p_priority, p_groups, 'worker')
@@ -1587,7 +1626,6 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.step_message(p_namespace text, p_handler text, p_inputs jsonb, p_step_uuid uuid, p_task_uuid uuid, p_correlation_id uuid, p_attempt_limit integer, p_timeout double precision, p_headers jsonb, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text)
  RETURNS jsonb
  LANGUAGE plpgsql
- STABLE
 AS $function$
 BEGIN
     PERFORM tasker.validate_namespace(p_namespace);

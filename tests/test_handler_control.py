@@ -292,3 +292,169 @@ def test_the_harness_sees_snooze_cancel_and_progress_as_a_worker_does() -> None:
         assert o.error is not None and o.error["by"] == "harness-test"
 
     anyio.run(scenario)
+
+
+# --- found in review: each fails without its fix -----------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_cancel_in_another_namespace_touches_nothing_of_this_one(url: str) -> None:
+    """msg_ids are numbered per queue: a step of namespace ``ctl`` cancelled as if it were in
+    ``other`` must not delete the message with the same msg_id there."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue('other')")
+        mine = conn.execute(
+            "SELECT step_uuid, msg_id FROM tasker.enqueue_step(%s, 'noop', p_step_uuid => gen_random_uuid())", (NS,)
+        ).fetchone()
+        theirs = conn.execute("SELECT tasker.send_step('other', 'noop')").fetchone()
+        assert mine is not None and theirs is not None and mine[1] == theirs[0]  # the same msg_id
+        state = conn.execute("SELECT state FROM tasker.cancel_step('other', %s, 'test')", (mine[0],)).fetchone()
+        assert state == ("not_found",)
+        assert conn.execute("SELECT count(*) FROM pgmq.q_worker_other_queue").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM tasker.step_results").fetchone() == (0,)
+
+
+@pytest.mark.anyio
+async def test_a_per_key_cap_drains_every_step_of_the_key_in_an_event_driven_fleet(url: str) -> None:
+    """key_max_running 1 and four steps of one key, a worker that only listens: each finished
+    step lets the next start (the claim says the cap held them back, the worker comes back)."""
+    await fetch_value(url, "SELECT namespace FROM tasker.set_queue_limits(%s, NULL, 1)", (NS,))
+    reg = HandlerRegistry()
+
+    @reg.handler("one_at_a_time")
+    async def one_at_a_time(ctx: Any, step: Any) -> None:
+        await anyio.sleep(0.05)
+
+    async with AsyncClient(url) as client:
+        for _ in range(4):
+            await client.send_step(NS, "one_at_a_time", {}, concurrency_key="acct-1")
+    cfg = make_config(mode="EventDrivenOnly", namespaces=[NS])
+    async with running_worker(url, cfg, registry=reg):
+        await wait_until(outcomes_at_least(url, 4), timeout=20)
+
+
+@pytest.mark.anyio
+async def test_debounce_works_for_a_producer_and_runs_the_newest_inputs(url: str) -> None:
+    """A least-privilege producer may debounce (the replacement runs as the owner); once the
+    first step ran, a debounced send is a new step with the newest inputs, not dropped."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT set_config('role', 'tasker_producer', false)")
+        sql = "SELECT msg_id, created FROM tasker.enqueue_step(%s, 'reindex', %s::jsonb, p_unique_key => 'doc:7', p_unique_for => 60, p_debounce => true)"
+        first = conn.execute(sql, (NS, '{"v": 1}')).fetchone()
+        again = conn.execute(sql, (NS, '{"v": 2}')).fetchone()
+        assert first is not None and again == (first[0], False)
+        conn.execute("RESET role")
+        conn.execute(
+            f"UPDATE pgmq.q_{QUEUE} SET vt = now() + interval '1h', headers = '{{\"tasker_claim\": {{}}}}'"
+        )  # now running
+        conn.execute("SELECT set_config('role', 'tasker_producer', false)")
+        later = conn.execute(sql, (NS, '{"v": 3}')).fetchone()
+        assert later is not None and later[1] is True and later[0] != first[0]
+        conn.execute("RESET role")
+        inputs = conn.execute(f"SELECT message->'inputs' FROM pgmq.q_{QUEUE} ORDER BY msg_id").fetchall()
+    assert inputs == [({"v": 2},), ({"v": 3},)]
+
+
+@pytest.mark.anyio
+async def test_a_worker_role_cannot_change_flow_control(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.pause_queue(%s, 'ops')", (NS,))
+        conn.execute("SET role tasker_worker")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE tasker.queue_flow SET paused = false")
+        # ...but its claim still reads it and answers 'paused'
+        stamp = '{"tasker_claim": {"worker_id": "w"}}'
+        rows = conn.execute("SELECT hold FROM tasker.claim_flow(%s, 1, 30, %s::jsonb, 'w')", (QUEUE, stamp)).fetchall()
+        assert rows == [("paused",)]
+
+
+@pytest.mark.anyio
+async def test_bad_progress_fails_its_step_not_the_worker_and_a_huge_snooze_is_capped(url: str) -> None:
+    reg = HandlerRegistry()
+
+    @reg.handler("reports_badly", max_attempts=1)
+    async def reports_badly(ctx: Any, step: Any) -> None:
+        await ctx.progress(0.5, data={(1, 2): 3})  # not JSON: the handler's own error
+
+    @reg.handler("sleeps_for_ages")
+    async def sleeps_for_ages(ctx: Any, step: Any) -> Any:
+        return ctx.snooze(float("inf"))
+
+    @reg.handler("fine")
+    async def fine(ctx: Any, step: Any) -> str:
+        await ctx.progress(1.0, note="done\x00")  # NUL is replaced, not a crash
+        return "ok"
+
+    async with running_worker(url, config(), registry=reg) as worker:
+        await send_steps(url, NS, "reports_badly", [{}])
+        await send_steps(url, NS, "sleeps_for_ages", [{}])
+        await wait_until(lambda: worker.status()["counters"]["snoozed"] == 1, timeout=20)
+        await send_steps(url, NS, "fine", [{}])
+        await wait_until(outcomes_at_least(url, 2), timeout=20)
+        assert worker.status()["counters"]["internal_errors"] == 0
+    rows = dict(await fetch(url, "SELECT handler, status FROM tasker.step_results"))
+    assert rows == {"reports_badly": "failed", "fine": "succeeded"}
+    delay = await fetch_value(url, f"SELECT extract(epoch FROM vt - now()) FROM pgmq.q_{QUEUE}")
+    assert 6 * 86_400 < delay <= 7 * 86_400  # capped at MAX_SNOOZE_S
+
+
+@pytest.mark.anyio
+async def test_a_rate_limited_worker_comes_back_at_once_when_the_rate_is_raised(url: str) -> None:
+    await fetch_value(url, "SELECT namespace FROM tasker.set_queue_limits(%s, NULL, NULL, 1, 3600.0, 1)", (NS,))
+    reg = HandlerRegistry()
+
+    @reg.handler("paced")
+    async def paced(ctx: Any, step: Any) -> None:
+        return None
+
+    async with running_worker(url, make_config(mode="EventDrivenOnly", namespaces=[NS]), registry=reg):
+        await send_steps(url, NS, "paced", [{} for _ in range(3)])
+        await wait_until(outcomes_at_least(url, 1), timeout=20)  # the burst of one; the next in an hour
+        await fetch_value(url, "SELECT namespace FROM tasker.set_queue_limits(%s, NULL, NULL, 100, 1.0, 5)", (NS,))
+        await wait_until(outcomes_at_least(url, 3), timeout=10)
+
+
+@pytest.mark.anyio
+async def test_a_backlog_does_not_starve_the_workers_other_namespace(url: str) -> None:
+    """Prefetching a backlog of short steps in one namespace, a worker still gives the next free
+    slot to steps of its other namespace: they start long before the backlog ends."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue('bulk')")
+    reg = HandlerRegistry()
+
+    @reg.handler("short")
+    async def short(ctx: Any, step: Any) -> None:
+        await anyio.sleep(0.01)
+
+    cfg = make_config(mode="Hybrid", namespaces=["bulk", NS], concurrency=2)
+    async with running_worker(url, cfg, registry=reg):
+        await send_steps(url, "bulk", "short", [{} for _ in range(400)], batch=True)
+        await wait_until(outcomes_at_least(url, 20), timeout=20)  # the backlog is being worked
+        await send_steps(url, NS, "short", [{} for _ in range(3)])
+        await wait_until(
+            lambda: fetch_value(url, "SELECT count(*) = 3 FROM tasker.step_results WHERE namespace = %s", (NS,)),
+            timeout=30,
+        )
+        left = await fetch_value(url, "SELECT count(*) FROM pgmq.q_worker_bulk_queue")
+    assert left > 100  # the other namespace's steps did not wait for the end of the backlog
+
+
+@pytest.mark.anyio
+async def test_long_steps_are_not_hoarded_by_prefetch(url: str) -> None:
+    """Steps of half a second, two workers of 4 slots, 8 steps: both get work (a worker that
+    prefetched them would hold them back from its idle peer)."""
+    reg = HandlerRegistry()
+
+    @reg.handler("slow")
+    async def slow(ctx: Any, step: Any) -> None:
+        await anyio.sleep(0.5)
+
+    cfg = [make_config(mode="Hybrid", namespaces=[NS], concurrency=4, overrides={"worker.id": f"h{i}"}) for i in (1, 2)]
+    async with running_worker(url, cfg[0], registry=reg):
+        await send_steps(url, NS, "slow", [{} for _ in range(4)])  # what it learns its steps take
+        await wait_until(outcomes_at_least(url, 4), timeout=20)
+        async with running_worker(url, cfg[1], registry=reg):
+            await send_steps(url, NS, "slow", [{} for _ in range(8)], batch=True)
+            await wait_until(outcomes_at_least(url, 12), timeout=30)
+    shares = dict(await fetch(url, "SELECT worker_id, count(*) FROM tasker.step_results GROUP BY 1"))
+    assert shares.get("h2", 0) >= 2, shares

@@ -80,7 +80,9 @@ BEGIN
         RETURN QUERY SELECT v_done, 'finished'::text;
         RETURN;
     END IF;
-    SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;
+    -- msg_ids are numbered per queue: a key of another namespace's queue names another message.
+    SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k
+     WHERE k.step_uuid = p_step_uuid AND k.queue_name = v_queue;
     IF v_id IS NULL THEN
         -- Sent without a key: found by its body (a scan of this namespace's queue).
         EXECUTE format('SELECT q.msg_id FROM pgmq.%I AS q WHERE q.message ->> ''step_uuid'' = $1 LIMIT 1', v_table)
@@ -93,7 +95,7 @@ BEGIN
     EXECUTE format($sql$
         WITH gone AS (
             DELETE FROM pgmq.%1$I AS q
-             WHERE q.msg_id = $1
+             WHERE q.msg_id = $1 AND q.message ->> 'step_uuid' = $2::text
                AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())
             RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.message
         ), recorded AS (
@@ -114,6 +116,14 @@ BEGIN
         RETURN QUERY SELECT v_id, 'cancelled'::text;
         RETURN;
     END IF;
+    -- Not taken: held by a live claim, if the message is this step's at all.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I AS q WHERE q.msg_id = $1 AND q.message ->> ''step_uuid'' = $2::text)',
+                   v_table)
+        INTO v_held USING v_id, p_step_uuid;
+    IF NOT v_held THEN
+        RETURN QUERY SELECT NULL::bigint, 'not_found'::text;
+        RETURN;
+    END IF;
     INSERT INTO tasker.step_cancellations (step_uuid, namespace, msg_id, requested_by)
     VALUES (p_step_uuid, p_namespace, v_id, v_by)
     ON CONFLICT (step_uuid) DO NOTHING;
@@ -122,6 +132,24 @@ BEGIN
     RETURN QUERY SELECT v_id, 'cancelling'::text;
 END;
 $fn$;
+
+-- Replace a queued step's inputs (debounce): only while no live claim holds it. As the owner: a
+-- producer may insert into a queue, not update it. True: replaced.
+CREATE FUNCTION tasker.debounce_step(p_queue text, p_msg_id bigint, p_step_uuid uuid, p_inputs jsonb)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_done integer;
+BEGIN
+    EXECUTE format('UPDATE pgmq.%I AS q SET message = jsonb_set(q.message, ''{inputs}'', $2) '
+                   'WHERE q.msg_id = $1 AND q.message ->> ''step_uuid'' = $3::text '
+                   'AND (NOT coalesce(q.headers ? ''tasker_claim'', false) OR q.vt <= clock_timestamp())',
+                   pgmq.format_table_name(p_queue, 'q'))
+        USING p_msg_id, p_inputs, p_step_uuid;
+    GET DIAGNOSTICS v_done = ROW_COUNT;
+    RETURN v_done > 0;
+END;
+$$;
 
 DROP FUNCTION tasker.send_step(text, text, jsonb, integer, uuid, uuid, integer, double precision, jsonb, integer, text, text);
 DROP FUNCTION tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer, double precision, jsonb,
@@ -171,17 +199,13 @@ BEGIN
         PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ':' || p_unique_key, 6135));
         SELECT * INTO v_first FROM tasker.unique_keys AS u
          WHERE u.namespace = p_namespace AND u.unique_key = p_unique_key AND u.expires_at > clock_timestamp();
-        IF FOUND THEN
-            IF p_debounce THEN
-                -- Still queued (no live claim): the new inputs replace the old ones.
-                EXECUTE format('UPDATE pgmq.%I AS q SET message = jsonb_set(q.message, ''{inputs}'', $2) '
-                               'WHERE q.msg_id = $1 AND (NOT coalesce(q.headers ? ''tasker_claim'', false) '
-                               'OR q.vt <= clock_timestamp())', pgmq.format_table_name(v_queue, 'q'))
-                    USING v_first.msg_id, p_inputs;
-            END IF;
+        IF FOUND AND (NOT p_debounce OR tasker.debounce_step(v_queue, v_first.msg_id, v_first.step_uuid, p_inputs)) THEN
+            -- Within the window: the first step answers (with debounce, holding the new inputs).
             RETURN QUERY SELECT v_first.step_uuid, v_first.msg_id, false;
             RETURN;
         END IF;
+        -- No window open, or (debounce) its step already ran or runs: this send is a new step,
+        -- and the window moves to it, so that the newest inputs run.
     ELSIF p_unique_for IS NOT NULL OR p_debounce THEN
         RAISE EXCEPTION 'unique_for and debounce go with unique_key' USING ERRCODE = '22023';
     END IF;
@@ -250,8 +274,13 @@ BEGIN
 END;
 $$;
 
+-- It calls gen_random_uuid(): every call must be evaluated.
+ALTER FUNCTION tasker.step_message(text, text, jsonb, uuid, uuid, uuid, integer, double precision, jsonb, integer,
+                                   text, text) VOLATILE;
+
 REVOKE EXECUTE ON FUNCTION
     tasker.cancel_step(text, uuid, text),
+    tasker.debounce_step(text, bigint, uuid, jsonb),
     tasker.write_progress(jsonb, text),
     tasker.send_step(text, text, jsonb, integer, uuid, uuid, integer, double precision, jsonb, integer, text, text,
                      text, double precision, boolean),
@@ -272,6 +301,7 @@ BEGIN
                 'tasker.enqueue_step(text, text, jsonb, uuid, integer, uuid, uuid, integer, double precision, jsonb, '
                 'boolean, integer, text, text, text, double precision, boolean) TO %I', v_role);
             EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON tasker.unique_keys TO %I', v_role);
+            EXECUTE format('GRANT EXECUTE ON FUNCTION tasker.debounce_step(text, bigint, uuid, jsonb) TO %I', v_role);
             EXECUTE format('GRANT SELECT ON tasker.step_progress TO %I', v_role);
         END IF;
     END LOOP;

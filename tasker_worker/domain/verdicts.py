@@ -24,6 +24,7 @@ anything else / timeout     RETRY after a backoff, or EXHAUSTED (outcome ``faile
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, cast
@@ -364,9 +365,16 @@ def released(reason: str) -> PutBack:
     )
 
 
+#: A snooze is at most this long (the put-back's delay is whole milliseconds in an integer).
+MAX_SNOOZE_S = 7 * 86_400.0
+
+
 def snoozed(delay_s: float, snoozes: int, limit: int) -> Settlement:
-    """The handler snoozed (its ``snoozes``-th time): back in ``delay_s`` with the attempt given
-    back and no failure event; past ``limit`` snoozes the step fails instead."""
+    """The handler snoozed (its ``snoozes``-th time): back in ``delay_s`` (at most
+    ``MAX_SNOOZE_S``) with the attempt given back and no failure event; past ``limit`` snoozes
+    the step fails instead."""
+    if not math.isfinite(delay_s) or delay_s > MAX_SNOOZE_S:
+        delay_s = MAX_SNOOZE_S
     if snoozes > limit:
         error = StepError(f"snoozed {snoozes} times, more than max_snoozes {limit}", reason="too_many_snoozes")
         return Record(OutcomeStatus.FAILED, None, error.to_json())

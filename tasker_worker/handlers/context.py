@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Generator
 from contextlib import AsyncExitStack
@@ -29,6 +30,26 @@ class StepLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 #: Reported progress: (fraction 0..1 or None, note, data).
 Progress = tuple[float | None, str | None, Any]
+
+
+#: A progress note is cut to this many characters; its data to this many bytes of JSON.
+MAX_PROGRESS_NOTE = 1000
+MAX_PROGRESS_DATA = 8192
+
+
+def _progress_data(data: Any) -> Any:
+    """``data`` as the database will store it (JSON, no NUL, finite numbers), or a
+    ``UsageError`` naming what it cannot store: checked where the handler calls, so that nothing
+    a handler reports can fail the worker's write later."""
+    try:
+        text = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"progress data must be JSON (string keys, finite numbers): {exc}") from None
+    if "\\u0000" in text:
+        text = text.replace("\\u0000", "\\ufffd")
+    if len(text.encode()) > MAX_PROGRESS_DATA:
+        raise UsageError(f"progress data is over {MAX_PROGRESS_DATA} bytes of JSON")
+    return json.loads(text)
 
 
 class _Done:
@@ -88,8 +109,12 @@ class StepContext:
     def progress(self, fraction: float | None = None, *, note: str | None = None, data: Any = None) -> _Done:
         """Report how far the step is: ``fraction`` 0..1, a short ``note``, JSON ``data`` (shown by
         ``steps show``, the API, the dashboard and ``wait_for(on_progress=...)``)."""
-        if fraction is not None and not 0.0 <= float(fraction) <= 1.0:
+        if fraction is not None and not 0.0 <= float(fraction) <= 1.0:  # NaN fails this too
             raise UsageError(f"progress fraction must be between 0 and 1, got {fraction}")
+        if note is not None:
+            note = str(note).replace("\x00", "\ufffd")[:MAX_PROGRESS_NOTE]
+        if data is not None:
+            data = _progress_data(data)
         if self._report is not None:
             self._report(self, (None if fraction is None else float(fraction), note, data))
         return _DONE

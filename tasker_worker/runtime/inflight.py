@@ -50,6 +50,8 @@ class HeldStep:
     cancel_by: str | None = None
     #: Its task was cancelled because of that (its grace over): not the worker's own cancel.
     cancel_fired: bool = False
+    #: Given back at shutdown: its run's own end (if it comes) is not written.
+    releasing: bool = False
 
 
 class InFlight:

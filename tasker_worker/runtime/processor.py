@@ -47,7 +47,7 @@ from tasker_worker.runtime.commands import (
 from tasker_worker.runtime.inflight import HeldStep
 from tasker_worker.runtime.ports import WAKE_MARGIN_S
 from tasker_worker.runtime.stats import WorkerStats
-from tasker_worker.runtime.steps import StepRunner
+from tasker_worker.runtime.steps import PREFETCH_MAX_STEP_S, StepRunner
 
 CLAIM_RETRY_BASE = timedelta(milliseconds=100)
 CLAIM_RETRY_CAP = timedelta(seconds=5)
@@ -70,6 +70,8 @@ FLOW_RECHECK_S = 0.25
 #: A prefetched step starts only while at least this share of its vt is left (the keeper extends
 #: it at half): one that waited longer, its claim at risk of lapsing while it runs, goes back.
 PREFETCH_SAFE_SHARE = 0.25
+#: A rate-limited claim comes back this long after the next token is due.
+RATE_MARGIN_S = 0.005
 #: Progress reported by running steps is written at most this often (the newest value wins).
 PROGRESS_WRITE_S = 1.0
 
@@ -90,6 +92,10 @@ class _QueueState:
     hold: FlowHold | None = None
     #: Its flow control changed since the last claim: claim (or just look, with no room) now.
     flow_changed: bool = False
+    #: Set when its flow control changes (a rate's wait ends at once).
+    flow_event: anyio.Event = field(default_factory=anyio.Event)
+    #: Woken with steps to claim and no room: other queues' prefetched steps yield to it.
+    waiting: bool = False
 
     def poke(self, source: Source) -> None:
         if source is Source.EVENT:
@@ -288,16 +294,18 @@ class CommandProcessor:
         """Process commands until ``Shutdown``; then drain within the budget and release."""
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.writer.run)
+            # Through the drain too: the steps still running keep their vt, report progress and
+            # can be cancelled until the worker stops.
+            outer.start_soon(self._vt_keeper)
+            outer.start_soon(self._progress_writer)
+            outer.start_soon(self._cancel_watch)
             try:
                 async with anyio.create_task_group() as loops:
                     for qs in self.queues.values():
                         loops.start_soon(self._claim_loop, qs)
                     loops.start_soon(self.timers.run)
                     loops.start_soon(self._probe_loop)
-                    loops.start_soon(self._vt_keeper)
                     loops.start_soon(self._starter)
-                    loops.start_soon(self._progress_writer)
-                    loops.start_soon(self._cancel_watch)
                     async with commands:
                         async for command in commands:
                             if isinstance(command, Shutdown):
@@ -326,9 +334,13 @@ class CommandProcessor:
                 with anyio.CancelScope(shield=True, deadline=deadline):
                     self.ready.clear()
                     running = self.held.running()
+                    # Stop the handlers first, then give their messages back: released first, a
+                    # message could be claimed by a peer while its handler still ran here.
+                    for entry in running:
+                        entry.releasing = True
+                    await self.steps.cancel(running)
                     if running:
                         await self._release_all(running, "shutdown")
-                    await self.steps.cancel(running)
                 self.writer.final_deadline = deadline
             outer.cancel_scope.cancel()
 
@@ -394,6 +406,7 @@ class CommandProcessor:
             # The namespace's flow control changed (tasker.announce_namespace: paused, resumed, a
             # limit set): every worker looks at once, also one whose slots and buffer are full.
             qs.flow_changed = True
+            qs.flow_event.set()
             qs.poke(Source.EVENT)
             self.held.nudge()  # a claim loop waiting for room wakes and looks
             return
@@ -457,19 +470,16 @@ class CommandProcessor:
             qs.woken_by_event = False
             backlog = False
             while self._claiming:
-                # Room: the free slots, and while working through a backlog the prefetch buffer
-                # too (claimed ahead, so the next steps start without waiting for a claim). Not
-                # for a namespace under flow control: a step is claimed when it can start.
-                free = self.held.free_slots - self.held.buffered
-                refill_at = self.refill_at
-                if backlog and self.prefetch and qs.name not in self.client.flow_queues:
-                    free += self.prefetch
-                    refill_at = self.refill_prefetching_at
+                free, refill_at = self._room(qs, backlog)
                 # While the last claim came back full (a backlog), wait until a good share of
                 # the room is free: one claim of 50 costs the server little more than a claim
                 # of 1, so refilling slot by slot would multiply the round trips.
                 if free <= 0 or (backlog and free < refill_at):
                     if not qs.flow_changed:
+                        # Woken with steps and no room: the other queues' prefetched steps let
+                        # this one have the next free slot (no namespace waits out another's
+                        # backlog).
+                        qs.waiting = not backlog
                         await self.held.wait_slot()  # or a nudge: see _on_event
                         continue
                     free = 0  # no room, but look: a pause must reach what was prefetched
@@ -529,6 +539,9 @@ class CommandProcessor:
                     qs.claimed.add(m.msg_id for m in msgs)
                 for msg in msgs:
                     self._accept(qs, msg)
+                if qs.waiting:  # its claim has taken the slots it waited for
+                    qs.waiting = False
+                    self.held.nudge()  # the starter may hand out prefetched steps again
                 lapsed = [m for m in msgs if m.lapsed_claim is not None]
                 if lapsed:
                     await self._record_lapsed(qs, lapsed)
@@ -539,22 +552,49 @@ class CommandProcessor:
                     # not start; it goes back, with the attempt given back.
                     await self._release_all(self._take_buffered(qs.name), "flow_control")
                 if hold is not None:
-                    self.stats.incr("claims_held")
+                    if want:
+                        self.stats.incr("claims_held")
                     if hold.reason is HoldReason.PAUSED:
                         break  # resuming announces the namespace; the poller looks anyway
                     # Held by a limit with steps ready: come back when the rate allows the next
-                    # start, or when a slot frees here, or after a moment (one freed elsewhere).
-                    with anyio.move_on_after(
-                        FLOW_RECHECK_S if hold.retry_after_s is None else hold.retry_after_s + WAKE_MARGIN_S
-                    ):
-                        if hold.retry_after_s is None:
+                    # start, or when a slot frees here, or after a moment (one freed elsewhere),
+                    # or at once when the namespace's flow control changes.
+                    if hold.retry_after_s is None:
+                        with anyio.move_on_after(FLOW_RECHECK_S):
                             await self.held.wait_slot()
-                        else:
-                            await anyio.sleep_forever()
+                    elif not qs.flow_changed:
+                        qs.flow_event = anyio.Event()
+                        with anyio.move_on_after(hold.retry_after_s + RATE_MARGIN_S):
+                            await qs.flow_event.wait()
                     continue
                 if len(msgs) < want:
                     break
                 backlog = True
+
+    def _room(self, qs: _QueueState, backlog: bool) -> tuple[int, int]:
+        """How many steps ``qs`` may claim now, and the room worth a claim while in a backlog.
+
+        The free slots, less the prefetched steps that will take them; while ``qs`` works
+        through a backlog of short steps, the prefetch buffer too (claimed ahead, so the next
+        steps start without waiting for a claim). No prefetch for a namespace under flow control
+        (a step is claimed when it can start), for steps long enough that a claim's round trip
+        does not matter (the buffer would only hold them back from idle peers), nor while
+        another queue waits for a slot: then that queue's slots are not this one's buffer's."""
+        others_waiting = any(o.waiting for o in self.queues.values() if o is not qs)
+        reserved = self._buffered_of(qs.name) if others_waiting or qs.waiting else self.held.buffered
+        free = self.held.free_slots - reserved
+        if (
+            backlog
+            and self.prefetch
+            and not others_waiting
+            and qs.name not in self.client.flow_queues
+            and self.steps.typical_step_s < PREFETCH_MAX_STEP_S
+        ):
+            return free + self.prefetch, self.refill_prefetching_at
+        return free, self.refill_at
+
+    def _buffered_of(self, queue: str) -> int:
+        return sum(1 for e in self.ready if e.msg.queue == queue) if self.ready else 0
 
     async def _record_lapsed(self, qs: _QueueState, msgs: list[ClaimedMessage]) -> None:
         """Say that the previous claims of ``msgs`` lapsed (their steps run here now): a line and
@@ -604,17 +644,20 @@ class CommandProcessor:
             ready_for = (msg.claimed_at - msg.enqueued_at).total_seconds()
             if sent_after_listen and ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
                 self.stats.incr("missed_wakeups")
-        if not self.ready and self.held.free_slots > 0:
+        # First in, first started within a queue; another queue's prefetched steps wait for
+        # a queue that claimed for a free slot.
+        if self.held.free_slots > 0 and not self._buffered_of(msg.queue):
             self.steps.start(msg)
             return
         self.ready.append(self.held.hold(msg, buffered=True))
         self._ready_added.set()
 
     async def _starter(self) -> None:
-        """Start prefetched steps as slots free: the hand-over costs no round trip."""
+        """Start prefetched steps as slots free: the hand-over costs no round trip. A slot
+        goes to a queue waiting for one first (its claim loop takes it), not to the buffer."""
         while True:
             ready, held = self.ready, self.held
-            while ready and held.free_slots > 0:
+            while ready and held.free_slots > 0 and not self._someone_waits(ready[0].msg.queue):
                 self._start_prefetched(ready.popleft())
             if ready:
                 await held.wait_slot()
@@ -623,6 +666,10 @@ class CommandProcessor:
                     self._ready_added = anyio.Event()
                     continue
                 await self._ready_added.wait()
+
+    def _someone_waits(self, queue: str) -> bool:
+        """Whether a queue other than ``queue`` waits for a free slot."""
+        return any(o.waiting for o in self.queues.values() if o.name != queue)
 
     def _start_prefetched(self, entry: HeldStep) -> None:
         """Start a prefetched step, unless its claim is no longer safely ours: a step whose vt
@@ -657,7 +704,7 @@ class CommandProcessor:
             rows = board.take()
             try:
                 await self.client.write_progress(rows, self.worker_id)
-            except TRANSIENT_DB_ERRORS as exc:
+            except Exception as exc:  # progress is a report: losing one must never stop the worker
                 self.stats.incr("db_errors")
                 log.warning("progress of %d steps not written: %s", len(rows), first_line(exc))
 

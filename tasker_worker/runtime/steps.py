@@ -33,6 +33,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -132,6 +133,16 @@ def circuit_breakers(config: TaskerConfig, clock: Any = None) -> CircuitBreakers
     )
 
 
+#: Prefetch only while steps take less than this on average: for longer ones a claim's round
+#: trip is noise, and a buffer would hold steps back from idle peers. Until a step has run, the
+#: typical step is taken to be this long (so a worker prefetches only once it knows).
+PREFETCH_MAX_STEP_S = 0.05
+#: Cancel requests kept for steps not (yet) running here.
+EARLY_CANCELS_KEPT = 1024
+#: The weight of each run in ``StepRunner.typical_step_s`` (about the last 20 runs count).
+STEP_TIME_WEIGHT = 0.05
+
+
 class ProgressBoard:
     """The last progress each running step reported, until it is written (``take``): at most
     one row per step, the newest value winning. Thread-safe for the one thing sync handlers do
@@ -202,6 +213,10 @@ class StepRunner:
         self._builtin_count = 0
         #: What running steps reported with ``ctx.progress``, until the next write.
         self.progress = ProgressBoard()
+        #: A moving average of handler run times (seconds).
+        self.typical_step_s = PREFETCH_MAX_STEP_S
+        #: Cancel requests of steps not running here when they came: step_uuid int -> who asked.
+        self._early_cancels: OrderedDict[int, str] = OrderedDict()
         #: Per queue: whether a step with a priority, and one with a group, was noted.
         self._flow_noted: dict[str, tuple[bool, bool]] = {}
         #: Queues this worker found tasker-core steps in (each is logged once).
@@ -256,7 +271,7 @@ class StepRunner:
         """One step's life: the settlement it ends with goes to the writer, whatever happens."""
         try:
             settlement = await self._settle_step(entry)
-            if settlement is not None:
+            if settlement is not None and not entry.releasing:
                 self.writer.end(entry, settlement)
         except Exception:
             # Whatever went wrong, it stays with this step: the message returns after its vt
@@ -270,8 +285,9 @@ class StepRunner:
                 extra=step_fields(msg),
             )
         finally:
-            # Ended by nobody (an error above, a cancellation): its message returns at its vt.
-            if not entry.ending:
+            # Ended by nobody (an error above, a cancellation): its message returns at its vt;
+            # unless the shutdown gives it back (``releasing``), which ends it then.
+            if not entry.ending and not entry.releasing:
                 self.writer.abandon(entry)
 
     async def _settle_step(self, entry: HeldStep) -> Settlement | None:
@@ -306,6 +322,9 @@ class StepRunner:
             return SETTLE_ONLY
         held.steps[step_key] = (msg.queue, msg.msg_id)
         entry.step_key = step_key
+        early = self._early_cancels.pop(step_key, None)
+        if early is not None:  # asked to stop before it started here (prefetched, or in transit)
+            entry.cancel_by = early
         return await self._execute(entry, step)
 
     async def _note_flow_fields(self, queue: str, step: StepMessage) -> None:
@@ -453,21 +472,27 @@ class StepRunner:
         return found
 
     async def _measure(self, ctx: StepContext, step: StepMessage, call_next: Callable[[], Awaitable[Any]]) -> Any:
-        """The runtime's handler metrics, as a middleware: duration by outcome, error share."""
+        """The runtime's handler metrics, as a middleware: duration by outcome, error share, and
+        the typical step time (which decides whether prefetching pays)."""
         began = time.monotonic()
         try:
             result = await call_next()
         except Snooze:
-            self.stats.observe_handler(step.handler, "snoozed", time.monotonic() - began)
+            self._observed(step, "snoozed", began)
             raise
         except Exception as exc:
-            self.stats.observe_handler(step.handler, _handler_outcome(exc), time.monotonic() - began)
+            self._observed(step, _handler_outcome(exc), began)
             # A StepFailed is the handler's verdict, not an error of the handler.
             self.stats.handler_outcomes.record(isinstance(exc, StepFailed))
             raise
-        self.stats.observe_handler(step.handler, "succeeded", time.monotonic() - began)
+        self._observed(step, "snoozed" if isinstance(result, Snooze) else "succeeded", began)
         self.stats.handler_outcomes.record(True)
         return result
+
+    def _observed(self, step: StepMessage, outcome: str, began: float) -> None:
+        elapsed = time.monotonic() - began
+        self.stats.observe_handler(step.handler, outcome, elapsed)
+        self.typical_step_s += STEP_TIME_WEIGHT * (elapsed - self.typical_step_s)
 
     async def _trace(self, ctx: StepContext, step: StepMessage, call_next: Callable[[], Awaitable[Any]]) -> Any:
         """The step's OpenTelemetry span, as a middleware (``runtime/tracing.py``)."""
@@ -487,7 +512,6 @@ class StepRunner:
                 seconds = parse_duration(str(delay)).total_seconds()
             except ValueError as exc:
                 return not_a_step(StepValidationError(f"snooze delay {delay!r}: {exc}", reason="invalid_snooze"))
-        self.stats.incr("snoozed")
         snoozes = int((msg.headers or {}).get("tasker_snoozes", 0)) + 1
         return snoozed(seconds, snoozes, self.policy_for(spec).max_snoozes)
 
@@ -498,7 +522,14 @@ class StepRunner:
         and cancel an async one after ``cancel_grace``. False: it is not held here."""
         where = self.held.steps.get(step_uuid.int)
         entry = self.held.get(*where) if where is not None else None
-        if entry is None or entry.ending or entry.cancel_by is not None:
+        if entry is None:
+            # Not running here (yet): prefetched, or put back and on its way to a claim. The
+            # request stands for when it starts (bounded: the oldest are forgotten).
+            self._early_cancels[step_uuid.int] = by or "unknown"
+            while len(self._early_cancels) > EARLY_CANCELS_KEPT:
+                self._early_cancels.popitem(last=False)
+            return False
+        if entry.ending or entry.cancel_by is not None:
             return False
         entry.cancel_by = by or "unknown"
         self.stats.incr("cancel_requests")
@@ -590,6 +621,11 @@ class StepRunner:
                 await ctx.rollback(_Duplicate())
             self.stats.incr("dedup_hits")
             return SETTLE_ONLY
+        if entry.releasing:
+            # The shutdown is giving the message back: nothing of this run may commit.
+            with contextlib.suppress(psycopg.Error):
+                await ctx.rollback(_Cancelled())
+            return None
         try:
             await ctx.commit()
         except psycopg.Error as exc:
@@ -675,4 +711,4 @@ def _handler_outcome(exc: BaseException) -> str:
     return "error"
 
 
-__all__ = ["StepRunner", "StepSettings", "circuit_breakers", "step_fields"]
+__all__ = ["PREFETCH_MAX_STEP_S", "StepRunner", "StepSettings", "circuit_breakers", "step_fields"]

@@ -193,6 +193,16 @@ class OutcomeWriter:
                 extra={"queue": queue, **error_fields(exc)},
             )
             results = {}
+        except Exception as exc:  # not the database's weather: still never the writer's end
+            self.stats.incr("internal_errors")
+            log.exception(
+                "writing %d %s results to %s failed; they return after their vt",
+                len(items),
+                kind,
+                queue,
+                extra={"queue": queue, **error_fields(exc)},
+            )
+            results = {}
         for entry, settlement in items:
             applied = results.get(entry.msg.msg_id)
             written = Written.NOT_WRITTEN if applied is None else Written.APPLIED if applied else Written.FENCED

@@ -287,7 +287,9 @@ class MemoryStore:
         if flow.rate is not None:
             self._buckets[namespace] = (tokens - len(chosen), now)
         hold = None
-        if budget < qty and len(chosen) == budget:
+        if flow.key_max_running is not None and len(chosen) < budget and len(chosen) < len(ready):
+            hold = FlowHold(HoldReason.LIMITED)  # the per-key cap held ready steps back
+        elif budget < qty and len(chosen) == budget:
             left_tokens = tokens - len(chosen)
             after = (1 - left_tokens) / flow.rate.per_second if flow.rate is not None and left_tokens < 1 else None
             hold = FlowHold(HoldReason.LIMITED, after)
