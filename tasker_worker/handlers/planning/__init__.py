@@ -12,21 +12,12 @@ from typing import Any
 def register(worker: Any) -> None:
     """Register ``path_plan`` with ``worker`` (or a ``HandlerHarness``): this package is a handler
     module like any other (``[worker] handler_modules``, where the default configuration lists
-    it). A worker that runs also starts loading the compiled kernels at once, so that its first
-    planning steps find them ready."""
+    it). The compiled kernels load on the first planning step a process runs, not when the
+    worker starts: loading them costs seconds of CPU and about 120 MB, which a worker that never
+    plans should not pay (``docs/planning.md``)."""
     from tasker_worker.handlers.planning.handler import register_planning
 
     register_planning(worker.registry, worker.config.handlers.planning)
-    on_start = getattr(worker, "on_start", None)
-    if on_start is not None:
-        on_start(_load_kernels)
-
-
-async def _load_kernels(worker: Any) -> None:
-    """Start loading the kernels in the background (a compile happens once per install)."""
-    from tasker_worker.handlers.planning.engine import load_kernels
-
-    load_kernels(wait=False)
 
 
 #: The handler module's name, as ``[worker] handler_modules`` lists it.
