@@ -94,8 +94,11 @@ class _QueueState:
     flow_changed: bool = False
     #: Set when its flow control changes (a rate's wait ends at once).
     flow_event: anyio.Event = field(default_factory=anyio.Event)
-    #: Woken with steps to claim and no room: other queues' prefetched steps yield to it.
+    #: Woken with steps to claim and no room: other queues' prefetched steps yield to it
+    #: (``CommandProcessor._set_waiting`` keeps the count of such queues).
     waiting: bool = False
+    #: How many of the prefetched entries (``CommandProcessor.ready``) are this queue's.
+    buffered: int = 0
 
     def poke(self, source: Source) -> None:
         if source is Source.EVENT:
@@ -275,6 +278,8 @@ class CommandProcessor:
         self.refill_prefetching_at = max(1, min(self.batch_size, self.max_concurrent + self.prefetch) // 2)
         #: Prefetched entries in the order they were claimed, started by ``_starter`` as slots free.
         self.ready: deque[HeldStep] = deque()
+        #: How many queues wait for a free slot (``_QueueState.waiting``).
+        self._waiting = 0
         self._ready_added = anyio.Event()
         self._probe_wanted = anyio.Event()
         self._probe_source = Source.POLL
@@ -332,7 +337,7 @@ class CommandProcessor:
                 deadline = self.final_deadline(shutdown_deadline())
                 # Everything from here on ends by the one deadline, whatever the database does.
                 with anyio.CancelScope(shield=True, deadline=deadline):
-                    self.ready.clear()
+                    self._take_buffered()
                     running = self.held.running()
                     # Stop the handlers first, then give their messages back: released first, a
                     # message could be claimed by a peer while its handler still ran here.
@@ -479,7 +484,7 @@ class CommandProcessor:
                         # Woken with steps and no room: the other queues' prefetched steps let
                         # this one have the next free slot (no namespace waits out another's
                         # backlog).
-                        qs.waiting = not backlog
+                        self._set_waiting(qs, not backlog)
                         await self.held.wait_slot()  # or a nudge: see _on_event
                         continue
                     free = 0  # no room, but look: a pause must reach what was prefetched
@@ -540,7 +545,7 @@ class CommandProcessor:
                 for msg in msgs:
                     self._accept(qs, msg)
                 if qs.waiting:  # its claim has taken the slots it waited for
-                    qs.waiting = False
+                    self._set_waiting(qs, False)
                     self.held.nudge()  # the starter may hand out prefetched steps again
                 lapsed = [m for m in msgs if m.lapsed_claim is not None]
                 if lapsed:
@@ -580,8 +585,8 @@ class CommandProcessor:
         (a step is claimed when it can start), for steps long enough that a claim's round trip
         does not matter (the buffer would only hold them back from idle peers), nor while
         another queue waits for a slot: then that queue's slots are not this one's buffer's."""
-        others_waiting = any(o.waiting for o in self.queues.values() if o is not qs)
-        reserved = self._buffered_of(qs.name) if others_waiting or qs.waiting else self.held.buffered
+        others_waiting = self._waiting > qs.waiting
+        reserved = qs.buffered if others_waiting or qs.waiting else self.held.buffered
         free = self.held.free_slots - reserved
         if (
             backlog
@@ -593,8 +598,16 @@ class CommandProcessor:
             return free + self.prefetch, self.refill_prefetching_at
         return free, self.refill_at
 
-    def _buffered_of(self, queue: str) -> int:
-        return sum(1 for e in self.ready if e.msg.queue == queue) if self.ready else 0
+    def _set_waiting(self, qs: _QueueState, waiting: bool) -> None:
+        if qs.waiting is not waiting:
+            qs.waiting = waiting
+            self._waiting += 1 if waiting else -1
+
+    def _unready(self, entry: HeldStep) -> None:
+        """``entry`` left the start order (started, given back, taken)."""
+        qs = self.queues.get(entry.msg.queue)
+        if qs is not None and qs.buffered:
+            qs.buffered -= 1
 
     async def _record_lapsed(self, qs: _QueueState, msgs: list[ClaimedMessage]) -> None:
         """Say that the previous claims of ``msgs`` lapsed (their steps run here now): a line and
@@ -646,10 +659,11 @@ class CommandProcessor:
                 self.stats.incr("missed_wakeups")
         # First in, first started within a queue; another queue's prefetched steps wait for
         # a queue that claimed for a free slot.
-        if self.held.free_slots > 0 and not self._buffered_of(msg.queue):
+        if self.held.free_slots > 0 and not qs.buffered:
             self.steps.start(msg)
             return
         self.ready.append(self.held.hold(msg, buffered=True))
+        qs.buffered += 1
         self._ready_added.set()
 
     async def _starter(self) -> None:
@@ -658,7 +672,9 @@ class CommandProcessor:
         while True:
             ready, held = self.ready, self.held
             while ready and held.free_slots > 0 and not self._someone_waits(ready[0].msg.queue):
-                self._start_prefetched(ready.popleft())
+                entry = ready.popleft()
+                self._unready(entry)
+                self._start_prefetched(entry)
             if ready:
                 await held.wait_slot()
             else:
@@ -669,7 +685,10 @@ class CommandProcessor:
 
     def _someone_waits(self, queue: str) -> bool:
         """Whether a queue other than ``queue`` waits for a free slot."""
-        return any(o.waiting for o in self.queues.values() if o.name != queue)
+        if not self._waiting:
+            return False
+        qs = self.queues.get(queue)
+        return self._waiting > (qs.waiting if qs is not None else 0)
 
     def _start_prefetched(self, entry: HeldStep) -> None:
         """Start a prefetched step, unless its claim is no longer safely ours: a step whose vt
@@ -690,7 +709,9 @@ class CommandProcessor:
         """Take the prefetched entries (of ``queue``, or all) out of the start order."""
         taken = [e for e in self.ready if queue is None or e.msg.queue == queue]
         if taken:
-            self.ready = deque(e for e in self.ready if e not in taken) if queue is not None else deque()
+            self.ready = deque(e for e in self.ready if queue is not None and e.msg.queue != queue)
+            for entry in taken:
+                self._unready(entry)
         return taken
 
     async def _progress_writer(self) -> None:

@@ -448,25 +448,31 @@ class StepRunner:
 
     async def _call(self, spec: HandlerSpec, ctx: StepContext, step: StepMessage, timeout: timedelta, task: Any) -> Any:
         """The handler call through every middleware: the runtime's (handler metrics, then a
-        span when tracing is on), then the registered ones in order, the first outermost."""
-        middlewares = self._middlewares
+        span when tracing is on), then the registered ones in order, the first outermost. The
+        chain's links are made only when there is more than the metrics to go through."""
+
+        def handler() -> Awaitable[Any]:
+            return self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
+
+        inner = self._middlewares
+        if not inner:
+            return await self._measure(ctx, step, handler)
 
         def link(i: int) -> Callable[[], Awaitable[Any]]:
-            if i == len(middlewares):
-                return lambda: self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
-            inner = link(i + 1)
-            middleware = middlewares[i]
-            return lambda: middleware(ctx, step, inner)
+            if i == len(inner):
+                return handler
+            following = link(i + 1)
+            middleware = inner[i]
+            return lambda: middleware(ctx, step, following)
 
-        return await link(0)()
+        return await self._measure(ctx, step, link(0))
 
     @property
     def _middlewares(self) -> list[Middleware]:
+        """The middlewares inside the metrics: the span (tracing on), then the registered ones."""
         found = self._chain
         if found is None or len(found) != self._builtin_count + len(self.registry.middlewares):
-            builtin: list[Middleware] = [self._measure]
-            if self.tracer is not None:
-                builtin.append(self._trace)
+            builtin: list[Middleware] = [self._trace] if self.tracer is not None else []
             self._builtin_count = len(builtin)
             found = self._chain = [*builtin, *self.registry.middlewares]
         return found
