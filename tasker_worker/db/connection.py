@@ -17,6 +17,12 @@ from tasker_worker.errors import ConfigError, DatabaseError, first_line
 POOL_APPLICATION_NAME = "tasker-worker"
 #: How the producer's (``AsyncClient`` / ``Client``) pooled connections show there.
 CLIENT_APPLICATION_NAME = "tasker-client"
+#: How the connections of the reads on ``[database] read_url`` show there.
+READ_APPLICATION_NAME = "tasker-reads"
+#: How long a pool keeps re-trying one connection in the background (after 0, 1, 2 s) before it
+#: gives up and connects again only when asked (psycopg_pool's default, 5 minutes, doubles the
+#: wait each time: a primary back after a 10 s failover was then found up to 4 s late).
+POOL_RECONNECT_WINDOW_S = 2.0
 
 
 def resolve_database_url(config: DatabaseConfig) -> str:
@@ -117,6 +123,7 @@ async def open_pool(
         max_size=max_size or config.pool_max_size,
         kwargs=kwargs,
         timeout=config.connect_timeout.total_seconds(),
+        reconnect_timeout=POOL_RECONNECT_WINDOW_S,
         open=False,
         name="tasker",
         # No check on checkout: it would cost a round trip per operation. A connection that
@@ -152,6 +159,7 @@ def open_sync_pool(
         max_size=max_size or config.pool_max_size,
         kwargs=kwargs,
         timeout=config.connect_timeout.total_seconds(),
+        reconnect_timeout=POOL_RECONNECT_WINDOW_S,
         open=False,
         name="tasker-client",
     )
