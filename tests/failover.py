@@ -218,7 +218,6 @@ def failover_drill(
         # The link to the standby stalls: the primary's WAL from here on never reaches it.
         frozen_lsn = cluster.standby.value("SELECT pg_last_wal_receive_lsn()::text")
         cluster.freeze_replication()
-        freeze_wall = time.time()
         frozen_acks = producer.count()
         frozen_outcomes = _outcomes(cluster.primary.url())
 
@@ -240,9 +239,11 @@ def failover_drill(
             wait_for(in_flight, 30, "a settle and a send waiting for the standby")
         else:
             wait_for(
-                lambda: producer.count() - frozen_acks >= while_frozen
-                and _outcomes(cluster.primary.url()) - frozen_outcomes >= while_frozen
-                and claims_forgotten() >= 1,
+                lambda: (
+                    producer.count() - frozen_acks >= while_frozen
+                    and _outcomes(cluster.primary.url()) - frozen_outcomes >= while_frozen
+                    and claims_forgotten() >= 1
+                ),
                 30,
                 f"{while_frozen} sends and outcomes committed while the standby lags",
             )
@@ -279,24 +280,30 @@ def failover_drill(
         new = cluster.standby
         drill.heartbeats_s = _seen_after(
             promoted,
-            lambda: new.value(
-                "SELECT count(*) FROM tasker.workers WHERE status = 'active' AND last_heartbeat_at > to_timestamp(%s)",
-                (kill_wall,),
-            )
-            == workers,
+            lambda: (
+                new.value(
+                    "SELECT count(*) FROM tasker.workers WHERE status = 'active' AND last_heartbeat_at > to_timestamp(%s)",
+                    (kill_wall,),
+                )
+                == workers
+            ),
             "every worker heartbeating on the new primary",
         )
         drill.listeners_s = _seen_after(
             promoted,
-            lambda: new.value(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tasker-listener'"
-                " AND backend_start > to_timestamp(%s)",
-                (kill_wall,),
-            )
-            == workers,
+            lambda: (
+                new.value(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tasker-listener'"
+                    " AND backend_start > to_timestamp(%s)",
+                    (kill_wall,),
+                )
+                == workers
+            ),
             "every worker's LISTEN connection on the new primary",
         )
-        drill.supervisor_s = _seen_after(promoted, _supervisor_held(new.url()), "the supervision lock on the new primary")
+        drill.supervisor_s = _seen_after(
+            promoted, _supervisor_held(new.url()), "the supervision lock on the new primary"
+        )
         at_promotion = producer.count()
         wait_for(lambda: producer.count() - at_promotion >= after, 60, f"{after} sends after the promotion")
         producer.stop()
@@ -331,7 +338,10 @@ def failover_drill(
     drill.send_retries = producer.retries
     _compare(cluster, drill, producer.acked, frozen_outcomes, kill_wall)
     drill.details["workers"] = [
-        {k: s.get(k) for k in ("exit_code", "listener_reconnects", "db_errors", "succeeded", "stale_acks", "dedup_hits")}
+        {
+            k: s.get(k)
+            for k in ("exit_code", "listener_reconnects", "db_errors", "succeeded", "stale_acks", "dedup_hits")
+        }
         for s in stats
     ]
     drill.seconds = round(time.monotonic() - t0, 2)

@@ -69,6 +69,7 @@ M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
+FO = "tests/test_failover.py::"
 #: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
 CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
 #: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
@@ -917,6 +918,24 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
+    ),
+    Mutation(
+        "standby_not_synchronous",
+        "nothing acknowledged is lost in a failover to a synchronous standby (the standby is not named)",
+        (
+            Edit(
+                "tests/replication.py",
+                "            if self.synchronous:\n                # Only now",
+                "            if False:\n                # Only now",
+            ),
+        ),
+        (FO + "test_synchronous_standby_loses_nothing_acknowledged",),
+    ),
+    Mutation(
+        "pool_reconnect_doubling",
+        "a pool finds a promoted primary at once (psycopg_pool's doubling reconnect wait kept)",
+        (Edit("tasker_worker/db/connection.py", "POOL_RECONNECT_WINDOW_S = 2.0", "POOL_RECONNECT_WINDOW_S = 300.0"),),
+        (FO + "test_asynchronous_standby_loses_the_lag_and_runs_forgotten_outcomes_again",),
     ),
 )
 
