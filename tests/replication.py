@@ -218,6 +218,18 @@ class ReplicatedCluster:
             f"the standby to replay up to {target}",
         )
 
+    def pause_replay(self, timeout: float = 30) -> None:
+        """The standby keeps receiving WAL but stops applying it: its reads stay as they are."""
+        self.standby.value("SELECT pg_wal_replay_pause()")
+        wait_for(
+            lambda: self.standby.value("SELECT pg_get_wal_replay_pause_state() = 'paused'"), timeout, "replay paused"
+        )
+
+    def resume_replay(self) -> None:
+        """Undo ``pause_replay`` and wait until the standby has caught up."""
+        self.standby.value("SELECT pg_wal_replay_resume()")
+        self.wait_replayed()
+
     def walsender(self) -> psutil.Process:
         """The primary's WAL sender process for the standby."""
         pid = self.primary.value("SELECT pid FROM pg_stat_replication WHERE application_name = %s", (STANDBY_NAME,))

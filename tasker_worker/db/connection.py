@@ -137,6 +137,17 @@ async def open_pool(
     return pool
 
 
+async def open_read_pool(config: DatabaseConfig, *, max_size: int = 4) -> AsyncConnectionPool | None:
+    """A pool on ``[database] read_url`` for what only reads (None when no read URL is set): its
+    sessions show as ``tasker-reads``; nothing is ever migrated or written through it."""
+    if not config.read_url:
+        return None
+    try:
+        return await open_pool(config.read_url, config, max_size=max_size, application_name=READ_APPLICATION_NAME)
+    except DatabaseError as exc:
+        raise DatabaseError(f"the read replica (database.read_url): {exc.message}") from exc
+
+
 def open_sync_pool(
     url: str,
     config: DatabaseConfig,
