@@ -314,8 +314,11 @@ def failover_drill(
             60,
             "the new primary's queue to drain",
         )
+        # The first outcome committed after the kill (so on the new primary): commit times,
+        # not finished_at (a handler may have finished before the promotion, its outcome after).
         first = new.value(
-            "SELECT extract(epoch FROM min(finished_at)) FROM tasker.step_results WHERE finished_at > to_timestamp(%s)",
+            "SELECT extract(epoch FROM min(pg_xact_commit_timestamp(xmin))) FROM tasker.step_results"
+            " WHERE pg_xact_commit_timestamp(xmin) > to_timestamp(%s)",
             (kill_wall,),
         )
         drill.first_step_s = None if first is None else round(float(first) - kill_wall, 3)
@@ -323,7 +326,8 @@ def failover_drill(
             drill.first_step_after_promotion_s = round(float(first) - promoted_wall, 3)
         drill.event_pickups_after = int(
             new.value(
-                "SELECT count(*) FROM tasker.step_results WHERE finished_at > to_timestamp(%s) AND source = 'event'",
+                "SELECT count(*) FROM tasker.step_results"
+                " WHERE pg_xact_commit_timestamp(xmin) > to_timestamp(%s) AND source = 'event'",
                 (promoted_wall,),
             )
         )

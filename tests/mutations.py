@@ -935,7 +935,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "pool_reconnect_doubling",
         "a pool finds a promoted primary at once (psycopg_pool's doubling reconnect wait kept)",
-        (Edit("tasker_worker/db/connection.py", "POOL_RECONNECT_WINDOW_S = 2.0", "POOL_RECONNECT_WINDOW_S = 300.0"),),
+        (Edit("tasker_worker/db/connection.py", "POOL_RECONNECT_WINDOW_S = 0.5", "POOL_RECONNECT_WINDOW_S = 300.0"),),
         (FO + "test_asynchronous_standby_loses_the_lag_and_runs_forgotten_outcomes_again",),
     ),
     Mutation(

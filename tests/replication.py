@@ -341,6 +341,9 @@ class ReplicatedCluster:
             "max_wal_senders": "4",
             "hot_standby": "on",
             "max_connections": "200",
+            # When each transaction committed: the drill times the first outcome committed on
+            # the promoted standby (the standby keeps the setting of the copy it was made from).
+            "track_commit_timestamp": "on",
             **self.settings,
         }
         with (self.primary.data_dir / "postgresql.conf").open("a") as fh:

@@ -19,10 +19,12 @@ POOL_APPLICATION_NAME = "tasker-worker"
 CLIENT_APPLICATION_NAME = "tasker-client"
 #: How the connections of the reads on ``[database] read_url`` show there.
 READ_APPLICATION_NAME = "tasker-reads"
-#: How long a pool keeps re-trying one connection in the background (after 0, 1, 2 s) before it
-#: gives up and connects again only when asked (psycopg_pool's default, 5 minutes, doubles the
-#: wait each time: a primary back after a 10 s failover was then found up to 4 s late).
-POOL_RECONNECT_WINDOW_S = 2.0
+#: How long a pool keeps re-trying a lost connection in the background before it gives up and
+#: connects again only when asked (the next call that needs a connection tries at once).
+#: psycopg_pool's default, 5 minutes, doubles its wait each time (1, 2, 4, 8 s...): a primary
+#: promoted after a 10 s outage was found up to 4 s late, and a promotion within a second waited
+#: for the first retry, a second after the loss.
+POOL_RECONNECT_WINDOW_S = 0.5
 
 
 def resolve_database_url(config: DatabaseConfig) -> str:
