@@ -69,6 +69,8 @@ M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
+FO = "tests/test_failover.py::"
+RR = "tests/test_read_replica.py::"
 #: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
 CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
 #: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
@@ -917,6 +919,51 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
+    ),
+    Mutation(
+        "standby_not_synchronous",
+        "nothing acknowledged is lost in a failover to a synchronous standby (the standby is not named)",
+        (
+            Edit(
+                "tests/replication.py",
+                "            if self.synchronous:\n                # Only now",
+                "            if False:\n                # Only now",
+            ),
+        ),
+        (FO + "test_synchronous_standby_loses_nothing_acknowledged",),
+    ),
+    Mutation(
+        "pool_reconnect_doubling",
+        "a pool finds a promoted primary at once (psycopg_pool's doubling reconnect wait kept)",
+        (Edit("tasker_worker/db/connection.py", "POOL_RECONNECT_WINDOW_S = 0.5", "POOL_RECONNECT_WINDOW_S = 300.0"),),
+        (FO + "test_asynchronous_standby_loses_the_lag_and_runs_forgotten_outcomes_again",),
+    ),
+    Mutation(
+        "read_url_ignored",
+        "the reads of the CLI, the API and the dashboard go to [database] read_url (they go to the primary)",
+        (
+            Edit(
+                "tasker_worker/db/connection.py",
+                "open_pool(config.read_url, config,",
+                "open_pool(config.url or config.read_url, config,",
+            ),
+        ),
+        (
+            RR + "test_cli_reads_come_from_the_standby_and_writes_go_to_the_primary",
+            RR + "test_a_worker_never_uses_the_read_url_and_the_api_reads_from_the_standby",
+        ),
+    ),
+    Mutation(
+        "writes_to_the_read_url",
+        "a command that writes never uses [database] read_url (the CLI's pool prefers it)",
+        (
+            Edit(
+                "tasker_worker/cli/admin.py",
+                "    url = database_url(loaded)\n    if migrate",
+                "    url = loaded.config.database.read_url or database_url(loaded)\n    if migrate",
+            ),
+        ),
+        (RR + "test_cli_reads_come_from_the_standby_and_writes_go_to_the_primary",),
     ),
 )
 

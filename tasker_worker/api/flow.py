@@ -52,7 +52,7 @@ class QueuePath(Parameters):
 
 async def get_flow(request: Request, path: QueuePath) -> Response:
     """The flow control in force for a namespace (no limit: every field empty)."""
-    found = await flow_db.read_flow(ctx_of(request).pool, path.namespace)
+    found = await flow_db.read_flow(ctx_of(request).reads, path.namespace)
     return JSONResponse((found[0] if found else QueueFlow(path.namespace)).as_json())
 
 

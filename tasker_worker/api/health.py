@@ -74,10 +74,12 @@ class QueueView:
         )
 
 
-async def gather_queues(ctx: ApiContext) -> list[QueueView]:
-    """Every work queue with its DLQ and table statistics."""
-    metrics = {m.queue_name: m for m in await ctx.client.metrics()}
-    tuples = await ctx.client.queue_table_tuples()
+async def gather_queues(ctx: ApiContext, *, replica: bool = False) -> list[QueueView]:
+    """Every work queue with its DLQ and table statistics (``replica``: read where the read-only
+    routes read, ``[database] read_url`` when set)."""
+    client = ctx.read_client if replica else ctx.client
+    metrics = {m.queue_name: m for m in await client.metrics()}
+    tuples = await client.queue_table_tuples()
     out = []
     for name, m in sorted(metrics.items()):
         if name.endswith(DLQ_SUFFIX) and name[: -len(DLQ_SUFFIX)] in metrics:
@@ -102,6 +104,16 @@ async def gather_workers(ctx: ApiContext) -> list[WorkerFigures]:
     if ctx.local_status is not None:
         return [WorkerFigures.from_status(ctx.local_worker_id or "local", ctx.local_status())]
     return [WorkerFigures.from_status(v.worker_id, v.stats) for v in await ctx.views.live() if v.stats]
+
+
+async def _replica(ctx: ApiContext) -> dict[str, Any]:
+    """How stale the read-only routes' reads are, or why that is not known."""
+    try:
+        with anyio.fail_after(PROBE_TIMEOUT_S):
+            state = await ctx.replica_state()
+    except _DOWN as exc:
+        return {"reachable": False, "error": first_line(exc)}
+    return {"reachable": True, **(state.as_json() if state else {})}
 
 
 def thresholds(ctx: ApiContext) -> Thresholds:
@@ -146,12 +158,14 @@ async def detailed(request: Request) -> Response:
     body = report.to_json()
     if ctx.supervision is not None:
         body["supervision"] = ctx.supervision.status()
+    if ctx.read_pool is not None:
+        body["read_replica"] = await _replica(ctx)
     return JSONResponse(body, status_code=503 if report.status is Health.UNHEALTHY else 200)
 
 
 async def queues(request: Request) -> Response:
     """pgmq metrics of every work queue, with its DLQ depth and oldest message age."""
-    views = await gather_queues(ctx_of(request))
+    views = await gather_queues(ctx_of(request), replica=True)
     return JSONResponse({"queues": [v.to_json() for v in views], "count": len(views)})
 
 

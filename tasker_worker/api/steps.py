@@ -122,7 +122,7 @@ async def get_step(request: Request, path: StepPath) -> Response:
     """A step's outcome; ``{"status": "pending", "state": ...}`` while a step sent with a
     step_uuid has none yet; 404 when neither is known."""
     ctx = ctx_of(request)
-    client = AsyncClient(pool=ctx.pool)
+    client = AsyncClient(pool=ctx.reads)
     result = await client.get_result(path.step_uuid)
     if result is not None:
         return JSONResponse(result.as_json())
@@ -155,7 +155,7 @@ async def cancel(request: Request, path: StepInNamespacePath) -> Response:
 async def list_steps(request: Request, query: StepListQuery) -> Response:
     """Outcomes, newest first: ``?namespace=``, ``?status=``, ``?limit=`` (at most 1000)."""
     ctx = ctx_of(request)
-    results = await AsyncClient(pool=ctx.pool).list_results(
+    results = await AsyncClient(pool=ctx.reads).list_results(
         namespace=query.namespace, status=query.status, limit=query.limit
     )
     return JSONResponse({"steps": [r.as_json() for r in results], "count": len(results)})

@@ -18,7 +18,7 @@ from tasker_worker import __version__
 from tasker_worker.config.loader import LoadedConfig, database_source, effective_items, load_config
 from tasker_worker.db import flow as flow_db
 from tasker_worker.db import migrations, schema
-from tasker_worker.db.connection import open_pool, resolve_database_url
+from tasker_worker.db.connection import describe, open_pool, open_read_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.names import dlq_name, namespace_of, queue_name
@@ -56,6 +56,27 @@ async def small_pool(args: argparse.Namespace, *, migrate: bool = True) -> Async
         yield pool
     finally:
         await pool.close()
+
+
+@asynccontextmanager
+async def read_pool(args: argparse.Namespace) -> AsyncIterator[AsyncConnectionPool]:
+    """The pool of a command that only reads: on ``[database] read_url`` when one is set (a
+    standby: nothing is migrated and the primary is not touched; how stale its reads are goes to
+    stderr, so that stdout stays what the command prints), else ``small_pool``'s."""
+    loaded = load(args)
+    if not loaded.config.database.read_url:
+        async with small_pool(args) as pool:
+            yield pool
+        return
+    replica = await open_read_pool(loaded.config.database, max_size=2)
+    assert replica is not None
+    try:
+        state = await QueueClient(replica).replica_state()
+        where = describe(loaded.config.database.read_url)
+        print(f"(read from {where}, database.read_url: {state.describe()})", file=sys.stderr)
+        yield replica
+    finally:
+        await replica.close()
 
 
 @asynccontextmanager

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from tasker_worker.cli.admin import small_pool
+from tasker_worker.cli.admin import read_pool, small_pool
 from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.results import StepProgress, StepResult
 from tasker_worker.domain.steps import OutcomeStatus
@@ -19,9 +19,10 @@ from tasker_worker.producer.client import AsyncClient
 
 
 @asynccontextmanager
-async def producer(args: argparse.Namespace) -> AsyncIterator[AsyncClient]:
-    """An ``AsyncClient`` on the CLI's small pool."""
-    async with small_pool(args) as pool, AsyncClient(pool=pool) as client:
+async def producer(args: argparse.Namespace, *, read: bool = False) -> AsyncIterator[AsyncClient]:
+    """An ``AsyncClient`` on the CLI's small pool; ``read``: one that only reads, on
+    ``[database] read_url`` when it is set (``read_pool``)."""
+    async with read_pool(args) if read else small_pool(args) as pool, AsyncClient(pool=pool) as client:
         yield client
 
 
@@ -47,15 +48,14 @@ def _line(result: StepResult) -> str:
 async def steps_show(args: argparse.Namespace) -> int:
     """``steps show UUID [--namespace N] [--json]``: exit 0 when found, 1 when not."""
     step_uuid = _step_uuid(args.step_uuid)
-    async with producer(args) as client:
+    async with producer(args, read=True) as client:
         result = await client.get_result(step_uuid)
         queued = None if result is not None else await client.find_queued(step_uuid, namespace=args.namespace)
+        progress = await client.get_progress(step_uuid) if queued is not None else None
     if result is not None:
         print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
         return 0
     if queued is not None:
-        async with producer(args) as client:
-            progress = await client.get_progress(step_uuid)
         if args.json:
             print(json.dumps({**queued, "progress": progress.as_json() if progress else None}, indent=2))
         else:
@@ -131,7 +131,7 @@ async def steps_list(args: argparse.Namespace) -> int:
     """``steps list [--namespace N] [--status S] [--limit K] [--json]``: newest outcomes first."""
     if not 1 <= args.limit <= 1000:
         raise UsageError("--limit must be between 1 and 1000")
-    async with producer(args) as client:
+    async with producer(args, read=True) as client:
         results = await client.list_results(namespace=args.namespace, status=args.status, limit=args.limit)
     if args.json:
         print(json.dumps([r.as_json() for r in results], indent=2))

@@ -111,6 +111,11 @@ class DatabaseConfig(_Section):
     """``[database]``: where PostgreSQL is, or where the embedded one keeps its data."""
 
     url: str | None = None
+    #: A read replica (a hot standby) for what only reads: the dashboard, ``status``, ``workers
+    #: list|show|stats``, ``steps list|show`` and the API's GET routes other than health and
+    #: metrics. As stale as the standby's replay lag (shown where it is read). Writes, claims,
+    #: heartbeats, LISTEN, the supervision lock and the producer's client never use it.
+    read_url: str | None = None
     #: What sits between the worker and PostgreSQL. ``"transaction"``: a transaction pooler
     #: (PgBouncer ``pool_mode = transaction``, which before 1.21 keeps no prepared statements):
     #: the worker then uses no server-side prepared statements and no session state (no LISTEN,
