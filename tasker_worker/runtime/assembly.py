@@ -40,11 +40,18 @@ def step_path(
     listening_since: Callable[[], float | None] = lambda: None,
     ranking: ClaimRanking | None = None,
     circuits: CircuitBreakers | None = None,
+    held: InFlight | None = None,
 ) -> CommandProcessor:
-    """The claim side and the step side of one worker, on the database behind ``client``."""
+    """The claim side and the step side of one worker, on the database behind ``client``.
+
+    A worker whose namespaces live on several clusters builds one step path per cluster and
+    hands each the same ``held`` (its slots: ``[event_system] max_concurrent_processors`` is the
+    worker's, whichever cluster a step comes from) and the same ``circuits``; each path claims,
+    keeps and writes only its own cluster's messages, through its own ``client``."""
     steps = StepSettings.from_config(config, worker_id)
     timers = ClaimTimers(queues, stats)
-    held = InFlight(steps.max_concurrent, steps.vt_seconds)
+    shared = held is not None
+    held = held if held is not None else InFlight(steps.max_concurrent, steps.vt_seconds)
     writer = OutcomeWriter(client, worker_id, stats, held, timers)
     runner = StepRunner(
         steps,
@@ -69,6 +76,7 @@ def step_path(
         stats=stats,
         listening_since=listening_since,
         ranking=ranking if config.event_system.listener.single_claimer else None,
+        shares_slots=shared,
     )
 
 
