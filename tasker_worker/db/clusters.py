@@ -52,15 +52,19 @@ def unreachable(spec: ClusterSpec, url: str, exc: TaskerError, namespaces: Itera
     return DatabaseError(f"{where}: {exc}")
 
 
-async def migrate_clusters(config: TaskerConfig, names: Iterable[str] | None = None) -> dict[str, list[str]]:
-    """Apply pending migrations on every configured cluster (or on ``names``), the primary
-    first; what was applied on each. Every cluster holds the tasker schema: queues, outcomes,
-    step keys and flow control are per cluster."""
+async def migrate_clusters(
+    config: TaskerConfig, *, primary_url: str | None = None, auto_only: bool = False
+) -> dict[str, list[str]]:
+    """Apply pending migrations on every configured cluster, the primary (at ``primary_url``
+    when given) first; what was applied on each. Every cluster holds the tasker schema: queues,
+    outcomes, step keys and flow control are per cluster. ``auto_only``: only the clusters
+    whose ``auto_migrate`` is on (what an entry point does at start)."""
     specs = config.clusters()
     applied: dict[str, list[str]] = {}
-    for name in names if names is not None else specs:
-        spec = specs[name]
-        url = cluster_url(spec)
+    for name, spec in specs.items():
+        if auto_only and not spec.settings.auto_migrate:
+            continue
+        url = primary_url if name == PRIMARY and primary_url else cluster_url(spec)
         try:
             applied[name] = await migrations.migrate(url)
         except DatabaseError as exc:
