@@ -16,12 +16,14 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tasker_worker.config.models import TaskerConfig
+from tasker_worker.config.models import PRIMARY, TaskerConfig
+from tasker_worker.db.clusters import ClusterPools
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.clock import Clock, SystemClock
 from tasker_worker.fleet.leader import LeaderElection
 from tasker_worker.fleet.lifecycle import WorkerLifecycle
 from tasker_worker.fleet.views import FleetViews
+from tasker_worker.producer.client import AsyncClient
 
 if TYPE_CHECKING:
     from tasker_worker.runtime.stats import HistogramSeries
@@ -48,6 +50,9 @@ class ApiContext:
     #: The local worker's histograms (``WorkerStats.histograms``), for ``/metrics``.
     local_histograms: Callable[[], list[HistogramSeries]] | None = None
     supervision: LeaderElection | None = None
+    #: The pools of the clusters other than the primary's (``[queues.namespaces.<ns>] database``),
+    #: each opened when first used; None when every namespace lives on the primary.
+    clusters: ClusterPools | None = None
 
     @classmethod
     def for_worker(cls, pool: AsyncConnectionPool, config: TaskerConfig, worker: Any) -> ApiContext:
@@ -67,6 +72,38 @@ class ApiContext:
         )
         self.views = FleetViews(self.pool)
         self.client = QueueClient(self.pool)
+        if self.clusters is None and self.config.sharded:
+            self.clusters = ClusterPools(
+                self.config, {PRIMARY: self.pool}, max_size=min(4, self.config.database.pool_max_size)
+            )
+        #: Sends, cancels and reads steps on the cluster of their namespace.
+        self.producer = AsyncClient(pool=self.pool, config=self.config, pools=self.clusters)
+
+    async def cluster_clients(self) -> list[tuple[str, QueueClient]]:
+        """``(cluster name, QueueClient)`` of every cluster, the primary first (only the
+        primary when nothing lives elsewhere). A cluster that cannot be reached raises."""
+        if self.clusters is None:
+            return [(PRIMARY, self.client)]
+        return [(PRIMARY, self.client)] + [
+            (name, QueueClient(await self.clusters.pool(name))) for name in self.clusters.names[1:]
+        ]
+
+    async def pool_of(self, namespace: str) -> AsyncConnectionPool:
+        """The pool of the cluster that holds ``namespace`` (its queue, flow control, outcomes)."""
+        if self.clusters is None:
+            return self.pool
+        return await self.clusters.for_namespace(namespace)
+
+    async def client_of(self, namespace: str) -> QueueClient:
+        """A ``QueueClient`` on the cluster that holds ``namespace``."""
+        if self.clusters is None or self.clusters.cluster_of(namespace) == PRIMARY:
+            return self.client
+        return QueueClient(await self.clusters.for_namespace(namespace))
+
+    async def close(self) -> None:
+        """Close the clusters' pools opened for the API (not the primary's, its owner's)."""
+        if self.clusters is not None:
+            await self.clusters.close()
 
 
 class ApiError(Exception):
