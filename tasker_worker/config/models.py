@@ -560,9 +560,13 @@ class TaskerConfig(BaseSettings):
                     key=f"{key}.url",
                 )
             urls[own.url] = f"{key}.url"
+            low = self.database.pool_min_size if own.pool_min_size is None else own.pool_min_size
+            high = self.database.pool_max_size if own.pool_max_size is None else own.pool_max_size
+            if low > high:
+                raise ConfigError(
+                    f"pool_min_size ({low}) must not exceed pool_max_size ({high}; [database]'s when unset)", key=key
+                )
             settings = own.settings(self.database)
-            if settings.pool_min_size > settings.pool_max_size:
-                raise ConfigError("pool_min_size must not exceed pool_max_size ([database]'s when unset)", key=key)
             why = settings.refuses(self.event_system.deployment_mode)
             if why is not None:
                 raise ConfigError(

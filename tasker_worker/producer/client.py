@@ -166,7 +166,7 @@ class AsyncClient:
         pool: AsyncConnectionPool | None = None,
         config: TaskerConfig | None = None,
         max_size: int = 4,
-        pools: Mapping[str, AsyncConnectionPool] | None = None,
+        pools: Mapping[str, AsyncConnectionPool] | ClusterPools | None = None,
     ) -> None:
         if pools and config is None:
             raise UsageError("pools= are routed by the configuration's clusters: give config= too")
@@ -174,14 +174,18 @@ class AsyncClient:
         self._pool = pool
         self._owns_pool = pool is None
         self._max_size = max_size
-        self._given = dict(pools or {})
         #: The pools of the clusters, when some namespace lives elsewhere than the primary.
         self._clusters: ClusterPools | None = None
+        #: A ``ClusterPools`` handed in (the API's), used as it is and closed by its owner.
+        self._shared = pools if isinstance(pools, ClusterPools) else None
+        self._given = dict(pools) if pools is not None and not isinstance(pools, ClusterPools) else {}
         if pool is not None:
             self._route(config)
 
     def _route(self, config: TaskerConfig | None) -> None:
-        if config is not None and config.sharded and self._pool is not None:
+        if self._shared is not None:
+            self._clusters = self._shared
+        elif config is not None and config.sharded and self._pool is not None:
             given = {**self._given, PRIMARY: self._pool}
             self._clusters = ClusterPools(
                 config, given, max_size=self._max_size, application_name=CLIENT_APPLICATION_NAME
@@ -217,7 +221,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the pools this client opened (not those it was given)."""
-        if self._clusters is not None:
+        if self._clusters is not None and self._clusters is not self._shared:
             await self._clusters.close()
         if self._pool is not None and self._owns_pool:
             await self._pool.close()

@@ -42,7 +42,7 @@ from tasker_worker.config.loader import load_config
 from tasker_worker.config.models import PRIMARY, TaskerConfig
 from tasker_worker.db import migrations
 from tasker_worker.db.clusters import unreachable
-from tasker_worker.db.connection import open_pool, resolve_database_url
+from tasker_worker.db.connection import describe, open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
 from tasker_worker.domain.health import WorkerFigures, thresholds_of
@@ -552,6 +552,11 @@ class Worker(RegistersHandlers):
             snap["supervision"] = self.supervision.status()
         if self.control is not None:
             snap["control"] = self.control.status()
+        if len(self.clusters) > 1:
+            # The counters, slots and in-flight figures above are the worker's (one budget for
+            # every cluster); what differs by cluster is listed per cluster.
+            snap["queues"] = sorted(q for c in self.clusters for q in c.processor.queues)
+            snap["clusters"] = {c.name: _cluster_status(c) for c in self.clusters}
         snap["health"] = self.health.status() if self.health is not None else {"status": "not monitored"}
         return snap
 
@@ -561,12 +566,14 @@ class Worker(RegistersHandlers):
         counters = self.stats.counters
         minute = self.stats.last_minute()
         es = self.event_system
-        listener = es.listener if es is not None else None
-        heard = listener.last_notification_at if listener is not None else None
+        systems = [c.event_system for c in self.clusters] or ([es] if es is not None else [])
+        listeners = [s.listener for s in systems if s.listener is not None]
+        # Several clusters: healthy only when every cluster's listener is, heard when any was.
+        heard = max((x.last_notification_at for x in listeners if x.last_notification_at is not None), default=None)
         return WorkerFigures(
             worker_id=self.worker_id,
             deployment_mode=es.mode.value if es is not None else "unknown",
-            listener_healthy=None if listener is None else listener.healthy,
+            listener_healthy=all(x.healthy for x in listeners) if listeners else None,
             last_notification_age_s=None if heard is None else round(time.monotonic() - heard, 3),
             missed_wakeups=counters.get("missed_wakeups", 0),
             claimed_event=counters.get("claimed_event", 0),
@@ -735,6 +742,21 @@ class Worker(RegistersHandlers):
                     f"handler module {path!r} has no register(worker) function", key="worker.handler_modules"
                 )
             register(self)
+
+
+def _cluster_status(cluster: ClusterParts) -> dict[str, Any]:
+    """What one cluster of a worker is doing: its database, namespaces, event sources, the
+    steps of its queues held now and its last claim error."""
+    processor = cluster.processor
+    queues = processor.queues
+    return {
+        "database": describe(cluster.url),
+        "namespaces": list(cluster.namespaces),
+        "event_system": cluster.event_system.status(),
+        "held": sum(1 for e in processor.held.entries.values() if e.msg.queue in queues),
+        "last_error": processor.last_error,
+        "housekeeping": cluster.housekeeping.status() if cluster.housekeeping is not None else None,
+    }
 
 
 #: SIGTERM/SIGINT received between process start and the worker's own handlers.
