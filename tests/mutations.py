@@ -68,6 +68,7 @@ HC = "tests/test_handler_control.py::"
 M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
+CL = "tests/test_clusters.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
 #: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
 CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
@@ -917,6 +918,43 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
+    ),
+    Mutation(
+        "cluster_routing_ignored",
+        "a client sends a namespace's steps to the cluster that holds it (every send went to the primary)",
+        (
+            Edit(
+                "tasker_worker/producer/client.py",
+                "database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY",
+                "database = PRIMARY",
+                count=2,  # AsyncClient and Client
+            ),
+        ),
+        (CL + "test_a_client_send_to_beta_lands_on_cluster_two_and_is_cancelled_there",),
+    ),
+    Mutation(
+        "cluster_slots_not_shared",
+        "the concurrency is the worker's, shared by its clusters (each cluster got slots of its own)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "held = InFlight(slots.max_concurrent, slots.vt_seconds) if sharded else None",
+                "held = None",
+            ),
+        ),
+        (CL + "test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_its_own_cluster",),
+    ),
+    Mutation(
+        "cluster_gives_back_others_steps",
+        "at shutdown each cluster gives back only its own messages, through its own client",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "        if not self.shares_slots:\n            return entries if isinstance(entries, list)",
+                "        if True:\n            return entries if isinstance(entries, list)",
+            ),
+        ),
+        (CL + "test_shutdown_gives_back_the_running_steps_of_every_cluster_within_the_one_budget",),
     ),
 )
 
