@@ -17,6 +17,7 @@ import anyio
 import psycopg
 import pytest
 from entrypoints import clean_env, cli
+from psycopg.conninfo import conninfo_to_dict
 
 from tasker_worker.config.loader import load_config
 from tasker_worker.config.models import TaskerConfig
@@ -190,6 +191,24 @@ async def test_shutdown_gives_back_the_running_steps_of_every_cluster_within_the
     for url, ns in ((db_url, A), (cluster2_url, B)):
         assert query(url, "SELECT count(*) FROM tasker.step_results") == [(0,)]
         assert query(url, f"SELECT count(*) FROM pgmq.q_worker_{ns}_queue WHERE vt <= clock_timestamp()") == [(1,)]
+
+
+@pytest.mark.anyio
+async def test_a_cluster_lost_while_running_costs_only_its_own_namespaces(
+    db_url: str, cluster2_url: str, second_server: str
+) -> None:
+    """Cluster two's database disappears under a running worker (its sessions terminated):
+    ``alpha`` steps on the primary still run; the worker keeps running and stops cleanly."""
+    config = sharded(cluster2_url, **{"event_system.deployment_mode": "Hybrid"})
+    state = types.SimpleNamespace()
+    async with running_worker(db_url, config, registry=counting_registry(state)) as worker:
+        _drop_database(second_server, conninfo_to_dict(cluster2_url)["dbname"])
+        async with AsyncClient(db_url, config=config) as client:
+            refs = [await client.send_step(A, "record", {"i": i}) for i in range(5)]
+            for ref in refs:
+                assert (await client.wait_for(ref.step_uuid, timeout=30, namespace=A)).succeeded
+        assert not worker.stopped.is_set()
+    assert set(outcomes(db_url)) == {str(r.step_uuid) for r in refs}
 
 
 @pytest.mark.anyio
