@@ -945,6 +945,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         (CL + "test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_its_own_cluster",),
     ),
     Mutation(
+        "cluster_dedup_across_clusters",
+        "dedup is per cluster: one step_uuid on two clusters is two steps (the worker's memory of"
+        " steps held and recorded told them apart by cluster)",
+        (Edit("tasker_worker/runtime/assembly.py", "key_salt=cluster_index << 128,", "key_salt=0,"),),
+        (CL + "test_one_step_uuid_on_two_clusters_is_two_steps_each_recorded_on_its_own",),
+    ),
+    Mutation(
         "cluster_gives_back_others_steps",
         "at shutdown each cluster gives back only its own messages, through its own client",
         (

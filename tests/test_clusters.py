@@ -137,6 +137,26 @@ async def test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_
 
 
 @pytest.mark.anyio
+async def test_one_step_uuid_on_two_clusters_is_two_steps_each_recorded_on_its_own(
+    db_url: str, cluster2_url: str
+) -> None:
+    """Dedup is per cluster (the outcome row lives next to its queue): a step_uuid sent to a
+    namespace of each cluster runs once on each and is recorded on each, though one worker
+    holds both at once."""
+    config = sharded(cluster2_url)
+    state = types.SimpleNamespace()
+    step_uuid = uuid.uuid4()
+    async with running_worker(db_url, config, registry=counting_registry(state)):
+        async with AsyncClient(db_url, config=config) as client:
+            for ns in (A, B):
+                await client.send_step(ns, "record", {}, step_uuid=step_uuid)
+            for ns in (A, B):
+                assert (await client.wait_for(step_uuid, timeout=20, namespace=ns)).namespace == ns
+    assert outcomes(db_url) == outcomes(cluster2_url) == {str(step_uuid): "succeeded"}
+    assert state.runs == {str(step_uuid): 2}
+
+
+@pytest.mark.anyio
 async def test_each_cluster_has_its_own_listener_and_a_mode_switch_reaches_both(db_url: str, cluster2_url: str) -> None:
     """Hybrid with a poll too slow to matter: a step sent to ``beta`` after start is claimed on
     the notification of cluster two's own listener; ``mode set`` switches both clusters."""

@@ -376,7 +376,7 @@ class Worker(RegistersHandlers):
         held = InFlight(slots.max_concurrent, slots.vt_seconds) if sharded else None
         circuits = circuit_breakers(self.config) if sharded else None
         clusters: list[ClusterParts] = []
-        for db, each in zip(databases, clients, strict=True):
+        for index, (db, each) in enumerate(zip(databases, clients, strict=True)):
             event_system = WorkerEventSystem(
                 db.url,
                 db.namespaces if sharded else self.namespaces,
@@ -404,6 +404,7 @@ class Worker(RegistersHandlers):
                 ranking=ranking,
                 circuits=circuits,
                 held=held,
+                cluster_index=index,
             )
             clusters.append(
                 ClusterParts(
