@@ -14,14 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import psycopg
 import pytest
 from entrypoints import clean_env, cli
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict
 
+from tasker_worker.api.app import create_app
+from tasker_worker.api.context import ApiContext
 from tasker_worker.config.loader import load_config
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
+from tasker_worker.db.connection import open_pool
 from tasker_worker.db.embedded import temporary_embedded
 from tasker_worker.errors import ConfigError, DatabaseError, UsageError
 from tasker_worker.handlers.registry import HandlerRegistry
@@ -229,6 +234,46 @@ async def test_a_cluster_lost_while_running_costs_only_its_own_namespaces(
                 assert (await client.wait_for(ref.step_uuid, timeout=30, namespace=A)).succeeded
         assert not worker.stopped.is_set()
     assert set(outcomes(db_url)) == {str(r.step_uuid) for r in refs}
+
+
+@pytest.mark.anyio
+async def test_the_api_sends_to_the_namespaces_cluster_and_metrics_cover_every_cluster(
+    db_url: str, cluster2_url: str
+) -> None:
+    """``POST /api/namespaces/beta/steps`` lands on cluster two; ``/metrics`` has its queue's
+    depth, ``tasker_cluster_up`` for both, and the running worker's per-cluster listener gauge;
+    ``/api/queues`` names each queue's cluster."""
+    config = sharded(cluster2_url, **{"event_system.deployment_mode": "Hybrid", "api.token": None})
+    async with running_worker(db_url, config) as worker:
+        pool = await open_pool(db_url, config.database, max_size=2)
+        ctx = ApiContext.for_worker(pool, config, worker)
+        try:
+            transport = httpx.ASGITransport(app=create_app(ctx))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                sent = await http.post(
+                    f"/api/namespaces/{B}/steps",
+                    json={"handler": "nobody_has_it", "delay": 3600, "step_uuid": str(uuid.uuid4())},
+                )
+                assert sent.status_code == 201, sent.text
+                step = await http.get(f"/api/steps/{sent.json()['step_uuid']}")
+                assert step.json()["queue"] == f"worker_{B}_queue", step.text
+                queues = (await http.get("/api/queues")).json()
+                text = (await http.get("/metrics")).text
+        finally:
+            await ctx.close()
+            await pool.close()
+    assert _depth(cluster2_url, B) == 1
+    assert {(q["queue"], q.get("cluster")) for q in queues["queues"]} >= {(f"worker_{B}_queue", CLUSTER)}
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("tasker_cluster_up", (("cluster", CLUSTER),))] == 1.0
+    assert samples[("tasker_cluster_up", (("cluster", "primary"),))] == 1.0
+    assert samples[("tasker_queue_depth", (("queue", f"worker_{B}_queue"),))] == 1.0
+    listener = ("tasker_worker_cluster_listener_up", (("cluster", CLUSTER), ("worker_id", worker.worker_id)))
+    assert samples[listener] == 1.0
 
 
 @pytest.mark.anyio
