@@ -458,8 +458,18 @@ class Worker(RegistersHandlers):
 
     async def _serve(self, parts: _Parts) -> None:
         """Run every part until the processors stop (a shutdown, or ``kill``'s hard scope)."""
-        es = self.config.event_system
         systems = [c.event_system for c in parts.clusters]
+        producer = self._producer(parts)
+        try:
+            await self._serve_parts(parts, systems, producer)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await producer.close()  # the pools it opened itself (none with one cluster)
+
+    async def _serve_parts(self, parts: _Parts, systems: list[WorkerEventSystem], producer: AsyncClient) -> None:
+        """``_serve``'s body: the sources, control, supervision and housekeeping, periodic jobs
+        and services beside every cluster's processor."""
+        es = self.config.event_system
         with anyio.CancelScope() as hard:
             self._hard_scope = hard
             async with anyio.create_task_group() as tg:
@@ -472,7 +482,6 @@ class Worker(RegistersHandlers):
                 for cluster in parts.clusters:
                     if cluster.housekeeping is not None:
                         tg.start_soon(cluster.housekeeping.run)
-                producer = self._producer(parts)
                 for job in self.registry.periodic_jobs:
                     tg.start_soon(self._periodic_loop, job, producer)
                 # "ready" means every source is live: a step sent now is seen by LISTEN.
