@@ -68,6 +68,7 @@ HC = "tests/test_handler_control.py::"
 M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
+CL = "tests/test_clusters.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
 FO = "tests/test_failover.py::"
 RR = "tests/test_read_replica.py::"
@@ -964,6 +965,50 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (RR + "test_cli_reads_come_from_the_standby_and_writes_go_to_the_primary",),
+    ),
+    Mutation(
+        "cluster_routing_ignored",
+        "a client sends a namespace's steps to the cluster that holds it (every send went to the primary)",
+        (
+            Edit(
+                "tasker_worker/producer/client.py",
+                "database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY",
+                "database = PRIMARY",
+                count=2,  # AsyncClient and Client
+            ),
+        ),
+        (CL + "test_a_client_send_to_beta_lands_on_cluster_two_and_is_cancelled_there",),
+    ),
+    Mutation(
+        "cluster_slots_not_shared",
+        "the concurrency is the worker's, shared by its clusters (each cluster got slots of its own)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "held = InFlight(slots.max_concurrent, slots.vt_seconds) if sharded else None",
+                "held = None",
+            ),
+        ),
+        (CL + "test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_its_own_cluster",),
+    ),
+    Mutation(
+        "cluster_dedup_across_clusters",
+        "dedup is per cluster: one step_uuid on two clusters is two steps (the worker's memory of"
+        " steps held and recorded told them apart by cluster)",
+        (Edit("tasker_worker/runtime/assembly.py", "key_salt=cluster_index << 128,", "key_salt=0,"),),
+        (CL + "test_one_step_uuid_on_two_clusters_is_two_steps_each_recorded_on_its_own",),
+    ),
+    Mutation(
+        "cluster_gives_back_others_steps",
+        "at shutdown each cluster gives back only its own messages, through its own client",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "        if not self.shares_slots:\n            return entries if isinstance(entries, list)",
+                "        if True:\n            return entries if isinstance(entries, list)",
+            ),
+        ),
+        (CL + "test_shutdown_gives_back_the_running_steps_of_every_cluster_within_the_one_budget",),
     ),
 )
 

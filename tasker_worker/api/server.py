@@ -146,7 +146,11 @@ async def run_api(config: TaskerConfig, url: str, *, sock: socket.socket | None 
                 tg.start_soon(ctx.supervision.run)
             tg.start_soon(_stop_on_signal, tg.cancel_scope)
             print(f"tasker-worker API on http://{config.api.host}:{sock.getsockname()[1]}", flush=True)
-            await serve(create_app(ctx), sock)
+            try:
+                await serve(create_app(ctx), sock)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await ctx.close()
     finally:
         with anyio.CancelScope(shield=True):
             await pool.close()
@@ -169,12 +173,15 @@ def worker_service(config: TaskerConfig, sock: socket.socket) -> Callable[[Any],
     async def service(worker: Any) -> None:
         pool = await open_pool(worker.database_url, config.database, max_size=4)
         read_pool = None
+        ctx: ApiContext | None = None
         try:
             read_pool = await open_read_pool(config.database, max_size=4)
             ctx = ApiContext.for_worker(pool, config, worker, read_pool)
             await serve(create_app(ctx), sock)
         finally:
             with anyio.CancelScope(shield=True):
+                if ctx is not None:
+                    await ctx.close()
                 await pool.close()
                 if read_pool is not None:
                     await read_pool.close()

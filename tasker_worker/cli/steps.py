@@ -6,24 +6,13 @@ import argparse
 import getpass
 import json
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from tasker_worker.cli.admin import read_pool, small_pool
+from tasker_worker.cli.admin import producer
 from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.results import StepProgress, StepResult
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.errors import UsageError
-from tasker_worker.producer.client import AsyncClient
-
-
-@asynccontextmanager
-async def producer(args: argparse.Namespace, *, read: bool = False) -> AsyncIterator[AsyncClient]:
-    """An ``AsyncClient`` on the CLI's small pool; ``read``: one that only reads, on
-    ``[database] read_url`` when it is set (``read_pool``)."""
-    async with read_pool(args) if read else small_pool(args) as pool, AsyncClient(pool=pool) as client:
-        yield client
 
 
 def _step_uuid(text: str) -> uuid.UUID:
@@ -49,9 +38,9 @@ async def steps_show(args: argparse.Namespace) -> int:
     """``steps show UUID [--namespace N] [--json]``: exit 0 when found, 1 when not."""
     step_uuid = _step_uuid(args.step_uuid)
     async with producer(args, read=True) as client:
-        result = await client.get_result(step_uuid)
+        result = await client.get_result(step_uuid, namespace=args.namespace)
         queued = None if result is not None else await client.find_queued(step_uuid, namespace=args.namespace)
-        progress = await client.get_progress(step_uuid) if queued is not None else None
+        progress = await client.get_progress(step_uuid, namespace=args.namespace) if queued is not None else None
     if result is not None:
         print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
         return 0
@@ -121,7 +110,11 @@ async def steps_wait(args: argparse.Namespace) -> int:
 
     async with producer(args) as client:
         result = await client.wait_for(
-            step_uuid, timeout=args.timeout, poll_interval=args.poll_interval, on_progress=show
+            step_uuid,
+            timeout=args.timeout,
+            namespace=args.namespace,
+            poll_interval=args.poll_interval,
+            on_progress=show,
         )
     print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
     return 0 if result.succeeded else 1
@@ -154,6 +147,7 @@ def add_commands(sub: Any, command: Any) -> None:
     p.add_argument("step_uuid")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.add_argument("--poll-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--namespace", help="its namespace (which cluster it is on, when namespaces live on several)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = command(s_sub, "cancel", steps_cancel, "cancel a step: a queued one at once, a running one asked to stop")
     p.add_argument("step_uuid")

@@ -194,8 +194,13 @@ class StepRunner:
         tracer: StepTracer | None = None,
         state: Any = None,
         pool: AsyncConnectionPool | None = None,
+        key_salt: int = 0,
     ) -> None:
         self.settings = settings
+        #: Added (bits above a UUID's 128) to each step_uuid's integer where the worker's held
+        #: steps are shared by several clusters' runners: dedup is per cluster, so the same
+        #: step_uuid on two clusters is two steps (0 with one cluster).
+        self.key_salt = key_salt
         self.worker_id = settings.worker_id
         self.store = store
         self.held = held
@@ -312,7 +317,7 @@ class StepRunner:
         if step.priority or step.group is not None:
             await self._note_flow_fields(msg.queue, step)
         # The UUID's integer: hashing a UUID object is a Python-level call per step.
-        step_key = step.step_uuid.int
+        step_key = step.step_uuid.int | self.key_salt
         held = self.held
         if step_key in held.steps:
             # Another message of the same step runs here now: come back when it is done,
@@ -450,7 +455,9 @@ class StepRunner:
             return await self._record_in_handler_transaction(entry, ctx, settlement)
         return settlement
 
-    def _call(self, spec: HandlerSpec, ctx: StepContext, step: StepMessage, timeout: timedelta, task: Any) -> Awaitable[Any]:
+    def _call(
+        self, spec: HandlerSpec, ctx: StepContext, step: StepMessage, timeout: timedelta, task: Any
+    ) -> Awaitable[Any]:
         """The handler call through every middleware: the runtime's (handler metrics, then a
         span when tracing is on), then the registered ones in order, the first outermost. The
         chain's links are made only when there is more than the metrics to go through (a plain
@@ -531,12 +538,13 @@ class StepRunner:
     def request_cancel(self, step_uuid: uuid.UUID, by: str | None) -> bool:
         """Someone asked the step ``step_uuid`` to stop: tell its handler (``ctx.cancelled``),
         and cancel an async one after ``cancel_grace``. False: it is not held here."""
-        where = self.held.steps.get(step_uuid.int)
+        key = step_uuid.int | self.key_salt
+        where = self.held.steps.get(key)
         entry = self.held.get(*where) if where is not None else None
         if entry is None:
             # Not running here (yet): prefetched, or put back and on its way to a claim. The
             # request stands for when it starts (bounded: the oldest are forgotten).
-            self._early_cancels[step_uuid.int] = by or "unknown"
+            self._early_cancels[key] = by or "unknown"
             while len(self._early_cancels) > EARLY_CANCELS_KEPT:
                 self._early_cancels.popitem(last=False)
             return False

@@ -29,7 +29,6 @@ from tasker_worker.domain.names import DLQ_SUFFIX, dlq_name, namespace_of, queue
 from tasker_worker.domain.results import StepProgress, StepResult
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.domain.workers import WorkerStatus, WorkerView
-from tasker_worker.producer.client import AsyncClient
 
 #: Queue depths are counted up to this many messages; beyond, the page says "10000+".
 GLANCE_CAP = 10_000
@@ -361,7 +360,7 @@ async def gather_worker_page(ctx: ApiContext, worker_id: str) -> WorkerPage:
 async def gather_step_page(ctx: ApiContext, step_uuid: uuid.UUID, namespace: str | None) -> StepPage:
     """What is known of one step: its outcome or its message (through its idempotency key, or a
     scan of ``namespace``'s queue), a copy in a DLQ, and its events."""
-    client = AsyncClient(pool=ctx.reads)
+    client = ctx.read_producer
     result = await client.get_result(step_uuid)
     queued = None if result is not None else await client.find_queued(step_uuid, namespace=namespace)
     rows = await ctx.read_client.step_events(str(step_uuid), STEP_EVENTS_SHOWN)
@@ -394,13 +393,13 @@ async def _find_dead_letter(ctx: ApiContext, namespace: str, step_uuid: str) -> 
 async def gather_dead_letters(ctx: ApiContext, namespace: str) -> list[DeadLetter]:
     """The oldest ``DEAD_LETTERS_SHOWN`` dead letters of a namespace (``QueueNotFound`` when it
     has no queue)."""
-    rows = await ctx.read_client.peek(dlq_name(queue_name(namespace)), DEAD_LETTERS_SHOWN)
+    rows = await (await ctx.read_client_of(namespace)).peek(dlq_name(queue_name(namespace)), DEAD_LETTERS_SHOWN)
     return [DeadLetter.from_peek(r) for r in rows]
 
 
 async def recent_failures(ctx: ApiContext) -> list[StepResult]:
     """The newest failed and dead-lettered outcomes, newest first."""
-    client = AsyncClient(pool=ctx.reads)
+    client = ctx.read_producer
     failed = await client.list_results(status=OutcomeStatus.FAILED, limit=FAILURES_SHOWN)
     dead = await client.list_results(status=OutcomeStatus.DEAD_LETTERED, limit=FAILURES_SHOWN)
     return sorted(failed + dead, key=lambda r: r.finished_at, reverse=True)[:FAILURES_SHOWN]
