@@ -585,6 +585,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         (F + "test_a_fleet_wide_limit_holds_across_workers",),
     ),
     Mutation(
+        "flow_hold_misses_ends",
+        "a claim held by max_running comes back when one of its steps ends, also during the claim (it waits for the next freed slot)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "await self.held.wait_hold_ended(holds_ended)",
+                "await self.held.wait_slot()",
+            ),
+        ),
+        (F + "test_a_held_claim_comes_back_when_its_own_steps_end",),
+    ),
+    Mutation(
         "flow_claims_unserialized",
         "limited claims are counted under the namespace's lock (two workers can both take the last slot)",
         (

@@ -509,6 +509,7 @@ class CommandProcessor:
                 # With peers listening, say what was claimed, so that they need not look.
                 with_peers = self.ranking is not None and self.ranking.fleet(qs.namespace) > 1
                 began = time.monotonic()
+                holds_ended = self.held.holds_ended
                 try:
                     # anyio's scope, not asyncio.timeout (5 us against 22 us a claim): its
                     # cancellation is delivered until the claim gives up, where asyncio's once
@@ -572,8 +573,11 @@ class CommandProcessor:
                     # start, or when a slot frees here, or after a moment (one freed elsewhere),
                     # or at once when the namespace's flow control changes.
                     if hold.retry_after_s is None:
-                        with anyio.move_on_after(FLOW_RECHECK_S):
-                            await self.held.wait_slot()
+                        # A step of ours ending (its write over) may free the namespace's count,
+                        # including those that ended during the claim; the flow changing nudges.
+                        if not qs.flow_changed:
+                            with anyio.move_on_after(FLOW_RECHECK_S):
+                                await self.held.wait_hold_ended(holds_ended)
                     elif not qs.flow_changed:
                         qs.flow_event = anyio.Event()
                         with anyio.move_on_after(hold.retry_after_s + RATE_MARGIN_S):
