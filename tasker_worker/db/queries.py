@@ -816,6 +816,14 @@ LOG_STEP_EVENTS = "SELECT tasker.log_step_events(%s, %s, %s, %s, %s, %s::jsonb[]
 # Composed with the channel's identifier (``sql.SQL(LISTEN).format(sql.Identifier(channel))``).
 LISTEN = "LISTEN {}"
 
+
+def listen_all(channels: list[str]) -> pgsql.Composed:
+    """LISTEN on every one of ``channels`` in one statement: sent without parameters (the simple
+    protocol), it is one round trip and one transaction, where a LISTEN per channel cost three
+    per namespace at every (re)connect of a listener."""
+    return pgsql.SQL("; ").join(pgsql.SQL(LISTEN).format(pgsql.Identifier(c)) for c in channels)
+
+
 NOTIFY = "SELECT pg_notify(%s, %s)"
 
 # A round trip that proves a quiet session (and whatever it holds: LISTEN, a lock) is alive.
