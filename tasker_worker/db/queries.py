@@ -120,6 +120,11 @@ SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'tasker_notify_message_re
 
 CREATE_NAMESPACE_QUEUE = "SELECT tasker.create_namespace_queue(%s)"
 
+# A starting worker's namespaces, in one statement (one transaction, however many namespaces).
+CREATE_NAMESPACE_QUEUES = """
+SELECT tasker.create_namespace_queue(n.ns) FROM unnest(%s::text[]) WITH ORDINALITY AS n(ns, i) ORDER BY n.i
+"""
+
 QUEUE_EXISTS = "SELECT tasker.queue_table(%s) IS NOT NULL"
 
 LIST_QUEUES = """

@@ -264,8 +264,12 @@ class Worker(RegistersHandlers):
             prepare=not pooled,
         )
         self.client = client
-        for ns in self.namespaces:
-            await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
+        shown = ", ".join(self.namespaces[:5]) + (
+            f" and {len(self.namespaces) - 5} more" if len(self.namespaces) > 5 else ""
+        )
+        await self._startup_call(
+            f"creating the queues of {shown}", partial(client.create_namespace_queues, self.namespaces)
+        )
         lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
         ranking: ClaimRanking | None = None
         if self.config.registry.enabled:
