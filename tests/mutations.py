@@ -427,6 +427,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         (S + IDLE_COMMITS,),
     ),
     Mutation(
+        "cluster_queues_made_on_the_primary",
+        "each cluster's queues are created (in one statement) on that cluster",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "partial(each.create_namespace_queues, db.namespaces)",
+                "partial(clients[0].create_namespace_queues, db.namespaces)",
+            ),
+        ),
+        (CL + "test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_its_own_cluster",),
+    ),
+    Mutation(
         "grants_always_written",
         "a queue's GRANTs are written only where a role lacks them (a start writes no catalog row)",
         (
