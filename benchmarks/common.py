@@ -63,7 +63,11 @@ def tasker_database(admin: str, name: str, *, source: Path | None = None) -> str
     url = database(admin, name)
     env = {**os.environ, "TASKER_DATABASE_URL": url, **source_env(source)}
     subprocess.run(
-        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"], env=env, check=True, capture_output=True
+        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"],
+        env=env,
+        cwd=source,  # ``-m`` puts the working directory first on sys.path, before PYTHONPATH
+        check=True,
+        capture_output=True,
     )
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
@@ -82,7 +86,9 @@ def enqueue_steps(url: str, steps: int, handler: str = "noop") -> float:
 
 def source_env(source: Path | None) -> dict[str, str]:
     """The environment that makes a child Python import tasker_worker from ``source`` (a source
-    tree: PYTHONPATH comes before the editable install of this one); nothing for this tree."""
+    tree: PYTHONPATH comes before the editable install of this one); nothing for this tree.
+    A child run with ``-m`` must also run in ``source`` (``cwd=source``): ``-m`` puts its
+    working directory first on sys.path, so from this tree's root it would import this tree."""
     if source is None:
         return {}
     return {"PYTHONPATH": os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])}

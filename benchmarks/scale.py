@@ -191,7 +191,7 @@ def idle(
     catalog = _catalog_writes(url)
     before = tx.settle()
     log.mark()
-    proc = _run_worker(url, env)
+    proc = _run_worker(url, env, cwd=source)
     try:
         wait_for(lambda: log.seen(*STARTED), 60, "the worker started", proc)
     finally:
@@ -201,7 +201,7 @@ def idle(
     start_catalog = _catalog_writes(url) - catalog
 
     # Idle: a window opened once the start's transactions have been reported.
-    proc = _run_worker(url, env)
+    proc = _run_worker(url, env, cwd=source)
     try:
         wait_for(lambda: _listening_in(admin, dbname), 60, "the worker listening", proc)
         time.sleep(IDLE_SETTLE_S)  # a measurement's settling, not synchronisation (see IDLE_SETTLE_S)
@@ -226,12 +226,14 @@ def idle(
     }
 
 
-def _run_worker(url: str, env: dict[str, str], *argv: str) -> subprocess.Popen[str]:
+def _run_worker(url: str, env: dict[str, str], *argv: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     """``tasker-worker run --mode Hybrid`` with the benchmark environment plus ``env`` (with
-    ``source_env``: the tasker_worker of another source tree)."""
+    ``source_env`` and ``cwd`` that source tree: the tasker_worker of another source tree;
+    ``-m`` imports from its working directory first)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", "Hybrid", *argv],
         env={**worker_env(url), **env},
+        cwd=cwd,
         stderr=subprocess.PIPE,
         text=True,
     )
