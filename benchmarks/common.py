@@ -55,12 +55,19 @@ def database(admin: str, name: str) -> str:
     return psycopg.conninfo.make_conninfo(admin, dbname=name)
 
 
-def tasker_database(admin: str, name: str) -> str:
-    """A new database with the tasker schema and the ``bench`` namespace queue; its URL."""
+def tasker_database(admin: str, name: str, *, source: Path | None = None) -> str:
+    """A new database with the tasker schema and the ``bench`` namespace queue; its URL.
+
+    ``source``: migrated by the tasker_worker of that source tree (a checkout of an earlier
+    commit, for a before/after comparison) instead of this one."""
     url = database(admin, name)
-    env = {**os.environ, "TASKER_DATABASE_URL": url}
+    env = {**os.environ, "TASKER_DATABASE_URL": url, **source_env(source)}
     subprocess.run(
-        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"], env=env, check=True, capture_output=True
+        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"],
+        env=env,
+        cwd=source,  # ``-m`` puts the working directory first on sys.path, before PYTHONPATH
+        check=True,
+        capture_output=True,
     )
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
@@ -75,6 +82,16 @@ def enqueue_steps(url: str, steps: int, handler: str = "noop") -> float:
         for i in range(0, steps, SEND_BATCH):
             conn.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])", (QUEUE, bodies[i : i + SEND_BATCH]))
     return steps / (time.perf_counter() - t0)
+
+
+def source_env(source: Path | None) -> dict[str, str]:
+    """The environment that makes a child Python import tasker_worker from ``source`` (a source
+    tree: PYTHONPATH comes before the editable install of this one); nothing for this tree.
+    A child run with ``-m`` must also run in ``source`` (``cwd=source``): ``-m`` puts its
+    working directory first on sys.path, so from this tree's root it would import this tree."""
+    if source is None:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def worker_env(url: str, *, step_events: str = "derived", archive: bool = False) -> dict[str, str]:
@@ -224,6 +241,14 @@ class StatementLog:
         """Start counting from here."""
         self._offset = self.log_file.stat().st_size
 
+    def seen(self, *fragments: str) -> bool:
+        """Whether every one of ``fragments`` occurs in the log since ``mark`` (a statement the
+        worker was waited for to send: read from the log, it costs the database nothing)."""
+        with self.log_file.open("rb") as f:
+            f.seek(self._offset)
+            text = f.read().decode("utf-8", "replace")
+        return all(fragment in text for fragment in fragments)
+
     def count(self) -> int:
         """Statements of the database logged since ``mark``."""
         tag = f"[db={self.dbname}] "
@@ -268,6 +293,40 @@ class StatementLog:
             kind = next((k for k, marker in self.KINDS if marker in statement), "other")
             out[kind] = out.get(kind, 0) + 1
         return out
+
+
+class TransactionCount:
+    """The transactions one database committed (``pg_stat_database.xact_commit``), read from
+    the admin database so that reading them costs the counted database nothing.
+
+    A backend reports its counts when it goes idle, at most once a second; a report held back
+    goes out within 10 s (PostgreSQL's ``PGSTAT_IDLE_INTERVAL``) or when the backend exits. A
+    reading therefore lags by up to 10 s: a window must open more than 10 s after the last
+    burst it should not count (a start), and ``settle`` waits until no session (autovacuum's
+    included) is connected to the database, after which the counts are final. Autovacuum's
+    transactions in the database count too: they commit without any statement in the log.
+    """
+
+    def __init__(self, admin: str, dbname: str) -> None:
+        self.admin = admin
+        self.dbname = dbname
+
+    def read(self) -> int:
+        """Committed transactions of the database so far (as reported)."""
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            row = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (self.dbname,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def sessions(self) -> int:
+        """Backends connected to the database now (clients and autovacuum workers)."""
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (self.dbname,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def settle(self, timeout: float = 60.0) -> int:
+        """Wait until nobody is connected to the database; then the final count."""
+        wait_for(lambda: self.sessions() == 0, timeout, f"every session of {self.dbname} gone", interval=0.05)
+        return self.read()
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str = "") -> None:

@@ -9,7 +9,9 @@ upper bound of the transactions):
   concurrency 8: server statements per step (claims, settles, and whatever else the fleet sends
   meanwhile: heartbeats, polls), claims per step and the claims that came back empty, and the
   pickup latency of each step on the server's clock (claimed_at - enqueued_at of its outcome row);
-- ``idle``: one idle Hybrid worker on 1/10/50 namespaces: statements per second;
+- ``idle``: one Hybrid worker on 1/10/50 namespaces: transactions (``pg_stat_database``) and
+  statements (the log) per second while idle, and what one start and stop costs (transactions,
+  statements, catalog rows written); ``--baseline DIR`` measures another source tree too;
 - ``backlog``: the claim statement (100 messages) against a queue of 1,000 and of 1,000,000
   visible messages: ms per claim;
 - ``history``: a claim of 100 (with its dedup probe) and the settle of 100 outcomes against an
@@ -20,6 +22,7 @@ upper bound of the transactions):
     python benchmarks/scale.py                        # everything (about 15 minutes)
     python benchmarks/scale.py --only fleet idle      # some of it
     python benchmarks/scale.py --history-rows 1000000 # a smaller history
+    python benchmarks/scale.py --only idle --namespaces 1 50 --baseline /tmp/before  # before/after
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ from common import (
     QUEUE,
     RESULTS,
     StatementLog,
+    TransactionCount,
     enqueue_steps,
     machine,
     percentiles_ms,
     print_table,
     server,
+    source_env,
     stop,
     tasker_database,
     wait_for,
@@ -130,29 +135,105 @@ def fleet(admin: str, data_dir: Path, workers: int, single_claimer: bool = True)
     }
 
 
-def idle(admin: str, data_dir: Path, namespaces: int, seconds: float) -> dict[str, Any]:
-    """One idle Hybrid worker on ``namespaces`` namespaces."""
+#: An idle worker runs this long after it listens before its window opens: a backend reports its
+#: transactions to pg_stat_database up to 10 s late (``TransactionCount``), and a start is no idle.
+IDLE_SETTLE_S = 15.0
+#: What a worker's start has done once these are in the log: its first heartbeat, and the last
+#: statement of the supervisor's first round of jobs (the retention job's, the last job).
+STARTED = ("INSERT INTO tasker.worker_heartbeats", "WHERE heartbeat_id = ANY (ARRAY(")
+CATALOG_WRITES = (
+    "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_sys_tables WHERE schemaname = 'pg_catalog'"
+)
+
+
+def _catalog_writes(url: str) -> int:
+    """Rows written to the database's catalog so far (read in a session of its own, which ends
+    before anything is counted)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(CATALOG_WRITES).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _listening_in(admin: str, dbname: str) -> bool:
+    """The worker's LISTEN session is up (asked of the admin database: the counted one is left alone)."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'tasker-listener'",
+            (dbname,),
+        ).fetchone()
+    return bool(row and row[0] >= 1)
+
+
+def idle(
+    admin: str, data_dir: Path, namespaces: int, seconds: float, source: Path | None = None, label: str = "this tree"
+) -> dict[str, Any]:
+    """One idle Hybrid worker on ``namespaces`` namespaces (of the tasker_worker in ``source``,
+    default this tree): what one start and stop costs, and what a second of idling costs.
+
+    The namespaces' queues are created, and the database vacuumed and analysed, before any
+    worker starts: as for every start of a fleet's workers but the very first, and what
+    autovacuum would do once after creating ~4 tables per namespace is the namespaces' cost,
+    once per database, not a worker's. Transactions are ``pg_stat_database.xact_commit`` (every
+    commit, whether a statement was logged for it or not: a psycopg prepare, a session's start,
+    autovacuum); statements are the server's log lines, BEGIN/COMMIT left out.
+    """
     dbname = "bench_idle_ns"
-    url = tasker_database(admin, dbname)
     names = [f"ns{i:02d}" for i in range(namespaces)]
+    url = tasker_database(admin, dbname, source=source)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue(ns) FROM unnest(%s::text[]) AS ns", (names,))
+        conn.execute("VACUUM (ANALYZE)")
     log = StatementLog(admin, data_dir, dbname)
-    proc = _run_worker(url, {"TASKER__WORKER__NAMESPACES": "[" + ", ".join(f'"{n}"' for n in names) + "]"})
+    tx = TransactionCount(admin, dbname)
+    env = {"TASKER__WORKER__NAMESPACES": "[" + ", ".join(f'"{n}"' for n in names) + "]", **source_env(source)}
+
+    # One start and stop: exact counts, read once every session of the database has ended.
+    catalog = _catalog_writes(url)
+    before = tx.settle()
+    log.mark()
+    proc = _run_worker(url, env, cwd=source)
     try:
-        wait_for(lambda: _live_listeners(url, 1), 60, "the worker listening", proc)
-        time.sleep(WARMUP_S)  # start-up is not idle
-        log.mark()
-        time.sleep(seconds)
-        n = sum(log.counts().values())
+        wait_for(lambda: log.seen(*STARTED), 60, "the worker started", proc)
     finally:
         stop(proc)
-    return {"namespaces": namespaces, "seconds": seconds, "statements": n, "statements_per_s": round(n / seconds, 2)}
+    start_tx = tx.settle() - before
+    start_statements = sum(log.counts().values())
+    start_catalog = _catalog_writes(url) - catalog
+
+    # Idle: a window opened once the start's transactions have been reported.
+    proc = _run_worker(url, env, cwd=source)
+    try:
+        wait_for(lambda: _listening_in(admin, dbname), 60, "the worker listening", proc)
+        time.sleep(IDLE_SETTLE_S)  # a measurement's settling, not synchronisation (see IDLE_SETTLE_S)
+        log.mark()
+        t0, began = tx.read(), time.perf_counter()
+        time.sleep(seconds)  # the observation window
+        t1, window = tx.read(), time.perf_counter() - began
+        statements = sum(log.counts().values())
+    finally:
+        stop(proc)
+    return {
+        "code": label,
+        "namespaces": namespaces,
+        "window_s": round(window, 1),
+        "transactions": t1 - t0,
+        "statements": statements,
+        "transactions_per_s": round((t1 - t0) / window, 2),
+        "statements_per_s": round(statements / window, 2),
+        "start_stop_transactions": start_tx,
+        "start_stop_statements": start_statements,
+        "start_stop_catalog_writes": start_catalog,
+    }
 
 
-def _run_worker(url: str, env: dict[str, str], *argv: str) -> subprocess.Popen[str]:
-    """``tasker-worker run --mode Hybrid`` with the benchmark environment plus ``env``."""
+def _run_worker(url: str, env: dict[str, str], *argv: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """``tasker-worker run --mode Hybrid`` with the benchmark environment plus ``env`` (with
+    ``source_env`` and ``cwd`` that source tree: the tasker_worker of another source tree;
+    ``-m`` imports from its working directory first)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", "Hybrid", *argv],
         env={**worker_env(url), **env},
+        cwd=cwd,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -304,7 +385,13 @@ def main() -> None:
     parser.add_argument(
         "--compare-herd", action="store_true", help="also run each fleet with single_claimer off (every worker claims)"
     )
-    parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="idle: also measure the tasker_worker of this source tree (a checkout of an earlier commit:"
+        " `git archive <commit> | tar -x -C DIR`), printed as 'before'",
+    )
     parser.add_argument("--history-rows", type=int, default=10_000_000)
     parser.add_argument("--retention-rows", type=int, default=2_000_000)
     parser.add_argument("--json", type=Path, default=RESULTS / "scale.json")
@@ -332,11 +419,26 @@ def main() -> None:
                 f"fleet: a paced stream of {STREAM_STEPS} steps at {STREAM_RATE:.0f}/s into one namespace",
             )
         if "idle" in chosen:
-            result["idle"] = rows = [idle(admin, data_dir, n, args.idle_seconds) for n in args.namespaces]
+            trees: list[tuple[Path | None, str]] = [(None, "after" if args.baseline else "this tree")]
+            if args.baseline:
+                trees.insert(0, (args.baseline.resolve(), "before"))
+            result["idle"] = rows = [
+                idle(admin, data_dir, n, args.idle_seconds, source, label)
+                for n in args.namespaces
+                for source, label in trees
+            ]
             print_table(
                 rows,
-                [("namespaces", "namespaces"), ("statements", "statements"), ("statements_per_s", "statements/s")],
-                "idle: one Hybrid worker",
+                [
+                    ("code", "code"),
+                    ("namespaces", "namespaces"),
+                    ("transactions_per_s", "idle transactions/s"),
+                    ("statements_per_s", "idle statements/s"),
+                    ("start_stop_transactions", "start+stop transactions"),
+                    ("start_stop_statements", "start+stop statements"),
+                    ("start_stop_catalog_writes", "start+stop catalog rows written"),
+                ],
+                f"idle: one Hybrid worker ({args.idle_seconds:.0f} s window, {IDLE_SETTLE_S:.0f} s after it listens)",
             )
         if "backlog" in chosen:
             result["backlog"] = rows = backlog(admin)

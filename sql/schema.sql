@@ -895,25 +895,35 @@ CREATE OR REPLACE FUNCTION tasker.grant_queue_table(p_table regclass)
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
-    v_archive regclass;
+    v_archive    regclass;
+    v_target     regclass;
+    v_role       text;
+    v_privileges text[];
+    v_missing    text;
 BEGIN
     SELECT to_regclass(format('pgmq.%I', 'a_' || substring(c.relname FROM 3))) INTO v_archive
       FROM pg_class AS c WHERE c.oid = p_table;
-    IF tasker.role_exists('tasker_producer') THEN
-        EXECUTE format('GRANT SELECT, INSERT ON %s TO tasker_producer', p_table);
-    END IF;
-    IF tasker.role_exists('tasker_worker') THEN
-        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO tasker_worker', p_table);
-        IF v_archive IS NOT NULL THEN
-            EXECUTE format('GRANT SELECT, INSERT ON %s TO tasker_worker', v_archive);
+    -- Producers insert (and read back the msg_id pgmq returns); workers and operators read,
+    -- claim (UPDATE), settle (DELETE) and dead-letter (INSERT); operators also purge (TRUNCATE).
+    FOR v_target, v_role, v_privileges IN
+        SELECT g.target, g.role, g.privileges
+          FROM (VALUES (p_table, 'tasker_producer', ARRAY['SELECT', 'INSERT']),
+                       (p_table, 'tasker_worker', ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']),
+                       (v_archive, 'tasker_worker', ARRAY['SELECT', 'INSERT']),
+                       (p_table, 'tasker_operator', ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']),
+                       (v_archive, 'tasker_operator', ARRAY['SELECT', 'INSERT', 'DELETE', 'TRUNCATE']))
+               AS g(target, role, privileges)
+         WHERE g.target IS NOT NULL AND tasker.role_exists(g.role)
+    LOOP
+        SELECT string_agg(w.privilege, ', ' ORDER BY w.i) INTO v_missing
+          FROM unnest(v_privileges) WITH ORDINALITY AS w(privilege, i)
+         WHERE NOT EXISTS (SELECT 1 FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+                            WHERE c.oid = v_target AND a.grantee = v_role::regrole
+                              AND a.privilege_type = w.privilege);
+        IF v_missing IS NOT NULL THEN
+            EXECUTE format('GRANT %s ON %s TO %I', v_missing, v_target, v_role);
         END IF;
-    END IF;
-    IF tasker.role_exists('tasker_operator') THEN
-        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON %s TO tasker_operator', p_table);
-        IF v_archive IS NOT NULL THEN
-            EXECUTE format('GRANT SELECT, INSERT, DELETE, TRUNCATE ON %s TO tasker_operator', v_archive);
-        END IF;
-    END IF;
+    END LOOP;
 END;
 $function$;
 

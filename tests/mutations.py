@@ -72,6 +72,8 @@ CL = "tests/test_clusters.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
 FO = "tests/test_failover.py::"
 RR = "tests/test_read_replica.py::"
+#: An idle worker's transactions (start, polls, stop) do not grow with its namespaces.
+IDLE_COMMITS = "test_an_idle_worker_commits_as_much_with_20_namespaces_as_with_1"
 #: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
 CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
 #: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
@@ -398,6 +400,55 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (S + "test_an_idle_poll_asks_once_for_all_namespaces",),
+    ),
+    Mutation(
+        "listen_per_channel",
+        "a listener's (re)connect LISTENs on all its channels in one statement (one transaction)",
+        (
+            Edit(
+                LISTENER,
+                "await conn.execute(queries.listen_all(self.channels))",
+                "for channel in self.channels:\n                await conn.execute(queries.listen_all([channel]))",
+            ),
+        ),
+        (S + IDLE_COMMITS,),
+    ),
+    Mutation(
+        "queues_created_one_by_one",
+        "a starting worker creates (or checks) the queues of all its namespaces in one statement",
+        (
+            Edit(
+                "tasker_worker/db/queue_client.py",
+                "rows = await self._fetch(queries.CREATE_NAMESPACE_QUEUES, (list(namespaces),))\n"
+                "        return [str(r[0]) for r in rows]",
+                "return [await self.create_namespace_queue(ns) for ns in namespaces]",
+            ),
+        ),
+        (S + IDLE_COMMITS,),
+    ),
+    Mutation(
+        "cluster_queues_made_on_the_primary",
+        "each cluster's queues are created (in one statement) on that cluster",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "partial(each.create_namespace_queues, db.namespaces)",
+                "partial(clients[0].create_namespace_queues, db.namespaces)",
+            ),
+        ),
+        (CL + "test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_its_own_cluster",),
+    ),
+    Mutation(
+        "grants_always_written",
+        "a queue's GRANTs are written only where a role lacks them (a start writes no catalog row)",
+        (
+            Edit(
+                "sql/migrations/0022_idle_grants.sql",
+                "WHERE NOT EXISTS (SELECT 1 FROM pg_class AS c CROSS JOIN LATERAL aclexplode",
+                "WHERE true OR NOT EXISTS (SELECT 1 FROM pg_class AS c CROSS JOIN LATERAL aclexplode",
+            ),
+        ),
+        (S + IDLE_COMMITS,),
     ),
     Mutation(
         "retention_ignores_horizon",

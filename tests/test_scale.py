@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.runtime.worker import Worker
-from tasker_worker.testing import make_config, outcomes_at_least, running_worker, wait_until
+from tasker_worker.testing import fetch_value, make_config, outcomes_at_least, running_worker, wait_until
 
 MANY = [f"ns{i:02d}" for i in range(20)]
 
@@ -41,6 +41,69 @@ async def test_an_idle_poll_asks_once_for_all_namespaces(db_url: str) -> None:
     assert claims == 1  # the one queue that had a message, once
 
 
+#: An idle worker's life in the test below: it starts, polls this many times, stops.
+IDLE_POLLS = 10
+CATALOG_WRITES = (
+    "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_sys_tables WHERE schemaname = 'pg_catalog'"
+)
+
+
+def _polls(worker: Worker) -> int:
+    """Safety polls done: a claim with one namespace, else one probe of all of them."""
+    return counter(worker, "claims_poll") + counter(worker, "queue_probes")
+
+
+async def _final_commits(admin_url: str, dbname: str) -> int:
+    """``pg_stat_database.xact_commit`` of ``dbname`` once no session is connected to it: a
+    backend reports its counts late (up to 10 s) but always when it exits, so from then on the
+    count is exact. Read from the admin database, which costs the counted one nothing."""
+
+    async def nobody_connected() -> bool:
+        return not await fetch_value(admin_url, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (dbname,))
+
+    await wait_until(nobody_connected, timeout=30)
+    return int(await fetch_value(admin_url, "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (dbname,)))
+
+
+@pytest.mark.anyio
+async def test_an_idle_worker_commits_as_much_with_20_namespaces_as_with_1(db_url: str, pg_admin_url: str) -> None:
+    """A Hybrid worker's whole life (start, ten 100 ms polls, stop) on 1 and on 20 namespaces,
+    counted by the server: the transactions it committed (pg_stat_database, exact once its
+    sessions ended: every commit, whether a statement was logged for it or not) do not grow
+    with the namespaces, and a start on existing queues writes no catalog row. Before: each
+    namespace cost a LISTEN per channel on each of two connections and a queue creation, 7
+    transactions, and 10 rewritten pg_class rows (its GRANTs) that autovacuum cleaned up later."""
+    dbname = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        # Both workers find their queues made and the catalog analysed (no autovacuum due).
+        await conn.execute("SELECT tasker.create_namespace_queue(ns) FROM unnest(%s::text[]) AS ns", (MANY,))
+        await conn.execute("VACUUM (ANALYZE)")
+    overrides = {
+        "event_system.fallback_poller.polling_interval": "100ms",
+        # One heartbeat and one round of supervision jobs per life (both at its start): what
+        # these cost does not depend on the namespaces, and their count then not on timing.
+        "registry.heartbeat_interval": "30s",
+        "registry.stale_timeout": "2m",
+        "registry.activate_interval": "30s",
+        "registry.stale_check_interval": "30s",
+        "registry.reactivate_interval": "30s",
+    }
+    lives: dict[int, tuple[int, int]] = {}
+    for namespaces in (MANY[:1], MANY):
+        catalog = await fetch_value(db_url, CATALOG_WRITES)
+        before = await _final_commits(pg_admin_url, str(dbname))
+        config = make_config(mode="Hybrid", namespaces=namespaces, overrides=overrides)
+        async with running_worker(db_url, config) as worker:
+            await wait_until(lambda w=worker: _polls(w) >= IDLE_POLLS, timeout=30)
+        commits = await _final_commits(pg_admin_url, str(dbname)) - before
+        lives[len(namespaces)] = (commits, await fetch_value(db_url, CATALOG_WRITES) - catalog)
+    (one, one_catalog), (many, many_catalog) = lives[1], lives[len(MANY)]
+    assert one_catalog == 0 and many_catalog == 0, lives
+    # A margin for what timing may add to either life (an autovacuum visit, a pooled
+    # connection more, a poll more); before, 20 namespaces cost 133 transactions more.
+    assert many <= one * 1.2 + 3, lives
+
+
 OLD_ROWS = """
 INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status, attempts,
                                  worker_id, finished_at)
@@ -59,7 +122,7 @@ async def test_retention_prunes_past_the_horizon_and_dedup_holds_inside_it(db_ur
     from ledger_handlers import LEDGER_DDL, ledger
 
     from tasker_worker.handlers.registry import HandlerRegistry
-    from tasker_worker.testing import fetch, fetch_value
+    from tasker_worker.testing import fetch
 
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await conn.execute(LEDGER_DDL)

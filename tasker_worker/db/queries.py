@@ -120,6 +120,11 @@ SELECT (SELECT count(*) FROM pg_trigger WHERE tgname = 'tasker_notify_message_re
 
 CREATE_NAMESPACE_QUEUE = "SELECT tasker.create_namespace_queue(%s)"
 
+# A starting worker's namespaces, in one statement (one transaction, however many namespaces).
+CREATE_NAMESPACE_QUEUES = """
+SELECT tasker.create_namespace_queue(n.ns) FROM unnest(%s::text[]) WITH ORDINALITY AS n(ns, i) ORDER BY n.i
+"""
+
 QUEUE_EXISTS = "SELECT tasker.queue_table(%s) IS NOT NULL"
 
 LIST_QUEUES = """
@@ -815,6 +820,14 @@ LOG_STEP_EVENTS = "SELECT tasker.log_step_events(%s, %s, %s, %s, %s, %s::jsonb[]
 
 # Composed with the channel's identifier (``sql.SQL(LISTEN).format(sql.Identifier(channel))``).
 LISTEN = "LISTEN {}"
+
+
+def listen_all(channels: list[str]) -> pgsql.Composed:
+    """LISTEN on every one of ``channels`` in one statement: sent without parameters (the simple
+    protocol), it is one round trip and one transaction, where a LISTEN per channel cost three
+    per namespace at every (re)connect of a listener."""
+    return pgsql.SQL("; ").join(pgsql.SQL(LISTEN).format(pgsql.Identifier(c)) for c in channels)
+
 
 NOTIFY = "SELECT pg_notify(%s, %s)"
 

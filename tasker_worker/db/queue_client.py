@@ -220,6 +220,14 @@ class QueueClient:
         rows = await self._fetch(queries.CREATE_NAMESPACE_QUEUE, (namespace,))
         return str(rows[0][0])
 
+    async def create_namespace_queues(self, namespaces: Sequence[str]) -> list[str]:
+        """``create_namespace_queue`` for each of ``namespaces``, in one statement: a worker's
+        start costs one transaction for its queues, not one per namespace."""
+        for namespace in namespaces:
+            queue_name(namespace)  # each name checked before any round trip, as one at a time
+        rows = await self._fetch(queries.CREATE_NAMESPACE_QUEUES, (list(namespaces),))
+        return [str(r[0]) for r in rows]
+
     async def queue_exists(self, queue: str) -> bool:
         """Whether a pgmq queue of that name exists."""
         rows = await self._fetch(queries.QUEUE_EXISTS, (queue,))

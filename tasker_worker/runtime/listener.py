@@ -216,8 +216,7 @@ class WorkerQueueListener:
         with anyio.fail_after(timeout + 1):
             conn = await connect(self.url, timeout=timeout, application_name=LISTENER_APPLICATION_NAME)
         try:
-            for channel in self.channels:
-                await conn.execute(sql.SQL(queries.LISTEN).format(sql.Identifier(channel)))
+            await conn.execute(queries.listen_all(self.channels))
         except BaseException:
             await conn.close()
             raise

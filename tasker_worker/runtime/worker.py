@@ -348,9 +348,17 @@ class Worker(RegistersHandlers):
         clients = [self._queue_client(db) for db in databases]
         client = clients[0]
         self.client = client
+        # Each cluster's queues in one statement on that cluster: one transaction however many
+        # namespaces it holds (a statement per namespace was a transaction per namespace).
         for db, each in zip(databases, clients, strict=True):
-            for ns in db.namespaces:
-                await self._startup_call(f"creating the queue of {ns}", partial(each.create_namespace_queue, ns))
+            if not db.namespaces:
+                continue
+            shown = ", ".join(db.namespaces[:5]) + (
+                f" and {len(db.namespaces) - 5} more" if len(db.namespaces) > 5 else ""
+            )
+            await self._startup_call(
+                f"creating the queues of {shown}", partial(each.create_namespace_queues, db.namespaces)
+            )
         lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
         ranking: ClaimRanking | None = None
         if self.config.registry.enabled:
