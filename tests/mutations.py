@@ -641,7 +641,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "tasker_worker/runtime/processor.py",
-                "await self.held.wait_hold_ended(holds_ended)",
+                "await self.held.wait_hold_ended(qs.name, holds_ended)",
                 "await self.held.wait_slot()",
             ),
         ),

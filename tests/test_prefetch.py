@@ -158,3 +158,97 @@ async def test_four_workers_share_a_backlog_fairly_with_the_single_claimer(url: 
     shares = dict(await fetch(url, "SELECT worker_id, count(*) FROM tasker.step_results GROUP BY 1"))
     assert sorted(shares) == [f"fair{i}" for i in range(4)]
     assert all(375 <= n <= 625 for n in shares.values()), shares
+
+
+# --- the start order, on in-memory fakes (pure logic: the real claim loops and starter) ------------
+
+
+class _FakeRunner:
+    """What the claim side calls on the step side: starts noted, nothing runs."""
+
+    def __init__(self, held: Any) -> None:
+        self.held = held
+        self.writer = types.SimpleNamespace(end=lambda entry, settlement: None, abandon=lambda entry: None)
+        self.circuits = types.SimpleNamespace(circuits={}, skipped=lambda: ())
+        self.typical_step_s = 0.001
+        self.started: list[tuple[str, int]] = []
+
+    def start(self, msg: Any) -> Any:
+        self.started.append((msg.queue, msg.msg_id))
+        return self.held.hold(msg)
+
+    def start_buffered(self, entry: Any) -> None:
+        self.held.unbuffer(entry)
+        self.started.append((entry.msg.queue, entry.msg.msg_id))
+
+
+class _EmptyQueues:
+    """A database whose queues have nothing more to claim."""
+
+    flow_queues: set[str] = set()
+
+    async def claim(self, queue: str, vt: int, qty: int, source: Any, **kwargs: Any) -> Any:
+        from tasker_worker.domain.flow import ClaimBatch
+
+        return ClaimBatch([])
+
+
+@pytest.mark.anyio
+async def test_a_waiting_queues_own_prefetched_steps_take_the_freed_slots() -> None:
+    """Two namespaces, every slot busy: B's one prefetched step is first in the start order and
+    A's twelve are behind it, when A is woken with no room (it waits for a slot). The freed slots
+    go to A's prefetched steps. Were they held back behind B's (B must not take a waiting queue's
+    slot), A's room (the free slots less its own buffer) would never open and the starter would
+    wait for A for good: four idle slots, thirteen steps kept claimed and never run."""
+    from datetime import UTC, datetime
+    from time import monotonic
+
+    from tasker_worker.domain.steps import ClaimedMessage, Source
+    from tasker_worker.runtime.inflight import InFlight
+    from tasker_worker.runtime.processor import ClaimSettings, ClaimTimers, CommandProcessor
+    from tasker_worker.runtime.stats import WorkerStats
+
+    qa, qb = queue_name("a"), queue_name("b")
+    ids = iter(range(1, 100))
+
+    def message(queue: str) -> ClaimedMessage:
+        now = datetime.now(UTC)
+        return ClaimedMessage(queue, next(ids), 1, now, now, "{}", None, False, Source.POLL, monotonic())
+
+    held = InFlight(4, 30)
+    runner = _FakeRunner(held)
+    stats = WorkerStats()
+    settings = ClaimSettings(
+        worker_id="w",
+        batch_size=50,
+        vt_seconds=30,
+        processing_timeout_s=5,
+        claim_grace_s=0.1,
+        shutdown_timeout_s=5,
+        prefetch=16,
+    )
+    processor = CommandProcessor(
+        settings,
+        client=_EmptyQueues(),
+        timers=ClaimTimers([qa, qb], stats),
+        runner=runner,
+        stats=stats,  # type: ignore[arg-type]
+    )
+    a, b = processor.queues[qa], processor.queues[qb]
+    running = [held.hold(message(qa)) for _ in range(4)]
+    processor._accept(b, message(qb))
+    for _ in range(12):
+        processor._accept(a, message(qa))
+    assert held.buffered == 13 and held.free_slots == 0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(processor._starter)
+        tg.start_soon(processor._claim_loop, a)
+        tg.start_soon(processor._claim_loop, b)
+        a.poke(Source.EVENT)  # a new message for A while every slot is busy
+        await wait_until(lambda: a.waiting, timeout=5)
+        for entry in running:
+            held.hand_off(entry)
+            held.release_hold(entry)
+        await wait_until(lambda: len(runner.started) == 4, timeout=5)
+        assert {queue for queue, _ in runner.started} == {qa}  # the waiting queue's own steps
+        tg.cancel_scope.cancel()

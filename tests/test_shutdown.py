@@ -68,3 +68,33 @@ async def test_shutdown_keeps_its_budget_with_the_database_gone(db_url: str, how
     # still recorded once. Steps cut mid-run leave no ledger row.
     assert len(doubled) <= 16
     assert await fetch(db_url, f"SELECT count(*) FROM pgmq.q_worker_{NS}_queue") == [(0,)]
+
+
+@pytest.mark.anyio
+async def test_a_sync_handler_running_at_shutdown_keeps_its_message_until_its_vt(db_url: str) -> None:
+    """A sync handler runs in a thread, which cancelling its task does not stop: at shutdown its
+    message is left to return at its vt, not given back at once (a peer would run the step while
+    the thread here still did). An async handler's message is given back (test_runtime)."""
+    import threading
+
+    started, gate = threading.Event(), threading.Event()
+
+    def blocking(ctx: object, step: object) -> None:
+        started.set()
+        gate.wait(30)
+
+    reg = HandlerRegistry()
+    reg.register("blocking", blocking)
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"worker.shutdown_timeout": "500ms", "worker.prefetch": 0}
+    )
+    try:
+        async with running_worker(db_url, config, registry=reg):
+            await send_steps(db_url, NS, "blocking", [{}])
+            await wait_until(started.is_set, timeout=15)
+        rows = await fetch(db_url, f"SELECT vt > clock_timestamp(), read_ct FROM pgmq.q_worker_{NS}_queue")
+        assert rows == [(True, 1)], rows  # still claimed: it returns at its vt, its attempt counted
+        released = await fetch(db_url, "SELECT count(*) FROM tasker.events WHERE data->>'reason' = 'shutdown'")
+        assert released == [(0,)]
+    finally:
+        gate.set()

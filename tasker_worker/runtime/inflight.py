@@ -73,10 +73,12 @@ class InFlight:
         #: probe could not see yet, is settled without running.
         self.recorded: OrderedDict[int, None] = OrderedDict()
         self._slot_freed = anyio.Event()
-        #: How many holds have ended (their outcome written or their message given back): what a
-        #: namespace's ``max_running`` counts in the database drops only then, not at a hand-off.
-        self.holds_ended = 0
+        #: How many holds have ended per queue (their outcome written or their message given
+        #: back): what a namespace's ``max_running`` counts in the database drops only then, not
+        #: at a hand-off. Per queue: a held claim is not brought back by other queues' steps.
+        self.holds_ended: dict[str, int] = {}
         self._hold_ended = anyio.Event()
+        self._nudges = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -101,20 +103,21 @@ class InFlight:
     def nudge(self) -> None:
         """Wake whoever waits for a slot without freeing one (they look again at why they wait)."""
         self._slot_freed.set()
+        self._nudges += 1
         self._hold_ended.set()
 
-    async def wait_hold_ended(self, since: int) -> None:
-        """Until a hold ends after ``since`` (a value of ``holds_ended``), or a nudge.
+    async def wait_hold_ended(self, queue: str, since: int) -> None:
+        """Until a hold of ``queue`` ends after ``since`` (its ``holds_ended`` count), or a nudge.
 
         A claim held back by ``max_running`` waits here: the holds that ended while that claim
         was on its way (a writer's flush ends many at once) count, so it claims again at once
         instead of waiting for the next one. Waiting for a freed slot would miss those, and a
         hand-off frees a slot before the database stops counting the step as running."""
-        if self.holds_ended != since:
-            return
-        if self._hold_ended.is_set():
-            self._hold_ended = anyio.Event()
-        await self._hold_ended.wait()
+        nudges = self._nudges
+        while self.holds_ended.get(queue, 0) == since and self._nudges == nudges:
+            if self._hold_ended.is_set():
+                self._hold_ended = anyio.Event()
+            await self._hold_ended.wait()
 
     def hold(self, msg: ClaimedMessage, *, buffered: bool = False) -> HeldStep:
         """Hold a message just claimed (its vt counted from the claim's return); ``buffered``:
@@ -156,7 +159,8 @@ class InFlight:
         if entry.handed_off:
             self.handed_off -= 1
         self._slot_freed.set()
-        self.holds_ended += 1
+        queue = entry.msg.queue
+        self.holds_ended[queue] = self.holds_ended.get(queue, 0) + 1
         self._hold_ended.set()
 
     def note_recorded(self, step_key: int) -> None:

@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
-import psycopg
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from tasker_worker.config.models import TaskerConfig
@@ -349,6 +348,13 @@ class CommandProcessor:
                     for entry in running:
                         entry.releasing = True
                     await self.steps.cancel(running)
+                    # A sync handler's thread outlives its task's cancellation: its message
+                    # returns at its vt, not now (released now, a peer could run the step while
+                    # the thread here still does).
+                    still_running = [e for e in running if self.steps.may_run_on(e)]
+                    for entry in still_running:
+                        self.writer.abandon(entry)
+                    running = [e for e in running if not e.ending]
                     if running:
                         await self._release_all(running, "shutdown")
                 self.writer.final_deadline = deadline
@@ -509,7 +515,7 @@ class CommandProcessor:
                 # With peers listening, say what was claimed, so that they need not look.
                 with_peers = self.ranking is not None and self.ranking.fleet(qs.namespace) > 1
                 began = time.monotonic()
-                holds_ended = self.held.holds_ended
+                holds_ended = self.held.holds_ended.get(qs.name, 0)
                 try:
                     # anyio's scope, not asyncio.timeout (5 us against 22 us a claim): its
                     # cancellation is delivered until the claim gives up, where asyncio's once
@@ -577,7 +583,7 @@ class CommandProcessor:
                         # including those that ended during the claim; the flow changing nudges.
                         if not qs.flow_changed:
                             with anyio.move_on_after(FLOW_RECHECK_S):
-                                await self.held.wait_hold_ended(holds_ended)
+                                await self.held.wait_hold_ended(qs.name, holds_ended)
                     elif not qs.flow_changed:
                         qs.flow_event = anyio.Event()
                         with anyio.move_on_after(hold.retry_after_s + RATE_MARGIN_S):
@@ -650,8 +656,9 @@ class CommandProcessor:
             )
         try:
             await self.client.record_lapsed_claims(qs.name, self.worker_id, msgs)
-        except TRANSIENT_DB_ERRORS as exc:
-            self.stats.incr("db_errors")
+        except Exception as exc:  # events only: whatever the cause (a hostile body too), the claim loop goes on
+            if isinstance(exc, TRANSIENT_DB_ERRORS):
+                self.stats.incr("db_errors")
             log.warning("lapsed claims on %s not recorded: %s", qs.name, first_line(exc))
 
     def _accept(self, qs: _QueueState, msg: ClaimedMessage) -> None:
@@ -696,8 +703,17 @@ class CommandProcessor:
         goes to a queue waiting for one first (its claim loop takes it), not to the buffer."""
         while True:
             ready, held = self.ready, self.held
-            while ready and held.free_slots > 0 and not self._someone_waits(ready[0].msg.queue):
-                entry = ready.popleft()
+            while ready and held.free_slots > 0:
+                if not self._someone_waits(ready[0].msg.queue):
+                    entry = ready.popleft()
+                else:
+                    # The slot is a waiting queue's: its own prefetched steps take it. Its claim
+                    # loop counts them against its room, so left behind another queue's entry
+                    # they would keep it waiting, and the starter waiting for it, for good.
+                    found = self._waiting_queues_entry()
+                    if found is None:
+                        break  # it has none: its claim loop takes the slot
+                    entry = found
                 self._unready(entry)
                 self._start_prefetched(entry)
             if ready:
@@ -707,6 +723,17 @@ class CommandProcessor:
                     self._ready_added = anyio.Event()
                     continue
                 await self._ready_added.wait()
+
+    def _waiting_queues_entry(self) -> HeldStep | None:
+        """The first prefetched entry of a queue that waits for a slot, out of the start order
+        (None when no waiting queue has one). The search is bounded by the buffer's size."""
+        queues = self.queues
+        for i, entry in enumerate(self.ready):
+            qs = queues.get(entry.msg.queue)
+            if qs is not None and qs.waiting:
+                del self.ready[i]
+                return entry
+        return None
 
     def _someone_waits(self, queue: str) -> bool:
         """Whether a queue other than ``queue`` waits for a free slot."""
@@ -764,7 +791,7 @@ class CommandProcessor:
                 continue
             try:
                 found = await self.client.pending_cancellations(running)
-            except TRANSIENT_DB_ERRORS as exc:
+            except Exception as exc:  # a dropped queue or a missing grant must not stop the worker
                 log.warning("cancel requests not looked for: %s", first_line(exc))
                 continue
             for step_uuid, by in found.items():
@@ -784,7 +811,7 @@ class CommandProcessor:
             for queue, items in due.items():
                 try:
                     extended = await self.client.extend_vt(queue, [i.msg for i in items], vt_ms)
-                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                except Exception as exc:  # a queue dropped behind the worker too: its steps lapse, the rest go on
                     self.stats.incr("db_errors")
                     log.warning("extending vt on %s failed", queue, extra={"queue": queue, **error_fields(exc)})
                     continue

@@ -533,6 +533,15 @@ class StepRunner:
         snoozes = int((msg.headers or {}).get("tasker_snoozes", 0)) + 1
         return snoozed(seconds, snoozes, self.policy_for(spec).max_snoozes)
 
+    def may_run_on(self, entry: HeldStep) -> bool:
+        """Whether the handler of ``entry``'s step may still be running after its task was
+        cancelled: a sync handler started in a thread or process, which a cancellation leaves
+        to finish on its own."""
+        if entry.ctx is None or entry.ended or entry.msg.step is None:
+            return False
+        spec = self.registry.get(entry.msg.step.handler)
+        return spec is not None and not spec.is_async
+
     # --- cancellation ----------------------------------------------------------------------
 
     def request_cancel(self, step_uuid: uuid.UUID, by: str | None) -> bool:
