@@ -757,6 +757,24 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_prefetch.py::test_a_paused_namespace_stops_prefetching_and_gives_the_buffer_back",),
     ),
     Mutation(
+        "prefetch_waiting_queue_starved",
+        "a queue waiting for a slot gets it through its own prefetched steps (they wait behind another queue's)",
+        (Edit("tasker_worker/runtime/processor.py", "found = self._waiting_queues_entry()", "found = None"),),
+        ("tests/test_prefetch.py::test_a_waiting_queues_own_prefetched_steps_take_the_freed_slots",),
+    ),
+    Mutation(
+        "shutdown_releases_running_threads",
+        "a sync handler still running at shutdown keeps its message until its vt (it is given back at once)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "still_running = [e for e in running if self.steps.may_run_on(e)]",
+                "still_running: list[HeldStep] = []",
+            ),
+        ),
+        ("tests/test_shutdown.py::test_a_sync_handler_running_at_shutdown_keeps_its_message_until_its_vt",),
+    ),
+    Mutation(
         "tasker_core_step_dead_lettered",
         "a tasker-core step (three UUIDs, nothing of ours) is never dead-lettered by our worker",
         (
