@@ -61,6 +61,7 @@ class SupervisionJobs:
             Job("reactivate_offline", self.config.reactivate_interval, self.reactivate_offline),
             Job("compact_events", self.events_config.compaction_interval, self.compact_events),
             Job("flow_indexes", self.config.reactivate_interval, self.flow_indexes),
+            Job("history_partitions", self.retention_config.interval, self.history_partitions),
             *(
                 [Job("prune_history", self.retention_config.interval, self.prune_history)]
                 if self.retention_config.enabled
@@ -110,12 +111,19 @@ class SupervisionJobs:
         return await eventlog.compact(self.lifecycle.pool, cutoff)
 
     async def prune_history(self) -> int:
-        """Delete outcome and heartbeat rows past ``[retention]`` (in bounded batches)."""
+        """Drop the outcome table's day partitions past ``[retention]``, delete the outcome rows
+        past it elsewhere and the heartbeat rows past it (in bounded batches)."""
         now = self.lifecycle.clock.now()
         pool = self.lifecycle.pool
         return await retention.prune_outcomes(pool, self.retention_config, now) + await retention.prune_heartbeats(
             pool, self.retention_config, now
         )
+
+    async def history_partitions(self) -> int:
+        """Create the outcome table's day partitions of today and the days ahead that are
+        missing (``[retention] partitions_ahead``); how many were created."""
+        now = self.lifecycle.clock.now()
+        return len(await retention.ensure_partitions(self.lifecycle.pool, self.retention_config, now))
 
     async def flow_indexes(self) -> int:
         """Build the indexes a namespace's flow control came to need (its steps began to carry

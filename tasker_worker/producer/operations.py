@@ -370,7 +370,8 @@ def send_steps(
 
 def get_result(step_uuid: uuid.UUID | str, *, conn: AnyConn | None = None) -> Plan[StepResult | None]:
     """The step's outcome, or None while it has none."""
-    rows = yield Rows(_STEP_RESULT, (_uuid(step_uuid),), conn)
+    key = _uuid(step_uuid)
+    rows = yield Rows(_STEP_RESULT, (key, key), conn)
     return StepResult.from_row(rows[0]) if rows else None
 
 
