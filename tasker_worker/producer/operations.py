@@ -200,7 +200,7 @@ def _batch_params(
     for k, step_inputs in enumerate(items):
         if not isinstance(step_inputs, dict):
             raise StepValidationError(f"inputs must be a JSON object (step {k})", reason="malformed_message")
-    ids, ints = _uuid4_batch(3 * len(items))
+    ids, ints = _fresh_uuids(3 * len(items))
     # The fixed part of every body, encoded once; only the ids and the inputs differ.
     fixed = _ENCODE.encode(common).decode()[1:-1]
     try:
@@ -247,12 +247,16 @@ def _unique(
     return unique_key, seconds, debounce
 
 
-def _uuid4_batch(n: int) -> tuple[list[str], list[int]]:
-    """``n`` random (version 4) UUIDs as strings and as integers, made in bulk: building them
-    one ``uuid.uuid4()`` at a time cost a batch more than its INSERT."""
+def _fresh_uuids(n: int) -> tuple[list[str], list[int]]:
+    """``n`` new UUIDs as strings and as integers, made in bulk (building them one
+    ``uuid.uuid4()`` at a time cost a batch more than its INSERT): every third, from the first
+    (each step's step_uuid), a UUIDv7 of now, whose time files its outcome row (migration 0021);
+    the others random (version 4)."""
     raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    raw[0::3, :6] = np.frombuffer((time.time_ns() // 1_000_000).to_bytes(6, "big"), dtype=np.uint8)
+    raw[0::3, 6] = (raw[0::3, 6] & 0x0F) | 0x70  # version 7
     hexed = np.frombuffer(raw.tobytes().hex().encode(), dtype=np.uint8).reshape(n, 32)
     text = np.full((n, 36), ord("-"), dtype=np.uint8)
     for src, dst, width in ((0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)):
