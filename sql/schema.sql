@@ -621,16 +621,15 @@ BEGIN
              WHERE m.msg_id = ready.msg_id
             RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, ready.prior_headers,
                       ready.prior_read_at
-        )%2$s%3$s
+        )%2$s%3$s, recorded AS MATERIALIZED (
+            SELECT r.u FROM tasker.recorded_step_uuids(
+                ARRAY(SELECT tasker.try_uuid(c.message ->> 'step_uuid') FROM claimed AS c)) AS r(u)
+        )
         SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.prior_headers,
-               d.step_uuid IS NOT NULL, c.prior_read_at, NULL::text, NULL::float8
+               coalesce(tasker.try_uuid(c.message ->> 'step_uuid') IN (SELECT r.u FROM recorded AS r), false),
+               c.prior_read_at, NULL::text, NULL::float8
           FROM claimed AS c
-          JOIN chosen AS ch ON ch.msg_id = c.msg_id
-          LEFT JOIN LATERAL (
-              SELECT s.step_uuid FROM tasker.step_results AS s
-               WHERE s.step_uuid = tasker.try_uuid(c.message ->> 'step_uuid')
-                 AND s.uuid_time IN (tasker.uuid_time(tasker.try_uuid(c.message ->> 'step_uuid')), 'epoch')
-               LIMIT 1) AS d ON true%4$s
+          JOIN chosen AS ch ON ch.msg_id = c.msg_id%4$s
          ORDER BY ch.p, ch.gn, c.msg_id
         $q$, v_table, v_events, v_notice, CASE WHEN p_announce THEN ' LEFT JOIN noticed ON true' ELSE '' END)
     USING v_budget, p_vt, p_stamp, coalesce(p_skip_msgs, '{}'), coalesce(p_skip_handlers, '{}'), v_keys,
@@ -1601,6 +1600,22 @@ BEGIN
         pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'a'),
         tasker.queue_namespace(p_queue), p_queue)
     USING p_outcomes, p_worker_id, v_stored, p_archive;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.recorded_step_uuids(p_step_uuids uuid[])
+ RETURNS SETOF uuid
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+BEGIN
+    RETURN QUERY
+    SELECT k.u FROM unnest(p_step_uuids) AS k(u)
+     CROSS JOIN LATERAL (
+         SELECT 1 FROM tasker.step_results AS s
+          WHERE s.step_uuid = k.u AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')
+          LIMIT 1) AS d;
 END;
 $function$;
 

@@ -203,12 +203,12 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 Q,
                 'claim=render(_CLAIM, skip=""',
-                'claim=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=""',
+                'claim=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=""',
             ),
             Edit(
                 Q,
                 'claim_announcing=render(_CLAIM, skip=""',
-                'claim_announcing=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=""',
+                'claim_announcing=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=""',
             ),
         ),
         (G + "test_every_claim_variant_flags_a_step_already_done", R + "test_same_step_uuid_sent_twice_runs_once"),
@@ -220,12 +220,12 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 Q,
                 "claim_skipping=render(_CLAIM, skip=_CLAIM_SKIP",
-                'claim_skipping=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=_CLAIM_SKIP',
+                'claim_skipping=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=_CLAIM_SKIP',
             ),
             Edit(
                 Q,
                 "claim_skipping_announcing=render(_CLAIM, skip=_CLAIM_SKIP",
-                'claim_skipping_announcing=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=_CLAIM_SKIP',
+                'claim_skipping_announcing=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=_CLAIM_SKIP',
             ),
         ),
         (
@@ -923,9 +923,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the dedup probe also looks in the unstamped partition (where a UUIDv7 recorded before 0021 was filed)",
         (
             Edit(
-                Q,
-                "AND s.uuid_time IN (tasker.uuid_time(tasker.try_uuid(c.message ->> 'step_uuid')), 'epoch')",
-                "AND s.uuid_time IN (tasker.uuid_time(tasker.try_uuid(c.message ->> 'step_uuid')))",
+                M0021,
+                "AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')",
+                "AND s.uuid_time IN (tasker.uuid_time(k.u))",
             ),
         ),
         (H + "test_migrating_a_populated_table_online",),
@@ -935,8 +935,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a step delivered again after its day's partition rolled over is found (the probe reads only today's)",
         (
             Edit(
-                Q,
-                "AND s.uuid_time IN (tasker.uuid_time(tasker.try_uuid(c.message ->> 'step_uuid')), 'epoch')",
+                M0021,
+                "AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')",
                 "AND s.uuid_time >= date_trunc('day', clock_timestamp())",
             ),
         ),
@@ -977,6 +977,18 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "    EXCEPTION WHEN lock_not_available THEN\n        RETURN false;",
                 "LOCK TABLE ONLY tasker.step_results IN SHARE MODE;\n"
                 "    EXCEPTION WHEN lock_not_available THEN\n        RETURN false;",
+            ),
+        ),
+        (H + "test_creating_a_day_while_outcomes_are_read_and_written",),
+    ),
+    Mutation(
+        "history_probe_with_callers_snapshot",
+        "the dedup probe reads with a snapshot taken after its plan's locks (STABLE: the claim's older one)",
+        (
+            Edit(
+                M0021,
+                "RETURNS SETOF uuid\nLANGUAGE plpgsql VOLATILE\nSET plan_cache_mode = force_generic_plan",
+                "RETURNS SETOF uuid\nLANGUAGE plpgsql STABLE\nSET plan_cache_mode = force_generic_plan",
             ),
         ),
         (H + "test_creating_a_day_while_outcomes_are_read_and_written",),

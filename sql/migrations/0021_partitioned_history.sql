@@ -23,10 +23,11 @@
 --   (tasker.drop_history_partition). step_results_default takes a UUIDv7 whose day has no
 --   partition (a clock far ahead, a day already dropped, a supervisor down for days): a settle
 --   never fails for want of a partition; creating a day moves its rows there.
--- * The dedup probe (claim, claim_flow, claim_steps, enqueue_step, cancel_step, the producer's
---   result) asks for uuid_time IN (tasker.uuid_time(u), 'epoch'): pruned at run time to the
---   step's partition and the unstamped one, an index lookup each. The 'epoch' branch finds the
---   rows written before this migration, a UUIDv7 among them filed as 'epoch'.
+-- * Every lookup by step_uuid (the claim's dedup probe through tasker.recorded_step_uuids,
+--   claim_steps, enqueue_step, cancel_step, the producer's result) asks for
+--   uuid_time IN (tasker.uuid_time(u), 'epoch'): pruned at run time to the step's partition and
+--   the unstamped one, an index lookup each. The 'epoch' branch finds the rows written before
+--   this migration, a UUIDv7 among them filed as 'epoch'.
 -- * Every outcome INSERT writes uuid_time and says ON CONFLICT DO NOTHING (no target: the
 --   arbiter is the primary key of the partition the row goes to; the table as a whole has no
 --   key on step_uuid alone). An INSERT written for the table before this migration, ON
@@ -293,6 +294,31 @@ BEGIN
     END IF;
     EXECUTE format('DROP TABLE tasker.%I', p_name);
     RETURN 'dropped';
+END;
+$$;
+
+-- The step_uuids among p_step_uuids that have an outcome row: the dedup probe of a claimed
+-- batch. For each, an index lookup in the partition of its day and in the unstamped one (the
+-- rows of before 0021, a UUIDv7 among them filed as 'epoch'), pruned at run time. A function of
+-- its own so that the claim that calls it is planned without the partitions (its planning grew
+-- with their number: 1.4 ms for a claim of one with 16), and on a generic plan kept for the
+-- session: the lookups are by key whatever the statistics, unlike a claim's read of a queue.
+-- VOLATILE, so that its lookup reads with a snapshot of its own, taken after its plan's locks:
+-- the partitions it was planned with and the rows it sees are of one moment. (STABLE, it would
+-- read with its caller's snapshot, older than a day partition created while the claim waited for
+-- the lock: planned with the new partition, reading the rows of before, it would miss a row
+-- moved into it from the default partition.)
+CREATE OR REPLACE FUNCTION tasker.recorded_step_uuids(p_step_uuids uuid[])
+RETURNS SETOF uuid
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    RETURN QUERY
+    SELECT k.u FROM unnest(p_step_uuids) AS k(u)
+     CROSS JOIN LATERAL (
+         SELECT 1 FROM tasker.step_results AS s
+          WHERE s.step_uuid = k.u AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')
+          LIMIT 1) AS d;
 END;
 $$;
 
@@ -811,16 +837,15 @@ BEGIN
              WHERE m.msg_id = ready.msg_id
             RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, ready.prior_headers,
                       ready.prior_read_at
-        )%2$s%3$s
+        )%2$s%3$s, recorded AS MATERIALIZED (
+            SELECT r.u FROM tasker.recorded_step_uuids(
+                ARRAY(SELECT tasker.try_uuid(c.message ->> 'step_uuid') FROM claimed AS c)) AS r(u)
+        )
         SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.prior_headers,
-               d.step_uuid IS NOT NULL, c.prior_read_at, NULL::text, NULL::float8
+               coalesce(tasker.try_uuid(c.message ->> 'step_uuid') IN (SELECT r.u FROM recorded AS r), false),
+               c.prior_read_at, NULL::text, NULL::float8
           FROM claimed AS c
-          JOIN chosen AS ch ON ch.msg_id = c.msg_id
-          LEFT JOIN LATERAL (
-              SELECT s.step_uuid FROM tasker.step_results AS s
-               WHERE s.step_uuid = tasker.try_uuid(c.message ->> 'step_uuid')
-                 AND s.uuid_time IN (tasker.uuid_time(tasker.try_uuid(c.message ->> 'step_uuid')), 'epoch')
-               LIMIT 1) AS d ON true%4$s
+          JOIN chosen AS ch ON ch.msg_id = c.msg_id%4$s
          ORDER BY ch.p, ch.gn, c.msg_id
         $q$, v_table, v_events, v_notice, CASE WHEN p_announce THEN ' LEFT JOIN noticed ON true' ELSE '' END)
     USING v_budget, p_vt, p_stamp, coalesce(p_skip_msgs, '{}'), coalesce(p_skip_handlers, '{}'), v_keys,
@@ -910,7 +935,8 @@ REVOKE EXECUTE ON FUNCTION
     tasker.new_history_partition(text),
     tasker.history_partitions(),
     tasker.create_history_partition(date, integer),
-    tasker.drop_history_partition(text, timestamptz, integer)
+    tasker.drop_history_partition(text, timestamptz, integer),
+    tasker.recorded_step_uuids(uuid[])
     FROM PUBLIC;
 
 DO $$
@@ -928,7 +954,8 @@ BEGIN
     FOREACH v_role IN ARRAY ARRAY['tasker_worker', 'tasker_operator'] LOOP
         IF tasker.role_exists(v_role) THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION tasker.create_history_partition(date, integer), '
-                           'tasker.drop_history_partition(text, timestamptz, integer) TO %I', v_role);
+                           'tasker.drop_history_partition(text, timestamptz, integer), '
+                           'tasker.recorded_step_uuids(uuid[]) TO %I', v_role);
         END IF;
     END LOOP;
 END;
