@@ -69,6 +69,23 @@ class SupervisionJobs:
             ),
         ]
 
+    def cluster_jobs(self) -> list[Job]:
+        """The jobs about a cluster's own tables, for a cluster that holds namespaces but not the
+        registry (``[queues.namespaces.<ns>] database``): its events, its flow indexes, its
+        outcome table's day partitions (each cluster's table is partitioned on its own: without
+        this job a secondary cluster's outcomes would all pile into its default partition), and
+        its outcome rows, step keys and progress past ``[retention]``."""
+        return [
+            Job("compact_events", self.events_config.compaction_interval, self.compact_events),
+            Job("flow_indexes", self.config.reactivate_interval, self.flow_indexes),
+            Job("history_partitions", self.retention_config.interval, self.history_partitions),
+            *(
+                [Job("prune_outcomes", self.retention_config.interval, self.prune_outcomes)]
+                if self.retention_config.enabled
+                else []
+            ),
+        ]
+
     async def _candidates(self, query: str, params: tuple[object, ...]) -> list[str]:
         async with self.lifecycle.pool.connection() as conn:
             cur = await conn.execute(query, params)
@@ -124,6 +141,10 @@ class SupervisionJobs:
         missing (``[retention] partitions_ahead``); how many were created."""
         now = self.lifecycle.clock.now()
         return len(await retention.ensure_partitions(self.lifecycle.pool, self.retention_config, now))
+
+    async def prune_outcomes(self) -> int:
+        """Delete outcome rows (and step keys, progress, cancel requests) past ``[retention]``."""
+        return await retention.prune_outcomes(self.lifecycle.pool, self.retention_config, self.lifecycle.clock.now())
 
     async def flow_indexes(self) -> int:
         """Build the indexes a namespace's flow control came to need (its steps began to carry
