@@ -1608,6 +1608,7 @@ CREATE OR REPLACE FUNCTION tasker.recorded_step_uuids(p_step_uuids uuid[])
  RETURNS SETOF uuid
  LANGUAGE plpgsql
  SET plan_cache_mode TO 'force_generic_plan'
+ SET enable_seqscan TO 'off'
 AS $function$
 BEGIN
     RETURN QUERY

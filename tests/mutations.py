@@ -997,6 +997,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         (H + "test_creating_a_day_while_outcomes_are_read_and_written",),
     ),
     Mutation(
+        "history_probe_scans_a_filled_day",
+        "the dedup probe looks each step up by key, also in a day that was empty when its kept plan was made",
+        (
+            Edit(
+                M0021,
+                "SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$",
+                "SET plan_cache_mode = force_generic_plan AS $$",
+            ),
+        ),
+        (H + "test_the_dedup_probe_looks_each_step_up_by_key_in_a_day_that_filled_since_it_was_planned",),
+    ),
+    Mutation(
         "retention_drops_queued_day",
         "retention keeps a day whose step waits in a queue (its outcome row is that step's dedup)",
         (

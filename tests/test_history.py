@@ -249,6 +249,40 @@ def _waiting(url: str, application_name: str) -> bool:
     return bool(row and row[0])
 
 
+def test_the_dedup_probe_looks_each_step_up_by_key_in_a_day_that_filled_since_it_was_planned(url: str) -> None:
+    """A worker's session keeps the probe's plan (a generic one, covering every partition). It
+    must look each step up by its key even in a day that was empty when that plan was made, as
+    today's is when created ahead: a plan that reads such a partition whole, kept while the day
+    fills, made a claim of 100 cost 35 ms instead of 3 ms over 10,000,000 rows."""
+    today = datetime.now(UTC).date()
+    create_day(url, today)
+    name = day_name(today)
+    midnight = datetime.combine(today, datetime.min.time(), UTC)
+    with psycopg.connect(url, autocommit=True) as conn:
+        # No autoanalyze in between: a fresh plan after it would hide a bad kept one.
+        conn.execute(f"ALTER TABLE tasker.{name} SET (autovacuum_enabled = false)")
+        conn.execute(f"ANALYZE tasker.{name}")  # its statistics say empty
+        probe = "SELECT count(*) FROM tasker.recorded_step_uuids(%s::uuid[])"
+        assert conn.execute(probe, ([stamped(midnight)],)).fetchone() == (0,)  # planned now, kept
+        conn.execute(
+            "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status, attempts,"
+            " worker_id, finished_at, uuid_time) SELECT u, %s, %s, g, 'noop', 'succeeded', 1, 't', now(),"
+            " tasker.uuid_time(u) FROM (SELECT g, tasker.uuid_v7(%s::timestamptz + g * interval '1 ms') AS u"
+            " FROM generate_series(1, 5000) AS g) AS s",
+            (NS, QUEUE, midnight),
+        )
+        wanted = [r[0] for r in conn.execute(f"SELECT step_uuid FROM tasker.{name} LIMIT 10").fetchall()]
+        # The session's scan counts not yet reported, read before and after the probe in one
+        # transaction (they are reported only between transactions).
+        counts = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relid = %s::regclass"
+        with conn.transaction():
+            before = conn.execute(counts, (f"tasker.{name}",)).fetchone()
+            assert conn.execute(probe, ([*wanted, uuid7(midnight.timestamp())],)).fetchone() == (10,)
+            after = conn.execute(counts, (f"tasker.{name}",)).fetchone()
+    assert before is not None and after is not None
+    assert (after[0] - before[0], after[1] - before[1] > 0) == (0, True), (before, after)
+
+
 def test_creating_a_day_while_outcomes_are_read_and_written(url: str) -> None:
     """The partition of a day is created (a row of that day moving in from the default
     partition) while a claim probes for that row and a settle writes another row of the day.
