@@ -1009,6 +1009,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         (H + "test_the_dedup_probe_looks_each_step_up_by_key_in_a_day_that_filled_since_it_was_planned",),
     ),
     Mutation(
+        "cluster_partitions_not_kept",
+        "a secondary cluster's housekeeping creates its own outcome table's day partitions",
+        (
+            Edit(
+                "tasker_worker/fleet/supervision.py",
+                'Job("history_partitions", self.retention_config.interval, self.history_partitions),\n'
+                '            *(\n                [Job("prune_outcomes"',
+                '*(\n                [Job("prune_outcomes"',
+            ),
+        ),
+        (CL + "test_outcomes_on_a_secondary_cluster_are_pruned_by_its_own_housekeeping",),
+    ),
+    Mutation(
         "retention_drops_queued_day",
         "retention keeps a day whose step waits in a queue (its outcome row is that step's dedup)",
         (
