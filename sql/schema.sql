@@ -134,16 +134,89 @@ CREATE TABLE tasker.step_results (
     source text,
     recorded_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     claimed_at timestamp with time zone,
-    events_stored boolean DEFAULT false NOT NULL
-);
-
-ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_pkey PRIMARY KEY (step_uuid);
+    events_stored boolean DEFAULT false NOT NULL,
+    uuid_time timestamp with time zone DEFAULT '1970-01-01 00:00:00+00'::timestamp with time zone NOT NULL
+) PARTITION BY RANGE (uuid_time);
 
 ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_source_check CHECK ((source = ANY (ARRAY['event'::text, 'poll'::text])));
 
 ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_status_check CHECK ((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead_lettered'::text, 'cancelled'::text])));
 
-CREATE INDEX step_results_finished_brin ON tasker.step_results USING brin (finished_at);
+CREATE INDEX step_results_finished_brin ON ONLY tasker.step_results USING brin (finished_at);
+
+-- table
+CREATE TABLE tasker.step_results_default (
+    step_uuid uuid NOT NULL,
+    task_uuid uuid,
+    correlation_id uuid,
+    namespace text NOT NULL,
+    queue_name text NOT NULL,
+    msg_id bigint NOT NULL,
+    handler text,
+    status text NOT NULL,
+    result jsonb,
+    error jsonb,
+    attempts integer NOT NULL,
+    worker_id text NOT NULL,
+    enqueued_at timestamp with time zone,
+    started_at timestamp with time zone,
+    finished_at timestamp with time zone NOT NULL,
+    source text,
+    recorded_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    claimed_at timestamp with time zone,
+    events_stored boolean DEFAULT false NOT NULL,
+    uuid_time timestamp with time zone DEFAULT '1970-01-01 00:00:00+00'::timestamp with time zone NOT NULL
+);
+
+ALTER TABLE tasker.step_results ATTACH PARTITION tasker.step_results_default DEFAULT;
+
+ALTER TABLE tasker.step_results_default ADD CONSTRAINT step_results_default_pkey PRIMARY KEY (step_uuid);
+
+ALTER TABLE tasker.step_results_default ADD CONSTRAINT step_results_default_stamped CHECK ((uuid_time = tasker.uuid_time(step_uuid)));
+
+ALTER TABLE tasker.step_results_default ADD CONSTRAINT step_results_source_check CHECK ((source = ANY (ARRAY['event'::text, 'poll'::text])));
+
+ALTER TABLE tasker.step_results_default ADD CONSTRAINT step_results_status_check CHECK ((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead_lettered'::text, 'cancelled'::text])));
+
+CREATE INDEX step_results_default_finished_at_idx ON tasker.step_results_default USING brin (finished_at);
+
+-- table
+CREATE TABLE tasker.step_results_unstamped (
+    step_uuid uuid NOT NULL,
+    task_uuid uuid,
+    correlation_id uuid,
+    namespace text NOT NULL,
+    queue_name text NOT NULL,
+    msg_id bigint NOT NULL,
+    handler text,
+    status text NOT NULL,
+    result jsonb,
+    error jsonb,
+    attempts integer NOT NULL,
+    worker_id text NOT NULL,
+    enqueued_at timestamp with time zone,
+    started_at timestamp with time zone,
+    finished_at timestamp with time zone NOT NULL,
+    source text,
+    recorded_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    claimed_at timestamp with time zone,
+    events_stored boolean DEFAULT false NOT NULL,
+    uuid_time timestamp with time zone DEFAULT '1970-01-01 00:00:00+00'::timestamp with time zone NOT NULL
+);
+
+ALTER TABLE tasker.step_results ATTACH PARTITION tasker.step_results_unstamped FOR VALUES FROM (MINVALUE) TO ('1970-01-02 00:00:00+00');
+
+ALTER TABLE tasker.step_results_unstamped ADD CONSTRAINT step_results_source_check CHECK ((source = ANY (ARRAY['event'::text, 'poll'::text])));
+
+ALTER TABLE tasker.step_results_unstamped ADD CONSTRAINT step_results_status_check CHECK ((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead_lettered'::text, 'cancelled'::text])));
+
+ALTER TABLE tasker.step_results_unstamped ADD CONSTRAINT step_results_unstamped_epoch CHECK ((uuid_time = '1970-01-01 00:00:00+00'::timestamp with time zone));
+
+ALTER TABLE tasker.step_results_unstamped ADD CONSTRAINT step_results_unstamped_pkey PRIMARY KEY (step_uuid);
+
+ALTER TABLE tasker.step_results_unstamped ADD CONSTRAINT step_results_unstamped_stamped CHECK ((uuid_time = tasker.uuid_time(step_uuid))) NOT VALID;
+
+CREATE INDEX step_results_unstamped_finished_brin ON tasker.step_results_unstamped USING brin (finished_at);
 
 -- table
 CREATE TABLE tasker.unique_keys (
@@ -330,7 +403,8 @@ DECLARE
     v_by    text := coalesce(p_by, 'cancel:' || session_user);
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
-    SELECT r.msg_id INTO v_done FROM tasker.step_results AS r WHERE r.step_uuid = p_step_uuid;
+    SELECT r.msg_id INTO v_done FROM tasker.step_results AS r
+     WHERE r.step_uuid = p_step_uuid AND r.uuid_time IN (tasker.uuid_time(p_step_uuid), 'epoch');
     IF FOUND THEN
         RETURN QUERY SELECT v_done, 'finished'::text;
         RETURN;
@@ -356,13 +430,13 @@ BEGIN
         ), recorded AS (
             INSERT INTO tasker.step_results (step_uuid, task_uuid, correlation_id, namespace, queue_name,
                                              msg_id, handler, status, error, attempts, worker_id,
-                                             enqueued_at, finished_at)
+                                             enqueued_at, finished_at, uuid_time)
             SELECT $2, tasker.try_uuid(g.message ->> 'task_uuid'), tasker.try_uuid(g.message ->> 'correlation_id'),
                    %2$L, %3$L, g.msg_id, g.message ->> 'handler', 'cancelled',
                    jsonb_build_object('reason', 'cancelled', 'by', $3), g.read_ct, 'cancel:' || session_user,
-                   g.enqueued_at, clock_timestamp()
+                   g.enqueued_at, clock_timestamp(), tasker.uuid_time($2)
               FROM gone AS g
-            ON CONFLICT (step_uuid) DO NOTHING
+            ON CONFLICT DO NOTHING
         )
         SELECT count(*) > 0 FROM gone
         $sql$, v_table, p_namespace, v_queue)
@@ -547,15 +621,15 @@ BEGIN
              WHERE m.msg_id = ready.msg_id
             RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, ready.prior_headers,
                       ready.prior_read_at
-        )%2$s%3$s
+        )%2$s%3$s, recorded AS MATERIALIZED (
+            SELECT r.u FROM tasker.recorded_step_uuids(
+                ARRAY(SELECT tasker.try_uuid(c.message ->> 'step_uuid') FROM claimed AS c)) AS r(u)
+        )
         SELECT c.msg_id, c.read_ct, c.enqueued_at, c.last_read_at, c.message::text, c.prior_headers,
-               d.step_uuid IS NOT NULL, c.prior_read_at, NULL::text, NULL::float8
+               coalesce(tasker.try_uuid(c.message ->> 'step_uuid') IN (SELECT r.u FROM recorded AS r), false),
+               c.prior_read_at, NULL::text, NULL::float8
           FROM claimed AS c
-          JOIN chosen AS ch ON ch.msg_id = c.msg_id
-          LEFT JOIN LATERAL (
-              SELECT s.step_uuid FROM tasker.step_results AS s
-               WHERE s.step_uuid = tasker.try_uuid(c.message ->> 'step_uuid')
-               LIMIT 1) AS d ON true%4$s
+          JOIN chosen AS ch ON ch.msg_id = c.msg_id%4$s
          ORDER BY ch.p, ch.gn, c.msg_id
         $q$, v_table, v_events, v_notice, CASE WHEN p_announce THEN ' LEFT JOIN noticed ON true' ELSE '' END)
     USING v_budget, p_vt, p_stamp, coalesce(p_skip_msgs, '{}'), coalesce(p_skip_handlers, '{}'), v_keys,
@@ -600,6 +674,7 @@ AS $function$
       LEFT JOIN LATERAL (
           SELECT s.step_uuid FROM tasker.step_results AS s
            WHERE s.step_uuid = tasker.try_uuid(r.message ->> 'step_uuid')
+             AND s.uuid_time IN (tasker.uuid_time(tasker.try_uuid(r.message ->> 'step_uuid')), 'epoch')
            LIMIT 1) AS d ON true;
 $function$;
 
@@ -643,6 +718,7 @@ BEGIN
           LEFT JOIN LATERAL (
               SELECT s.step_uuid FROM tasker.step_results AS s
                WHERE s.step_uuid = tasker.try_uuid(r.message ->> 'step_uuid')
+                 AND s.uuid_time IN (tasker.uuid_time(tasker.try_uuid(r.message ->> 'step_uuid')), 'epoch')
                LIMIT 1) AS d ON true
     ), logged AS (
         INSERT INTO tasker.events (event_type, worker_id, step_uuid, queue_name, msg_id, data, occurred_at)
@@ -654,6 +730,62 @@ BEGIN
          WHERE p_worker_id IS NOT NULL AND tasker.step_events_stored()
     )
     SELECT * FROM claimed;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.copy_grants(p_from regclass, p_to regclass)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_grant record;
+BEGIN
+    FOR v_grant IN
+        SELECT a.privilege_type, a.grantee
+          FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+         WHERE c.oid = p_from AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format('GRANT %s ON %s TO %s', v_grant.privilege_type, p_to,
+                       CASE WHEN v_grant.grantee = 0 THEN 'PUBLIC'
+                            ELSE quote_ident(pg_get_userbyid(v_grant.grantee)) END);
+    END LOOP;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.create_history_partition(p_day date, p_lock_timeout_ms integer DEFAULT 1000)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_from timestamptz := p_day::timestamp AT TIME ZONE 'UTC';
+    v_to   timestamptz := (p_day + 1)::timestamp AT TIME ZONE 'UTC';
+    v_name text := 'step_results_' || to_char(p_day, 'YYYYMMDD');
+    v_leaf regclass;
+BEGIN
+    -- One partition change at a time (two supervisors for a moment, an operator by hand).
+    PERFORM pg_advisory_xact_lock(hashtextextended('tasker.step_results partitions', 6136));
+    IF EXISTS (SELECT 1 FROM tasker.history_partitions() AS p
+                WHERE p.kind = 'day' AND p.from_time < v_to AND p.to_time > v_from) THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('lock_timeout', p_lock_timeout_ms || 'ms', true);
+    BEGIN
+        LOCK TABLE ONLY tasker.step_results IN ACCESS EXCLUSIVE MODE;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    v_leaf := tasker.new_history_partition(v_name);
+    EXECUTE format('WITH moved AS (DELETE FROM tasker.step_results_default AS d '
+                   'WHERE d.uuid_time >= $1 AND d.uuid_time < $2 RETURNING d.*) '
+                   'INSERT INTO %s SELECT * FROM moved', v_leaf)
+        USING v_from, v_to;
+    EXECUTE format('ALTER TABLE tasker.step_results ATTACH PARTITION %s FOR VALUES FROM (%L) TO (%L)',
+                   v_leaf, v_from, v_to);
+    RETURN true;
 END;
 $function$;
 
@@ -722,18 +854,19 @@ BEGIN
             INSERT INTO tasker.step_results (
                 step_uuid, task_uuid, correlation_id, namespace, queue_name, msg_id, handler,
                 status, result, error, attempts, worker_id, enqueued_at, claimed_at, started_at,
-                finished_at, source, events_stored)
+                finished_at, source, events_stored, uuid_time)
             SELECT tasker.try_uuid(t.message ->> 'step_uuid'),
                    tasker.try_uuid(t.message ->> 'task_uuid'),
                    tasker.try_uuid(t.message ->> 'correlation_id'),
                    %3$L, %4$L, t.msg_id, t.message ->> 'handler', t.status, NULL, t.error,
                    t.read_ct, $8, t.enqueued_at, t.last_read_at, t.started_at,
-                   coalesce(t.finished_at, clock_timestamp()), t.source, $9
+                   coalesce(t.finished_at, clock_timestamp()), t.source, $9,
+                   tasker.uuid_time(tasker.try_uuid(t.message ->> 'step_uuid'))
               FROM taken AS t
              WHERE t.status IS NOT NULL
                AND jsonb_typeof(t.message) = 'object'
                AND tasker.try_uuid(t.message ->> 'step_uuid') IS NOT NULL
-            ON CONFLICT (step_uuid) DO NOTHING
+            ON CONFLICT DO NOTHING
             RETURNING step_uuid, worker_id, queue_name, msg_id, attempts, status, source, error,
                       started_at, finished_at
         ), logged AS (
@@ -771,6 +904,54 @@ BEGIN
         USING p_msg_id, p_inputs, p_step_uuid;
     GET DIAGNOSTICS v_done = ROW_COUNT;
     RETURN v_done > 0;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.drop_history_partition(p_name text, p_cutoff timestamp with time zone, p_lock_timeout_ms integer DEFAULT 1000)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_part   record;
+    v_queue  text;
+    v_found  boolean;
+BEGIN
+    SELECT * INTO v_part FROM tasker.history_partitions() AS p WHERE p.name = p_name AND p.kind = 'day';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a day partition of tasker.step_results', p_name USING ERRCODE = '22023';
+    END IF;
+    IF v_part.to_time > p_cutoff THEN
+        RETURN 'not_due';
+    END IF;
+    FOR v_queue IN
+        SELECT m.queue_name FROM pgmq.meta AS m WHERE m.queue_name ~ '^worker_[a-z][a-z0-9_]*_queue$'
+    LOOP
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I AS q WHERE jsonb_typeof(q.message) = ''object'' '
+                       'AND tasker.uuid_time(tasker.try_uuid(q.message ->> ''step_uuid'')) >= $1 '
+                       'AND tasker.uuid_time(tasker.try_uuid(q.message ->> ''step_uuid'')) < $2)',
+                       pgmq.format_table_name(v_queue, 'q'))
+            INTO v_found USING v_part.from_time, v_part.to_time;
+        IF v_found THEN
+            RETURN 'queued';
+        END IF;
+    END LOOP;
+    PERFORM pg_advisory_xact_lock(hashtextextended('tasker.step_results partitions', 6136));
+    PERFORM set_config('lock_timeout', p_lock_timeout_ms || 'ms', true);
+    BEGIN
+        LOCK TABLE ONLY tasker.step_results IN ACCESS EXCLUSIVE MODE;
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN 'locked';
+    END;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM tasker.%I AS r WHERE r.finished_at >= $1)', p_name)
+        INTO v_found USING p_cutoff;
+    IF v_found THEN
+        RETURN 'recent_rows';
+    END IF;
+    EXECUTE format('DROP TABLE tasker.%I', p_name);
+    RETURN 'dropped';
 END;
 $function$;
 
@@ -815,7 +996,8 @@ BEGIN
     END IF;
     IF p_step_uuid IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
-        SELECT r.msg_id INTO v_id FROM tasker.step_results AS r WHERE r.step_uuid = p_step_uuid;
+        SELECT r.msg_id INTO v_id FROM tasker.step_results AS r
+         WHERE r.step_uuid = p_step_uuid AND r.uuid_time IN (tasker.uuid_time(p_step_uuid), 'epoch');
         IF NOT FOUND THEN
             SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;
         END IF;
@@ -928,6 +1110,26 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.history_partitions()
+ RETURNS TABLE(name text, kind text, from_time timestamp with time zone, to_time timestamp with time zone, estimated_rows bigint)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT c.relname::text,
+           CASE WHEN b.bound = 'DEFAULT' THEN 'default'
+                WHEN b.bound LIKE '%(MINVALUE)%' THEN 'unstamped'
+                ELSE 'day' END,
+           (regexp_match(b.bound, 'FROM \(''([^'']*)''\)'))[1]::timestamptz,
+           (regexp_match(b.bound, 'TO \(''([^'']*)''\)'))[1]::timestamptz,
+           greatest(c.reltuples, 0)::bigint
+      FROM pg_catalog.pg_inherits AS i
+      JOIN pg_catalog.pg_class AS c ON c.oid = i.inhrelid
+     CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) AS bound) AS b
+     WHERE i.inhparent = 'tasker.step_results'::regclass
+     ORDER BY 4 NULLS FIRST, 1
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.log_step_events(p_queue text, p_worker_id text, p_types text[], p_msg_ids bigint[], p_steps text[], p_data jsonb[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -959,6 +1161,25 @@ BEGIN
                   HINT = format('create it with SELECT tasker.create_namespace_queue(%L)', p_namespace);
     END IF;
     RETURN v_queue;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.new_history_partition(p_name text)
+ RETURNS regclass
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_leaf regclass;
+BEGIN
+    EXECUTE format('CREATE TABLE tasker.%I (LIKE tasker.step_results INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                   p_name);
+    v_leaf := format('tasker.%I', p_name)::regclass;
+    EXECUTE format('ALTER TABLE %s ADD CONSTRAINT %I PRIMARY KEY (step_uuid), '
+                   'ADD CONSTRAINT %I CHECK (uuid_time = tasker.uuid_time(step_uuid))',
+                   v_leaf, p_name || '_pkey', p_name || '_stamped');
+    PERFORM tasker.copy_grants('tasker.step_results', v_leaf);
+    RETURN v_leaf;
 END;
 $function$;
 
@@ -1362,16 +1583,16 @@ BEGIN
             INSERT INTO tasker.step_results (
                 step_uuid, task_uuid, correlation_id, namespace, queue_name, msg_id, handler,
                 status, result, error, attempts, worker_id, enqueued_at, claimed_at, started_at,
-                finished_at, source, events_stored)
+                finished_at, source, events_stored, uuid_time)
             SELECT a.step_uuid, a.task_uuid, a.correlation_id,
                    %3$L, %4$L, a.msg_id, a.handler, a.status, a.result, a.error,
                    a.read_ct, $2, a.enqueued_at, a.last_read_at, a.started_at,
-                   coalesce(a.finished_at, clock_timestamp()), a.source, $3
+                   coalesce(a.finished_at, clock_timestamp()), a.source, $3, tasker.uuid_time(a.step_uuid)
               FROM settled AS a
              WHERE a.status IS NOT NULL
                AND jsonb_typeof(a.message) = 'object'
                AND a.step_uuid IS NOT NULL
-            ON CONFLICT (step_uuid) DO NOTHING
+            ON CONFLICT DO NOTHING
             RETURNING step_uuid, worker_id, queue_name, msg_id, attempts, status, source, error,
                       started_at, finished_at
         ), logged AS (
@@ -1389,6 +1610,23 @@ BEGIN
         pgmq.format_table_name(p_queue, 'q'), pgmq.format_table_name(p_queue, 'a'),
         tasker.queue_namespace(p_queue), p_queue)
     USING p_outcomes, p_worker_id, v_stored, p_archive;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.recorded_step_uuids(p_step_uuids uuid[])
+ RETURNS SETOF uuid
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+ SET enable_seqscan TO 'off'
+AS $function$
+BEGIN
+    RETURN QUERY
+    SELECT k.u FROM unnest(p_step_uuids) AS k(u)
+     CROSS JOIN LATERAL (
+         SELECT 1 FROM tasker.step_results AS s
+          WHERE s.step_uuid = k.u AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')
+          LIMIT 1) AS d;
 END;
 $function$;
 
@@ -1671,7 +1909,7 @@ BEGIN
         END IF;
     END IF;
     RETURN jsonb_strip_nulls(jsonb_build_object(
-        'step_uuid', coalesce(p_step_uuid, gen_random_uuid()),
+        'step_uuid', coalesce(p_step_uuid, tasker.uuid_v7()),
         'task_uuid', coalesce(p_task_uuid, gen_random_uuid()),
         'correlation_id', coalesce(p_correlation_id, gen_random_uuid()),
         'namespace', p_namespace,
@@ -1728,6 +1966,30 @@ CREATE OR REPLACE FUNCTION tasker.try_uuid(p_text text)
 AS $function$
                 SELECT CASE WHEN pg_input_is_valid(p_text, 'uuid') THEN p_text::uuid END;
             $function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.uuid_time(p_uuid uuid)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    SELECT CASE WHEN get_byte(uuid_send(p_uuid), 6) >> 4 = 7 AND get_byte(uuid_send(p_uuid), 8) >> 6 = 2
+                 AND ('x' || encode(substring(uuid_send(p_uuid) FROM 1 FOR 6), 'hex'))::bit(48)::bigint >= 86400000
+                THEN to_timestamp(('x' || encode(substring(uuid_send(p_uuid) FROM 1 FOR 6), 'hex'))::bit(48)::bigint
+                                  / 1000.0)
+                ELSE timestamptz 'epoch' END
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.uuid_v7(p_at timestamp with time zone DEFAULT clock_timestamp())
+ RETURNS uuid
+ LANGUAGE sql
+ PARALLEL SAFE
+AS $function$
+    SELECT encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid())
+                  PLACING substring(int8send(floor(extract(epoch FROM p_at) * 1000)::bigint) FROM 3) FROM 1 FOR 6),
+                  52, 1), 53, 1), 'hex')::uuid
+$function$;
 
 -- function
 CREATE OR REPLACE FUNCTION tasker.validate_handler(p_handler text)

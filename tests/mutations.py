@@ -62,6 +62,10 @@ M0007 = "sql/migrations/0007_one_row_per_step.sql"
 Q = "tasker_worker/db/queries.py"
 V = "tasker_worker/domain/verdicts.py"
 M0016 = "sql/migrations/0016_flow_control.sql"
+#: The definitions in force of claim_flow, claim_steps, dead_letter_steps, record_outcomes,
+#: cancel_step, enqueue_step and step_message (0021 redefined them for the partitioned history).
+M0021 = "sql/migrations/0021_partitioned_history.sql"
+H = "tests/test_history.py::"
 F = "tests/test_flow.py::"
 ST = "tests/test_store.py::"
 HC = "tests/test_handler_control.py::"
@@ -137,7 +141,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a dead letter applies only to the holder's claim (fence removed from dead_letter_steps)",
         (
             Edit(
-                M0007,
+                M0021,
                 "WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n            RETURNING q.msg_id, q.read_ct,"
                 " q.enqueued_at, q.last_read_at, q.message, q.headers,\n                      i.status,",
                 "WHERE q.msg_id = i.msg_id\n            RETURNING q.msg_id, q.read_ct,"
@@ -157,7 +161,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tasker.record_outcomes (the SQL settle) is fenced too",
         (
             Edit(
-                M0007,
+                M0021,
                 "WHERE q.msg_id = i.msg_id AND q.read_ct = i.read_ct\n            RETURNING q.msg_id, q.vt,",
                 "WHERE q.msg_id = i.msg_id\n            RETURNING q.msg_id, q.vt,",
             ),
@@ -204,12 +208,12 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 Q,
                 'claim=render(_CLAIM, skip=""',
-                'claim=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=""',
+                'claim=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=""',
             ),
             Edit(
                 Q,
                 'claim_announcing=render(_CLAIM, skip=""',
-                'claim_announcing=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=""',
+                'claim_announcing=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=""',
             ),
         ),
         (G + "test_every_claim_variant_flags_a_step_already_done", R + "test_same_step_uuid_sent_twice_runs_once"),
@@ -221,12 +225,12 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 Q,
                 "claim_skipping=render(_CLAIM, skip=_CLAIM_SKIP",
-                'claim_skipping=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=_CLAIM_SKIP',
+                'claim_skipping=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=_CLAIM_SKIP',
             ),
             Edit(
                 Q,
                 "claim_skipping_announcing=render(_CLAIM, skip=_CLAIM_SKIP",
-                'claim_skipping_announcing=render(_CLAIM.replace("d.step_uuid IS NOT NULL", "false"), skip=_CLAIM_SKIP',
+                'claim_skipping_announcing=render(_CLAIM.replace("IN (SELECT r.u FROM recorded AS r), false)", "IN (SELECT r.u FROM recorded AS r WHERE false), false)"), skip=_CLAIM_SKIP',
             ),
         ),
         (
@@ -239,7 +243,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tasker.claim_steps (from SQL) flags a step already done",
         (
             Edit(
-                "sql/migrations/0005_hot_path.sql",
+                M0021,
                 "           d.step_uuid IS NOT NULL,\n           clock_timestamp()\n      FROM pgmq.read(",
                 "           false,\n           clock_timestamp()\n      FROM pgmq.read(",
             ),
@@ -251,7 +255,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tasker.claim_steps with skips (from SQL) flags a step already done",
         (
             Edit(
-                M0007,
+                M0021,
                 "d.step_uuid IS NOT NULL AS already_done,\n               clock_timestamp() AS claimed_at\n"
                 "          FROM tasker.read_skipping(",
                 "false AS already_done,\n               clock_timestamp() AS claimed_at\n"
@@ -268,17 +272,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "outcome_key_gone",
-        "a step has at most one outcome row (the step_uuid key and its ON CONFLICT removed)",
+        "a step has at most one outcome row (the step_uuid key of each partition removed: the settle's ON"
+        " CONFLICT DO NOTHING has no arbiter left)",
+        (Edit(M0021, "ADD CONSTRAINT %I PRIMARY KEY (step_uuid), '", "ADD CONSTRAINT %I CHECK (true), '"),),
         (
-            Edit(M0002, "step_uuid      uuid PRIMARY KEY,", "step_uuid      uuid NOT NULL,"),
-            Edit(M0002, "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None),
-            Edit(
-                "sql/migrations/0005_hot_path.sql", "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None
-            ),
-            Edit(M0007, "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None),
-            Edit(Q, "ON CONFLICT (step_uuid) DO NOTHING", "ON CONFLICT DO NOTHING", None),
+            G + "test_one_step_run_by_two_workers_at_once_records_and_commits_once",
+            H + "test_duplicate_delivery_after_a_partition_roll_is_deduplicated",
         ),
-        (G + "test_one_step_run_by_two_workers_at_once_records_and_commits_once",),
     ),
     Mutation(
         "duplicate_commits_effects",
@@ -518,12 +518,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a step_uuid already sent is answered with that step, not sent again (enqueue_step skips its key)",
         (
             Edit(
-                "sql/migrations/0019_handler_control.sql",
+                M0021,
                 "SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;\n        END IF;\n        IF v_id IS NOT NULL",
                 "NULL;\n        END IF;\n        IF v_id IS NOT NULL",
             ),
             Edit(
-                "sql/migrations/0019_handler_control.sql",
+                M0021,
                 "INSERT INTO tasker.step_keys (step_uuid, queue_name, msg_id) VALUES (p_step_uuid, v_queue, v_id);",
                 "NULL;",
             ),
@@ -535,7 +535,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "cancel takes only a step no live claim holds (the tasker_claim test removed)",
         (
             Edit(
-                "sql/migrations/0019_handler_control.sql",
+                M0021,
                 "AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())",
                 "",
             ),
@@ -632,7 +632,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "flow_max_running_uncounted",
         "at most max_running steps of a namespace run at once, fleet-wide (the running ones are not counted)",
-        (Edit(M0016, "v_budget := least(v_budget, f.max_running - v_running);", "NULL;"),),
+        (Edit(M0021, "v_budget := least(v_budget, f.max_running - v_running);", "NULL;"),),
         (F + "test_a_fleet_wide_limit_holds_across_workers",),
     ),
     Mutation(
@@ -652,7 +652,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "limited claims are counted under the namespace's lock (two workers can both take the last slot)",
         (
             Edit(
-                M0016,
+                M0021,
                 "        SELECT * INTO f FROM tasker.queue_flow AS q WHERE q.namespace = v_ns FOR UPDATE;",
                 "        SELECT * INTO f FROM tasker.queue_flow AS q WHERE q.namespace = v_ns;",
             ),
@@ -664,7 +664,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a slot held by a dead worker frees when its claim lapses (it is counted forever)",
         (
             Edit(
-                M0016,
+                M0021,
                 "'WHERE q.headers ? ''tasker_claim'' AND q.vt > clock_timestamp()', v_table)\n           INTO v_running;",
                 "'WHERE q.headers ? ''tasker_claim''', v_table)\n           INTO v_running;",
             ),
@@ -674,13 +674,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "flow_key_cap_ignored",
         "at most key_max_running steps of one concurrency_key run at once (keys are not counted within a claim)",
-        (Edit(M0016, "WHERE $7 IS NULL OR r.k = '' OR r.kn + coalesce(($6 ->> r.k)::int, 0) <= $7", "WHERE true"),),
+        (Edit(M0021, "WHERE $7 IS NULL OR r.k = '' OR r.kn + coalesce(($6 ->> r.k)::int, 0) <= $7", "WHERE true"),),
         (F + "test_a_per_key_limit_caps_each_key_not_the_namespace",),
     ),
     Mutation(
         "flow_rate_ignored",
         "a rate spaces the starts of a namespace (the tokens are not counted)",
-        (Edit(M0016, "v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);", "NULL;"),),
+        (Edit(M0021, "v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);", "NULL;"),),
         (F + "test_a_rate_spreads_starts_and_no_window_passes_it",),
     ),
     Mutation(
@@ -688,18 +688,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "with a backlog, the lowest priority value is claimed first (claims take the oldest)",
         (
             Edit(
-                M0016,
+                M0021,
                 "ORDER BY tasker.step_priority(q.message), q.msg_id\n                 LIMIT $8\n",
                 "ORDER BY q.msg_id\n                 LIMIT $8\n",
             ),
-            Edit(M0016, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.gn, r.msg_id"),
+            Edit(M0021, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.gn, r.msg_id"),
         ),
         (F + "test_urgent_steps_sent_last_run_first",),
     ),
     Mutation(
         "flow_groups_not_round_robin",
         "a namespace's groups are claimed round-robin (a big group ahead takes every claim)",
-        (Edit(M0016, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.p, r.msg_id"),),
+        (Edit(M0021, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.p, r.msg_id"),),
         (F + "test_a_small_group_is_not_stuck_behind_a_big_one",),
     ),
     Mutation(
@@ -995,12 +995,177 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a second send of a unique key within its window gets the first step (a second is sent)",
         (
             Edit(
-                "sql/migrations/0019_handler_control.sql",
-                "AND u.expires_at > clock_timestamp();\n        IF FOUND THEN",
-                "AND u.expires_at > clock_timestamp();\n        IF false THEN",
+                M0021,
+                "AND u.expires_at > clock_timestamp();\n        IF FOUND AND (NOT p_debounce",
+                "AND u.expires_at > clock_timestamp();\n        IF false AND (NOT p_debounce",
             ),
         ),
         (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
+    ),
+    Mutation(
+        "history_probe_misses_legacy_rows",
+        "the dedup probe also looks in the unstamped partition (where a UUIDv7 recorded before 0021 was filed)",
+        (
+            Edit(
+                M0021,
+                "AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')",
+                "AND s.uuid_time IN (tasker.uuid_time(k.u))",
+            ),
+        ),
+        (H + "test_migrating_a_populated_table_online",),
+    ),
+    Mutation(
+        "history_probe_misses_earlier_days",
+        "a step delivered again after its day's partition rolled over is found (the probe reads only today's)",
+        (
+            Edit(
+                M0021,
+                "AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')",
+                "AND s.uuid_time >= date_trunc('day', clock_timestamp())",
+            ),
+        ),
+        (H + "test_duplicate_delivery_after_a_partition_roll_is_deduplicated",),
+    ),
+    Mutation(
+        "history_stamp_unchecked",
+        "a row is filed under its step_uuid's own time (a partition's CHECK of it removed)",
+        (
+            Edit(
+                M0021,
+                "'ADD CONSTRAINT %I CHECK (uuid_time = tasker.uuid_time(step_uuid))'",
+                "'ADD CONSTRAINT %I CHECK (true)'",
+            ),
+        ),
+        (H + "test_every_row_of_a_step_goes_to_the_partition_of_its_step_uuid",),
+    ),
+    Mutation(
+        "history_without_default_partition",
+        "a settle of a step whose day has no partition succeeds (no default partition to take it)",
+        (
+            Edit(
+                M0021,
+                "SELECT tasker.new_history_partition('step_results_default');\n"
+                "ALTER TABLE tasker.step_results ATTACH PARTITION tasker.step_results_default DEFAULT;\n",
+                "SELECT tasker.new_history_partition('step_results_default');\n",
+            ),
+        ),
+        (H + "test_a_missing_partition_never_fails_a_settle",),
+    ),
+    Mutation(
+        "history_change_without_table_lock",
+        "creating a day holds the table until done (a weaker lock lets a probe planned before miss a moved row)",
+        (
+            Edit(
+                M0021,
+                "LOCK TABLE ONLY tasker.step_results IN ACCESS EXCLUSIVE MODE;\n"
+                "    EXCEPTION WHEN lock_not_available THEN\n        RETURN false;",
+                "LOCK TABLE ONLY tasker.step_results IN SHARE MODE;\n"
+                "    EXCEPTION WHEN lock_not_available THEN\n        RETURN false;",
+            ),
+        ),
+        (H + "test_creating_a_day_while_outcomes_are_read_and_written",),
+    ),
+    Mutation(
+        "history_probe_with_callers_snapshot",
+        "the dedup probe reads with a snapshot taken after its plan's locks (STABLE: the claim's older one)",
+        (
+            Edit(
+                M0021,
+                "RETURNS SETOF uuid\nLANGUAGE plpgsql VOLATILE\nSET plan_cache_mode = force_generic_plan",
+                "RETURNS SETOF uuid\nLANGUAGE plpgsql STABLE\nSET plan_cache_mode = force_generic_plan",
+            ),
+        ),
+        (H + "test_creating_a_day_while_outcomes_are_read_and_written",),
+    ),
+    Mutation(
+        "history_probe_scans_a_filled_day",
+        "the dedup probe looks each step up by key, also in a day that was empty when its kept plan was made",
+        (
+            Edit(
+                M0021,
+                "SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$",
+                "SET plan_cache_mode = force_generic_plan AS $$",
+            ),
+        ),
+        (H + "test_the_dedup_probe_looks_each_step_up_by_key_in_a_day_that_filled_since_it_was_planned",),
+    ),
+    Mutation(
+        "cluster_partitions_not_kept",
+        "a secondary cluster's housekeeping creates its own outcome table's day partitions",
+        (
+            Edit(
+                "tasker_worker/fleet/supervision.py",
+                'Job("history_partitions", self.retention_config.interval, self.history_partitions),\n'
+                '            *(\n                [Job("prune_outcomes"',
+                '*(\n                [Job("prune_outcomes"',
+            ),
+        ),
+        (CL + "test_outcomes_on_a_secondary_cluster_are_pruned_by_its_own_housekeeping",),
+    ),
+    Mutation(
+        "retention_drops_queued_day",
+        "retention keeps a day whose step waits in a queue (its outcome row is that step's dedup)",
+        (
+            Edit(
+                M0021,
+                "        IF v_found THEN\n            RETURN 'queued';",
+                "        IF false THEN\n            RETURN 'queued';",
+            ),
+        ),
+        (H + "test_retention_drops_whole_days_and_never_one_still_needed",),
+    ),
+    Mutation(
+        "retention_drops_day_with_recent_rows",
+        "retention keeps a day holding a row finished within the horizon (a step delayed past its day)",
+        (
+            Edit(
+                M0021,
+                "    IF v_found THEN\n        RETURN 'recent_rows';",
+                "    IF false THEN\n        RETURN 'recent_rows';",
+            ),
+        ),
+        (H + "test_retention_drops_whole_days_and_never_one_still_needed",),
+    ),
+    Mutation(
+        "retention_drops_days_to_come",
+        "retention drops only days ended before the horizon (not today's or the ones created ahead)",
+        (
+            Edit(
+                M0021,
+                "    IF v_part.to_time > p_cutoff THEN\n        RETURN 'not_due';",
+                "    IF false THEN\n        RETURN 'not_due';",
+            ),
+            Edit(
+                "tasker_worker/fleet/retention.py",
+                'if part.kind != "day" or part.to_time is None or part.to_time > now - longest:',
+                'if part.kind != "day" or part.to_time is None:',
+            ),
+        ),
+        (H + "test_retention_drops_whole_days_and_never_one_still_needed",),
+    ),
+    Mutation(
+        "retention_deletes_day_rows",
+        "a day past the longest horizon is dropped whole, its rows not deleted one by one before",
+        (
+            Edit(
+                "tasker_worker/fleet/retention.py",
+                'if part.kind == "day" and keep >= longest:',
+                "if False:",
+            ),
+        ),
+        (H + "test_retention_drops_whole_days_and_never_one_still_needed",),
+    ),
+    Mutation(
+        "migration_not_prepared_online",
+        "db migrate prepares 0021 online (column, CHECK validated) so that the migration reads no row under its lock",
+        (
+            Edit(
+                "tasker_worker/db/migrations.py",
+                '    ("0021", queries.HISTORY_PREPARE_NEEDED, queries.HISTORY_PREPARE),\n',
+                "",
+            ),
+        ),
+        (H + "test_migrating_a_populated_table_online",),
     ),
     Mutation(
         "standby_not_synchronous",

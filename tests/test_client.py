@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 import uuid
 from functools import partial
 from typing import Any
@@ -20,7 +21,7 @@ from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout, UsageError
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.producer import operations
-from tasker_worker.producer.operations import _batch_params, _uuid4_batch
+from tasker_worker.producer.operations import _batch_params, _fresh_uuids
 from tasker_worker.testing import fetch_value, make_config, outcomes_at_least, running_worker, wait_until
 
 NS = "orders"
@@ -172,11 +173,18 @@ async def test_the_blocking_client_does_the_same(url: str) -> None:
     assert result.result == 10
 
 
-def test_batch_ids_are_random_version_4_uuids() -> None:
-    texts, ints = _uuid4_batch(3000)
+def test_batch_ids_are_fresh_uuids_with_a_stamped_step_uuid() -> None:
+    """Each step's three ids: its step_uuid a UUIDv7 of now (its outcome's partition, migration
+    0021), task_uuid and correlation_id random version 4s."""
+    before = time.time()
+    texts, ints = _fresh_uuids(3000)
+    after = time.time()
     parsed = [uuid.UUID(t) for t in texts]
     assert len(set(parsed)) == 3000
-    assert all(u.version == 4 and u.variant == uuid.RFC_4122 and u.int == n for u, n in zip(parsed, ints, strict=True))
+    assert all(u.variant == uuid.RFC_4122 and u.int == n for u, n in zip(parsed, ints, strict=True))
+    assert [u.version for u in parsed] == [7, 4, 4] * 1000
+    stamps = {u.int >> 80 for u in parsed[0::3]}  # the first 48 bits: Unix time in ms
+    assert all(int(before * 1000) <= ms <= int(after * 1000) for ms in stamps)
     with pytest.raises(StepValidationError, match="not JSON"):
         _batch_params(
             NS, "double", [{"at": object()}], delay=None, attempt_limit=None, timeout=None, headers=None, notify=False

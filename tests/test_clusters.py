@@ -28,6 +28,7 @@ from tasker_worker.config.models import TaskerConfig
 from tasker_worker.db import migrations
 from tasker_worker.db.connection import open_pool
 from tasker_worker.db.embedded import temporary_embedded
+from tasker_worker.domain.steps import uuid7
 from tasker_worker.errors import ConfigError, DatabaseError, UsageError
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.producer.client import AsyncClient, Client
@@ -460,20 +461,45 @@ def test_one_cluster_builds_what_it_always_built(db_url: str) -> None:
 async def test_outcomes_on_a_secondary_cluster_are_pruned_by_its_own_housekeeping(
     db_url: str, cluster2_url: str
 ) -> None:
-    """Retention of cluster two's outcome rows is run by a worker serving it, elected there."""
+    """Retention of cluster two's outcome rows is run by a worker serving it, elected there:
+    it creates cluster two's day partitions of the outcome table (migration 0021) and drops a
+    day past the horizon there."""
     config = sharded(
         cluster2_url, **{"retention.interval": "100ms", "retention.outcomes": "1d", "retry.max_releases": 0}
     )
+    today = f"step_results_{time.strftime('%Y%m%d', time.gmtime())}"
+    two_days_ago = time.time() - 2 * 86400
+    past_day = f"step_results_{time.strftime('%Y%m%d', time.gmtime(two_days_ago))}"
     async with running_worker(db_url, config, registry=counting_registry(types.SimpleNamespace())) as worker:
+
+        def days() -> set[str]:
+            return {
+                r[0] for r in query(cluster2_url, "SELECT name FROM tasker.history_partitions() WHERE kind = 'day'")
+            }
+
+        async def partitioned() -> bool:
+            return today in days()
+
+        await wait_until(partitioned, timeout=20)  # made by cluster two's housekeeping
+        # A step made two days ago (its step_uuid's time files its outcome under that day),
+        # recorded now (into the default partition: that day has none), its day created (the row
+        # moves in; created after the row, or retention could drop the day while still empty),
+        # then aged past the horizon: its day goes whole.
         async with AsyncClient(db_url, config=config) as client:
-            ref = await client.send_step(B, "record", {})
+            ref = await client.send_step(B, "record", {}, step_uuid=uuid7(two_days_ago))
             await client.wait_for(ref.step_uuid, timeout=30, namespace=B)
+        created = query(cluster2_url, "SELECT tasker.create_history_partition(%s::date, 10000)", (past_day[-8:],))
+        assert created == [(True,)]
+        assert query(cluster2_url, "SELECT tableoid::regclass::text FROM tasker.step_results") == [
+            (f"tasker.{past_day}",)
+        ]
         query(cluster2_url, "UPDATE tasker.step_results SET finished_at = finished_at - interval '2 days'")
 
         async def pruned() -> bool:
             return await fetch_value(cluster2_url, "SELECT count(*) FROM tasker.step_results") == 0
 
         await wait_until(pruned, timeout=20)
+        assert past_day not in days()
         housekeeping = worker.clusters[1].housekeeping
         assert housekeeping is not None and housekeeping.is_leader
 

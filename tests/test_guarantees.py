@@ -239,8 +239,9 @@ async def test_every_claim_variant_flags_a_step_already_done(url: str) -> None:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute(
             "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status,"
-            " attempts, worker_id, finished_at) VALUES (%s, %s, %s, 0, 'noop', 'succeeded', 1, 'x', now())",
-            (done["step_uuid"], NS, QUEUE),
+            " attempts, worker_id, finished_at, uuid_time) VALUES (%s, %s, %s, 0, 'noop', 'succeeded', 1, 'x', now(),"
+            " tasker.uuid_time(%s))",
+            (done["step_uuid"], NS, QUEUE, done["step_uuid"]),
         )
 
         async def resend() -> int:

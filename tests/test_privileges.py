@@ -208,3 +208,59 @@ def test_a_command_given_too_little_names_the_missing_grant(logins: dict[str, st
         assert conn.execute("SELECT state FROM tasker.cancel_step(%s, %s::uuid)", (NS, chosen)).fetchone() == (
             "cancelled",
         )
+
+
+@pytest.mark.anyio
+async def test_a_worker_role_keeps_the_history_partitions_and_every_role_reads_them(
+    db_url: str, logins: dict[str, str]
+) -> None:
+    """The supervisor's history jobs as a login holding only tasker_worker: it creates day
+    partitions and drops one past retention (owner's functions: it holds no DDL privilege),
+    deletes past rows in a partition; the grants of the outcome table carry to every partition
+    (a producer reads them, through the table or one by one) and nobody else may create or drop
+    a partition."""
+    from datetime import UTC, datetime, timedelta
+
+    from tasker_worker.config.models import DatabaseConfig, RetentionConfig
+    from tasker_worker.db.connection import open_pool
+    from tasker_worker.fleet import retention
+
+    now = datetime.now(UTC)
+    old_day = (now - timedelta(days=12)).date()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
+        conn.execute(
+            "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, status, attempts, worker_id,"
+            " finished_at, uuid_time) SELECT u, %s, %s, g, 'succeeded', 1, 'old', at, tasker.uuid_time(u)"
+            " FROM (SELECT g, at, tasker.uuid_v7(at) AS u FROM generate_series(1, 10) AS g,"
+            " LATERAL (SELECT %s::timestamptz AS at) AS t) AS s",
+            (NS, QUEUE, now - timedelta(days=12)),
+        )
+        conn.execute(
+            "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, status, attempts, worker_id,"
+            " finished_at) SELECT gen_random_uuid(), %s, %s, g, 'succeeded', 1, 'old', now() - interval '9 days'"
+            " FROM generate_series(1, 5) AS g",
+            (NS, QUEUE),
+        )
+    with psycopg.connect(logins["worker"], autocommit=True) as w:
+        assert w.execute("SELECT tasker.create_history_partition(%s)", (old_day,)).fetchone() == (True,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            w.execute("DROP TABLE tasker.step_results_default")
+    pool = await open_pool(logins["worker"], DatabaseConfig(), max_size=2)
+    try:
+        assert len(await retention.ensure_partitions(pool, RetentionConfig(), now)) == 4
+        with psycopg.connect(logins["producer"], autocommit=True) as p:
+            name = f"step_results_{old_day:%Y%m%d}"
+            assert p.execute(f"SELECT count(*) FROM tasker.{name}").fetchone() == (10,)
+            assert p.execute("SELECT count(*) FROM tasker.step_results").fetchone() == (15,)
+            for function in (
+                "tasker.create_history_partition(current_date)",
+                f"tasker.drop_history_partition('{name}', now())",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    p.execute(f"SELECT {function}")
+        # 5 rows deleted, and the day's partition dropped (counted by its estimate).
+        assert await retention.prune_outcomes(pool, RetentionConfig(), now) >= 5
+    finally:
+        await pool.close()
+    assert await fetch(db_url, "SELECT count(*) FROM tasker.step_results") == [(0,)]

@@ -140,9 +140,9 @@ async def test_retention_prunes_past_the_horizon_and_dedup_holds_inside_it(db_ur
         for body, age in ((kept, "6 days"), (pruned, "8 days")):
             await conn.execute(
                 "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status,"
-                " attempts, worker_id, finished_at) VALUES (%s, 'plain', 'worker_plain_queue', 0, 'ledger',"
-                " 'succeeded', 1, 'earlier', clock_timestamp() - %s::interval)",
-                (body["step_uuid"], age),
+                " attempts, worker_id, finished_at, uuid_time) VALUES (%s, 'plain', 'worker_plain_queue', 0, 'ledger',"
+                " 'succeeded', 1, 'earlier', clock_timestamp() - %s::interval, tasker.uuid_time(%s))",
+                (body["step_uuid"], age, body["step_uuid"]),
             )
     reg = HandlerRegistry()
     reg.register("ledger", ledger)

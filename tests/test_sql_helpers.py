@@ -149,8 +149,9 @@ async def test_claims_from_sql_and_python(conn: Conn, db_url: str) -> None:
     done = StepMessage.build("agree", "noop")
     conn.execute(
         "INSERT INTO tasker.step_results (step_uuid, namespace, queue_name, msg_id, handler, status, attempts,"
-        " worker_id, finished_at) VALUES (%s, 'agree', %s, 0, 'noop', 'succeeded', 1, 'earlier', now())",
-        (done["step_uuid"], queue),
+        " worker_id, finished_at, uuid_time) VALUES (%s, 'agree', %s, 0, 'noop', 'succeeded', 1, 'earlier', now(),"
+        " tasker.uuid_time(%s))",
+        (done["step_uuid"], queue, done["step_uuid"]),
     )
     bodies: list[Any] = [done, StepMessage.build("agree", "noop"), [1, 2], StepMessage.build("agree", "noop")]
     for body in bodies:

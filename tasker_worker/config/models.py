@@ -433,6 +433,10 @@ class RetentionConfig(_Section):
     interval: Duration = timedelta(minutes=1)
     #: Rows deleted per statement (each batch its own short transaction).
     batch_size: int = Field(default=5000, ge=100, le=100_000)
+    #: Outcome rows are partitioned by the day of their step_uuid (a UUIDv7's time): the
+    #: supervisor keeps today's partition and this many days after it created (a day without
+    #: one goes to the default partition meanwhile), whether or not pruning is enabled.
+    partitions_ahead: int = Field(default=3, ge=1, le=60)
     #: Per-namespace overrides: ``[retention.namespaces.audit] outcomes = "90d"``.
     namespaces: dict[str, RetentionNamespaceConfig] = Field(default_factory=dict)
 

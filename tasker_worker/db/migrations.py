@@ -79,24 +79,28 @@ def discover() -> list[Migration]:
     return found
 
 
-async def migrate(url: str) -> list[str]:
+async def migrate(url: str, until: str | None = None) -> list[str]:
     """Apply pgmq and pending migrations; return what was applied (empty when up to date).
 
     Everything pending applies in one transaction under a transaction-level advisory lock: of
     several processes starting at once, one applies it all and the others find it done, a
     migration that fails leaves the database as it was, and nothing here needs a session (so
-    it also works through a transaction pooler; no statement is prepared either).
+    it also works through a transaction pooler; no statement is prepared either). A pending
+    migration with an online preparation (``ONLINE_PREPARATIONS``) has it run first, each
+    statement its own short transaction, so that the migration itself holds its locks briefly.
+    ``until``: apply the migrations up to this version only (tests of an upgrade path).
     """
     conn = await connect(url, prepared=False)
     applied: list[str] = []
     try:
-        if await _up_to_date(conn):
+        if until is None and await _up_to_date(conn):
             # Nothing to apply: no DDL and no lock, so that a worker or producer role, which
             # owns nothing, can start with auto_migrate on (only `db migrate` needs ownership).
             may = await (await conn.execute(queries.MAY_ENSURE_NOTIFY_TRIGGERS)).fetchone()
             if may and may[0]:
                 await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
             return applied
+        await _prepare_online(conn, until)
         async with conn.transaction():
             await conn.execute(queries.MIGRATION_LOCK, (MIGRATION_LOCK_KEY,))
             await conn.execute(queries.CREATE_MIGRATIONS_TABLE)
@@ -105,7 +109,7 @@ async def migrate(url: str) -> list[str]:
                 applied.append(pgmq)
             done = {row[0] for row in await (await conn.execute(queries.APPLIED_VERSIONS)).fetchall()}
             for migration in discover():
-                if migration.version in done:
+                if migration.version in done or (until is not None and migration.version > until):
                     continue
                 try:
                     async with conn.transaction():
@@ -124,6 +128,36 @@ async def migrate(url: str) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+#: Work a migration needs done before its transaction, outside it: (version, the query saying
+#: whether it is needed, the statements, each run in a transaction of its own and idempotent).
+#: 0021 partitions tasker.step_results: a column with a constant default (a catalog change) and
+#: a CHECK validated while the step path goes on writing, so that the migration attaches the
+#: table as a partition without scanning it under its exclusive lock.
+ONLINE_PREPARATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("0021", queries.HISTORY_PREPARE_NEEDED, queries.HISTORY_PREPARE),
+)
+
+
+async def _prepare_online(conn: psycopg.AsyncConnection[Any], until: str | None) -> None:
+    """Run the online preparations of the pending migrations that need them (``migrate``)."""
+    exists = await (await conn.execute(queries.MIGRATIONS_TABLE_EXISTS)).fetchone()
+    if not (exists and exists[0]):
+        return  # a fresh database: nothing populated to prepare
+    done = {row[0] for row in await (await conn.execute(queries.APPLIED_VERSIONS)).fetchall()}
+    for version, needed, statements in ONLINE_PREPARATIONS:
+        if version in done or (until is not None and version > until):
+            continue
+        row = await (await conn.execute(needed)).fetchone()
+        if not (row and row[0]):
+            continue
+        log.info("preparing migration %s online", version)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        except psycopg.Error as exc:
+            raise MigrationError(f"preparing migration {version} failed: {first_line(exc)}") from exc
 
 
 async def _up_to_date(conn: psycopg.AsyncConnection[Any]) -> bool:

@@ -35,11 +35,17 @@ async def dump(url: str) -> str:
 async def dump_with(conn: psycopg.AsyncConnection[Any]) -> str:
     """``dump`` on an open connection."""
     major = str((await (await conn.execute(queries.SERVER_VERSION_NUM)).fetchone() or ["0"])[0])[:2]
+    # Timestamps in defaults and partition bounds print in the session's time zone: one for all.
+    await conn.execute(queries.SCHEMA_TIME_ZONE)
     parts = [HEADER.format(major=major)]
     for (table,) in await (await conn.execute(queries.SCHEMA_TABLES)).fetchall():
         columns = await (await conn.execute(queries.SCHEMA_COLUMNS, (table,))).fetchall()
         lines = [_column(*column) for column in columns]
-        parts.append(f"-- table\nCREATE TABLE tasker.{table} (\n" + ",\n".join(lines) + "\n);")
+        key, attached = (await (await conn.execute(queries.SCHEMA_PARTITIONING, (table,))).fetchone()) or (None, None)
+        partitioned = f" PARTITION BY {key}" if key else ""
+        parts.append(f"-- table\nCREATE TABLE tasker.{table} (\n" + ",\n".join(lines) + f"\n){partitioned};")
+        if attached:
+            parts.append(attached + ";")
         for (definition,) in await (await conn.execute(queries.SCHEMA_CONSTRAINTS, (table,))).fetchall():
             parts.append(definition + ";")
         for (definition,) in await (await conn.execute(queries.SCHEMA_INDEXES, (table, table))).fetchall():

@@ -61,6 +61,7 @@ class SupervisionJobs:
             Job("reactivate_offline", self.config.reactivate_interval, self.reactivate_offline),
             Job("compact_events", self.events_config.compaction_interval, self.compact_events),
             Job("flow_indexes", self.config.reactivate_interval, self.flow_indexes),
+            Job("history_partitions", self.retention_config.interval, self.history_partitions),
             *(
                 [Job("prune_history", self.retention_config.interval, self.prune_history)]
                 if self.retention_config.enabled
@@ -70,11 +71,14 @@ class SupervisionJobs:
 
     def cluster_jobs(self) -> list[Job]:
         """The jobs about a cluster's own tables, for a cluster that holds namespaces but not the
-        registry (``[queues.namespaces.<ns>] database``): its events, its flow indexes, and its
-        outcome rows, step keys and progress past ``[retention]``."""
+        registry (``[queues.namespaces.<ns>] database``): its events, its flow indexes, its
+        outcome table's day partitions (each cluster's table is partitioned on its own: without
+        this job a secondary cluster's outcomes would all pile into its default partition), and
+        its outcome rows, step keys and progress past ``[retention]``."""
         return [
             Job("compact_events", self.events_config.compaction_interval, self.compact_events),
             Job("flow_indexes", self.config.reactivate_interval, self.flow_indexes),
+            Job("history_partitions", self.retention_config.interval, self.history_partitions),
             *(
                 [Job("prune_outcomes", self.retention_config.interval, self.prune_outcomes)]
                 if self.retention_config.enabled
@@ -124,12 +128,19 @@ class SupervisionJobs:
         return await eventlog.compact(self.lifecycle.pool, cutoff)
 
     async def prune_history(self) -> int:
-        """Delete outcome and heartbeat rows past ``[retention]`` (in bounded batches)."""
+        """Drop the outcome table's day partitions past ``[retention]``, delete the outcome rows
+        past it elsewhere and the heartbeat rows past it (in bounded batches)."""
         now = self.lifecycle.clock.now()
         pool = self.lifecycle.pool
         return await retention.prune_outcomes(pool, self.retention_config, now) + await retention.prune_heartbeats(
             pool, self.retention_config, now
         )
+
+    async def history_partitions(self) -> int:
+        """Create the outcome table's day partitions of today and the days ahead that are
+        missing (``[retention] partitions_ahead``); how many were created."""
+        now = self.lifecycle.clock.now()
+        return len(await retention.ensure_partitions(self.lifecycle.pool, self.retention_config, now))
 
     async def prune_outcomes(self) -> int:
         """Delete outcome rows (and step keys, progress, cancel requests) past ``[retention]``."""

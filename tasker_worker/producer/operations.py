@@ -213,7 +213,7 @@ def _batch_params(
     for k, step_inputs in enumerate(items):
         if not isinstance(step_inputs, dict):
             raise StepValidationError(f"inputs must be a JSON object (step {k})", reason="malformed_message")
-    ids, ints = _uuid4_batch(3 * len(items))
+    ids, ints = _fresh_uuids(3 * len(items))
     # The fixed part of every body, encoded once; only the ids and the inputs differ.
     fixed = _ENCODE.encode(common).decode()[1:-1]
     try:
@@ -260,12 +260,16 @@ def _unique(
     return unique_key, seconds, debounce
 
 
-def _uuid4_batch(n: int) -> tuple[list[str], list[int]]:
-    """``n`` random (version 4) UUIDs as strings and as integers, made in bulk: building them
-    one ``uuid.uuid4()`` at a time cost a batch more than its INSERT."""
+def _fresh_uuids(n: int) -> tuple[list[str], list[int]]:
+    """``n`` new UUIDs as strings and as integers, made in bulk (building them one
+    ``uuid.uuid4()`` at a time cost a batch more than its INSERT): every third, from the first
+    (each step's step_uuid), a UUIDv7 of now, whose time files its outcome row (migration 0021);
+    the others random (version 4)."""
     raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    raw[0::3, :6] = np.frombuffer((time.time_ns() // 1_000_000).to_bytes(6, "big"), dtype=np.uint8)
+    raw[0::3, 6] = (raw[0::3, 6] & 0x0F) | 0x70  # version 7
     hexed = np.frombuffer(raw.tobytes().hex().encode(), dtype=np.uint8).reshape(n, 32)
     text = np.full((n, 36), ord("-"), dtype=np.uint8)
     for src, dst, width in ((0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)):
@@ -388,10 +392,10 @@ def get_result(
     outcome is on its namespace's: give ``namespace`` to look there only (else each is asked)."""
     wanted = _uuid(step_uuid)
     if conn is not None or namespace is not None:
-        rows = yield Rows(_STEP_RESULT, (wanted,), conn, namespace=namespace)
+        rows = yield Rows(_STEP_RESULT, (wanted, wanted), conn, namespace=namespace)
         return StepResult.from_row(rows[0]) if rows else None
     for database in (yield Databases()):
-        rows = yield Rows(_STEP_RESULT, (wanted,), database=database)
+        rows = yield Rows(_STEP_RESULT, (wanted, wanted), database=database)
         if rows:
             return StepResult.from_row(rows[0])
     return None
@@ -421,7 +425,7 @@ def _cluster_of_step(wanted: uuid.UUID) -> Plan[str | None]:
     if len(databases) == 1:
         return str(databases[0])
     for database in databases:
-        if (yield Rows(_STEP_RESULT, (wanted,), database=database)) or (
+        if (yield Rows(_STEP_RESULT, (wanted, wanted), database=database)) or (
             yield Rows(queries.STEP_KEY, (wanted,), database=database)
         ):
             return str(database)
