@@ -473,7 +473,8 @@ def test_migrating_a_populated_table_online(blank_db_url: str) -> None:
         writer.commit()
     assert prepare == "validated"
     scans = _seq_scans(blank_db_url)
-    assert anyio.run(migrations.migrate, blank_db_url) == ["0021_partitioned_history"]
+    applied = anyio.run(migrations.migrate, blank_db_url)
+    assert applied[0] == "0021_partitioned_history"  # and those after it
     assert _seq_scans(blank_db_url) == scans  # the table was attached, not read, under the lock
     assert partitions(blank_db_url)["step_results_unstamped"] == ("unstamped", 4001)
 
