@@ -1,0 +1,77 @@
+"""Hostile input that once stopped a worker or kept a step running forever: a body nested
+deeper than Python's decoders go, headers that are not a JSON object, a NaN in an error's
+detail, a naive ``ready_at`` in a wakeup, a backoff longer than a put-back can say, a namespace
+cache fed any name. Each is handled as a bad message (dead-lettered with a reason, or read as
+an unreadable wakeup) and the worker goes on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from tasker_worker.db.clusters import ClusterPools
+from tasker_worker.domain.steps import ClaimedMessage, Source
+from tasker_worker.testing import (
+    fetch,
+    fetch_value,
+    make_config,
+)
+
+NS = "hostile"
+QUEUE = f"worker_{NS}_queue"
+DEPTH = 1000  # PostgreSQL's jsonb takes 5000; Python's decoders stop near 1000
+
+
+def deep(depth: int = DEPTH) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def claimed(body: str, headers: Any = None) -> ClaimedMessage:
+    now = datetime.now(UTC)
+    return ClaimedMessage(QUEUE, 1, 1, now, now, body, headers, False, Source.POLL)
+
+
+# --- pure logic --------------------------------------------------------------------------------
+
+
+def test_the_cluster_routes_remember_only_configured_namespaces() -> None:
+    config = make_config(namespaces=[NS])
+    pools = ClusterPools(config)
+    for i in range(5000):
+        assert pools.cluster_of(f"any_{i}") == "primary"
+    assert pools.cluster_of(NS) == "primary"
+    assert len(pools._routes) <= len(config.queues.namespaces)
+
+
+# --- against PostgreSQL ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def url(db_url: str) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
+    return db_url
+
+
+async def _insert(url: str, body: str, headers: Any = None) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(
+            f"INSERT INTO pgmq.q_{QUEUE} (vt, message, headers) VALUES (now(), %s::jsonb, %s::jsonb)",
+            (body, None if headers is None else Jsonb(headers)),
+        )
+
+
+def _queue_empty(url: str) -> Any:
+    async def check() -> bool:
+        return await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0
+
+    return check
+
+
+async def _dlq_reasons(url: str) -> list[str]:
+    rows = await fetch(url, f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{QUEUE}_dlq ORDER BY msg_id")
+    return [r[0] for r in rows]
