@@ -9,16 +9,22 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
 from tasker_worker.db.clusters import ClusterPools
+from tasker_worker.domain.notifications import decode_wakeup, message_ready_channel
 from tasker_worker.domain.steps import ClaimedMessage, Source
 from tasker_worker.testing import (
     fetch,
     fetch_value,
     make_config,
+    outcomes_at_least,
+    running_worker,
+    send_steps,
+    wait_until,
 )
 
 NS = "hostile"
@@ -36,6 +42,15 @@ def claimed(body: str, headers: Any = None) -> ClaimedMessage:
 
 
 # --- pure logic --------------------------------------------------------------------------------
+
+
+def test_a_wakeup_with_a_naive_ready_at_is_taken_as_utc() -> None:
+    base = '{"event_type": "message_ready", "queue_name": "q", "msg_id": 1'
+    event = decode_wakeup(base + ', "ready_at": "2026-12-06T14:00:00", "delay_seconds": 5}')
+    assert event is not None and event.ready_at == datetime(2026, 12, 6, 14, tzinfo=UTC)
+    assert event.due_from(datetime.now(UTC)).ready_at is not None  # compares with aware times
+    assert decode_wakeup(base + ', "delay_seconds": 100000000000000}') is None  # would overflow
+    assert decode_wakeup(base + ', "x": ' + "[" * 5000 + "]" * 5000 + "}") is None
 
 
 def test_the_cluster_routes_remember_only_configured_namespaces() -> None:
@@ -75,3 +90,21 @@ def _queue_empty(url: str) -> Any:
 async def _dlq_reasons(url: str) -> list[str]:
     rows = await fetch(url, f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{QUEUE}_dlq ORDER BY msg_id")
     return [r[0] for r in rows]
+
+
+@pytest.mark.anyio
+async def test_a_wakeup_with_a_naive_ready_at_does_not_stop_the_worker(url: str) -> None:
+    config = make_config(mode="EventDrivenOnly", namespaces=[NS])
+    async with running_worker(url, config) as worker:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            for payload in (
+                '{"event_type": "message_ready", "queue_name": "%s", "msg_id": 1, "ready_at": "2026-12-06T14:00:00"}',
+                '{"event_type": "message_ready", "queue_name": "%s", "msg_id": 1, "delay_seconds": 5,'
+                ' "ready_at": "2020-01-01T00:00:00"}',
+            ):
+                await conn.execute("SELECT pg_notify(%s, %s)", (message_ready_channel(NS), payload % QUEUE))
+        await anyio.sleep(0.5)
+        bodies = await send_steps(url, NS, "noop", [{}])
+        await wait_until(outcomes_at_least(url, 1), timeout=15)
+        assert worker.status()["counters"]["succeeded"] == 1
+    assert await fetch_value(url, "SELECT status FROM tasker.step_results") == "succeeded", bodies
