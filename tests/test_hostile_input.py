@@ -16,7 +16,8 @@ from psycopg.types.json import Jsonb
 
 from tasker_worker.db.clusters import ClusterPools
 from tasker_worker.domain.notifications import decode_wakeup, message_ready_channel
-from tasker_worker.domain.steps import ClaimedMessage, Source
+from tasker_worker.domain.steps import ClaimedMessage, Source, StepMessage, is_tasker_core_step
+from tasker_worker.errors import StepValidationError
 from tasker_worker.testing import (
     fetch,
     fetch_value,
@@ -42,6 +43,17 @@ def claimed(body: str, headers: Any = None) -> ClaimedMessage:
 
 
 # --- pure logic --------------------------------------------------------------------------------
+
+
+def test_a_body_nested_too_deep_is_a_malformed_message_not_a_recursion_error() -> None:
+    for text in (deep(), "[" * DEPTH + "]" * DEPTH, '{"step_uuid": "x", "inputs": ' + "[" * DEPTH + "]" * DEPTH + "}"):
+        with pytest.raises(StepValidationError) as caught:
+            StepMessage.decode(text)
+        assert caught.value.reason == "malformed_message"
+        assert claimed(text).step_uuid is None
+        assert is_tasker_core_step(text) is False
+    with pytest.raises(StepValidationError, match="nested too deeply"):
+        StepMessage.decode(deep())
 
 
 def test_a_wakeup_with_a_naive_ready_at_is_taken_as_utc() -> None:
@@ -90,6 +102,25 @@ def _queue_empty(url: str) -> Any:
 async def _dlq_reasons(url: str) -> list[str]:
     rows = await fetch(url, f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{QUEUE}_dlq ORDER BY msg_id")
     return [r[0] for r in rows]
+
+
+@pytest.mark.anyio
+async def test_a_body_nested_1000_deep_is_dead_lettered_and_the_worker_goes_on(url: str) -> None:
+    config = make_config(mode="Hybrid", namespaces=[NS])
+    async with running_worker(url, config) as worker:
+        await _insert(url, deep())
+        # The same body whose previous claim lapsed: the reclaim records the lapse by its
+        # step_uuid, which reading the body must not raise for.
+        await _insert(url, deep(), {"tasker_claim": {"worker_id": "gone"}})
+        await wait_until(_queue_empty(url), timeout=15)
+        good = await send_steps(url, NS, "noop", [{}])
+        await wait_until(outcomes_at_least(url, 1), timeout=15)
+        assert worker.status()["counters"]["dead_lettered"] == 2
+    assert await _dlq_reasons(url) == ["malformed_message", "malformed_message"]
+    status = await fetch_value(
+        url, "SELECT status FROM tasker.step_results WHERE step_uuid = %s", (good[0]["step_uuid"],)
+    )
+    assert status == "succeeded"
 
 
 @pytest.mark.anyio
