@@ -6,6 +6,7 @@ an unreadable wakeup) and the worker goes on."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tasker_worker.db.clusters import ClusterPools
+from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.notifications import decode_wakeup, message_ready_channel
 from tasker_worker.domain.steps import ClaimedMessage, Source, StepMessage, is_tasker_core_step
 from tasker_worker.errors import StepValidationError
@@ -54,6 +56,28 @@ def test_a_body_nested_too_deep_is_a_malformed_message_not_a_recursion_error() -
         assert is_tasker_core_step(text) is False
     with pytest.raises(StepValidationError, match="nested too deeply"):
         StepMessage.decode(deep())
+
+
+def test_odd_counter_headers_count_as_zero() -> None:
+    assert claimed("{}", {"tasker_releases": 3}).header_count("tasker_releases") == 3
+    assert claimed("{}", {"tasker_releases": 2.0}).header_count("tasker_releases") == 2
+    for odd in ("x", [1], {"a": 1}, None, True, -4, 1.5):
+        assert claimed("{}", {"tasker_releases": odd}).header_count("tasker_releases") == 0
+    assert claimed("{}", None).header_count("tasker_snoozes") == 0
+
+
+def test_claimed_headers_are_an_object_or_none() -> None:
+    now = datetime.now(UTC)
+    rows = [
+        (1, 1, now, now, "{}", [1], False, None),
+        (2, 1, now, now, "{}", "x", False, None),
+        (3, 1, now, now, "{}", 7, False, None),
+        (4, 2, now, now, "{}", {"tasker_claim": [1], "k": 1}, False, now),
+        (5, 1, now, now, "{}", {"k": 1}, False, None),
+    ]
+    msgs = QueueClient._claimed(QUEUE, rows, Source.POLL)
+    assert [m.headers for m in msgs] == [None, None, None, {"k": 1}, {"k": 1}]
+    assert msgs[3].lapsed_claim == {"worker_id": None, "read_ct": 1, "at": now.isoformat()}
 
 
 def test_a_wakeup_with_a_naive_ready_at_is_taken_as_utc() -> None:
@@ -139,3 +163,36 @@ async def test_a_wakeup_with_a_naive_ready_at_does_not_stop_the_worker(url: str)
         await wait_until(outcomes_at_least(url, 1), timeout=15)
         assert worker.status()["counters"]["succeeded"] == 1
     assert await fetch_value(url, "SELECT status FROM tasker.step_results") == "succeeded", bodies
+
+
+@pytest.mark.anyio
+async def test_headers_that_are_no_object_do_not_keep_a_step_from_its_end(url: str) -> None:
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"retry.max_attempts": 2, "retry.base_delay": "50ms"}
+    )
+    bodies = [
+        StepMessage.build(NS, "fail", {"mode": "retryable"}),
+        StepMessage.build(NS, "fail", {"mode": "non_retryable"}),
+        StepMessage.build(NS, "fail", {"mode": "retryable"}),
+    ]
+    async with running_worker(url, config) as worker:
+        for body, headers in zip(bodies, ([1], "x", {"tasker_releases": "many", "tasker_notify": [1]}), strict=True):
+            await _insert(url, json.dumps(body), headers)
+        await wait_until(_queue_empty(url), timeout=20)
+        await wait_until(outcomes_at_least(url, len(bodies)), timeout=15)
+        assert worker.status()["counters"]["dead_lettered"] == 3
+    # The reasons are in the outcome rows; the DLQ rows keep the producer's headers, with
+    # tasker_dlq merged in only where they were an object (pgmq's || appends to an array).
+    reasons = dict(await fetch(url, "SELECT step_uuid::text, error->>'reason' FROM tasker.step_results"))
+    assert [reasons[b["step_uuid"]] for b in bodies] == [
+        "retries_exhausted",
+        "non_retryable_error",
+        "retries_exhausted",
+    ]
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}_dlq") == 3
+    third = await fetch_value(
+        url,
+        f"SELECT headers->'tasker_dlq'->>'reason' FROM pgmq.q_{QUEUE}_dlq WHERE message->>'step_uuid' = %s",
+        (bodies[2]["step_uuid"],),
+    )
+    assert third == "retries_exhausted"

@@ -382,10 +382,17 @@ class QueueClient:
         out = []
         for r in rows:
             headers, lapsed = r[5], None
+            if not isinstance(headers, dict):
+                # pgmq takes any JSON as headers: what a raw producer wrote as `[1]` or `"x"`
+                # carries none of ours, and the runtime reads headers as an object. The row
+                # keeps them as they are (the put-backs merge into the stored value).
+                headers = None
             if headers is not None and queries.CLAIM_HEADER in headers:
                 # The previous claim was neither settled nor put back: it lapsed.
                 headers = dict(headers)
-                holder = headers.pop(queries.CLAIM_HEADER) or {}
+                holder = headers.pop(queries.CLAIM_HEADER)
+                if not isinstance(holder, dict):
+                    holder = {}
                 at = r[7].isoformat() if r[7] is not None else None
                 lapsed = {"worker_id": holder.get("worker_id"), "read_ct": r[1] - 1, "at": at}
                 headers = headers or None

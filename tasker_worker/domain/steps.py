@@ -281,6 +281,8 @@ class ClaimedMessage:
     claimed_at: datetime
     #: The message's JSON text (decoded once, into ``step``, when it runs).
     body: str
+    #: Always a JSON object or None (``db/queue_client.py``'s ``_claimed`` drops other JSON a
+    #: raw producer may have written as headers: ``[1]``, ``"x"``).
     headers: dict[str, Any] | None
     #: The outcome of this step_uuid is already recorded (dedup).
     already_done: bool
@@ -303,6 +305,17 @@ class ClaimedMessage:
             return None
         value = body.get("step_uuid") if isinstance(body, dict) else None
         return value if isinstance(value, str) else None
+
+    def header_count(self, key: str) -> int:
+        """The counter ``key`` of the headers (``tasker_releases``, ``tasker_snoozes``, ...),
+        0 when absent or not a whole number: a raw producer may have written anything there,
+        and a bad header must not fail the step's end (nor raise a bound by being huge)."""
+        value = (self.headers or {}).get(key, 0)
+        if type(value) is int:
+            return max(0, value)
+        if isinstance(value, float) and value.is_integer():
+            return max(0, int(value))
+        return 0
 
 
 @dataclass(slots=True)
