@@ -7,7 +7,8 @@ an unreadable wakeup) and the worker goes on."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -18,8 +19,11 @@ from psycopg.types.json import Jsonb
 from tasker_worker.db.clusters import ClusterPools
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.notifications import decode_wakeup, message_ready_channel
+from tasker_worker.domain.settlement import MAX_PUT_BACK_S, put_back_ms
 from tasker_worker.domain.steps import ClaimedMessage, Source, StepMessage, is_tasker_core_step
-from tasker_worker.errors import StepValidationError
+from tasker_worker.domain.verdicts import RetryPolicy, judge_failure
+from tasker_worker.errors import RetryableError, StepValidationError
+from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import (
     fetch,
     fetch_value,
@@ -78,6 +82,20 @@ def test_claimed_headers_are_an_object_or_none() -> None:
     msgs = QueueClient._claimed(QUEUE, rows, Source.POLL)
     assert [m.headers for m in msgs] == [None, None, None, {"k": 1}, {"k": 1}]
     assert msgs[3].lapsed_claim == {"worker_id": None, "read_ct": 1, "at": now.isoformat()}
+
+
+def test_a_backoff_longer_than_a_put_back_can_say_is_capped() -> None:
+    policy = RetryPolicy(
+        max_attempts=5, base_delay=timedelta(days=30), max_delay=timedelta(days=60), jitter=0.2, max_releases=5
+    )
+    for unavailable in (False, True):
+        verdict = judge_failure(
+            RuntimeError("x"), attempt=1, attempt_limit=None, releases=0, policy=policy, unavailable=unavailable
+        )
+        assert 0 < verdict.delay_s <= MAX_PUT_BACK_S
+    assert put_back_ms(1e12) == 2**31 - 1
+    assert put_back_ms(math.inf) == 2**31 - 1
+    assert put_back_ms(math.nan) == 0 and put_back_ms(-1.0) == 0 and put_back_ms(1.5) == 1500
 
 
 def test_a_wakeup_with_a_naive_ready_at_is_taken_as_utc() -> None:
@@ -196,3 +214,24 @@ async def test_headers_that_are_no_object_do_not_keep_a_step_from_its_end(url: s
         (bodies[2]["step_uuid"],),
     )
     assert third == "retries_exhausted"
+
+
+@pytest.mark.anyio
+async def test_a_backoff_past_24_days_puts_the_step_back(url: str) -> None:
+    reg = HandlerRegistry()
+
+    @reg.handler("slow_retry", max_attempts=3, backoff=("30d", "60d"))
+    async def slow_retry(ctx: Any, step: Any) -> None:
+        raise RetryableError("later")
+
+    config = make_config(mode="Hybrid", namespaces=[NS])
+    async with running_worker(url, config, registry=reg) as worker:
+        await send_steps(url, NS, "slow_retry", [{}])
+
+        async def put_back() -> bool:
+            return worker.status()["counters"]["retried"] >= 1
+
+        await wait_until(put_back, timeout=15)
+    days = await fetch_value(url, f"SELECT extract(epoch FROM vt - now()) / 86400 FROM pgmq.q_{QUEUE}")
+    assert 24 < float(days) <= 24.9
+    assert await fetch_value(url, "SELECT count(*) FROM tasker.step_results") == 0

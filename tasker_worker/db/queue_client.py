@@ -92,6 +92,8 @@ def translate_error(exc: psycopg.Error) -> TaskerError:
 
 
 _ENCODER = msgspec.json.Encoder()
+#: The largest put-back delay (milliseconds) the retry statement's integer takes.
+_INT4_MAX = 2**31 - 1
 
 
 def _outcome_row(o: Outcome) -> dict[str, Any]:
@@ -517,7 +519,8 @@ class QueueClient:
             queue,
             [r.msg.msg_id for r in requests],
             [r.msg.read_ct for r in requests],
-            [max(0, int(r.delay_ms)) for r in requests],
+            # int4 milliseconds in the statement: one delay past ~24.8 days must not fail the batch.
+            [min(max(0, int(r.delay_ms)), _INT4_MAX) for r in requests],
             [Jsonb(r.headers) if r.headers is not None else None for r in requests],
             requests[0].count_attempt,
         )

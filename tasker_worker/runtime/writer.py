@@ -23,7 +23,7 @@ import psycopg
 
 from tasker_worker.db.queue_client import RetryRequest
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
-from tasker_worker.domain.settlement import DeadLetter, PutBack, Record, Settlement, Written
+from tasker_worker.domain.settlement import DeadLetter, PutBack, Record, Settlement, Written, put_back_ms
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, OutcomeStatus, Source
 from tasker_worker.logs import error_fields
 from tasker_worker.runtime.inflight import HeldStep, InFlight
@@ -232,7 +232,7 @@ class OutcomeWriter:
             assert isinstance(s, PutBack)
             requests.append(
                 RetryRequest(
-                    e.msg, int(s.delay_s * 1000), s.headers, s.count_attempt, event=s.event, event_data=s.event_data
+                    e.msg, put_back_ms(s.delay_s), s.headers, s.count_attempt, event=s.event, event_data=s.event_data
                 )
             )
         return await self.store.retry(queue, requests, worker_id=self.worker_id)
