@@ -21,8 +21,8 @@ from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.notifications import decode_wakeup, message_ready_channel
 from tasker_worker.domain.settlement import MAX_PUT_BACK_S, put_back_ms
 from tasker_worker.domain.steps import ClaimedMessage, Source, StepMessage, is_tasker_core_step
-from tasker_worker.domain.verdicts import RetryPolicy, judge_failure
-from tasker_worker.errors import RetryableError, StepValidationError
+from tasker_worker.domain.verdicts import RetryPolicy, error_json, jsonb_safe, judge_failure
+from tasker_worker.errors import NonRetryableError, RetryableError, StepValidationError
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import (
     fetch,
@@ -82,6 +82,12 @@ def test_claimed_headers_are_an_object_or_none() -> None:
     msgs = QueueClient._claimed(QUEUE, rows, Source.POLL)
     assert [m.headers for m in msgs] == [None, None, None, {"k": 1}, {"k": 1}]
     assert msgs[3].lapsed_claim == {"worker_id": None, "read_ct": 1, "at": now.isoformat()}
+
+
+def test_non_finite_floats_in_errors_are_stored_as_null() -> None:
+    error = error_json(RetryableError("costly", cost=math.nan, limits=[math.inf, 1.5]))
+    assert error["detail"] == {"cost": None, "limits": [None, 1.5]}
+    assert jsonb_safe({"a": [-math.inf, {"b": math.nan}], "c": 2.5}) == {"a": [None, {"b": None}], "c": 2.5}
 
 
 def test_a_backoff_longer_than_a_put_back_can_say_is_capped() -> None:
@@ -163,6 +169,43 @@ async def test_a_body_nested_1000_deep_is_dead_lettered_and_the_worker_goes_on(u
         url, "SELECT status FROM tasker.step_results WHERE step_uuid = %s", (good[0]["step_uuid"],)
     )
     assert status == "succeeded"
+
+
+@pytest.mark.anyio
+async def test_nan_in_an_error_or_a_result_reaches_its_end(url: str) -> None:
+    """A NaN in a retried step's error (headers), in its dead letter, and in a result: each
+    step ends (dead-lettered after its attempts; succeeded), and the steps written with them
+    too."""
+    reg = HandlerRegistry()
+
+    @reg.handler("nan")
+    async def nan(ctx: Any, step: Any) -> Any:
+        if ctx.inputs.get("mode") == "retry":
+            raise RetryableError("too costly", cost=math.nan)
+        if ctx.inputs.get("mode") == "dead":
+            raise NonRetryableError("never", limit=math.inf)
+        return {"score": math.nan}
+
+    config = make_config(
+        mode="Hybrid", namespaces=[NS], overrides={"retry.max_attempts": 2, "retry.base_delay": "50ms"}
+    )
+    async with running_worker(url, config, registry=reg):
+        bodies = await send_steps(url, NS, "nan", [{"mode": "retry"}, {"mode": "dead"}, {}], batch=True)
+        bodies += await send_steps(url, NS, "noop", [{"i": i} for i in range(3)], batch=True)
+        await wait_until(outcomes_at_least(url, len(bodies)), timeout=20)
+    rows = {
+        r[0]: r[1:]
+        for r in await fetch(
+            url, "SELECT step_uuid::text, status, attempts, coalesce(result, error) FROM tasker.step_results"
+        )
+    }
+    retried, dead, result = (rows[b["step_uuid"]] for b in bodies[:3])
+    assert retried[0] == "failed" and retried[2]["reason"] == "retries_exhausted" and retried[2]["attempts"] == 2
+    assert retried[2]["detail"] == {"cost": None}
+    assert dead[0] == "dead_lettered" and dead[2]["detail"] == {"limit": None}
+    assert result[0] == "succeeded" and result[2] == {"score": None}
+    assert len(rows) == len(bodies)
+    assert sorted(await _dlq_reasons(url)) == ["non_retryable_error", "retries_exhausted"]
 
 
 @pytest.mark.anyio

@@ -209,11 +209,16 @@ def error_json(exc: BaseException) -> dict[str, Any]:
 
 
 def jsonb_safe(value: Any) -> Any:
-    """``value`` with every NUL character in its strings (keys too) replaced by U+FFFD:
-    PostgreSQL's jsonb refuses ``\\u0000``, and one such string would fail the whole batch of
-    outcomes it is written with. Values without one come back as they are."""
+    """``value`` with every NUL character in its strings (keys too) replaced by U+FFFD and
+    every float that is not finite (NaN, infinities) replaced by None: PostgreSQL's jsonb
+    refuses ``\\u0000`` and ``NaN`` (which ``json.dumps``, and so psycopg's ``Jsonb``, writes),
+    and one such value would fail the whole batch of outcomes it is written with. None is what
+    msgspec writes for a float that is not finite (the settle statement's encoding). Values
+    without one come back as they are."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {jsonb_safe(k) if isinstance(k, str) else k: jsonb_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
