@@ -17,13 +17,18 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tasker_worker.db.clusters import ClusterPools
+from tasker_worker.db.connection import open_pool
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.notifications import decode_wakeup, message_ready_channel
-from tasker_worker.domain.settlement import MAX_PUT_BACK_S, put_back_ms
-from tasker_worker.domain.steps import ClaimedMessage, Source, StepMessage, is_tasker_core_step
+from tasker_worker.domain.settlement import MAX_PUT_BACK_S, DeadLetter, put_back_ms
+from tasker_worker.domain.steps import ClaimedMessage, OutcomeStatus, Source, StepMessage, is_tasker_core_step
 from tasker_worker.domain.verdicts import RetryPolicy, error_json, jsonb_safe, judge_failure
 from tasker_worker.errors import NonRetryableError, RetryableError, StepValidationError
 from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.runtime.inflight import InFlight
+from tasker_worker.runtime.ports import NoWakeups
+from tasker_worker.runtime.stats import WorkerStats
+from tasker_worker.runtime.writer import OutcomeWriter
 from tasker_worker.testing import (
     fetch,
     fetch_value,
@@ -278,3 +283,33 @@ async def test_a_backoff_past_24_days_puts_the_step_back(url: str) -> None:
     days = await fetch_value(url, f"SELECT extract(epoch FROM vt - now()) / 86400 FROM pgmq.q_{QUEUE}")
     assert 24 < float(days) <= 24.9
     assert await fetch_value(url, "SELECT count(*) FROM tasker.step_results") == 0
+
+
+@pytest.mark.anyio
+async def test_a_group_the_database_refuses_is_written_one_by_one(url: str) -> None:
+    """One dead letter whose error PostgreSQL refuses (a NaN that got past ``jsonb_safe``)
+    fails the statement of its whole group: the others are written alone, and it is
+    dead-lettered with reason ``outcome_not_storable``, never left to run again at its vt."""
+    bodies = await send_steps(url, NS, "noop", [{"i": i} for i in range(3)])
+    pool = await open_pool(url, make_config().database, max_size=2)
+    try:
+        client = QueueClient(pool)
+        msgs = await client.claim(QUEUE, 30, 10, Source.POLL, worker_id="w")
+        assert len(msgs) == 3
+        held = InFlight(10, 30)
+        stats = WorkerStats()
+        writer = OutcomeWriter(client, "w", stats, held, NoWakeups())
+        for i, msg in enumerate(sorted(msgs, key=lambda m: m.msg_id)):
+            error = {"reason": "bad" if i == 1 else "fine", "cost": math.nan if i == 1 else 1.0}
+            writer.end(held.hold(msg), DeadLetter(OutcomeStatus.DEAD_LETTERED, error))
+        await writer.flush()
+    finally:
+        await pool.close()
+    assert not held.entries
+    assert stats.counters["dead_lettered"] == 3
+    assert await _dlq_reasons(url) == ["fine", "outcome_not_storable", "fine"]
+    error = await fetch_value(
+        url, "SELECT error FROM tasker.step_results WHERE step_uuid = %s", (bodies[1]["step_uuid"],)
+    )
+    assert error["reason"] == "outcome_not_storable" and error["last_reason"] == "bad"
+    assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0
