@@ -313,3 +313,21 @@ async def test_a_group_the_database_refuses_is_written_one_by_one(url: str) -> N
     )
     assert error["reason"] == "outcome_not_storable" and error["last_reason"] == "bad"
     assert await fetch_value(url, f"SELECT count(*) FROM pgmq.q_{QUEUE}") == 0
+
+
+@pytest.mark.anyio
+async def test_progress_with_nan_is_written_with_the_others(url: str) -> None:
+    """One step's progress with a NaN (json.dumps writes it, jsonb refuses it) no longer
+    loses every step's report of the round."""
+    a, b = (StepMessage.build(NS, "noop", {}) for _ in range(2))
+    rows = [
+        {"step_uuid": a["step_uuid"], "namespace": NS, "fraction": 0.5, "note": "ok", "data": {"n": 1}},
+        {"step_uuid": b["step_uuid"], "namespace": NS, "fraction": math.nan, "note": "x", "data": {"v": math.inf}},
+    ]
+    pool = await open_pool(url, make_config().database, max_size=1)
+    try:
+        await QueueClient(pool).write_progress(rows, "w")
+    finally:
+        await pool.close()
+    stored = dict(await fetch(url, "SELECT step_uuid::text, data FROM tasker.step_progress"))
+    assert stored == {a["step_uuid"]: {"n": 1}, b["step_uuid"]: {"v": None}}

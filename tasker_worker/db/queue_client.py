@@ -443,7 +443,9 @@ class QueueClient:
         """Store what running steps reported (``ctx.progress``): one row per step, the newest
         value winning."""
         if rows:
-            await self._fetch(queries.WRITE_PROGRESS, (json.dumps(list(rows), default=str), worker_id))
+            # jsonb_safe: one step's NaN (json.dumps writes it; jsonb refuses it) or NUL would
+            # otherwise lose every step's report of this round, and again at each round.
+            await self._fetch(queries.WRITE_PROGRESS, (json.dumps(jsonb_safe(list(rows)), default=str), worker_id))
 
     async def pending_cancellations(self, step_uuids: Sequence[str]) -> dict[str, str | None]:
         """The cancel requests (``{step_uuid: who asked}``) of these steps."""
