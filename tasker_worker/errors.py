@@ -9,6 +9,7 @@ Handler authors raise the *step* errors (``RetryableError``, ``NonRetryableError
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -242,6 +243,8 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN/inf: not JSON, and jsonb refuses them (as msgspec does, null)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)

@@ -61,6 +61,7 @@ M0002 = "sql/migrations/0002_step_outcomes.sql"
 M0007 = "sql/migrations/0007_one_row_per_step.sql"
 Q = "tasker_worker/db/queries.py"
 V = "tasker_worker/domain/verdicts.py"
+H = "tests/test_hostile_input.py::"
 M0016 = "sql/migrations/0016_flow_control.sql"
 #: The definitions in force of claim_flow, claim_steps, dead_letter_steps, record_outcomes,
 #: cancel_step, enqueue_step and step_message (0021 redefined them for the partitioned history).
@@ -1255,6 +1256,79 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (CL + "test_shutdown_gives_back_the_running_steps_of_every_cluster_within_the_one_budget",),
+    ),
+    Mutation(
+        "deep_body_raises",
+        "a body nested too deep to decode is a malformed message (dead-lettered), not an error "
+        "that abandons it and, reclaimed as a lapsed claim, stops the worker",
+        (
+            Edit(
+                "tasker_worker/domain/steps.py",
+                "        except Exception:  # ValueError, RecursionError (nested too deep), ...: no usable id",
+                "        except ValueError:",
+            ),
+            Edit(
+                "tasker_worker/domain/steps.py",
+                "        except Exception as exc:  # RecursionError (a body nested ~1000 deep), or worse\n"
+                "            raise _undecodable(exc) from None\n",
+                "",
+            ),
+        ),
+        (H + "test_a_body_nested_1000_deep_is_dead_lettered_and_the_worker_goes_on",),
+    ),
+    Mutation(
+        "nan_kept_in_errors",
+        "a NaN in an error's detail is stored as null (jsonb refuses NaN: the step would re-run forever)",
+        (
+            Edit(V, "        return value if math.isfinite(value) else None\n", "        return value\n"),
+            Edit(
+                "tasker_worker/errors.py",
+                "    if isinstance(value, float) and not math.isfinite(value):",
+                "    if False:",
+            ),
+        ),
+        (H + "test_nan_in_an_error_or_a_result_reaches_its_end",),
+    ),
+    Mutation(
+        "writer_no_isolation",
+        "a group the database refuses is written item by item, the refused one dead-lettered",
+        (
+            Edit(
+                "tasker_worker/runtime/writer.py",
+                "        if error is not None:\n            results, ended = await self._write_apart(",
+                "        if False:\n            results, ended = await self._write_apart(",
+            ),
+        ),
+        (H + "test_a_group_the_database_refuses_is_written_one_by_one",),
+    ),
+    Mutation(
+        "naive_ready_at_kept",
+        "a wakeup's naive ready_at is read as UTC (compared with aware times it stopped the processor)",
+        (
+            Edit(
+                "tasker_worker/domain/notifications.py",
+                "    if ready is not None and ready.tzinfo is None:",
+                "    if False:",
+            ),
+        ),
+        (H + "test_a_wakeup_with_a_naive_ready_at_does_not_stop_the_worker",),
+    ),
+    Mutation(
+        "headers_not_normalised",
+        "headers that are not a JSON object are read as none (not .get on a list)",
+        (
+            Edit(
+                "tasker_worker/db/queue_client.py",
+                "            if not isinstance(headers, dict):",
+                "            if False:",
+            ),
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                'msg.header_count("tasker_releases")',
+                'int((msg.headers or {}).get("tasker_releases", 0))',
+            ),
+        ),
+        (H + "test_headers_that_are_no_object_do_not_keep_a_step_from_its_end",),
     ),
 )
 

@@ -74,6 +74,19 @@ async def migrate_clusters(
     return applied
 
 
+def _route(config: TaskerConfig, routes: dict[str, str], namespace: str) -> str:
+    """The cluster of ``namespace``, remembered in ``routes`` only when the namespace is
+    configured (``[queues.namespaces.<ns>]``): the API and the clients ask for any valid name,
+    and remembering each would grow without bound; any other name is the primary's, which
+    ``cluster_of`` answers at once."""
+    name = routes.get(namespace)
+    if name is None:
+        name = config.cluster_of(namespace)
+        if namespace in config.queues.namespaces:
+            routes[namespace] = name
+    return name
+
+
 class ClusterPools:
     """An async pool per cluster, each opened on its first use (a client that only sends to the
     primary's namespaces never connects to another cluster). Pools handed in are used as they
@@ -94,7 +107,8 @@ class ClusterPools:
         self._max_size = max_size
         self._application_name = application_name
         self._lock = anyio.Lock()
-        #: namespace -> cluster name, remembered (the rule reads the configuration).
+        #: namespace -> cluster name, remembered for the configured namespaces (the rule reads
+        #: the configuration; see ``_route``).
         self._routes: dict[str, str] = {}
 
     @property
@@ -104,10 +118,7 @@ class ClusterPools:
 
     def cluster_of(self, namespace: str) -> str:
         """The name of the cluster that holds ``namespace``."""
-        name = self._routes.get(namespace)
-        if name is None:
-            name = self._routes[namespace] = self.config.cluster_of(namespace)
-        return name
+        return _route(self.config, self._routes, namespace)
 
     async def pool(self, name: str) -> AsyncConnectionPool:
         """The pool of cluster ``name``, opened now if it is not yet."""
@@ -190,10 +201,7 @@ class SyncClusterPools:
 
     def cluster_of(self, namespace: str) -> str:
         """The name of the cluster that holds ``namespace``."""
-        name = self._routes.get(namespace)
-        if name is None:
-            name = self._routes[namespace] = self.config.cluster_of(namespace)
-        return name
+        return _route(self.config, self._routes, namespace)
 
     def pool(self, name: str) -> ConnectionPool:
         """The pool of cluster ``name``, opened now if it is not yet."""

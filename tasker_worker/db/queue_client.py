@@ -92,6 +92,8 @@ def translate_error(exc: psycopg.Error) -> TaskerError:
 
 
 _ENCODER = msgspec.json.Encoder()
+#: The largest put-back delay (milliseconds) the retry statement's integer takes.
+_INT4_MAX = 2**31 - 1
 
 
 def _outcome_row(o: Outcome) -> dict[str, Any]:
@@ -382,10 +384,17 @@ class QueueClient:
         out = []
         for r in rows:
             headers, lapsed = r[5], None
+            if not isinstance(headers, dict):
+                # pgmq takes any JSON as headers: what a raw producer wrote as `[1]` or `"x"`
+                # carries none of ours, and the runtime reads headers as an object. The row
+                # keeps them as they are (the put-backs merge into the stored value).
+                headers = None
             if headers is not None and queries.CLAIM_HEADER in headers:
                 # The previous claim was neither settled nor put back: it lapsed.
                 headers = dict(headers)
-                holder = headers.pop(queries.CLAIM_HEADER) or {}
+                holder = headers.pop(queries.CLAIM_HEADER)
+                if not isinstance(holder, dict):
+                    holder = {}
                 at = r[7].isoformat() if r[7] is not None else None
                 lapsed = {"worker_id": holder.get("worker_id"), "read_ct": r[1] - 1, "at": at}
                 headers = headers or None
@@ -434,7 +443,9 @@ class QueueClient:
         """Store what running steps reported (``ctx.progress``): one row per step, the newest
         value winning."""
         if rows:
-            await self._fetch(queries.WRITE_PROGRESS, (json.dumps(list(rows), default=str), worker_id))
+            # jsonb_safe: one step's NaN (json.dumps writes it; jsonb refuses it) or NUL would
+            # otherwise lose every step's report of this round, and again at each round.
+            await self._fetch(queries.WRITE_PROGRESS, (json.dumps(jsonb_safe(list(rows)), default=str), worker_id))
 
     async def pending_cancellations(self, step_uuids: Sequence[str]) -> dict[str, str | None]:
         """The cancel requests (``{step_uuid: who asked}``) of these steps."""
@@ -510,7 +521,8 @@ class QueueClient:
             queue,
             [r.msg.msg_id for r in requests],
             [r.msg.read_ct for r in requests],
-            [max(0, int(r.delay_ms)) for r in requests],
+            # int4 milliseconds in the statement: one delay past ~24.8 days must not fail the batch.
+            [min(max(0, int(r.delay_ms)), _INT4_MAX) for r in requests],
             [Jsonb(r.headers) if r.headers is not None else None for r in requests],
             requests[0].count_attempt,
         )

@@ -29,7 +29,7 @@ there on each of them, so ``MessageReady`` (their union) is what the processor t
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, ClassVar, Self
 
 import msgspec
@@ -62,6 +62,10 @@ MAX_CHANNEL_BYTES = 63
 MAX_PAYLOAD_BYTES = 8000
 
 
+#: The largest ``delay_seconds`` a wakeup is read with: about 31 years.
+MAX_DELAY_SECONDS = 10**9
+
+
 def message_ready_channel(namespace: str) -> str:
     """The step-wakeup channel of ``namespace``: ``pgmq_message_ready.<namespace>``."""
     return MESSAGE_READY_PREFIX + namespace
@@ -89,8 +93,9 @@ class _Wakeup(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type")
     #: When the messages are (or were) visible. tasker-core's own producer functions put the
     #: time of the send here, whatever the delay: see ``due_from``.
     ready_at: datetime | None = None
-    #: The delay the messages were sent with, whole seconds (0: visible at once).
-    delay_seconds: int = 0
+    #: The delay the messages were sent with, whole seconds (0: visible at once). Bounded so
+    #: that ``due_from`` cannot overflow a datetime (a larger one: an unreadable payload).
+    delay_seconds: Annotated[int, msgspec.Meta(le=MAX_DELAY_SECONDS)] = 0
 
     def due_from(self, received: datetime) -> Self:
         """This wakeup with ``ready_at`` no earlier than the messages can be visible, for a
@@ -161,11 +166,19 @@ _WAKEUP = msgspec.json.Decoder(MessageReady)
 
 def decode_wakeup(payload: str | bytes) -> MessageReady | None:
     """The step wakeup of a ``pgmq_message_ready`` payload; ``None`` for anything else (not
-    JSON, another ``event_type``, a field of the wrong type)."""
+    JSON, another ``event_type``, a field of the wrong type, nesting too deep to decode).
+
+    A ``ready_at`` without a time zone (``"2026-12-06T14:00:00"``, as anyone's ``pg_notify``
+    may send) is taken as UTC, the zone the runtime's own times are in: the processor and
+    ``due_from`` compare it with aware times, which a naive one would fail with a TypeError."""
     try:
-        return _WAKEUP.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+        event = _WAKEUP.decode(payload)
+    except Exception:  # msgspec's errors, RecursionError, ...: an unreadable payload
         return None
+    ready = event.ready_at
+    if ready is not None and ready.tzinfo is None:
+        event = msgspec.structs.replace(event, ready_at=ready.replace(tzinfo=UTC))
+    return event
 
 
 # --- claim notices: tasker_claimed.<namespace> ----------------------------------------------
@@ -199,7 +212,7 @@ def decode_claimed(payload: str | bytes) -> StepsClaimed | None:
     """The claim notice of a ``tasker_claimed.<namespace>`` payload; ``None`` for anything else."""
     try:
         return _CLAIMED.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except Exception:  # msgspec's errors, RecursionError, ...: not one
         return None
 
 
@@ -238,7 +251,7 @@ def decode_cancel(payload: str | bytes) -> CancelRequested | None:
     """A ``tasker_cancel.<namespace>`` payload (None when it is not one)."""
     try:
         return _CANCEL.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except Exception:  # msgspec's errors, RecursionError, ...: not one
         return None
 
 
@@ -249,7 +262,7 @@ def decode_outcomes(payload: str | bytes) -> set[str]:
     """The step_uuids a ``tasker_outcome`` payload names (none when it is not one)."""
     try:
         return set(_OUTCOMES.decode(payload).step_uuids)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except Exception:  # msgspec's errors, RecursionError, ...: not one
         return set()
 
 

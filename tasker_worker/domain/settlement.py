@@ -60,6 +60,20 @@ class DeadLetter:
     finished_at: float | None = None
 
 
+#: The longest a put-back can delay a message: the statement takes whole milliseconds as a
+#: PostgreSQL integer (int4), so 2**31 - 1 ms, about 24.8 days. A longer delay (a backoff whose
+#: ``max_delay`` says more) is this long instead of failing its whole batch of put-backs.
+MAX_PUT_BACK_S = (2**31 - 1) / 1000
+
+
+def put_back_ms(delay_s: float) -> int:
+    """``delay_s`` as the whole milliseconds a put-back takes: within 0..``MAX_PUT_BACK_S``
+    (NaN: 0), never an int4 overflow."""
+    if not delay_s > 0:  # also NaN
+        return 0
+    return int(min(delay_s, MAX_PUT_BACK_S) * 1000)
+
+
 @dataclass(frozen=True, slots=True)
 class PutBack:
     """Give the message back to its queue, visible again after ``delay_s``."""

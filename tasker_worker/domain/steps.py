@@ -82,14 +82,22 @@ class StepMessage(msgspec.Struct, frozen=True, kw_only=True):
             return _DECODER.decode(text)
         except (msgspec.ValidationError, msgspec.DecodeError):
             pass
+        except Exception as exc:  # RecursionError (a body nested ~1000 deep), or worse
+            raise _undecodable(exc) from None
         # The compiled decoder refuses a few spellings that the contract has always accepted
         # (UUIDs in braces or as URNs) and reads a few numbers differently from json.loads (a
         # literal 1e400): decide those the careful way, with json.loads.
         try:
             payload = json.loads(text)
+            return cls.parse(payload)
+        except StepValidationError:
+            raise
         except ValueError as exc:
             raise StepValidationError(f"step message is not valid JSON: {exc}", reason="malformed_message") from None
-        return cls.parse(payload)
+        except Exception as exc:
+            # Whatever the text is, a bad message is the message's fault, never the worker's
+            # end: the runner dead-letters a StepValidationError (and only that).
+            raise _undecodable(exc) from None
 
     @classmethod
     def parse(cls, payload: Any) -> StepMessage:
@@ -194,7 +202,7 @@ def is_tasker_core_step(text: str | bytes) -> bool:
     message naming any of our keys is ours (a malformed one, dead-lettered as ever)."""
     try:
         body = json.loads(text)
-    except ValueError:
+    except Exception:  # ValueError, RecursionError, ...: not tasker-core's, so ours (malformed)
         return False
     if not isinstance(body, dict) or not _OUR_KEYS.isdisjoint(body):
         return False
@@ -237,6 +245,16 @@ _DECODER = msgspec.json.Decoder(StepMessage, strict=False)
 _OUR_KEYS = frozenset(StepMessage.__struct_fields__) - frozenset(TASKER_CORE_KEYS)
 
 
+def _undecodable(exc: Exception) -> StepValidationError:
+    """The error of a message text no decoder could read without failing itself: PostgreSQL's
+    jsonb accepts nesting 5000 deep, Python's decoders stop near 1000 (``RecursionError``)."""
+    if isinstance(exc, RecursionError):
+        what = "step message is nested too deeply to decode"
+    else:
+        what = f"step message could not be decoded ({type(exc).__name__}: {str(exc)[:200]})"
+    return StepValidationError(what, reason="malformed_message")
+
+
 def _readable(exc: msgspec.ValidationError) -> str:
     """``field: problem`` from msgspec's ``problem - at `$.field```."""
     text = str(exc).splitlines()[0]
@@ -277,6 +295,8 @@ class ClaimedMessage:
     claimed_at: datetime
     #: The message's JSON text (decoded once, into ``step``, when it runs).
     body: str
+    #: Always a JSON object or None (``db/queue_client.py``'s ``_claimed`` drops other JSON a
+    #: raw producer may have written as headers: ``[1]``, ``"x"``).
     headers: dict[str, Any] | None
     #: The outcome of this step_uuid is already recorded (dedup).
     already_done: bool
@@ -295,10 +315,21 @@ class ClaimedMessage:
             return str(self.step.step_uuid)
         try:
             body = json.loads(self.body)
-        except ValueError:
+        except Exception:  # ValueError, RecursionError (nested too deep), ...: no usable id
             return None
         value = body.get("step_uuid") if isinstance(body, dict) else None
         return value if isinstance(value, str) else None
+
+    def header_count(self, key: str) -> int:
+        """The counter ``key`` of the headers (``tasker_releases``, ``tasker_snoozes``, ...),
+        0 when absent or not a whole number: a raw producer may have written anything there,
+        and a bad header must not fail the step's end (nor raise a bound by being huge)."""
+        value = (self.headers or {}).get(key, 0)
+        if type(value) is int:
+            return max(0, value)
+        if isinstance(value, float) and value.is_integer():
+            return max(0, int(value))
+        return 0
 
 
 @dataclass(slots=True)

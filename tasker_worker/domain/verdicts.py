@@ -30,7 +30,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 from tasker_worker.domain.backoff import backoff_delay
-from tasker_worker.domain.settlement import DeadLetter, PutBack, Record, Settlement
+from tasker_worker.domain.settlement import MAX_PUT_BACK_S, DeadLetter, PutBack, Record, Settlement
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.domain.workers import WorkerEventType
 from tasker_worker.errors import (
@@ -177,14 +177,16 @@ def judge_failure(
         return Verdict(VerdictKind.DEAD_LETTER)
     if unavailable and releases + 1 <= policy.max_releases:
         delay = backoff_delay(releases + 1, policy.base_delay, policy.max_delay, policy.jitter)
-        return Verdict(VerdictKind.RELEASE, delay, releases + 1)
+        return Verdict(VerdictKind.RELEASE, min(delay, MAX_PUT_BACK_S), releases + 1)
     if policy.retry_on is not None and not isinstance(exc, (RetryableError, *policy.retry_on)):
         return Verdict(VerdictKind.DEAD_LETTER)
     timed_out = isinstance(exc, StepTimeout)
     if attempt >= (attempt_limit or policy.max_attempts):
         return Verdict(VerdictKind.EXHAUSTED, timed_out=timed_out)
     delay = backoff_delay(attempt, policy.base_delay, policy.max_delay, policy.jitter)
-    return Verdict(VerdictKind.RETRY, delay, releases, timed_out)
+    # A max_delay past ~24.8 days would overflow the put-back's int4 milliseconds (and fail
+    # its whole batch): the longest put-back there is, instead.
+    return Verdict(VerdictKind.RETRY, min(delay, MAX_PUT_BACK_S), releases, timed_out)
 
 
 @dataclass(frozen=True)
@@ -207,11 +209,16 @@ def error_json(exc: BaseException) -> dict[str, Any]:
 
 
 def jsonb_safe(value: Any) -> Any:
-    """``value`` with every NUL character in its strings (keys too) replaced by U+FFFD:
-    PostgreSQL's jsonb refuses ``\\u0000``, and one such string would fail the whole batch of
-    outcomes it is written with. Values without one come back as they are."""
+    """``value`` with every NUL character in its strings (keys too) replaced by U+FFFD and
+    every float that is not finite (NaN, infinities) replaced by None: PostgreSQL's jsonb
+    refuses ``\\u0000`` and ``NaN`` (which ``json.dumps``, and so psycopg's ``Jsonb``, writes),
+    and one such value would fail the whole batch of outcomes it is written with. None is what
+    msgspec writes for a float that is not finite (the settle statement's encoding). Values
+    without one come back as they are."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {jsonb_safe(k) if isinstance(k, str) else k: jsonb_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

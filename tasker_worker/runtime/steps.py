@@ -530,7 +530,7 @@ class StepRunner:
                 seconds = parse_duration(str(delay)).total_seconds()
             except ValueError as exc:
                 return not_a_step(StepValidationError(f"snooze delay {delay!r}: {exc}", reason="invalid_snooze"))
-        snoozes = int((msg.headers or {}).get("tasker_snoozes", 0)) + 1
+        snoozes = msg.header_count("tasker_snoozes") + 1
         return snoozed(seconds, snoozes, self.policy_for(spec).max_snoozes)
 
     def may_run_on(self, entry: HeldStep) -> bool:
@@ -589,7 +589,7 @@ class StepRunner:
             exc,
             attempt=msg.read_ct,
             attempt_limit=step.attempt_limit,
-            releases=int((msg.headers or {}).get("tasker_releases", 0)),
+            releases=msg.header_count("tasker_releases"),
             policy=policy,
             # A broken database connection (the step's own transaction, or a handler's query)
             # says nothing about the step: like DependencyUnavailable it gives the attempt back.
@@ -696,7 +696,7 @@ class StepRunner:
         """This worker lacks what the step needs: the rulebook decides between giving it back
         for a capable worker and dead-lettering it."""
         self.stats.incr("rejections")
-        rejections = int((msg.headers or {}).get("tasker_rejections", 0)) + 1
+        rejections = msg.header_count("tasker_rejections") + 1
         limit = self.settings.max_rejections
         try:
             someone = rejections < limit and await self.store.capable_worker_exists(

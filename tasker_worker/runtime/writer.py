@@ -23,8 +23,10 @@ import psycopg
 
 from tasker_worker.db.queue_client import RetryRequest
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
-from tasker_worker.domain.settlement import DeadLetter, PutBack, Record, Settlement, Written
+from tasker_worker.domain.settlement import DeadLetter, PutBack, Record, Settlement, Written, put_back_ms
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, OutcomeStatus, Source
+from tasker_worker.domain.verdicts import jsonb_safe
+from tasker_worker.errors import first_line
 from tasker_worker.logs import error_fields
 from tasker_worker.runtime.inflight import HeldStep, InFlight
 from tasker_worker.runtime.ports import WAKE_MARGIN_S, StepStore, Wakeups
@@ -166,6 +168,32 @@ class OutcomeWriter:
                 self._writing -= len(items)
 
     async def _write_group(self, kind: str, queue: str, items: list[_Item]) -> None:
+        results, error = await self._attempt(kind, queue, items)
+        ended = items
+        if error is not None:
+            results, ended = await self._write_apart(kind, queue, items, error)
+        for entry, settlement in ended:
+            applied = results.get(entry.msg.msg_id)
+            written = Written.NOT_WRITTEN if applied is None else Written.APPLIED if applied else Written.FENCED
+            try:
+                self.finish(entry, settlement, written)
+            except Exception:  # the writer must go on for the other steps
+                log.exception("ending msg %s of %s failed", entry.msg.msg_id, queue, extra={"queue": queue})
+        if kind in _PUT_BACK_KINDS:
+            # After the steps are finished, so that a claim it prompts does not find the message
+            # still held here (and take it for a redelivery of the step that just ended); shielded
+            # and bounded, as at shutdown the last step finished lets the worker stop while its
+            # announcement is still to go out.
+            deadline = min(self.final_deadline, anyio.current_time() + ANNOUNCE_TIMEOUT_S)
+            with anyio.CancelScope(shield=True, deadline=deadline):
+                await self._announce(queue, [(e.msg.msg_id, s) for e, s in ended if results.get(e.msg.msg_id)])
+
+    async def _attempt(self, kind: str, queue: str, items: list[_Item]) -> tuple[dict[int, bool], Exception | None]:
+        """Write ``items`` (retrying the database's weather): ``({msg_id: applied}, None)``;
+        ``({}, None)`` when the database stayed broken (they return after their vt);
+        ``({}, error)`` when the write failed for another reason (the statement refused them:
+        a value jsonb does not take, ...), which no retry of the same write mends."""
+
         async def write() -> dict[int, bool]:
             began = time.monotonic()
             written = await self._write(kind, queue, items)
@@ -192,32 +220,51 @@ class OutcomeWriter:
                 queue,
                 extra={"queue": queue, **error_fields(exc)},
             )
-            results = {}
+            return {}, None
         except Exception as exc:  # not the database's weather: still never the writer's end
             self.stats.incr("internal_errors")
             log.exception(
-                "writing %d %s results to %s failed; they return after their vt",
+                "writing %d %s results to %s failed",
                 len(items),
                 kind,
                 queue,
                 extra={"queue": queue, **error_fields(exc)},
             )
-            results = {}
+            return {}, exc
+        return results, None
+
+    async def _write_apart(
+        self, kind: str, queue: str, items: list[_Item], error: Exception
+    ) -> tuple[dict[int, bool], list[_Item]]:
+        """A group's write failed for something other than the database's weather (one step's
+        outcome, error or headers that the statement refuses): nothing of it was applied (one
+        statement, or one transaction). Write its items one at a time, so that only the bad
+        ones fail; each bad one is dead-lettered instead with reason ``outcome_not_storable``
+        (kept as it was, it would run again and fail the same way at every vt, never ending).
+        One whose dead letter cannot be written either returns after its vt, as before."""
+        results: dict[int, bool] = {}
+        ended: list[_Item] = []
         for entry, settlement in items:
-            applied = results.get(entry.msg.msg_id)
-            written = Written.NOT_WRITTEN if applied is None else Written.APPLIED if applied else Written.FENCED
-            try:
-                self.finish(entry, settlement, written)
-            except Exception:  # the writer must go on for the other steps
-                log.exception("ending msg %s of %s failed", entry.msg.msg_id, queue, extra={"queue": queue})
-        if kind in _PUT_BACK_KINDS:
-            # After the steps are finished, so that a claim it prompts does not find the message
-            # still held here (and take it for a redelivery of the step that just ended); shielded
-            # and bounded, as at shutdown the last step finished lets the worker stop while its
-            # announcement is still to go out.
-            deadline = min(self.final_deadline, anyio.current_time() + ANNOUNCE_TIMEOUT_S)
-            with anyio.CancelScope(shield=True, deadline=deadline):
-                await self._announce(queue, [(e.msg.msg_id, s) for e, s in items if results.get(e.msg.msg_id)])
+            if len(items) > 1:
+                one, error_alone = await self._attempt(kind, queue, [(entry, settlement)])
+                if error_alone is None:
+                    results.update(one)
+                    ended.append((entry, settlement))
+                    continue
+                error = error_alone
+            instead = not_storable(settlement, error)
+            msg = entry.msg
+            log.error(
+                "dead-lettering msg %s of %s: its %s could not be written",
+                msg.msg_id,
+                msg.queue,
+                kind,
+                extra={**step_fields(msg), **error_fields(error)},
+            )
+            one, _ = await self._attempt("dead_letter", queue, [(entry, instead)])
+            results.update(one)
+            ended.append((entry, instead))
+        return results, ended
 
     async def _write(self, kind: str, queue: str, items: list[_Item]) -> dict[int, bool]:
         if kind == "record":
@@ -232,7 +279,7 @@ class OutcomeWriter:
             assert isinstance(s, PutBack)
             requests.append(
                 RetryRequest(
-                    e.msg, int(s.delay_s * 1000), s.headers, s.count_attempt, event=s.event, event_data=s.event_data
+                    e.msg, put_back_ms(s.delay_s), s.headers, s.count_attempt, event=s.event, event_data=s.event_data
                 )
             )
         return await self.store.retry(queue, requests, worker_id=self.worker_id)
@@ -264,6 +311,31 @@ def _kind(settlement: Settlement) -> str:
         return "dead_letter"
     assert isinstance(settlement, PutBack)
     return "retry" if settlement.count_attempt else "release"
+
+
+def not_storable(settlement: Settlement, error: BaseException) -> DeadLetter:
+    """What a step ends with when the write of its ``settlement`` failed alone for something
+    other than the database's weather: a dead letter (reason ``outcome_not_storable``) whose
+    error says why, in plain strings that any statement takes."""
+    was = getattr(settlement, "error", None) or getattr(settlement, "headers", None) or {}
+    last = was.get("reason") if isinstance(was, dict) else None
+    if not isinstance(last, str):
+        last = None
+    started, finished = getattr(settlement, "started_at", None), getattr(settlement, "finished_at", None)
+    return DeadLetter(
+        OutcomeStatus.DEAD_LETTERED,
+        jsonb_safe(
+            {
+                "type": "OutcomeNotStorable",
+                "reason": "outcome_not_storable",
+                "message": f"the step's {_kind(settlement)} could not be written: {first_line(error)[:500]}",
+                "last_reason": last[:200] if last else None,
+                "outcome": (getattr(settlement, "status", None) or OutcomeStatus.DEAD_LETTERED).value,
+            }
+        ),
+        started if isinstance(started, float) else None,
+        finished if isinstance(finished, float) else None,
+    )
 
 
 def _outcome(msg: ClaimedMessage, settlement: Record | DeadLetter) -> Outcome:
