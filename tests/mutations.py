@@ -68,6 +68,8 @@ HC = "tests/test_handler_control.py::"
 M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
+M0020 = "sql/migrations/0020_notify_at_many_producers.sql"
+NS = "tests/test_notify_skip.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
 #: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
 CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
@@ -917,6 +919,49 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
+    ),
+    Mutation(
+        "notify_skip_ignores_idle_listener",
+        "a send skips its notification only while every live listening worker drains (an idle one "
+        "counted as draining: the bool_and of NULLs)",
+        (
+            Edit(
+                M0020,
+                "bool_and(coalesce(l.draining_until > clock_timestamp(), false))",
+                "bool_and(l.draining_until > clock_timestamp())",
+                count=2,
+            ),
+        ),
+        (
+            NS + "test_a_send_is_announced_unless_every_live_listener_drains",
+            NS + "test_an_idle_worker_is_woken_while_another_drains",
+        ),
+    ),
+    Mutation(
+        "notify_skip_no_handshake",
+        "a worker ending its drain waits for the sends that skipped their notification before its last "
+        "claim (it claims at once instead)",
+        (
+            Edit(
+                "tasker_worker/runtime/drains.py",
+                "done = await self.client.await_skipped_sends(namespace, AWAIT_SLICE_MS)",
+                "done = True",
+            ),
+        ),
+        (NS + "test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain_ends",),
+    ),
+    Mutation(
+        "notify_skip_drain_never_ends",
+        "the claim loop hands its lease back when a claim comes back short (it keeps it: producers "
+        "skip while the worker idles)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "                    self.drains.ended(qs.name)\n                    break\n",
+                "                    break\n",
+            ),
+        ),
+        (NS + "test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain_ends",),
     ),
 )
 

@@ -40,6 +40,8 @@ def step_path(
     listening_since: Callable[[], float | None] = lambda: None,
     ranking: ClaimRanking | None = None,
     circuits: CircuitBreakers | None = None,
+    listens: Callable[[], bool] = lambda: False,
+    polled: Callable[[], bool] = lambda: True,
 ) -> CommandProcessor:
     """The claim side and the step side of one worker, on the database behind ``client``."""
     steps = StepSettings.from_config(config, worker_id)
@@ -69,6 +71,8 @@ def step_path(
         stats=stats,
         listening_since=listening_since,
         ranking=ranking if config.event_system.listener.single_claimer else None,
+        listens=listens,
+        polled=polled,
     )
 
 

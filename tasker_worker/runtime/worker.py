@@ -266,6 +266,13 @@ class Worker(RegistersHandlers):
         self.client = client
         for ns in self.namespaces:
             await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
+            notify = self.config.queues.notify_for(ns)
+            if notify is not None:
+                # The send trigger reads the switch from the database (migration 0020).
+                await self._startup_call(
+                    f"setting the notifications of {ns}",
+                    partial(client.set_queue_notify, ns, notify, f"worker {self.worker_id}"),
+                )
         lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
         ranking: ClaimRanking | None = None
         if self.config.registry.enabled:
@@ -316,6 +323,8 @@ class Worker(RegistersHandlers):
             state=self.state,
             listening_since=event_system.listening_since,
             ranking=ranking,
+            listens=event_system.has_listener,
+            polled=event_system.has_poller,
         )
         return _Parts(lifecycle, ranking, event_system, self.control, self.processor)
 
