@@ -952,13 +952,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "notify_skip_drain_never_ends",
-        "the claim loop hands its lease back when a claim comes back short (it keeps it: producers "
-        "skip while the worker idles)",
+        "the claim loop hands its lease back once its claims stop finding steps (it keeps it: "
+        "producers skip while the worker idles)",
         (
             Edit(
-                "tasker_worker/runtime/processor.py",
-                "                    self.drains.ended(qs.name)\n                    break\n",
-                "                    break\n",
+                "tasker_worker/runtime/drains.py",
+                "        self.ended(queue)\n        return None\n",
+                "        return None\n",
             ),
         ),
         (NS + "test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain_ends",),

@@ -54,6 +54,14 @@ log = logging.getLogger(__name__)
 #: A drain lease lasts this long unless renewed (renewed once half of it is left): what a worker
 #: that died while draining keeps producers from notifying, at most.
 LEASE_S = 10.0
+#: Busy (steps arrive faster than one claim each): a short claim that found at least this many
+#: steps makes the claim loop claim again after BUSY_INTERVAL_S, holding its lease, until no
+#: claim has found a step for BUSY_LINGER_S. A step sent meanwhile is found within the interval,
+#: about what its notification would have taken; and a busy worker claims no more often than
+#: steps come (each claim but the lingering ones finds one).
+BUSY_ENTER = 2
+BUSY_INTERVAL_S = 0.002
+BUSY_LINGER_S = 0.02
 #: A write of a lease whose answer was lost counts as held this much longer than the lease.
 IN_DOUBT_MARGIN_S = 1.0
 #: The wait for the sends that skipped their notification, in slices: the queue claims what
@@ -64,9 +72,10 @@ LISTEN_CHECK_S = 1.0
 #: How many lease and quiet spans per queue are kept for the missed-wakeup count.
 SPANS_KEPT = 64
 #: A message enqueued up to this long before a span began may still have been sent within it
-#: (``enqueued_at`` is its transaction's start), or up to this long after it ended (the commit).
+#: (``enqueued_at`` is its transaction's start); one enqueued after its end (the server's time of
+#: the release, just before it committed) was announced.
 SPAN_BEFORE = timedelta(seconds=1)
-SPAN_AFTER = timedelta(milliseconds=50)
+SPAN_AFTER = timedelta(milliseconds=1)
 #: The end of a span still open.
 OPEN = datetime.max.replace(tzinfo=UTC)
 #: The failures this module retries (a timeout: ``processing_timeout``).
@@ -80,6 +89,8 @@ class _QueueLease:
     namespace: str
     #: Monotonic time by which a lease this worker may hold has surely lapsed (None: none held).
     until: float | None = None
+    #: Monotonic time of the last claim that found a step.
+    found_at: float = 0.0
     #: The span ``[start, end]`` of the lease held now, on the server's clock (end: OPEN).
     span: list[datetime] | None = None
     #: Ended drains waiting for the closer: the latest time their leases lapse, and their spans.
@@ -169,6 +180,25 @@ class Drains:
         lease.until = time.monotonic() + LEASE_S  # the server's lease ends before this
         if lease.span is not None and lease.span[0] > taken_at:
             lease.span[0] = taken_at  # the server's clock, as enqueued_at
+
+    async def short_claim(self, queue: str, found: int) -> float | None:
+        """The claim loop of ``queue`` got fewer messages than it asked for (``found``). While
+        steps arrive faster than one claim each, it stays busy: it holds its lease and claims
+        again after ``BUSY_INTERVAL_S`` without being told (returned: claim again then), so that
+        producers need not notify. Busy begins with a claim that found several steps (one each
+        is what notifications give at a low rate: no lease churn there) and lasts until no claim
+        has found one for ``BUSY_LINGER_S``. Otherwise the drain ends (``ended``; None)."""
+        lease = self.leases[queue]
+        now = time.monotonic()
+        if found:
+            lease.found_at = now
+        busy = found >= BUSY_ENTER or (lease.until is not None and now - lease.found_at < BUSY_LINGER_S)
+        if busy and self.listens():
+            await self.draining(queue)
+            if lease.until is not None:
+                return BUSY_INTERVAL_S
+        self.ended(queue)
+        return None
 
     def ended(self, queue: str) -> None:
         """The claim loop of ``queue`` stopped draining (a claim came back short, or a pause):
@@ -321,4 +351,4 @@ class Drains:
             self.stats.incr("skipped_sends_awaited")
 
 
-__all__ = ["LEASE_S", "DrainSettings", "Drains"]
+__all__ = ["BUSY_INTERVAL_S", "LEASE_S", "DrainSettings", "Drains"]

@@ -602,9 +602,12 @@ class CommandProcessor:
                             await qs.flow_event.wait()
                     continue
                 if len(msgs) < want:
-                    # The drain ends here: if producers skipped notifying because of it, the
+                    # Busy (steps keep coming): claim again in a moment, holding the lease. Or
+                    # the drain ends here: if producers skipped notifying because of it, the
                     # lease goes and the sends that skipped are claimed after they commit.
-                    self.drains.ended(qs.name)
+                    again = await self.drains.short_claim(qs.name, len(msgs))
+                    if again is not None:
+                        self.timers.schedule(qs.name, again, Source.POLL)
                     break
                 if want:
                     # A full claim: this loop claims again without being told (producers may
