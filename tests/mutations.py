@@ -963,6 +963,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
         (NS + "test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain_ends",),
     ),
+    Mutation(
+        "notify_skip_busy_never_claims_again",
+        "a busy worker (producers skip notifying) claims again every BUSY_INTERVAL_S (it waits for a "
+        "notification instead)",
+        (
+            Edit(
+                "tasker_worker/runtime/drains.py",
+                "                return BUSY_INTERVAL_S\n",
+                "                return None\n",
+            ),
+        ),
+        (NS + "test_a_busy_worker_finds_unannounced_steps_by_claiming_again",),
+    ),
 )
 
 

@@ -7,6 +7,8 @@ namespace is polled even by an EventDrivenOnly worker."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import types
 from typing import Any
@@ -20,6 +22,7 @@ from psycopg.types.json import Jsonb
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.handlers.registry import HandlerRegistry
+from tasker_worker.runtime import drains
 from tasker_worker.testing import make_config
 from tasker_worker.testing.db import fetch, fetch_value, outcomes_at_least, running_worker, send_steps, wait_until
 
@@ -98,7 +101,9 @@ def test_a_send_is_announced_unless_every_live_listener_drains(url: str, conn: C
 def test_a_dead_listener_does_not_keep_the_others_from_skipping(url: str, conn: Conn) -> None:
     drain_by(conn, "w1")
     conn.execute("SELECT * FROM tasker.keep_listening('dead', %s, 60)", ([NS],))
-    conn.execute("UPDATE tasker.queue_listeners SET alive_until = clock_timestamp() - interval '1 ms' WHERE worker_id = 'dead'")
+    conn.execute(
+        "UPDATE tasker.queue_listeners SET alive_until = clock_timestamp() - interval '1 ms' WHERE worker_id = 'dead'"
+    )
     with listen(url) as lc:
         send(conn)
         assert announced(lc) == []
@@ -277,6 +282,49 @@ async def test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["EventDrivenOnly", "Hybrid"])
+async def test_a_busy_worker_finds_unannounced_steps_by_claiming_again(
+    url: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps that arrive faster than one claim each make the worker busy: it claims again every
+    BUSY_INTERVAL_S holding its lease, so sends are not announced, and each is still picked up at
+    once (EventDrivenOnly has no poll; Hybrid's is a minute away here). The linger is stretched
+    so that the worker stays busy for the whole test."""
+    monkeypatch.setattr(drains, "BUSY_LINGER_S", 60.0)
+    monkeypatch.setattr(drains, "BUSY_INTERVAL_S", 0.02)
+    cfg = make_config(
+        mode=mode,
+        namespaces=[NS],
+        concurrency=8,
+        overrides={"worker.prefetch": 0, "event_system.fallback_poller.polling_interval": "60s"},
+    )
+    async with running_worker(url, cfg, registry=gated_registry()) as worker:
+        await wait_until(lambda: lease_of(url, worker.worker_id), timeout=10)
+        await send_steps(url, NS, "quick", [{"i": i} for i in range(3)], batch=True)  # one claim finds three
+        await wait_until(lease_is(url, worker.worker_id, (True, True)), timeout=10)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as lc:
+            await lc.execute(f'LISTEN "{CHANNEL}"')
+            for n in range(3):
+                await send_steps(url, NS, "quick", [{"n": n}])
+                with anyio.fail_after(5):
+                    await wait_until(outcomes_at_least(url, 4 + n), timeout=5)
+            await lc.execute('LISTEN "tasker_test_sentinel"')
+            await lc.execute("SELECT pg_notify('tasker_test_sentinel', '')")
+            wakeups = []
+            async for note in lc.notifies(timeout=10):
+                if note.channel == "tasker_test_sentinel":
+                    break
+                wakeups.append(json.loads(note.payload))
+        assert wakeups == []  # none of the three was announced
+        assert worker.status()["counters"]["missed_wakeups"] == 0
+    # The first three by their notification, the next three by the busy worker's own claims.
+    assert sorted(await fetch(url, "SELECT source, count(*) FROM tasker.step_results GROUP BY 1")) == [
+        ("event", 3),
+        ("poll", 3),
+    ]
+
+
+@pytest.mark.anyio
 async def test_an_idle_worker_is_woken_while_another_drains(url: str) -> None:
     """Two listening workers: one drains (its steps wait), the other is idle. Sends are announced
     (the idle one must hear of them), and the idle one runs them at once."""
@@ -346,3 +394,25 @@ async def test_a_polling_only_worker_keeps_no_listener_row(url: str) -> None:
         await send_steps(url, NS, "quick", [{} for _ in range(20)], batch=True)
         await wait_until(outcomes_at_least(url, 20), timeout=20)
         assert await fetch_value(url, "SELECT count(*) FROM tasker.queue_listeners") == 0
+
+
+def test_the_cli_turns_a_namespace_s_notifications_off_and_on(url: str, cli_env: dict[str, str]) -> None:
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "tasker_worker.cli.main", "queue", "notify", *args],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert cli(NS) == f"{NS}: notify on"
+    assert cli(NS, "off").startswith(f"{NS}: notify off")
+    assert "off already" in cli(NS, "off")
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT notify, changed_by LIKE 'cli%%' FROM tasker.queue_notify").fetchall() == [
+            (False, True)
+        ]
+    assert cli(NS, "on") == f"{NS}: notify on"

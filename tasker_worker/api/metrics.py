@@ -174,6 +174,9 @@ _HELP: dict[str, str] = {
     "processed": "Steps whose handler ran to an outcome",
     "claims_held": "Claims that flow control held back (a paused namespace, or one at a fleet-wide limit)",
     "tasker_core_steps_left": "tasker-core step messages given back untouched for tasker-core's workers",
+    "drains": "Times the worker began claiming a namespace without being told (a backlog, or steps faster than "
+    "one claim each): while every listening worker does, producers skip NOTIFY",
+    "skipped_sends_awaited": "Slices (100 ms) a worker ending a drain waited for producers that skipped NOTIFY",
 }
 
 
