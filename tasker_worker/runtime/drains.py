@@ -2,8 +2,10 @@
 
 A producer whose transaction sent a NOTIFY takes a database-wide lock at commit, so notifying
 producers commit one at a time. The send trigger therefore announces nothing while every live
-listening worker of the namespace *drains* it: its claim loop came back with a full claim and
-claims again without being told, oldest first, until a claim comes back short. What this module
+listening worker of the namespace *drains* it: its claim loop claims again without being told,
+oldest first, because its last claim came back full (a backlog), or because steps arrive faster
+than one claim each (busy: a short claim found several; it claims again every
+``BUSY_INTERVAL_S`` until its claims have found nothing for ``BUSY_LINGER_S``). What this module
 keeps true, so that no step is stranded in any mode:
 
 - **Rows that tell the truth.** A worker with a listener (Hybrid, EventDrivenOnly) keeps a row
@@ -12,8 +14,8 @@ keeps true, so that no step is stranded in any mode:
   listener's row makes every send of its namespace notify: an idle worker hears of new steps as
   before, so pickup latency is unchanged. A worker that dies stops counting when its row lapses.
 - **A lease only while draining.** ``draining`` takes a drain lease (seconds ahead, renewed at
-  half) when the claim loop got a full claim, before its next claim; in doubt (an error), the
-  lease counts as held until it has surely lapsed.
+  half) when the claim loop got a full claim, or ``short_claim`` when it is busy, before its next
+  claim; in doubt (an error), the lease counts as held until it has surely lapsed.
 - **A drain ends with a handshake.** ``ended`` hands the lease to the queue's closer: the lease
   is released (committed), then ``tasker.await_skipped_sends`` waits for every producer that
   skipped its notification while the lease was visible (each holds a shared lock of the
