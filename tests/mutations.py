@@ -70,7 +70,10 @@ TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
 M0020 = "sql/migrations/0020_notify_at_many_producers.sql"
 NS = "tests/test_notify_skip.py::"
+CL = "tests/test_clusters.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
+FO = "tests/test_failover.py::"
+RR = "tests/test_read_replica.py::"
 #: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
 CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
 #: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
@@ -975,6 +978,95 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (NS + "test_a_busy_worker_finds_unannounced_steps_by_claiming_again",),
+    ),
+    Mutation(
+        "standby_not_synchronous",
+        "nothing acknowledged is lost in a failover to a synchronous standby (the standby is not named)",
+        (
+            Edit(
+                "tests/replication.py",
+                "            if self.synchronous:\n                # Only now",
+                "            if False:\n                # Only now",
+            ),
+        ),
+        (FO + "test_synchronous_standby_loses_nothing_acknowledged",),
+    ),
+    Mutation(
+        "pool_reconnect_doubling",
+        "a pool finds a promoted primary at once (psycopg_pool's doubling reconnect wait kept)",
+        (Edit("tasker_worker/db/connection.py", "POOL_RECONNECT_WINDOW_S = 0.5", "POOL_RECONNECT_WINDOW_S = 300.0"),),
+        (FO + "test_asynchronous_standby_loses_the_lag_and_runs_forgotten_outcomes_again",),
+    ),
+    Mutation(
+        "read_url_ignored",
+        "the reads of the CLI, the API and the dashboard go to [database] read_url (they go to the primary)",
+        (
+            Edit(
+                "tasker_worker/db/connection.py",
+                "open_pool(config.read_url, config,",
+                "open_pool(config.url or config.read_url, config,",
+            ),
+        ),
+        (
+            RR + "test_cli_reads_come_from_the_standby_and_writes_go_to_the_primary",
+            RR + "test_a_worker_never_uses_the_read_url_and_the_api_reads_from_the_standby",
+        ),
+    ),
+    Mutation(
+        "writes_to_the_read_url",
+        "a command that writes never uses [database] read_url (the CLI's pool prefers it)",
+        (
+            Edit(
+                "tasker_worker/cli/admin.py",
+                "    url = database_url(loaded)\n    if migrate",
+                "    url = loaded.config.database.read_url or database_url(loaded)\n    if migrate",
+            ),
+        ),
+        (RR + "test_cli_reads_come_from_the_standby_and_writes_go_to_the_primary",),
+    ),
+    Mutation(
+        "cluster_routing_ignored",
+        "a client sends a namespace's steps to the cluster that holds it (every send went to the primary)",
+        (
+            Edit(
+                "tasker_worker/producer/client.py",
+                "database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY",
+                "database = PRIMARY",
+                count=2,  # AsyncClient and Client
+            ),
+        ),
+        (CL + "test_a_client_send_to_beta_lands_on_cluster_two_and_is_cancelled_there",),
+    ),
+    Mutation(
+        "cluster_slots_not_shared",
+        "the concurrency is the worker's, shared by its clusters (each cluster got slots of its own)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "held = InFlight(slots.max_concurrent, slots.vt_seconds) if sharded else None",
+                "held = None",
+            ),
+        ),
+        (CL + "test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_its_own_cluster",),
+    ),
+    Mutation(
+        "cluster_dedup_across_clusters",
+        "dedup is per cluster: one step_uuid on two clusters is two steps (the worker's memory of"
+        " steps held and recorded told them apart by cluster)",
+        (Edit("tasker_worker/runtime/assembly.py", "key_salt=cluster_index << 128,", "key_salt=0,"),),
+        (CL + "test_one_step_uuid_on_two_clusters_is_two_steps_each_recorded_on_its_own",),
+    ),
+    Mutation(
+        "cluster_gives_back_others_steps",
+        "at shutdown each cluster gives back only its own messages, through its own client",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "        if not self.shares_slots:\n            return entries if isinstance(entries, list)",
+                "        if True:\n            return entries if isinstance(entries, list)",
+            ),
+        ),
+        (CL + "test_shutdown_gives_back_the_running_steps_of_every_cluster_within_the_one_budget",),
     ),
 )
 

@@ -52,19 +52,19 @@ class QueuePath(Parameters):
 
 async def get_flow(request: Request, path: QueuePath) -> Response:
     """The flow control in force for a namespace (no limit: every field empty)."""
-    found = await flow_db.read_flow(ctx_of(request).pool, path.namespace)
+    found = await flow_db.read_flow(await ctx_of(request).read_pool_of(path.namespace), path.namespace)
     return JSONResponse((found[0] if found else QueueFlow(path.namespace)).as_json())
 
 
 async def pause(request: Request, path: QueuePath) -> Response:
     """Pause a namespace: no worker starts a new step of it until it is resumed."""
-    changed = await flow_db.pause(ctx_of(request).pool, path.namespace, API_ACTOR)
+    changed = await flow_db.pause(await ctx_of(request).pool_of(path.namespace), path.namespace, API_ACTOR)
     return JSONResponse({"namespace": path.namespace, "paused": True, "changed": changed})
 
 
 async def resume(request: Request, path: QueuePath) -> Response:
     """Resume a paused namespace (its listening workers claim at once)."""
-    changed = await flow_db.resume(ctx_of(request).pool, path.namespace, API_ACTOR)
+    changed = await flow_db.resume(await ctx_of(request).pool_of(path.namespace), path.namespace, API_ACTOR)
     return JSONResponse({"namespace": path.namespace, "paused": False, "changed": changed})
 
 
@@ -73,7 +73,7 @@ async def set_limits(request: Request, path: QueuePath, body: LimitsRequest) -> 
     remove_rate = body.rate is not None and body.rate.strip() == "0"
     rate = None if body.rate is None or remove_rate else Rate.parse(body.rate, body.burst)
     found = await flow_db.set_limits(
-        ctx_of(request).pool,
+        await ctx_of(request).pool_of(path.namespace),
         path.namespace,
         max_running=body.max_running,
         key_max_running=body.key_max_running,

@@ -16,7 +16,6 @@ from tasker_worker.api.routing import NO_NUL_PATTERN, JsonObject, Operation, Par
 from tasker_worker.domain.names import HANDLER_MAX_LEN, HANDLER_PATTERN
 from tasker_worker.domain.steps import MAX_ATTEMPT_LIMIT, MAX_STEP_TIMEOUT_S, OutcomeStatus
 from tasker_worker.domain.workers import Namespace, WholeNumber, whole_number
-from tasker_worker.producer.client import AsyncClient
 
 #: A UUID in its canonical text form, the only one the document's ``format: uuid`` promises.
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -95,7 +94,7 @@ async def send(request: Request, path: NamespacePath, body: StepSubmission) -> R
     """Enqueue a step: 201 with its step_uuid and msg_id; 200 when the step_uuid was already
     sent or done (that step); 400 invalid; 404 no such namespace queue."""
     ctx = ctx_of(request)
-    client = AsyncClient(pool=ctx.pool)
+    client = ctx.producer
     ref = await client.send_step(
         path.namespace,
         body.handler,
@@ -122,7 +121,7 @@ async def get_step(request: Request, path: StepPath) -> Response:
     """A step's outcome; ``{"status": "pending", "state": ...}`` while a step sent with a
     step_uuid has none yet; 404 when neither is known."""
     ctx = ctx_of(request)
-    client = AsyncClient(pool=ctx.pool)
+    client = ctx.read_producer
     result = await client.get_result(path.step_uuid)
     if result is not None:
         return JSONResponse(result.as_json())
@@ -144,7 +143,7 @@ async def cancel(request: Request, path: StepInNamespacePath) -> Response:
     """Cancel a step: a queued one at once (``cancelled``), a running one asked to stop
     (``cancelling``: recorded ``cancelled`` once its handler has stopped); 409 when it is
     finished, 404 when not found."""
-    state = await AsyncClient(pool=ctx_of(request).pool).cancel(path.namespace, path.step_uuid, by="api")
+    state = await ctx_of(request).producer.cancel(path.namespace, path.step_uuid, by="api")
     if state == "finished":
         raise ApiError(409, "conflict", f"step {path.step_uuid} has finished")
     if state == "not_found":
@@ -155,9 +154,7 @@ async def cancel(request: Request, path: StepInNamespacePath) -> Response:
 async def list_steps(request: Request, query: StepListQuery) -> Response:
     """Outcomes, newest first: ``?namespace=``, ``?status=``, ``?limit=`` (at most 1000)."""
     ctx = ctx_of(request)
-    results = await AsyncClient(pool=ctx.pool).list_results(
-        namespace=query.namespace, status=query.status, limit=query.limit
-    )
+    results = await ctx.read_producer.list_results(namespace=query.namespace, status=query.status, limit=query.limit)
     return JSONResponse({"steps": [r.as_json() for r in results], "count": len(results)})
 
 

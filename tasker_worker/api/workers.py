@@ -157,7 +157,7 @@ async def list_workers(request: Request, query: WorkerListQuery) -> Response:
     """Workers, newest first: ``?status=``, ``?include_deregistered=true``, ``?limit=``."""
     ctx = ctx_of(request)
     status = STATUS_NAMES[query.status] if query.status else None
-    views = await ctx.views.list(status, include_deregistered=query.include_deregistered, limit=query.limit)
+    views = await ctx.read_views.list(status, include_deregistered=query.include_deregistered, limit=query.limit)
     return JSONResponse({"workers": [_worker_json(v, ctx) for v in views], "count": len(views)})
 
 
@@ -177,7 +177,7 @@ def _gone(view: WorkerView) -> ApiError:
 async def get_worker(request: Request, path: WorkerPath) -> Response:
     """One worker; 404 for an unknown id, and once it is deregistered."""
     ctx = ctx_of(request)
-    view = await ctx.views.get(path.worker_id)
+    view = await ctx.read_views.get(path.worker_id)
     if view.status is WorkerStatus.DEREGISTERED:
         raise _gone(view)
     return JSONResponse(_worker_json(view, ctx))
@@ -186,10 +186,10 @@ async def get_worker(request: Request, path: WorkerPath) -> Response:
 async def heartbeats(request: Request, path: WorkerPath, query: HeartbeatsQuery) -> Response:
     """A worker's newest heartbeats (``?limit=``, default 100); 404 once it is deregistered."""
     ctx = ctx_of(request)
-    view = await ctx.views.get(path.worker_id)
+    view = await ctx.read_views.get(path.worker_id)
     if view.status is WorkerStatus.DEREGISTERED:
         raise _gone(view)
-    rows = await ctx.views.heartbeats(path.worker_id, limit=query.limit)
+    rows = await ctx.read_views.heartbeats(path.worker_id, limit=query.limit)
     body = [{**row, "at": row["at"].isoformat()} for row in rows]
     return JSONResponse({"worker_id": path.worker_id, "heartbeats": body, "count": len(body)})
 
@@ -197,13 +197,13 @@ async def heartbeats(request: Request, path: WorkerPath, query: HeartbeatsQuery)
 async def healthy(request: Request) -> Response:
     """Active workers with a heartbeat within ``[registry] stale_timeout``."""
     ctx = ctx_of(request)
-    views = await ctx.views.healthy(ctx.clock.now(), ctx.config.registry.stale_timeout)
+    views = await ctx.read_views.healthy(ctx.clock.now(), ctx.config.registry.stale_timeout)
     return JSONResponse({"workers": [_worker_json(v, ctx) for v in views], "count": len(views)})
 
 
 async def stats(request: Request) -> Response:
     """Counts by status, live cores and memory, and fleet throughput (steps/s, last minute)."""
-    return JSONResponse(await ctx_of(request).views.stats())
+    return JSONResponse(await ctx_of(request).read_views.stats())
 
 
 def operations() -> list[Operation]:

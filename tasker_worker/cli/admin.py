@@ -16,13 +16,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker import __version__
 from tasker_worker.config.loader import LoadedConfig, database_source, effective_items, load_config
+from tasker_worker.config.models import PRIMARY
 from tasker_worker.db import flow as flow_db
 from tasker_worker.db import migrations, schema
-from tasker_worker.db.connection import open_pool, resolve_database_url
+from tasker_worker.db.clusters import ClusterPools, cluster_url, migrate_clusters, unreachable
+from tasker_worker.db.connection import describe, open_pool, open_read_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.names import dlq_name, namespace_of, queue_name
-from tasker_worker.errors import UsageError
+from tasker_worker.errors import DatabaseError, UsageError
+from tasker_worker.producer.client import AsyncClient
 
 MAX_SEND_COUNT = 100_000
 
@@ -44,14 +47,37 @@ def database_url(loaded: LoadedConfig) -> str:
     return resolve_database_url(loaded.config.database)
 
 
+async def _migrated(loaded: LoadedConfig, url: str) -> None:
+    """Apply pending migrations where ``auto_migrate`` is on: on every cluster when some
+    namespace lives elsewhere than the primary (each holds the tasker schema)."""
+    config = loaded.config
+    if config.sharded:
+        await migrate_clusters(config, primary_url=url, auto_only=True)
+    elif config.database.auto_migrate:
+        await migrations.migrate(url)
+
+
 @asynccontextmanager
-async def small_pool(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIterator[AsyncConnectionPool]:
-    """A two-connection pool, with the schema migrated when auto_migrate is on."""
+async def small_pool(
+    args: argparse.Namespace, *, migrate: bool = True, namespace: str | None = None
+) -> AsyncIterator[AsyncConnectionPool]:
+    """A two-connection pool, with the schema migrated when auto_migrate is on; of the cluster
+    that holds ``namespace`` when one is given (``[queues.namespaces.<ns>] database``)."""
     loaded = load(args)
     url = database_url(loaded)
-    if migrate and loaded.config.database.auto_migrate:
-        await migrations.migrate(url)
-    pool = await open_pool(url, loaded.config.database, max_size=2)
+    if migrate:
+        await _migrated(loaded, url)
+    config = loaded.config
+    name = config.cluster_of(namespace) if namespace is not None and config.sharded else PRIMARY
+    spec = config.clusters()[name] if name != PRIMARY else None
+    if spec is None:
+        pool = await open_pool(url, config.database, max_size=2)
+    else:
+        target = cluster_url(spec)
+        try:
+            pool = await open_pool(target, spec.settings, max_size=2)
+        except DatabaseError as exc:
+            raise unreachable(spec, target, exc, [namespace] if namespace else ()) from exc
     try:
         yield pool
     finally:
@@ -59,10 +85,62 @@ async def small_pool(args: argparse.Namespace, *, migrate: bool = True) -> Async
 
 
 @asynccontextmanager
-async def client(args: argparse.Namespace, *, migrate: bool = True) -> AsyncIterator[QueueClient]:
-    """A ``QueueClient`` on a small pool (see ``small_pool``)."""
-    async with small_pool(args, migrate=migrate) as pool:
+async def read_pool(args: argparse.Namespace) -> AsyncIterator[AsyncConnectionPool]:
+    """The pool of a command that only reads: on ``[database] read_url`` when one is set (a
+    standby: nothing is migrated and the primary is not touched; how stale its reads are goes to
+    stderr, so that stdout stays what the command prints), else ``small_pool``'s."""
+    loaded = load(args)
+    if not loaded.config.database.read_url:
+        async with small_pool(args) as pool:
+            yield pool
+        return
+    replica = await open_read_pool(loaded.config.database, max_size=2)
+    assert replica is not None
+    try:
+        state = await QueueClient(replica).replica_state()
+        where = describe(loaded.config.database.read_url)
+        print(f"(read from {where}, database.read_url: {state.describe()})", file=sys.stderr)
+        yield replica
+    finally:
+        await replica.close()
+
+
+@asynccontextmanager
+async def client(
+    args: argparse.Namespace, *, migrate: bool = True, namespace: str | None = None
+) -> AsyncIterator[QueueClient]:
+    """A ``QueueClient`` on a small pool (see ``small_pool``): of ``namespace``'s cluster."""
+    async with small_pool(args, migrate=migrate, namespace=namespace) as pool:
         yield QueueClient(pool)
+
+
+@asynccontextmanager
+async def producer(args: argparse.Namespace, *, read: bool = False) -> AsyncIterator[AsyncClient]:
+    """An ``AsyncClient`` on the CLI's small pool, routing each namespace to its cluster (the
+    other clusters' pools opened when first used, two connections each); ``read``: one that only
+    reads, the primary's reads on ``[database] read_url`` when it is set (``read_pool``)."""
+    loaded = load(args)
+    async with (
+        read_pool(args) if read else small_pool(args) as pool,
+        AsyncClient(pool=pool, config=loaded.config, max_size=2) as sender,
+    ):
+        yield sender
+
+
+@asynccontextmanager
+async def every_cluster(args: argparse.Namespace) -> AsyncIterator[list[tuple[str, QueueClient]]]:
+    """``(cluster name, QueueClient)`` of every configured cluster, the primary first (just the
+    primary when every namespace lives there), each on a small pool."""
+    loaded = load(args)
+    async with small_pool(args) as pool:
+        if not loaded.config.sharded:
+            yield [(PRIMARY, QueueClient(pool))]
+            return
+        pools = ClusterPools(loaded.config, {PRIMARY: pool}, max_size=2)
+        try:
+            yield [(name, QueueClient(await pools.pool(name))) for name in pools.names]
+        finally:
+            await pools.close()
 
 
 # --- db ------------------------------------------------------------------------------------
@@ -131,14 +209,22 @@ def db_shell(args: argparse.Namespace) -> int:
 
 
 async def db_migrate(args: argparse.Namespace) -> int:
-    """``db migrate``."""
-    url = database_url(load(args))
-    applied = await migrations.migrate(url)
-    if applied:
+    """``db migrate``: the primary, and every other configured cluster (``[databases]`` and the
+    URLs of ``[queues.namespaces.<ns>] database``), each of which holds the tasker schema."""
+    loaded = load(args)
+    url = database_url(loaded)
+    if not loaded.config.sharded and not loaded.config.databases:
+        applied = await migrations.migrate(url)
         for name in applied:
             print(f"applied {name}")
-    else:
-        print("up to date")
+        if not applied:
+            print("up to date")
+        return 0
+    for cluster, done in (await migrate_clusters(loaded.config, primary_url=url)).items():
+        for name in done:
+            print(f"{cluster}: applied {name}")
+        if not done:
+            print(f"{cluster}: up to date")
     return 0
 
 
@@ -171,19 +257,22 @@ async def db_schema(args: argparse.Namespace) -> int:
 
 
 async def queue_create(args: argparse.Namespace) -> int:
-    """``queue create NAMESPACE``."""
+    """``queue create NAMESPACE`` (on the cluster that holds it)."""
     queue_name(args.namespace)
-    async with client(args) as qc:
+    async with client(args, namespace=args.namespace) as qc:
         name = await qc.create_namespace_queue(args.namespace)
     print(f"created {name} and {dlq_name(name)}")
     return 0
 
 
 async def queue_list(args: argparse.Namespace) -> int:
-    """``queue list``."""
-    async with client(args) as qc:
-        rows = await qc.list_queues()
-        flows = {f.namespace: f for f in await flow_db.read_flow(qc.pool)}
+    """``queue list``: the queues of every cluster (with its name when there are several)."""
+    listed: list[tuple[str, Any, dict[str, QueueFlow]]] = []
+    async with every_cluster(args) as clusters:
+        several = len(clusters) > 1
+        for cluster, qc in clusters:
+            flows = {f.namespace: f for f in await flow_db.read_flow(qc.pool)}
+            listed += [(cluster, row, flows) for row in await qc.list_queues()]
     if args.json:
         print(
             json.dumps(
@@ -194,19 +283,21 @@ async def queue_list(args: argparse.Namespace) -> int:
                         "is_unlogged": r[2],
                         "created_at": r[3].isoformat(),
                         "flow": _flow_of(r[0], flows),
+                        **({"cluster": cluster} if several else {}),
                     }
-                    for r in rows
+                    for cluster, r, flows in listed
                 ],
                 indent=2,
             )
         )
         return 0
-    for name, partitioned, unlogged, created in rows:
+    for cluster, (name, partitioned, unlogged, created), flows in listed:
         flags = ",".join(f for f, on in (("partitioned", partitioned), ("unlogged", unlogged)) if on)
         found = _flow_of(name, flows)
         shown = f"  [{flows[found['namespace']].describe()}]" if found else ""
-        print(f"{name:<48} {created:%Y-%m-%d %H:%M:%S} {flags}{shown}")
-    if not rows:
+        where = f"  (cluster {cluster})" if several else ""
+        print(f"{name:<48} {created:%Y-%m-%d %H:%M:%S} {flags}{shown}{where}")
+    if not listed:
         print("no queues (create one: tasker-worker queue create NAMESPACE)")
     return 0
 
@@ -221,8 +312,14 @@ def _flow_of(queue: str, flows: dict[str, QueueFlow]) -> dict[str, Any] | None:
 async def queue_metrics(args: argparse.Namespace) -> int:
     """``queue metrics [NAMESPACE]``."""
     target = queue_name(args.namespace) if args.namespace else None
-    async with client(args) as qc:
-        rows = await qc.metrics(target)
+    rows = []
+    if args.namespace:
+        async with client(args, namespace=args.namespace) as qc:
+            rows = await qc.metrics(target)
+    else:
+        async with every_cluster(args) as clusters:
+            for _, qc in clusters:
+                rows += await qc.metrics(None)
     if args.json:
         print(json.dumps([m.__dict__ for m in rows], indent=2))
         return 0
@@ -236,7 +333,7 @@ async def queue_metrics(args: argparse.Namespace) -> int:
 async def queue_send(args: argparse.Namespace) -> int:
     """``queue send NAMESPACE --handler H [--inputs JSON] [--count N] [--step-uuid U] [--json]``:
     prints each step's ``step_uuid`` (what ``steps show`` and ``steps wait`` take)."""
-    from tasker_worker.producer.client import MAX_BATCH, AsyncClient
+    from tasker_worker.producer.client import MAX_BATCH
 
     try:
         inputs = json.loads(args.inputs)
@@ -266,21 +363,21 @@ async def queue_send(args: argparse.Namespace) -> int:
         "group": args.group,
         "concurrency_key": args.concurrency_key,
     }
-    async with small_pool(args) as pool, AsyncClient(pool=pool) as producer:
+    async with producer(args) as sender:
         if args.count == 1:
             refs = [
-                await producer.send_step(
+                await sender.send_step(
                     args.namespace, args.handler, inputs, step_uuid=args.step_uuid, **options, **unique
                 )
             ]
         else:
-            qc = QueueClient(pool)
-            if not await qc.queue_exists(queue):
-                await qc.create_namespace_queue(args.namespace)
+            async with client(args, migrate=False, namespace=args.namespace) as qc:
+                if not await qc.queue_exists(queue):
+                    await qc.create_namespace_queue(args.namespace)
             refs = []
             for start in range(0, args.count, MAX_BATCH):
                 size = min(MAX_BATCH, args.count - start)
-                refs += await producer.send_steps(args.namespace, args.handler, [inputs] * size, **options)
+                refs += await sender.send_steps(args.namespace, args.handler, [inputs] * size, **options)
     if args.json:
         print(json.dumps([r.as_json() for r in refs], indent=2))
         return 0
@@ -299,7 +396,7 @@ async def queue_purge(args: argparse.Namespace) -> int:
     """``queue purge NAMESPACE [--dlq]``."""
     queue = queue_name(args.namespace)
     target = dlq_name(queue) if args.dlq else queue
-    async with client(args) as qc:
+    async with client(args, namespace=args.namespace) as qc:
         count = await qc.purge(target)
     print(f"purged {count} from {target}")
     return 0

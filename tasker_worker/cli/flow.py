@@ -73,7 +73,7 @@ async def queue_limit(args: argparse.Namespace) -> int:
     if args.burst is not None and args.burst < 1:
         raise UsageError("--burst must be at least 1")
     changing = any(getattr(args, k) is not None for k in ("max_running", "key_max_running", "rate", "burst"))
-    async with small_pool(args) as pool:
+    async with small_pool(args, namespace=args.namespace) as pool:
         if changing:
             await flow_db.set_limits(
                 pool,
@@ -96,7 +96,7 @@ async def queue_limit(args: argparse.Namespace) -> int:
 
 async def queue_pause(args: argparse.Namespace) -> int:
     """``queue pause NS``."""
-    async with small_pool(args) as pool:
+    async with small_pool(args, namespace=args.namespace) as pool:
         changed = await flow_db.pause(pool, args.namespace, _actor())
     print(f"{args.namespace}: paused" + ("" if changed else " (it was already)"))
     return 0
@@ -104,7 +104,7 @@ async def queue_pause(args: argparse.Namespace) -> int:
 
 async def queue_resume(args: argparse.Namespace) -> int:
     """``queue resume NS``."""
-    async with small_pool(args) as pool:
+    async with small_pool(args, namespace=args.namespace) as pool:
         changed = await flow_db.resume(pool, args.namespace, _actor())
     print(f"{args.namespace}: resumed" if changed else f"{args.namespace}: was not paused")
     return 0
@@ -113,7 +113,7 @@ async def queue_resume(args: argparse.Namespace) -> int:
 async def queue_notify(args: argparse.Namespace) -> int:
     """``queue notify NS [on|off]``: the namespace's notify switch (migration 0020)."""
     validate_namespace(args.namespace)
-    async with client(args) as queues:
+    async with client(args, namespace=args.namespace) as queues:  # on the namespace's cluster
         if args.state is not None:
             changed = await queues.set_queue_notify(args.namespace, args.state == "on", _actor())
             if not changed:

@@ -6,23 +6,13 @@ import argparse
 import getpass
 import json
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from tasker_worker.cli.admin import small_pool
+from tasker_worker.cli.admin import producer
 from tasker_worker.domain.names import namespace_of
 from tasker_worker.domain.results import StepProgress, StepResult
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.errors import UsageError
-from tasker_worker.producer.client import AsyncClient
-
-
-@asynccontextmanager
-async def producer(args: argparse.Namespace) -> AsyncIterator[AsyncClient]:
-    """An ``AsyncClient`` on the CLI's small pool."""
-    async with small_pool(args) as pool, AsyncClient(pool=pool) as client:
-        yield client
 
 
 def _step_uuid(text: str) -> uuid.UUID:
@@ -47,15 +37,14 @@ def _line(result: StepResult) -> str:
 async def steps_show(args: argparse.Namespace) -> int:
     """``steps show UUID [--namespace N] [--json]``: exit 0 when found, 1 when not."""
     step_uuid = _step_uuid(args.step_uuid)
-    async with producer(args) as client:
-        result = await client.get_result(step_uuid)
+    async with producer(args, read=True) as client:
+        result = await client.get_result(step_uuid, namespace=args.namespace)
         queued = None if result is not None else await client.find_queued(step_uuid, namespace=args.namespace)
+        progress = await client.get_progress(step_uuid, namespace=args.namespace) if queued is not None else None
     if result is not None:
         print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
         return 0
     if queued is not None:
-        async with producer(args) as client:
-            progress = await client.get_progress(step_uuid)
         if args.json:
             print(json.dumps({**queued, "progress": progress.as_json() if progress else None}, indent=2))
         else:
@@ -121,7 +110,11 @@ async def steps_wait(args: argparse.Namespace) -> int:
 
     async with producer(args) as client:
         result = await client.wait_for(
-            step_uuid, timeout=args.timeout, poll_interval=args.poll_interval, on_progress=show
+            step_uuid,
+            timeout=args.timeout,
+            namespace=args.namespace,
+            poll_interval=args.poll_interval,
+            on_progress=show,
         )
     print(json.dumps(result.as_json(), indent=2) if args.json else _line(result))
     return 0 if result.succeeded else 1
@@ -131,7 +124,7 @@ async def steps_list(args: argparse.Namespace) -> int:
     """``steps list [--namespace N] [--status S] [--limit K] [--json]``: newest outcomes first."""
     if not 1 <= args.limit <= 1000:
         raise UsageError("--limit must be between 1 and 1000")
-    async with producer(args) as client:
+    async with producer(args, read=True) as client:
         results = await client.list_results(namespace=args.namespace, status=args.status, limit=args.limit)
     if args.json:
         print(json.dumps([r.as_json() for r in results], indent=2))
@@ -154,6 +147,7 @@ def add_commands(sub: Any, command: Any) -> None:
     p.add_argument("step_uuid")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     p.add_argument("--poll-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--namespace", help="its namespace (which cluster it is on, when namespaces live on several)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = command(s_sub, "cancel", steps_cancel, "cancel a step: a queued one at once, a running one asked to stop")
     p.add_argument("step_uuid")

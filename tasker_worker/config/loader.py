@@ -6,6 +6,7 @@ Precedence, lowest first:
 2. ``<root>/tasker/base/worker.toml``
 3. ``<root>/tasker/environments/<env>/worker.toml`` (env from ``--env`` or ``TASKER_ENV``)
 4. environment variables ``TASKER__SECTION__KEY`` (JSON for lists/tables), ``TASKER_DATABASE_URL``
+   and ``TASKER_DATABASE_READ_URL``
 5. CLI flags
 
 ``<root>`` is ``--config`` (a directory; a single ``.toml`` file is used alone), else
@@ -167,10 +168,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _environment_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     layer: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    url = environ.get("TASKER_DATABASE_URL")
-    if url:
-        layer["database"] = {"url": url}
-        origins["database.url"] = "env TASKER_DATABASE_URL"
+    for key, name in (("url", "TASKER_DATABASE_URL"), ("read_url", "TASKER_DATABASE_READ_URL")):
+        given = environ.get(name)
+        if given:
+            layer.setdefault("database", {})[key] = given
+            origins[f"database.{key}"] = f"env {name}"
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue

@@ -12,6 +12,7 @@ from tasker_worker.config.models import TaskerConfig
 #: docs/configuration.md (tests/test_docs.py checks that the two agree row by row).
 DESCRIPTIONS: dict[str, str] = {
     "database.url": "PostgreSQL URL (`TASKER_DATABASE_URL` also works); unset: the embedded server, attached to when it runs, else started and left running (`tasker-worker db stop` stops it)",
+    "database.read_url": "a read replica (hot standby) for the dashboard, `status`, `workers list/show/stats`, `steps list/show` and the API's reads (`TASKER_DATABASE_READ_URL` also works): as stale as its replay lag, which they show; writes, claims, heartbeats and the producer never use it (see operations.md)",
     "database.pooler": '`"transaction"` when the URL goes through a transaction pooler (PgBouncer `pool_mode = transaction`): no prepared statements, no session state, PollingOnly only, no supervision candidacy (see below)',
     "database.embedded_data_dir": "data directory of the embedded server (default: the user's data directory)",
     "database.auto_migrate": "apply pending migrations at start (off: run `tasker-worker db migrate` yourself)",

@@ -871,6 +871,18 @@ SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start))
   FROM pg_stat_activity
 """
 
+# The server behind [database] read_url: a standby (in recovery) or a primary; whether its WAL
+# receiver streams (no row: it does not; its status is NULL without pg_read_all_stats), whether
+# it replayed all it received, replay paused, and the age of the last commit it replayed.
+REPLICA_STATE = """
+SELECT pg_is_in_recovery(),
+       (SELECT CASE WHEN count(*) = 0 THEN false ELSE bool_or(status = 'streaming') END
+          FROM pg_stat_wal_receiver),
+       coalesce(pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn(), false),
+       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
+       extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8
+"""
+
 QUEUE_DEAD_TUPLES = r"""
 SELECT relname, n_live_tup, n_dead_tup
   FROM pg_stat_all_tables

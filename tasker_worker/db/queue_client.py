@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from tasker_worker.db import queries
 from tasker_worker.domain.flow import ClaimBatch, FlowHold, HoldReason
 from tasker_worker.domain.names import namespace_of, queue_name, validate_handler_name, validate_namespace
+from tasker_worker.domain.replica import ReplicaState
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source
 from tasker_worker.domain.verdicts import jsonb_safe
 from tasker_worker.errors import (
@@ -636,6 +637,17 @@ class QueueClient:
         rows = await self._fetch(queries.DATABASE_HORIZON, ())
         age_s, xmin_age, usage = rows[0]
         return float(age_s or 0.0), int(xmin_age or 0), float(usage or 0.0)
+
+    async def replica_state(self) -> ReplicaState:
+        """How stale this pool's reads are (``[database] read_url``: a standby, or a primary)."""
+        standby, streaming, caught_up, paused, age_s = (await self._fetch(queries.REPLICA_STATE, ()))[0]
+        return ReplicaState(
+            standby=bool(standby),
+            streaming=None if streaming is None else bool(streaming),
+            caught_up=bool(caught_up),
+            paused=bool(paused),
+            replay_age_s=None if age_s is None else float(age_s),
+        )
 
     async def queue_table_tuples(self) -> dict[str, tuple[int, int]]:
         """``{queue_name: (live, dead)}`` rows of every pgmq queue table (statistics collector)."""

@@ -20,6 +20,12 @@ Which database: the URL given, else the configuration resolved as by every other
 ``TASKER__*`` variables), else the embedded server, which the client attaches to (or starts)
 and never stops. ``config=`` replaces the resolution; ``pool=`` uses a pool you own.
 
+Namespaces on other clusters (``[queues.namespaces.<ns>] database``): a send, a cancel and
+everything given a ``namespace`` go to the cluster of that namespace, through a pool of that
+cluster opened on first use; a look-up by step_uuid alone asks each cluster in turn (the
+primary first). With ``pool=``, routing needs ``config=`` too (and ``pools=`` may hand in the
+other clusters' pools by name); with one cluster, there is one pool and nothing is routed.
+
 ``Client`` is the same for code without an event loop: both classes are made from the same
 operations (``operations.py``), ``AsyncClient`` awaiting them and ``Client`` blocking on them,
 so they offer the same methods with the same parameters (``conn=`` takes a
@@ -32,20 +38,21 @@ import contextlib
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from tasker_worker.config.loader import LoadedConfig, database_source, load_config
-from tasker_worker.config.models import DatabaseConfig, TaskerConfig
+from tasker_worker.config.models import PRIMARY, DatabaseConfig, TaskerConfig
+from tasker_worker.db.clusters import ClusterPools, SyncClusterPools
 from tasker_worker.db.connection import CLIENT_APPLICATION_NAME, open_pool, open_sync_pool, resolve_database_url
 from tasker_worker.db.queue_client import translate_error
 from tasker_worker.domain.results import StepRef, StepResult
 from tasker_worker.errors import DatabaseError, TaskerError, UsageError
 from tasker_worker.producer import operations
-from tasker_worker.producer.operations import MAX_BATCH, Call, Hold, Notification, Plan, Request, Rows
+from tasker_worker.producer.operations import MAX_BATCH, Call, Databases, Hold, Notification, Plan, Request, Rows
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,6 +69,8 @@ class _Target:
         self._url = url
         self._config = config
         self.source = "not resolved yet"
+        #: The configuration in force once resolved (its clusters route the namespaces).
+        self.config: TaskerConfig | None = config
 
     def resolve(self) -> tuple[str, DatabaseConfig]:
         """The URL and the ``[database]`` settings to open a pool with; remembers ``source``."""
@@ -76,7 +85,21 @@ class _Target:
         # `--database-url` is for the CLI.
         loaded: LoadedConfig = load_config(overrides={"database.url": self._url}, overrides_origin="the client's URL")
         self.source = database_source(loaded)
+        self.config = loaded.config
         return resolve_database_url(loaded.config.database), loaded.config.database
+
+    def sharded(self) -> TaskerConfig | None:
+        """The configuration when some namespace lives on another cluster (None: one cluster)."""
+        return self.config if self.config is not None and self.config.sharded else None
+
+    def explain_on(self, exc: TaskerError, cluster: str | None) -> TaskerError:
+        """``explain``, for an error of the cluster named ``cluster`` (None: the primary)."""
+        if cluster is not None and cluster != PRIMARY and self.config is not None:
+            if isinstance(exc, DatabaseError) and "(database: " not in exc.message:
+                spec = self.config.clusters()[cluster]
+                exc.message = f"{exc.message} (database: cluster {cluster}, {spec.key})"
+                exc.args = (exc.message,)
+        return self.explain(exc)
 
     def explain(self, exc: TaskerError) -> TaskerError:
         """``exc`` with the database's source added to a database error, so that a client on the
@@ -143,11 +166,39 @@ class AsyncClient:
         pool: AsyncConnectionPool | None = None,
         config: TaskerConfig | None = None,
         max_size: int = 4,
+        pools: Mapping[str, AsyncConnectionPool] | ClusterPools | None = None,
     ) -> None:
+        if pools and config is None:
+            raise UsageError("pools= are routed by the configuration's clusters: give config= too")
         self._target = _Target(url, config)
         self._pool = pool
         self._owns_pool = pool is None
         self._max_size = max_size
+        #: The pools of the clusters, when some namespace lives elsewhere than the primary.
+        self._clusters: ClusterPools | None = None
+        #: A ``ClusterPools`` handed in (the API's), used as it is and closed by its owner.
+        self._shared = pools if isinstance(pools, ClusterPools) else None
+        self._given = dict(pools) if pools is not None and not isinstance(pools, ClusterPools) else {}
+        if pool is not None:
+            self._route(config)
+
+    def _route(self, config: TaskerConfig | None) -> None:
+        if self._shared is not None:
+            self._clusters = self._shared
+        elif config is not None and config.sharded and self._pool is not None:
+            given = {**self._given, PRIMARY: self._pool}
+            self._clusters = ClusterPools(
+                config, given, max_size=self._max_size, application_name=CLIENT_APPLICATION_NAME
+            )
+
+    async def _pool_of(self, namespace: str | None, database: str | None) -> AsyncConnectionPool:
+        """The pool of the cluster of ``namespace`` (or named ``database``; neither: the primary)."""
+        clusters = self._clusters
+        if clusters is None:
+            return self.pool
+        if database is None:
+            database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY
+        return await clusters.pool(database)
 
     async def __aenter__(self) -> AsyncClient:
         await self.open()
@@ -166,12 +217,16 @@ class AsyncClient:
                 )
             except TaskerError as exc:
                 raise self._target.explain(exc) from exc
+            self._route(self._target.sharded())
 
     async def close(self) -> None:
-        """Close the pool this client opened (not one it was given)."""
+        """Close the pools this client opened (not those it was given)."""
+        if self._clusters is not None and self._clusters is not self._shared:
+            await self._clusters.close()
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
             self._pool = None
+            self._clusters = None
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -195,7 +250,15 @@ class AsyncClient:
                 try:
                     answer = await self._serve(request, held)
                 except TaskerError as exc:
-                    failure = self._target.explain(exc)
+                    failure = self._target.explain_on(exc, self._cluster_named(request))
+
+    def _cluster_named(self, request: Request) -> str | None:
+        """The cluster ``request`` went to, for its error (None: the primary, or one cluster)."""
+        if self._clusters is None or not isinstance(request, Rows | Hold):
+            return None
+        if request.database is not None:
+            return request.database
+        return self._clusters.cluster_of(request.namespace) if request.namespace is not None else None
 
     async def _serve(self, request: Request, held: contextlib.AsyncExitStack) -> Any:
         try:
@@ -204,11 +267,15 @@ class AsyncClient:
                 if conn is not None:
                     cur = await conn.execute(request.query, request.params)
                     return await cur.fetchall() if cur.description else []
-                async with self.pool.connection() as own:
+                pool = await self._pool_of(request.namespace, request.database)
+                async with pool.connection() as own:
                     cur = await own.execute(request.query, request.params)
                     return await cur.fetchall() if cur.description else []
+            if isinstance(request, Databases):
+                return [PRIMARY] if self._clusters is None else self._clusters.names
             if isinstance(request, Hold):
-                conn = await held.enter_async_context(self.pool.connection())
+                pool = await self._pool_of(request.namespace, request.database)
+                conn = await held.enter_async_context(pool.connection())
                 if request.listen is not None:
                     await conn.execute(request.listen)
                     held.push_async_callback(_unlisten, conn)
@@ -251,11 +318,35 @@ class Client:
         pool: ConnectionPool | None = None,
         config: TaskerConfig | None = None,
         max_size: int = 4,
+        pools: Mapping[str, ConnectionPool] | None = None,
     ) -> None:
+        if pools and config is None:
+            raise UsageError("pools= are routed by the configuration's clusters: give config= too")
         self._target = _Target(url, config)
         self._pool = pool
         self._owns_pool = pool is None
         self._max_size = max_size
+        self._given = dict(pools or {})
+        #: The pools of the clusters, when some namespace lives elsewhere than the primary.
+        self._clusters: SyncClusterPools | None = None
+        if pool is not None:
+            self._route(config)
+
+    def _route(self, config: TaskerConfig | None) -> None:
+        if config is not None and config.sharded and self._pool is not None:
+            given = {**self._given, PRIMARY: self._pool}
+            self._clusters = SyncClusterPools(
+                config, given, max_size=self._max_size, application_name=CLIENT_APPLICATION_NAME
+            )
+
+    def _pool_of(self, namespace: str | None, database: str | None) -> ConnectionPool:
+        """The pool of the cluster of ``namespace`` (or named ``database``; neither: the primary)."""
+        clusters = self._clusters
+        if clusters is None:
+            return self.pool
+        if database is None:
+            database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY
+        return clusters.pool(database)
 
     def __enter__(self) -> Client:
         self.open()
@@ -274,12 +365,16 @@ class Client:
                 )
             except TaskerError as exc:
                 raise self._target.explain(exc) from exc
+            self._route(self._target.sharded())
 
     def close(self) -> None:
-        """Close the pool this client opened (not one it was given)."""
+        """Close the pools this client opened (not those it was given)."""
+        if self._clusters is not None:
+            self._clusters.close()
         if self._pool is not None and self._owns_pool:
             self._pool.close()
             self._pool = None
+            self._clusters = None
 
     @property
     def pool(self) -> ConnectionPool:
@@ -303,7 +398,15 @@ class Client:
                 try:
                     answer = self._serve(request, held)
                 except TaskerError as exc:
-                    failure = self._target.explain(exc)
+                    failure = self._target.explain_on(exc, self._cluster_named(request))
+
+    def _cluster_named(self, request: Request) -> str | None:
+        """The cluster ``request`` went to, for its error (None: the primary, or one cluster)."""
+        if self._clusters is None or not isinstance(request, Rows | Hold):
+            return None
+        if request.database is not None:
+            return request.database
+        return self._clusters.cluster_of(request.namespace) if request.namespace is not None else None
 
     def _serve(self, request: Request, held: contextlib.ExitStack) -> Any:
         try:
@@ -312,11 +415,13 @@ class Client:
                 if conn is not None:
                     cur = conn.execute(request.query, request.params)
                     return cur.fetchall() if cur.description else []
-                with self.pool.connection() as own:
+                with self._pool_of(request.namespace, request.database).connection() as own:
                     cur = own.execute(request.query, request.params)
                     return cur.fetchall() if cur.description else []
+            if isinstance(request, Databases):
+                return [PRIMARY] if self._clusters is None else self._clusters.names
             if isinstance(request, Hold):
-                conn = held.enter_context(self.pool.connection())
+                conn = held.enter_context(self._pool_of(request.namespace, request.database).connection())
                 if request.listen is not None:
                     conn.execute(request.listen)
                     held.callback(_unlisten_sync, conn)

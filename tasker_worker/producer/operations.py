@@ -59,20 +59,33 @@ AnyConn = psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
 @dataclass(frozen=True)
 class Rows:
     """Run ``query`` and answer its rows (``[]`` for a statement without any): on ``conn`` (the
-    caller's, or one held by the plan), else on a pooled connection. Server errors arrive in the
-    plan as ``TaskerError`` (``translate_error``)."""
+    caller's, or one held by the plan), else on a pooled connection of the cluster that holds
+    ``namespace``, or of the cluster named ``database`` (neither: the primary; with one cluster
+    there is only the one pool). Server errors arrive in the plan as ``TaskerError``
+    (``translate_error``)."""
 
     query: Any
     params: Any = None
     conn: Any = None
+    namespace: str | None = None
+    database: str | None = None
 
 
 @dataclass(frozen=True)
 class Hold:
-    """Keep one pooled connection until the plan ends and answer it; with ``listen``, the
-    connection LISTENs on that channel first (UNLISTENed before it goes back to the pool)."""
+    """Keep one pooled connection (of the cluster of ``namespace``, or of ``database``, as for
+    ``Rows``) until the plan ends and answer it; with ``listen``, the connection LISTENs on that
+    channel first (UNLISTENed before it goes back to the pool)."""
 
     listen: Any = None
+    namespace: str | None = None
+    database: str | None = None
+
+
+@dataclass(frozen=True)
+class Databases:
+    """Answer the names of the clusters the client reaches, the primary first (one name when
+    every namespace lives on the primary): a plan that knows no namespace looks on each."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ class Call:
     arg: Any
 
 
-Request = Rows | Hold | Notification | Call
+Request = Rows | Hold | Notification | Call | Databases
 R = TypeVar("R")
 #: A plan that ends with a value of type ``R``.
 Plan = Generator[Request, Any, R]
@@ -331,7 +344,7 @@ def send_step(
         flow={"priority": priority, "group": group, "concurrency_key": concurrency_key},
         unique=_unique(unique_key, unique_for, debounce),
     )
-    [row] = yield Rows(queries.ENQUEUE_STEP, params, conn)
+    [row] = yield Rows(queries.ENQUEUE_STEP, params, conn, namespace=namespace)
     return StepRef(step_uuid=row[0], msg_id=int(row[1]), namespace=namespace, created=bool(row[2]))
 
 
@@ -364,28 +377,62 @@ def send_steps(
         notify=notify,
         flow={"priority": priority, "group": group, "concurrency_key": concurrency_key},
     )
-    rows = yield Rows(queries.SEND_STEPS, params, conn)
+    rows = yield Rows(queries.SEND_STEPS, params, conn, namespace=namespace)
     return [StepRef(u, int(r[0]), namespace) for u, r in zip(uuids, rows, strict=True)]
 
 
-def get_result(step_uuid: uuid.UUID | str, *, conn: AnyConn | None = None) -> Plan[StepResult | None]:
-    """The step's outcome, or None while it has none."""
-    rows = yield Rows(_STEP_RESULT, (_uuid(step_uuid),), conn)
-    return StepResult.from_row(rows[0]) if rows else None
+def get_result(
+    step_uuid: uuid.UUID | str, *, namespace: str | None = None, conn: AnyConn | None = None
+) -> Plan[StepResult | None]:
+    """The step's outcome, or None while it has none. With namespaces on several clusters, the
+    outcome is on its namespace's: give ``namespace`` to look there only (else each is asked)."""
+    wanted = _uuid(step_uuid)
+    if conn is not None or namespace is not None:
+        rows = yield Rows(_STEP_RESULT, (wanted,), conn, namespace=namespace)
+        return StepResult.from_row(rows[0]) if rows else None
+    for database in (yield Databases()):
+        rows = yield Rows(_STEP_RESULT, (wanted,), database=database)
+        if rows:
+            return StepResult.from_row(rows[0])
+    return None
 
 
 def list_results(
     *, namespace: str | None = None, status: OutcomeStatus | str | None = None, limit: int = 100
 ) -> Plan[list[StepResult]]:
-    """Outcomes, newest first (at most 1000)."""
-    rows = yield Rows(_LIST_RESULTS, _list_params(namespace, status, limit))
-    return [StepResult.from_row(r) for r in rows]
+    """Outcomes, newest first (at most 1000), of every cluster's namespaces (or of ``namespace``)."""
+    params = _list_params(namespace, status, limit)
+    if namespace is not None:
+        rows = yield Rows(_LIST_RESULTS, params, namespace=namespace)
+        return [StepResult.from_row(r) for r in rows]
+    databases = yield Databases()
+    found: list[StepResult] = []
+    for database in databases:
+        found += [StepResult.from_row(r) for r in (yield Rows(_LIST_RESULTS, params, database=database))]
+    if len(databases) > 1:  # the newest of all of them
+        found = sorted(found, key=lambda r: r.finished_at, reverse=True)[: params["limit"]]
+    return found
+
+
+def _cluster_of_step(wanted: uuid.UUID) -> Plan[str | None]:
+    """The cluster that knows the step (its outcome, or the key of its idempotent send); with
+    one cluster, that one without asking."""
+    databases = yield Databases()
+    if len(databases) == 1:
+        return str(databases[0])
+    for database in databases:
+        if (yield Rows(_STEP_RESULT, (wanted,), database=database)) or (
+            yield Rows(queries.STEP_KEY, (wanted,), database=database)
+        ):
+            return str(database)
+    return None
 
 
 def wait_for(
     step_uuid: uuid.UUID | str,
     timeout: float,
     *,
+    namespace: str | None = None,
     poll_interval: float = DEFAULT_POLL_INTERVAL_S,
     on_progress: Any = None,
 ) -> Plan[StepResult]:
@@ -396,14 +443,27 @@ def wait_for(
     else, or a lost notification, costs a wait of at most that. A waiter holds one connection.
     ``on_progress(StepProgress)`` (sync, or async with ``AsyncClient``) is called with each new
     progress the step reports while it runs (looked at every second).
+
+    With namespaces on several clusters the wait is on the step's namespace's cluster:
+    ``namespace`` names it (``ref.namespace`` of the send); without it, the cluster that knows
+    the step (its outcome, or its ``step_uuid`` key) is found first, and a step that no cluster
+    knows yet is a ``UsageError`` asking for ``namespace``.
     """
     wanted = _uuid(step_uuid)
     deadline = time.monotonic() + timeout
     if on_progress is not None:
         poll_interval = min(poll_interval, PROGRESS_POLL_S)
     seen: tuple[Any, ...] | None = None
+    database = None
+    if namespace is None:
+        database = yield from _cluster_of_step(wanted)
+        if database is None:
+            raise UsageError(
+                f"step {wanted} is on no cluster yet (no outcome, no step_uuid key): namespaces live on several "
+                "clusters, so give wait_for its namespace (StepRef.namespace of the send)"
+            )
     # LISTEN before the first look: an outcome recorded in between is not missed.
-    conn = yield Hold(listen=_LISTEN_OUTCOMES)
+    conn = yield Hold(listen=_LISTEN_OUTCOMES, namespace=namespace, database=database)
     while True:
         result = yield from get_result(wanted, conn=conn)
         if result is not None:
@@ -430,7 +490,8 @@ def find_queued(step_uuid: uuid.UUID | str, *, namespace: str | None = None) -> 
     waiting to retry, running and by whom), attempts and times; found through its idempotency
     key, else (given ``namespace``) by a scan of that namespace's queue."""
     wanted = _uuid(step_uuid)
-    conn = yield Hold()
+    database = None if namespace is not None else (yield from _cluster_of_step(wanted))
+    conn = yield Hold(namespace=namespace, database=database)
     keys = yield Rows(queries.STEP_KEY, (wanted,), conn)
     queue = keys[0][0] if keys else (queue_name(namespace) if namespace else None)
     if queue is None:
@@ -468,15 +529,20 @@ def cancel(namespace: str, step_uuid: uuid.UUID | str, *, by: str | None = None)
     one running is asked to stop (``cancelling``: its worker tells the handler through
     ``ctx.cancelled``, cancels an async one after ``[worker] cancel_grace``, and records
     ``cancelled``, naming ``by``); a finished one is left alone. The answer says which."""
-    [row] = yield Rows(queries.CANCEL_STEP, (namespace, str(_uuid(step_uuid)), by))
+    [row] = yield Rows(queries.CANCEL_STEP, (namespace, str(_uuid(step_uuid)), by), namespace=namespace)
     state: CancelState = row[1]
     return state
 
 
-def get_progress(step_uuid: uuid.UUID | str) -> Plan[StepProgress | None]:
-    """The last progress the step reported while running (``ctx.progress``), if any."""
+def get_progress(step_uuid: uuid.UUID | str, *, namespace: str | None = None) -> Plan[StepProgress | None]:
+    """The last progress the step reported while running (``ctx.progress``), if any (kept on
+    its namespace's cluster: ``namespace`` looks there only, else each cluster is asked)."""
     wanted = _uuid(step_uuid)
-    rows = yield Rows(queries.STEP_PROGRESS, (str(wanted),))
+    rows = []
+    for database in [None] if namespace is not None else (yield Databases()):
+        rows = yield Rows(queries.STEP_PROGRESS, (str(wanted),), namespace=namespace, database=database)
+        if rows:
+            break
     if not rows:
         return None
     fraction, note, data, worker_id, updated_at = rows[0]
@@ -491,6 +557,7 @@ __all__ = [
     "MAX_BATCH",
     "OPERATIONS",
     "AnyConn",
+    "Databases",
     "Hold",
     "Notification",
     "Plan",

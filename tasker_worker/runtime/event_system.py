@@ -42,8 +42,15 @@ class WorkerEventSystem:
         probe_sender: ProbeSender | None = None,
         *,
         follow_fleet: bool = False,
+        control: bool = True,
+        cluster: str | None = None,
     ) -> None:
         self.url = url
+        #: Its listener also hears the control channel (mode requests; the primary cluster's
+        #: event system: the registry lives there).
+        self.control = control
+        #: The cluster whose queues it watches (None: the one database of the worker).
+        self.cluster = cluster
         self.namespaces = namespaces
         self.config = config
         self.mode = mode or config.deployment_mode
@@ -80,7 +87,7 @@ class WorkerEventSystem:
                     self.send,
                     self._on_connected,
                     self.probe_sender,
-                    on_control=self.control_requested.set,
+                    on_control=self.control_requested.set if self.control else None,
                     on_fleet_changed=self.fleet_changed.set if self.follow_fleet else None,
                 )
         else:
@@ -184,6 +191,7 @@ class WorkerEventSystem:
         """Mode and the state of each source."""
         listener = self.listener
         return {
+            **({"cluster": self.cluster} if self.cluster is not None else {}),
             "system_id": self.config.system_id,
             "deployment_mode": self.mode.value,
             "listener": None

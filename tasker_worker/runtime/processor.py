@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -261,6 +261,7 @@ class CommandProcessor:
         ranking: ClaimRanking | None = None,
         listens: Callable[[], bool] = lambda: False,
         polled: Callable[[], bool] = lambda: True,
+        shares_slots: bool = False,
     ) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
@@ -308,6 +309,10 @@ class CommandProcessor:
             listens=listens,
             polled=polled,
         )
+        #: The held messages (and slots) are shared with the processors of the worker's other
+        #: clusters (``runtime/assembly.py``): what this one extends, watches and gives back is
+        #: only its own queues' messages, through its own cluster's client.
+        self.shares_slots = shares_slots
 
     # --- public ----------------------------------------------------------------------------
 
@@ -357,7 +362,7 @@ class CommandProcessor:
                 # give their messages back.
                 deadline = self.final_deadline(shutdown_deadline())
                 with anyio.move_on_after(max(0.0, deadline - self.write_reserve_s - anyio.current_time())):
-                    while self.held:
+                    while self._holding():
                         await self.held.wait_slot()
             finally:
                 self._claiming = False
@@ -365,7 +370,7 @@ class CommandProcessor:
                 # Everything from here on ends by the one deadline, whatever the database does.
                 with anyio.CancelScope(shield=True, deadline=deadline):
                     self._take_buffered()
-                    running = self.held.running()
+                    running = self._own(self.held.running())
                     # Stop the handlers first, then give their messages back: released first, a
                     # message could be claimed by a peer while its handler still ran here.
                     for entry in running:
@@ -474,6 +479,8 @@ class CommandProcessor:
         a worker with many namespaces costs one round trip when there is nothing to do (one
         claim per queue before). Requests arriving during a probe coalesce into the next one."""
         queues = list(self.queues)
+        if not queues:
+            return  # the primary's processor of a worker whose namespaces all live elsewhere
         while True:
             await self._probe_wanted.wait()
             self._probe_wanted = anyio.Event()
@@ -637,6 +644,20 @@ class CommandProcessor:
             return free + self.prefetch, self.refill_prefetching_at
         return free, self.refill_at
 
+    def _holding(self) -> bool:
+        """Whether messages of this processor's queues are still held."""
+        if not self.shares_slots:
+            return bool(self.held)
+        return any(True for _ in self._own(self.held.entries.values()))
+
+    def _own(self, entries: Iterable[HeldStep]) -> list[HeldStep]:
+        """Those of ``entries`` that are this processor's (all of them unless the slots are
+        shared between clusters)."""
+        if not self.shares_slots:
+            return entries if isinstance(entries, list) else list(entries)
+        queues = self.queues
+        return [e for e in entries if e.msg.queue in queues]
+
     def _set_waiting(self, qs: _QueueState, waiting: bool) -> None:
         if qs.waiting is not waiting:
             qs.waiting = waiting
@@ -779,7 +800,7 @@ class CommandProcessor:
         that does not listen (or missed the notice) finds them so."""
         while True:
             await anyio.sleep(self.settings.cancel_check_s)
-            running = [str(e.msg.step.step_uuid) for e in self.held.running() if e.msg.step is not None]
+            running = [str(e.msg.step.step_uuid) for e in self._own(self.held.running()) if e.msg.step is not None]
             if not running:
                 continue
             try:
@@ -798,7 +819,7 @@ class CommandProcessor:
             await anyio.sleep(tick)
             now = time.monotonic()
             due: dict[str, list[Any]] = {}
-            for item in self.held.entries.values():
+            for item in self.held.entries.values() if not self.shares_slots else self._own(self.held.entries.values()):
                 if not item.lost_claim and item.vt_deadline - now < self.vt_seconds / 2:
                     due.setdefault(item.msg.queue, []).append(item)
             for queue, items in due.items():

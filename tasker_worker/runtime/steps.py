@@ -87,6 +87,10 @@ from tasker_worker.runtime.writer import OutcomeWriter, step_fields
 # The logger the step lines have always had (docs/troubleshooting.md shows it; operators filter on it).
 log = logging.getLogger("tasker_worker.runtime.processor")
 
+# What a handler (or a middleware) may return that is more than its result: a tuple, as
+# isinstance of a union type costs more per step.
+_SPECIAL_RESULTS = (Snooze, Record, DeadLetter, PutBack)
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -190,8 +194,13 @@ class StepRunner:
         tracer: StepTracer | None = None,
         state: Any = None,
         pool: AsyncConnectionPool | None = None,
+        key_salt: int = 0,
     ) -> None:
         self.settings = settings
+        #: Added (bits above a UUID's 128) to each step_uuid's integer where the worker's held
+        #: steps are shared by several clusters' runners: dedup is per cluster, so the same
+        #: step_uuid on two clusters is two steps (0 with one cluster).
+        self.key_salt = key_salt
         self.worker_id = settings.worker_id
         self.store = store
         self.held = held
@@ -308,7 +317,7 @@ class StepRunner:
         if step.priority or step.group is not None:
             await self._note_flow_fields(msg.queue, step)
         # The UUID's integer: hashing a UUID object is a Python-level call per step.
-        step_key = step.step_uuid.int
+        step_key = step.step_uuid.int | self.key_salt
         held = self.held
         if step_key in held.steps:
             # Another message of the same step runs here now: come back when it is done,
@@ -428,10 +437,10 @@ class StepRunner:
             # nothing it wrote in its transaction stays.
             await ctx.rollback(_Cancelled())
             return cancelled(ctx.cancelled_by, started_at, time.time())
-        if isinstance(result, Snooze):
-            await ctx.rollback(result)
-            return self._snoozed(msg, spec, result)
-        if isinstance(result, Record | DeadLetter | PutBack):
+        if result is not None and isinstance(result, _SPECIAL_RESULTS):
+            if isinstance(result, Snooze):
+                await ctx.rollback(result)
+                return self._snoozed(msg, spec, result)
             await ctx.rollback(_ShortCircuited())  # a middleware decided the step's end itself
             return result
         if log.isEnabledFor(logging.DEBUG):
@@ -446,17 +455,20 @@ class StepRunner:
             return await self._record_in_handler_transaction(entry, ctx, settlement)
         return settlement
 
-    async def _call(self, spec: HandlerSpec, ctx: StepContext, step: StepMessage, timeout: timedelta, task: Any) -> Any:
+    def _call(
+        self, spec: HandlerSpec, ctx: StepContext, step: StepMessage, timeout: timedelta, task: Any
+    ) -> Awaitable[Any]:
         """The handler call through every middleware: the runtime's (handler metrics, then a
         span when tracing is on), then the registered ones in order, the first outermost. The
-        chain's links are made only when there is more than the metrics to go through."""
+        chain's links are made only when there is more than the metrics to go through (a plain
+        function returning the outermost awaitable: one coroutine frame less per step)."""
 
         def handler() -> Awaitable[Any]:
             return self.executor.run(spec.func, spec.is_async, (ctx, step), timeout, task=task)
 
         inner = self._middlewares
         if not inner:
-            return await self._measure(ctx, step, handler)
+            return self._measure(ctx, step, handler)
 
         def link(i: int) -> Callable[[], Awaitable[Any]]:
             if i == len(inner):
@@ -465,7 +477,7 @@ class StepRunner:
             middleware = inner[i]
             return lambda: middleware(ctx, step, following)
 
-        return await self._measure(ctx, step, link(0))
+        return self._measure(ctx, step, link(0))
 
     @property
     def _middlewares(self) -> list[Middleware]:
@@ -526,12 +538,13 @@ class StepRunner:
     def request_cancel(self, step_uuid: uuid.UUID, by: str | None) -> bool:
         """Someone asked the step ``step_uuid`` to stop: tell its handler (``ctx.cancelled``),
         and cancel an async one after ``cancel_grace``. False: it is not held here."""
-        where = self.held.steps.get(step_uuid.int)
+        key = step_uuid.int | self.key_salt
+        where = self.held.steps.get(key)
         entry = self.held.get(*where) if where is not None else None
         if entry is None:
             # Not running here (yet): prefetched, or put back and on its way to a claim. The
             # request stands for when it starts (bounded: the oldest are forgotten).
-            self._early_cancels[step_uuid.int] = by or "unknown"
+            self._early_cancels[key] = by or "unknown"
             while len(self._early_cancels) > EARLY_CANCELS_KEPT:
                 self._early_cancels.popitem(last=False)
             return False

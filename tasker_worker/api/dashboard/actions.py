@@ -22,7 +22,6 @@ from tasker_worker.api.dashboard.pages import MODES, refused
 from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.names import queue_name, validate_namespace
 from tasker_worker.errors import InvalidName, QueueNotFound
-from tasker_worker.producer.client import AsyncClient
 
 Form = dict[str, list[str]]
 
@@ -85,7 +84,7 @@ async def requeue(request: Request) -> Response:
         return refused(request, 400, "Nothing to requeue", "Name a dead letter (msg_id) or ask for all of them.")
     ctx = ctx_of(request)
     try:
-        moved = await ctx.client.requeue_dead_letters(
+        moved = await (await ctx.client_of(namespace)).requeue_dead_letters(
             queue,
             None if everything else [int(raw_id)],
             actor="dashboard",
@@ -141,7 +140,7 @@ async def pause_or_resume(request: Request) -> Response:
         validate_namespace(namespace)
     except InvalidName as exc:
         return refused(request, 400, "Not a namespace", str(exc))
-    pool = ctx_of(request).pool
+    pool = await ctx_of(request).pool_of(namespace)
     if action == "pause":
         await flow_db.pause(pool, namespace, "dashboard")
     else:
@@ -166,7 +165,7 @@ async def cancel_step(request: Request) -> Response:
         validate_namespace(namespace)
     except InvalidName as exc:
         return refused(request, 400, "Not a namespace", str(exc))
-    state = await AsyncClient(pool=ctx_of(request).pool).cancel(namespace, step_uuid, by="dashboard")
+    state = await ctx_of(request).producer.cancel(namespace, step_uuid, by="dashboard")
     if state not in ("cancelled", "cancelling"):
         return refused(request, 409, "Not cancelled", f"The step is {state.replace('_', ' ')}.")
     return _redirect(request, f"/steps/{step_uuid}", cancel=state)

@@ -40,6 +40,7 @@ def html_errors(endpoint: Endpoint) -> Endpoint:
 
     async def page(request: Request) -> Response:
         try:
+            await ctx_of(request).replica_state()  # how stale the page's reads are (shown on it)
             return await endpoint(request)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.warning("%s %s: the database is unavailable: %s", request.method, request.url.path, first_line(exc))
