@@ -24,6 +24,7 @@ from tasker_worker.domain.notifications import (
     MessageReadyEvent,
     MessageWithPayloadEvent,
     ModeRequested,
+    cancel_channel,
     claimed_channel,
     decode_claimed,
     decode_outcomes,
@@ -156,6 +157,8 @@ async def test_the_listener_routes_each_channel_by_its_table() -> None:
             message_ready_channel("b"),
             claimed_channel("a"),
             claimed_channel("b"),
+            cancel_channel("a"),
+            cancel_channel("b"),
             FLEET_CHANNEL,
             CONTROL_CHANNEL,
         }
@@ -198,7 +201,8 @@ def test_without_single_claimer_or_callbacks_fewer_channels() -> None:
     listener = WorkerQueueListener(
         "postgresql://unused", ["a"], ListenerConfig(single_claimer=False), WorkerStats(), send, connected
     )
-    assert listener.channels == [message_ready_channel("a")]
+    # A step's cancel request reaches the worker holding it whatever the claim strategy.
+    assert listener.channels == [message_ready_channel("a"), cancel_channel("a")]
 
 
 # --- what the database sends on them --------------------------------------------------------------
