@@ -1068,6 +1068,44 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
         (CL + "test_shutdown_gives_back_the_running_steps_of_every_cluster_within_the_one_budget",),
     ),
+    Mutation(
+        "cluster_listener_not_counted",
+        "a worker counts among the listeners of every cluster it listens to (only the primary's "
+        "listener counted: another cluster's producers never skip, its leases never matter)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "                listens=event_system.has_listener,\n",
+                "                listens=event_system.has_listener if db is primary else (lambda: False),\n",
+            ),
+        ),
+        (CL + "test_listener_rows_and_drain_leases_are_kept_on_the_cluster_of_their_namespace",),
+    ),
+    Mutation(
+        "cluster_notify_switch_on_primary",
+        "a namespace's notify switch is written where its send trigger reads it, on its cluster (the "
+        "worker wrote it on the primary)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "partial(each.set_queue_notify, ns, notify,",
+                "partial(client.set_queue_notify, ns, notify,",
+            ),
+        ),
+        (CL + "test_notify_false_of_a_namespace_is_written_on_its_cluster_and_the_cli_finds_it_there",),
+    ),
+    Mutation(
+        "cluster_cli_notify_on_primary",
+        "queue notify NS reads and turns the switch on NS's cluster (it used the primary)",
+        (
+            Edit(
+                "tasker_worker/cli/flow.py",
+                "client(args, namespace=args.namespace) as queues:  # on the namespace's cluster",
+                "client(args) as queues:",
+            ),
+        ),
+        (CL + "test_notify_false_of_a_namespace_is_written_on_its_cluster_and_the_cli_finds_it_there",),
+    ),
 )
 
 
