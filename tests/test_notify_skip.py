@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import types
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -19,10 +20,13 @@ import pytest
 from listening import notifications_so_far
 from psycopg.types.json import Jsonb
 
+from tasker_worker.db.connection import open_pool
+from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.steps import StepMessage
 from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.runtime import drains
+from tasker_worker.runtime.stats import WorkerStats
 from tasker_worker.testing import make_config
 from tasker_worker.testing.db import fetch, fetch_value, outcomes_at_least, running_worker, send_steps, wait_until
 
@@ -229,6 +233,32 @@ def lease_is(url: str, worker_id: str, expected: tuple[bool, bool]) -> Any:
         return await lease_of(url, worker_id) == expected
 
     return check
+
+
+@pytest.mark.anyio
+async def test_a_step_enqueued_while_the_lease_is_held_was_unannounced_on_purpose(url: str) -> None:
+    """The missed-wakeup check of a step claimed while this worker's drain lease is held (its
+    span still open, ending at ``OPEN``): sent within the lease, it was left unannounced on
+    purpose; sent long before, it was not. The open span must be answerable: a margin added to
+    its end overflowed, and the claim loop that asked died with the worker."""
+    config = make_config(namespaces=[NS])
+    pool = await open_pool(url, config.database, max_size=2)
+    try:
+        mine = drains.Drains(
+            drains.DrainSettings("w-open-span", renew_s=30.0, poll_s=5.0, timeout_s=10.0),
+            client=QueueClient(pool),
+            queues=[QUEUE],
+            wake=lambda queue, source: None,
+            stats=WorkerStats(),
+            listens=lambda: True,
+        )
+        await mine.draining(QUEUE)
+        assert await lease_of(url, "w-open-span") == (True, True)
+        now = await fetch_value(url, "SELECT clock_timestamp()")
+        assert mine.may_be_unannounced(QUEUE, now)
+        assert not mine.may_be_unannounced(QUEUE, now - timedelta(hours=1))
+    finally:
+        await pool.close()
 
 
 @pytest.mark.anyio

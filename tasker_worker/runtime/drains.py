@@ -222,7 +222,9 @@ class Drains:
         lease = self.leases.get(queue)
         if lease is None:
             return False
-        return any(start - SPAN_BEFORE <= enqueued_at <= end + SPAN_AFTER for start, end in lease.spans)
+        # The margin is taken off enqueued_at, not added to end: an open span ends at OPEN
+        # (datetime.max), and OPEN + SPAN_AFTER is out of range.
+        return any(start - SPAN_BEFORE <= enqueued_at and enqueued_at - SPAN_AFTER <= end for start, end in lease.spans)
 
     def refresh(self) -> None:
         """Read the namespaces' switches again soon (a namespace was announced: a switch may
