@@ -967,6 +967,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         (NS + "test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain_ends",),
     ),
     Mutation(
+        "notify_skip_open_span_overflows",
+        "a step claimed while this worker's drain lease is held is checked for a missed wakeup without "
+        "failing (the margin added to the open span's end, datetime.max)",
+        (
+            Edit(
+                "tasker_worker/runtime/drains.py",
+                "start - SPAN_BEFORE <= enqueued_at and enqueued_at - SPAN_AFTER <= end for",
+                "start - SPAN_BEFORE <= enqueued_at <= end + SPAN_AFTER for",
+            ),
+        ),
+        (NS + "test_a_step_enqueued_while_the_lease_is_held_was_unannounced_on_purpose",),
+    ),
+    Mutation(
         "notify_skip_busy_never_claims_again",
         "a busy worker (producers skip notifying) claims again every BUSY_INTERVAL_S (it waits for a "
         "notification instead)",
@@ -1105,6 +1118,18 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (CL + "test_notify_false_of_a_namespace_is_written_on_its_cluster_and_the_cli_finds_it_there",),
+    ),
+    Mutation(
+        "cluster_notify_usage_not_read",
+        "/metrics has each other cluster's own pg_notification_queue_usage() (it reported 0)",
+        (
+            Edit(
+                "tasker_worker/api/metrics.py",
+                "usage.add_metric([name], (await client.database_horizon())[2])",
+                "usage.add_metric([name], 0.0)",
+            ),
+        ),
+        (CL + "test_the_api_sends_to_the_namespaces_cluster_and_metrics_cover_every_cluster",),
     ),
 )
 

@@ -10,6 +10,7 @@ import time
 import types
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,23 @@ def sharded(cluster2_url: str, **overrides: Any) -> TaskerConfig:
             **overrides,
         },
     )
+
+
+@contextmanager
+def holding_notifications(url: str) -> Iterator[None]:
+    """Notifications queued on the server of ``url`` and not consumed: a session LISTENs, then
+    stays in a transaction (a backend reads its notifications only between transactions) while
+    another sends more than a queue page of them (a usage under one page reads as 0)."""
+    with psycopg.connect(url, autocommit=True) as held, psycopg.connect(url, autocommit=True) as sender:
+        held.execute('LISTEN "tasker_test_held"')
+        held.execute("BEGIN")
+        held.execute("SELECT 1")
+        for _ in range(40):
+            sender.execute("SELECT pg_notify('tasker_test_held', repeat('x', 1000))")
+        try:
+            yield
+        finally:
+            held.execute("ROLLBACK")
 
 
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
@@ -258,7 +276,8 @@ async def test_the_api_sends_to_the_namespaces_cluster_and_metrics_cover_every_c
                 step = await http.get(f"/api/steps/{sent.json()['step_uuid']}")
                 assert step.json()["queue"] == f"worker_{B}_queue", step.text
                 queues = (await http.get("/api/queues")).json()
-                text = (await http.get("/metrics")).text
+                with holding_notifications(cluster2_url):
+                    text = (await http.get("/metrics")).text
         finally:
             await ctx.close()
             await pool.close()
@@ -274,6 +293,8 @@ async def test_the_api_sends_to_the_namespaces_cluster_and_metrics_cover_every_c
     assert samples[("tasker_queue_depth", (("queue", f"worker_{B}_queue"),))] == 1.0
     listener = ("tasker_worker_cluster_listener_up", (("cluster", CLUSTER), ("worker_id", worker.worker_id)))
     assert samples[listener] == 1.0
+    # Cluster two's own NOTIFY queue (its producers take its own commit lock), held by a listener.
+    assert samples[("tasker_cluster_notification_queue_usage", (("cluster", CLUSTER),))] > 0
 
 
 @pytest.mark.anyio
