@@ -65,6 +65,26 @@ ALTER TABLE tasker.queue_flow ADD CONSTRAINT queue_flow_rate_count_check CHECK (
 ALTER TABLE tasker.queue_flow ADD CONSTRAINT queue_flow_rate_period_s_check CHECK ((rate_period_s > (0)::double precision));
 
 -- table
+CREATE TABLE tasker.queue_listeners (
+    namespace text NOT NULL,
+    worker_id text NOT NULL,
+    alive_until timestamp with time zone NOT NULL,
+    draining_until timestamp with time zone
+);
+
+ALTER TABLE tasker.queue_listeners ADD CONSTRAINT queue_listeners_pkey PRIMARY KEY (namespace, worker_id);
+
+-- table
+CREATE TABLE tasker.queue_notify (
+    namespace text NOT NULL,
+    notify boolean DEFAULT true NOT NULL,
+    changed_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    changed_by text
+);
+
+ALTER TABLE tasker.queue_notify ADD CONSTRAINT queue_notify_pkey PRIMARY KEY (namespace);
+
+-- table
 CREATE TABLE tasker.schema_migrations (
     version text NOT NULL,
     name text NOT NULL,
@@ -384,6 +404,20 @@ BEGIN
         RETURN false;
     END;
     RETURN true;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.await_skipped_sends(p_namespace text, p_timeout_ms integer)
+ RETURNS boolean
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM set_config('lock_timeout', greatest(p_timeout_ms, 1) || 'ms', true);
+    PERFORM pg_advisory_xact_lock(tasker.skip_lock_class(), hashtext(p_namespace));
+    RETURN true;
+EXCEPTION WHEN lock_not_available THEN
+    RETURN false;
 END;
 $function$;
 
@@ -956,6 +990,20 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.end_drain(p_namespace text, p_worker_id text)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    UPDATE tasker.queue_listeners AS l SET draining_until = NULL
+     WHERE l.namespace = p_namespace AND l.worker_id = p_worker_id AND l.draining_until IS NOT NULL;
+    RETURN clock_timestamp();
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text, p_unique_key text DEFAULT NULL::text, p_unique_for double precision DEFAULT NULL::double precision, p_debounce boolean DEFAULT false)
  RETURNS TABLE(step_uuid uuid, msg_id bigint, created boolean)
  LANGUAGE plpgsql
@@ -1130,6 +1178,28 @@ AS $function$
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.keep_listening(p_worker_id text, p_namespaces text[], p_alive_s double precision)
+ RETURNS TABLE(namespace text, notify boolean, changed_at timestamp with time zone, read_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    INSERT INTO tasker.queue_listeners AS l (namespace, worker_id, alive_until)
+    SELECT DISTINCT tasker.validate_namespace(ns), p_worker_id, clock_timestamp() + make_interval(secs => p_alive_s)
+      FROM unnest(p_namespaces) AS ns
+    ON CONFLICT ON CONSTRAINT queue_listeners_pkey DO UPDATE SET alive_until = excluded.alive_until;
+    DELETE FROM tasker.queue_listeners AS l
+     WHERE (l.worker_id = p_worker_id AND NOT (l.namespace = ANY (p_namespaces)))
+        OR l.alive_until < clock_timestamp() - interval '1 hour';
+    RETURN QUERY
+        SELECT ns, coalesce(n.notify, true), n.changed_at, clock_timestamp()
+          FROM unnest(p_namespaces) AS ns
+          LEFT JOIN tasker.queue_notify AS n ON n.namespace = ns;
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.log_step_events(p_queue text, p_worker_id text, p_types text[], p_msg_ids bigint[], p_steps text[], p_data jsonb[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -1223,6 +1293,9 @@ DECLARE
     v_min     bigint;
     v_max     bigint;
     v_ready   timestamptz;
+    v_latest  timestamptz;
+    v_notify  boolean;
+    v_drained boolean;
     v_delay   integer;
     v_ids     bigint[];
     v_payload text;
@@ -1231,11 +1304,30 @@ BEGIN
     IF current_setting('tasker.announced_by_caller', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    SELECT count(*), min(msg_id), max(msg_id), min(vt)
-      INTO v_count, v_min, v_max, v_ready
-      FROM new_rows;
-    IF v_count = 0 THEN
-        RETURN NULL;
+    -- One statement reads the new rows, the namespace's switch and whether every live listening
+    -- worker drains it now (NULL when none listens).
+    SELECT count(*), min(r.msg_id), max(r.msg_id), min(r.vt), max(r.vt),
+           (SELECT n.notify FROM tasker.queue_notify AS n WHERE n.namespace = v_ns),
+           (SELECT bool_and(coalesce(l.draining_until > clock_timestamp(), false)) FROM tasker.queue_listeners AS l
+             WHERE l.namespace = v_ns AND l.alive_until > clock_timestamp())
+      INTO v_count, v_min, v_max, v_ready, v_latest, v_notify, v_drained
+      FROM new_rows AS r;
+    IF v_count = 0 OR NOT coalesce(v_notify, true) THEN
+        RETURN NULL;  -- nothing inserted, or notify = false: its workers poll
+    END IF;
+    -- Every listening worker drains the namespace: it claims these anyway (see the top of 0020).
+    IF coalesce(v_drained, false) AND v_latest <= clock_timestamp()
+       AND current_setting('transaction_isolation') = 'read committed' THEN
+        -- The lock first, then the leases again in a statement of their own (a snapshot taken
+        -- after the lock): a worker that released its lease before we locked is seen released.
+        IF pg_try_advisory_xact_lock_shared(tasker.skip_lock_class(), hashtext(v_ns)) THEN
+            SELECT bool_and(coalesce(l.draining_until > clock_timestamp(), false)) INTO v_drained
+              FROM tasker.queue_listeners AS l
+             WHERE l.namespace = v_ns AND l.alive_until > clock_timestamp();
+            IF coalesce(v_drained, false) THEN
+                RETURN NULL;
+            END IF;
+        END IF;
     END IF;
     v_delay := least(greatest(round(extract(epoch FROM v_ready - clock_timestamp())), 0), 2147483647)::integer;
     IF v_count = 1 THEN
@@ -1843,6 +1935,48 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.set_queue_notify(p_namespace text, p_notify boolean, p_by text DEFAULT NULL::text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_was boolean;
+BEGIN
+    PERFORM tasker.validate_namespace(p_namespace);
+    IF p_notify IS NULL THEN
+        RAISE EXCEPTION 'notify must be true or false' USING ERRCODE = '22023';
+    END IF;
+    -- One change at a time per namespace (two workers starting with different settings).
+    PERFORM pg_advisory_xact_lock(tasker.skip_lock_class() + 1, hashtext(p_namespace));
+    SELECT n.notify INTO v_was FROM tasker.queue_notify AS n WHERE n.namespace = p_namespace;
+    IF coalesce(v_was, true) = p_notify THEN
+        RETURN false;
+    END IF;
+    IF p_notify THEN
+        DELETE FROM tasker.queue_notify AS n WHERE n.namespace = p_namespace;  -- the default
+    ELSE
+        INSERT INTO tasker.queue_notify AS n (namespace, notify, changed_by)
+        VALUES (p_namespace, false, p_by)
+        ON CONFLICT (namespace) DO UPDATE SET notify = false, changed_at = clock_timestamp(), changed_by = p_by;
+    END IF;
+    INSERT INTO tasker.events (event_type, queue_name, data)
+    VALUES ('QueueNotifyChanged', 'worker_' || p_namespace || '_queue',
+            jsonb_build_object('namespace', p_namespace, 'notify', p_notify, 'by', p_by, 'role', current_user));
+    PERFORM tasker.announce_namespace(p_namespace);
+    RETURN true;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.skip_lock_class()
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$ SELECT 1952543595 $function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.step_concurrency_key(p_message jsonb)
  RETURNS text
  LANGUAGE sql
@@ -1931,6 +2065,32 @@ AS $function$
     SELECT CASE WHEN jsonb_typeof(p_message -> 'priority') = 'number'
                 THEN least(9, greatest(0, floor((p_message ->> 'priority')::numeric)))::smallint
                 ELSE 0::smallint END
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.stop_listening(p_worker_id text)
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    DELETE FROM tasker.queue_listeners AS l WHERE l.worker_id = p_worker_id
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.take_drain(p_namespace text, p_worker_id text, p_lease_s double precision, p_alive_s double precision)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    INSERT INTO tasker.queue_listeners AS l (namespace, worker_id, alive_until, draining_until)
+    VALUES (tasker.validate_namespace(p_namespace), p_worker_id,
+            clock_timestamp() + make_interval(secs => p_alive_s),
+            clock_timestamp() + make_interval(secs => p_lease_s))
+    ON CONFLICT ON CONSTRAINT queue_listeners_pkey DO UPDATE
+       SET alive_until = excluded.alive_until, draining_until = excluded.draining_until
+    RETURNING clock_timestamp()
 $function$;
 
 -- function

@@ -51,6 +51,10 @@ DLQ = chaos.DLQ
 #: How long a worker's claim hides a message: a claim the failover kept, whose worker lost its
 #: outcome write, comes back after it.
 VT = "2s"
+#: Steps sent one at a time to idle workers after the drill: a notification wakes one (its
+#: outcome's source is 'event'), unless the 100 ms fallback poll finds it first; with three, a
+#: failure of all three to be woken is not chance.
+PROBES = 3
 
 
 @dataclass
@@ -91,7 +95,8 @@ class Drill:
     heartbeats_s: float | None = None
     listeners_s: float | None = None
     supervisor_s: float | None = None
-    #: Outcomes on the new primary after the promotion that a notification brought.
+    #: Outcomes on the new primary after the promotion that a notification brought (the probes
+    #: sent to idle workers at the end among them).
     event_pickups_after: int = 0
     #: Sends that failed (and were sent again with the same step_uuid) around the failover.
     send_retries: int = 0
@@ -160,6 +165,14 @@ class Producer(threading.Thread):
             with self._lock:
                 self.acked.append((step_uuid, time.time()))
             return
+
+    def send_one(self) -> str:
+        """One more send, acknowledged and counted like the others (the producer stopped)."""
+        config = TaskerConfig.model_validate({"database": {"connect_timeout": "2s"}})
+        step_uuid = str(uuid.uuid4())
+        with Client(self.url, config=config, max_size=1) as client:
+            self._send(client, step_uuid)
+        return step_uuid
 
 
 def _sync_rep_waiters(cluster: ReplicatedCluster) -> dict[str, int]:
@@ -314,6 +327,27 @@ def failover_drill(
             60,
             "the new primary's queue to drain",
         )
+        # The steps above came faster than the workers ran them: both drained the queue, so the
+        # producer's sends were mostly not announced (migration 0020) and were claimed without a
+        # notification. Idle now, the workers must be woken by the new primary's notifications:
+        # probes, each sent once no drain lease is valid (a send is announced then) and awaited.
+        for _ in range(PROBES):
+            wait_for(
+                lambda: (
+                    new.value("SELECT count(*) FROM tasker.queue_listeners WHERE draining_until > clock_timestamp()")
+                    == 0
+                ),
+                30,
+                "every drain lease on the new primary to end",
+            )
+            probe = producer.send_one()
+            wait_for(
+                lambda probe=probe: (
+                    new.value("SELECT count(*) FROM tasker.step_results WHERE step_uuid = %s", (probe,)) == 1
+                ),
+                30,
+                "a probe's outcome",
+            )
         # The first outcome committed after the kill (so on the new primary): commit times,
         # not finished_at (a handler may have finished before the promotion, its outcome after).
         first = new.value(

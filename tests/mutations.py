@@ -73,6 +73,8 @@ HC = "tests/test_handler_control.py::"
 M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
+M0020 = "sql/migrations/0020_notify_at_many_producers.sql"
+NS = "tests/test_notify_skip.py::"
 CL = "tests/test_clusters.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
 FO = "tests/test_failover.py::"
@@ -175,7 +177,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "tasker_worker/runtime/writer.py",
-                "e.msg, int(s.delay_s * 1000), s.headers,",
+                "e.msg, put_back_ms(s.delay_s), s.headers,",
                 "e.msg, 0, s.headers,",
             ),
         ),
@@ -341,9 +343,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "tasker_worker/runtime/listener.py",
-                "            for channel in self.channels:\n                await conn.execute(",
-                "            for channel in [] if self.connected_once else self.channels:\n"
-                "                await conn.execute(",
+                "await conn.execute(queries.listen_all(self.channels))",
+                "await conn.execute(queries.listen_all([] if self.connected_once else self.channels))",
             ),
         ),
         (R + "test_listener_killed_reconnects_and_catches_up",),
@@ -1169,6 +1170,75 @@ MUTATIONS: tuple[Mutation, ...] = (
         (H + "test_migrating_a_populated_table_online",),
     ),
     Mutation(
+        "notify_skip_ignores_idle_listener",
+        "a send skips its notification only while every live listening worker drains (an idle one "
+        "counted as draining: the bool_and of NULLs)",
+        (
+            Edit(
+                M0020,
+                "bool_and(coalesce(l.draining_until > clock_timestamp(), false))",
+                "bool_and(l.draining_until > clock_timestamp())",
+                count=2,
+            ),
+        ),
+        (
+            NS + "test_a_send_is_announced_unless_every_live_listener_drains",
+            NS + "test_an_idle_worker_is_woken_while_another_drains",
+        ),
+    ),
+    Mutation(
+        "notify_skip_no_handshake",
+        "a worker ending its drain waits for the sends that skipped their notification before its last "
+        "claim (it claims at once instead)",
+        (
+            Edit(
+                "tasker_worker/runtime/drains.py",
+                "done = await self.client.await_skipped_sends(namespace, AWAIT_SLICE_MS)",
+                "done = True",
+            ),
+        ),
+        (NS + "test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain_ends",),
+    ),
+    Mutation(
+        "notify_skip_drain_never_ends",
+        "the claim loop hands its lease back once its claims stop finding steps (it keeps it: "
+        "producers skip while the worker idles)",
+        (
+            Edit(
+                "tasker_worker/runtime/drains.py",
+                "        self.ended(queue)\n        return None\n",
+                "        return None\n",
+            ),
+        ),
+        (NS + "test_a_step_whose_notification_was_skipped_is_picked_up_when_the_drain_ends",),
+    ),
+    Mutation(
+        "notify_skip_open_span_overflows",
+        "a step claimed while this worker's drain lease is held is checked for a missed wakeup without "
+        "failing (the margin added to the open span's end, datetime.max)",
+        (
+            Edit(
+                "tasker_worker/runtime/drains.py",
+                "start - SPAN_BEFORE <= enqueued_at and enqueued_at - SPAN_AFTER <= end for",
+                "start - SPAN_BEFORE <= enqueued_at <= end + SPAN_AFTER for",
+            ),
+        ),
+        (NS + "test_a_step_enqueued_while_the_lease_is_held_was_unannounced_on_purpose",),
+    ),
+    Mutation(
+        "notify_skip_busy_never_claims_again",
+        "a busy worker (producers skip notifying) claims again every BUSY_INTERVAL_S (it waits for a "
+        "notification instead)",
+        (
+            Edit(
+                "tasker_worker/runtime/drains.py",
+                "                return BUSY_INTERVAL_S\n",
+                "                return None\n",
+            ),
+        ),
+        (NS + "test_a_busy_worker_finds_unannounced_steps_by_claiming_again",),
+    ),
+    Mutation(
         "standby_not_synchronous",
         "nothing acknowledged is lost in a failover to a synchronous standby (the standby is not named)",
         (
@@ -1329,6 +1399,56 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (H + "test_headers_that_are_no_object_do_not_keep_a_step_from_its_end",),
+    ),
+    Mutation(
+        "cluster_listener_not_counted",
+        "a worker counts among the listeners of every cluster it listens to (only the primary's "
+        "listener counted: another cluster's producers never skip, its leases never matter)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "                listens=event_system.has_listener,\n",
+                "                listens=event_system.has_listener if db is primary else (lambda: False),\n",
+            ),
+        ),
+        (CL + "test_listener_rows_and_drain_leases_are_kept_on_the_cluster_of_their_namespace",),
+    ),
+    Mutation(
+        "cluster_notify_switch_on_primary",
+        "a namespace's notify switch is written where its send trigger reads it, on its cluster (the "
+        "worker wrote it on the primary)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "partial(each.set_queue_notify, ns, notify,",
+                "partial(client.set_queue_notify, ns, notify,",
+            ),
+        ),
+        (CL + "test_notify_false_of_a_namespace_is_written_on_its_cluster_and_the_cli_finds_it_there",),
+    ),
+    Mutation(
+        "cluster_cli_notify_on_primary",
+        "queue notify NS reads and turns the switch on NS's cluster (it used the primary)",
+        (
+            Edit(
+                "tasker_worker/cli/flow.py",
+                "client(args, namespace=args.namespace) as queues:  # on the namespace's cluster",
+                "client(args) as queues:",
+            ),
+        ),
+        (CL + "test_notify_false_of_a_namespace_is_written_on_its_cluster_and_the_cli_finds_it_there",),
+    ),
+    Mutation(
+        "cluster_notify_usage_not_read",
+        "/metrics has each other cluster's own pg_notification_queue_usage() (it reported 0)",
+        (
+            Edit(
+                "tasker_worker/api/metrics.py",
+                "usage.add_metric([name], (await client.database_horizon())[2])",
+                "usage.add_metric([name], 0.0)",
+            ),
+        ),
+        (CL + "test_the_api_sends_to_the_namespaces_cluster_and_metrics_cover_every_cluster",),
     ),
 )
 

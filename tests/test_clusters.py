@@ -10,6 +10,7 @@ import time
 import types
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,23 @@ def sharded(cluster2_url: str, **overrides: Any) -> TaskerConfig:
             **overrides,
         },
     )
+
+
+@contextmanager
+def holding_notifications(url: str) -> Iterator[None]:
+    """Notifications queued on the server of ``url`` and not consumed: a session LISTENs, then
+    stays in a transaction (a backend reads its notifications only between transactions) while
+    another sends more than a queue page of them (a usage under one page reads as 0)."""
+    with psycopg.connect(url, autocommit=True) as held, psycopg.connect(url, autocommit=True) as sender:
+        held.execute('LISTEN "tasker_test_held"')
+        held.execute("BEGIN")
+        held.execute("SELECT 1")
+        for _ in range(40):
+            sender.execute("SELECT pg_notify('tasker_test_held', repeat('x', 1000))")
+        try:
+            yield
+        finally:
+            held.execute("ROLLBACK")
 
 
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
@@ -259,7 +277,8 @@ async def test_the_api_sends_to_the_namespaces_cluster_and_metrics_cover_every_c
                 step = await http.get(f"/api/steps/{sent.json()['step_uuid']}")
                 assert step.json()["queue"] == f"worker_{B}_queue", step.text
                 queues = (await http.get("/api/queues")).json()
-                text = (await http.get("/metrics")).text
+                with holding_notifications(cluster2_url):
+                    text = (await http.get("/metrics")).text
         finally:
             await ctx.close()
             await pool.close()
@@ -275,6 +294,8 @@ async def test_the_api_sends_to_the_namespaces_cluster_and_metrics_cover_every_c
     assert samples[("tasker_queue_depth", (("queue", f"worker_{B}_queue"),))] == 1.0
     listener = ("tasker_worker_cluster_listener_up", (("cluster", CLUSTER), ("worker_id", worker.worker_id)))
     assert samples[listener] == 1.0
+    # Cluster two's own NOTIFY queue (its producers take its own commit lock), held by a listener.
+    assert samples[("tasker_cluster_notification_queue_usage", (("cluster", CLUSTER),))] > 0
 
 
 @pytest.mark.anyio
@@ -374,6 +395,129 @@ def test_the_cli_migrates_every_cluster_and_sends_to_the_namespaces_cluster(
     assert json.loads(shown.stdout)["queue"] == f"worker_{B}_queue"
     listed = cli(env, "queue", "list", "--json")
     assert {(q["queue_name"], q["cluster"]) for q in json.loads(listed.stdout)} >= {(f"worker_{B}_queue", CLUSTER)}
+
+
+# --- notifications at many producers (migration 0020) on each cluster ---------------------------
+
+
+def listener_rows(url: str) -> list[tuple[Any, ...]]:
+    """``(namespace, worker_id, alive, draining)`` of every listener row of the database at ``url``."""
+    return query(
+        url,
+        "SELECT namespace, worker_id, alive_until > clock_timestamp(),"
+        " coalesce(draining_until > clock_timestamp(), false) FROM tasker.queue_listeners ORDER BY 1",
+    )
+
+
+async def unannounced_beta(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """The wakeups of ``beta`` that ``conn`` (listening on cluster two) received up to now: a
+    sentinel sent after them marks the end."""
+    await conn.execute('LISTEN "tasker_test_sentinel"')
+    await conn.execute("SELECT pg_notify('tasker_test_sentinel', '')")
+    got = []
+    async for note in conn.notifies(timeout=10):
+        if note.channel == "tasker_test_sentinel":
+            break
+        got.append(json.loads(note.payload))
+    return [w for w in got if w.get("namespace") == B]
+
+
+@pytest.mark.anyio
+async def test_listener_rows_and_drain_leases_are_kept_on_the_cluster_of_their_namespace(
+    db_url: str, cluster2_url: str
+) -> None:
+    """The send trigger of cluster two reads cluster two's ``tasker.queue_listeners``: the worker
+    keeps its row for ``beta`` there (and ``alpha``'s on the primary), and while it drains
+    ``beta`` its lease is there, so a send to ``beta`` is not announced; the lease ends with the
+    backlog and the rows go with the worker."""
+    gate = anyio.Event()
+    registry = HandlerRegistry()
+
+    async def gated(ctx: Any, step: Any) -> None:
+        await gate.wait()
+
+    async def quick(ctx: Any, step: Any) -> None:
+        return None
+
+    registry.register("gated", gated)
+    registry.register("quick", quick)
+    config = sharded(
+        cluster2_url,
+        **{
+            # Nothing polls: what runs was claimed on a notification or by the drain's own claims.
+            "event_system.deployment_mode": "EventDrivenOnly",
+            "event_system.max_concurrent_processors": 1,
+            "worker.prefetch": 0,
+        },
+    )
+    async with running_worker(db_url, config, registry=registry) as worker:
+        me = worker.worker_id
+        await wait_until(lambda: listener_rows(cluster2_url) == [(B, me, True, False)], timeout=10)
+        assert listener_rows(db_url) == [(A, me, True, False)]
+        async with AsyncClient(db_url, config=config) as client:
+            for i in range(2):
+                await client.send_step(B, "gated", {"i": i})
+            # One runs, one waits: its claim came back full, so it drains beta, on cluster two.
+            await wait_until(lambda: listener_rows(cluster2_url) == [(B, me, True, True)], timeout=10)
+            assert listener_rows(db_url) == [(A, me, True, False)]
+            async with await psycopg.AsyncConnection.connect(cluster2_url, autocommit=True) as lc:
+                await lc.execute(f'LISTEN "pgmq_message_ready.{B}"')
+                late = await client.send_step(B, "quick", {})
+                assert await unannounced_beta(lc) == []  # every listener of beta drains it
+            gate.set()
+            assert (await client.wait_for(late.step_uuid, timeout=30, namespace=B)).succeeded
+        await wait_until(lambda: listener_rows(cluster2_url) == [(B, me, True, False)], timeout=10)
+        assert worker.status()["counters"]["missed_wakeups"] == 0
+    assert sorted(outcomes(cluster2_url).values()) == ["succeeded"] * 3
+    assert listener_rows(cluster2_url) == listener_rows(db_url) == []
+
+
+@pytest.mark.anyio
+async def test_notify_false_of_a_namespace_is_written_on_its_cluster_and_the_cli_finds_it_there(
+    db_url: str, cluster2_url: str, tmp_path: Path
+) -> None:
+    """``[queues.namespaces.beta] notify = false``: the worker writes the switch on cluster two
+    (whose send trigger reads it), beta's sends are not announced and the worker polls beta
+    (EventDrivenOnly: it polls only what is quiet); ``queue notify beta`` reads and turns the
+    switch on cluster two."""
+    config = sharded(
+        cluster2_url,
+        **{
+            "event_system.deployment_mode": "EventDrivenOnly",
+            "event_system.fallback_poller.polling_interval": "200ms",
+            f"queues.namespaces.{B}.notify": False,
+        },
+    )
+    state = types.SimpleNamespace()
+    async with running_worker(db_url, config, registry=counting_registry(state)) as worker:
+        assert query(cluster2_url, "SELECT namespace, notify, changed_by FROM tasker.queue_notify") == [
+            (B, False, f"worker {worker.worker_id}")
+        ]
+        assert query(db_url, "SELECT count(*) FROM tasker.queue_notify") == [(0,)]
+        async with AsyncClient(db_url, config=config) as client:
+            async with await psycopg.AsyncConnection.connect(cluster2_url, autocommit=True) as lc:
+                await lc.execute(f'LISTEN "pgmq_message_ready.{B}"')
+                for ns in (B, A):
+                    ref = await client.send_step(ns, "record", {})
+                    assert (await client.wait_for(ref.step_uuid, timeout=30, namespace=ns)).succeeded
+                assert await unannounced_beta(lc) == []
+    assert query(cluster2_url, "SELECT source FROM tasker.step_results") == [("poll",)]
+    assert query(db_url, "SELECT source FROM tasker.step_results") == [("event",)]
+
+    env = clean_env(
+        tmp_path,
+        TASKER_DATABASE_URL=db_url,
+        TASKER__DATABASES__TWO__URL=cluster2_url,
+        TASKER__QUEUES__NAMESPACES__BETA__DATABASE=CLUSTER,
+    )
+    shown = cli(env, "queue", "notify", B)
+    assert shown.returncode == 0 and "beta: notify off" in shown.stdout, shown.stdout + shown.stderr
+    turned = cli(env, "queue", "notify", B, "on")
+    assert turned.returncode == 0 and "beta: notify on" in turned.stdout, turned.stdout + turned.stderr
+    assert query(cluster2_url, "SELECT count(*) FROM tasker.queue_notify") == [(0,)]  # on: the default
+    changes = "SELECT count(*) FROM tasker.events WHERE event_type = 'QueueNotifyChanged'"
+    assert query(cluster2_url, changes) == [(2,)]  # the worker's off, the CLI's on
+    assert query(db_url, changes) == [(0,)]
 
 
 # --- configuration -------------------------------------------------------------------------------

@@ -50,7 +50,50 @@ def test_promtool_accepts_the_alert_rules() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
     count = sum(len(group["rules"]) for group in rules["groups"])
-    assert f"SUCCESS: {count} rules found" in done.stdout and count == 8, done.stdout
+    assert f"SUCCESS: {count} rules found" in done.stdout and count == 9, done.stdout
+
+
+def test_the_notify_queue_alert_fires_after_five_minutes_above_half(tmp_path: Path) -> None:
+    """TaskerNotifyQueueFilling, evaluated by promtool: a queue at 60% for more than five minutes
+    fires it (with the share in its summary), one back at 40% and a short spike do not."""
+    _promtool()
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"][0]["rules"]
+    [rule] = [r for r in rules if r.get("alert") == "TaskerNotifyQueueFilling"]
+    tests = {
+        "rule_files": [str(MONITORING / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # 0.6 from minute 0 to 10, then 0.4; a spike of two minutes at 30.
+                    {"series": "tasker_database_notification_queue_usage", "values": "0.6x10 0.4x19 0.9 0.9 0.1x10"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "TaskerNotifyQueueFilling", "exp_alerts": []},
+                    {
+                        "eval_time": "6m",
+                        "alertname": "TaskerNotifyQueueFilling",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning"},
+                                "exp_annotations": {
+                                    "summary": "PostgreSQL's NOTIFY queue is 60% full",
+                                    "description": rule["annotations"]["description"],
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "20m", "alertname": "TaskerNotifyQueueFilling", "exp_alerts": []},
+                    {"eval_time": "32m", "alertname": "TaskerNotifyQueueFilling", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "notify_alert_test.yml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    done = promtool("test", "rules", str(test_file), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
 @contextmanager

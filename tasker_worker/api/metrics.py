@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from tasker_worker.api.context import ApiContext, ctx_of
 from tasker_worker.api.health import QueueView, gather_clusters, gather_database, gather_queues, gather_queues_of
+from tasker_worker.config.models import PRIMARY
 from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.workers import WorkerView
@@ -66,15 +67,24 @@ async def gather(ctx: ApiContext) -> list[Metric]:
         # answers (a queue's name is unique across them), and which clusters answered.
         reach = await gather_clusters(ctx)
         up = GaugeMetricFamily("tasker_cluster_up", "1 when the cluster answered this scrape", labels=["cluster"])
+        # Each cluster has its own NOTIFY queue (and commit lock): the primary's is
+        # tasker_database_notification_queue_usage above, the others' are labelled here.
+        usage = GaugeMetricFamily(
+            "tasker_cluster_notification_queue_usage",
+            "pg_notification_queue_usage() of each other cluster that answered this scrape",
+            labels=["cluster"],
+        )
         views: list[QueueView] = []
         flows: list[QueueFlow] = []
         for name, client in reach.reached:
             up.add_metric([name], 1.0)
+            if name != PRIMARY:
+                usage.add_metric([name], (await client.database_horizon())[2])
             views += await gather_queues_of(client, name)
             flows += await flow_db.read_flow(client.pool)
         for name in reach.errors:
             up.add_metric([name], 0.0)
-        families += [up, *_queue_families(views), *_flow_families(flows)]
+        families += [up, usage, *_queue_families(views), *_flow_families(flows)]
 
     stats = await ctx.views.stats()
     workers = GaugeMetricFamily("tasker_workers", "Registered workers by status", labels=["status"])
@@ -189,6 +199,9 @@ _HELP: dict[str, str] = {
     "processed": "Steps whose handler ran to an outcome",
     "claims_held": "Claims that flow control held back (a paused namespace, or one at a fleet-wide limit)",
     "tasker_core_steps_left": "tasker-core step messages given back untouched for tasker-core's workers",
+    "drains": "Times the worker began claiming a namespace without being told (a backlog, or steps faster than "
+    "one claim each): while every listening worker does, producers skip NOTIFY",
+    "skipped_sends_awaited": "Slices (100 ms) a worker ending a drain waited for producers that skipped NOTIFY",
 }
 
 

@@ -1,7 +1,9 @@
-"""``queue limit``, ``queue pause`` and ``queue resume``: flow control for the whole fleet.
+"""``queue limit``, ``queue pause`` and ``queue resume``: flow control for the whole fleet; and
+``queue notify``, a namespace's NOTIFY switch.
 
-Each change is stored in the database (``tasker.queue_flow``) and applied inside every worker's
-next claim: no restart, no worker left out, and it holds across worker and server restarts.
+Each change is stored in the database (``tasker.queue_flow``, ``tasker.queue_notify``) and
+applied inside every worker's next claim (the send trigger, for notify): no restart, no worker
+left out, and it holds across worker and server restarts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from tasker_worker.cli.admin import small_pool
+from tasker_worker.cli.admin import client, small_pool
 from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.flow import QueueFlow, Rate
 from tasker_worker.domain.names import validate_namespace
@@ -46,6 +48,9 @@ def add_commands(q_sub: Any, command: Callable[..., argparse.ArgumentParser]) ->
     p.add_argument("namespace")
     p = command(q_sub, "resume", queue_resume, "resume a paused namespace")
     p.add_argument("namespace")
+    p = command(q_sub, "notify", queue_notify, "announce a namespace's sends with NOTIFY, or not (no on/off: show it)")
+    p.add_argument("namespace")
+    p.add_argument("state", nargs="?", choices=["on", "off"], help="off: its workers find its steps by polling")
 
 
 def _actor() -> str:
@@ -105,4 +110,20 @@ async def queue_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_commands", "queue_limit", "queue_pause", "queue_resume"]
+async def queue_notify(args: argparse.Namespace) -> int:
+    """``queue notify NS [on|off]``: the namespace's notify switch (migration 0020)."""
+    validate_namespace(args.namespace)
+    async with client(args, namespace=args.namespace) as queues:  # on the namespace's cluster
+        if args.state is not None:
+            changed = await queues.set_queue_notify(args.namespace, args.state == "on", _actor())
+            if not changed:
+                print(f"{args.namespace}: notify was {args.state} already")
+        quiet = {ns for ns, _, _ in await queues.quiet_namespaces()}
+    if args.namespace in quiet:
+        print(f"{args.namespace}: notify off (its sends are not announced; its workers poll it every polling_interval)")
+    else:
+        print(f"{args.namespace}: notify on")
+    return 0
+
+
+__all__ = ["add_commands", "queue_limit", "queue_notify", "queue_pause", "queue_resume"]

@@ -351,6 +351,11 @@ class QueueNamespaceConfig(_Section):
 
     #: Keep settled messages in pgmq's archive table ``a_worker_<ns>_queue`` (unset: ``[queues] archive``).
     archive: bool | None = None
+    #: Announce the namespace's sends with NOTIFY (``false``: its workers find them by polling,
+    #: and producers commit without the database-wide notify lock). Kept in the database
+    #: (``tasker.queue_notify``, which the send trigger reads): a worker whose configuration sets
+    #: it writes it at start; unset leaves what the database holds (``tasker.set_queue_notify``).
+    notify: bool | None = None
     #: The PostgreSQL cluster that holds this namespace's queue and outcome rows: a name of
     #: ``[databases]`` (or ``"primary"``), or a URL. Unset: the primary, ``[database]``.
     database: str | None = Field(default=None, min_length=1)
@@ -364,7 +369,7 @@ class QueuesConfig(_Section):
     #: enqueue/claim/start/finish times, worker, source, status, result, error), and the archive
     #: insert is a second row per step. Dead-lettered messages always go whole to ``<queue>_dlq``.
     archive: bool = False
-    #: Per-namespace overrides: ``[queues.namespaces.billing] archive = true``.
+    #: Per-namespace settings: ``[queues.namespaces.billing] archive = true``, ``notify = false``.
     namespaces: dict[str, QueueNamespaceConfig] = Field(default_factory=dict)
 
     @field_validator("namespaces")
@@ -376,6 +381,12 @@ class QueuesConfig(_Section):
         """Whether settled messages of ``namespace`` are archived."""
         own = self.namespaces.get(namespace)
         return self.archive if own is None or own.archive is None else own.archive
+
+    def notify_for(self, namespace: str) -> bool | None:
+        """Whether this configuration turns the notifications of ``namespace`` on or off (None:
+        it says nothing, the database's setting stands)."""
+        own = self.namespaces.get(namespace)
+        return None if own is None else own.notify
 
 
 class EventsConfig(_Section):

@@ -60,7 +60,7 @@ DESCRIPTIONS: dict[str, str] = {
     "retry.jitter": "random fraction added to each delay",
     "retry.max_releases": "attempt-free retries (DependencyUnavailable, broken connection) per message",
     "retry.max_snoozes": "snoozes (a handler's `Snooze`) per message; one more fails the step (a handler's `max_snoozes=` wins)",
-    "queues.archive": "also keep each settled message in pgmq's archive `a_worker_<ns>_queue` (the outcome row is the record either way); per namespace: `[queues.namespaces.<ns>] archive`",
+    "queues.archive": "also keep each settled message in pgmq's archive `a_worker_<ns>_queue` (the outcome row is the record either way); per namespace: `[queues.namespaces.<ns>] archive`, and `notify = false` (no NOTIFY of its sends: see below)",
     "circuit_breaker.enabled": "open circuits for handlers whose dependency is unavailable",
     "circuit_breaker.failure_threshold": "`DependencyUnavailable` in a row that open a handler's circuit",
     "circuit_breaker.cooldown": "how long an open circuit keeps the handler's steps unclaimed",

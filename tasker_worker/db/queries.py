@@ -350,6 +350,24 @@ SELECT namespace FROM tasker.set_queue_limits(%(namespace)s, %(max_running)s, %(
                                               %(rate_count)s, %(rate_period_s)s, %(rate_burst)s, %(by)s)
 """
 
+# --- notifications at many producers (migration 0020) ----------------------------------------
+# A listening worker's rows in tasker.queue_listeners: alive (renewed each heartbeat interval),
+# and its drain leases. While every live listener of a namespace holds a lease, the notify
+# trigger announces nothing; a worker ending its drain releases its lease, waits for the sends
+# that skipped, and claims once more (runtime/drains.py).
+
+#: ``(namespace, notify, changed_at, server time)`` of each of the worker's namespaces; its rows
+#: kept alive for ``%s`` seconds.
+KEEP_LISTENING = "SELECT namespace, notify, changed_at, read_at FROM tasker.keep_listening(%s, %s::text[], %s)"
+STOP_LISTENING = "SELECT tasker.stop_listening(%s)"
+TAKE_DRAIN = "SELECT tasker.take_drain(%s, %s, %s, %s)"
+END_DRAIN = "SELECT tasker.end_drain(%s, %s)"
+#: True when no send that skipped its notification is still in flight (waits at most %s ms).
+AWAIT_SKIPPED_SENDS = "SELECT tasker.await_skipped_sends(%s, %s)"
+SET_QUEUE_NOTIFY = "SELECT tasker.set_queue_notify(%s, %s, %s)"
+#: The namespaces whose notifications are off (no row: on).
+QUIET_NAMESPACES = "SELECT namespace, changed_at, changed_by FROM tasker.queue_notify WHERE NOT notify ORDER BY 1"
+
 # The indexes that keep a flow-controlled claim O(claimed) on a long queue: the claimed messages
 # (counted against max_running), and the claim orders (priority; group then priority). Built
 # CONCURRENTLY (no lock on producers) when a namespace first needs them; a claim is correct without

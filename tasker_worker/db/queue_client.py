@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker.db import queries
 from tasker_worker.domain.flow import ClaimBatch, FlowHold, HoldReason
-from tasker_worker.domain.names import namespace_of, queue_name, validate_handler_name
+from tasker_worker.domain.names import namespace_of, queue_name, validate_handler_name, validate_namespace
 from tasker_worker.domain.replica import ReplicaState
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source
 from tasker_worker.domain.verdicts import jsonb_safe
@@ -411,6 +411,50 @@ class QueueClient:
         """Steps of ``namespace`` carry priorities or groups: from now on every worker claims it
         in priority order, round-robin across groups."""
         await self._fetch(queries.NOTE_FLOW_FIELDS, (namespace, priority, groups))
+
+    # --- notifications at many producers (migration 0020, runtime/drains.py) ------------------
+
+    async def keep_listening(
+        self, worker_id: str, namespaces: Sequence[str], alive_s: float
+    ) -> tuple[dict[str, datetime | None], datetime]:
+        """Say that ``worker_id`` listens for ``namespaces`` for ``alive_s`` more seconds; return
+        the namespaces whose sends are not announced (``notify = false``, with when it was set)
+        and the server's time."""
+        rows = await self._fetch(queries.KEEP_LISTENING, (worker_id, list(namespaces), alive_s))
+        quiet = {str(r[0]): r[2] for r in rows if not r[1]}
+        return quiet, rows[0][3] if rows else datetime.now(UTC)
+
+    async def stop_listening(self, worker_id: str) -> None:
+        """``worker_id`` listens no more (it leaves, or polls only now)."""
+        await self._fetch(queries.STOP_LISTENING, (worker_id,))
+
+    async def take_drain(self, namespace: str, worker_id: str, lease_s: float, alive_s: float) -> datetime:
+        """``worker_id`` drains ``namespace`` for ``lease_s`` seconds: producers may skip notifying.
+        Returns the server's time."""
+        rows = await self._fetch(queries.TAKE_DRAIN, (namespace, worker_id, lease_s, alive_s))
+        return rows[0][0]  # type: ignore[no-any-return]
+
+    async def end_drain(self, namespace: str, worker_id: str) -> datetime:
+        """``worker_id`` no longer drains ``namespace``: producers notify again. Returns the
+        server's time."""
+        rows = await self._fetch(queries.END_DRAIN, (namespace, worker_id))
+        return rows[0][0]  # type: ignore[no-any-return]
+
+    async def await_skipped_sends(self, namespace: str, timeout_ms: int) -> bool:
+        """Wait (at most ``timeout_ms``) until no send of ``namespace`` that skipped its
+        notification is in flight; True when none is."""
+        rows = await self._fetch(queries.AWAIT_SKIPPED_SENDS, (namespace, timeout_ms))
+        return bool(rows[0][0])
+
+    async def set_queue_notify(self, namespace: str, notify: bool, by: str | None) -> bool:
+        """Turn the notifications of ``namespace``'s sends on or off; whether that changed them."""
+        validate_namespace(namespace)
+        rows = await self._fetch(queries.SET_QUEUE_NOTIFY, (namespace, notify, by))
+        return bool(rows[0][0])
+
+    async def quiet_namespaces(self) -> list[tuple[str, datetime, str | None]]:
+        """``(namespace, changed_at, changed_by)`` of every namespace whose sends are not announced."""
+        return [(str(r[0]), r[1], r[2]) for r in await self._fetch(queries.QUIET_NAMESPACES, ())]
 
     async def record_lapsed_claims(self, queue: str, worker_id: str | None, msgs: Sequence[ClaimedMessage]) -> None:
         """One ``StepAssignmentTimedOut`` event (reason ``vt_lapsed``) per message whose previous

@@ -40,6 +40,8 @@ def step_path(
     listening_since: Callable[[], float | None] = lambda: None,
     ranking: ClaimRanking | None = None,
     circuits: CircuitBreakers | None = None,
+    listens: Callable[[], bool] = lambda: False,
+    polled: Callable[[], bool] = lambda: True,
     held: InFlight | None = None,
     cluster_index: int = 0,
 ) -> CommandProcessor:
@@ -79,6 +81,8 @@ def step_path(
         stats=stats,
         listening_since=listening_since,
         ranking=ranking if config.event_system.listener.single_claimer else None,
+        listens=listens,
+        polled=polled,
         shares_slots=shared,
     )
 

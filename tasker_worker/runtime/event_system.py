@@ -129,6 +129,15 @@ class WorkerEventSystem:
         """Whether notifications are being received now."""
         return self.listener is not None and self.listener.healthy
 
+    def has_listener(self) -> bool:
+        """Whether the mode in force runs a listener (which LISTEN proved to deliver): producers
+        then count this worker among the namespace's listeners (``drains.py``)."""
+        return self.listener is not None
+
+    def has_poller(self) -> bool:
+        """Whether the mode in force runs the fallback poller."""
+        return self.poller is not None
+
     def listening_since(self) -> float | None:
         """Monotonic time since which the listener has been connected (None: not listening)."""
         return self.listener.healthy_since if self.listener is not None else None

@@ -43,6 +43,7 @@ from tasker_worker.runtime.commands import (
     WakeClaims,
     WorkerCommand,
 )
+from tasker_worker.runtime.drains import Drains, DrainSettings
 from tasker_worker.runtime.inflight import HeldStep
 from tasker_worker.runtime.ports import WAKE_MARGIN_S
 from tasker_worker.runtime.stats import WorkerStats
@@ -223,6 +224,9 @@ class ClaimSettings:
     #: How often cancel requests of held steps are looked for without a notification (a
     #: worker that does not listen, or missed one): ``[registry] heartbeat_interval``.
     cancel_check_s: float = 30.0
+    #: ``[event_system.fallback_poller] polling_interval``: how often a namespace whose
+    #: notifications are off is polled when no poller runs (``drains.py``).
+    polling_interval_s: float = 5.0
 
     @classmethod
     def from_config(cls, config: TaskerConfig, worker_id: str) -> ClaimSettings:
@@ -237,6 +241,7 @@ class ClaimSettings:
             shutdown_timeout_s=config.worker.shutdown_timeout.total_seconds(),
             prefetch=config.worker.prefetch,
             cancel_check_s=config.registry.heartbeat_interval.total_seconds(),
+            polling_interval_s=es.fallback_poller.polling_interval.total_seconds(),
         )
 
 
@@ -253,6 +258,8 @@ class CommandProcessor:
         stats: WorkerStats,
         listening_since: Callable[[], float | None] = lambda: None,
         ranking: ClaimRanking | None = None,
+        listens: Callable[[], bool] = lambda: False,
+        polled: Callable[[], bool] = lambda: True,
         shares_slots: bool = False,
     ) -> None:
         self.settings = settings
@@ -285,6 +292,22 @@ class CommandProcessor:
         self._probe_source = Source.POLL
         self._claiming = True
         self.last_error: str | None = None
+        #: Drain leases and their handshakes, the listener rows, quiet namespaces (``drains.py``):
+        #: what lets producers skip a notification with no step stranded.
+        self.drains = Drains(
+            DrainSettings(
+                settings.worker_id,
+                renew_s=settings.cancel_check_s,
+                poll_s=settings.polling_interval_s,
+                timeout_s=settings.processing_timeout_s,
+            ),
+            client=client,
+            queues=list(self.queues),
+            wake=lambda queue, source: self.queues[queue].poke(source),
+            stats=stats,
+            listens=listens,
+            polled=polled,
+        )
         #: The held messages (and slots) are shared with the processors of the worker's other
         #: clusters (``runtime/assembly.py``): what this one extends, watches and gives back is
         #: only its own queues' messages, through its own cluster's client.
@@ -313,6 +336,7 @@ class CommandProcessor:
                     for qs in self.queues.values():
                         loops.start_soon(self._claim_loop, qs)
                     loops.start_soon(self.timers.run)
+                    loops.start_soon(self.drains.run)
                     loops.start_soon(self._probe_loop)
                     loops.start_soon(self._starter)
                     async with commands:
@@ -323,6 +347,9 @@ class CommandProcessor:
                             self.handle(command)
                     self._claiming = False
                     loops.cancel_scope.cancel()
+                # Nothing more is claimed: producers must not count on this worker's drains.
+                with anyio.CancelScope(shield=True, deadline=self.final_deadline(shutdown_deadline())):
+                    await self.drains.leave()
                 # Prefetched steps never start after a shutdown was asked for: they go back at
                 # once, with the attempt given back (as unfinished ones do below).
                 buffered = self._take_buffered()
@@ -423,6 +450,7 @@ class CommandProcessor:
             # limit set): every worker looks at once, also one whose slots and buffer are full.
             qs.flow_changed = True
             qs.flow_event.set()
+            self.drains.refresh()  # or its notify switch changed (tasker.set_queue_notify)
             qs.poke(Source.EVENT)
             self.held.nudge()  # a claim loop waiting for room wakes and looks
             return
@@ -574,6 +602,7 @@ class CommandProcessor:
                     if want:
                         self.stats.incr("claims_held")
                     if hold.reason is HoldReason.PAUSED:
+                        self.drains.ended(qs.name)
                         break  # resuming announces the namespace; the poller looks anyway
                     # Held by a limit with steps ready: come back when the rate allows the next
                     # start, or when a slot frees here, or after a moment (one freed elsewhere),
@@ -590,7 +619,17 @@ class CommandProcessor:
                             await qs.flow_event.wait()
                     continue
                 if len(msgs) < want:
+                    # Busy (steps keep coming): claim again in a moment, holding the lease. Or
+                    # the drain ends here: if producers skipped notifying because of it, the
+                    # lease goes and the sends that skipped are claimed after they commit.
+                    again = await self.drains.short_claim(qs.name, len(msgs))
+                    if again is not None:
+                        self.timers.schedule(qs.name, again, Source.POLL)
                     break
+                if want:
+                    # A full claim: this loop claims again without being told (producers may
+                    # skip notifying while every listening worker does so: drains.py).
+                    await self.drains.draining(qs.name)
                 backlog = True
 
     def _room(self, qs: _QueueState, backlog: bool) -> tuple[int, int]:
@@ -687,7 +726,13 @@ class CommandProcessor:
             listening_for = msg.received_mono - since
             sent_after_listen = (msg.claimed_at - msg.enqueued_at).total_seconds() < listening_for
             ready_for = (msg.claimed_at - msg.enqueued_at).total_seconds()
-            if sent_after_listen and ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
+            if (
+                sent_after_listen
+                and ready_for > MISSED_WAKEUP_GRACE_S
+                and not qs.was_announced(msg.msg_id)
+                # Sent while this worker drained (or the namespace was quiet): unannounced on purpose.
+                and not self.drains.may_be_unannounced(qs.name, msg.enqueued_at)
+            ):
                 self.stats.incr("missed_wakeups")
         # First in, first started within a queue; another queue's prefetched steps wait for
         # a queue that claimed for a free slot.

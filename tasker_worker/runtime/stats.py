@@ -47,6 +47,8 @@ COUNTERS = (
     "snoozed",
     "cancel_requests",
     "tasker_core_steps_left",
+    "drains",
+    "skipped_sends_awaited",
 )
 
 

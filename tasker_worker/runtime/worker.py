@@ -359,6 +359,14 @@ class Worker(RegistersHandlers):
             await self._startup_call(
                 f"creating the queues of {shown}", partial(each.create_namespace_queues, db.namespaces)
             )
+            for ns in db.namespaces:
+                notify = self.config.queues.notify_for(ns)
+                if notify is not None:
+                    # The send trigger reads the switch from the namespace's database (migration 0020).
+                    await self._startup_call(
+                        f"setting the notifications of {ns}",
+                        partial(each.set_queue_notify, ns, notify, f"worker {self.worker_id}"),
+                    )
         lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
         ranking: ClaimRanking | None = None
         if self.config.registry.enabled:
@@ -413,6 +421,10 @@ class Worker(RegistersHandlers):
                 circuits=circuits,
                 held=held,
                 cluster_index=index,
+                # Its cluster's listener makes it one of the listeners its namespaces' producers
+                # count (migration 0020, on that cluster): runtime/drains.py.
+                listens=event_system.has_listener,
+                polled=event_system.has_poller,
             )
             clusters.append(
                 ClusterParts(
