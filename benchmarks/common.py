@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -55,12 +56,26 @@ def database(admin: str, name: str) -> str:
     return psycopg.conninfo.make_conninfo(admin, dbname=name)
 
 
-def tasker_database(admin: str, name: str) -> str:
-    """A new database with the tasker schema and the ``bench`` namespace queue; its URL."""
+def tree_env(tree: Path | None) -> dict[str, str]:
+    """The environment that makes a child process import ``tasker_worker`` from ``tree`` (a
+    checkout of another commit, for before/after runs), or from this checkout (None)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKER")}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    return env
+
+
+def tasker_database(admin: str, name: str, tree: Path | None = None) -> str:
+    """A new database with the tasker schema (migrated by the code of ``tree``, default this
+    checkout) and the ``bench`` namespace queue; its URL."""
     url = database(admin, name)
-    env = {**os.environ, "TASKER_DATABASE_URL": url}
+    env = {**tree_env(tree), "TASKER_DATABASE_URL": url}
     subprocess.run(
-        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"], env=env, check=True, capture_output=True
+        [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=tree or ROOT,
     )
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
@@ -77,31 +92,90 @@ def enqueue_steps(url: str, steps: int, handler: str = "noop") -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def worker_env(url: str, *, step_events: str = "derived", archive: bool = False) -> dict[str, str]:
-    """The environment of a benchmark ``tasker-worker run`` (production config, warnings only)."""
-    return {
-        **os.environ,
+#: The environment overlay the benchmarks run with unless told otherwise (its concurrency is 32).
+PRODUCTION = "production"
+
+
+def worker_env(
+    url: str,
+    *,
+    step_events: str = "derived",
+    archive: bool = False,
+    env: str | None = PRODUCTION,
+    settings: dict[str, str] | None = None,
+    tree: Path | None = None,
+) -> dict[str, str]:
+    """The environment of a benchmark ``tasker-worker run``.
+
+    ``env``: the overlay (``TASKER_ENV``); None runs the shipped defaults as a new user gets them
+    (no ``TASKER_ENV``: the development overlay, INFO logs, nothing tuned), and then
+    ``step_events`` / ``archive`` are left to the configuration too. ``settings``: more
+    ``TASKER__SECTION__KEY`` variables (a candidate default, say). Every other ``TASKER*``
+    variable of this process is dropped, so that nothing leaks in from the caller's shell.
+    """
+    out = {
+        **tree_env(tree),
         "TASKER_DATABASE_URL": url,
-        "TASKER_ENV": "production",
         "TASKER__WORKER__NAMESPACES": f'["{NS}"]',
-        "TASKER__LOGGING__LEVEL": "WARNING",
-        "TASKER__EVENTS__STEP_EVENTS": step_events,
-        "TASKER__QUEUES__ARCHIVE": "true" if archive else "false",
         "TASKER__DATABASE__AUTO_MIGRATE": "false",
     }
+    if env is not None:
+        out.update(
+            {
+                "TASKER_ENV": env,
+                "TASKER__LOGGING__LEVEL": "WARNING",
+                "TASKER__EVENTS__STEP_EVENTS": step_events,
+                "TASKER__QUEUES__ARCHIVE": "true" if archive else "false",
+            }
+        )
+    out.update(settings or {})
+    return out
 
 
 def start_worker(
-    url: str, mode: str, concurrency: int | None = None, processes: int = 1, **env: Any
+    url: str,
+    mode: str | None,
+    concurrency: int | None = None,
+    processes: int = 1,
+    *,
+    cpus: str | None = None,
+    tree: Path | None = None,
+    **env: Any,
 ) -> subprocess.Popen[str]:
-    """One ``tasker-worker run`` process, or ``processes`` under its supervisor (stderr kept for
-    the error message if it dies)."""
-    argv = [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", mode]
+    """One ``tasker-worker run`` process, or ``processes`` under its supervisor. ``mode`` and
+    ``concurrency`` None: no flag (the configuration's). ``cpus``: pinned with ``taskset -c``.
+    ``tree``: the code of another checkout (run from that checkout, with its configuration).
+    Its stderr goes to a temporary file (kept for the error message if it dies; a pipe nobody
+    reads would stop a worker that logs at INFO once it filled up)."""
+    argv = [sys.executable, "-m", "tasker_worker.cli.main", "run"]
+    if mode is not None:
+        argv += ["--mode", mode]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     if processes > 1:
         argv += ["--processes", str(processes)]
-    return subprocess.Popen(argv, env=worker_env(url, **env), stderr=subprocess.PIPE, text=True)
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
+    err = tempfile.TemporaryFile(mode="w+", prefix="tasker-bench-worker-")
+    proc = subprocess.Popen(argv, env=worker_env(url, tree=tree, **env), stderr=err, text=True, cwd=tree or ROOT)
+    _ERR_FILES[proc.pid] = err
+    return proc
+
+
+#: The stderr file of each worker start_worker started, by pid.
+_ERR_FILES: dict[int, Any] = {}
+
+
+def worker_error(proc: subprocess.Popen[str]) -> str:
+    """The tail of a worker's stderr (start_worker's temporary file, or the pipe of another)."""
+    err = _ERR_FILES.get(proc.pid)
+    if err is not None:
+        err.seek(0)
+        return str(err.read())[-2000:]
+    try:
+        return proc.communicate(timeout=10)[1][-2000:]
+    except (subprocess.TimeoutExpired, ValueError):
+        return ""
 
 
 def process_tree_cpu(proc: psutil.Process) -> float:
@@ -122,6 +196,9 @@ def stop(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate(timeout=10)
+    err = _ERR_FILES.pop(proc.pid, None)
+    if err is not None:
+        err.close()
 
 
 def wait_for(
@@ -135,7 +212,7 @@ def wait_for(
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"worker exited while waiting for {what}: {proc.communicate()[1][-2000:]}")
+            raise RuntimeError(f"worker exited while waiting for {what}: {worker_error(proc)}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not reached within {timeout:.0f}s")
         time.sleep(interval)
@@ -183,6 +260,33 @@ class ServerCpu:
         if self._postmaster is None:
             return None
         return self._total() - self._start
+
+
+@contextlib.contextmanager
+def pin_server(url: str, cpus: str | None) -> Iterator[None]:
+    """Pin the database server (its postmaster and every process of it, so the backends it forks
+    meanwhile too) to ``cpus`` (``taskset -c``) for the block; None: leave it alone. Only for a
+    server on this machine that we started (the benchmarks' temporary one)."""
+    if cpus is None:
+        yield
+        return
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    postmaster = psutil.Process(int(row[0])).parent() if row else None
+    if postmaster is None:
+        raise RuntimeError("the server's postmaster is not visible from here")
+    everything = ",".join(str(c) for c in range(os.cpu_count() or 1))
+
+    def pin(to: str) -> None:
+        for proc in [postmaster, *postmaster.children()]:
+            with contextlib.suppress(psutil.Error):
+                proc.cpu_affinity([int(c) for c in to.split(",")])
+
+    pin(cpus)
+    try:
+        yield
+    finally:
+        pin(everything)
 
 
 def percentiles_ms(samples_s: Sequence[float]) -> dict[str, float | None]:
