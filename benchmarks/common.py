@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,15 @@ if str(ROOT) not in sys.path:
 
 from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
 from tasker_worker.domain.steps import StepMessage  # noqa: E402
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM stops a benchmark as Ctrl-C does: its ``finally`` blocks stop the workers and the
+    temporary server (a background job's SIGINT is ignored, so SIGTERM is how to stop it)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _terminate)
 
 NS = "bench"
 QUEUE = f"worker_{NS}_queue"
@@ -287,6 +297,68 @@ def pin_server(url: str, cpus: str | None) -> Iterator[None]:
         yield
     finally:
         pin(everything)
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (every process, not idle or waiting on I/O)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+#: The longest ``wait_quiet`` and ``wait_idle`` wait, in seconds (``BENCH_MAX_WAIT``): on a
+#: machine shared with work that never pauses, a bound so that a run still happens (its load and
+#: ``others_cpu_s`` are in the results).
+MAX_WAIT_S = float(os.environ.get("BENCH_MAX_WAIT", "900"))
+
+
+def wait_quiet(max_load: float = 1.5, timeout_s: float | None = None) -> float:
+    """Wait (bounded) until the 1-minute load average is below ``max_load``; the load then.
+    The benchmarks' figures are taken on a quiet machine: a shared one is noise."""
+    timeout_s = MAX_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def commit_ms(url: str, n: int = 30) -> float:
+    """The median time of a one-row INSERT committed synchronously (a WAL flush): how fast the
+    disk is right now, beside each figure (a shared machine's disk varies as its CPU does)."""
+    samples = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS public.bench_commit (x integer)")
+        for i in range(n):
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO public.bench_commit VALUES (%s)", (i,))
+            samples.append(time.perf_counter() - t0)
+        conn.execute("DROP TABLE public.bench_commit")
+    return round(float(np.median(samples)) * 1000, 2)
+
+
+#: A run during which the rest of the machine used more than this many cores on average is
+#: marked disturbed and run again (up to ``RERUNS`` times); every run is kept in the results.
+DISTURBED_CORES = 0.25
+RERUNS = 2
+
+
+def disturbed(row: dict[str, Any]) -> bool:
+    """Whether others' CPU during a run (``others_cpu_s`` over ``seconds``) makes it noise."""
+    others, seconds = row.get("others_cpu_s"), row.get("others_window_s") or row.get("seconds")
+    return bool(others is not None and seconds and others / seconds > DISTURBED_CORES)
+
+
+def wait_idle(max_cores: float = 0.15, window_s: float = 3.0, timeout_s: float | None = None) -> float:
+    """Before a timed run, wait (bounded) until the machine has been idle for ``window_s``: all
+    its processes together busy less than ``max_cores`` cores (between two runs of ours, what
+    is busy is somebody else's). The cores busy in the last window."""
+    timeout_s = MAX_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b0 = busy_cpu_s()
+        time.sleep(window_s)
+        cores = (busy_cpu_s() - b0) / window_s
+        if cores < max_cores or time.monotonic() > deadline:
+            return round(cores, 2)
 
 
 def percentiles_ms(samples_s: Sequence[float]) -> dict[str, float | None]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,9 +38,13 @@ import psutil
 import psycopg
 from common import (
     QUEUE,
+    RERUNS,
     RESULTS,
     ROOT,
     ServerCpu,
+    busy_cpu_s,
+    commit_ms,
+    disturbed,
     enqueue_steps,
     machine,
     print_table,
@@ -49,6 +54,8 @@ from common import (
     stop,
     tasker_database,
     wait_for,
+    wait_idle,
+    wait_quiet,
     worker_env,
     write_json,
 )
@@ -69,6 +76,9 @@ COLUMNS = [
     ("worker_cpu_us_per_step", "worker CPU us/step"),
     ("server_cpu_us_per_step", "server CPU us/step"),
     ("exactly_once", "exactly once"),
+    ("others_cpu_s", "others' CPU s"),
+    ("commit_ms", "commit ms"),
+    ("load", "load 1m"),
 ]
 
 
@@ -83,6 +93,8 @@ class WorkerSetup:
     env: str | None = "production"
     settings: dict[str, str] = field(default_factory=dict)
     tree: Path | None = None
+    #: Not tasker at all: PgQueuer with this batch size (a yardstick in the same rounds).
+    pgqueuer_batch: int | None = None
 
     def environ(self) -> dict[str, str]:
         """``settings`` as ``TASKER__SECTION__KEY`` variables (a name already in capitals, such as
@@ -108,6 +120,7 @@ def drain(
     concurrency = effective.get("event_system.max_concurrent_processors", concurrency)
     url = tasker_database(admin, "bench_drain", setup.tree)
     enqueue_rate = enqueue_steps(url, steps)
+    commit = commit_ms(url)
     server_cpu = ServerCpu(url)
     extra: dict[str, Any] = {"step_events": step_events, "archive": archive} if setup.env is not None else {}
     proc = start_worker(
@@ -131,11 +144,14 @@ def drain(
             wait_for(lambda: recorded() > 0, 120, "the first outcome", proc)
             cpu0 = process_tree_cpu(worker)
             server_cpu.start()
+            busy0, own0 = busy_cpu_s(), time.process_time()
             # The times come from the outcome rows, not from this loop, so it can look rarely:
             # a count(*) every 20 ms was several percent of a core taken from the drain.
             wait_for(lambda: recorded() >= steps, 900, f"{steps} outcomes", proc, interval=0.25)
             cpu1 = process_tree_cpu(worker)
             server_s = server_cpu.seconds()
+            busy = busy_cpu_s() - busy0
+            own = time.process_time() - own0
             first, last, distinct, succeeded = conn.execute(
                 "SELECT min(started_at), max(recorded_at), count(DISTINCT step_uuid),"
                 " count(*) FILTER (WHERE status = 'succeeded') FROM tasker.step_results"
@@ -166,6 +182,10 @@ def drain(
         "worker_cpu_us_per_step": round((cpu1 - cpu0) / steps * 1e6, 1),
         # Includes this script's count(*) every 250 ms and the server's background processes.
         "server_cpu_us_per_step": round(server_s / steps * 1e6, 1) if server_s is not None else None,
+        # CPU the rest of the machine used meanwhile (other people's work: noise in the figure).
+        "others_cpu_s": round(busy - (cpu1 - cpu0) - (server_s or 0.0) - own, 2),
+        "commit_ms": commit,
+        "load": round(os.getloadavg()[0], 2),
     }
 
 
@@ -183,25 +203,43 @@ def effective_config(setup: WorkerSetup, url: str = "postgresql://unused") -> di
 
 
 def alternated(admin: str, setups: list[WorkerSetup], steps: int, rounds: int) -> list[dict[str, Any]]:
-    """Every setup once per round, in the same order each round (A, B, A, B, ...)."""
+    """Every setup once per round, in the same order each round (A, B, A, B, ...), each run
+    after the machine has been idle for a moment (``wait_idle``); a run during which others used
+    more than ``DISTURBED_CORES`` is marked disturbed and run again (at most ``RERUNS`` times;
+    every run is kept, with ``disturbed`` and ``attempt``)."""
+    print(f"  load before the first run: {wait_quiet():.2f}", flush=True)
     rows = []
     for r in range(1, rounds + 1):
         for setup in setups:
-            row = drain(admin, setup.mode, setup.concurrency, steps, setup=setup)
-            row["round"] = r
-            rows.append(row)
-            print(
-                f"  round {r} {setup.label}: {row['steps_per_s']:,.0f} steps/s, CPU us/step"
-                f" {row['worker_cpu_us_per_step']} + {row['server_cpu_us_per_step']}"
-                f" (c{row['concurrency']}, exactly once: {row['exactly_once']}) [load {_load()}]",
-                flush=True,
-            )
+            for attempt in range(RERUNS + 1):
+                idle_before = wait_idle()
+                if setup.pgqueuer_batch is not None:
+                    import peers
+                    from systems import PgQueuer
+
+                    row = peers.peer_drain(admin, PgQueuer(setup.pgqueuer_batch), steps)
+                    row.update(label=setup.label, concurrency=None, load=round(os.getloadavg()[0], 2))
+                else:
+                    row = drain(admin, setup.mode, setup.concurrency, steps, setup=setup)
+                row["round"] = r
+                row["busy_before"] = idle_before
+                row["disturbed"] = disturbed(row)
+                row["attempt"] = attempt + 1
+                rows.append(row)
+                print(
+                    f"  round {r} {setup.label}: {row['steps_per_s']:,.0f} steps/s, CPU us/step"
+                    f" {row['worker_cpu_us_per_step']} + {row['server_cpu_us_per_step']}"
+                    f" (c{row['concurrency']}, exactly once: {row['exactly_once']}) [load {_load()},"
+                    f" others' CPU {row['others_cpu_s']} s in {row['seconds']} s, commit {row['commit_ms']} ms]"
+                    + (" DISTURBED, run again" if row["disturbed"] and attempt < RERUNS else ""),
+                    flush=True,
+                )
+                if not row["disturbed"]:
+                    break
     return rows
 
 
 def _load() -> str:
-    import os
-
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
@@ -273,9 +311,10 @@ def _commit(tree: Path | None) -> str:
 def parse_setup(spec: str) -> WorkerSetup:
     """``label|key=value|...``: ``tree`` (a checkout), ``env`` (an overlay, or ``none`` for no
     TASKER_ENV: the default), ``mode`` and ``concurrency`` (flags); any other key is a setting
-    (dotted, or a variable name in capitals)."""
+    (dotted, or a variable name in capitals). ``label|pgqueuer=100``: PgQueuer at that batch
+    size instead (peers.py's drain), a yardstick in the same rounds."""
     label, *pairs = spec.split("|")
-    fields: dict[str, Any] = {"mode": None, "concurrency": None, "env": None, "tree": None}
+    fields: dict[str, Any] = {"mode": None, "concurrency": None, "env": None, "tree": None, "pgqueuer_batch": None}
     settings: dict[str, str] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -288,9 +327,13 @@ def parse_setup(spec: str) -> WorkerSetup:
             fields["mode"] = value
         elif key == "concurrency":
             fields["concurrency"] = int(value)
+        elif key == "pgqueuer":
+            fields["pgqueuer_batch"] = int(value)
         else:
             settings[key] = value
-    return WorkerSetup(label, fields["mode"], fields["concurrency"], fields["env"], settings, fields["tree"])
+    return WorkerSetup(
+        label, fields["mode"], fields["concurrency"], fields["env"], settings, fields["tree"], fields["pgqueuer_batch"]
+    )
 
 
 def main() -> None:

@@ -51,9 +51,13 @@ import psycopg
 from common import (
     NS,
     QUEUE,
+    RERUNS,
     RESULTS,
     SEND_BATCH,
     ServerCpu,
+    busy_cpu_s,
+    commit_ms,
+    disturbed,
     machine,
     percentiles_ms,
     print_table,
@@ -63,6 +67,8 @@ from common import (
     stop,
     tasker_database,
     wait_for,
+    wait_idle,
+    wait_quiet,
     write_json,
 )
 from psycopg.types.json import Jsonb
@@ -82,6 +88,7 @@ VARIANTS: dict[str, tuple[int | None, int, bool]] = {
 
 DRAIN_COLUMNS = [
     ("round", "round"),
+    ("setup", "code"),
     ("variant", "variant"),
     ("steps", "steps"),
     ("steps_per_s", "steps/s"),
@@ -90,6 +97,8 @@ DRAIN_COLUMNS = [
     ("worker_cpu_us_per_step", "worker CPU us/step"),
     ("server_cpu_us_per_step", "server CPU us/step"),
     ("exactly_once", "exactly once"),
+    ("others_cpu_s", "others' CPU s"),
+    ("commit_ms", "commit ms"),
     ("load", "load 1m"),
 ]
 
@@ -184,6 +193,7 @@ def flow_drain(
     built = set_flow(url, max_running, groups > 0, priorities)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"VACUUM ANALYZE pgmq.q_{QUEUE}")
+    commit = commit_ms(url)
     server_cpu = ServerCpu(url)
     proc = start_worker(url, None, env=None, tree=tree, settings=environ)
     try:
@@ -197,9 +207,11 @@ def flow_drain(
             wait_for(lambda: recorded() > 0, 120, "the first outcome", proc)
             cpu0 = process_tree_cpu(worker)
             server_cpu.start()
+            busy0, own0 = busy_cpu_s(), time.process_time()
             wait_for(lambda: recorded() >= steps, 900, f"{steps} outcomes", proc, interval=0.25)
             cpu1 = process_tree_cpu(worker)
             server_s = server_cpu.seconds()
+            others = busy_cpu_s() - busy0 - (cpu1 - cpu0) - (server_s or 0.0) - (time.process_time() - own0)
             first, last, distinct, succeeded = conn.execute(
                 "SELECT min(started_at), max(recorded_at), count(DISTINCT step_uuid),"
                 " count(*) FILTER (WHERE status = 'succeeded') FROM tasker.step_results"
@@ -219,26 +231,45 @@ def flow_drain(
         "exactly_once": distinct == steps == succeeded and left == 0 and (max_running is None or peak <= max_running),
         "worker_cpu_us_per_step": round((cpu1 - cpu0) / steps * 1e6, 1),
         "server_cpu_us_per_step": round(server_s / steps * 1e6, 1) if server_s is not None else None,
+        "others_cpu_s": round(others, 2),
+        "commit_ms": commit,
     }
 
 
-def drains(admin: str, variants: list[str], steps: int, rounds: int) -> list[dict[str, Any]]:
-    """Every variant once per round, alternated; each against ``none`` of its round."""
+def drains(
+    admin: str, variants: list[str], steps: int, rounds: int, setups: list[Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every variant (and each of ``setups``: other code or settings, see drain.parse_setup)
+    once per round, alternated; each against ``none`` of its round and setup."""
     rows: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
-        base: float | None = None
-        for variant in variants:
-            row = flow_drain(admin, variant, steps)
-            row.update(round=r, load=round(os.getloadavg()[0], 2))
-            if variant == "none":
-                base = row["steps_per_s"]
-            row["vs_none"] = round(row["steps_per_s"] / base, 2) if base else None
-            rows.append(row)
-            print(
-                f"  round {r} {variant}: {row['steps_per_s']:,.0f} steps/s, most held {row['max_running_seen']}"
-                f" (exactly once: {row['exactly_once']}, load {row['load']})",
-                flush=True,
-            )
+        for setup in setups or [None]:
+            base: float | None = None
+            for variant in variants:
+                for attempt in range(RERUNS + 1):
+                    wait_idle()
+                    row = flow_drain(
+                        admin,
+                        variant,
+                        steps,
+                        setup.tree if setup else None,
+                        setup.environ() if setup else None,
+                    )
+                    row.update(round=r, setup=setup.label if setup else "", load=round(os.getloadavg()[0], 2))
+                    row.update(disturbed=disturbed(row), attempt=attempt + 1)
+                    if variant == "none" and not row["disturbed"]:
+                        base = row["steps_per_s"]
+                    row["vs_none"] = round(row["steps_per_s"] / base, 2) if base else None
+                    rows.append(row)
+                    print(
+                        f"  round {r} {row['setup']} {variant}: {row['steps_per_s']:,.0f} steps/s,"
+                        f" most held {row['max_running_seen']} (exactly once: {row['exactly_once']},"
+                        f" others' CPU {row['others_cpu_s']} s in {row['seconds']} s, load {row['load']})"
+                        + (" DISTURBED, run again" if row["disturbed"] and attempt < RERUNS else ""),
+                        flush=True,
+                    )
+                    if not row["disturbed"]:
+                        break
     return rows
 
 
@@ -484,6 +515,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the drains")
+    parser.add_argument(
+        "--setup",
+        action="append",
+        metavar="LABEL|tree=PATH|KEY=V",
+        help="drain with other code or settings too, alternated (drain.py's --setup; env is ignored)",
+    )
     parser.add_argument("--backlog", type=int, default=1_000_000)
     parser.add_argument("--groups", type=int, default=100, help="groups of the long queue")
     parser.add_argument("--claims", type=int, default=30, help="timed claims of each kind")
@@ -495,7 +532,11 @@ def main() -> None:
     with server(None) as (admin, _):
         if "drain" in chosen:
             print("drain under flow control (worker at the shipped defaults)")
-            result["drain"] = drains(admin, args.variants, args.steps, args.rounds)
+            from drain import parse_setup
+
+            setups = [parse_setup(x) for x in args.setup] if args.setup else None
+            result["drain"] = drains(admin, args.variants, args.steps, args.rounds, setups)
+        print(f"load before the first run: {wait_quiet():.2f}", flush=True)
         if "guard" in chosen:
             if args.base_queries is None:
                 raise SystemExit("--only guard needs --base-queries")

@@ -52,6 +52,8 @@ from common import (
     stop,
     tasker_database,
     wait_for,
+    wait_idle,
+    wait_quiet,
     write_json,
 )
 from psycopg.types.json import Jsonb
@@ -157,7 +159,7 @@ async def measure(system: Any, admin: str, n_sequential: int, n_paced: int) -> l
                 await proc.wait()
             if proc.returncode is None:
                 proc.kill()
-    sources = await anyio.to_thread.run_sync(_sources, url) if isinstance(system, Tasker) else {}
+    sources, split = await anyio.to_thread.run_sync(_sources, url) if isinstance(system, Tasker) else ({}, {})
     rows = []
     for shape, samples in (("sequential", seq), ("paced 100/s", pac)):
         by_source: dict[str, int] = {}
@@ -172,16 +174,34 @@ async def measure(system: Any, admin: str, n_sequential: int, n_paced: int) -> l
                 "n": len(samples),
                 **percentiles_ms(list(samples.values())),
                 "sources": ", ".join(f"{k} {v}" for k, v in sorted(by_source.items())) if sources else "-",
+                # tasker only, from the outcome rows: send (its INSERT) -> claim (server clock),
+                # claim -> handler start (the worker's clock), p50 ms.
+                **_split_p50(split, samples),
             }
         )
     return rows
 
 
-def _sources(url: str) -> dict[int, str]:
-    """``{probe index: event|poll}`` from the outcome rows (the probe handler returns its index)."""
+def _split_p50(split: dict[int, tuple[float, float]], samples: dict[int, float]) -> dict[str, float | None]:
+    if not split:
+        return {}
+    to_claim = [split[i][0] for i in samples if i in split]
+    to_start = [split[i][1] for i in samples if i in split]
+    return {
+        "send_to_claim_p50": percentiles_ms(to_claim)["p50"],
+        "claim_to_start_p50": percentiles_ms(to_start)["p50"],
+    }
+
+
+def _sources(url: str) -> tuple[dict[int, str], dict[int, tuple[float, float]]]:
+    """``{probe index: event|poll}`` from the outcome rows (the probe handler returns its index),
+    and ``{probe index: (enqueued -> claimed, claimed -> started) seconds}``."""
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute("SELECT (result ->> 'i')::int, source FROM tasker.step_results").fetchall()
-    return {int(i): str(src) for i, src in rows}
+        rows = conn.execute(
+            "SELECT (result ->> 'i')::int, source, extract(epoch FROM claimed_at - enqueued_at),"
+            " extract(epoch FROM started_at - claimed_at) FROM tasker.step_results"
+        ).fetchall()
+    return {int(i): str(src) for i, src, _, _ in rows}, {int(i): (float(a), float(b)) for i, _, a, b in rows}
 
 
 def run(admin: str, systems: list[Any], n_sequential: int, n_paced: int) -> list[dict[str, Any]]:
@@ -310,12 +330,14 @@ def fleet_matrix(
     rounds: int,
 ) -> list[dict[str, Any]]:
     """Every combination once per round, alternated; ``split`` also pins the server to core 0."""
+    print(f"  load before the first run: {wait_quiet():.2f}", flush=True)
     rows = []
     for r in range(1, rounds + 1):
         for size in sizes:
             for pin in pins:
                 for on in claimers:
                     for grace in graces if on else [None]:
+                        wait_idle()
                         with pin_server(admin, "0" if pin == "split" else None):
                             row = fleet(admin, size, on, grace, pin, n, rate)
                         row["round"] = r
