@@ -336,9 +336,10 @@ def commit_ms(url: str, n: int = 30) -> float:
 
 
 #: A run during which the rest of the machine used more than this many cores on average is
-#: marked disturbed and run again (up to ``RERUNS`` times); every run is kept in the results.
+#: marked disturbed and run again (up to ``RERUNS`` times, ``BENCH_RERUNS``); every run is kept
+#: in the results.
 DISTURBED_CORES = 0.25
-RERUNS = 2
+RERUNS = int(os.environ.get("BENCH_RERUNS", "2"))
 
 
 def disturbed(row: dict[str, Any]) -> bool:
