@@ -75,6 +75,17 @@ CREATE TABLE tasker.schema_migrations (
 ALTER TABLE tasker.schema_migrations ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
 -- table
+CREATE TABLE tasker.step_cancellations (
+    step_uuid uuid NOT NULL,
+    namespace text NOT NULL,
+    msg_id bigint,
+    requested_by text,
+    requested_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL
+);
+
+ALTER TABLE tasker.step_cancellations ADD CONSTRAINT step_cancellations_pkey PRIMARY KEY (step_uuid);
+
+-- table
 CREATE TABLE tasker.step_keys (
     step_uuid uuid NOT NULL,
     queue_name text NOT NULL,
@@ -85,6 +96,23 @@ CREATE TABLE tasker.step_keys (
 ALTER TABLE tasker.step_keys ADD CONSTRAINT step_keys_pkey PRIMARY KEY (step_uuid);
 
 CREATE INDEX step_keys_created_brin ON tasker.step_keys USING brin (created_at);
+
+-- table
+CREATE TABLE tasker.step_progress (
+    step_uuid uuid NOT NULL,
+    namespace text NOT NULL,
+    fraction double precision,
+    note text,
+    data jsonb,
+    worker_id text,
+    updated_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL
+);
+
+ALTER TABLE tasker.step_progress ADD CONSTRAINT step_progress_fraction_check CHECK (((fraction >= (0)::double precision) AND (fraction <= (1)::double precision)));
+
+ALTER TABLE tasker.step_progress ADD CONSTRAINT step_progress_pkey PRIMARY KEY (step_uuid);
+
+CREATE INDEX step_progress_updated_idx ON tasker.step_progress USING btree (updated_at);
 
 -- table
 CREATE TABLE tasker.step_results (
@@ -116,6 +144,19 @@ ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_source_check CHECK (
 ALTER TABLE tasker.step_results ADD CONSTRAINT step_results_status_check CHECK ((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'dead_lettered'::text, 'cancelled'::text])));
 
 CREATE INDEX step_results_finished_brin ON tasker.step_results USING brin (finished_at);
+
+-- table
+CREATE TABLE tasker.unique_keys (
+    namespace text NOT NULL,
+    unique_key text NOT NULL,
+    step_uuid uuid NOT NULL,
+    msg_id bigint NOT NULL,
+    expires_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE tasker.unique_keys ADD CONSTRAINT unique_keys_pkey PRIMARY KEY (namespace, unique_key);
+
+CREATE INDEX unique_keys_expires_idx ON tasker.unique_keys USING btree (expires_at);
 
 -- table
 CREATE TABLE tasker.worker_heartbeats (
@@ -223,6 +264,21 @@ AS $function$
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.announce_send(p_namespace text, p_payload text)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_channel text := 'pgmq_message_ready.' || p_namespace;
+BEGIN
+    IF octet_length(v_channel) <= 63 THEN
+        PERFORM pg_notify(v_channel, p_payload);
+    END IF;
+    PERFORM pg_notify('pgmq_message_ready', p_payload);
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.attach_notify_trigger(p_table regclass)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -259,7 +315,7 @@ END;
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.cancel_step(p_namespace text, p_step_uuid uuid)
+CREATE OR REPLACE FUNCTION tasker.cancel_step(p_namespace text, p_step_uuid uuid, p_by text DEFAULT NULL::text)
  RETURNS TABLE(msg_id bigint, state text)
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -271,6 +327,7 @@ DECLARE
     v_id    bigint;
     v_done  bigint;
     v_held  boolean;
+    v_by    text := coalesce(p_by, 'cancel:' || session_user);
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
     SELECT r.msg_id INTO v_done FROM tasker.step_results AS r WHERE r.step_uuid = p_step_uuid;
@@ -278,7 +335,9 @@ BEGIN
         RETURN QUERY SELECT v_done, 'finished'::text;
         RETURN;
     END IF;
-    SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;
+    -- msg_ids are numbered per queue: a key of another namespace's queue names another message.
+    SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k
+     WHERE k.step_uuid = p_step_uuid AND k.queue_name = v_queue;
     IF v_id IS NULL THEN
         -- Sent without a key: found by its body (a scan of this namespace's queue).
         EXECUTE format('SELECT q.msg_id FROM pgmq.%I AS q WHERE q.message ->> ''step_uuid'' = $1 LIMIT 1', v_table)
@@ -291,7 +350,7 @@ BEGIN
     EXECUTE format($sql$
         WITH gone AS (
             DELETE FROM pgmq.%1$I AS q
-             WHERE q.msg_id = $1
+             WHERE q.msg_id = $1 AND q.message ->> 'step_uuid' = $2::text
                AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())
             RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.message
         ), recorded AS (
@@ -300,19 +359,32 @@ BEGIN
                                              enqueued_at, finished_at)
             SELECT $2, tasker.try_uuid(g.message ->> 'task_uuid'), tasker.try_uuid(g.message ->> 'correlation_id'),
                    %2$L, %3$L, g.msg_id, g.message ->> 'handler', 'cancelled',
-                   jsonb_build_object('reason', 'cancelled'), g.read_ct, 'cancel:' || session_user,
+                   jsonb_build_object('reason', 'cancelled', 'by', $3), g.read_ct, 'cancel:' || session_user,
                    g.enqueued_at, clock_timestamp()
               FROM gone AS g
             ON CONFLICT (step_uuid) DO NOTHING
         )
         SELECT count(*) > 0 FROM gone
         $sql$, v_table, p_namespace, v_queue)
-        INTO v_held USING v_id, p_step_uuid;
+        INTO v_held USING v_id, p_step_uuid, v_by;
     IF v_held THEN
         RETURN QUERY SELECT v_id, 'cancelled'::text;
-    ELSE
-        RETURN QUERY SELECT v_id, 'running'::text;
+        RETURN;
     END IF;
+    -- Not taken: held by a live claim, if the message is this step's at all.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I AS q WHERE q.msg_id = $1 AND q.message ->> ''step_uuid'' = $2::text)',
+                   v_table)
+        INTO v_held USING v_id, p_step_uuid;
+    IF NOT v_held THEN
+        RETURN QUERY SELECT NULL::bigint, 'not_found'::text;
+        RETURN;
+    END IF;
+    INSERT INTO tasker.step_cancellations (step_uuid, namespace, msg_id, requested_by)
+    VALUES (p_step_uuid, p_namespace, v_id, v_by)
+    ON CONFLICT (step_uuid) DO NOTHING;
+    PERFORM pg_notify('tasker_cancel.' || p_namespace,
+                      json_build_object('step_uuid', p_step_uuid, 'msg_id', v_id, 'by', v_by)::text);
+    RETURN QUERY SELECT v_id, 'cancelling'::text;
 END;
 $function$;
 
@@ -320,6 +392,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.claim_flow(p_queue text, p_qty integer, p_vt integer, p_stamp jsonb, p_worker_id text, p_skip_msgs bigint[] DEFAULT '{}'::bigint[], p_skip_handlers text[] DEFAULT '{}'::text[], p_announce boolean DEFAULT false, p_store_events boolean DEFAULT false)
  RETURNS TABLE(msg_id bigint, read_ct integer, enqueued_at timestamp with time zone, last_read_at timestamp with time zone, message text, prior_headers jsonb, done boolean, prior_read_at timestamp with time zone, hold text, retry_after double precision)
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     v_ns       text := tasker.queue_namespace(p_queue);
@@ -369,8 +443,8 @@ BEGIN
     IF f.rate_count IS NOT NULL THEN
         v_now := clock_timestamp();
         v_rate := f.rate_count / f.rate_period_s;
-        v_tokens := least(f.rate_burst::float8,
-                          coalesce(f.tokens, f.rate_burst::float8)
+        v_tokens := least(coalesce(f.rate_burst, 1)::float8,
+                          coalesce(f.tokens, coalesce(f.rate_burst, 1)::float8)
                           + v_rate * greatest(0, extract(epoch FROM v_now - coalesce(f.refilled_at, v_now))));
         v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);
     END IF;
@@ -491,7 +565,16 @@ BEGIN
         UPDATE tasker.queue_flow AS q SET tokens = v_tokens - v_took, refilled_at = v_now
          WHERE q.namespace = v_ns;
     END IF;
-    IF v_budget < p_qty AND v_took = v_budget THEN
+    IF v_took < v_budget AND f.key_max_running IS NOT NULL THEN
+        -- Fewer than the budget: if steps are ready, the per-key cap held them; come back when
+        -- a slot of their key frees (a finished step here, or a recheck).
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I AS q WHERE q.vt <= clock_timestamp())', v_table)
+           INTO v_ready;
+        IF v_ready THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::text,
+                                NULL::jsonb, NULL::boolean, NULL::timestamptz, 'limited'::text, NULL::float8;
+        END IF;
+    ELSIF v_budget < p_qty AND v_took = v_budget THEN
         -- Held back by a limit, not by an empty queue: the worker comes back (when the rate
         -- allows the next start, or when a slot frees).
         RETURN QUERY SELECT NULL::bigint, NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::text,
@@ -673,20 +756,63 @@ END;
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false)
+CREATE OR REPLACE FUNCTION tasker.debounce_step(p_queue text, p_msg_id bigint, p_step_uuid uuid, p_inputs jsonb)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_done integer;
+BEGIN
+    EXECUTE format('UPDATE pgmq.%I AS q SET message = jsonb_set(q.message, ''{inputs}'', $2) '
+                   'WHERE q.msg_id = $1 AND q.message ->> ''step_uuid'' = $3::text '
+                   'AND (NOT coalesce(q.headers ? ''tasker_claim'', false) OR q.vt <= clock_timestamp())',
+                   pgmq.format_table_name(p_queue, 'q'))
+        USING p_msg_id, p_inputs, p_step_uuid;
+    GET DIAGNOSTICS v_done = ROW_COUNT;
+    RETURN v_done > 0;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.enqueue_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_step_uuid uuid DEFAULT NULL::uuid, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_notify boolean DEFAULT false, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text, p_unique_key text DEFAULT NULL::text, p_unique_for double precision DEFAULT NULL::double precision, p_debounce boolean DEFAULT false)
  RETURNS TABLE(step_uuid uuid, msg_id bigint, created boolean)
  LANGUAGE plpgsql
 AS $function$
 DECLARE
     v_msg     jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, p_step_uuid, p_task_uuid,
-                                           p_correlation_id, p_attempt_limit, p_timeout, p_headers);
+                                           p_correlation_id, p_attempt_limit, p_timeout, p_headers,
+                                           p_priority, p_group, p_concurrency_key);
     v_queue   text := tasker.namespace_queue(p_namespace);
     v_uuid    uuid := (v_msg ->> 'step_uuid')::uuid;
     v_headers jsonb := p_headers;
     v_id      bigint;
+    v_first   tasker.unique_keys;
 BEGIN
     IF p_delay IS NULL OR p_delay < 0 THEN
         RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+    END IF;
+    IF p_unique_key IS NOT NULL THEN
+        IF char_length(p_unique_key) NOT BETWEEN 1 AND 200 THEN
+            RAISE EXCEPTION 'unique_key must be 1 to 200 characters' USING ERRCODE = '22023';
+        END IF;
+        IF p_unique_for IS NULL OR NOT (p_unique_for > 0 AND p_unique_for <= 31622400) THEN
+            RAISE EXCEPTION 'unique_for must be more than 0 seconds and at most a year' USING ERRCODE = '22023';
+        END IF;
+        -- One producer at a time per key: the second waits, then finds the first's row.
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_namespace || ':' || p_unique_key, 6135));
+        SELECT * INTO v_first FROM tasker.unique_keys AS u
+         WHERE u.namespace = p_namespace AND u.unique_key = p_unique_key AND u.expires_at > clock_timestamp();
+        IF FOUND AND (NOT p_debounce OR tasker.debounce_step(v_queue, v_first.msg_id, v_first.step_uuid, p_inputs)) THEN
+            -- Within the window: the first step answers (with debounce, holding the new inputs).
+            RETURN QUERY SELECT v_first.step_uuid, v_first.msg_id, false;
+            RETURN;
+        END IF;
+        -- No window open, or (debounce) its step already ran or runs: this send is a new step,
+        -- and the window moves to it, so that the newest inputs run.
+    ELSIF p_unique_for IS NOT NULL OR p_debounce THEN
+        RAISE EXCEPTION 'unique_for and debounce go with unique_key' USING ERRCODE = '22023';
     END IF;
     IF p_step_uuid IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(hashtextextended(p_step_uuid::text, 6134));
@@ -705,6 +831,12 @@ BEGIN
     SELECT s.id INTO v_id FROM pgmq.send(v_queue, v_msg, v_headers, p_delay) AS s(id);
     IF p_step_uuid IS NOT NULL THEN
         INSERT INTO tasker.step_keys (step_uuid, queue_name, msg_id) VALUES (p_step_uuid, v_queue, v_id);
+    END IF;
+    IF p_unique_key IS NOT NULL THEN
+        INSERT INTO tasker.unique_keys AS u (namespace, unique_key, step_uuid, msg_id, expires_at)
+        VALUES (p_namespace, p_unique_key, v_uuid, v_id, clock_timestamp() + make_interval(secs => p_unique_for))
+        ON CONFLICT (namespace, unique_key) DO UPDATE
+           SET step_uuid = excluded.step_uuid, msg_id = excluded.msg_id, expires_at = excluded.expires_at;
     END IF;
     RETURN QUERY SELECT v_uuid, v_id, true;
 END;
@@ -825,6 +957,8 @@ $function$;
 CREATE OR REPLACE FUNCTION tasker.note_flow_fields(p_namespace text, p_priority boolean, p_groups boolean)
  RETURNS void
  LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     INSERT INTO tasker.queue_flow AS f (namespace, uses_priority, uses_groups, changed_by)
     VALUES (p_namespace, p_priority, p_groups, 'worker')
@@ -859,16 +993,21 @@ DECLARE
     v_min     bigint;
     v_max     bigint;
     v_ready   timestamptz;
+    v_delay   integer;
     v_ids     bigint[];
     v_payload text;
     v_channel text;
 BEGIN
+    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     SELECT count(*), min(msg_id), max(msg_id), min(vt)
       INTO v_count, v_min, v_max, v_ready
       FROM new_rows;
     IF v_count = 0 THEN
         RETURN NULL;
     END IF;
+    v_delay := least(greatest(round(extract(epoch FROM v_ready - clock_timestamp())), 0), 2147483647)::integer;
     IF v_count = 1 THEN
         v_payload := json_build_object(
             'event_type', 'message_ready',
@@ -876,7 +1015,8 @@ BEGIN
             'namespace', v_ns,
             'msg_id', v_min,
             'message_count', 1,
-            'ready_at', v_ready)::text;
+            'ready_at', v_ready,
+            'delay_seconds', v_delay)::text;
     ELSE
         SELECT array_agg(msg_id ORDER BY msg_id) INTO v_ids
           FROM (SELECT msg_id FROM new_rows ORDER BY msg_id LIMIT 100) AS first_ids;
@@ -889,7 +1029,8 @@ BEGIN
             'min_msg_id', v_min,
             'max_msg_id', v_max,
             'truncated', v_count > 100,
-            'ready_at', v_ready)::text;
+            'ready_at', v_ready,
+            'delay_seconds', v_delay)::text;
     END IF;
     v_channel := 'pgmq_message_ready.' || v_ns;
     -- Channel names longer than 63 bytes are an error in pg_notify: such queues (only
@@ -983,6 +1124,114 @@ BEGIN
         'SELECT msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers '
         'FROM pgmq.%I ORDER BY msg_id LIMIT $1', pgmq.format_table_name(p_queue, 'q'))
     USING least(greatest(p_limit, 0), 10000);
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.pgmq_read_specific_message(queue_name text, target_msg_id bigint, vt_seconds integer DEFAULT 30)
+ RETURNS TABLE(msg_id bigint, read_ct integer, enqueued_at timestamp with time zone, vt timestamp with time zone, message jsonb)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_table regclass := tasker.queue_table(queue_name);
+BEGIN
+    IF v_table IS NULL THEN
+        RAISE EXCEPTION 'queue % does not exist', queue_name USING ERRCODE = '42P01';
+    END IF;
+    RETURN QUERY EXECUTE format($sql$
+        WITH target AS (
+            SELECT q.msg_id FROM %1$s AS q
+             WHERE q.msg_id = $1 AND q.vt <= clock_timestamp()
+               FOR UPDATE SKIP LOCKED
+        )
+        UPDATE %1$s AS m
+           SET vt = clock_timestamp() + make_interval(secs => $2),
+               read_ct = m.read_ct + 1,
+               last_read_at = clock_timestamp()
+          FROM target
+         WHERE m.msg_id = target.msg_id
+        RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message
+        $sql$, v_table)
+    USING target_msg_id, coalesce(vt_seconds, 30);
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.pgmq_send_batch_with_notify(queue_name text, messages jsonb[], delay_seconds integer DEFAULT 0)
+ RETURNS SETOF bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_delay integer := greatest(coalesce(delay_seconds, 0), 0);
+    v_ns    text := tasker.tasker_core_namespace(queue_name);
+    v_ids   bigint[];
+    v_count integer;
+BEGIN
+    PERFORM set_config('tasker.announced_by_caller', 'on', true);
+    SELECT array_agg(s.id ORDER BY s.id) INTO v_ids
+      FROM pgmq.send_batch(queue_name, messages, v_delay) AS s(id);
+    PERFORM set_config('tasker.announced_by_caller', '', true);
+    v_count := coalesce(cardinality(v_ids), 0);
+    IF v_count = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM tasker.announce_send(v_ns, json_build_object(
+        'event_type', 'batch_ready',
+        'msg_ids', v_ids[1:100],
+        'queue_name', queue_name,
+        'namespace', v_ns,
+        'message_count', v_count,
+        'min_msg_id', v_ids[1],
+        'max_msg_id', v_ids[v_count],
+        'truncated', v_count > 100,
+        'ready_at', clock_timestamp() + make_interval(secs => v_delay),
+        'delay_seconds', v_delay)::text);
+    RETURN QUERY SELECT unnest(v_ids);
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.pgmq_send_with_notify(queue_name text, message jsonb, delay_seconds integer DEFAULT 0)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_delay   integer := greatest(coalesce(delay_seconds, 0), 0);
+    v_ns      text := tasker.tasker_core_namespace(queue_name);
+    v_id      bigint;
+    v_ready   timestamptz;
+    v_payload text;
+BEGIN
+    PERFORM set_config('tasker.announced_by_caller', 'on', true);
+    SELECT s.id INTO v_id FROM pgmq.send(queue_name, message, v_delay) AS s(id);
+    PERFORM set_config('tasker.announced_by_caller', '', true);
+    v_ready := clock_timestamp() + make_interval(secs => v_delay);
+    IF octet_length(message::text) < 7000 THEN
+        v_payload := json_build_object(
+            'event_type', 'message_with_payload',
+            'msg_id', v_id,
+            'queue_name', queue_name,
+            'namespace', v_ns,
+            'message', message,
+            'ready_at', v_ready,
+            'delay_seconds', v_delay)::text;
+    END IF;
+    IF v_payload IS NULL OR octet_length(v_payload) >= 8000 THEN
+        v_payload := json_build_object(
+            'event_type', 'message_ready',
+            'msg_id', v_id,
+            'queue_name', queue_name,
+            'namespace', v_ns,
+            'message_count', 1,
+            'ready_at', v_ready,
+            'delay_seconds', v_delay,
+            'payload_omitted', true)::text;
+    END IF;
+    PERFORM tasker.announce_send(v_ns, v_payload);
+    RETURN v_id;
 END;
 $function$;
 
@@ -1288,18 +1537,26 @@ AS $function$
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb)
+CREATE OR REPLACE FUNCTION tasker.send_step(p_namespace text, p_handler text, p_inputs jsonb DEFAULT '{}'::jsonb, p_delay integer DEFAULT 0, p_task_uuid uuid DEFAULT NULL::uuid, p_correlation_id uuid DEFAULT NULL::uuid, p_attempt_limit integer DEFAULT NULL::integer, p_timeout double precision DEFAULT NULL::double precision, p_headers jsonb DEFAULT NULL::jsonb, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text, p_unique_key text DEFAULT NULL::text, p_unique_for double precision DEFAULT NULL::double precision, p_debounce boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE plpgsql
 AS $function$
-DECLARE
-    v_msg jsonb := tasker.step_message(p_namespace, p_handler, p_inputs, NULL, p_task_uuid,
-                                       p_correlation_id, p_attempt_limit, p_timeout, p_headers);
 BEGIN
-    IF p_delay IS NULL OR p_delay < 0 THEN
-        RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+    IF p_unique_key IS NULL AND p_unique_for IS NULL AND NOT p_debounce THEN
+        -- The plain send, as before: one INSERT, no lock.
+        IF p_delay IS NULL OR p_delay < 0 THEN
+            RAISE EXCEPTION 'delay must be zero or more seconds' USING ERRCODE = '22023';
+        END IF;
+        RETURN (SELECT s.id FROM pgmq.send(tasker.namespace_queue(p_namespace),
+                                           tasker.step_message(p_namespace, p_handler, p_inputs, NULL, p_task_uuid,
+                                                               p_correlation_id, p_attempt_limit, p_timeout, p_headers,
+                                                               p_priority, p_group, p_concurrency_key),
+                                           p_headers, p_delay) AS s(id));
     END IF;
-    RETURN (SELECT s.id FROM pgmq.send(tasker.namespace_queue(p_namespace), v_msg, p_headers, p_delay) AS s(id));
+    RETURN (SELECT e.msg_id FROM tasker.enqueue_step(
+        p_namespace, p_handler, p_inputs, NULL, p_delay, p_task_uuid, p_correlation_id, p_attempt_limit,
+        p_timeout, p_headers, false, p_priority, p_group, p_concurrency_key, p_unique_key, p_unique_for,
+        p_debounce) AS e);
 END;
 $function$;
 
@@ -1328,7 +1585,9 @@ BEGIN
            rate_count      = CASE WHEN p_rate_count IS NULL THEN f.rate_count ELSE nullif(p_rate_count, 0) END,
            rate_period_s   = CASE WHEN p_rate_count IS NULL THEN f.rate_period_s
                                   WHEN p_rate_count = 0 THEN NULL ELSE p_rate_period_s END,
+           -- A burst alone changes the burst of the rate in force (none: nothing to change).
            rate_burst      = CASE WHEN p_rate_count = 0 THEN NULL
+                                  WHEN p_rate_count IS NULL AND f.rate_count IS NULL THEN NULL
                                   WHEN p_rate_burst IS NOT NULL THEN nullif(p_rate_burst, 0)
                                   WHEN p_rate_count IS NOT NULL THEN coalesce(f.rate_burst, 1)
                                   ELSE f.rate_burst END,
@@ -1381,10 +1640,9 @@ AS $function$
 $function$;
 
 -- function
-CREATE OR REPLACE FUNCTION tasker.step_message(p_namespace text, p_handler text, p_inputs jsonb, p_step_uuid uuid, p_task_uuid uuid, p_correlation_id uuid, p_attempt_limit integer, p_timeout double precision, p_headers jsonb)
+CREATE OR REPLACE FUNCTION tasker.step_message(p_namespace text, p_handler text, p_inputs jsonb, p_step_uuid uuid, p_task_uuid uuid, p_correlation_id uuid, p_attempt_limit integer, p_timeout double precision, p_headers jsonb, p_priority integer DEFAULT NULL::integer, p_group text DEFAULT NULL::text, p_concurrency_key text DEFAULT NULL::text)
  RETURNS jsonb
  LANGUAGE plpgsql
- STABLE
 AS $function$
 BEGIN
     PERFORM tasker.validate_namespace(p_namespace);
@@ -1397,6 +1655,15 @@ BEGIN
     END IF;
     IF p_timeout IS NOT NULL AND NOT (p_timeout > 0 AND p_timeout <= 86400) THEN
         RAISE EXCEPTION 'timeout must be between 0 and 86400 seconds' USING ERRCODE = '22023';
+    END IF;
+    IF p_priority IS NOT NULL AND p_priority NOT BETWEEN 0 AND 9 THEN
+        RAISE EXCEPTION 'priority must be between 0 (first) and 9' USING ERRCODE = '22023';
+    END IF;
+    IF p_group IS NOT NULL AND char_length(p_group) NOT BETWEEN 1 AND 128 THEN
+        RAISE EXCEPTION 'group must be 1 to 128 characters' USING ERRCODE = '22023';
+    END IF;
+    IF p_concurrency_key IS NOT NULL AND char_length(p_concurrency_key) NOT BETWEEN 1 AND 128 THEN
+        RAISE EXCEPTION 'concurrency_key must be 1 to 128 characters' USING ERRCODE = '22023';
     END IF;
     IF p_headers IS NOT NULL THEN
         IF jsonb_typeof(p_headers) <> 'object' THEN
@@ -1417,7 +1684,10 @@ BEGIN
         'namespace', p_namespace,
         'handler', p_handler,
         'attempt_limit', p_attempt_limit,
-        'timeout', p_timeout)) || jsonb_build_object('inputs', p_inputs);
+        'timeout', p_timeout,
+        'priority', nullif(p_priority, 0),
+        'group', p_group,
+        'concurrency_key', p_concurrency_key)) || jsonb_build_object('inputs', p_inputs);
 END;
 $function$;
 
@@ -1430,6 +1700,20 @@ AS $function$
     SELECT CASE WHEN jsonb_typeof(p_message -> 'priority') = 'number'
                 THEN least(9, greatest(0, floor((p_message ->> 'priority')::numeric)))::smallint
                 ELSE 0::smallint END
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.tasker_core_namespace(p_queue text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT CASE
+        WHEN p_queue ~ '^orchestration' THEN 'orchestration'
+        WHEN p_queue ~ '^worker_.+_queue$' THEN substring(p_queue FROM '^worker_(.+)_queue$')
+        WHEN p_queue ~ '^[A-Za-z][A-Za-z0-9_]*_queue$' THEN left(p_queue, length(p_queue) - 6)
+        ELSE 'default'
+    END;
 $function$;
 
 -- function
@@ -1517,4 +1801,25 @@ BEGIN
     END IF;
     RETURN p_namespace;
 END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.write_progress(p_rows jsonb, p_worker_id text)
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    WITH input AS (
+        SELECT * FROM jsonb_to_recordset(p_rows)
+            AS i(step_uuid uuid, namespace text, fraction double precision, note text, data jsonb)
+    ), written AS (
+        INSERT INTO tasker.step_progress AS p (step_uuid, namespace, fraction, note, data, worker_id, updated_at)
+        SELECT i.step_uuid, i.namespace, least(1, greatest(0, i.fraction)), left(i.note, 1000), i.data,
+               p_worker_id, clock_timestamp()
+          FROM input AS i
+        ON CONFLICT (step_uuid) DO UPDATE
+           SET fraction = excluded.fraction, note = excluded.note, data = excluded.data,
+               worker_id = excluded.worker_id, updated_at = excluded.updated_at
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM written
 $function$;

@@ -227,6 +227,16 @@ class StepTimeout(RetryableError):
     reason = "timeout"
 
 
+class Snooze(Exception):
+    """Put the step back for ``delay`` (``"30s"``, seconds, or a timedelta) without using an
+    attempt and without a failure: the handler is waiting for something. Raise it, or return
+    ``ctx.snooze(delay)``. A handler's ``max_snoozes`` (``[retry] max_snoozes``) bounds how often."""
+
+    def __init__(self, delay: Any) -> None:
+        super().__init__(f"snoozed for {delay}")
+        self.delay = delay
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}

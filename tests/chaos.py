@@ -77,7 +77,7 @@ def base_env(url: str, **overrides: str) -> dict[str, str]:
             "TASKER_CONFIG_DIR": str(REPO / "config"),
             "TASKER_ENV": "test",
             "PYTHONPATH": str(TESTS),
-            "TASKER__WORKER__HANDLER_MODULES": '["ledger_handlers"]',
+            "TASKER__WORKER__HANDLER_MODULES": '["ledger_handlers", "tasker_worker.handlers.planning"]',
             "TASKER__WORKER__NAMESPACES": f'["{NS}"]',
             "TASKER__DATABASE__AUTO_MIGRATE": "false",
         }

@@ -64,6 +64,16 @@ V = "tasker_worker/domain/verdicts.py"
 M0016 = "sql/migrations/0016_flow_control.sql"
 F = "tests/test_flow.py::"
 ST = "tests/test_store.py::"
+HC = "tests/test_handler_control.py::"
+M0015 = "sql/migrations/0015_tasker_core_wire.sql"
+TC = "tests/test_tasker_core.py::"
+CH = "tests/test_channels.py::"
+CL = "tests/test_clusters.py::"
+LISTENER = "tasker_worker/runtime/listener.py"
+FO = "tests/test_failover.py::"
+RR = "tests/test_read_replica.py::"
+#: A tasker-core step in a Hybrid worker's queue: left untouched, ours still run and dead-letter.
+CORE_STEP_TESTS = (TC + "test_a_tasker_core_step_survives_a_hybrid_worker_untouched",)
 #: One rule of the rulebook broken: a dependency outage uses up an attempt. The runner reads it
 #: in production and in the harness alike, so it must be caught on both stores (two mutations).
 RELEASE_RULE = Edit(
@@ -316,7 +326,7 @@ MUTATIONS: tuple[Mutation, ...] = (
             Edit(
                 "tasker_worker/runtime/event_system.py",
                 "        self.listening.set()\n        # Catch up on anything sent while the listener was away.\n"
-                "        await self.send.send(ExecuteStep(None, Source.POLL))",
+                "        await self.send.send(WakeClaims(None, Source.POLL))",
                 "        self.listening.set()",
             ),
         ),
@@ -339,9 +349,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         "notify_per_row",
         "one notification per statement, whatever its row count",
         (
-            Edit("sql/migrations/0001_notify_and_namespaces.sql", "FOR EACH STATEMENT '", "FOR EACH ROW '"),
+            # The definitions in force: 0008's attach_notify_trigger, 0015's trigger function.
+            Edit("sql/migrations/0008_least_privilege.sql", "FOR EACH STATEMENT '", "FOR EACH ROW '"),
             Edit(
-                "sql/migrations/0001_notify_and_namespaces.sql",
+                M0015,
                 "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows;",
                 "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows WHERE msg_id = NEW.msg_id;",
             ),
@@ -456,12 +467,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a step_uuid already sent is answered with that step, not sent again (enqueue_step skips its key)",
         (
             Edit(
-                "sql/migrations/0012_producers.sql",
+                "sql/migrations/0019_handler_control.sql",
                 "SELECT k.msg_id INTO v_id FROM tasker.step_keys AS k WHERE k.step_uuid = p_step_uuid;\n        END IF;\n        IF v_id IS NOT NULL",
                 "NULL;\n        END IF;\n        IF v_id IS NOT NULL",
             ),
             Edit(
-                "sql/migrations/0012_producers.sql",
+                "sql/migrations/0019_handler_control.sql",
                 "INSERT INTO tasker.step_keys (step_uuid, queue_name, msg_id) VALUES (p_step_uuid, v_queue, v_id);",
                 "NULL;",
             ),
@@ -473,12 +484,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "cancel takes only a step no live claim holds (the tasker_claim test removed)",
         (
             Edit(
-                "sql/migrations/0012_producers.sql",
+                "sql/migrations/0019_handler_control.sql",
                 "AND (NOT coalesce(q.headers ? 'tasker_claim', false) OR q.vt <= clock_timestamp())",
                 "",
             ),
         ),
-        ("tests/test_client.py::test_cancel_takes_only_a_queued_step",),
+        ("tests/test_client.py::test_cancel_takes_a_queued_step_and_stops_a_running_one",),
     ),
     Mutation(
         "outcome_not_notified",
@@ -681,6 +692,323 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         ("tests/test_prefetch.py::test_a_paused_namespace_stops_prefetching_and_gives_the_buffer_back",),
+    ),
+    Mutation(
+        "tasker_core_step_dead_lettered",
+        "a tasker-core step (three UUIDs, nothing of ours) is never dead-lettered by our worker",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "            if is_tasker_core_step(msg.body):",
+                "            if False:",
+            ),
+        ),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "tasker_core_step_dead_lettered_in_memory",
+        "the same rule holds in the harness (it runs the real runner on the in-memory store)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "            if is_tasker_core_step(msg.body):",
+                "            if False:",
+            ),
+        ),
+        (TC + "test_the_harness_leaves_a_tasker_core_step_as_the_worker_does",),
+    ),
+    Mutation(
+        "tasker_core_step_uses_an_attempt",
+        "a tasker-core step given back keeps its read count (no attempt of ours counted on it)",
+        (
+            Edit(
+                V,
+                "        GIVE_BACK_TASKER_CORE_S,\n        count_attempt=False,",
+                "        GIVE_BACK_TASKER_CORE_S,\n        count_attempt=True,",
+            ),
+        ),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "tasker_core_step_taken_back_every_poll",
+        "a worker leaves a tasker-core step it gave back alone (it does not claim it on every poll)",
+        (Edit(V, "        leave_alone_s=LEAVE_TASKER_CORE_S,\n", ""),),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "tasker_core_detection_ignores_our_keys",
+        "a malformed message of ours (it names one of our keys) is still dead-lettered as malformed_message",
+        (
+            Edit(
+                "tasker_worker/domain/steps.py",
+                "if not isinstance(body, dict) or not _OUR_KEYS.isdisjoint(body):",
+                "if not isinstance(body, dict):",
+            ),
+        ),
+        CORE_STEP_TESTS,
+    ),
+    Mutation(
+        "batch_ready_without_delay_seconds",
+        "every batch_ready we send carries delay_seconds (tasker-core's listener requires it)",
+        (
+            Edit(
+                M0015,
+                "            'truncated', v_count > 100,\n            'ready_at', v_ready,\n            'delay_seconds', v_delay)::text;",
+                "            'truncated', v_count > 100,\n            'ready_at', v_ready)::text;",
+            ),
+        ),
+        (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
+    ),
+    Mutation(
+        "trigger_announces_function_sends_too",
+        "a send through tasker-core's functions is announced once, in its shape (the trigger stays quiet)",
+        (Edit(M0015, "    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN", "    IF false THEN"),),
+        (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
+    ),
+    Mutation(
+        "trigger_quiet_after_function_send",
+        "the trigger is quiet only for the statement a producer function announces itself",
+        (
+            Edit(
+                M0015,
+                "    PERFORM set_config('tasker.announced_by_caller', '', true);\n    v_ready := ",
+                "    v_ready := ",
+            ),
+        ),
+        (TC + "test_a_function_send_rolled_back_or_failed_leaves_the_trigger_announcing",),
+    ),
+    Mutation(
+        "tasker_core_functions_replaced",
+        "tasker-core's functions are created only where absent (a database that has its own keeps them)",
+        (
+            Edit(
+                M0015,
+                "    IF to_regprocedure('tasker.pgmq_send_with_notify(text, jsonb, integer)') IS NULL THEN",
+                "    IF true THEN\n        DROP FUNCTION IF EXISTS tasker.pgmq_send_with_notify(text, jsonb, integer);",
+            ),
+        ),
+        (TC + "test_a_database_that_has_tasker_cores_functions_keeps_them",),
+    ),
+    Mutation(
+        "tasker_core_functions_not_granted",
+        "tasker_producer may send through tasker-core's functions",
+        (Edit(M0015, "    IF tasker.role_exists('tasker_producer') THEN", "    IF false THEN"),),
+        (TC + "test_a_producer_role_sends_through_them_with_tasker_on_its_search_path",),
+    ),
+    Mutation(
+        "payload_threshold_in_characters",
+        "the 7,000 threshold of a message travelling with its notification is measured in bytes",
+        (Edit(M0015, "    IF octet_length(message::text) < 7000 THEN", "    IF length(message::text) < 7000 THEN"),),
+        (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
+    ),
+    Mutation(
+        "read_specific_ignores_vt",
+        "pgmq_read_specific_message claims a visible message only",
+        (Edit(M0015, "WHERE q.msg_id = $1 AND q.vt <= clock_timestamp()", "WHERE q.msg_id = $1"),),
+        (TC + "test_read_specific_message_claims_one_visible_message",),
+    ),
+    Mutation(
+        "wakeups_ignore_message_with_payload",
+        "tasker-core's message_with_payload is a wakeup at its ready_at (a delayed one too, in EventDrivenOnly)",
+        (
+            Edit(
+                "tasker_worker/domain/notifications.py",
+                "MessageReady = MessageReadyEvent | BatchReadyEvent | MessageWithPayloadEvent\n",
+                "MessageReady = MessageReadyEvent | BatchReadyEvent\n",
+            ),
+        ),
+        (TC + "test_an_event_driven_worker_runs_every_step_sent_through_tasker_cores_functions_once",),
+    ),
+    Mutation(
+        "delayed_wakeup_early",
+        "a delayed wakeup whose ready_at has passed (tasker-core's: the time of the send) is not claimed early",
+        (
+            Edit(
+                LISTENER,
+                "            if event.delay_seconds:\n                event = event.due_from(datetime.now(UTC))\n",
+                "",
+            ),
+        ),
+        (CH + "test_the_listener_routes_each_channel_by_its_table",),
+    ),
+    Mutation(
+        "unreadable_wakeup_dropped",
+        "a notification on a namespace's channel that cannot be read still wakes that queue",
+        (
+            Edit(
+                LISTENER,
+                "                await self.commands.send(WakeClaims(queue, Source.EVENT))\n                return\n",
+                "                return\n",
+            ),
+        ),
+        (CH + "test_the_listener_routes_each_channel_by_its_table",),
+    ),
+    Mutation(
+        "tasker_core_config_ignored",
+        "tasker-core's worker.toml is read through the mapping (not as our layout)",
+        (Edit("tasker_worker/config/tasker_core.py", "    if not is_tasker_core_layout(document):", "    if True:"),),
+        ("tests/test_tasker_core_config.py::test_tasker_cores_worker_toml_loads_through_the_mapping",),
+    ),
+    Mutation(
+        "snooze_uses_an_attempt",
+        "a snooze puts the step back without using an attempt",
+        (
+            Edit(
+                V,
+                "        max(0.0, delay_s),\n        count_attempt=False,",
+                "        max(0.0, delay_s),\n        count_attempt=True,",
+            ),
+        ),
+        (HC + "test_a_snoozed_step_reruns_after_its_delay_with_its_attempt_unchanged",),
+    ),
+    Mutation(
+        "snooze_unbounded",
+        "max_snoozes bounds a step that always snoozes (it snoozes forever)",
+        (Edit(V, "    if snoozes > limit:", "    if False:"),),
+        (HC + "test_max_snoozes_bounds_a_step_that_always_snoozes",),
+    ),
+    Mutation(
+        "cancel_not_forced",
+        "an async step asked to stop is cancelled after its grace (it runs on)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "        entry.cancel_fired = True\n        task.cancel()",
+                "        pass",
+            ),
+        ),
+        (HC + "test_a_running_async_step_cancelled_from_another_process_stops_within_its_grace",),
+    ),
+    Mutation(
+        "cancel_not_recorded",
+        "a step asked to stop that returns anyway is recorded cancelled (recorded succeeded)",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "        if ctx.cancelled:\n            # Stopped cooperatively",
+                "        if False:\n            # Stopped cooperatively",
+            ),
+        ),
+        (HC + "test_a_sync_step_sees_ctx_cancelled_and_is_recorded_cancelled_when_it_returns",),
+    ),
+    Mutation(
+        "progress_not_written",
+        "what a running step reports is written where another process reads it",
+        (Edit("tasker_worker/runtime/processor.py", "await self.client.write_progress(rows, self.worker_id)", "pass"),),
+        (HC + "test_progress_is_visible_from_another_process_while_the_step_runs",),
+    ),
+    Mutation(
+        "middleware_skipped",
+        "registered middleware wraps every handler call",
+        (
+            Edit(
+                "tasker_worker/runtime/steps.py",
+                "found = self._chain = [*builtin, *self.registry.middlewares]",
+                "found = self._chain = builtin",
+            ),
+        ),
+        (HC + "test_a_middleware_wraps_every_handler_and_can_end_a_step_itself",),
+    ),
+    Mutation(
+        "unique_window_ignored",
+        "a second send of a unique key within its window gets the first step (a second is sent)",
+        (
+            Edit(
+                "sql/migrations/0019_handler_control.sql",
+                "AND u.expires_at > clock_timestamp();\n        IF FOUND THEN",
+                "AND u.expires_at > clock_timestamp();\n        IF false THEN",
+            ),
+        ),
+        (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
+    ),
+    Mutation(
+        "standby_not_synchronous",
+        "nothing acknowledged is lost in a failover to a synchronous standby (the standby is not named)",
+        (
+            Edit(
+                "tests/replication.py",
+                "            if self.synchronous:\n                # Only now",
+                "            if False:\n                # Only now",
+            ),
+        ),
+        (FO + "test_synchronous_standby_loses_nothing_acknowledged",),
+    ),
+    Mutation(
+        "pool_reconnect_doubling",
+        "a pool finds a promoted primary at once (psycopg_pool's doubling reconnect wait kept)",
+        (Edit("tasker_worker/db/connection.py", "POOL_RECONNECT_WINDOW_S = 0.5", "POOL_RECONNECT_WINDOW_S = 300.0"),),
+        (FO + "test_asynchronous_standby_loses_the_lag_and_runs_forgotten_outcomes_again",),
+    ),
+    Mutation(
+        "read_url_ignored",
+        "the reads of the CLI, the API and the dashboard go to [database] read_url (they go to the primary)",
+        (
+            Edit(
+                "tasker_worker/db/connection.py",
+                "open_pool(config.read_url, config,",
+                "open_pool(config.url or config.read_url, config,",
+            ),
+        ),
+        (
+            RR + "test_cli_reads_come_from_the_standby_and_writes_go_to_the_primary",
+            RR + "test_a_worker_never_uses_the_read_url_and_the_api_reads_from_the_standby",
+        ),
+    ),
+    Mutation(
+        "writes_to_the_read_url",
+        "a command that writes never uses [database] read_url (the CLI's pool prefers it)",
+        (
+            Edit(
+                "tasker_worker/cli/admin.py",
+                "    url = database_url(loaded)\n    if migrate",
+                "    url = loaded.config.database.read_url or database_url(loaded)\n    if migrate",
+            ),
+        ),
+        (RR + "test_cli_reads_come_from_the_standby_and_writes_go_to_the_primary",),
+    ),
+    Mutation(
+        "cluster_routing_ignored",
+        "a client sends a namespace's steps to the cluster that holds it (every send went to the primary)",
+        (
+            Edit(
+                "tasker_worker/producer/client.py",
+                "database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY",
+                "database = PRIMARY",
+                count=2,  # AsyncClient and Client
+            ),
+        ),
+        (CL + "test_a_client_send_to_beta_lands_on_cluster_two_and_is_cancelled_there",),
+    ),
+    Mutation(
+        "cluster_slots_not_shared",
+        "the concurrency is the worker's, shared by its clusters (each cluster got slots of its own)",
+        (
+            Edit(
+                "tasker_worker/runtime/worker.py",
+                "held = InFlight(slots.max_concurrent, slots.vt_seconds) if sharded else None",
+                "held = None",
+            ),
+        ),
+        (CL + "test_one_worker_runs_both_clusters_steps_exactly_once_each_outcome_on_its_own_cluster",),
+    ),
+    Mutation(
+        "cluster_dedup_across_clusters",
+        "dedup is per cluster: one step_uuid on two clusters is two steps (the worker's memory of"
+        " steps held and recorded told them apart by cluster)",
+        (Edit("tasker_worker/runtime/assembly.py", "key_salt=cluster_index << 128,", "key_salt=0,"),),
+        (CL + "test_one_step_uuid_on_two_clusters_is_two_steps_each_recorded_on_its_own",),
+    ),
+    Mutation(
+        "cluster_gives_back_others_steps",
+        "at shutdown each cluster gives back only its own messages, through its own client",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "        if not self.shares_slots:\n            return entries if isinstance(entries, list)",
+                "        if True:\n            return entries if isinstance(entries, list)",
+            ),
+        ),
+        (CL + "test_shutdown_gives_back_the_running_steps_of_every_cluster_within_the_one_budget",),
     ),
 )
 

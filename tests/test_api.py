@@ -145,7 +145,7 @@ async def test_registration_is_validated_as_the_config_and_cli_are(api: httpx.As
     }
     for field, value in cases.items():
         bad = assert_error(await api.post("/api/workers", json=body(**{field: value}), headers=AUTH), 400)
-        assert [d["field"] for d in bad["detail"]] == [field], bad
+        assert [d["field"].split(".")[0] for d in bad["detail"]] == [field], bad  # namespaces.0: the item
     bad = assert_error(await api.post("/api/workers", json=body(namespaces=["ok", "a" * 31]), headers=AUTH), 400)
     assert "30" in bad["detail"][0]["message"]
     assert (await api.get("/api/workers")).json()["count"] == 0

@@ -5,6 +5,7 @@ outcome's notification, and cancellation."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from functools import partial
 from typing import Any
@@ -14,10 +15,12 @@ import psycopg
 import pytest
 
 from tasker_worker import AsyncClient, Client
+from tasker_worker.domain.results import StepResult
 from tasker_worker.domain.steps import OutcomeStatus
-from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout
+from tasker_worker.errors import QueueNotFound, StepValidationError, StepWaitTimeout, UsageError
 from tasker_worker.handlers.registry import HandlerRegistry
-from tasker_worker.producer.client import _batch_params, _uuid4_batch
+from tasker_worker.producer import operations
+from tasker_worker.producer.operations import _batch_params, _uuid4_batch
 from tasker_worker.testing import fetch_value, make_config, outcomes_at_least, running_worker, wait_until
 
 NS = "orders"
@@ -95,20 +98,20 @@ async def test_send_steps_is_one_statement_and_every_step_runs(url: str) -> None
 
 
 @pytest.mark.anyio
-async def test_wait_for_is_woken_by_the_outcome_notification(url: str) -> None:
+async def test_wait_for_is_woken_by_the_outcome_notification(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The steps finish only after wait_for has looked once and found nothing; its poll is ten
     minutes away, so only the outcome's notification can end these waits in time."""
     gate = asyncio.Event()
     async with AsyncClient(url) as client:
         looks: list[Any] = []
-        real_get_result = client.get_result
+        real_get_result = operations.get_result
 
-        async def counted(step_uuid: Any, **options: Any) -> Any:
-            found = await real_get_result(step_uuid, **options)
+        def counted(step_uuid: Any, **options: Any) -> Any:  # wait_for's look, counted
+            found = yield from real_get_result(step_uuid, **options)
             looks.append(found)
             return found
 
-        client.get_result = counted  # type: ignore[method-assign]
+        monkeypatch.setattr(operations, "get_result", counted)
         async with running_worker(url, make_config(namespaces=[NS]), registry=registry(gate)):
             ok = await client.send_step(NS, "double", {"n": 21, "gated": True})
             bad = await client.send_step(NS, "explodes", {"gated": True}, attempt_limit=1)  # dead-lettered
@@ -132,7 +135,7 @@ async def test_wait_for_is_woken_by_the_outcome_notification(url: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_cancel_takes_only_a_queued_step(url: str) -> None:
+async def test_cancel_takes_a_queued_step_and_stops_a_running_one(url: str) -> None:
     gate = asyncio.Event()
     async with AsyncClient(url) as client:
         queued = await client.send_step(NS, "double", {"n": 1}, delay=3600)
@@ -141,15 +144,17 @@ async def test_cancel_takes_only_a_queued_step(url: str) -> None:
         assert await client.cancel(NS, uuid.uuid4()) == "not_found"
         cancelled = await client.get_result(queued.step_uuid)
         assert cancelled is not None and cancelled.status is OutcomeStatus.CANCELLED
-        async with running_worker(url, make_config(namespaces=[NS]), registry=registry(gate)):
+        config = make_config(namespaces=[NS], overrides={"worker.cancel_grace": "200ms"})
+        async with running_worker(url, config, registry=registry(gate)):
             running = await client.send_step(NS, "double", {"n": 2, "gated": True})
             await wait_until(
                 lambda: fetch_value(url, f"SELECT count(*) FROM {QUEUE} WHERE headers ? 'tasker_claim'"), timeout=20
             )
-            assert await client.cancel(NS, running.step_uuid) == "running"
-            gate.set()
+            # Running: asked to stop, and (its handler waiting on a gate that never opens) cancelled
+            # after the grace; the outcome names who asked.
+            assert await client.cancel(NS, running.step_uuid, by="ops") == "cancelling"
             result = await client.wait_for(running.step_uuid, timeout=30)
-    assert result.result == 4
+    assert result.status is OutcomeStatus.CANCELLED and result.error is not None and result.error["by"] == "ops"
 
 
 @pytest.mark.anyio
@@ -176,3 +181,60 @@ def test_batch_ids_are_random_version_4_uuids() -> None:
         _batch_params(
             NS, "double", [{"at": object()}], delay=None, attempt_limit=None, timeout=None, headers=None, notify=False
         )
+
+
+#: The whole public surface of both clients: the same names, and each operation with the same
+#: parameters, because both are made from the same operations (producer/operations.py).
+CLIENT_SURFACE = {
+    "open",
+    "close",
+    "pool",
+    "send_step",
+    "send_steps",
+    "get_result",
+    "list_results",
+    "wait_for",
+    "find_queued",
+    "cancel",
+    "get_progress",
+}
+
+
+def _public(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_the_blocking_and_the_async_client_have_one_surface() -> None:
+    assert _public(AsyncClient) == CLIENT_SURFACE
+    assert _public(Client) == CLIENT_SURFACE
+    assert {plan.__name__ for plan in operations.OPERATIONS} == CLIENT_SURFACE - {"open", "close", "pool"}
+    for plan in operations.OPERATIONS:
+        awaited, blocking = getattr(AsyncClient, plan.__name__), getattr(Client, plan.__name__)
+        assert inspect.iscoroutinefunction(awaited) and not inspect.iscoroutinefunction(blocking)
+        assert inspect.signature(awaited) == inspect.signature(blocking), plan.__name__
+        assert list(inspect.signature(blocking).parameters)[1:] == list(inspect.signature(plan).parameters)
+        assert awaited.__doc__ == blocking.__doc__ == plan.__doc__ and plan.__doc__
+    assert inspect.signature(Client.get_result).return_annotation == StepResult | None
+
+
+@pytest.mark.anyio
+async def test_the_blocking_client_finds_queued_steps_and_sends_in_the_callers_transaction(url: str) -> None:
+    def produce() -> tuple[Any, Any, Any, Any]:
+        with Client(url) as client:
+            delayed = client.send_step(NS, "double", {"n": 1}, delay=3600)
+            where = client.find_queued(delayed.step_uuid, namespace=NS)
+            nowhere = client.find_queued(uuid.uuid4(), namespace="nosuch")
+            with psycopg.connect(url) as conn:
+                with conn.transaction(force_rollback=True):
+                    gone = client.send_step(NS, "double", {"n": 2}, conn=conn)
+            return delayed, where, nowhere, gone
+
+    delayed, where, nowhere, gone = await anyio.to_thread.run_sync(produce)
+    assert where is not None and (where["state"], where["msg_id"]) == ("delayed", delayed.msg_id)
+    assert nowhere is None
+    bodies = await fetch_value(url, f"SELECT array_agg(message->>'step_uuid') FROM {QUEUE}")
+    assert bodies == [str(delayed.step_uuid)] and str(gone.step_uuid) not in bodies
+    # Each client takes its own kind of connection, and says so when given the other.
+    async with AsyncClient(url) as client:
+        with psycopg.connect(url) as sync_conn, pytest.raises(UsageError, match=r"psycopg\.AsyncConnection"):
+            await client.send_step(NS, "double", {}, conn=sync_conn)  # type: ignore[arg-type]

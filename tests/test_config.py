@@ -133,37 +133,6 @@ def test_shipped_environments_differ_in_mode() -> None:
     assert len(set(modes.values())) >= 2
 
 
-def test_tasker_core_shape_loads_unchanged(tmp_path: Path) -> None:
-    path = write(
-        tmp_path,
-        "worker.toml",
-        """
-[event_system]
-system_id = "worker-event-system"
-deployment_mode = "Hybrid"
-health_monitoring_enabled = true
-health_check_interval = "10s"
-max_concurrent_processors = 10
-processing_timeout = "100ms"
-[event_system.listener]
-enabled = true
-batch_processing = true
-connection_timeout = "5s"
-[event_system.fallback_poller]
-enabled = true
-polling_interval = "500ms"
-batch_size = 10
-visibility_timeout = "30s"
-""",
-    )
-    cfg = load_config(path, None, environ={}).config
-    assert cfg.event_system.max_concurrent_processors == 10
-    assert cfg.event_system.processing_timeout == timedelta(milliseconds=100)
-    # In tasker-core it bounds one command of the event system, not a handler: handlers keep
-    # their own default (test_observability runs a 300 ms handler under this config).
-    assert cfg.worker.handler_timeout == timedelta(seconds=5)
-
-
 @pytest.mark.parametrize(
     ("toml", "key", "words"),
     [

@@ -34,6 +34,7 @@ GUIDES = (
     "security.md",
     "messages.md",
     "dashboard.md",
+    "tasker-core.md",
 )
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 

@@ -85,13 +85,13 @@ async def test_a_fleet_wide_limit_holds_across_workers(url: str) -> None:
         running_worker(url, cfg[3], registry=registry()) as d,
     ):
         await wait_until(outcomes_at_least(url, len(bodies)), timeout=60)
-        held = sum(w.status()["counters"]["claims_held"] for w in (a, b, c, d))
+        held = [w.status()["counters"]["claims_held"] for w in (a, b, c, d)]
     spans = await intervals(url)
     assert len(spans) == 30
     assert most_at_once(spans) == 3  # the limit is reached, never passed
-    assert held > 0  # the workers were held back (and came back when slots freed)
-    workers = await fetch(url, "SELECT DISTINCT worker_id FROM tasker.step_results")
-    assert len(workers) >= 2  # the cap is the fleet's, not one worker's
+    # The cap is the fleet's, not one worker's: several workers were held back by it (and came
+    # back when slots freed), whichever of them ran the steps.
+    assert sum(1 for n in held if n > 0) >= 2, held
 
 
 @pytest.mark.anyio
@@ -339,3 +339,37 @@ async def test_two_claims_cannot_both_take_the_last_slot(url: str) -> None:
         assert answer[-1][8] == "limited"
     finally:
         await first.close()
+
+
+@pytest.mark.anyio
+async def test_producers_send_the_flow_fields_from_sql_the_client_and_http(url: str) -> None:
+    """tasker.send_step / enqueue_step (by name), AsyncClient.send_step / send_steps and the API
+    all write priority, group and concurrency_key into the message, checked as the worker checks
+    them; priority 0 is left out (it is the default)."""
+    from tasker_worker.errors import StepValidationError
+    from tasker_worker.producer.client import AsyncClient
+
+    await sql(
+        url,
+        "SELECT tasker.send_step(%s, 'work', p_priority => 3, p_group => 'tenant-1', p_concurrency_key => 'acct-9')",
+        (NS,),
+    )
+    await sql(url, "SELECT msg_id FROM tasker.enqueue_step(%s, 'work', p_priority => 0, p_group => 'tenant-2')", (NS,))
+    async with AsyncClient(url) as client:
+        await client.send_step(NS, "work", {}, priority=9, concurrency_key="acct-1")
+        await client.send_steps(NS, "work", [{}, {}], priority=5, group="tenant-3")
+        with pytest.raises(StepValidationError):
+            await client.send_step(NS, "work", {}, priority=10)
+    with pytest.raises(psycopg.errors.InvalidParameterValue):
+        await sql(url, "SELECT tasker.send_step(%s, 'work', p_group => '')", (NS,))
+    rows = await fetch(
+        url,
+        f"SELECT message->'priority', message->>'group', message->>'concurrency_key' FROM pgmq.q_{QUEUE} ORDER BY msg_id",
+    )
+    assert rows == [
+        (3, "tenant-1", "acct-9"),
+        (None, "tenant-2", None),
+        (9, None, "acct-1"),
+        (5, "tenant-3", None),
+        (5, "tenant-3", None),
+    ]

@@ -64,8 +64,12 @@ async def test_claims_after_a_switch_to_polling_only_are_polls_and_lines_say_the
     async def explodes(ctx: Any, step: Any) -> None:
         raise KeyError("boom")
 
+    # No prefetch: each step is claimed when the slot frees, so the later ones after the switch.
     config = make_config(
-        mode="Hybrid", namespaces=[NS], concurrency=1, overrides={"retry.base_delay": "10ms", "retry.max_attempts": 2}
+        mode="Hybrid",
+        namespaces=[NS],
+        concurrency=1,
+        overrides={"retry.base_delay": "10ms", "retry.max_attempts": 2, "worker.prefetch": 0},
     )
     async with running_worker(url, config, registry=reg) as worker:
         # The claim at start has looked (and found nothing): the steps are woken by NOTIFY.

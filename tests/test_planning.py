@@ -1,5 +1,6 @@
-"""Path planners: optimality against scipy.sparse.csgraph, Theta* bounds and collisions,
-request validation, and the path_plan handler through a real worker."""
+"""Path planners: optimality against scipy.sparse.csgraph (the compiled kernels and the
+pure-Python ones alike), Theta* bounds and collisions, request validation, and the path_plan
+handler through a real worker. Batches, the grid cache and ROS maps: test_planning_maps.py."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasker_worker.errors import StepFailed, StepValidationError
+from tasker_worker.handlers.planning import engine
 from tasker_worker.handlers.planning.grid import decode_cells, encode_cells, inflate
 from tasker_worker.handlers.planning.planner import plan
 from tasker_worker.handlers.planning.request import PlanRequest
-from tasker_worker.handlers.planning.search import astar, dijkstra, theta_star
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import itertools
@@ -42,15 +43,23 @@ def grids(draw: Any) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
 
 
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+KERNELS = ("compiled", "python")
 
 
+def test_the_compiled_kernels_load() -> None:
+    """numba is a dependency: a machine where the kernels fail to load is a failure here, not a
+    silent fallback to Python."""
+    assert engine.load_kernels(wait=True), engine.kernels_state()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @PROPS
 @given(grids(), st.sampled_from([4, 8]))
-def test_astar_and_dijkstra_are_optimal(case: Any, connectivity: int) -> None:
+def test_astar_and_dijkstra_are_optimal(kernel: str, case: Any, connectivity: int) -> None:
     blocked, start, goal = case
     ref = reference_cost(blocked, start, goal, connectivity)
-    a = astar(blocked, start, goal, connectivity)
-    d = dijkstra(blocked, start, goal, connectivity)
+    a = engine.astar(blocked, start, goal, connectivity, kernel=kernel)
+    d = engine.dijkstra(blocked, start, goal, connectivity, kernel=kernel)
     if math.isinf(ref):
         assert a is None and d is None
         return
@@ -77,12 +86,13 @@ def _path_cost(blocked: np.ndarray, path: list[tuple[int, int]], connectivity: i
     return total
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @PROPS
 @given(grids())
-def test_theta_star_never_longer_and_collision_free(case: Any) -> None:
+def test_theta_star_never_longer_and_collision_free(kernel: str, case: Any) -> None:
     blocked, start, goal = case
     ref = reference_cost(blocked, start, goal, 8)
-    result = theta_star(blocked, start, goal)
+    result = engine.theta_star(blocked, start, goal, kernel=kernel)
     if math.isinf(ref):
         assert result is None
         return
@@ -225,7 +235,7 @@ def test_no_path_is_a_recorded_failure() -> None:
             "accepts at most",
         ),
         (grid_request([[0, 0], [0]]), "rows of"),
-        ({"start": {"x": 0, "y": 0}, "goal": {"x": 1, "y": 1}}, "exactly one of grid or map"),
+        ({"start": {"x": 0, "y": 0}, "goal": {"x": 1, "y": 1}}, "exactly one of grid, map or occupancy"),
         (grid_request([[0, 0], [0, 0]], robot_radius=1e9), "robot_radius covers"),
     ],
 )

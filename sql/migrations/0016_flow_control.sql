@@ -117,7 +117,8 @@ END;
 $$;
 
 -- NULL leaves a setting as it is; 0 removes it. A rate is p_rate_count starts per
--- p_rate_period_s seconds, at most p_rate_burst at once (default 1: evenly spaced starts).
+-- p_rate_period_s seconds, at most p_rate_burst at once (default 1: evenly spaced starts); a
+-- burst given alone changes the burst of the rate in force.
 CREATE FUNCTION tasker.set_queue_limits(
     p_namespace       text,
     p_max_running     integer DEFAULT NULL,
@@ -148,7 +149,9 @@ BEGIN
            rate_count      = CASE WHEN p_rate_count IS NULL THEN f.rate_count ELSE nullif(p_rate_count, 0) END,
            rate_period_s   = CASE WHEN p_rate_count IS NULL THEN f.rate_period_s
                                   WHEN p_rate_count = 0 THEN NULL ELSE p_rate_period_s END,
+           -- A burst alone changes the burst of the rate in force (none: nothing to change).
            rate_burst      = CASE WHEN p_rate_count = 0 THEN NULL
+                                  WHEN p_rate_count IS NULL AND f.rate_count IS NULL THEN NULL
                                   WHEN p_rate_burst IS NOT NULL THEN nullif(p_rate_burst, 0)
                                   WHEN p_rate_count IS NOT NULL THEN coalesce(f.rate_burst, 1)
                                   ELSE f.rate_burst END,
@@ -175,7 +178,7 @@ $$;
 -- A worker that claimed a step with a priority or a group says so once: from then on the
 -- namespace is claimed in priority order, round-robin across groups.
 CREATE FUNCTION tasker.note_flow_fields(p_namespace text, p_priority boolean, p_groups boolean) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     INSERT INTO tasker.queue_flow AS f (namespace, uses_priority, uses_groups, changed_by)
     VALUES (p_namespace, p_priority, p_groups, 'worker')
     ON CONFLICT (namespace) DO UPDATE
@@ -202,7 +205,8 @@ CREATE FUNCTION tasker.claim_flow(
 RETURNS TABLE (msg_id bigint, read_ct integer, enqueued_at timestamptz, last_read_at timestamptz,
                message text, prior_headers jsonb, done boolean, prior_read_at timestamptz,
                hold text, retry_after double precision)
-LANGUAGE plpgsql AS $fn$
+-- As the owner: a worker spends the rate's tokens here, and may not change the flow otherwise.
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_ns       text := tasker.queue_namespace(p_queue);
     v_table    text := pgmq.format_table_name(p_queue, 'q');
@@ -251,8 +255,8 @@ BEGIN
     IF f.rate_count IS NOT NULL THEN
         v_now := clock_timestamp();
         v_rate := f.rate_count / f.rate_period_s;
-        v_tokens := least(f.rate_burst::float8,
-                          coalesce(f.tokens, f.rate_burst::float8)
+        v_tokens := least(coalesce(f.rate_burst, 1)::float8,
+                          coalesce(f.tokens, coalesce(f.rate_burst, 1)::float8)
                           + v_rate * greatest(0, extract(epoch FROM v_now - coalesce(f.refilled_at, v_now))));
         v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);
     END IF;
@@ -373,7 +377,16 @@ BEGIN
         UPDATE tasker.queue_flow AS q SET tokens = v_tokens - v_took, refilled_at = v_now
          WHERE q.namespace = v_ns;
     END IF;
-    IF v_budget < p_qty AND v_took = v_budget THEN
+    IF v_took < v_budget AND f.key_max_running IS NOT NULL THEN
+        -- Fewer than the budget: if steps are ready, the per-key cap held them; come back when
+        -- a slot of their key frees (a finished step here, or a recheck).
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM pgmq.%I AS q WHERE q.vt <= clock_timestamp())', v_table)
+           INTO v_ready;
+        IF v_ready THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::text,
+                                NULL::jsonb, NULL::boolean, NULL::timestamptz, 'limited'::text, NULL::float8;
+        END IF;
+    ELSIF v_budget < p_qty AND v_took = v_budget THEN
         -- Held back by a limit, not by an empty queue: the worker comes back (when the rate
         -- allows the next start, or when a slot frees).
         RETURN QUERY SELECT NULL::bigint, NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::text,
@@ -395,8 +408,7 @@ REVOKE EXECUTE ON FUNCTION tasker.pause_queue(text, text), tasker.resume_queue(t
 DO $$
 BEGIN
     IF tasker.role_exists('tasker_worker') THEN
-        GRANT SELECT, UPDATE ON tasker.queue_flow TO tasker_worker;
-        GRANT INSERT ON tasker.queue_flow TO tasker_worker;
+        GRANT SELECT ON tasker.queue_flow TO tasker_worker;
         GRANT EXECUTE ON FUNCTION tasker.claim_flow(text, integer, integer, jsonb, text, bigint[], text[], boolean, boolean),
                                   tasker.note_flow_fields(text, boolean, boolean),
                                   tasker.step_priority(jsonb), tasker.step_group(jsonb),

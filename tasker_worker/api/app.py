@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tasker_worker.api import dashboard, flow, health, metrics, openapi, steps, workers
+from tasker_worker.api import dashboard, flow, health, metrics, openapi, routing, steps, workers
 from tasker_worker.api.context import ApiContext as ApiContext
 from tasker_worker.api.context import ApiError, error_response
+from tasker_worker.api.routing import Operation
 from tasker_worker.errors import (
     HeartbeatFailed,
     InvalidTransition,
@@ -73,7 +74,10 @@ async def _on_database_down(request: Request, exc: Exception) -> Response:
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    return error_response(exc.status_code, names.get(exc.status_code, "http_error"), exc.detail)
+    response = error_response(exc.status_code, names.get(exc.status_code, "http_error"), exc.detail)
+    # A 405's Allow (every method of the path: routing.py serves a path from one route).
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
@@ -102,17 +106,24 @@ def _internal(request: Request, exc: Exception, status: int, error: str) -> Resp
     )
 
 
+def api_operations() -> list[Operation]:
+    """Every operation of the JSON API, as ``/openapi.json`` documents them."""
+    return [
+        *workers.operations(),
+        *steps.operations(),
+        *flow.operations(),
+        *health.operations(),
+        Operation("GET", "/metrics", metrics.metrics, media_type="text/plain"),
+    ]
+
+
 def create_app(ctx: ApiContext) -> Starlette:
     """The ASGI application."""
+    operations = api_operations()
     routes: list[BaseRoute] = [
-        *workers.routes(),
-        *steps.routes(),
-        *flow.routes(),
-        *health.routes(),
-        Route("/api/queues", health.queues, methods=["GET"]),
-        Route("/metrics", metrics.metrics, methods=["GET"]),
-        Route("/openapi.json", openapi.document, methods=["GET"]),
-        *(dashboard.routes() if ctx.config.api.dashboard else []),
+        *routing.routes(operations),
+        Route("/openapi.json", openapi.document, methods=["GET"], include_in_schema=False),
+        *(routing.one_route_per_path(dashboard.routes()) if ctx.config.api.dashboard else []),
     ]
     app = Starlette(
         routes=routes,
@@ -125,5 +136,6 @@ def create_app(ctx: ApiContext) -> Starlette:
         },
     )
     app.state.ctx = ctx
+    app.state.operations = operations
     app.state.overview = dashboard.OverviewCache()
     return app

@@ -6,19 +6,27 @@ applied inside every worker's next claim. Changes need the operator token.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from tasker_worker.api.context import ctx_of, mutating, read_model
+from tasker_worker.api.context import ctx_of
+from tasker_worker.api.routing import Operation, Parameters
 from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.flow import QueueFlow, Rate
-from tasker_worker.domain.names import validate_namespace
-from tasker_worker.errors import UsageError
+from tasker_worker.domain.workers import Namespace, whole_number
 
 #: Who a change made through the API is recorded as.
 API_ACTOR = "api"
+
+#: A rate as ``tasker-worker queue limit --rate`` takes it, or "0" to remove it.
+RATE_PATTERN = r"^(0|[1-9][0-9]{0,8} */ *([1-9][0-9]{0,5})? *(s|sec|second|m|min|minute|h|hour))$"
+
+
+#: A limit: a whole number, 0 to remove it.
+_Limit = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(whole_number)]
 
 
 class LimitsRequest(BaseModel):
@@ -27,68 +35,71 @@ class LimitsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_running: int | None = Field(default=None, ge=0, le=1_000_000)
-    key_max_running: int | None = Field(default=None, ge=0, le=1_000_000)
+    # The bounds sit inside the optional type: on the field, pydantic would not publish them.
+    max_running: _Limit | None = None
+    key_max_running: _Limit | None = None
     #: ``"20/s"``, ``"100/m"``, ``"5/h"``, ``"30/10s"``; ``"0"`` removes it.
-    rate: str | None = Field(default=None, max_length=32)
-    burst: int | None = Field(default=None, ge=1, le=1_000_000)
+    rate: Annotated[str, Field(max_length=32, pattern=RATE_PATTERN)] | None = None
+    #: How many may start at once (default 1); alone, it changes the burst of the rate in force.
+    burst: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(whole_number)] | None = None
 
 
-def _namespace(request: Request) -> str:
-    namespace: str = request.path_params["namespace"]
-    validate_namespace(namespace)
-    return namespace
+class QueuePath(Parameters):
+    """``{namespace}``: a namespace (its queue ``worker_<namespace>_queue``)."""
+
+    namespace: Namespace
 
 
-async def get_flow(request: Request) -> Response:
+async def get_flow(request: Request, path: QueuePath) -> Response:
     """The flow control in force for a namespace (no limit: every field empty)."""
-    namespace = _namespace(request)
-    found = await flow_db.read_flow(ctx_of(request).pool, namespace)
-    return JSONResponse((found[0] if found else QueueFlow(namespace)).as_json())
+    found = await flow_db.read_flow(await ctx_of(request).read_pool_of(path.namespace), path.namespace)
+    return JSONResponse((found[0] if found else QueueFlow(path.namespace)).as_json())
 
 
-async def pause(request: Request) -> Response:
+async def pause(request: Request, path: QueuePath) -> Response:
     """Pause a namespace: no worker starts a new step of it until it is resumed."""
-    namespace = _namespace(request)
-    changed = await flow_db.pause(ctx_of(request).pool, namespace, API_ACTOR)
-    return JSONResponse({"namespace": namespace, "paused": True, "changed": changed})
+    changed = await flow_db.pause(await ctx_of(request).pool_of(path.namespace), path.namespace, API_ACTOR)
+    return JSONResponse({"namespace": path.namespace, "paused": True, "changed": changed})
 
 
-async def resume(request: Request) -> Response:
+async def resume(request: Request, path: QueuePath) -> Response:
     """Resume a paused namespace (its listening workers claim at once)."""
-    namespace = _namespace(request)
-    changed = await flow_db.resume(ctx_of(request).pool, namespace, API_ACTOR)
-    return JSONResponse({"namespace": namespace, "paused": False, "changed": changed})
+    changed = await flow_db.resume(await ctx_of(request).pool_of(path.namespace), path.namespace, API_ACTOR)
+    return JSONResponse({"namespace": path.namespace, "paused": False, "changed": changed})
 
 
-async def set_limits(request: Request) -> Response:
+async def set_limits(request: Request, path: QueuePath, body: LimitsRequest) -> Response:
     """Change a namespace's fleet-wide limits; answers the flow control now in force."""
-    namespace = _namespace(request)
-    body = await read_model(request, LimitsRequest)
     remove_rate = body.rate is not None and body.rate.strip() == "0"
     rate = None if body.rate is None or remove_rate else Rate.parse(body.rate, body.burst)
-    if body.burst is not None and rate is None:
-        raise UsageError("burst goes with rate")
     found = await flow_db.set_limits(
-        ctx_of(request).pool,
-        namespace,
+        await ctx_of(request).pool_of(path.namespace),
+        path.namespace,
         max_running=body.max_running,
         key_max_running=body.key_max_running,
         rate=rate,
+        burst=body.burst,
         remove_rate=remove_rate,
         by=API_ACTOR,
     )
-    return JSONResponse((found or QueueFlow(namespace)).as_json())
+    return JSONResponse((found or QueueFlow(path.namespace)).as_json())
 
 
-def routes() -> list[Route]:
-    """The flow control routes."""
+def operations() -> list[Operation]:
+    """The flow control operations."""
     return [
-        Route("/api/queues/{namespace}/flow", get_flow, methods=["GET"]),
-        Route("/api/queues/{namespace}/pause", mutating(pause), methods=["POST"]),
-        Route("/api/queues/{namespace}/resume", mutating(resume), methods=["POST"]),
-        Route("/api/queues/{namespace}/limits", mutating(set_limits), methods=["POST"]),
+        Operation("GET", "/api/queues/{namespace}/flow", get_flow, path_params=QueuePath),
+        Operation("POST", "/api/queues/{namespace}/pause", pause, path_params=QueuePath, secured=True),
+        Operation("POST", "/api/queues/{namespace}/resume", resume, path_params=QueuePath, secured=True),
+        Operation(
+            "POST",
+            "/api/queues/{namespace}/limits",
+            set_limits,
+            path_params=QueuePath,
+            body=LimitsRequest,
+            secured=True,
+        ),
     ]
 
 
-__all__ = ["LimitsRequest", "routes"]
+__all__ = ["LimitsRequest", "operations"]

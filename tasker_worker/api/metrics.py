@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tasker_worker.api.context import ApiContext, ctx_of
-from tasker_worker.api.health import QueueView, gather_database, gather_queues
+from tasker_worker.api.health import QueueView, gather_clusters, gather_database, gather_queues, gather_queues_of
 from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.workers import WorkerView
@@ -58,8 +58,23 @@ async def gather(ctx: ApiContext) -> list[Metric]:
     notify.add_metric([], db.notify_queue_usage)
     families += [oldest, xmin, notify]
 
-    families += _queue_families(await gather_queues(ctx))
-    families += _flow_families(await flow_db.read_flow(ctx.pool))
+    if ctx.clusters is None:
+        families += _queue_families(await gather_queues(ctx))
+        families += _flow_families(await flow_db.read_flow(ctx.pool))
+    else:
+        # Namespaces on several clusters: the queue and flow series of every cluster that
+        # answers (a queue's name is unique across them), and which clusters answered.
+        reach = await gather_clusters(ctx)
+        up = GaugeMetricFamily("tasker_cluster_up", "1 when the cluster answered this scrape", labels=["cluster"])
+        views: list[QueueView] = []
+        flows: list[QueueFlow] = []
+        for name, client in reach.reached:
+            up.add_metric([name], 1.0)
+            views += await gather_queues_of(client, name)
+            flows += await flow_db.read_flow(client.pool)
+        for name in reach.errors:
+            up.add_metric([name], 0.0)
+        families += [up, *_queue_families(views), *_flow_families(flows)]
 
     stats = await ctx.views.stats()
     workers = GaugeMetricFamily("tasker_workers", "Registered workers by status", labels=["status"])
@@ -173,6 +188,7 @@ _HELP: dict[str, str] = {
     "listener_reconnects": "Times the LISTEN connection was re-established",
     "processed": "Steps whose handler ran to an outcome",
     "claims_held": "Claims that flow control held back (a paused namespace, or one at a fleet-wide limit)",
+    "tasker_core_steps_left": "tasker-core step messages given back untouched for tasker-core's workers",
 }
 
 
@@ -196,6 +212,16 @@ def _worker_families(snaps: dict[str, dict[str, Any]]) -> list[Metric]:
     error_rate = GaugeMetricFamily(
         "tasker_worker_handler_error_rate", "Handler errors / runs over the last minute", labels=["worker_id"]
     )
+    cluster_listener = GaugeMetricFamily(
+        "tasker_worker_cluster_listener_up",
+        "1 while the worker's LISTEN connection to that cluster is up (namespaces on several clusters)",
+        labels=["worker_id", "cluster"],
+    )
+    cluster_held = GaugeMetricFamily(
+        "tasker_worker_cluster_held_steps",
+        "Messages of that cluster's queues the worker holds now (running, prefetched or being written)",
+        labels=["worker_id", "cluster"],
+    )
     slots = GaugeMetricFamily("tasker_worker_free_slots", "Free concurrency slots", labels=["worker_id"])
     in_flight = GaugeMetricFamily("tasker_worker_in_flight_steps", "Steps running now", labels=["worker_id"])
     for worker_id, snap in sorted(snaps.items()):
@@ -212,13 +238,18 @@ def _worker_families(snaps: dict[str, dict[str, Any]]) -> list[Metric]:
         listener = (snap.get("event_system") or {}).get("listener")
         if listener is not None:
             listener_up.add_metric([worker_id], 1.0 if listener.get("healthy") else 0.0)
+        for cluster, state in sorted((snap.get("clusters") or {}).items()):
+            cluster_listener_state = (state.get("event_system") or {}).get("listener")
+            if cluster_listener_state is not None:
+                cluster_listener.add_metric([worker_id, cluster], 1.0 if cluster_listener_state.get("healthy") else 0.0)
+            cluster_held.add_metric([worker_id, cluster], float(state.get("held", 0)))
         minute = snap.get("handler_last_minute") or {}
         error_rate.add_metric([worker_id], float(minute.get("error_rate", 0.0)))
         if "free_slots" in snap:
             slots.add_metric([worker_id], float(snap["free_slots"]))
         if "in_flight" in snap:
             in_flight.add_metric([worker_id], float(snap["in_flight"]))
-    return [*counters.values(), heartbeats, listener_up, error_rate, slots, in_flight]
+    return [*counters.values(), heartbeats, listener_up, cluster_listener, cluster_held, error_rate, slots, in_flight]
 
 
 def _histogram_families(series: list[HistogramSeries]) -> list[Metric]:

@@ -1,120 +1,120 @@
-"""``/openapi.json``: the OpenAPI 3.1 document, built from the routes themselves.
+"""``/openapi.json``: the OpenAPI 3.1 document, made from the operations' declarations.
 
-Paths and summaries come from the app's routes and their docstrings, request and response
-schemas from the pydantic models, so the document cannot drift from what is served.
+Every operation (``routing.Operation``) names the pydantic models its path parameters, query
+parameters and body are parsed with; their JSON Schemas are what this document publishes, so a
+request the document calls valid is one the server accepts, and one it calls invalid is
+answered 400. Summaries come from the handlers' docstrings, statuses from the declarations.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from tasker_worker import __version__
-from tasker_worker.api.flow import LimitsRequest
-from tasker_worker.api.steps import StepSubmission
-from tasker_worker.api.workers import Deregistration, ModeRequest
-from tasker_worker.domain.workers import Heartbeat, WorkerRegistration, WorkerView
+from tasker_worker.api.routing import JSON_OBJECT_MARK, JSON_OBJECT_SCHEMA, JSON_VALUE_SCHEMA, Operation, Parameters
+from tasker_worker.domain.workers import WorkerView
 
+_REF = "#/components/schemas/{model}"
 _ERROR = {"$ref": "#/components/schemas/Error"}
-
-#: (method, path) -> request body schema and the statuses the route answers besides 200.
-_SHAPES: dict[tuple[str, str], tuple[str | None, dict[str, str]]] = {
-    ("POST", "/api/workers"): (
-        "WorkerRegistration",
-        {"201": "registered", "400": "invalid body", "409": "id held by a live worker"},
-    ),
-    ("DELETE", "/api/workers/{worker_id}"): (
-        "Deregistration",
-        {"404": "unknown worker", "409": "already deregistered"},
-    ),
-    ("POST", "/api/workers/{worker_id}/heartbeat"): (
-        "Heartbeat",
-        {"400": "invalid body", "404": "unknown worker", "409": "deregistered"},
-    ),
-    ("POST", "/api/workers/{worker_id}/mode"): (
-        "ModeRequest",
-        {"202": "requested", "400": "invalid body", "404": "no live worker with this id"},
-    ),
-    ("GET", "/api/workers"): (None, {"400": "invalid status or limit"}),
-    ("GET", "/api/workers/{worker_id}"): (None, {"404": "unknown worker"}),
-    ("GET", "/api/workers/{worker_id}/heartbeats"): (None, {"400": "invalid limit", "404": "unknown worker"}),
-    ("POST", "/api/namespaces/{namespace}/steps"): (
-        "StepSubmission",
-        {"201": "enqueued", "400": "invalid body", "404": "no such namespace queue"},
-    ),
-    ("GET", "/api/steps"): (None, {"400": "invalid status or limit"}),
-    ("GET", "/api/steps/{step_uuid}"): (None, {"400": "not a UUID", "404": "unknown step"}),
-    ("GET", "/api/queues/{namespace}/flow"): (None, {"400": "invalid namespace"}),
-    ("POST", "/api/queues/{namespace}/pause"): (None, {"400": "invalid namespace"}),
-    ("POST", "/api/queues/{namespace}/resume"): (None, {"400": "invalid namespace"}),
-    ("POST", "/api/queues/{namespace}/limits"): ("LimitsRequest", {"400": "invalid namespace or body"}),
-    ("GET", "/health/ready"): (None, {"503": "not ready"}),
-    ("GET", "/health/detailed"): (None, {"503": "unhealthy"}),
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {"error": {"type": "string"}, "detail": {}, "error_id": {"type": "string"}},
 }
 
 
-def _operation(method: str, route: Route, secured: bool) -> dict[str, Any]:
-    doc = (route.endpoint.__doc__ or "").strip()
-    body, statuses = _SHAPES.get((method, route.path), (None, {}))
+def _model_schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """``model``'s schema, its nested definitions moved into ``schemas``."""
+    schema: dict[str, Any] = _json_objects(model.model_json_schema(ref_template=_REF))
+    schemas.update(schema.pop("$defs", {}))
+    return schema
+
+
+def _json_objects(schema: Any) -> Any:
+    """``schema`` with each ``JsonObject`` mark replaced by its schema."""
+    if isinstance(schema, dict):
+        if schema.get(JSON_OBJECT_MARK):
+            return dict(JSON_OBJECT_SCHEMA)
+        return {k: _json_objects(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_json_objects(v) for v in schema]
+    return schema
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional parameter's schema without its ``null`` branch: absent is how it is left out."""
+    branches = schema.get("anyOf")
+    if branches:
+        kept = [b for b in branches if b.get("type") != "null"]
+        if len(kept) == 1:
+            rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+            return {**rest, **kept[0]}
+    return {k: v for k, v in schema.items() if k != "default" or v is not None}
+
+
+def _parameters(model: type[Parameters], where: str, schemas: dict[str, Any]) -> list[dict[str, Any]]:
+    schema = _model_schema(model, schemas)
+    required = set(schema.get("required", ()))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = {k: v for k, v in prop.items() if k != "title"}
+        out.append(
+            {
+                "name": name,
+                "in": where,
+                "required": where == "path" or name in required,
+                "schema": _not_null(prop),
+            }
+        )
+    return out
+
+
+def _operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
     responses: dict[str, Any] = {}
-    if "201" not in statuses and "202" not in statuses:
-        responses["200"] = {"description": "OK"}
-    for code, text in statuses.items():
-        content = {"application/json": {"schema": _ERROR}} if code.startswith("4") else None
-        responses[code] = {"description": text, **({"content": content} if content else {})}
-    responses["500"] = {
-        "description": "unexpected error (generic detail; the log has the cause under error_id)",
-        "content": {"application/json": {"schema": _ERROR}},
+    for status, text in sorted(op.answers().items()):
+        response: dict[str, Any] = {"description": text}
+        if status >= 400:
+            response["content"] = {"application/json": {"schema": _ERROR}}
+        elif op.media_type != "application/json":
+            response["content"] = {op.media_type: {"schema": {"type": "string"}}}
+        else:
+            response["content"] = {"application/json": {"schema": {}}}
+        responses[str(status)] = response
+    doc: dict[str, Any] = {
+        "operationId": op.handler.__name__,
+        "summary": op.summary,
+        "responses": responses,
     }
-    op: dict[str, Any] = {"summary": doc.splitlines()[0] if doc else route.path, "responses": responses}
-    params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in route.param_convertors
-    ]
+    params: list[dict[str, Any]] = []
+    if op.path_params is not None:
+        params += _parameters(op.path_params, "path", schemas)
+    if op.query is not None:
+        params += _parameters(op.query, "query", schemas)
     if params:
-        op["parameters"] = params
-    if body:
-        op["requestBody"] = {
-            "required": method == "POST" and body != "Heartbeat",
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        doc["parameters"] = params
+    if op.body is not None:
+        name = op.body.model_config.get("title") or op.body.__name__
+        schemas[name] = _model_schema(op.body, schemas)
+        doc["requestBody"] = {
+            "required": op.body_required,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model=name)}}},
         }
-    if secured:
-        op["security"] = [{"bearer": []}]
-        responses["401"] = {"description": "missing or wrong bearer token (when [api] token is set)"}
-    return op
+    if op.secured:
+        doc["security"] = [{"bearer": []}]
+    return doc
 
 
-def build(routes: list[Any]) -> dict[str, Any]:
-    """The document for these routes."""
+def build(operations: list[Operation]) -> dict[str, Any]:
+    """The document for these operations."""
+    schemas: dict[str, Any] = {"Error": _ERROR_SCHEMA, "JsonValue": JSON_VALUE_SCHEMA}
     paths: dict[str, dict[str, Any]] = {}
-    for route in routes:
-        if not isinstance(route, Route) or not route.include_in_schema or route.path == "/openapi.json":
-            continue
-        for method in sorted(route.methods or ()):
-            if method == "HEAD":
-                continue
-            paths.setdefault(route.path, {})[method.lower()] = _operation(method, route, method in ("POST", "DELETE"))
-    schemas: dict[str, Any] = {
-        "Error": {
-            "type": "object",
-            "required": ["error", "detail"],
-            "properties": {"error": {"type": "string"}, "detail": {}, "error_id": {"type": "string"}},
-        }
-    }
-    for model in (
-        WorkerRegistration,
-        Heartbeat,
-        WorkerView,
-        Deregistration,
-        ModeRequest,
-        StepSubmission,
-        LimitsRequest,
-    ):
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))  # nested enums become components of their own
-        schemas[model.__name__] = schema
+    for op in operations:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, schemas)
+    schemas["WorkerView"] = _model_schema(WorkerView, schemas)  # what the worker routes answer
     return {
         "openapi": "3.1.0",
         "info": {"title": "tasker-worker control plane", "version": __version__},
@@ -128,4 +128,4 @@ def build(routes: list[Any]) -> dict[str, Any]:
 
 async def document(request: Request) -> Response:
     """The OpenAPI document of this API."""
-    return JSONResponse(build(list(request.app.routes)))
+    return JSONResponse(build(request.app.state.operations))

@@ -19,10 +19,11 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from tasker_worker.cli.admin import database_url, load
+from tasker_worker.cli.admin import database_url, embedded_dir, load
 from tasker_worker.cli.run import configure_logging
 from tasker_worker.db import migrations, queries
 from tasker_worker.domain.steps import StepMessage
+from tasker_worker.handlers.planning import MODULE as PLANNING_MODULE
 from tasker_worker.handlers.planning.grid import encode_cells
 from tasker_worker.runtime.worker import Worker
 from tasker_worker.testing import fetch, fetch_value, wait_until
@@ -59,7 +60,14 @@ async def demo(args: argparse.Namespace) -> int:
     if not debug:
         logging.getLogger().setLevel(logging.WARNING)  # the summary is the output
     t0 = time.perf_counter()
-    url = database_url(loaded)
+    embedded = None
+    if loaded.config.database.url:
+        url = database_url(loaded)
+    else:
+        from tasker_worker.db.embedded import ensure_embedded
+
+        embedded = ensure_embedded(embedded_dir(loaded))
+        url = embedded.url
     await migrations.migrate(url)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute(queries.CREATE_NAMESPACE_QUEUE, (NAMESPACE,))
@@ -70,7 +78,13 @@ async def demo(args: argparse.Namespace) -> int:
         print(f"note: {stale} steps from an earlier run are still queued; they run too")
 
     rng = np.random.default_rng(args.seed)
-    worker = Worker(loaded.config, database_url=url)
+    config = loaded.config
+    if PLANNING_MODULE not in config.worker.handler_modules:  # the demo plans, whatever else is configured
+        worker_section = config.worker.model_copy(
+            update={"handler_modules": [*config.worker.handler_modules, PLANNING_MODULE]}
+        )
+        config = config.model_copy(update={"worker": worker_section})
+    worker = Worker(config, database_url=url)
     total = args.steps
     batch_n = total // 3
     single_n = total - batch_n
@@ -137,6 +151,12 @@ async def demo(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(summary, default=str))
+    if embedded is not None:
+        how = "started by this demo" if embedded.started else f"started by {embedded.describe_starter()}"
+        print(
+            f"\nthe embedded server in {embedded.data_dir} ({how}) keeps running for the next command: "
+            "`tasker-worker db url` prints its URL, `tasker-worker db stop` stops it"
+        )
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from tasker_worker.cli.admin import database_url, load, small_pool
+from tasker_worker.cli.admin import database_url, load, read_pool, small_pool
 from tasker_worker.config.durations import parse_duration
 from tasker_worker.db import flow as flow_db
 from tasker_worker.db import migrations
@@ -48,7 +48,7 @@ def _as_of(view: WorkerView) -> str:
 
 async def status(args: argparse.Namespace) -> int:
     """``status``: live workers with their last reported statistics."""
-    async with small_pool(args) as pool:
+    async with read_pool(args) as pool:
         views = await FleetViews(pool).list(include_deregistered=args.all, limit=args.limit)
         flows = await flow_db.read_flow(pool)
     if args.json:
@@ -84,7 +84,7 @@ async def status(args: argparse.Namespace) -> int:
 async def workers_list(args: argparse.Namespace) -> int:
     """``workers list [--status S] [--all]``."""
     status = WorkerStatus(args.status) if args.status else None
-    async with small_pool(args) as pool:
+    async with read_pool(args) as pool:
         views = await FleetViews(pool).list(status, include_deregistered=args.all, limit=args.limit)
     if args.json:
         _print_json([v.model_dump(mode="json", exclude={"stats"}) for v in views])
@@ -98,7 +98,7 @@ async def workers_list(args: argparse.Namespace) -> int:
 
 async def workers_show(args: argparse.Namespace) -> int:
     """``workers show ID``: every field, and the newest heartbeats."""
-    async with small_pool(args) as pool:
+    async with read_pool(args) as pool:
         queries = FleetViews(pool)
         view = await queries.get(args.worker_id)
         beats = await queries.heartbeats(args.worker_id, limit=args.heartbeats)
@@ -122,7 +122,7 @@ async def workers_show(args: argparse.Namespace) -> int:
 
 async def workers_stats(args: argparse.Namespace) -> int:
     """``workers stats``: the fleet by status, its cores, memory and throughput."""
-    async with small_pool(args) as pool:
+    async with read_pool(args) as pool:
         stats = await FleetViews(pool).stats()
     if args.json:
         _print_json(stats)

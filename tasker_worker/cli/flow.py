@@ -35,7 +35,12 @@ def add_commands(q_sub: Any, command: Callable[..., argparse.ArgumentParser]) ->
     p.add_argument(
         "--rate", metavar="N/UNIT", help="at most N starts per s, m or h (20/s, 100/m, 30/10s; 0 removes it)"
     )
-    p.add_argument("--burst", type=int, metavar="B", help="with --rate: how many may start at once (default 1)")
+    p.add_argument(
+        "--burst",
+        type=int,
+        metavar="B",
+        help="how many may start at once (default 1); alone, changes the burst of the rate in force",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p = command(q_sub, "pause", queue_pause, "start no new step of a namespace until resumed (fleet-wide)")
     p.add_argument("namespace")
@@ -60,10 +65,10 @@ async def queue_limit(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be 0 (remove it) or more")
     remove_rate = args.rate is not None and args.rate.strip() == "0"
     rate = None if args.rate is None or remove_rate else Rate.parse(args.rate, args.burst)
-    if args.burst is not None and rate is None:
-        raise UsageError("--burst goes with --rate")
-    changing = args.max_running is not None or args.key_max_running is not None or args.rate is not None
-    async with small_pool(args) as pool:
+    if args.burst is not None and args.burst < 1:
+        raise UsageError("--burst must be at least 1")
+    changing = any(getattr(args, k) is not None for k in ("max_running", "key_max_running", "rate", "burst"))
+    async with small_pool(args, namespace=args.namespace) as pool:
         if changing:
             await flow_db.set_limits(
                 pool,
@@ -71,6 +76,7 @@ async def queue_limit(args: argparse.Namespace) -> int:
                 max_running=args.max_running,
                 key_max_running=args.key_max_running,
                 rate=rate,
+                burst=args.burst,
                 remove_rate=remove_rate,
                 by=_actor(),
             )
@@ -85,7 +91,7 @@ async def queue_limit(args: argparse.Namespace) -> int:
 
 async def queue_pause(args: argparse.Namespace) -> int:
     """``queue pause NS``."""
-    async with small_pool(args) as pool:
+    async with small_pool(args, namespace=args.namespace) as pool:
         changed = await flow_db.pause(pool, args.namespace, _actor())
     print(f"{args.namespace}: paused" + ("" if changed else " (it was already)"))
     return 0
@@ -93,7 +99,7 @@ async def queue_pause(args: argparse.Namespace) -> int:
 
 async def queue_resume(args: argparse.Namespace) -> int:
     """``queue resume NS``."""
-    async with small_pool(args) as pool:
+    async with small_pool(args, namespace=args.namespace) as pool:
         changed = await flow_db.resume(pool, args.namespace, _actor())
     print(f"{args.namespace}: resumed" if changed else f"{args.namespace}: was not paused")
     return 0

@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="how many identical steps (1..100000)")
     p.add_argument("--attempt-limit", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="handler timeout in seconds")
+    p.add_argument("--priority", type=int, default=None, help="0 (first, the default) to 9")
+    p.add_argument("--group", default=None, help="claims go round-robin across a namespace's groups")
+    p.add_argument("--concurrency-key", default=None, help="capped with its key by queue limit --key-max-running")
+    p.add_argument(
+        "--unique-key", default=None, help="a second send of this key within --unique-for gets the first step"
+    )
+    p.add_argument("--unique-for", default=None, metavar="DURATION", help="the unique window, e.g. 60s")
+    p.add_argument("--debounce", action="store_true", help="with --unique-key: replace the queued step's inputs")
     p.add_argument(
         "--step-uuid", default=None, help="the step's id: a step_uuid already sent or done is not sent again"
     )

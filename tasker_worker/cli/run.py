@@ -163,7 +163,7 @@ def _without_processes(argv: list[str]) -> list[str]:
 async def dlq_list(args: argparse.Namespace) -> int:
     """``dlq list NAMESPACE``."""
     dlq = dlq_name(queue_name(args.namespace))
-    async with client(args) as qc:
+    async with client(args, namespace=args.namespace) as qc:
         rows = await qc.peek(dlq, args.limit)
     if args.json:
         print(
@@ -195,7 +195,7 @@ async def dlq_requeue(args: argparse.Namespace) -> int:
     if not args.all and not args.msg_id:
         raise UsageError("name the messages to requeue with --msg-id ID (repeatable) or use --all")
     queue = queue_name(args.namespace)
-    async with client(args) as qc:
+    async with client(args, namespace=args.namespace) as qc:
         moved = await qc.requeue_dead_letters(queue, None if args.all else args.msg_id)
     for old, new in moved:
         print(f"requeued dlq msg {old} as {queue} msg {new}")

@@ -6,11 +6,17 @@ Precedence, lowest first:
 2. ``<root>/tasker/base/worker.toml``
 3. ``<root>/tasker/environments/<env>/worker.toml`` (env from ``--env`` or ``TASKER_ENV``)
 4. environment variables ``TASKER__SECTION__KEY`` (JSON for lists/tables), ``TASKER_DATABASE_URL``
+   and ``TASKER_DATABASE_READ_URL``
 5. CLI flags
 
 ``<root>`` is ``--config`` (a directory; a single ``.toml`` file is used alone), else
 ``TASKER_CONFIG_DIR``, else ``./config`` when it exists. Without any root only defaults,
 environment variables and flags apply.
+
+This is the one resolution every entry point uses: the CLI (``run``, ``api``, ``steps``, ...),
+``AsyncClient()`` / ``Client()`` and ``Worker()`` without a config, and the pytest plugin (its
+test database on top, as a flag would be). So a client with no URL, a worker and
+``tasker-worker steps show`` reach the same database, and ``config show`` says from where.
 
 An environment named explicitly (``--env``, ``TASKER_ENV``) must have its overlay file under a
 config root: ``--env prodution`` is a typo to report, not a run on the base settings. An
@@ -31,6 +37,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tasker_worker.config import tasker_core
 from tasker_worker.config.models import TaskerConfig
 from tasker_worker.errors import ConfigError
 
@@ -45,6 +52,8 @@ class LoadedConfig:
     config: TaskerConfig
     origins: dict[str, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    #: Keys of tasker-core's layout that have no counterpart here: key -> (value, origin).
+    unused: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def origin(self, dotted_key: str) -> str:
         """Where ``dotted_key`` was set (``default`` when nothing set it)."""
@@ -75,17 +84,20 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     *,
     allow_missing_env: bool = False,
+    overrides_origin: str = "cli flag",
 ) -> LoadedConfig:
     """Load, layer and validate the configuration; raise ``ConfigError`` naming file and key.
 
     ``overrides`` maps dotted keys (``event_system.deployment_mode``) to values given as CLI
-    flags; ``None`` values are ignored.
+    flags (or arguments: ``overrides_origin`` names them in ``origins``); ``None`` values are
+    ignored.
     """
     environ = os.environ if environ is None else environ
     env_name = env or environ.get("TASKER_ENV") or DEFAULT_ENV
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     files: list[Path] = []
+    unused: dict[str, tuple[Any, str]] = {}
 
     root = find_config_root(config_path)
     if root is not None:
@@ -102,7 +114,11 @@ def load_config(
                 raise _missing_environment(env_name, overlay, "--env" if env is not None else "TASKER_ENV")
             layer_files = [p for p in (base, overlay) if p.exists()]
         for path in layer_files:
-            _merge(merged, _read_toml(path), origins, str(path))
+            # A file in tasker-core's layout is read through its mapping (config/tasker_core.py).
+            layer = tasker_core.map_layout(_read_toml(path), str(path), environ)
+            _merge(merged, layer.values, origins, str(path))
+            origins.update(layer.origins)
+            unused.update(layer.unused)
             files.append(path)
 
     env_layer, env_origins = _environment_layer(environ)
@@ -114,7 +130,7 @@ def load_config(
         if value is None:
             continue
         _set_dotted(cli_layer, dotted, value)
-        cli_origins[dotted] = "cli flag"
+        cli_origins[dotted] = overrides_origin
     _merge(merged, cli_layer, origins, None, cli_origins)
 
     merged["environment"] = env_name
@@ -123,7 +139,7 @@ def load_config(
         config = TaskerConfig(**merged)
     except ValidationError as exc:
         raise _config_error(exc, origins) from None
-    return LoadedConfig(config=config, origins=origins, files=files)
+    return LoadedConfig(config=config, origins=origins, files=files, unused=unused)
 
 
 def _missing_environment(name: str, overlay: Path, source: str) -> ConfigError:
@@ -152,10 +168,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _environment_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     layer: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    url = environ.get("TASKER_DATABASE_URL")
-    if url:
-        layer["database"] = {"url": url}
-        origins["database.url"] = "env TASKER_DATABASE_URL"
+    for key, name in (("url", "TASKER_DATABASE_URL"), ("read_url", "TASKER_DATABASE_READ_URL")):
+        given = environ.get(name)
+        if given:
+            layer.setdefault("database", {})[key] = given
+            origins[f"database.{key}"] = f"env {name}"
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -236,6 +253,15 @@ def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigErr
     return ConfigError(message, source=source or "config", key=key)
 
 
+def database_source(loaded: LoadedConfig) -> str:
+    """Where the database of ``loaded`` comes from, for messages: ``database.url from env
+    TASKER_DATABASE_URL``, ``... from config/tasker/base/worker.toml``, or the embedded server."""
+    if loaded.config.database.url:
+        return f"database.url from {loaded.origin('database.url')}"
+    where = loaded.config.database.embedded_data_dir
+    return "the embedded server" + (f" in {where}" if where else "") + " (no database.url, no TASKER_DATABASE_URL)"
+
+
 def leaves(config: TaskerConfig) -> list[tuple[str, Any]]:
     """Every leaf of ``config`` as ``(dotted key, JSON value)``, in model order."""
     rows: list[tuple[str, Any]] = []
@@ -252,5 +278,7 @@ def leaves(config: TaskerConfig) -> list[tuple[str, Any]]:
 
 
 def effective_items(loaded: LoadedConfig) -> list[tuple[str, Any, str]]:
-    """Every leaf of the effective config as ``(dotted key, value, origin)``."""
-    return [(key, value, loaded.origin(key)) for key, value in leaves(loaded.config)]
+    """Every leaf of the effective config as ``(dotted key, value, origin)``, then the keys of
+    a tasker-core file that are not used (their origin says so, and why)."""
+    rows = [(key, value, loaded.origin(key)) for key, value in leaves(loaded.config)]
+    return rows + [(key, value, origin) for key, (value, origin) in loaded.unused.items()]

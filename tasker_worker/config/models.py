@@ -1,12 +1,17 @@
 """The configuration models.
 
-The ``[event_system]`` tree keeps the names of tasker-core's worker config so that a tasker-core
-``worker.toml`` loads unchanged; the other sections follow the same style. Every model forbids
-unknown keys, so a typo fails loudly instead of silently using a default.
+The ``[event_system]`` tree keeps the names of the seed's worker config (``deployment_mode``,
+``[event_system.listener]``, ``[event_system.fallback_poller]``); the other sections follow the
+same style. tasker-core's own layout (``[worker.event_systems.worker]``, integer ``_seconds`` and
+``_ms`` keys) is not these models' shape: it loads through the mapping of
+``config/tasker_core.py``. Every model forbids unknown keys, so a typo fails loudly instead of
+silently using a default.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -108,6 +113,11 @@ class DatabaseConfig(_Section):
     """``[database]``: where PostgreSQL is, or where the embedded one keeps its data."""
 
     url: str | None = None
+    #: A read replica (a hot standby) for what only reads: the dashboard, ``status``, ``workers
+    #: list|show|stats``, ``steps list|show`` and the API's GET routes other than health and
+    #: metrics. As stale as the standby's replay lag (shown where it is read). Writes, claims,
+    #: heartbeats, LISTEN, the supervision lock and the producer's client never use it.
+    read_url: str | None = None
     #: What sits between the worker and PostgreSQL. ``"transaction"``: a transaction pooler
     #: (PgBouncer ``pool_mode = transaction``, which before 1.21 keeps no prepared statements):
     #: the worker then uses no server-side prepared statements and no session state (no LISTEN,
@@ -136,6 +146,76 @@ class DatabaseConfig(_Section):
         return self
 
 
+#: The name of ``[database]``'s cluster, the primary: the registry, heartbeats, supervision, mode
+#: control and the claim ranking live there, and so does every namespace mapped nowhere else.
+PRIMARY = "primary"
+
+#: A cluster's name in ``[databases.<name>]`` (and a value of ``[queues.namespaces.<ns>] database``
+#: that is not a URL): what status, ``/metrics`` and errors call it.
+CLUSTER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+_CLUSTER_NAME_RE = re.compile(CLUSTER_NAME_PATTERN)
+
+
+def is_database_url(value: str) -> bool:
+    """Whether ``value`` reads as a PostgreSQL connection string (a ``postgresql://`` URL or a
+    ``key=value`` conninfo), rather than a cluster's name."""
+    return value.startswith(("postgresql://", "postgres://")) or "=" in value
+
+
+class ClusterDatabaseConfig(_Section):
+    """``[databases.<name>]``: another PostgreSQL cluster, holding the namespaces that name it
+    (``[queues.namespaces.<ns>] database = "<name>"``). Each key but ``url`` defaults to
+    ``[database]``'s; the embedded server is only ever the primary."""
+
+    url: str = Field(min_length=1)
+    pooler: Literal["none", "transaction"] | None = None
+    auto_migrate: bool | None = None
+    pool_min_size: int | None = Field(default=None, ge=0, le=1000)
+    pool_max_size: int | None = Field(default=None, ge=1, le=1000)
+    connect_timeout: Duration | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _a_url(cls, value: str) -> str:
+        if not is_database_url(value):
+            raise ValueError("must be a PostgreSQL URL (postgresql://user@host:5432/dbname) or a key=value conninfo")
+        return value
+
+    def settings(self, primary: DatabaseConfig) -> DatabaseConfig:
+        """Its ``[database]``-shaped settings: its own keys, the others as ``primary`` has them.
+        Only the keys listed here are inherited (the primary's URL-specific keys are its own)."""
+        return _inherited(primary, self.url, **self.model_dump(exclude={"url"}, exclude_none=True))
+
+
+def _inherited(primary: DatabaseConfig, url: str, **own: Any) -> DatabaseConfig:
+    """A cluster's settings at ``url``: ``own`` over the pool keys of ``primary``."""
+    keys = ("pooler", "auto_migrate", "pool_min_size", "pool_max_size", "connect_timeout")
+    return DatabaseConfig(url=url, **{key: own.get(key, getattr(primary, key)) for key in keys})
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """One configured PostgreSQL cluster: its name, URL and settings."""
+
+    name: str
+    #: None: the primary on the embedded server (resolved when it is opened).
+    url: str | None
+    settings: DatabaseConfig
+    #: The configuration key that set its URL (for messages that say what to fix).
+    key: str
+
+
+def _url_cluster_name(url: str) -> str:
+    """The name of a cluster given by URL alone: ``dbname@host:port`` (no user, no password)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(url)
+    except Exception:  # an unparsable URL fails when it is opened, naming its key
+        return "url"
+    return f"{info.get('dbname', '')}@{info.get('host', 'localhost')}:{info.get('port', 5432)}"
+
+
 class WorkerConfig(_Section):
     """``[worker]``: identity, namespaces, handler code and lifecycle."""
 
@@ -143,7 +223,7 @@ class WorkerConfig(_Section):
     name: str = "tasker-worker"
     namespaces: list[str] = Field(default_factory=lambda: ["default"])
     #: Import paths of user modules that register handlers (``my_app.handlers``).
-    handler_modules: list[str] = Field(default_factory=list)
+    handler_modules: list[str] = Field(default_factory=lambda: ["tasker_worker.handlers.planning"])
     #: Where sync (CPU-bound) handlers run.
     executor: Literal["thread", "process"] = "thread"
     executor_workers: int = Field(default=4, ge=1, le=256)
@@ -162,6 +242,9 @@ class WorkerConfig(_Section):
     #: Their vt counts from the claim (kept by the vt keeper); given back at shutdown without an
     #: attempt; none for a namespace under flow control.
     prefetch: int = Field(default=32, ge=0, le=4096)
+    #: A step asked to stop (``steps cancel``) may end by itself this long (``ctx.cancelled``)
+    #: before an async handler's task is cancelled.
+    cancel_grace: Duration = timedelta(seconds=5)
     #: How many recent latency samples the statistics keep.
     stats_window: int = Field(default=100_000, ge=100, le=10_000_000)
     #: The event loop of ``tasker-worker run``: ``auto`` takes uvloop where it is installed (a
@@ -188,6 +271,8 @@ class RetryConfig(_Section):
     #: message; past this many, each further failure counts as an attempt, so nothing retries
     #: forever.
     max_releases: int = Field(default=100, ge=0, le=100_000)
+    #: Snoozes (a handler's ``Snooze``) per message, at most; one more fails the step.
+    max_snoozes: int = Field(default=100, ge=0, le=100_000)
 
 
 class CircuitBreakerConfig(_Section):
@@ -266,6 +351,9 @@ class QueueNamespaceConfig(_Section):
 
     #: Keep settled messages in pgmq's archive table ``a_worker_<ns>_queue`` (unset: ``[queues] archive``).
     archive: bool | None = None
+    #: The PostgreSQL cluster that holds this namespace's queue and outcome rows: a name of
+    #: ``[databases]`` (or ``"primary"``), or a URL. Unset: the primary, ``[database]``.
+    database: str | None = Field(default=None, min_length=1)
 
 
 class QueuesConfig(_Section):
@@ -394,6 +482,9 @@ class TaskerConfig(BaseSettings):
 
     environment: str = "development"
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    #: Other PostgreSQL clusters, by name, for namespaces that live elsewhere than the primary
+    #: (``[queues.namespaces.<ns>] database``).
+    databases: dict[str, ClusterDatabaseConfig] = Field(default_factory=dict)
     event_system: EventSystemConfig = Field(default_factory=EventSystemConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
@@ -452,6 +543,95 @@ class TaskerConfig(BaseSettings):
                 source="config",
             )
         return self
+
+    @model_validator(mode="after")
+    def _clusters_known(self) -> TaskerConfig:
+        """Every cluster is named well, reached by a URL of its own, and known where it is
+        named; each cluster's merged settings hold together (pool bounds, LISTEN)."""
+        urls: dict[str, str] = {}
+        if self.database.url:
+            urls[self.database.url] = "database.url"
+        for name, own in self.databases.items():
+            key = f"databases.{name}"
+            if name == PRIMARY:
+                raise ConfigError(f'"{PRIMARY}" is the name of [database]: give this cluster another name', key=key)
+            if not _CLUSTER_NAME_RE.fullmatch(name):
+                raise ConfigError(
+                    "a cluster name is lowercase letters, digits and '_', starting with a letter (at most 63)", key=key
+                )
+            if own.url in urls:
+                raise ConfigError(
+                    f"the same URL as {urls[own.url]}: one cluster has one name (map its namespaces to that one)",
+                    key=f"{key}.url",
+                )
+            urls[own.url] = f"{key}.url"
+            low = self.database.pool_min_size if own.pool_min_size is None else own.pool_min_size
+            high = self.database.pool_max_size if own.pool_max_size is None else own.pool_max_size
+            if low > high:
+                raise ConfigError(
+                    f"pool_min_size ({low}) must not exceed pool_max_size ({high}; [database]'s when unset)", key=key
+                )
+            settings = own.settings(self.database)
+            why = settings.refuses(self.event_system.deployment_mode)
+            if why is not None:
+                raise ConfigError(
+                    f"event_system.deployment_mode = {self.event_system.deployment_mode.value} needs LISTEN on every "
+                    f"cluster, and {why}: run PollingOnly, or connect to this cluster directly",
+                    key=f"{key}.pooler",
+                )
+        for ns, own_ns in self.queues.namespaces.items():
+            value = own_ns.database
+            if value is None or value == PRIMARY or value in self.databases or is_database_url(value):
+                continue
+            known = ", ".join([PRIMARY, *sorted(self.databases)])
+            if _CLUSTER_NAME_RE.fullmatch(value):
+                raise ConfigError(
+                    f'no cluster named {value!r}: define it as [databases.{value}] url = "postgresql://..." '
+                    f"(known: {known}), or give a PostgreSQL URL",
+                    key=f"queues.namespaces.{ns}.database",
+                )
+            raise ConfigError(
+                f"{value!r} is neither a cluster's name (known: {known}) nor a PostgreSQL URL (postgresql://...)",
+                key=f"queues.namespaces.{ns}.database",
+            )
+        return self
+
+    def clusters(self) -> dict[str, ClusterSpec]:
+        """Every configured cluster by name, the primary first: ``[database]``, each of
+        ``[databases]``, then each URL given directly to a namespace (named ``dbname@host:port``,
+        with ``[database]``'s pool settings). A URL that is already a cluster's is that cluster."""
+        found = {PRIMARY: ClusterSpec(PRIMARY, self.database.url, self.database, "database.url")}
+        for name, own in self.databases.items():
+            found[name] = ClusterSpec(name, own.url, own.settings(self.database), f"databases.{name}.url")
+        by_url = {spec.url: name for name, spec in found.items() if spec.url}
+        for ns, own_ns in sorted(self.queues.namespaces.items()):
+            url = own_ns.database
+            if url is None or not is_database_url(url) or url in by_url:
+                continue
+            name = base = _url_cluster_name(url)
+            while name in found:  # two URLs of one server and database (other users, options)
+                name = f"{base}#{len(found)}"
+            found[name] = ClusterSpec(name, url, _inherited(self.database, url), f"queues.namespaces.{ns}.database")
+            by_url[url] = name
+        return found
+
+    def cluster_of(self, namespace: str) -> str:
+        """The name of the cluster that holds ``namespace``'s queue, its outcome rows and its
+        flow control: ``"primary"`` unless ``[queues.namespaces.<ns>] database`` says otherwise."""
+        own = self.queues.namespaces.get(namespace)
+        value = None if own is None else own.database
+        if value is None or value == PRIMARY or value in self.databases:
+            return value or PRIMARY
+        for name, spec in self.clusters().items():
+            if spec.url == value:
+                return name
+        return PRIMARY  # unreachable: every URL is a cluster of clusters()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any namespace lives on another cluster than the primary (several pools,
+        listeners and claim loops; one of each otherwise)."""
+        return any(self.cluster_of(ns) != PRIMARY for ns in self.queues.namespaces)
 
     @classmethod
     def settings_customise_sources(

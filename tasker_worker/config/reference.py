@@ -11,7 +11,8 @@ from tasker_worker.config.models import TaskerConfig
 #: What each key does: the description column of ``config reference`` and of
 #: docs/configuration.md (tests/test_docs.py checks that the two agree row by row).
 DESCRIPTIONS: dict[str, str] = {
-    "database.url": "PostgreSQL URL; unset starts the embedded server (`TASKER_DATABASE_URL` also works)",
+    "database.url": "PostgreSQL URL (`TASKER_DATABASE_URL` also works); unset: the embedded server, attached to when it runs, else started and left running (`tasker-worker db stop` stops it)",
+    "database.read_url": "a read replica (hot standby) for the dashboard, `status`, `workers list/show/stats`, `steps list/show` and the API's reads (`TASKER_DATABASE_READ_URL` also works): as stale as its replay lag, which they show; writes, claims, heartbeats and the producer never use it (see operations.md)",
     "database.pooler": '`"transaction"` when the URL goes through a transaction pooler (PgBouncer `pool_mode = transaction`): no prepared statements, no session state, PollingOnly only, no supervision candidacy (see below)',
     "database.embedded_data_dir": "data directory of the embedded server (default: the user's data directory)",
     "database.auto_migrate": "apply pending migrations at start (off: run `tasker-worker db migrate` yourself)",
@@ -40,7 +41,7 @@ DESCRIPTIONS: dict[str, str] = {
     "worker.id": "fixed worker id (default: name-host-pid-random)",
     "worker.name": "worker name shown in the registry and logs",
     "worker.namespaces": "namespaces served (queues `worker_<ns>_queue`)",
-    "worker.handler_modules": "modules whose `register(worker)` adds handlers",
+    "worker.handler_modules": "modules whose `register(worker)` adds handlers (the planners are one: list it beside yours to keep `path_plan`)",
     "worker.executor": "where sync handlers run: `thread` or `process`",
     "worker.executor_workers": "size of that pool",
     "worker.handler_timeout": "default time a handler may run (a handler's `timeout=` and the step's `timeout` win)",
@@ -49,6 +50,8 @@ DESCRIPTIONS: dict[str, str] = {
     "worker.periodic_timeout": "default timeout of periodic jobs",
     "worker.shutdown_timeout": "the whole graceful shutdown: handlers may finish until it less a reserve for the final writes (30%, at most 2 s); then unfinished steps are released, results flushed and the worker deregistered, all by this deadline; the process exits within it + 1 s even with the database stopped or unreachable (what could not be written is logged with its count and returns at its vt)",
     "worker.max_rejections": "times a step needing a missing capability is bounced before the DLQ",
+    "worker.prefetch": "steps claimed ahead of the free slots while a backlog is worked through (0: none); never for a namespace under flow control",
+    "worker.cancel_grace": "how long a step asked to stop (`steps cancel`) may end by itself (`ctx.cancelled`) before an async handler is cancelled",
     "worker.stats_window": "latency samples kept for percentiles",
     "worker.event_loop": "event loop of `tasker-worker run`: `auto` (uvloop when installed), `asyncio` or `uvloop`",
     "retry.max_attempts": "attempts before a failing step goes to the DLQ (a step's `attempt_limit` wins)",
@@ -56,6 +59,7 @@ DESCRIPTIONS: dict[str, str] = {
     "retry.max_delay": "retry delay ceiling",
     "retry.jitter": "random fraction added to each delay",
     "retry.max_releases": "attempt-free retries (DependencyUnavailable, broken connection) per message",
+    "retry.max_snoozes": "snoozes (a handler's `Snooze`) per message; one more fails the step (a handler's `max_snoozes=` wins)",
     "queues.archive": "also keep each settled message in pgmq's archive `a_worker_<ns>_queue` (the outcome row is the record either way); per namespace: `[queues.namespaces.<ns>] archive`",
     "circuit_breaker.enabled": "open circuits for handlers whose dependency is unavailable",
     "circuit_breaker.failure_threshold": "`DependencyUnavailable` in a row that open a handler's circuit",

@@ -53,11 +53,13 @@ async def set_limits(
     max_running: int | None = None,
     key_max_running: int | None = None,
     rate: Rate | None = None,
+    burst: int | None = None,
     remove_rate: bool = False,
     by: str | None = None,
 ) -> QueueFlow | None:
     """Change ``namespace``'s limits (None leaves one as it is, 0 removes it; ``remove_rate``
-    removes the rate) and build the indexes they need; the flow in force afterwards."""
+    removes the rate; ``burst`` alone changes the burst of the rate in force) and build the
+    indexes they need; the flow in force afterwards."""
     validate_namespace(namespace)
     rate_count = 0 if remove_rate else (rate.count if rate else None)
     await _one(
@@ -69,7 +71,7 @@ async def set_limits(
             "key_max_running": key_max_running,
             "rate_count": rate_count,
             "rate_period_s": rate.period_s if rate else None,
-            "rate_burst": rate.burst if rate else None,
+            "rate_burst": burst if burst is not None else (rate.burst if rate else None),
             "by": by,
         },
     )

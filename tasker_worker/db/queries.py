@@ -11,6 +11,14 @@ from dataclasses import dataclass
 
 from psycopg import sql as pgsql
 
+from tasker_worker.domain.notifications import CLAIMED_PREFIX, MESSAGE_READY_PREFIX, OUTCOME_CHANNEL
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (a channel name written into a statement)."""
+    return pgsql.Literal(text).as_string(None)
+
+
 # --- migrations ------------------------------------------------------------------------------
 
 CREATE_MIGRATIONS_TABLE = """
@@ -148,7 +156,8 @@ ENQUEUE_STEP = """
 SELECT step_uuid, msg_id, created
   FROM tasker.enqueue_step(%(namespace)s, %(handler)s, %(inputs)s::jsonb, %(step_uuid)s::uuid, %(delay)s,
                            %(task_uuid)s::uuid, %(correlation_id)s::uuid, %(attempt_limit)s, %(timeout)s,
-                           %(headers)s::jsonb, %(notify)s)
+                           %(headers)s::jsonb, %(notify)s, %(priority)s, %(group)s, %(concurrency_key)s,
+                           %(unique_key)s, %(unique_for)s, %(debounce)s)
 """
 
 # A batch in one statement: bodies built and checked by the client, encoded once; one headers
@@ -171,7 +180,17 @@ SELECT {columns} FROM tasker.step_results
  LIMIT %(limit)s
 """
 
-CANCEL_STEP = "SELECT msg_id, state FROM tasker.cancel_step(%s, %s::uuid)"
+CANCEL_STEP = "SELECT msg_id, state FROM tasker.cancel_step(%s, %s::uuid, %s)"
+
+#: What running steps reported with ``ctx.progress``, a batch at a time (migration 0019).
+WRITE_PROGRESS = "SELECT tasker.write_progress(%s::jsonb, %s)"
+STEP_PROGRESS = """
+SELECT fraction, note, data, worker_id, updated_at FROM tasker.step_progress WHERE step_uuid = %s::uuid
+"""
+#: Cancel requests of steps held here, for a worker that missed (or does not listen for) them.
+PENDING_CANCELLATIONS = """
+SELECT step_uuid::text, requested_by FROM tasker.step_cancellations WHERE step_uuid = ANY(%s::uuid[])
+"""
 
 STEP_KEY = "SELECT queue_name, msg_id FROM tasker.step_keys WHERE step_uuid = %s"
 
@@ -308,12 +327,6 @@ _CLAIM_NOTICED = """, noticed AS (
 _CLAIM_NOTICE_JOIN = """
   LEFT JOIN noticed ON true"""
 
-#: The channel of ``StepsClaimed`` notices of a namespace.
-CLAIMED_CHANNEL_PREFIX = "tasker_claimed."
-
-#: Notified when a worker registers, leaves, or changes mode or namespaces (migration 0009).
-FLEET_CHANNEL = "tasker_fleet_changed"
-
 # A handler whose circuit is open is not claimed at all (its steps stay untouched, read_ct
 # unchanged), nor are the steps this worker gave back to a capable one a moment ago.
 _CLAIM_SKIP = """
@@ -360,7 +373,7 @@ WITH input AS (
      WHERE s.status IS NOT NULL AND s.step_uuid IS NOT NULL
     ON CONFLICT (step_uuid) DO NOTHING{returning}
 ){logged}, notified AS (
-    SELECT pg_notify('tasker_outcome', json_build_object(
+    SELECT pg_notify({outcome_channel}, json_build_object(
                'step_uuids', (array_agg(s.step_uuid ORDER BY s.msg_id))[1:150])::text) AS sent
       FROM settled AS s
      WHERE s.status IS NOT NULL AND s.headers ? 'tasker_notify'
@@ -368,10 +381,6 @@ WITH input AS (
 )
 SELECT s.msg_id{recorded} FROM settled AS s LEFT JOIN notified ON true
 """
-
-#: Notified when the outcome of a step sent with ``notify`` is recorded (migration 0012): JSON
-#: ``{"step_uuids": [...]}`` (at most 150 per settle; a waiter also polls, slowly).
-OUTCOME_CHANNEL = "tasker_outcome"
 
 # The settle inside a handler's own transaction also says whether the outcome row was written:
 # when another run of the same step recorded first, the handler's writes must not commit.
@@ -425,7 +434,8 @@ class QueueStatements:
             "queue": pgsql.Literal(queue),
             "namespace": pgsql.Literal(namespace),
             "stored": pgsql.Literal(store_events),
-            "channel": pgsql.Literal(CLAIMED_CHANNEL_PREFIX + namespace),
+            "channel": pgsql.Literal(CLAIMED_PREFIX + namespace),
+            "outcome_channel": pgsql.Literal(OUTCOME_CHANNEL),
         }
 
         def render(template: str, **parts: str) -> str:
@@ -477,19 +487,23 @@ def visible_queues_statement(queues: list[str]) -> str:
 
 # A step given back for a capable worker: announce when it is ready again, as the send trigger
 # announces a delayed message, so that listening workers come back for it (in EventDrivenOnly,
-# which has no poller, nothing else would). The payload follows the trigger's message_ready.
-ANNOUNCE_READY = """
-SELECT pg_notify('pgmq_message_ready.' || a.ns,
+# which has no poller, nothing else would). The payload follows the trigger's message_ready
+# (``delay_seconds``: the delay rounded to whole seconds, as tasker-core's field is).
+ANNOUNCE_READY = f"""
+SELECT pg_notify({_literal(MESSAGE_READY_PREFIX)} || a.ns,
                  CASE WHEN cardinality(a.ids) = 1
                  THEN json_build_object('event_type', 'message_ready', 'queue_name', a.q, 'namespace', a.ns,
-                                        'msg_id', a.ids[1], 'message_count', 1, 'ready_at', a.ready)
+                                        'msg_id', a.ids[1], 'message_count', 1, 'ready_at', a.ready,
+                                        'delay_seconds', a.delay)
                  ELSE json_build_object('event_type', 'batch_ready', 'queue_name', a.q, 'namespace', a.ns,
                                         'msg_ids', a.ids[1:100], 'message_count', cardinality(a.ids),
                                         'min_msg_id', a.ids[1], 'max_msg_id', a.ids[cardinality(a.ids)],
-                                        'truncated', cardinality(a.ids) > 100, 'ready_at', a.ready)
+                                        'truncated', cardinality(a.ids) > 100, 'ready_at', a.ready,
+                                        'delay_seconds', a.delay)
                  END::text)
   FROM (SELECT %(queue)s::text AS q, tasker.queue_namespace(%(queue)s::text) AS ns, %(ids)s::bigint[] AS ids,
-               clock_timestamp() + make_interval(secs => %(delay)s::float8) AS ready) AS a
+               clock_timestamp() + make_interval(secs => %(delay)s::float8) AS ready,
+               least(round(greatest(%(delay)s::float8, 0)), 2147483647)::integer AS delay) AS a
 """
 
 # A claim that found the previous one lapsed (migration 0010).
@@ -507,11 +521,11 @@ EXTEND_VT = "SELECT msg_id, vt FROM tasker.extend_vt(%s, %s, %s, %s)"
 
 # The last two parameters: msg_ids and step_uuids of the steps whose producer waits for them
 # (header tasker_notify), named on tasker_outcome once they are moved.
-DEAD_LETTER_STEPS = """
+DEAD_LETTER_STEPS = f"""
 WITH moved AS (
     SELECT msg_id, moved FROM tasker.dead_letter_steps(%s, %s, %s, %s, %s, %s::jsonb[], %s, %s, %s, %s)
 ), notified AS (
-    SELECT pg_notify('tasker_outcome', json_build_object('step_uuids', (array_agg(w.u))[1:150])::text)
+    SELECT pg_notify({_literal(OUTCOME_CHANNEL)}, json_build_object('step_uuids', (array_agg(w.u))[1:150])::text)
       FROM moved AS m JOIN unnest(%s::bigint[], %s::text[]) AS w(id, u) ON w.id = m.msg_id
      WHERE m.moved
     HAVING count(*) > 0
@@ -734,6 +748,25 @@ DELETE FROM tasker.step_keys
        SELECT step_uuid FROM tasker.step_keys WHERE created_at < %(cutoff)s LIMIT %(batch)s))
 """
 
+# What steps reported while running, and cancel requests, older than the longest outcome horizon;
+# unique windows that are over (migration 0019).
+PRUNE_STEP_PROGRESS = """
+DELETE FROM tasker.step_progress
+ WHERE step_uuid = ANY (ARRAY(
+       SELECT step_uuid FROM tasker.step_progress WHERE updated_at < %(cutoff)s LIMIT %(batch)s))
+"""
+PRUNE_CANCELLATIONS = """
+DELETE FROM tasker.step_cancellations
+ WHERE step_uuid = ANY (ARRAY(
+       SELECT step_uuid FROM tasker.step_cancellations WHERE requested_at < %(cutoff)s LIMIT %(batch)s))
+"""
+PRUNE_UNIQUE_KEYS = """
+DELETE FROM tasker.unique_keys AS u
+ USING (SELECT namespace, unique_key FROM tasker.unique_keys
+         WHERE expires_at < clock_timestamp() LIMIT %(batch)s) AS o
+ WHERE u.namespace = o.namespace AND u.unique_key = o.unique_key AND u.expires_at < clock_timestamp()
+"""
+
 PRUNE_HEARTBEATS = """
 DELETE FROM tasker.worker_heartbeats
  WHERE heartbeat_id = ANY (ARRAY(
@@ -818,6 +851,18 @@ SELECT coalesce(max(extract(epoch FROM clock_timestamp() - xact_start))
                 FILTER (WHERE pid <> pg_backend_pid()), 0),
        pg_notification_queue_usage()
   FROM pg_stat_activity
+"""
+
+# The server behind [database] read_url: a standby (in recovery) or a primary; whether its WAL
+# receiver streams (no row: it does not; its status is NULL without pg_read_all_stats), whether
+# it replayed all it received, replay paused, and the age of the last commit it replayed.
+REPLICA_STATE = """
+SELECT pg_is_in_recovery(),
+       (SELECT CASE WHEN count(*) = 0 THEN false ELSE bool_or(status = 'streaming') END
+          FROM pg_stat_wal_receiver),
+       coalesce(pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn(), false),
+       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
+       extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8
 """
 
 QUEUE_DEAD_TUPLES = r"""

@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from tasker_worker.db import queries
 from tasker_worker.domain.flow import ClaimBatch, FlowHold, HoldReason
 from tasker_worker.domain.names import namespace_of, queue_name, validate_handler_name
+from tasker_worker.domain.replica import ReplicaState
 from tasker_worker.domain.steps import ClaimedMessage, Outcome, Source
 from tasker_worker.domain.verdicts import jsonb_safe
 from tasker_worker.errors import (
@@ -264,7 +265,7 @@ class QueueClient:
         conn: AsyncConn | None = None,
     ) -> int:
         """Enqueue one step through ``tasker.send_step``; return its msg_id. ``headers`` become
-        the message's (a W3C ``traceparent``: see ``runtime.tracing.trace_headers``)."""
+        the message's (a W3C ``traceparent``: see ``tracecontext.trace_headers``)."""
         queue_name(namespace)
         validate_handler_name(handler)
         rows = await self._fetch(
@@ -420,6 +421,19 @@ class QueueClient:
         if text is None:
             text = self._visible[key] = queries.visible_queues_statement(list(queues))
         return {r[0] for r in await self._fetch(text, ())}
+
+    async def write_progress(self, rows: Sequence[Mapping[str, Any]], worker_id: str) -> None:
+        """Store what running steps reported (``ctx.progress``): one row per step, the newest
+        value winning."""
+        if rows:
+            await self._fetch(queries.WRITE_PROGRESS, (json.dumps(list(rows), default=str), worker_id))
+
+    async def pending_cancellations(self, step_uuids: Sequence[str]) -> dict[str, str | None]:
+        """The cancel requests (``{step_uuid: who asked}``) of these steps."""
+        if not step_uuids:
+            return {}
+        rows = await self._fetch(queries.PENDING_CANCELLATIONS, (list(step_uuids),))
+        return {str(r[0]): r[1] for r in rows}
 
     async def announce_ready(self, queue: str, msg_ids: Sequence[int], delay_s: float = 0.0) -> None:
         """Notify the workers listening on ``queue``'s namespace that ``msg_ids`` are ready again
@@ -579,6 +593,17 @@ class QueueClient:
         rows = await self._fetch(queries.DATABASE_HORIZON, ())
         age_s, xmin_age, usage = rows[0]
         return float(age_s or 0.0), int(xmin_age or 0), float(usage or 0.0)
+
+    async def replica_state(self) -> ReplicaState:
+        """How stale this pool's reads are (``[database] read_url``: a standby, or a primary)."""
+        standby, streaming, caught_up, paused, age_s = (await self._fetch(queries.REPLICA_STATE, ()))[0]
+        return ReplicaState(
+            standby=bool(standby),
+            streaming=None if streaming is None else bool(streaming),
+            caught_up=bool(caught_up),
+            paused=bool(paused),
+            replay_age_s=None if age_s is None else float(age_s),
+        )
 
     async def queue_table_tuples(self) -> dict[str, tuple[int, int]]:
         """``{queue_name: (live, dead)}`` rows of every pgmq queue table (statistics collector)."""

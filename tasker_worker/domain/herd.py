@@ -6,8 +6,9 @@ worker ranks the live listening workers of the namespace for the notified messag
 hashing (the same order on every worker, from the registry's list and the message id, with no
 coordination): the first ``immediate`` of them claim at once, and each of the others waits
 ``grace * (its rank - immediate + 1)`` and then claims only if it has not seen the message claimed
-meanwhile. Claims made while a worker has peers announce what they took (``StepsClaimed``), so
-the waiting ones normally find their message taken and never send a statement.
+meanwhile. Claims made while a worker has peers announce what they took (``StepsClaimed`` of
+``domain/notifications.py``), so the waiting ones normally find their message taken and never
+send a statement.
 
 A dead, busy or slow first choice therefore delays its messages by at most one grace per rank,
 and the fallback poll stays the safety net underneath. ``immediate`` grows with the size of the
@@ -16,12 +17,10 @@ notified batch, so a burst is shared out at once rather than one grace later.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 #: How many recent claims a worker remembers per queue (what waiting checks look at).
 CLAIMED_MEMORY = 4096
@@ -66,33 +65,6 @@ class ClaimRanking:
     def immediate(self, namespace: str, message_count: int, batch_size: int) -> int:
         """How many of the first-ranked workers claim a notification of ``message_count`` at once."""
         return min(self.fleet(namespace), max(1, math.ceil(message_count / max(1, batch_size))))
-
-
-@dataclass(frozen=True, slots=True)
-class StepsClaimed:
-    """A notice that a worker claimed these messages of ``queue`` (channel ``tasker_claimed.<ns>``)."""
-
-    queue: str
-    msg_ids: frozenset[int]
-    #: The whole range claimed (``msg_ids`` lists at most 100 of them).
-    lo: int
-    hi: int
-    truncated: bool
-
-    @classmethod
-    def from_payload(cls, payload: str) -> StepsClaimed | None:
-        """Parse a notice; ``None`` for anything else."""
-        try:
-            data = json.loads(payload)
-        except (ValueError, TypeError):
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("q"), str):
-            return None
-        ids = [i for i in data.get("ids") or () if isinstance(i, int)]
-        lo, hi, n = data.get("lo"), data.get("hi"), data.get("n")
-        if not ids or not isinstance(lo, int) or not isinstance(hi, int) or not isinstance(n, int):
-            return None
-        return cls(data["q"], frozenset(ids), lo, hi, n > len(ids))
 
 
 class ClaimedMemory:

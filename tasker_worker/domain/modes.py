@@ -1,4 +1,4 @@
-"""The deployment mode: which sources wake a worker's claims (DESIGN.md, "DeploymentMode").
+"""The deployment mode: which sources wake a worker's claims (docs/operations.md, "Choosing a deployment mode").
 
 The mode a worker runs now lives in one place, its ``WorkerEventSystem.mode``; the configuration
 only says which one it starts with.

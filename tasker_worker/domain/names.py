@@ -19,8 +19,27 @@ QUEUE_SUFFIX = "_queue"
 DLQ_SUFFIX = "_dlq"
 HANDLER_MAX_LEN = 100
 
-_NAMESPACE_RE = re.compile(r"[a-z][a-z0-9_]*")
-_HANDLER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")
+#: The rules as patterns (JSON Schema and ``re`` alike), for the API's models and its OpenAPI document.
+NAMESPACE_PATTERN = r"^[a-z][a-z0-9_]*$"
+HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]*$"
+
+# Characters a name or label shown to people may not contain: control characters (C0, DEL,
+# C1) and the invisible ones that reorder or hide text (soft hyphen, zero-width and
+# bidirectional marks, line/paragraph separators, BOM, the interlinear annotations and the two
+# non-characters). Lone surrogates are no text at all: the API refuses them while decoding.
+_UNPRINTABLE = (
+    r"\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb\ufffe\uffff"
+)
+_SPACES = r"\x20\xa0\u1680\u2000-\u200a\u202f\u205f\u3000"
+#: Printable text with no space at either end: worker names, hostnames, ids, reasons.
+TEXT_PATTERN = rf"^[^{_UNPRINTABLE}{_SPACES}](?:[^{_UNPRINTABLE}]*[^{_UNPRINTABLE}{_SPACES}])?$"
+#: ``TEXT_PATTERN`` without ``/``: a worker id, which is a path segment of the API.
+WORKER_ID_PATTERN = rf"^[^{_UNPRINTABLE}{_SPACES}/](?:[^{_UNPRINTABLE}/]*[^{_UNPRINTABLE}{_SPACES}/])?$"
+
+_NAMESPACE_RE = re.compile(NAMESPACE_PATTERN[1:-1])
+_HANDLER_RE = re.compile(HANDLER_PATTERN[1:-1])
+_TEXT_RE = re.compile(TEXT_PATTERN)
+_WORKER_ID_RE = re.compile(WORKER_ID_PATTERN)
 _QUEUE_RE = re.compile(r"worker_([a-z][a-z0-9_]*)_queue")
 
 
@@ -48,6 +67,16 @@ def validate_handler_name(name: str) -> str:
     return name
 
 
+def is_text(value: str) -> bool:
+    """Whether ``value`` matches ``TEXT_PATTERN`` (printable, no space at either end)."""
+    return _TEXT_RE.fullmatch(value) is not None
+
+
+def is_worker_id(value: str) -> bool:
+    """Whether ``value`` matches ``WORKER_ID_PATTERN``."""
+    return _WORKER_ID_RE.fullmatch(value) is not None
+
+
 def queue_name(namespace: str) -> str:
     """The pgmq queue of a namespace: ``worker_<namespace>_queue``."""
     return f"{QUEUE_PREFIX}{validate_namespace(namespace)}{QUEUE_SUFFIX}"
@@ -64,14 +93,6 @@ def namespace_of(queue: str) -> str | None:
     if match is None or len(match.group(1)) > NAMESPACE_MAX_LEN:
         return None
     return match.group(1)
-
-
-def channel_for(namespace: str) -> str:
-    """The NOTIFY channel of a namespace."""
-    return f"pgmq_message_ready.{namespace}"
-
-
-GLOBAL_CHANNEL = "pgmq_message_ready"
 
 
 def checked_namespaces(names: Iterable[str]) -> list[str]:

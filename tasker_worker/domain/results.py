@@ -9,8 +9,31 @@ from typing import Any, Literal
 
 from tasker_worker.domain.steps import OutcomeStatus
 
-#: What ``cancel`` found: taken off the queue, held by a live claim, already finished, or absent.
-CancelState = Literal["cancelled", "running", "finished", "not_found"]
+#: What ``cancel`` found: taken off the queue; held by a live claim, which is asked to stop
+#: (``cancelling``; ``running`` from a database before migration 0019); already finished; absent.
+CancelState = Literal["cancelled", "cancelling", "running", "finished", "not_found"]
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """The last progress a running step reported (``ctx.progress``)."""
+
+    step_uuid: uuid.UUID
+    fraction: float | None
+    note: str | None
+    data: Any
+    worker_id: str | None
+    updated_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-able form (CLI ``--json``, HTTP)."""
+        return {
+            "fraction": self.fraction,
+            "note": self.note,
+            "data": self.data,
+            "worker_id": self.worker_id,
+            "updated_at": self.updated_at.isoformat(),
+        }
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Step messages, claimed messages and outcomes.
 
-``StepMessage`` is the JSON contract producers write (DESIGN.md "Step message").
+``StepMessage`` is the JSON contract producers write (docs/messages.md, "The step message").
 ``ClaimedMessage`` is one row a claim returned; ``Outcome`` is what the runtime records.
 """
 
@@ -164,6 +164,37 @@ def build_message(
     return StepMessage.parse({k: v for k, v in body.items() if v is not None})
 
 
+#: The keys of a tasker-core step message: its three UUIDs, and nothing else of ours.
+TASKER_CORE_KEYS = ("task_uuid", "step_uuid", "correlation_id")
+
+
+def is_tasker_core_step(text: str | bytes) -> bool:
+    """Whether a message that is not a step of ours is one of tasker-core's: a JSON object with
+    its three UUIDs (``task_uuid``, ``step_uuid``, ``correlation_id``) and none of the other
+    keys of our step message (``namespace``, ``handler``, ``inputs``, ...). Its handler and
+    inputs live in tasker-core's own tables, so only a tasker-core worker can run it: such a
+    message is left on its queue, never dead-lettered (``domain/verdicts.py``:
+    ``left_for_tasker_core``).
+
+    Asked only of a message our decoder refused, so that ordinary steps pay nothing for it. A
+    message naming any of our keys is ours (a malformed one, dead-lettered as ever)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return False
+    if not isinstance(body, dict) or not _OUR_KEYS.isdisjoint(body):
+        return False
+    for key in TASKER_CORE_KEYS:
+        value = body.get(key)
+        if not isinstance(value, str):
+            return False
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            return False
+    return True
+
+
 #: Where the package ships the step message's JSON Schema (docs/messages.md).
 SCHEMA_FILE = "schemas/step_message.schema.json"
 
@@ -187,6 +218,9 @@ def step_message_schema() -> dict[str, Any]:
 
 
 _DECODER = msgspec.json.Decoder(StepMessage, strict=False)
+#: Every key of our step message beyond the UUIDs it shares with tasker-core's (read from the
+#: struct, so that a key added to the contract counts at once).
+_OUR_KEYS = frozenset(StepMessage.__struct_fields__) - frozenset(TASKER_CORE_KEYS)
 
 
 def _readable(exc: msgspec.ValidationError) -> str:

@@ -3,8 +3,8 @@
 Every way a step ends is decided here and nowhere else, as a ``Settlement`` value
 (``domain/settlement.py``): ``after_success``, ``after_failure`` (from ``decide_failure``: the
 verdict on a handler's exception and the error recorded with it), ``not_a_step``,
-``no_such_handler``, ``running_here_already``, ``held_by_circuit``, ``lacking_capability`` and
-``released``. The step runner (``runtime/steps.py``) asks these and hands the answer to the
+``left_for_tasker_core``, ``no_such_handler``, ``running_here_already``, ``held_by_circuit``,
+``lacking_capability`` and ``released``. The step runner (``runtime/steps.py``) asks these and hands the answer to the
 outcome writer; ``tasker_worker.testing.HandlerHarness`` runs that same runner on an in-memory
 store, so a handler tested with the harness meets the same retries, releases, dead letters and
 error records in production.
@@ -24,6 +24,7 @@ anything else / timeout     RETRY after a backoff, or EXHAUSTED (outcome ``faile
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, cast
@@ -57,6 +58,16 @@ REJECT_DELAY_BASE = timedelta(milliseconds=100)
 REJECT_DELAY_CAP = timedelta(seconds=5)
 #: A step held back by an open circuit comes back no sooner than this.
 CIRCUIT_HOLD_MIN_S = 0.05
+#: A tasker-core step given back is visible again after this: long enough that this worker has
+#: noted it to be left alone before anyone can claim it again (a claim of a message still ending
+#: here would be taken for a redelivery of it), short next to tasker-core's own poll, which takes
+#: messages some seconds old.
+GIVE_BACK_TASKER_CORE_S = 1.0
+#: A tasker-core step is not claimed again by the worker that gave it back for this long: its
+#: own workers have it meanwhile (a worker's poll would otherwise take it back every interval).
+LEAVE_TASKER_CORE_S = 300.0
+#: The counter of tasker-core steps given back (``tasker_worker_tasker_core_steps_left``).
+TASKER_CORE_STEPS_LEFT = "tasker_core_steps_left"
 
 
 class VerdictKind(enum.StrEnum):
@@ -78,6 +89,8 @@ class RetryPolicy:
     max_delay: timedelta = timedelta(seconds=30)
     jitter: float = 0.2
     max_releases: int = 100
+    #: Snoozes (``Snooze``) per message, at most; one more fails the step.
+    max_snoozes: int = 100
     #: Exceptions retried (``RetryableError``, timeouts included, always are); any other is
     #: dead-lettered at once. None: every exception is retried.
     retry_on: tuple[type[BaseException], ...] | None = None
@@ -88,7 +101,14 @@ class RetryPolicy:
     @classmethod
     def from_settings(cls, retry: Any) -> RetryPolicy:
         """From a ``[retry]`` section (``RetryConfig``)."""
-        return cls(retry.max_attempts, retry.base_delay, retry.max_delay, retry.jitter, retry.max_releases)
+        return cls(
+            retry.max_attempts,
+            retry.base_delay,
+            retry.max_delay,
+            retry.jitter,
+            retry.max_releases,
+            getattr(retry, "max_snoozes", 100),
+        )
 
     def describe(self) -> str:
         """One line for ``config show``."""
@@ -110,6 +130,7 @@ class HandlerPolicy:
     max_delay: timedelta | None = None
     retry_on: tuple[type[BaseException], ...] | None = None
     dlq: bool = True
+    max_snoozes: int | None = None
 
     def applied_to(self, default: RetryPolicy) -> RetryPolicy:
         """``default`` with this handler's settings."""
@@ -120,6 +141,7 @@ class HandlerPolicy:
             max_delay=self.max_delay or default.max_delay,
             retry_on=self.retry_on if self.retry_on is not None else default.retry_on,
             dlq=self.dlq,
+            max_snoozes=self.max_snoozes if self.max_snoozes is not None else default.max_snoozes,
         )
 
 
@@ -268,6 +290,19 @@ def not_a_step(exc: StepValidationError) -> DeadLetter:
     return DeadLetter(OutcomeStatus.DEAD_LETTERED, error_json(exc))
 
 
+def left_for_tasker_core() -> PutBack:
+    """The message is a tasker-core step (``domain/steps.py``: ``is_tasker_core_step``): only a
+    tasker-core worker can run it. Never dead-lettered: given back with its read count restored
+    (no attempt used), visible again within a second, with no step event (it is not a step of
+    ours), and left alone by this worker for a while."""
+    return PutBack(
+        GIVE_BACK_TASKER_CORE_S,
+        count_attempt=False,
+        counter=TASKER_CORE_STEPS_LEFT,
+        leave_alone_s=LEAVE_TASKER_CORE_S,
+    )
+
+
 def no_such_handler(handler: str, known: list[str]) -> DeadLetter:
     """No handler of that name is registered here."""
     error = UnknownHandler(f"no handler {handler!r} in this worker (has: {', '.join(known)})")
@@ -330,6 +365,35 @@ def released(reason: str) -> PutBack:
     )
 
 
+#: A snooze is at most this long (the put-back's delay is whole milliseconds in an integer).
+MAX_SNOOZE_S = 7 * 86_400.0
+
+
+def snoozed(delay_s: float, snoozes: int, limit: int) -> Settlement:
+    """The handler snoozed (its ``snoozes``-th time): back in ``delay_s`` (at most
+    ``MAX_SNOOZE_S``) with the attempt given back and no failure event; past ``limit`` snoozes
+    the step fails instead."""
+    if not math.isfinite(delay_s) or delay_s > MAX_SNOOZE_S:
+        delay_s = MAX_SNOOZE_S
+    if snoozes > limit:
+        error = StepError(f"snoozed {snoozes} times, more than max_snoozes {limit}", reason="too_many_snoozes")
+        return Record(OutcomeStatus.FAILED, None, error.to_json())
+    return PutBack(
+        max(0.0, delay_s),
+        count_attempt=False,
+        event_data={"reason": "snoozed", "snoozes": snoozes},
+        headers={"tasker_snoozes": snoozes},
+        counter="snoozed",
+    )
+
+
+def cancelled(by: str | None, started_at: float | None = None, finished_at: float | None = None) -> Record:
+    """Someone asked for the step to be cancelled while it was held here: whatever its handler
+    did (stopped, or ran to its end), the outcome is ``cancelled``, naming who asked."""
+    error = {"type": "Cancelled", "reason": "cancelled", "message": "cancelled while running", "by": by}
+    return Record(OutcomeStatus.CANCELLED, None, error, started_at, finished_at)
+
+
 def step_timeout(step_timeout_s: float | None, handler_timeout: timedelta | None, default: timedelta) -> timedelta:
     """How long a run may take: the step's own ``timeout`` wins, then the handler's, then
     ``[worker] handler_timeout``."""
@@ -346,15 +410,18 @@ __all__ = [
     "VerdictKind",
     "after_failure",
     "after_success",
+    "cancelled",
     "decide_failure",
     "error_json",
     "held_by_circuit",
     "jsonb_safe",
     "judge_failure",
     "lacking_capability",
+    "left_for_tasker_core",
     "no_such_handler",
     "not_a_step",
     "released",
     "running_here_already",
+    "snoozed",
     "step_timeout",
 ]

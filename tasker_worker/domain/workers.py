@@ -15,13 +15,22 @@ Lifecycle::
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from tasker_worker.domain.modes import DeploymentMode
-from tasker_worker.domain.names import checked_namespaces
+from tasker_worker.domain.names import (
+    NAMESPACE_MAX_LEN,
+    NAMESPACE_PATTERN,
+    TEXT_PATTERN,
+    WORKER_ID_PATTERN,
+    checked_namespaces,
+    is_text,
+    is_worker_id,
+)
 from tasker_worker.errors import InvalidTransition
 
 
@@ -82,51 +91,68 @@ WORKER_EVENTS = frozenset(
 )
 
 
+#: Largest values of the registry's integer columns (``integer`` and ``bigint``).
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+
+def _rule(pattern: str, check: Callable[[str], bool], message: str) -> Any:
+    """A string rule stated once: validated with ``check``, published as ``pattern`` (the API's
+    OpenAPI document says exactly what is enforced)."""
+
+    def checked(value: str) -> str:
+        if not check(value):
+            raise ValueError(message)
+        return value
+
+    return (AfterValidator(checked), Field(json_schema_extra={"pattern": pattern}))
+
+
+def whole_number(value: Any) -> Any:
+    """``86.0`` as ``86`` (a validator: anything else passes unchanged)."""
+    # JSON has one number type: 86.0 is the integer 86 (JSON Schema's "integer" agrees), and the
+    # API reads bodies strictly otherwise (no "86", no true).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer that may arrive as a number with no fractional part (``86.0``).
+WholeNumber = Annotated[int, BeforeValidator(whole_number)]
+
+_PRINTABLE = "must be printable text without surrounding whitespace"
+#: Printable text, no space at either end (``domain.names.TEXT_PATTERN``).
+Text = Annotated[str, *_rule(TEXT_PATTERN, is_text, _PRINTABLE)]
+#: A worker id: ``Text`` without ``/`` (the id is a URL path segment of the API).
+WorkerId = Annotated[
+    str, *_rule(WORKER_ID_PATTERN, is_worker_id, _PRINTABLE + " and without '/' (the id is a URL path segment)")
+]
+#: A namespace (``domain.names.NAMESPACE_PATTERN``, at most 30 characters).
+Namespace = Annotated[
+    str,
+    AfterValidator(lambda value: checked_namespaces([value])[0]),
+    Field(max_length=NAMESPACE_MAX_LEN, json_schema_extra={"pattern": NAMESPACE_PATTERN}),
+]
+
+
 class WorkerRegistration(BaseModel):
     """What a worker says about itself when it registers (also the API's request body)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    worker_id: str | None = Field(default=None, min_length=1, max_length=200)
-    name: str = Field(min_length=1, max_length=200)
-    hostname: str = Field(min_length=1, max_length=255)
-    pid: int = Field(ge=0)
-    endpoint: str | None = Field(default=None, max_length=500)
-    namespaces: list[str] = Field(default_factory=list, max_length=1000)
-    capabilities: list[str] = Field(default_factory=list, max_length=10_000)
-    version: str = Field(default="unknown", max_length=100)
-    deployment_mode: str = Field(default="Hybrid", max_length=50)
-    cpu_cores: int = Field(default=1, ge=0, le=1_000_000)
-    memory_total: int = Field(default=0, ge=0)
-
-    @field_validator("worker_id", "name", "hostname")
-    @classmethod
-    def _printable(cls, value: str | None) -> str | None:
-        if value is not None and (not value.isprintable() or value != value.strip()):
-            raise ValueError("must be printable text without surrounding whitespace")
-        return value
-
-    @field_validator("worker_id")
-    @classmethod
-    def _one_path_segment(cls, value: str | None) -> str | None:
-        if value is not None and "/" in value:
-            raise ValueError("must not contain '/' (the id is a URL path segment of the API)")
-        return value
-
-    @field_validator("namespaces")
-    @classmethod
-    def _valid_namespaces(cls, value: list[str]) -> list[str]:
-        # The rules of the config and the CLI (and of tasker.validate_namespace in SQL).
-        checked_namespaces(value)
-        return value
-
-    @field_validator("capabilities")
-    @classmethod
-    def _valid_capabilities(cls, value: list[str]) -> list[str]:
-        for capability in value:
-            if not 1 <= len(capability) <= 200 or not capability.isprintable():
-                raise ValueError(f"capability {capability[:40]!r} must be 1 to 200 printable characters")
-        return value
+    worker_id: WorkerId | None = Field(default=None, min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
+    hostname: Text = Field(min_length=1, max_length=255)
+    pid: WholeNumber = Field(ge=0, le=INT4_MAX)
+    endpoint: Text | None = Field(default=None, max_length=500)
+    namespaces: list[Namespace] = Field(default_factory=list, max_length=1000)
+    capabilities: list[Annotated[Text, Field(max_length=200)]] = Field(default_factory=list, max_length=10_000)
+    version: Text = Field(default="unknown", max_length=100)
+    deployment_mode: str = Field(
+        default="Hybrid", max_length=50, json_schema_extra={"enum": [m.value for m in DeploymentMode]}
+    )
+    cpu_cores: WholeNumber = Field(default=1, ge=0, le=1_000_000)
+    memory_total: WholeNumber = Field(default=0, ge=0, le=INT8_MAX)
 
     @field_validator("deployment_mode")
     @classmethod
@@ -143,10 +169,12 @@ class Heartbeat(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpu_percent: float | None = Field(default=None, ge=0)
-    memory_used: int | None = Field(default=None, ge=0)
-    active_steps: int = Field(default=0, ge=0)
-    processed: int = Field(default=0, ge=0)
+    cpu_percent: float | None = Field(default=None, ge=0, le=1_000_000, allow_inf_nan=False)
+    # Bounds before the validator, inside the optional type: put on the field, pydantic would
+    # publish them as "ge"/"le" (no JSON Schema keywords) for a type with a validator of its own.
+    memory_used: Annotated[int, Field(ge=0, le=INT8_MAX), BeforeValidator(whole_number)] | None = None
+    active_steps: WholeNumber = Field(default=0, ge=0, le=INT4_MAX)
+    processed: WholeNumber = Field(default=0, ge=0, le=INT8_MAX)
     #: The worker is saturated (every concurrency slot taken): recorded as WorkerBusy.
     busy: bool = False
     stats: dict[str, Any] | None = None

@@ -2,8 +2,8 @@
 
 Each command is one transaction that locks the worker's row, checks the transition against the
 lifecycle in ``domain.workers``, writes the change and appends its event, so the live tables and
-the event log can never disagree. Reads live in ``registry.queries``; the periodic supervision
-jobs in ``registry.jobs``.
+the event log can never disagree. Reads live in ``fleet.views``; the periodic supervision
+jobs in ``fleet.supervision``.
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ class WorkerPresence:
         self.heartbeat_failures = 0
         self.last_status: WorkerStatus | None = None
 
+    def follow_peers(self, namespaces: Sequence[str], on_peers: Callable[[Mapping[str, list[str]]], None]) -> None:
+        """With each heartbeat, hand the live listening workers of ``namespaces`` to ``on_peers``
+        (the claim ranking, which needs this worker's registered id first)."""
+        self.peers_of = list(namespaces)
+        self.on_peers = on_peers
+
     async def register(self) -> str:
         """Register, retrying transient failures; return the id given."""
         attempts = self.config.registration_attempts

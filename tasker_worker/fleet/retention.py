@@ -46,6 +46,9 @@ async def prune_outcomes(pool: AsyncConnectionPool, config: RetentionConfig, now
     longest = max([config.outcomes, *(config.outcomes_for(ns) for ns in overridden)])
     params = {"cutoff": now - longest, "batch": config.batch_size}
     await _in_batches(pool, queries.PRUNE_STEP_KEYS, params, config.batch_size)
+    await _in_batches(pool, queries.PRUNE_STEP_PROGRESS, params, config.batch_size)
+    await _in_batches(pool, queries.PRUNE_CANCELLATIONS, params, config.batch_size)
+    await _in_batches(pool, queries.PRUNE_UNIQUE_KEYS, {"batch": config.batch_size}, config.batch_size)
     return deleted
 
 

@@ -3,7 +3,7 @@
 Each job reads its candidates, then moves each one in its own short transaction through
 ``WorkerLifecycle.transition(only_from=...)``, so a worker that changed meanwhile (it
 deregistered, another sweep got there first) is skipped, never forced. Only the fleet's leader
-runs them (``registry.leader``).
+runs them (``fleet.leader``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,20 @@ class SupervisionJobs:
             ),
         ]
 
+    def cluster_jobs(self) -> list[Job]:
+        """The jobs about a cluster's own tables, for a cluster that holds namespaces but not the
+        registry (``[queues.namespaces.<ns>] database``): its events, its flow indexes, and its
+        outcome rows, step keys and progress past ``[retention]``."""
+        return [
+            Job("compact_events", self.events_config.compaction_interval, self.compact_events),
+            Job("flow_indexes", self.config.reactivate_interval, self.flow_indexes),
+            *(
+                [Job("prune_outcomes", self.retention_config.interval, self.prune_outcomes)]
+                if self.retention_config.enabled
+                else []
+            ),
+        ]
+
     async def _candidates(self, query: str, params: tuple[object, ...]) -> list[str]:
         async with self.lifecycle.pool.connection() as conn:
             cur = await conn.execute(query, params)
@@ -116,6 +130,10 @@ class SupervisionJobs:
         return await retention.prune_outcomes(pool, self.retention_config, now) + await retention.prune_heartbeats(
             pool, self.retention_config, now
         )
+
+    async def prune_outcomes(self) -> int:
+        """Delete outcome rows (and step keys, progress, cancel requests) past ``[retention]``."""
+        return await retention.prune_outcomes(self.lifecycle.pool, self.retention_config, self.lifecycle.clock.now())
 
     async def flow_indexes(self) -> int:
         """Build the indexes a namespace's flow control came to need (its steps began to carry

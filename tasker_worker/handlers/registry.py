@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypedDict
@@ -108,6 +108,8 @@ class HandlerOptions(TypedDict, total=False):
     retry_on: tuple[type[BaseException], ...] | None
     #: False: dead letters are recorded as outcomes without a copy in the DLQ.
     dlq: bool
+    #: Snoozes (``Snooze``) per message, at most (default ``[retry] max_snoozes``).
+    max_snoozes: int | None
 
 
 class PeriodicOptions(TypedDict, total=False):
@@ -131,8 +133,11 @@ def _policy(options: HandlerOptions) -> HandlerPolicy | None:
     backoff = options.get("backoff")
     retry_on = options.get("retry_on")
     dlq = options.get("dlq", True)
-    if max_attempts is None and backoff is None and retry_on is None and dlq:
+    max_snoozes = options.get("max_snoozes")
+    if max_attempts is None and backoff is None and retry_on is None and dlq and max_snoozes is None:
         return None
+    if max_snoozes is not None and not 0 <= max_snoozes <= 100_000:
+        raise UsageError(f"max_snoozes must be between 0 and 100000, got {max_snoozes}")
     if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPT_LIMIT:
         raise UsageError(f"max_attempts must be between 1 and {MAX_ATTEMPT_LIMIT}, got {max_attempts}")
     base = longest = None
@@ -142,7 +147,9 @@ def _policy(options: HandlerOptions) -> HandlerPolicy | None:
             raise UsageError(f"backoff must be (first, longest) with 0 < first <= longest, got {backoff!r}")
     if retry_on is not None and not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
         raise UsageError("retry_on must be a tuple of exception classes")
-    return HandlerPolicy(max_attempts, base, longest, tuple(retry_on) if retry_on is not None else None, dlq)
+    return HandlerPolicy(
+        max_attempts, base, longest, tuple(retry_on) if retry_on is not None else None, dlq, max_snoozes
+    )
 
 
 class HandlerRegistry:
@@ -151,6 +158,19 @@ class HandlerRegistry:
     def __init__(self) -> None:
         self._handlers: dict[str, HandlerSpec] = {}
         self._periodic: dict[str, PeriodicSpec] = {}
+        #: Around every handler call, the first registered outermost (``middleware``).
+        self.middlewares: list[Middleware] = []
+
+    def middleware(self, func: Middleware) -> Middleware:
+        """Register ``async func(ctx, step, call_next)`` around every handler call: it runs what
+        it likes before and after ``await call_next()`` (which runs the next middleware, then the
+        handler, and returns its result), or returns without calling it to short-circuit (a
+        result, ``ctx.snooze(...)``), or raises as a handler would. Applied in registration order,
+        the first outermost."""
+        if not inspect.iscoroutinefunction(func):
+            raise UsageError("a middleware is an async function (ctx, step, call_next)")
+        self.middlewares.append(func)
+        return func
 
     def register(
         self,
@@ -250,6 +270,10 @@ class HandlerRegistry:
         return sorted(caps)
 
 
+#: ``async def middleware(ctx, step, call_next) -> result``.
+Middleware = Callable[[Any, Any, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
 class RegistersHandlers:
     """The ``handler`` and ``periodic`` decorators of anything holding a ``registry`` — a
     ``Worker`` or a ``HandlerHarness`` — so one ``register(worker)`` function serves both."""
@@ -267,3 +291,8 @@ class RegistersHandlers:
         """Decorator: run ``func(ctx)`` at each tick of ``every`` or ``cron`` while the worker
         runs; once per fleet with ``fleet_once`` (see ``HandlerRegistry.periodic``)."""
         return self.registry.periodic(every, **options)
+
+    def middleware(self, func: Middleware) -> Middleware:
+        """Decorator: run ``async func(ctx, step, call_next)`` around every handler call
+        (``HandlerRegistry.middleware``)."""
+        return self.registry.middleware(func)

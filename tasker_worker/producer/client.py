@@ -3,7 +3,7 @@
 The producer's half of the runtime, over the same SQL contract as any other producer
 (``tasker.enqueue_step``, ``pgmq.send_batch``, ``tasker.step_results``)::
 
-    async with AsyncClient("postgresql://app@db/app") as client:
+    async with AsyncClient() as client:  # the configured database (see below)
         ref = await client.send_step("orders", "charge", {"order": 42}, step_uuid=order_step_id)
         result = await client.wait_for(ref.step_uuid, timeout=30)
 
@@ -15,188 +15,145 @@ The producer's half of the runtime, over the same SQL contract as any other prod
   for steps sent with ``notify=True``, the default); it also looks every ``poll_interval``, so a
   step sent by someone else, or a lost notification, costs a wait of at most that.
 
-``Client`` is the same for code without an event loop. Both own a small connection pool, or use
-the one given (``pool=``); without a URL they use ``[database]`` of the configuration (the
-embedded server when none is set).
+Which database: the URL given, else the configuration resolved as by every other entry point
+(``load_config``: ``[database] url`` of the TOML layers, ``TASKER_DATABASE_URL``, the
+``TASKER__*`` variables), else the embedded server, which the client attaches to (or starts)
+and never stops. ``config=`` replaces the resolution; ``pool=`` uses a pool you own.
+
+Namespaces on other clusters (``[queues.namespaces.<ns>] database``): a send, a cancel and
+everything given a ``namespace`` go to the cluster of that namespace, through a pool of that
+cluster opened on first use; a look-up by step_uuid alone asks each cluster in turn (the
+primary first). With ``pool=``, routing needs ``config=`` too (and ``pools=`` may hand in the
+other clusters' pools by name); with one cluster, there is one pool and nothing is routed.
+
+``Client`` is the same for code without an event loop: both classes are made from the same
+operations (``operations.py``), ``AsyncClient`` awaiting them and ``Client`` blocking on them,
+so they offer the same methods with the same parameters (``conn=`` takes a
+``psycopg.AsyncConnection`` for one and a ``psycopg.Connection`` for the other).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-import uuid
-from collections.abc import Iterable
-from typing import Any
+import contextlib
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import msgspec
-import numpy as np
 import psycopg
-from psycopg import sql as pgsql
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from tasker_worker.config.models import TaskerConfig
-from tasker_worker.db import queries
-from tasker_worker.db.connection import resolve_database_url
+from tasker_worker.config.loader import LoadedConfig, database_source, load_config
+from tasker_worker.config.models import PRIMARY, DatabaseConfig, TaskerConfig
+from tasker_worker.db.clusters import ClusterPools, SyncClusterPools
+from tasker_worker.db.connection import CLIENT_APPLICATION_NAME, open_pool, open_sync_pool, resolve_database_url
 from tasker_worker.db.queue_client import translate_error
-from tasker_worker.domain.names import queue_name, validate_namespace
-from tasker_worker.domain.results import CancelState, StepRef, StepResult
-from tasker_worker.domain.steps import OutcomeStatus, build_message
-from tasker_worker.errors import StepValidationError, StepWaitTimeout, UsageError
-from tasker_worker.runtime.tracing import trace_headers
+from tasker_worker.domain.results import StepRef, StepResult
+from tasker_worker.errors import DatabaseError, TaskerError, UsageError
+from tasker_worker.producer import operations
+from tasker_worker.producer.operations import MAX_BATCH, Call, Databases, Hold, Notification, Plan, Request, Rows
 
-#: ``send_steps`` takes at most this many steps per call (one statement each).
-MAX_BATCH = 10_000
-#: How often ``wait_for`` looks without a notification, by default.
-DEFAULT_POLL_INTERVAL_S = 5.0
-_LISTEN = pgsql.SQL("LISTEN {}").format(pgsql.Identifier(queries.OUTCOME_CHANNEL))
-_STEP_RESULT = queries.STEP_RESULT.format(columns=StepResult.COLUMNS)
-_LIST_RESULTS = queries.LIST_STEP_RESULTS.format(columns=StepResult.COLUMNS)
-_ENCODE = msgspec.json.Encoder()
+P = ParamSpec("P")
+R = TypeVar("R")
 
-AnyConn = psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
+#: The statement that ends a held connection's LISTEN before it goes back to the pool.
+_UNLISTEN = "UNLISTEN *"
 
 
-def _uuid(value: uuid.UUID | str) -> uuid.UUID:
-    try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    except ValueError:
-        raise UsageError(f"not a UUID: {value!r}") from None
+class _Target:
+    """Where a client connects: resolved when it opens (so that nothing is read, and no server
+    started, by merely constructing one), the same way for both clients."""
+
+    def __init__(self, url: str | None, config: TaskerConfig | None) -> None:
+        self._url = url
+        self._config = config
+        self.source = "not resolved yet"
+        #: The configuration in force once resolved (its clusters route the namespaces).
+        self.config: TaskerConfig | None = config
+
+    def resolve(self) -> tuple[str, DatabaseConfig]:
+        """The URL and the ``[database]`` settings to open a pool with; remembers ``source``."""
+        if self._config is not None:
+            database = self._config.database
+            if self._url:
+                self.source = "the URL given to the client"
+                return self._url, database
+            self.source = "database.url of the config given" if database.url else "the embedded server"
+            return resolve_database_url(database), database
+        # One resolution for every entry point: the client's URL is the top layer, as
+        # `--database-url` is for the CLI.
+        loaded: LoadedConfig = load_config(overrides={"database.url": self._url}, overrides_origin="the client's URL")
+        self.source = database_source(loaded)
+        self.config = loaded.config
+        return resolve_database_url(loaded.config.database), loaded.config.database
+
+    def sharded(self) -> TaskerConfig | None:
+        """The configuration when some namespace lives on another cluster (None: one cluster)."""
+        return self.config if self.config is not None and self.config.sharded else None
+
+    def explain_on(self, exc: TaskerError, cluster: str | None) -> TaskerError:
+        """``explain``, for an error of the cluster named ``cluster`` (None: the primary)."""
+        if cluster is not None and cluster != PRIMARY and self.config is not None:
+            if isinstance(exc, DatabaseError) and "(database: " not in exc.message:
+                spec = self.config.clusters()[cluster]
+                exc.message = f"{exc.message} (database: cluster {cluster}, {spec.key})"
+                exc.args = (exc.message,)
+        return self.explain(exc)
+
+    def explain(self, exc: TaskerError) -> TaskerError:
+        """``exc`` with the database's source added to a database error, so that a client on the
+        wrong database says which one it is on, and why."""
+        if isinstance(exc, DatabaseError) and "(database: " not in exc.message:
+            text = exc.message
+            if 'schema "tasker" does not exist' in text or 'schema "pgmq" does not exist' in text:
+                text += "; run `tasker-worker db migrate` there, or start a worker (it migrates)"
+            exc.message = f"{text} (database: {self.source})"
+            exc.args = (exc.message,)
+        return exc
 
 
-def _enqueue_params(
-    namespace: str,
-    handler: str,
-    inputs: dict[str, Any] | None,
-    *,
-    step_uuid: uuid.UUID | str | None,
-    task_uuid: uuid.UUID | str | None,
-    correlation_id: uuid.UUID | str | None,
-    delay: float | None,
-    attempt_limit: int | None,
-    timeout: float | None,
-    headers: dict[str, Any] | None,
-    notify: bool,
-) -> dict[str, Any]:
-    # Checked here too, so that a mistake is a UsageError before any round trip.
-    build_message(
-        namespace,
-        handler,
-        inputs,
-        step_uuid=step_uuid,
-        task_uuid=task_uuid,
-        correlation_id=correlation_id,
-        attempt_limit=attempt_limit,
-        timeout=timeout,
-    )
-    traced = trace_headers(headers)
-    return {
-        "namespace": namespace,
-        "handler": handler,
-        "inputs": Jsonb(inputs or {}),
-        "step_uuid": str(step_uuid) if step_uuid else None,
-        "task_uuid": str(task_uuid) if task_uuid else None,
-        "correlation_id": str(correlation_id) if correlation_id else None,
-        "delay": _delay(delay),
-        "attempt_limit": attempt_limit,
-        "timeout": timeout,
-        "headers": Jsonb(traced) if traced else None,
-        "notify": notify,
-    }
+def _checked_conn(conn: Any, kind: type[Any], client: str) -> Any:
+    if conn is not None and not isinstance(conn, kind):
+        raise UsageError(
+            f"{client} sends on a {kind.__module__.split('.')[0]}.{kind.__name__} (conn=), "
+            f"got a {type(conn).__name__}: use {'Client' if client == 'AsyncClient' else 'AsyncClient'} for that"
+        )
+    return conn
 
 
-def _batch_params(
-    namespace: str,
-    handler: str,
-    inputs: Iterable[dict[str, Any]],
-    *,
-    delay: float | None,
-    attempt_limit: int | None,
-    timeout: float | None,
-    headers: dict[str, Any] | None,
-    notify: bool,
-) -> tuple[dict[str, Any], list[uuid.UUID]]:
-    items = list(inputs)
-    if not 1 <= len(items) <= MAX_BATCH:
-        raise UsageError(f"send_steps takes 1 to {MAX_BATCH} steps per call, got {len(items)}")
-    # What is the same for every step is checked once, by the rules of tasker.step_message;
-    # each step adds only its inputs (an object) and three fresh UUIDs.
-    build_message(namespace, handler, None, attempt_limit=attempt_limit, timeout=timeout)
-    common: dict[str, Any] = {"namespace": namespace, "handler": handler}
-    if attempt_limit is not None:
-        common["attempt_limit"] = attempt_limit
-    if timeout is not None:
-        common["timeout"] = timeout
-    for k, step_inputs in enumerate(items):
-        if not isinstance(step_inputs, dict):
-            raise StepValidationError(f"inputs must be a JSON object (step {k})", reason="malformed_message")
-    ids, ints = _uuid4_batch(3 * len(items))
-    # The fixed part of every body, encoded once; only the ids and the inputs differ.
-    fixed = _ENCODE.encode(common).decode()[1:-1]
-    try:
-        bodies = [
-            f'{{"step_uuid":"{ids[3 * k]}","task_uuid":"{ids[3 * k + 1]}","correlation_id":"{ids[3 * k + 2]}",'
-            f'{fixed},"inputs":{_ENCODE.encode(step_inputs).decode()}}}'
-            for k, step_inputs in enumerate(items)
-        ]
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise StepValidationError(f"inputs are not JSON: {exc}", reason="malformed_message") from None
-    batch_headers = trace_headers(headers)
-    if notify:
-        batch_headers["tasker_notify"] = True
-    params = {
-        "queue": queue_name(namespace),
-        "bodies": bodies,
-        "count": len(bodies),
-        "headers": json.dumps(batch_headers) if batch_headers else None,
-        "delay": _delay(delay),
-    }
-    return params, [uuid.UUID(int=n) for n in ints[0::3]]
+def _signature_of(plan: Callable[..., Any]) -> inspect.Signature:
+    """The plan's signature as a method's: ``self`` first, the plan's result as what it returns."""
+    sig = inspect.signature(plan)
+    hints = typing.get_type_hints(plan, vars(operations))
+    result = typing.get_args(hints["return"])[2] if "return" in hints else inspect.Signature.empty
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *sig.parameters.values()]
+    return sig.replace(parameters=params, return_annotation=result)
 
 
-def _uuid4_batch(n: int) -> tuple[list[str], list[int]]:
-    """``n`` random (version 4) UUIDs as strings and as integers, made in bulk: building them
-    one ``uuid.uuid4()`` at a time cost a batch more than its INSERT."""
-    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
-    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
-    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
-    hexed = np.frombuffer(raw.tobytes().hex().encode(), dtype=np.uint8).reshape(n, 32)
-    text = np.full((n, 36), ord("-"), dtype=np.uint8)
-    for src, dst, width in ((0, 0, 8), (8, 9, 4), (12, 14, 4), (16, 19, 4), (20, 24, 12)):
-        text[:, dst : dst + width] = hexed[:, src : src + width]
-    joined = text.tobytes().decode()
-    halves = raw.view(">u8").reshape(n, 2)
-    ints = [(hi << 64) | lo for hi, lo in zip(halves[:, 0].tolist(), halves[:, 1].tolist(), strict=True)]
-    return [joined[i : i + 36] for i in range(0, 36 * n, 36)], ints
+def _as_method(method: Callable[..., Any], plan: Callable[..., Any]) -> None:
+    functools.update_wrapper(method, plan, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
+    method.__signature__ = _signature_of(plan)  # type: ignore[attr-defined]
 
 
-def _delay(delay: float | None) -> int:
-    seconds = int(delay or 0)
-    if seconds < 0:
-        raise UsageError("delay must be zero or more seconds")
-    return seconds
+def _awaiting(plan: Callable[P, Plan[R]]) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]]:
+    """An ``AsyncClient`` method running ``plan``."""
+
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._drive(plan(*args, **kwargs))
+
+    _as_method(method, plan)
+    return method
 
 
-def _ref(row: tuple[Any, ...], namespace: str) -> StepRef:
-    return StepRef(step_uuid=row[0], msg_id=int(row[1]), namespace=namespace, created=bool(row[2]))
+def _blocking(plan: Callable[P, Plan[R]]) -> Callable[Concatenate[Client, P], R]:
+    """A ``Client`` method running ``plan``."""
 
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._drive(plan(*args, **kwargs))
 
-def _outcome_names(payload: str) -> set[str]:
-    try:
-        return set(json.loads(payload).get("step_uuids") or [])
-    except (ValueError, AttributeError):
-        return set()
-
-
-def _list_params(namespace: str | None, status: OutcomeStatus | str | None, limit: int) -> dict[str, Any]:
-    if namespace is not None:
-        validate_namespace(namespace)
-    return {
-        "namespace": namespace,
-        "status": OutcomeStatus(status).value if status is not None else None,
-        "limit": max(1, min(int(limit), 1000)),
-    }
+    _as_method(method, plan)
+    return method
 
 
 class AsyncClient:
@@ -209,12 +166,39 @@ class AsyncClient:
         pool: AsyncConnectionPool | None = None,
         config: TaskerConfig | None = None,
         max_size: int = 4,
+        pools: Mapping[str, AsyncConnectionPool] | ClusterPools | None = None,
     ) -> None:
-        self._url = url
-        self._config = config or TaskerConfig()
+        if pools and config is None:
+            raise UsageError("pools= are routed by the configuration's clusters: give config= too")
+        self._target = _Target(url, config)
         self._pool = pool
         self._owns_pool = pool is None
         self._max_size = max_size
+        #: The pools of the clusters, when some namespace lives elsewhere than the primary.
+        self._clusters: ClusterPools | None = None
+        #: A ``ClusterPools`` handed in (the API's), used as it is and closed by its owner.
+        self._shared = pools if isinstance(pools, ClusterPools) else None
+        self._given = dict(pools) if pools is not None and not isinstance(pools, ClusterPools) else {}
+        if pool is not None:
+            self._route(config)
+
+    def _route(self, config: TaskerConfig | None) -> None:
+        if self._shared is not None:
+            self._clusters = self._shared
+        elif config is not None and config.sharded and self._pool is not None:
+            given = {**self._given, PRIMARY: self._pool}
+            self._clusters = ClusterPools(
+                config, given, max_size=self._max_size, application_name=CLIENT_APPLICATION_NAME
+            )
+
+    async def _pool_of(self, namespace: str | None, database: str | None) -> AsyncConnectionPool:
+        """The pool of the cluster of ``namespace`` (or named ``database``; neither: the primary)."""
+        clusters = self._clusters
+        if clusters is None:
+            return self.pool
+        if database is None:
+            database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY
+        return await clusters.pool(database)
 
     async def __aenter__(self) -> AsyncClient:
         await self.open()
@@ -224,19 +208,25 @@ class AsyncClient:
         await self.close()
 
     async def open(self) -> None:
-        """Open the pool (``async with`` does it)."""
+        """Open the pool (``async with`` does it); resolves the database first (module docstring)."""
         if self._pool is None:
-            url = self._url or resolve_database_url(self._config.database)
-            self._pool = AsyncConnectionPool(
-                url, min_size=1, max_size=self._max_size, kwargs={"autocommit": True}, open=False
-            )
-            await self._pool.open(wait=True, timeout=self._config.database.connect_timeout.total_seconds())
+            url, database = self._target.resolve()
+            try:
+                self._pool = await open_pool(
+                    url, database, max_size=self._max_size, application_name=CLIENT_APPLICATION_NAME
+                )
+            except TaskerError as exc:
+                raise self._target.explain(exc) from exc
+            self._route(self._target.sharded())
 
     async def close(self) -> None:
-        """Close the pool this client opened (not one it was given)."""
+        """Close the pools this client opened (not those it was given)."""
+        if self._clusters is not None and self._clusters is not self._shared:
+            await self._clusters.close()
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
             self._pool = None
+            self._clusters = None
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -245,161 +235,81 @@ class AsyncClient:
             raise UsageError("the client is not open: use `async with AsyncClient(...)` or `await client.open()`")
         return self._pool
 
-    async def _rows(self, query: Any, params: Any, conn: psycopg.AsyncConnection[Any] | None) -> list[tuple[Any, ...]]:
+    async def _drive(self, plan: Plan[R]) -> R:
+        """Run ``plan`` to its end, answering each request it yields."""
+        async with contextlib.AsyncExitStack() as held:
+            answer: Any = None
+            failure: BaseException | None = None
+            while True:
+                try:
+                    request = plan.throw(failure) if failure is not None else plan.send(answer)
+                except StopIteration as done:
+                    result: R = done.value
+                    return result
+                answer, failure = None, None
+                try:
+                    answer = await self._serve(request, held)
+                except TaskerError as exc:
+                    failure = self._target.explain_on(exc, self._cluster_named(request))
+
+    def _cluster_named(self, request: Request) -> str | None:
+        """The cluster ``request`` went to, for its error (None: the primary, or one cluster)."""
+        if self._clusters is None or not isinstance(request, Rows | Hold):
+            return None
+        if request.database is not None:
+            return request.database
+        return self._clusters.cluster_of(request.namespace) if request.namespace is not None else None
+
+    async def _serve(self, request: Request, held: contextlib.AsyncExitStack) -> Any:
         try:
-            if conn is not None:
-                cur = await conn.execute(query, params)
-                return await cur.fetchall()
-            async with self.pool.connection() as own:
-                cur = await own.execute(query, params)
-                return await cur.fetchall()
+            if isinstance(request, Rows):
+                conn = _checked_conn(request.conn, psycopg.AsyncConnection, "AsyncClient")
+                if conn is not None:
+                    cur = await conn.execute(request.query, request.params)
+                    return await cur.fetchall() if cur.description else []
+                pool = await self._pool_of(request.namespace, request.database)
+                async with pool.connection() as own:
+                    cur = await own.execute(request.query, request.params)
+                    return await cur.fetchall() if cur.description else []
+            if isinstance(request, Databases):
+                return [PRIMARY] if self._clusters is None else self._clusters.names
+            if isinstance(request, Hold):
+                pool = await self._pool_of(request.namespace, request.database)
+                conn = await held.enter_async_context(pool.connection())
+                if request.listen is not None:
+                    await conn.execute(request.listen)
+                    held.push_async_callback(_unlisten, conn)
+                return conn
+            if isinstance(request, Call):
+                called = request.func(request.arg)
+                if inspect.isawaitable(called):
+                    await called
+                return None
+            async for notice in request.conn.notifies(timeout=request.timeout, stop_after=1):
+                return notice.payload
+            return None
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
 
-    async def send_step(
-        self,
-        namespace: str,
-        handler: str,
-        inputs: dict[str, Any] | None = None,
-        *,
-        step_uuid: uuid.UUID | str | None = None,
-        task_uuid: uuid.UUID | str | None = None,
-        correlation_id: uuid.UUID | str | None = None,
-        delay: float | None = None,
-        attempt_limit: int | None = None,
-        timeout: float | None = None,
-        headers: dict[str, Any] | None = None,
-        notify: bool = True,
-        conn: psycopg.AsyncConnection[Any] | None = None,
-    ) -> StepRef:
-        """Enqueue one step; with ``step_uuid``, idempotently. ``headers`` are the message's
-        (the current trace context is added); ``notify`` lets ``wait_for`` be woken."""
-        params = _enqueue_params(
-            namespace,
-            handler,
-            inputs,
-            step_uuid=step_uuid,
-            task_uuid=task_uuid,
-            correlation_id=correlation_id,
-            delay=delay,
-            attempt_limit=attempt_limit,
-            timeout=timeout,
-            headers=headers,
-            notify=notify,
-        )
-        [row] = await self._rows(queries.ENQUEUE_STEP, params, conn)
-        return _ref(row, namespace)
+    send_step = _awaiting(operations.send_step)
+    send_steps = _awaiting(operations.send_steps)
+    get_result = _awaiting(operations.get_result)
+    list_results = _awaiting(operations.list_results)
+    wait_for = _awaiting(operations.wait_for)
+    find_queued = _awaiting(operations.find_queued)
+    cancel = _awaiting(operations.cancel)
+    get_progress = _awaiting(operations.get_progress)
 
-    async def send_steps(
-        self,
-        namespace: str,
-        handler: str,
-        inputs: Iterable[dict[str, Any]],
-        *,
-        delay: float | None = None,
-        attempt_limit: int | None = None,
-        timeout: float | None = None,
-        headers: dict[str, Any] | None = None,
-        notify: bool = False,
-        conn: psycopg.AsyncConnection[Any] | None = None,
-    ) -> list[StepRef]:
-        """Enqueue one step per ``inputs`` item in one statement (fresh step_uuids: a batch is
-        not deduplicated; use ``send_step(step_uuid=...)`` for that)."""
-        params, uuids = _batch_params(
-            namespace,
-            handler,
-            inputs,
-            delay=delay,
-            attempt_limit=attempt_limit,
-            timeout=timeout,
-            headers=headers,
-            notify=notify,
-        )
-        rows = await self._rows(queries.SEND_STEPS, params, conn)
-        return [StepRef(u, int(r[0]), namespace) for u, r in zip(uuids, rows, strict=True)]
 
-    async def get_result(
-        self, step_uuid: uuid.UUID | str, *, conn: psycopg.AsyncConnection[Any] | None = None
-    ) -> StepResult | None:
-        """The step's outcome, or None while it has none."""
-        rows = await self._rows(_STEP_RESULT, (_uuid(step_uuid),), conn)
-        return StepResult.from_row(rows[0]) if rows else None
-
-    async def list_results(
-        self, *, namespace: str | None = None, status: OutcomeStatus | str | None = None, limit: int = 100
-    ) -> list[StepResult]:
-        """Outcomes, newest first (at most 1000)."""
-        rows = await self._rows(_LIST_RESULTS, _list_params(namespace, status, limit), None)
-        return [StepResult.from_row(r) for r in rows]
-
-    async def wait_for(
-        self, step_uuid: uuid.UUID | str, timeout: float, *, poll_interval: float = DEFAULT_POLL_INTERVAL_S
-    ) -> StepResult:
-        """The step's outcome once it is recorded; ``StepWaitTimeout`` after ``timeout`` seconds."""
-        wanted = _uuid(step_uuid)
-        deadline = time.monotonic() + timeout
-        async with self.pool.connection() as conn:
-            await conn.execute(_LISTEN)  # before the first look: nothing falls in between
-            try:
-                while True:
-                    # On the listening connection: a waiter holds one connection, not two (a
-                    # pool of one would otherwise wait on itself).
-                    result = await self.get_result(wanted, conn=conn)
-                    if result is not None:
-                        return result
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise StepWaitTimeout(str(wanted), timeout)
-                    async for notice in conn.notifies(timeout=min(left, poll_interval)):
-                        if str(wanted) in _outcome_names(notice.payload):
-                            break
-            finally:
-                await conn.execute("UNLISTEN *")
-
-    async def find_queued(self, step_uuid: uuid.UUID | str, *, namespace: str | None = None) -> dict[str, Any] | None:
-        """Where a step without an outcome is: its message's queue, msg_id, state (queued,
-        delayed, waiting to retry, running and by whom), attempts and times; found through its
-        idempotency key, else (given ``namespace``) by a scan of that namespace's queue."""
-        wanted = _uuid(step_uuid)
-        async with self.pool.connection() as conn:
-            row = await (await conn.execute(queries.STEP_KEY, (wanted,))).fetchone()
-            queue = row[0] if row else (queue_name(namespace) if namespace else None)
-            if queue is None:
-                return None
-            found = await (await conn.execute(queries.queued_step(queue), (str(wanted),))).fetchone()
-        if found is None:
-            return None
-        msg_id, read_ct, vt, enqueued_at, headers, visible = found
-        claim = (headers or {}).get(queries.CLAIM_HEADER)
-        if claim and not visible:
-            state = "running"
-        elif read_ct and not visible:
-            state = "waiting to retry"
-        elif not visible:
-            state = "delayed"
-        else:
-            state = "queued"
-        return {
-            "step_uuid": str(wanted),
-            "queue": queue,
-            "msg_id": msg_id,
-            "state": state,
-            "attempts": read_ct,
-            "visible_at": vt.isoformat(),
-            "enqueued_at": enqueued_at.isoformat(),
-            "claimed_by": claim.get("worker_id") if claim and state == "running" else None,
-        }
-
-    async def cancel(self, namespace: str, step_uuid: uuid.UUID | str) -> CancelState:
-        """Take a step still queued off its queue (recorded as ``cancelled``); a step held by a
-        live claim or already finished is left alone, and the answer says which."""
-        [row] = await self._rows(queries.CANCEL_STEP, (namespace, str(_uuid(step_uuid))), None)
-        state: CancelState = row[1]
-        return state
+async def _unlisten(conn: psycopg.AsyncConnection[Any]) -> None:
+    # A broken connection needs no UNLISTEN (the pool discards it), and its error must not hide
+    # the one that ended the wait.
+    with contextlib.suppress(psycopg.Error):
+        await conn.execute(_UNLISTEN)
 
 
 class Client:
-    """``AsyncClient`` for code without an event loop (the same methods, blocking)."""
+    """``AsyncClient`` for code without an event loop: the same methods, blocking."""
 
     def __init__(
         self,
@@ -408,12 +318,35 @@ class Client:
         pool: ConnectionPool | None = None,
         config: TaskerConfig | None = None,
         max_size: int = 4,
+        pools: Mapping[str, ConnectionPool] | None = None,
     ) -> None:
-        self._url = url
-        self._config = config or TaskerConfig()
+        if pools and config is None:
+            raise UsageError("pools= are routed by the configuration's clusters: give config= too")
+        self._target = _Target(url, config)
         self._pool = pool
         self._owns_pool = pool is None
         self._max_size = max_size
+        self._given = dict(pools or {})
+        #: The pools of the clusters, when some namespace lives elsewhere than the primary.
+        self._clusters: SyncClusterPools | None = None
+        if pool is not None:
+            self._route(config)
+
+    def _route(self, config: TaskerConfig | None) -> None:
+        if config is not None and config.sharded and self._pool is not None:
+            given = {**self._given, PRIMARY: self._pool}
+            self._clusters = SyncClusterPools(
+                config, given, max_size=self._max_size, application_name=CLIENT_APPLICATION_NAME
+            )
+
+    def _pool_of(self, namespace: str | None, database: str | None) -> ConnectionPool:
+        """The pool of the cluster of ``namespace`` (or named ``database``; neither: the primary)."""
+        clusters = self._clusters
+        if clusters is None:
+            return self.pool
+        if database is None:
+            database = clusters.cluster_of(namespace) if namespace is not None else PRIMARY
+        return clusters.pool(database)
 
     def __enter__(self) -> Client:
         self.open()
@@ -423,19 +356,25 @@ class Client:
         self.close()
 
     def open(self) -> None:
-        """Open the pool (``with`` does it)."""
+        """Open the pool (``with`` does it); resolves the database first (module docstring)."""
         if self._pool is None:
-            url = self._url or resolve_database_url(self._config.database)
-            self._pool = ConnectionPool(
-                url, min_size=1, max_size=self._max_size, kwargs={"autocommit": True}, open=False
-            )
-            self._pool.open(wait=True, timeout=self._config.database.connect_timeout.total_seconds())
+            url, database = self._target.resolve()
+            try:
+                self._pool = open_sync_pool(
+                    url, database, max_size=self._max_size, application_name=CLIENT_APPLICATION_NAME
+                )
+            except TaskerError as exc:
+                raise self._target.explain(exc) from exc
+            self._route(self._target.sharded())
 
     def close(self) -> None:
-        """Close the pool this client opened (not one it was given)."""
+        """Close the pools this client opened (not those it was given)."""
+        if self._clusters is not None:
+            self._clusters.close()
         if self._pool is not None and self._owns_pool:
             self._pool.close()
             self._pool = None
+            self._clusters = None
 
     @property
     def pool(self) -> ConnectionPool:
@@ -444,115 +383,72 @@ class Client:
             raise UsageError("the client is not open: use `with Client(...)` or `client.open()`")
         return self._pool
 
-    def _rows(self, query: Any, params: Any, conn: psycopg.Connection[Any] | None) -> list[tuple[Any, ...]]:
+    def _drive(self, plan: Plan[R]) -> R:
+        """Run ``plan`` to its end, answering each request it yields."""
+        with contextlib.ExitStack() as held:
+            answer: Any = None
+            failure: BaseException | None = None
+            while True:
+                try:
+                    request = plan.throw(failure) if failure is not None else plan.send(answer)
+                except StopIteration as done:
+                    result: R = done.value
+                    return result
+                answer, failure = None, None
+                try:
+                    answer = self._serve(request, held)
+                except TaskerError as exc:
+                    failure = self._target.explain_on(exc, self._cluster_named(request))
+
+    def _cluster_named(self, request: Request) -> str | None:
+        """The cluster ``request`` went to, for its error (None: the primary, or one cluster)."""
+        if self._clusters is None or not isinstance(request, Rows | Hold):
+            return None
+        if request.database is not None:
+            return request.database
+        return self._clusters.cluster_of(request.namespace) if request.namespace is not None else None
+
+    def _serve(self, request: Request, held: contextlib.ExitStack) -> Any:
         try:
-            if conn is not None:
-                return conn.execute(query, params).fetchall()
-            with self.pool.connection() as own:
-                return own.execute(query, params).fetchall()
+            if isinstance(request, Rows):
+                conn = _checked_conn(request.conn, psycopg.Connection, "Client")
+                if conn is not None:
+                    cur = conn.execute(request.query, request.params)
+                    return cur.fetchall() if cur.description else []
+                with self._pool_of(request.namespace, request.database).connection() as own:
+                    cur = own.execute(request.query, request.params)
+                    return cur.fetchall() if cur.description else []
+            if isinstance(request, Databases):
+                return [PRIMARY] if self._clusters is None else self._clusters.names
+            if isinstance(request, Hold):
+                conn = held.enter_context(self._pool_of(request.namespace, request.database).connection())
+                if request.listen is not None:
+                    conn.execute(request.listen)
+                    held.callback(_unlisten_sync, conn)
+                return conn
+            if isinstance(request, Call):
+                request.func(request.arg)
+                return None
+            assert isinstance(request, Notification)
+            for notice in request.conn.notifies(timeout=request.timeout, stop_after=1):
+                return notice.payload
+            return None
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
 
-    def send_step(
-        self,
-        namespace: str,
-        handler: str,
-        inputs: dict[str, Any] | None = None,
-        *,
-        step_uuid: uuid.UUID | str | None = None,
-        task_uuid: uuid.UUID | str | None = None,
-        correlation_id: uuid.UUID | str | None = None,
-        delay: float | None = None,
-        attempt_limit: int | None = None,
-        timeout: float | None = None,
-        headers: dict[str, Any] | None = None,
-        notify: bool = True,
-        conn: psycopg.Connection[Any] | None = None,
-    ) -> StepRef:
-        """See ``AsyncClient.send_step``."""
-        params = _enqueue_params(
-            namespace,
-            handler,
-            inputs,
-            step_uuid=step_uuid,
-            task_uuid=task_uuid,
-            correlation_id=correlation_id,
-            delay=delay,
-            attempt_limit=attempt_limit,
-            timeout=timeout,
-            headers=headers,
-            notify=notify,
-        )
-        [row] = self._rows(queries.ENQUEUE_STEP, params, conn)
-        return _ref(row, namespace)
-
-    def send_steps(
-        self,
-        namespace: str,
-        handler: str,
-        inputs: Iterable[dict[str, Any]],
-        *,
-        delay: float | None = None,
-        attempt_limit: int | None = None,
-        timeout: float | None = None,
-        headers: dict[str, Any] | None = None,
-        notify: bool = False,
-        conn: psycopg.Connection[Any] | None = None,
-    ) -> list[StepRef]:
-        """See ``AsyncClient.send_steps``."""
-        params, uuids = _batch_params(
-            namespace,
-            handler,
-            inputs,
-            delay=delay,
-            attempt_limit=attempt_limit,
-            timeout=timeout,
-            headers=headers,
-            notify=notify,
-        )
-        rows = self._rows(queries.SEND_STEPS, params, conn)
-        return [StepRef(u, int(r[0]), namespace) for u, r in zip(uuids, rows, strict=True)]
-
-    def get_result(
-        self, step_uuid: uuid.UUID | str, *, conn: psycopg.Connection[Any] | None = None
-    ) -> StepResult | None:
-        """See ``AsyncClient.get_result``."""
-        rows = self._rows(_STEP_RESULT, (_uuid(step_uuid),), conn)
-        return StepResult.from_row(rows[0]) if rows else None
-
-    def list_results(
-        self, *, namespace: str | None = None, status: OutcomeStatus | str | None = None, limit: int = 100
-    ) -> list[StepResult]:
-        """See ``AsyncClient.list_results``."""
-        return [StepResult.from_row(r) for r in self._rows(_LIST_RESULTS, _list_params(namespace, status, limit), None)]
-
-    def wait_for(
-        self, step_uuid: uuid.UUID | str, timeout: float, *, poll_interval: float = DEFAULT_POLL_INTERVAL_S
-    ) -> StepResult:
-        """See ``AsyncClient.wait_for``."""
-        wanted = _uuid(step_uuid)
-        deadline = time.monotonic() + timeout
-        with self.pool.connection() as conn:
-            conn.execute(_LISTEN)
-            try:
-                while True:
-                    result = self.get_result(wanted, conn=conn)
-                    if result is not None:
-                        return result
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise StepWaitTimeout(str(wanted), timeout)
-                    for notice in conn.notifies(timeout=min(left, poll_interval)):
-                        if str(wanted) in _outcome_names(notice.payload):
-                            break
-            finally:
-                conn.execute("UNLISTEN *")
-
-    def cancel(self, namespace: str, step_uuid: uuid.UUID | str) -> CancelState:
-        """See ``AsyncClient.cancel``."""
-        [row] = self._rows(queries.CANCEL_STEP, (namespace, str(_uuid(step_uuid))), None)
-        state: CancelState = row[1]
-        return state
+    send_step = _blocking(operations.send_step)
+    send_steps = _blocking(operations.send_steps)
+    get_result = _blocking(operations.get_result)
+    list_results = _blocking(operations.list_results)
+    wait_for = _blocking(operations.wait_for)
+    find_queued = _blocking(operations.find_queued)
+    cancel = _blocking(operations.cancel)
+    get_progress = _blocking(operations.get_progress)
 
 
-__all__ = ["AsyncClient", "Client", "StepRef", "StepResult"]
+def _unlisten_sync(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error):
+        conn.execute(_UNLISTEN)
+
+
+__all__ = ["MAX_BATCH", "AsyncClient", "Client", "StepRef", "StepResult"]

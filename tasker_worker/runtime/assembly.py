@@ -40,11 +40,20 @@ def step_path(
     listening_since: Callable[[], float | None] = lambda: None,
     ranking: ClaimRanking | None = None,
     circuits: CircuitBreakers | None = None,
+    held: InFlight | None = None,
+    cluster_index: int = 0,
 ) -> CommandProcessor:
-    """The claim side and the step side of one worker, on the database behind ``client``."""
+    """The claim side and the step side of one worker, on the database behind ``client``.
+
+    A worker whose namespaces live on several clusters builds one step path per cluster and
+    hands each the same ``held`` (its slots: ``[event_system] max_concurrent_processors`` is the
+    worker's, whichever cluster a step comes from) and the same ``circuits``; each path claims,
+    keeps and writes only its own cluster's messages, through its own ``client``, and tells its
+    steps from the others' by ``cluster_index`` (a step_uuid is deduplicated per cluster)."""
     steps = StepSettings.from_config(config, worker_id)
     timers = ClaimTimers(queues, stats)
-    held = InFlight(steps.max_concurrent, steps.vt_seconds)
+    shared = held is not None
+    held = held if held is not None else InFlight(steps.max_concurrent, steps.vt_seconds)
     writer = OutcomeWriter(client, worker_id, stats, held, timers)
     runner = StepRunner(
         steps,
@@ -60,6 +69,7 @@ def step_path(
         tracer=step_tracer(config.worker.tracing),
         state=state,
         pool=pool,
+        key_salt=cluster_index << 128,
     )
     return CommandProcessor(
         ClaimSettings.from_config(config, worker_id),
@@ -69,6 +79,7 @@ def step_path(
         stats=stats,
         listening_since=listening_since,
         ranking=ranking if config.event_system.listener.single_claimer else None,
+        shares_slots=shared,
     )
 
 

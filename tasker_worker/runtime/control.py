@@ -17,13 +17,13 @@ DeploymentModeChanged event (which also updates the registry row that ``status``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 
 from tasker_worker import logs
-from tasker_worker.config.models import TaskerConfig
+from tasker_worker.config.models import DatabaseConfig, TaskerConfig
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.errors import ModeChangeRefused, TaskerError, WorkerNotFound, first_line
@@ -50,8 +50,15 @@ class WorkerControl:
         lifecycle: WorkerLifecycle | None,
         check_interval: float,
         reload_config: Callable[[], TaskerConfig] | None = None,
+        others: Sequence[WorkerEventSystem] = (),
+        databases: Sequence[DatabaseConfig] = (),
     ) -> None:
         self.event_system = event_system
+        #: The event systems of the worker's other clusters: a mode applies to every one.
+        self.others = list(others)
+        #: The settings of the clusters they watch (beside ``[database]``): a mode that one of
+        #: them cannot run (LISTEN behind a transaction pooler) is refused for all.
+        self.databases = list(databases)
         self.config = config
         self.stats = stats
         self.worker_id = worker_id
@@ -60,12 +67,9 @@ class WorkerControl:
         self.reload_config = reload_config
         self.last_change: dict[str, Any] | None = None
         self.last_error: str | None = None
-        self._wake = anyio.Event()
+        #: Set by a notification on the control channel (the event system's) and by SIGHUP.
+        self._wake = event_system.control_requested
         self._reload_requested = False
-
-    def wake(self) -> None:
-        """Look for a requested mode now (a notification on the control channel arrived)."""
-        self._wake.set()
 
     def request_reload(self) -> None:
         """Re-read the configuration soon (SIGHUP; the signal handler must not block)."""
@@ -77,7 +81,6 @@ class WorkerControl:
         while True:
             with anyio.move_on_after(self.check_interval if self.lifecycle is not None else float("inf")):
                 await self._wake.wait()
-            self._wake = anyio.Event()
             if self._reload_requested:
                 self._reload_requested = False
                 await self.reload()
@@ -104,10 +107,11 @@ class WorkerControl:
             await self._record(lambda c: c.clear_requested_mode(self.worker_id, mode.value))
             return True
         try:
-            why = self.config.database.refuses(mode)
-            if why is not None:
-                raise ModeChangeRefused(mode.value, f"the worker runs behind {why}")
-            await self.event_system.switch(mode)
+            for database in (self.config.database, *self.databases):
+                why = database.refuses(mode)
+                if why is not None:
+                    raise ModeChangeRefused(mode.value, f"the worker runs behind {why}")
+            await self._switch_all(mode, old)
         except ModeChangeRefused as exc:
             self.last_error = str(exc)
             log.error("deployment mode stays %s: %s", old.value, exc, extra={"deployment_mode": old.value})
@@ -124,6 +128,20 @@ class WorkerControl:
         )
         await self._record(lambda c: c.mode_changed(self.worker_id, old.value, mode.value, source=source))
         return True
+
+    async def _switch_all(self, mode: DeploymentMode, old: DeploymentMode) -> None:
+        """Switch every cluster's event system to ``mode``, or none: when one refuses (its
+        LISTEN does not deliver for EventDrivenOnly), those already switched go back to ``old``
+        (which cannot be refused: only EventDrivenOnly is, and it is not the one left)."""
+        switched: list[WorkerEventSystem] = []
+        try:
+            for system in (self.event_system, *self.others):
+                await system.switch(mode)
+                switched.append(system)
+        except ModeChangeRefused:
+            for system in switched:
+                await system.switch(old)
+            raise
 
     async def reload(self) -> None:
         """SIGHUP: re-read the configuration and apply what can change while running."""

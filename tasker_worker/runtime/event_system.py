@@ -21,7 +21,7 @@ from tasker_worker.config.models import EventSystemConfig
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.steps import Source
 from tasker_worker.errors import ListenerUnavailable, ModeChangeRefused, WorkerStartupError
-from tasker_worker.runtime.commands import ExecuteStep, WorkerCommand
+from tasker_worker.runtime.commands import Nudge, WakeClaims, WorkerCommand
 from tasker_worker.runtime.listener import ProbeSender, WorkerQueueListener
 from tasker_worker.runtime.poller import WorkerFallbackPoller
 from tasker_worker.runtime.stats import WorkerStats
@@ -40,18 +40,29 @@ class WorkerEventSystem:
         stats: WorkerStats,
         mode: DeploymentMode | None = None,
         probe_sender: ProbeSender | None = None,
-        on_control: Callable[[], None] | None = None,
+        *,
+        follow_fleet: bool = False,
+        control: bool = True,
+        cluster: str | None = None,
     ) -> None:
         self.url = url
+        #: Its listener also hears the control channel (mode requests; the primary cluster's
+        #: event system: the registry lives there).
+        self.control = control
+        #: The cluster whose queues it watches (None: the one database of the worker).
+        self.cluster = cluster
         self.namespaces = namespaces
         self.config = config
         self.mode = mode or config.deployment_mode
         self.stats = stats
         self.probe_sender = probe_sender
-        #: Called when a notification arrives on the control channel.
-        self.on_control = on_control
-        #: Called when the fleet changed (a worker came, went, or changed mode or namespaces).
-        self.on_fleet_changed: Callable[[], None] | None = None
+        #: Set when a notification arrives on the control channel (a mode was requested):
+        #: ``WorkerControl`` waits on it.
+        self.control_requested = Nudge()
+        #: Set when the fleet changed (a worker came, went, or changed mode or namespaces), with
+        #: ``follow_fleet``: the worker's claim ranking waits on it.
+        self.fleet_changed = Nudge()
+        self.follow_fleet = follow_fleet
         send, receive = anyio.create_memory_object_stream[WorkerCommand](config.command_buffer_size)
         self.send: MemoryObjectSendStream[WorkerCommand] = send
         self.receive: MemoryObjectReceiveStream[WorkerCommand] = receive
@@ -76,8 +87,8 @@ class WorkerEventSystem:
                     self.send,
                     self._on_connected,
                     self.probe_sender,
-                    on_control=self._on_control,
-                    on_fleet_changed=self._on_fleet_changed,
+                    on_control=self.control_requested.set if self.control else None,
+                    on_fleet_changed=self.fleet_changed.set if self.follow_fleet else None,
                 )
         else:
             listener = None
@@ -164,13 +175,14 @@ class WorkerEventSystem:
                         del running[name]
                     if source is not None:
                         running[name] = (source, await tg.start(_run_in_scope, source.run))
-                await self.send.send(ExecuteStep(None, Source.POLL))
+                await self.send.send(WakeClaims(None, Source.POLL))
                 await self._restart.wait()
 
     def status(self) -> dict[str, Any]:
         """Mode and the state of each source."""
         listener = self.listener
         return {
+            **({"cluster": self.cluster} if self.cluster is not None else {}),
             "system_id": self.config.system_id,
             "deployment_mode": self.mode.value,
             "listener": None
@@ -188,21 +200,13 @@ class WorkerEventSystem:
             else {"interval_s": self.poller.current_interval(), "degraded": self.poller.degraded},
         }
 
-    def _on_control(self) -> None:
-        if self.on_control is not None:
-            self.on_control()
-
-    def _on_fleet_changed(self) -> None:
-        if self.on_fleet_changed is not None:
-            self.on_fleet_changed()
-
     async def _on_connected(self) -> None:
         self.listening.set()
         # Catch up on anything sent while the listener was away.
-        await self.send.send(ExecuteStep(None, Source.POLL))
+        await self.send.send(WakeClaims(None, Source.POLL))
 
     async def _on_tick(self) -> None:
-        await self.send.send(ExecuteStep(None, Source.POLL))
+        await self.send.send(WakeClaims(None, Source.POLL))
 
 
 async def _run_in_scope(

@@ -23,11 +23,8 @@ log = logging.getLogger(__name__)
 class HealthMonitor:
     """Judges a worker's own health at an interval and says when the verdict changes."""
 
-    def __init__(
-        self, status: Callable[[], dict[str, Any]], worker_id: Callable[[], str], limits: Thresholds, interval_s: float
-    ) -> None:
-        self._status = status
-        self._worker_id = worker_id
+    def __init__(self, figures: Callable[[], WorkerFigures], limits: Thresholds, interval_s: float) -> None:
+        self._figures = figures
         self.limits = limits
         self.interval_s = interval_s
         self.last: HealthReport | None = None
@@ -36,7 +33,7 @@ class HealthMonitor:
 
     def check(self) -> HealthReport:
         """Judge now; log a change of verdict (worse at WARNING, back to healthy at INFO)."""
-        report = judge_worker(WorkerFigures.from_status(self._worker_id(), self._status()), self.limits)
+        report = judge_worker(self._figures(), self.limits)
         previous = self.last.status if self.last is not None else Health.HEALTHY
         if report.status is not previous:
             level = logging.INFO if report.status is Health.HEALTHY else logging.WARNING

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -43,6 +44,14 @@ class HeldStep:
     lost_claim: bool = False
     #: Claimed ahead (prefetched): held, its vt kept, but its step not started yet and no slot taken.
     buffered: bool = False
+    #: The context its handler runs with, once it runs (cancellation reaches the handler there).
+    ctx: Any = None
+    #: Who asked the step to stop (``steps cancel``), once someone did.
+    cancel_by: str | None = None
+    #: Its task was cancelled because of that (its grace over): not the worker's own cancel.
+    cancel_fired: bool = False
+    #: Given back at shutdown: its run's own end (if it comes) is not written.
+    releasing: bool = False
 
 
 class InFlight:

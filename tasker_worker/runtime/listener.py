@@ -1,9 +1,13 @@
 """WorkerQueueListener: one dedicated LISTEN connection for the worker's namespaces.
 
-- Each notification of a queue goes straight into the command channel as an
-  ``ExecuteStepFromEvent``, which the ``CommandProcessor`` (``processor.py``) reads; the
-  ``WorkerEventSystem`` owns that channel and decides, by deployment mode, whether a listener
-  runs at all.
+- Each notification is routed by its channel through a dispatch table built once (the
+  channels and their payloads are those of ``domain/notifications.py``): a step wakeup of a
+  queue goes straight into the command channel as an ``MessagesAnnounced``, which the
+  ``CommandProcessor`` (``processor.py``) reads; the ``WorkerEventSystem`` owns that channel and
+  decides, by deployment mode, whether a listener runs at all. Whoever sent the wakeup (our
+  notify trigger, tasker-core's producer functions: ``message_with_payload``, a signal-only
+  ``message_ready``, even a payload cut into invalid JSON), it only says "claim from this
+  queue": the claim reads the rows, fenced as ever.
 - Checks at startup that LISTEN really delivers (it does not behind a transaction-pooling
   proxy): a probe NOTIFY sent from another connection must arrive within
   ``connection_timeout``.
@@ -19,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -31,11 +35,21 @@ from tasker_worker.config.models import ListenerConfig
 from tasker_worker.db import queries
 from tasker_worker.db.connection import connect
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff
-from tasker_worker.domain.herd import StepsClaimed
-from tasker_worker.domain.names import channel_for
-from tasker_worker.domain.notifications import MessageReady
+from tasker_worker.domain.names import queue_name
+from tasker_worker.domain.notifications import (
+    CONTROL_CHANNEL,
+    FLEET_CHANNEL,
+    PROBE_PREFIX,
+    cancel_channel,
+    claimed_channel,
+    decode_cancel,
+    decode_claimed,
+    decode_wakeup,
+    message_ready_channel,
+)
+from tasker_worker.domain.steps import Source
 from tasker_worker.errors import ListenerUnavailable, first_line
-from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStepFromEvent, WorkerCommand
+from tasker_worker.runtime.commands import CancelStep, ClaimsSeen, MessagesAnnounced, WakeClaims, WorkerCommand
 from tasker_worker.runtime.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -49,8 +63,8 @@ LISTENER_APPLICATION_NAME = "tasker-listener"
 
 ProbeSender = Callable[[str, str], Awaitable[None]]
 
-#: Where ``tasker.request_mode`` announces a deployment mode change (see sql/migrations/0006).
-CONTROL_CHANNEL = "tasker_worker_control"
+#: What the listener does with one notification's payload, by channel.
+Route = Callable[[str], Awaitable[None]]
 
 
 class WorkerQueueListener:
@@ -70,19 +84,15 @@ class WorkerQueueListener:
         on_fleet_changed: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
-        self.channels = [channel_for(ns) for ns in namespaces]
-        if config.single_claimer:
-            self.channels += [queries.CLAIMED_CHANNEL_PREFIX + ns for ns in namespaces]
         self.on_fleet_changed = on_fleet_changed
-        if config.single_claimer and on_fleet_changed is not None:
-            self.channels.append(queries.FLEET_CHANNEL)
         self.on_control = on_control
-        if on_control is not None:
-            self.channels.append(CONTROL_CHANNEL)
+        #: The dispatch table: each channel listened to, and what its notifications do.
+        self.routes = self._route_table(namespaces, config.single_claimer)
+        self.channels = list(self.routes)
         self.config = config
         self.stats = stats
         #: The command channel to the CommandProcessor: each notification becomes an
-        #: ExecuteStepFromEvent there (bounded: a full channel slows the listener, not memory).
+        #: MessagesAnnounced there (bounded: a full channel slows the listener, not memory).
         self.commands = commands
         self.on_connected = on_connected
         self.probe_sender = probe_sender or self._send_probe
@@ -94,6 +104,57 @@ class WorkerQueueListener:
         self.last_error: str | None = None
         self.state_changed = anyio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    def _route_table(self, namespaces: list[str], single_claimer: bool) -> dict[str, Route]:
+        """Channel -> route, for every channel this listener subscribes to (known up front: a
+        notification costs one dictionary lookup to dispatch)."""
+        routes: dict[str, Route] = {}
+        for ns in namespaces:
+            routes[message_ready_channel(ns)] = self._wakeup_route(queue_name(ns))
+            routes[cancel_channel(ns)] = self._on_cancel
+        if single_claimer:
+            for ns in namespaces:
+                routes[claimed_channel(ns)] = self._on_claimed
+            if self.on_fleet_changed is not None:
+                routes[FLEET_CHANNEL] = self._on_fleet_changed
+        if self.on_control is not None:
+            routes[CONTROL_CHANNEL] = self._on_control
+        return routes
+
+    def _wakeup_route(self, queue: str) -> Route:
+        """The route of one namespace's step wakeups (``queue``: its queue)."""
+
+        async def on_wakeup(payload: str) -> None:
+            event = decode_wakeup(payload)
+            if event is None:
+                # Not a payload we can read (tasker-core cuts an oversized batch_ready into
+                # invalid JSON), but the channel says which queue has news: look there.
+                await self.commands.send(WakeClaims(queue, Source.EVENT))
+                return
+            if event.delay_seconds:
+                event = event.due_from(datetime.now(UTC))
+            await self.commands.send(MessagesAnnounced(event))
+
+        return on_wakeup
+
+    async def _on_claimed(self, payload: str) -> None:
+        notice = decode_claimed(payload)
+        if notice is not None:
+            await self.commands.send(ClaimsSeen(notice))
+
+    async def _on_cancel(self, payload: str) -> None:
+        request = decode_cancel(payload)
+        if request is not None:
+            await self.commands.send(CancelStep(request))
+
+    async def _on_fleet_changed(self, payload: str) -> None:
+        if self.on_fleet_changed is not None:
+            self.on_fleet_changed()
+
+    async def _on_control(self, payload: str) -> None:
+        # The request is kept in the worker's row; the notification only says "look now".
+        if self.on_control is not None:
+            self.on_control()
 
     def _set_healthy(self, value: bool) -> None:
         if self.healthy != value:
@@ -165,34 +226,22 @@ class WorkerQueueListener:
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
         interval = self.config.liveness_interval.total_seconds()
         check_timeout = self.config.connection_timeout.total_seconds()
+        routes = self.routes
         while True:
             got_any = False
             async for notify in conn.notifies(timeout=interval):
                 got_any = True
                 self.last_notification_at = time.monotonic()
-                if notify.channel == CONTROL_CHANNEL:
-                    if self.on_control is not None:
-                        self.on_control()
-                    continue
-                if notify.channel == queries.FLEET_CHANNEL:
-                    if self.on_fleet_changed is not None:
-                        self.on_fleet_changed()
-                    continue
-                if notify.channel.startswith(queries.CLAIMED_CHANNEL_PREFIX):
-                    notice = StepsClaimed.from_payload(notify.payload)
-                    if notice is not None:
-                        await self.commands.send(ClaimsSeen(notice))
-                    continue
-                event = MessageReady.from_payload(notify.payload)
-                if event is not None:
-                    await self.commands.send(ExecuteStepFromEvent(event))
+                route = routes.get(notify.channel)
+                if route is not None:
+                    await route(notify.payload)
             if not got_any:
                 # Quiet for a whole interval: prove the connection is still alive.
                 with anyio.fail_after(check_timeout):
                     await conn.execute(queries.PING)
 
     async def _self_check(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        channel = f"tasker_probe_{uuid.uuid4().hex[:16]}"
+        channel = f"{PROBE_PREFIX}{uuid.uuid4().hex[:16]}"
         await conn.execute(sql.SQL(queries.LISTEN).format(sql.Identifier(channel)))
         await self.probe_sender(channel, "probe")
         timeout = self.config.connection_timeout.total_seconds()

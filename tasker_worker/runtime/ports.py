@@ -9,7 +9,7 @@ to a queue later.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -67,6 +67,14 @@ class StepStore(Protocol):
 
     async def extend_vt(self, queue: str, msgs: Sequence[ClaimedMessage], vt_ms: int) -> dict[int, datetime]:
         """Push the vt of messages still held; ``{msg_id: new vt}``."""
+        ...
+
+    async def write_progress(self, rows: Sequence[Mapping[str, Any]], worker_id: str) -> None:
+        """Store what running steps reported with ``ctx.progress`` (the newest value per step)."""
+        ...
+
+    async def pending_cancellations(self, step_uuids: Sequence[str]) -> dict[str, str | None]:
+        """The cancel requests of these steps: ``{step_uuid: who asked}``."""
         ...
 
     async def announce_ready(self, queue: str, msg_ids: Sequence[int], delay_s: float = 0.0) -> None:

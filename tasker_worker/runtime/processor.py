@@ -14,8 +14,9 @@ import heapq
 import logging
 import math
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,11 +36,18 @@ from tasker_worker.domain.steps import ClaimedMessage, Source
 from tasker_worker.domain.verdicts import released
 from tasker_worker.errors import TaskerError, first_line
 from tasker_worker.logs import error_fields
-from tasker_worker.runtime.commands import ClaimsSeen, ExecuteStep, ExecuteStepFromEvent, Shutdown, WorkerCommand
+from tasker_worker.runtime.commands import (
+    CancelStep,
+    ClaimsSeen,
+    MessagesAnnounced,
+    Shutdown,
+    WakeClaims,
+    WorkerCommand,
+)
 from tasker_worker.runtime.inflight import HeldStep
 from tasker_worker.runtime.ports import WAKE_MARGIN_S
 from tasker_worker.runtime.stats import WorkerStats
-from tasker_worker.runtime.steps import StepRunner
+from tasker_worker.runtime.steps import PREFETCH_MAX_STEP_S, StepRunner
 
 CLAIM_RETRY_BASE = timedelta(milliseconds=100)
 CLAIM_RETRY_CAP = timedelta(seconds=5)
@@ -62,6 +70,10 @@ FLOW_RECHECK_S = 0.25
 #: A prefetched step starts only while at least this share of its vt is left (the keeper extends
 #: it at half): one that waited longer, its claim at risk of lapsing while it runs, goes back.
 PREFETCH_SAFE_SHARE = 0.25
+#: A rate-limited claim comes back this long after the next token is due.
+RATE_MARGIN_S = 0.005
+#: Progress reported by running steps is written at most this often (the newest value wins).
+PROGRESS_WRITE_S = 1.0
 
 
 @dataclass
@@ -80,6 +92,13 @@ class _QueueState:
     hold: FlowHold | None = None
     #: Its flow control changed since the last claim: claim (or just look, with no room) now.
     flow_changed: bool = False
+    #: Set when its flow control changes (a rate's wait ends at once).
+    flow_event: anyio.Event = field(default_factory=anyio.Event)
+    #: Woken with steps to claim and no room: other queues' prefetched steps yield to it
+    #: (``CommandProcessor._set_waiting`` keeps the count of such queues).
+    waiting: bool = False
+    #: How many of the prefetched entries (``CommandProcessor.ready``) are this queue's.
+    buffered: int = 0
 
     def poke(self, source: Source) -> None:
         if source is Source.EVENT:
@@ -202,6 +221,9 @@ class ClaimSettings:
     shutdown_timeout_s: float
     #: Steps claimed ahead of free slots while working through a backlog (``[worker] prefetch``).
     prefetch: int = 0
+    #: How often cancel requests of held steps are looked for without a notification (a
+    #: worker that does not listen, or missed one): ``[registry] heartbeat_interval``.
+    cancel_check_s: float = 30.0
 
     @classmethod
     def from_config(cls, config: TaskerConfig, worker_id: str) -> ClaimSettings:
@@ -215,6 +237,7 @@ class ClaimSettings:
             claim_grace_s=es.listener.claim_grace.total_seconds(),
             shutdown_timeout_s=config.worker.shutdown_timeout.total_seconds(),
             prefetch=config.worker.prefetch,
+            cancel_check_s=config.registry.heartbeat_interval.total_seconds(),
         )
 
 
@@ -231,6 +254,7 @@ class CommandProcessor:
         stats: WorkerStats,
         listening_since: Callable[[], float | None] = lambda: None,
         ranking: ClaimRanking | None = None,
+        shares_slots: bool = False,
     ) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
@@ -255,11 +279,17 @@ class CommandProcessor:
         self.refill_prefetching_at = max(1, min(self.batch_size, self.max_concurrent + self.prefetch) // 2)
         #: Prefetched entries in the order they were claimed, started by ``_starter`` as slots free.
         self.ready: deque[HeldStep] = deque()
+        #: How many queues wait for a free slot (``_QueueState.waiting``).
+        self._waiting = 0
         self._ready_added = anyio.Event()
         self._probe_wanted = anyio.Event()
         self._probe_source = Source.POLL
         self._claiming = True
         self.last_error: str | None = None
+        #: The held messages (and slots) are shared with the processors of the worker's other
+        #: clusters (``runtime/assembly.py``): what this one extends, watches and gives back is
+        #: only its own queues' messages, through its own cluster's client.
+        self.shares_slots = shares_slots
 
     # --- public ----------------------------------------------------------------------------
 
@@ -274,13 +304,17 @@ class CommandProcessor:
         """Process commands until ``Shutdown``; then drain within the budget and release."""
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.writer.run)
+            # Through the drain too: the steps still running keep their vt, report progress and
+            # can be cancelled until the worker stops.
+            outer.start_soon(self._vt_keeper)
+            outer.start_soon(self._progress_writer)
+            outer.start_soon(self._cancel_watch)
             try:
                 async with anyio.create_task_group() as loops:
                     for qs in self.queues.values():
                         loops.start_soon(self._claim_loop, qs)
                     loops.start_soon(self.timers.run)
                     loops.start_soon(self._probe_loop)
-                    loops.start_soon(self._vt_keeper)
                     loops.start_soon(self._starter)
                     async with commands:
                         async for command in commands:
@@ -301,18 +335,22 @@ class CommandProcessor:
                 # give their messages back.
                 deadline = self.final_deadline(shutdown_deadline())
                 with anyio.move_on_after(max(0.0, deadline - self.write_reserve_s - anyio.current_time())):
-                    while self.held:
+                    while self._holding():
                         await self.held.wait_slot()
             finally:
                 self._claiming = False
                 deadline = self.final_deadline(shutdown_deadline())
                 # Everything from here on ends by the one deadline, whatever the database does.
                 with anyio.CancelScope(shield=True, deadline=deadline):
-                    self.ready.clear()
-                    running = self.held.running()
+                    self._take_buffered()
+                    running = self._own(self.held.running())
+                    # Stop the handlers first, then give their messages back: released first, a
+                    # message could be claimed by a peer while its handler still ran here.
+                    for entry in running:
+                        entry.releasing = True
+                    await self.steps.cancel(running)
                     if running:
                         await self._release_all(running, "shutdown")
-                    await self.steps.cancel(running)
                 self.writer.final_deadline = deadline
             outer.cancel_scope.cancel()
 
@@ -333,14 +371,19 @@ class CommandProcessor:
         """Apply one non-shutdown command (no I/O: it only wakes claim loops)."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("command", extra={"command_type": type(command).__name__})
-        if isinstance(command, ExecuteStepFromEvent):
+        if isinstance(command, MessagesAnnounced):
             self._on_event(command.event)
         elif isinstance(command, ClaimsSeen):
             notice = command.notice
             seen = self.queues.get(notice.queue)
             if seen is not None:
                 seen.claimed.add(notice.msg_ids, *((notice.lo, notice.hi) if notice.truncated else (None, None)))
-        elif isinstance(command, ExecuteStep):
+        elif isinstance(command, CancelStep):
+            try:
+                self.steps.request_cancel(uuid.UUID(command.request.step_uuid), command.request.by)
+            except ValueError:
+                log.warning("a cancel request named no step: %r", command.request.step_uuid)
+        elif isinstance(command, WakeClaims):
             if command.queue in self.queues:
                 self.queues[command.queue].poke(command.source)
             elif len(self.queues) == 1:
@@ -373,6 +416,7 @@ class CommandProcessor:
             # The namespace's flow control changed (tasker.announce_namespace: paused, resumed, a
             # limit set): every worker looks at once, also one whose slots and buffer are full.
             qs.flow_changed = True
+            qs.flow_event.set()
             qs.poke(Source.EVENT)
             self.held.nudge()  # a claim loop waiting for room wakes and looks
             return
@@ -407,6 +451,8 @@ class CommandProcessor:
         a worker with many namespaces costs one round trip when there is nothing to do (one
         claim per queue before). Requests arriving during a probe coalesce into the next one."""
         queues = list(self.queues)
+        if not queues:
+            return  # the primary's processor of a worker whose namespaces all live elsewhere
         while True:
             await self._probe_wanted.wait()
             self._probe_wanted = anyio.Event()
@@ -436,19 +482,16 @@ class CommandProcessor:
             qs.woken_by_event = False
             backlog = False
             while self._claiming:
-                # Room: the free slots, and while working through a backlog the prefetch buffer
-                # too (claimed ahead, so the next steps start without waiting for a claim). Not
-                # for a namespace under flow control: a step is claimed when it can start.
-                free = self.held.free_slots - self.held.buffered
-                refill_at = self.refill_at
-                if backlog and self.prefetch and qs.name not in self.client.flow_queues:
-                    free += self.prefetch
-                    refill_at = self.refill_prefetching_at
+                free, refill_at = self._room(qs, backlog)
                 # While the last claim came back full (a backlog), wait until a good share of
                 # the room is free: one claim of 50 costs the server little more than a claim
                 # of 1, so refilling slot by slot would multiply the round trips.
                 if free <= 0 or (backlog and free < refill_at):
                     if not qs.flow_changed:
+                        # Woken with steps and no room: the other queues' prefetched steps let
+                        # this one have the next free slot (no namespace waits out another's
+                        # backlog).
+                        self._set_waiting(qs, not backlog)
                         await self.held.wait_slot()  # or a nudge: see _on_event
                         continue
                     free = 0  # no room, but look: a pause must reach what was prefetched
@@ -508,6 +551,9 @@ class CommandProcessor:
                     qs.claimed.add(m.msg_id for m in msgs)
                 for msg in msgs:
                     self._accept(qs, msg)
+                if qs.waiting:  # its claim has taken the slots it waited for
+                    self._set_waiting(qs, False)
+                    self.held.nudge()  # the starter may hand out prefetched steps again
                 lapsed = [m for m in msgs if m.lapsed_claim is not None]
                 if lapsed:
                     await self._record_lapsed(qs, lapsed)
@@ -518,22 +564,71 @@ class CommandProcessor:
                     # not start; it goes back, with the attempt given back.
                     await self._release_all(self._take_buffered(qs.name), "flow_control")
                 if hold is not None:
-                    self.stats.incr("claims_held")
+                    if want:
+                        self.stats.incr("claims_held")
                     if hold.reason is HoldReason.PAUSED:
                         break  # resuming announces the namespace; the poller looks anyway
                     # Held by a limit with steps ready: come back when the rate allows the next
-                    # start, or when a slot frees here, or after a moment (one freed elsewhere).
-                    with anyio.move_on_after(
-                        FLOW_RECHECK_S if hold.retry_after_s is None else hold.retry_after_s + WAKE_MARGIN_S
-                    ):
-                        if hold.retry_after_s is None:
+                    # start, or when a slot frees here, or after a moment (one freed elsewhere),
+                    # or at once when the namespace's flow control changes.
+                    if hold.retry_after_s is None:
+                        with anyio.move_on_after(FLOW_RECHECK_S):
                             await self.held.wait_slot()
-                        else:
-                            await anyio.sleep_forever()
+                    elif not qs.flow_changed:
+                        qs.flow_event = anyio.Event()
+                        with anyio.move_on_after(hold.retry_after_s + RATE_MARGIN_S):
+                            await qs.flow_event.wait()
                     continue
                 if len(msgs) < want:
                     break
                 backlog = True
+
+    def _room(self, qs: _QueueState, backlog: bool) -> tuple[int, int]:
+        """How many steps ``qs`` may claim now, and the room worth a claim while in a backlog.
+
+        The free slots, less the prefetched steps that will take them; while ``qs`` works
+        through a backlog of short steps, the prefetch buffer too (claimed ahead, so the next
+        steps start without waiting for a claim). No prefetch for a namespace under flow control
+        (a step is claimed when it can start), for steps long enough that a claim's round trip
+        does not matter (the buffer would only hold them back from idle peers), nor while
+        another queue waits for a slot: then that queue's slots are not this one's buffer's."""
+        others_waiting = self._waiting > qs.waiting
+        reserved = qs.buffered if others_waiting or qs.waiting else self.held.buffered
+        free = self.held.free_slots - reserved
+        if (
+            backlog
+            and self.prefetch
+            and not others_waiting
+            and qs.name not in self.client.flow_queues
+            and self.steps.typical_step_s < PREFETCH_MAX_STEP_S
+        ):
+            return free + self.prefetch, self.refill_prefetching_at
+        return free, self.refill_at
+
+    def _holding(self) -> bool:
+        """Whether messages of this processor's queues are still held."""
+        if not self.shares_slots:
+            return bool(self.held)
+        return any(True for _ in self._own(self.held.entries.values()))
+
+    def _own(self, entries: Iterable[HeldStep]) -> list[HeldStep]:
+        """Those of ``entries`` that are this processor's (all of them unless the slots are
+        shared between clusters)."""
+        if not self.shares_slots:
+            return entries if isinstance(entries, list) else list(entries)
+        queues = self.queues
+        return [e for e in entries if e.msg.queue in queues]
+
+    def _set_waiting(self, qs: _QueueState, waiting: bool) -> None:
+        if qs.waiting is not waiting:
+            qs.waiting = waiting
+            self._waiting += 1 if waiting else -1
+
+    def _unready(self, entry: HeldStep) -> None:
+        """``entry`` left the start order (started, given back, taken)."""
+        qs = self.queues.get(entry.msg.queue)
+        if qs is not None and qs.buffered:
+            qs.buffered -= 1
 
     async def _record_lapsed(self, qs: _QueueState, msgs: list[ClaimedMessage]) -> None:
         """Say that the previous claims of ``msgs`` lapsed (their steps run here now): a line and
@@ -583,18 +678,24 @@ class CommandProcessor:
             ready_for = (msg.claimed_at - msg.enqueued_at).total_seconds()
             if sent_after_listen and ready_for > MISSED_WAKEUP_GRACE_S and not qs.was_announced(msg.msg_id):
                 self.stats.incr("missed_wakeups")
-        if not self.ready and self.held.free_slots > 0:
+        # First in, first started within a queue; another queue's prefetched steps wait for
+        # a queue that claimed for a free slot.
+        if self.held.free_slots > 0 and not qs.buffered:
             self.steps.start(msg)
             return
         self.ready.append(self.held.hold(msg, buffered=True))
+        qs.buffered += 1
         self._ready_added.set()
 
     async def _starter(self) -> None:
-        """Start prefetched steps as slots free: the hand-over costs no round trip."""
+        """Start prefetched steps as slots free: the hand-over costs no round trip. A slot
+        goes to a queue waiting for one first (its claim loop takes it), not to the buffer."""
         while True:
             ready, held = self.ready, self.held
-            while ready and held.free_slots > 0:
-                self._start_prefetched(ready.popleft())
+            while ready and held.free_slots > 0 and not self._someone_waits(ready[0].msg.queue):
+                entry = ready.popleft()
+                self._unready(entry)
+                self._start_prefetched(entry)
             if ready:
                 await held.wait_slot()
             else:
@@ -602,6 +703,13 @@ class CommandProcessor:
                     self._ready_added = anyio.Event()
                     continue
                 await self._ready_added.wait()
+
+    def _someone_waits(self, queue: str) -> bool:
+        """Whether a queue other than ``queue`` waits for a free slot."""
+        if not self._waiting:
+            return False
+        qs = self.queues.get(queue)
+        return self._waiting > (qs.waiting if qs is not None else 0)
 
     def _start_prefetched(self, entry: HeldStep) -> None:
         """Start a prefetched step, unless its claim is no longer safely ours: a step whose vt
@@ -622,8 +730,41 @@ class CommandProcessor:
         """Take the prefetched entries (of ``queue``, or all) out of the start order."""
         taken = [e for e in self.ready if queue is None or e.msg.queue == queue]
         if taken:
-            self.ready = deque(e for e in self.ready if e not in taken) if queue is not None else deque()
+            self.ready = deque(e for e in self.ready if queue is not None and e.msg.queue != queue)
+            for entry in taken:
+                self._unready(entry)
         return taken
+
+    async def _progress_writer(self) -> None:
+        """Write what running steps reported (``ctx.progress``) at most once a second, in one
+        statement for all of them; nothing when nobody reports."""
+        board = self.steps.progress
+        while True:
+            await anyio.sleep(PROGRESS_WRITE_S)
+            if not board:
+                continue
+            rows = board.take()
+            try:
+                await self.client.write_progress(rows, self.worker_id)
+            except Exception as exc:  # progress is a report: losing one must never stop the worker
+                self.stats.incr("db_errors")
+                log.warning("progress of %d steps not written: %s", len(rows), first_line(exc))
+
+    async def _cancel_watch(self) -> None:
+        """Look for cancel requests of the steps held here every ``cancel_check_s``: a worker
+        that does not listen (or missed the notice) finds them so."""
+        while True:
+            await anyio.sleep(self.settings.cancel_check_s)
+            running = [str(e.msg.step.step_uuid) for e in self._own(self.held.running()) if e.msg.step is not None]
+            if not running:
+                continue
+            try:
+                found = await self.client.pending_cancellations(running)
+            except TRANSIENT_DB_ERRORS as exc:
+                log.warning("cancel requests not looked for: %s", first_line(exc))
+                continue
+            for step_uuid, by in found.items():
+                self.steps.request_cancel(uuid.UUID(step_uuid), by)
 
     async def _vt_keeper(self) -> None:
         """Extend the vt of steps running past half of it, in one statement per queue."""
@@ -633,7 +774,7 @@ class CommandProcessor:
             await anyio.sleep(tick)
             now = time.monotonic()
             due: dict[str, list[Any]] = {}
-            for item in self.held.entries.values():
+            for item in self.held.entries.values() if not self.shares_slots else self._own(self.held.entries.values()):
                 if not item.lost_claim and item.vt_deadline - now < self.vt_seconds / 2:
                     due.setdefault(item.msg.queue, []).append(item)
             for queue, items in due.items():

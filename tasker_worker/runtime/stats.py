@@ -44,6 +44,9 @@ COUNTERS = (
     "internal_errors",
     "claims_held",
     "prefetch_expired",
+    "snoozed",
+    "cancel_requests",
+    "tasker_core_steps_left",
 )
 
 

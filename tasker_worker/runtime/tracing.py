@@ -8,18 +8,21 @@ OpenTelemetry configuration (a TracerProvider and its exporters), which must be 
 the worker starts: without one, without the package, or with ``tracing = "off"``, the worker
 holds no tracer and the step path does not look at headers at all.
 
-Producers hand their current trace context to a step with :func:`trace_headers` (the headers of
-``tasker.send_step(..., p_headers => ...)`` or of ``pgmq.send``).
+Producers hand their current trace context to a step with ``trace_headers`` (the headers of
+``tasker.send_step(..., p_headers => ...)`` or of ``pgmq.send``), in the leaf module
+``tasker_worker.tracecontext`` (also importable from here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from tasker_worker import __version__
-from tasker_worker.domain.steps import ClaimedMessage, StepMessage
+from tasker_worker.domain.steps import StepMessage
+from tasker_worker.handlers.context import StepContext
+from tasker_worker.tracecontext import trace_headers  # where it always was, for callers
 
 try:
     from opentelemetry import propagate, trace
@@ -41,18 +44,18 @@ class StepTracer:
         self._tracer = trace.get_tracer("tasker_worker", __version__)
 
     @contextmanager
-    def span(self, msg: ClaimedMessage, step: StepMessage) -> Iterator[Any]:
+    def span(self, ctx: StepContext, step: StepMessage) -> Iterator[Any]:
         """The span of one run of ``step``; an exception leaves it with an error status."""
-        parent = propagate.extract(msg.headers) if msg.headers else None
+        parent = propagate.extract(ctx.headers) if ctx.headers else None
         attributes: dict[str, str | int] = {
             "tasker.namespace": step.namespace,
             "tasker.handler": step.handler,
-            "tasker.attempt": msg.read_ct,
+            "tasker.attempt": ctx.attempt,
             "tasker.step_uuid": str(step.step_uuid),
             "tasker.correlation_id": str(step.correlation_id),
-            "tasker.queue": msg.queue,
+            "tasker.queue": ctx.queue,
             "messaging.system": "pgmq",
-            "messaging.message.id": str(msg.msg_id),
+            "messaging.message.id": str(ctx.msg_id),
         }
         with self._tracer.start_as_current_span(
             f"tasker.step {step.handler}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
@@ -77,14 +80,6 @@ def step_tracer(mode: str) -> StepTracer | None:
     if mode == "off" or not configured():
         return None
     return StepTracer()
-
-
-def trace_headers(headers: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``headers`` plus the current W3C trace context (unchanged without the otel extra)."""
-    out = dict(headers or {})
-    if propagate is not None:
-        propagate.inject(out)
-    return out
 
 
 __all__ = ["StepTracer", "available", "configured", "step_tracer", "trace_headers"]

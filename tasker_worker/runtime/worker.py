@@ -24,47 +24,60 @@ import logging
 import os
 import signal
 import socket
+import time
 import types
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import anyio
 import psutil
+from psycopg_pool import AsyncConnectionPool
 
 from tasker_worker import __version__, logs
-from tasker_worker.config.models import TaskerConfig
+from tasker_worker.config.loader import load_config
+from tasker_worker.config.models import PRIMARY, TaskerConfig
 from tasker_worker.db import migrations
-from tasker_worker.db.connection import open_pool, resolve_database_url
+from tasker_worker.db.clusters import unreachable
+from tasker_worker.db.connection import describe, open_pool, resolve_database_url
 from tasker_worker.db.queue_client import QueueClient
 from tasker_worker.db.retry import TRANSIENT_DB_ERRORS, Backoff, retry_transient
-from tasker_worker.domain.health import thresholds_of
+from tasker_worker.domain.health import WorkerFigures, thresholds_of
 from tasker_worker.domain.herd import ClaimRanking
 from tasker_worker.domain.modes import DeploymentMode
 from tasker_worker.domain.names import queue_name
 from tasker_worker.domain.schedules import tick_handler, tick_step_uuid
 from tasker_worker.domain.workers import Heartbeat, WorkerRegistration
-from tasker_worker.errors import ConfigError, UsageError, WorkerStartupError, first_line, tasker_error_in
+from tasker_worker.errors import (
+    ConfigError,
+    DatabaseError,
+    UsageError,
+    WorkerStartupError,
+    first_line,
+    tasker_error_in,
+)
 from tasker_worker.fleet.leader import LeaderElection
 from tasker_worker.fleet.lifecycle import WorkerLifecycle
 from tasker_worker.fleet.presence import WorkerPresence
 from tasker_worker.fleet.supervision import SupervisionJobs
 from tasker_worker.handlers.builtin import register_builtins
 from tasker_worker.handlers.context import StepContext
-from tasker_worker.handlers.planning.handler import register_planning
 from tasker_worker.handlers.registry import HandlerRegistry, PeriodicSpec, RegistersHandlers
 from tasker_worker.producer.client import AsyncClient
 from tasker_worker.runtime.assembly import step_path
-from tasker_worker.runtime.commands import Shutdown
+from tasker_worker.runtime.commands import Nudge, Shutdown
 from tasker_worker.runtime.control import WorkerControl
 from tasker_worker.runtime.event_system import WorkerEventSystem
 from tasker_worker.runtime.executor import HandlerExecutor
 from tasker_worker.runtime.health_monitor import HealthMonitor
+from tasker_worker.runtime.inflight import InFlight
 from tasker_worker.runtime.listener import ProbeSender
 from tasker_worker.runtime.processor import CommandProcessor
 from tasker_worker.runtime.stats import WorkerStats
+from tasker_worker.runtime.steps import StepSettings, circuit_breakers
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +89,49 @@ FLEET_SETTLE_S = 0.05
 
 #: A service started beside the worker once it is ready (e.g. the HTTP API); cancelled at stop.
 Service = Callable[["Worker"], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class _Database:
+    """One cluster the worker uses, opened: the primary first (``[database]``), then each
+    cluster that holds some of its namespaces (``[queues.namespaces.<ns>] database``)."""
+
+    name: str
+    url: str
+    pool: AsyncConnectionPool
+    #: The worker's namespaces that live there.
+    namespaces: list[str]
+
+
+@dataclass(frozen=True)
+class ClusterParts:
+    """What the worker runs for one cluster: its queue client, its event system (listener and
+    poller for its namespaces) and its processor (claim loops, runner, writer), which writes
+    every outcome to the cluster its message came from."""
+
+    name: str
+    url: str
+    pool: AsyncConnectionPool
+    namespaces: list[str]
+    client: QueueClient
+    event_system: WorkerEventSystem
+    processor: CommandProcessor
+    #: The cluster's own housekeeping (outcome retention, event compaction, flow indexes),
+    #: elected on that cluster; None on the primary (its supervision does it) or when off.
+    housekeeping: LeaderElection | None = None
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What ``Worker._assemble`` builds and ``_serve`` runs."""
+
+    lifecycle: WorkerLifecycle
+    ranking: ClaimRanking | None
+    event_system: WorkerEventSystem
+    control: WorkerControl
+    processor: CommandProcessor
+    #: Every cluster's parts, the primary's first (one entry when nothing lives elsewhere).
+    clusters: list[ClusterParts]
 
 
 class Worker(RegistersHandlers):
@@ -92,7 +148,8 @@ class Worker(RegistersHandlers):
         services: list[Service] | None = None,
         reload_config: Callable[[], TaskerConfig] | None = None,
     ) -> None:
-        self.config = config or TaskerConfig()
+        # No config: the one resolution every entry point uses (files, TASKER_* variables).
+        self.config = config if config is not None else load_config().config
         #: Re-reads the configuration on SIGHUP (the CLI passes its loader).
         self.reload_config = reload_config
         self.control: WorkerControl | None = None
@@ -108,6 +165,9 @@ class Worker(RegistersHandlers):
         self.event_system: WorkerEventSystem | None = None
         self.processor: CommandProcessor | None = None
         self.client: QueueClient | None = None
+        #: Each cluster's parts once assembled, the primary's first (``event_system``,
+        #: ``processor`` and ``client`` above are the primary's).
+        self.clusters: list[ClusterParts] = []
         self.ready = anyio.Event()
         self.stopped = anyio.Event()
         self._probe_sender = probe_sender
@@ -119,7 +179,6 @@ class Worker(RegistersHandlers):
         self._stop_requested = anyio.Event()
         self._stop_reason = "requested"
         self._deadline = float("inf")
-        self._fleet_changed = anyio.Event()
         self._hard_scope: anyio.CancelScope | None = None
 
     # --- registration: handler() and periodic() come from RegistersHandlers ------------------
@@ -185,133 +244,42 @@ class Worker(RegistersHandlers):
             raise
         return final
 
+    def on_start(self, service: Service) -> Service:
+        """Run ``service(worker)`` in the background once the worker is ready (a handler
+        module's own start: the planners load their compiled kernels so). Cancelled at stop."""
+        self._services.append(service)
+        return service
+
     def load_handlers(self) -> HandlerRegistry:
-        """Register the handlers this worker runs: its ``[worker] handler_modules``, the
-        built-in ones and the planners (done by ``run``; ``config show`` lists them too)."""
+        """Register the handlers this worker runs: its ``[worker] handler_modules`` (the default
+        configuration lists the planners, ``tasker_worker.handlers.planning``) and the built-in
+        ones (done by ``run``; ``config show`` lists them too)."""
         self._load_handler_modules()
         register_builtins(self.registry)
-        register_planning(self.registry, self.config.handlers.planning)
         return self.registry
 
     async def _run(self) -> dict[str, Any]:
+        """Open the databases, put the worker together, serve until stopped, close."""
         self.load_handlers()
-        url = self.database_url
-        if url is None:
-            url = await anyio.to_thread.run_sync(resolve_database_url, self.config.database)
-        self.database_url = url
-        if self.config.database.auto_migrate:
-            await migrations.migrate(url)
-        es_config = self.config.event_system
-        pooled = self.config.database.pooler == "transaction"
-        pool = await open_pool(url, self.config.database)
+        databases = await self._open_databases()
+        pools = [db.pool for db in databases]
         executor = HandlerExecutor(self.config.worker.executor, self.config.worker.executor_workers)
         try:
-            client = QueueClient(
-                pool,
-                archive=self.config.queues.archive_for,
-                store_events=self.config.events.step_events == "stored",
-                prepare=not pooled,
-            )
-            self.client = client
-            for ns in self.namespaces:
-                await self._startup_call(f"creating the queue of {ns}", partial(client.create_namespace_queue, ns))
-            lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
-            ranking: ClaimRanking | None = None
-            if self.config.registry.enabled:
-                # Registered before anything is claimed, so every step event names a known worker.
-                self.presence = WorkerPresence(lifecycle, self._registration, self.config.registry, self._heartbeat)
-                self.worker_id = await self.presence.register()
-                # Each heartbeat brings the live listening workers of our namespaces, so that a
-                # notification is claimed by one of them, not by all (domain/herd.py).
-                ranking = ClaimRanking(self.worker_id)
-                self.presence.peers_of = list(self.namespaces)
-                self.presence.on_peers = ranking.update
-            if self.config.registry.supervision_enabled and pooled:
-                # The leader holds a session advisory lock, which a transaction pooler would
-                # hand to whichever client uses that server connection next.
-                log.info(
-                    "not a supervision candidate behind a transaction pooler: run `tasker-worker api` "
-                    "or a worker connected directly to supervise the fleet"
-                )
-            elif self.config.registry.supervision_enabled:
-                jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events, self.config.retention)
-                self.supervision = LeaderElection(url, jobs.jobs(), candidate_id=self.worker_id)
-            event_system = WorkerEventSystem(
-                url, self.namespaces, es_config, self.stats, probe_sender=self._probe_sender
-            )
-            await self._startup_call("checking LISTEN delivery", event_system.prepare)
-            self.event_system = event_system
-            control = WorkerControl(
-                event_system,
-                self.config,
-                self.stats,
-                worker_id=self.worker_id,
-                lifecycle=lifecycle if self.config.registry.enabled else None,
-                check_interval=self.config.registry.heartbeat_interval.total_seconds(),
-                reload_config=self.reload_config,
-            )
-            event_system.on_control = control.wake
-            if ranking is not None:
-                event_system.on_fleet_changed = self._note_fleet_changed
-            self.control = control
-            processor = step_path(
-                self.config,
-                worker_id=self.worker_id,
-                queues=self.queues,
-                client=client,
-                pool=pool,
-                registry=self.registry,
-                executor=executor,
-                stats=self.stats,
-                state=self.state,
-                listening_since=event_system.listening_since,
-                ranking=ranking,
-            )
-            self.processor = processor
+            parts = await self._assemble(databases, executor)
             executor.start()
             self.started_at = datetime.now(UTC)
             log.info(
-                "worker %s started: mode=%s namespaces=%s concurrency=%d loop=%s",
+                "worker %s started: mode=%s namespaces=%s concurrency=%d loop=%s%s",
                 self.worker_id,
-                event_system.mode.value,
+                parts.event_system.mode.value,
                 ",".join(self.namespaces),
-                processor.max_concurrent,
+                parts.processor.max_concurrent,
                 _loop_name(),
+                "".join(f" {c.name}={','.join(c.namespaces) or '-'}" for c in parts.clusters)
+                if len(parts.clusters) > 1
+                else "",
             )
-            with anyio.CancelScope() as hard:
-                self._hard_scope = hard
-                async with anyio.create_task_group() as tg:
-                    sources = anyio.CancelScope()
-                    tg.start_soon(self._run_sources, event_system, sources)
-                    tg.start_soon(self._stopper, event_system, sources)
-                    tg.start_soon(control.run)
-                    if self.supervision is not None:
-                        tg.start_soon(self.supervision.run)
-                    producer = AsyncClient(pool=pool)
-                    for job in self.registry.periodic_jobs:
-                        tg.start_soon(self._periodic_loop, job, producer)
-                    # "ready" means every source is live: a step sent now is seen by LISTEN.
-                    await event_system.wait_listening(es_config.listener.connection_timeout.total_seconds())
-                    es = self.config.event_system
-                    if es.health_monitoring_enabled:
-                        self.health = HealthMonitor(
-                            self._health_view,
-                            lambda: self.worker_id,
-                            thresholds_of(self.config.api),
-                            es.health_check_interval.total_seconds(),
-                        )
-                        tg.start_soon(self.health.run)
-                    if self.presence is not None:
-                        # The first heartbeat reports the listener as it is once LISTEN is up,
-                        # not as it was a moment before (disconnected, health degraded).
-                        tg.start_soon(self.presence.run)
-                        if ranking is not None:
-                            tg.start_soon(self._follow_fleet, lifecycle, ranking)
-                    self.ready.set()
-                    for service in self._services:
-                        tg.start_soon(service, self)
-                    await processor.run(event_system.receive, lambda: self._deadline)
-                    tg.cancel_scope.cancel()
+            await self._serve(parts)
         except Exception as exc:
             # A task's TaskerError (a claim that found a pooler, say) reaches the caller as itself.
             reason = tasker_error_in(exc)
@@ -321,25 +289,262 @@ class Worker(RegistersHandlers):
             raise
         finally:
             executor.close()
-            # The same deadline as the drain's: what is left of the shutdown budget (a crash or
-            # a failed start gets the whole budget from now).
-            deadline = self._deadline
-            if deadline == float("inf"):
-                deadline = anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
-            with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-                if self.presence is not None:
-                    # Also after a failed start or a crash: the row says why this worker left.
-                    await self.presence.deregister(self._stop_reason[:500])
-            if scope.cancelled_caught:
-                log.error("shutdown deadline: %s not deregistered; the supervisor marks it offline", self.worker_id)
-            with anyio.CancelScope(shield=True):
-                # Connections still checked out (hanging on an unreachable server) are closed
-                # by the pool after this grace, not waited for.
-                await pool.close(timeout=max(0.1, min(1.0, deadline - anyio.current_time())))
-            self.stopped.set()
+            await self._close(pools)
         final = self.status()
         log.info("worker %s stopped (%s): %s", self.worker_id, self._stop_reason, final["counters"])
         return final
+
+    async def _open_databases(self) -> list[_Database]:
+        """Migrate (with ``auto_migrate``) and open the primary, then every other cluster that
+        holds one of this worker's namespaces, each with its own settings.
+
+        Every one must answer at start: a worker that came up serving only some of its
+        namespaces would look healthy while the others' steps piled up. A cluster that does
+        not is a ``DatabaseError`` naming it, its key and its namespaces (and the worker does
+        not start: its supervisor restarts it). Once running, a cluster that goes away costs
+        only its own namespaces: their claims and listener retry, the others go on."""
+        config = self.config
+        specs = config.clusters() if config.sharded else {PRIMARY: config.clusters()[PRIMARY]}
+        wanted: dict[str, list[str]] = {PRIMARY: []}
+        for ns in self.namespaces:
+            wanted.setdefault(config.cluster_of(ns) if config.sharded else PRIMARY, []).append(ns)
+        opened: list[_Database] = []
+        try:
+            for name, namespaces in wanted.items():
+                spec = specs[name]
+                url = self.database_url if name == PRIMARY else spec.url
+                if url is None:
+                    url = await anyio.to_thread.run_sync(resolve_database_url, spec.settings)
+                if name == PRIMARY:
+                    self.database_url = url
+                try:
+                    if spec.settings.auto_migrate:
+                        await migrations.migrate(url)
+                    pool = await open_pool(url, spec.settings)
+                except DatabaseError as exc:
+                    if len(wanted) == 1:
+                        raise
+                    raise unreachable(spec, url, exc, namespaces) from exc
+                opened.append(_Database(name, url, pool, namespaces))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for db in opened:
+                    await db.pool.close()
+            raise
+        return opened
+
+    async def _assemble(self, databases: list[_Database], executor: HandlerExecutor) -> _Parts:
+        """Build the worker's parts, leaves first, each handed what it uses: the queue clients,
+        its registration (before anything is claimed, so every step event names a known
+        worker), the supervision candidate, each cluster's event system and step path, control.
+
+        One worker's clusters share its slots (one ``InFlight``: the concurrency is the
+        worker's), its handlers, executor, circuits and claim ranking; each cluster has its own
+        pool, client, listener and poller, claim loops and outcome writer."""
+        es_config = self.config.event_system
+        primary = databases[0]
+        url, pool = primary.url, primary.pool
+        pooled = self.config.database.pooler == "transaction"
+        clients = [self._queue_client(db) for db in databases]
+        client = clients[0]
+        self.client = client
+        for db, each in zip(databases, clients, strict=True):
+            for ns in db.namespaces:
+                await self._startup_call(f"creating the queue of {ns}", partial(each.create_namespace_queue, ns))
+        lifecycle = WorkerLifecycle(pool, heartbeat_history=self.config.registry.heartbeat_history)
+        ranking: ClaimRanking | None = None
+        if self.config.registry.enabled:
+            self.presence = WorkerPresence(lifecycle, self._registration, self.config.registry, self._heartbeat)
+            self.worker_id = await self.presence.register()
+            # Each heartbeat brings the live listening workers of our namespaces, so that a
+            # notification is claimed by one of them, not by all (domain/herd.py).
+            ranking = ClaimRanking(self.worker_id)
+            self.presence.follow_peers(self.namespaces, ranking.update)
+        if self.config.registry.supervision_enabled and pooled:
+            # The leader holds a session advisory lock, which a transaction pooler would
+            # hand to whichever client uses that server connection next.
+            log.info(
+                "not a supervision candidate behind a transaction pooler: run `tasker-worker api` "
+                "or a worker connected directly to supervise the fleet"
+            )
+        elif self.config.registry.supervision_enabled:
+            jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events, self.config.retention)
+            self.supervision = LeaderElection(url, jobs.jobs(), candidate_id=self.worker_id)
+        sharded = len(databases) > 1
+        # The worker's slots, shared by its clusters' step paths (None: the one path makes its own).
+        slots = StepSettings.from_config(self.config, self.worker_id)
+        held = InFlight(slots.max_concurrent, slots.vt_seconds) if sharded else None
+        circuits = circuit_breakers(self.config) if sharded else None
+        clusters: list[ClusterParts] = []
+        for index, (db, each) in enumerate(zip(databases, clients, strict=True)):
+            event_system = WorkerEventSystem(
+                db.url,
+                db.namespaces if sharded else self.namespaces,
+                es_config,
+                self.stats,
+                probe_sender=self._probe_sender,
+                # The registry is on the primary: its listener alone hears control and fleet changes.
+                follow_fleet=db is primary and ranking is not None and es_config.listener.single_claimer,
+                control=db is primary,
+                cluster=db.name if sharded else None,
+            )
+            where = f" on cluster {db.name}" if sharded else ""
+            await self._startup_call(f"checking LISTEN delivery{where}", event_system.prepare)
+            processor = step_path(
+                self.config,
+                worker_id=self.worker_id,
+                queues=[queue_name(ns) for ns in db.namespaces] if sharded else self.queues,
+                client=each,
+                pool=db.pool,
+                registry=self.registry,
+                executor=executor,
+                stats=self.stats,
+                state=self.state,
+                listening_since=event_system.listening_since,
+                ranking=ranking,
+                circuits=circuits,
+                held=held,
+                cluster_index=index,
+            )
+            clusters.append(
+                ClusterParts(
+                    db.name,
+                    db.url,
+                    db.pool,
+                    db.namespaces,
+                    each,
+                    event_system,
+                    processor,
+                    None if db is primary else self._housekeeping(db),
+                )
+            )
+        self.clusters = clusters
+        event_system = clusters[0].event_system
+        self.event_system = event_system
+        self.control = WorkerControl(
+            event_system,
+            self.config,
+            self.stats,
+            worker_id=self.worker_id,
+            lifecycle=lifecycle if self.config.registry.enabled else None,
+            check_interval=self.config.registry.heartbeat_interval.total_seconds(),
+            reload_config=self.reload_config,
+            others=[c.event_system for c in clusters[1:]],
+            databases=[self.config.clusters()[c.name].settings for c in clusters[1:]],
+        )
+        self.processor = clusters[0].processor
+        return _Parts(lifecycle, ranking, event_system, self.control, self.processor, clusters)
+
+    def _queue_client(self, db: _Database) -> QueueClient:
+        """The queue client of one cluster (prepared statements unless it is behind a pooler)."""
+        settings = self.config.clusters()[db.name].settings if db.name != PRIMARY else self.config.database
+        return QueueClient(
+            db.pool,
+            archive=self.config.queues.archive_for,
+            store_events=self.config.events.step_events == "stored",
+            prepare=settings.pooler != "transaction",
+        )
+
+    def _housekeeping(self, db: _Database) -> LeaderElection | None:
+        """The jobs that keep a secondary cluster's own history bounded (its outcome rows and
+        step keys, its events, its flow indexes), run by whichever of the workers serving it
+        holds the supervision lock on that cluster (the registry's jobs stay on the primary)."""
+        settings = self.config.clusters()[db.name].settings
+        if not self.config.registry.supervision_enabled or settings.pooler == "transaction":
+            return None
+        lifecycle = WorkerLifecycle(db.pool, heartbeat_history=self.config.registry.heartbeat_history)
+        jobs = SupervisionJobs(lifecycle, self.config.registry, self.config.events, self.config.retention)
+        return LeaderElection(db.url, jobs.cluster_jobs(), candidate_id=self.worker_id)
+
+    async def _serve(self, parts: _Parts) -> None:
+        """Run every part until the processors stop (a shutdown, or ``kill``'s hard scope)."""
+        systems = [c.event_system for c in parts.clusters]
+        producer = self._producer(parts)
+        try:
+            await self._serve_parts(parts, systems, producer)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await producer.close()  # the pools it opened itself (none with one cluster)
+
+    async def _serve_parts(self, parts: _Parts, systems: list[WorkerEventSystem], producer: AsyncClient) -> None:
+        """``_serve``'s body: the sources, control, supervision and housekeeping, periodic jobs
+        and services beside every cluster's processor."""
+        es = self.config.event_system
+        with anyio.CancelScope() as hard:
+            self._hard_scope = hard
+            async with anyio.create_task_group() as tg:
+                sources = anyio.CancelScope()
+                tg.start_soon(self._run_sources, systems, sources)
+                tg.start_soon(self._stopper, systems, sources)
+                tg.start_soon(parts.control.run)
+                if self.supervision is not None:
+                    tg.start_soon(self.supervision.run)
+                for cluster in parts.clusters:
+                    if cluster.housekeeping is not None:
+                        tg.start_soon(cluster.housekeeping.run)
+                for job in self.registry.periodic_jobs:
+                    tg.start_soon(self._periodic_loop, job, producer)
+                # "ready" means every source is live: a step sent now is seen by LISTEN.
+                for system in systems:
+                    await system.wait_listening(es.listener.connection_timeout.total_seconds())
+                if es.health_monitoring_enabled:
+                    self.health = HealthMonitor(
+                        self.figures, thresholds_of(self.config.api), es.health_check_interval.total_seconds()
+                    )
+                    tg.start_soon(self.health.run)
+                if self.presence is not None:
+                    # The first heartbeat reports the listener as it is once LISTEN is up,
+                    # not as it was a moment before (disconnected, health degraded).
+                    tg.start_soon(self.presence.run)
+                    if parts.ranking is not None:
+                        tg.start_soon(
+                            self._follow_fleet, parts.lifecycle, parts.ranking, parts.event_system.fleet_changed
+                        )
+                self.ready.set()
+                for service in self._services:
+                    tg.start_soon(service, self)
+                if len(parts.clusters) == 1:
+                    await parts.processor.run(parts.event_system.receive, lambda: self._deadline)
+                else:
+                    # Every cluster drains by the one deadline, at the same time.
+                    async with anyio.create_task_group() as processors:
+                        for cluster in parts.clusters:
+                            processors.start_soon(
+                                cluster.processor.run, cluster.event_system.receive, lambda: self._deadline
+                            )
+                tg.cancel_scope.cancel()
+
+    def _producer(self, parts: _Parts) -> AsyncClient:
+        """The client periodic jobs send with: on the worker's own pools, sending each tick to
+        the cluster of its namespace."""
+        if len(parts.clusters) == 1:
+            return AsyncClient(pool=parts.clusters[0].pool)
+        others = {c.name: c.pool for c in parts.clusters[1:]}
+        return AsyncClient(pool=parts.clusters[0].pool, pools=others, config=self.config)
+
+    async def _close(self, pools: list[AsyncConnectionPool]) -> None:
+        """Deregister (with the reason it left) and close the pools, by the shutdown's deadline:
+        what is left of the budget (a crash or a failed start gets the whole budget from now)."""
+        deadline = self._deadline
+        if deadline == float("inf"):
+            deadline = anyio.current_time() + self.config.worker.shutdown_timeout.total_seconds()
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+            if self.presence is not None:
+                # Also after a failed start or a crash: the row says why this worker left.
+                await self.presence.deregister(self._stop_reason[:500])
+        if scope.cancelled_caught:
+            log.error("shutdown deadline: %s not deregistered; the supervisor marks it offline", self.worker_id)
+        with anyio.CancelScope(shield=True):
+            # Connections still checked out (hanging on an unreachable server) are closed
+            # by the pool after this grace, not waited for.
+            grace = max(0.1, min(1.0, deadline - anyio.current_time()))
+            if len(pools) == 1:
+                await pools[0].close(timeout=grace)
+            else:
+                async with anyio.create_task_group() as closing:
+                    for pool in pools:
+                        closing.start_soon(partial(pool.close, timeout=grace))
+        self.stopped.set()
 
     def status(self) -> dict[str, Any]:
         """Statistics, in-flight work and the event system's state."""
@@ -357,18 +562,35 @@ class Worker(RegistersHandlers):
             snap["supervision"] = self.supervision.status()
         if self.control is not None:
             snap["control"] = self.control.status()
+        if len(self.clusters) > 1:
+            # The counters, slots and in-flight figures above are the worker's (one budget for
+            # every cluster); what differs by cluster is listed per cluster.
+            snap["queues"] = sorted(q for c in self.clusters for q in c.processor.queues)
+            snap["clusters"] = {c.name: _cluster_status(c) for c in self.clusters}
         snap["health"] = self.health.status() if self.health is not None else {"status": "not monitored"}
         return snap
 
-    def _health_view(self) -> dict[str, Any]:
-        """What the health checks read of ``status()``, without its latency percentiles (tens of
-        milliseconds over full sample windows, every health check interval)."""
-        view: dict[str, Any] = {"counters": dict(self.stats.counters), "handler_last_minute": self.stats.last_minute()}
-        if self.event_system is not None:
-            view["event_system"] = self.event_system.status()
-        if self.processor is not None:
-            view["circuits"] = self.processor.steps.circuits.open_circuits()
-        return view
+    def figures(self) -> WorkerFigures:
+        """What the health checks judge of this worker, read from its own objects as a frozen
+        value (the status dict, with its latency percentiles, is for the API and heartbeats)."""
+        counters = self.stats.counters
+        minute = self.stats.last_minute()
+        es = self.event_system
+        systems = [c.event_system for c in self.clusters] or ([es] if es is not None else [])
+        listeners = [s.listener for s in systems if s.listener is not None]
+        # Several clusters: healthy only when every cluster's listener is, heard when any was.
+        heard = max((x.last_notification_at for x in listeners if x.last_notification_at is not None), default=None)
+        return WorkerFigures(
+            worker_id=self.worker_id,
+            deployment_mode=es.mode.value if es is not None else "unknown",
+            listener_healthy=all(x.healthy for x in listeners) if listeners else None,
+            last_notification_age_s=None if heard is None else round(time.monotonic() - heard, 3),
+            missed_wakeups=counters.get("missed_wakeups", 0),
+            claimed_event=counters.get("claimed_event", 0),
+            handler_runs=int(minute.get("runs", 0)),
+            handler_errors=int(minute.get("errors", 0)),
+            open_circuits=self.processor.steps.circuits.open_circuits() if self.processor is not None else {},
+        )
 
     async def set_mode(self, mode: DeploymentMode | str, *, source: str = "api") -> bool:
         """Switch the running worker's deployment mode; False if it was refused (see the log)."""
@@ -376,17 +598,13 @@ class Worker(RegistersHandlers):
             raise UsageError("set_mode needs a running worker (call it once `ready` is set)")
         return await self.control.set_mode(DeploymentMode(mode), source=source)
 
-    def _note_fleet_changed(self) -> None:
-        self._fleet_changed.set()
-
-    async def _follow_fleet(self, lifecycle: WorkerLifecycle, ranking: ClaimRanking) -> None:
+    async def _follow_fleet(self, lifecycle: WorkerLifecycle, ranking: ClaimRanking, changes: Nudge) -> None:
         """Re-read the live listening workers of our namespaces whenever the fleet changes
         (between heartbeats, which read them too), so that the claim ranking includes a worker
         from the moment it registers and drops it when it leaves."""
         while True:
-            await self._fleet_changed.wait()
+            await changes.wait()
             await anyio.sleep(FLEET_SETTLE_S)  # a fleet starting together: one read for all of it
-            self._fleet_changed = anyio.Event()
             try:
                 ranking.update(await lifecycle.listening_peers(self.namespaces, self.config.registry.stale_timeout))
             except TRANSIENT_DB_ERRORS as exc:
@@ -395,14 +613,20 @@ class Worker(RegistersHandlers):
                 # The ranking only saves claims: a failure here must not stop the worker's steps.
                 log.exception("reading the fleet failed; the next heartbeat reads it")
 
-    async def _run_sources(self, event_system: WorkerEventSystem, scope: anyio.CancelScope) -> None:
+    async def _run_sources(self, systems: list[WorkerEventSystem], scope: anyio.CancelScope) -> None:
         with scope:
-            await event_system.run()
+            if len(systems) == 1:
+                await systems[0].run()
+                return
+            async with anyio.create_task_group() as tg:
+                for system in systems:
+                    tg.start_soon(system.run)
 
-    async def _stopper(self, event_system: WorkerEventSystem, sources: anyio.CancelScope) -> None:
+    async def _stopper(self, systems: list[WorkerEventSystem], sources: anyio.CancelScope) -> None:
         await self._stop_requested.wait()
         sources.cancel()
-        await event_system.send.send(Shutdown(self._stop_reason))
+        for system in systems:
+            await system.send.send(Shutdown(self._stop_reason))
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP) as signals:
@@ -528,6 +752,21 @@ class Worker(RegistersHandlers):
                     f"handler module {path!r} has no register(worker) function", key="worker.handler_modules"
                 )
             register(self)
+
+
+def _cluster_status(cluster: ClusterParts) -> dict[str, Any]:
+    """What one cluster of a worker is doing: its database, namespaces, event sources, the
+    steps of its queues held now and its last claim error."""
+    processor = cluster.processor
+    queues = processor.queues
+    return {
+        "database": describe(cluster.url),
+        "namespaces": list(cluster.namespaces),
+        "event_system": cluster.event_system.status(),
+        "held": sum(1 for e in processor.held.entries.values() if e.msg.queue in queues),
+        "last_error": processor.last_error,
+        "housekeeping": cluster.housekeeping.status() if cluster.housekeeping is not None else None,
+    }
 
 
 #: SIGTERM/SIGINT received between process start and the worker's own handlers.

@@ -35,6 +35,8 @@ log = logging.getLogger("tasker_worker.runtime.processor")
 
 #: How long a flush retries a broken database before giving up on that batch.
 WRITE_RETRY_BUDGET = timedelta(seconds=60)
+#: How long announcing put-backs may take (a listening worker finds them at its poll otherwise).
+ANNOUNCE_TIMEOUT_S = 2.0
 
 _Item = tuple[HeldStep, Settlement]
 
@@ -191,10 +193,16 @@ class OutcomeWriter:
                 extra={"queue": queue, **error_fields(exc)},
             )
             results = {}
-        if kind in _PUT_BACK_KINDS:
-            # Before the steps are finished: at shutdown, the last one finished lets the worker
-            # stop, and an announcement still to come would be cancelled with the writer.
-            await self._announce(queue, [(e.msg.msg_id, s) for e, s in items if results.get(e.msg.msg_id)])
+        except Exception as exc:  # not the database's weather: still never the writer's end
+            self.stats.incr("internal_errors")
+            log.exception(
+                "writing %d %s results to %s failed; they return after their vt",
+                len(items),
+                kind,
+                queue,
+                extra={"queue": queue, **error_fields(exc)},
+            )
+            results = {}
         for entry, settlement in items:
             applied = results.get(entry.msg.msg_id)
             written = Written.NOT_WRITTEN if applied is None else Written.APPLIED if applied else Written.FENCED
@@ -202,6 +210,14 @@ class OutcomeWriter:
                 self.finish(entry, settlement, written)
             except Exception:  # the writer must go on for the other steps
                 log.exception("ending msg %s of %s failed", entry.msg.msg_id, queue, extra={"queue": queue})
+        if kind in _PUT_BACK_KINDS:
+            # After the steps are finished, so that a claim it prompts does not find the message
+            # still held here (and take it for a redelivery of the step that just ended); shielded
+            # and bounded, as at shutdown the last step finished lets the worker stop while its
+            # announcement is still to go out.
+            deadline = min(self.final_deadline, anyio.current_time() + ANNOUNCE_TIMEOUT_S)
+            with anyio.CancelScope(shield=True, deadline=deadline):
+                await self._announce(queue, [(e.msg.msg_id, s) for e, s in items if results.get(e.msg.msg_id)])
 
     async def _write(self, kind: str, queue: str, items: list[_Item]) -> dict[int, bool]:
         if kind == "record":

@@ -31,7 +31,7 @@ import math
 import time
 import types
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -120,6 +120,7 @@ _PUT_BACK_VERDICTS = {
     "duplicate_in_flight": "duplicate_in_flight",
     "missing_capability": "rejected",
     "shutdown": "released",
+    "snoozed": "snoozed",
 }
 
 
@@ -147,6 +148,10 @@ class MemoryStore:
         self.announcements: list[tuple[str, list[int], float]] = []
         #: Capabilities that some other live worker offers (``capable_worker_exists``).
         self.capable_peers: set[str] = set()
+        #: Progress reported by running steps (``ctx.progress``), by step_uuid.
+        self.progress: dict[str, dict[str, Any]] = {}
+        #: Cancel requests of running steps: step_uuid -> who asked (``HandlerHarness.cancel``).
+        self.cancellations: dict[str, str | None] = {}
         #: Flow control by namespace (``tasker.queue_flow``): ``pause``, ``limit``, and the
         #: priority and group flags a claimed step sets.
         self.flow: dict[str, QueueFlow] = {}
@@ -282,7 +287,9 @@ class MemoryStore:
         if flow.rate is not None:
             self._buckets[namespace] = (tokens - len(chosen), now)
         hold = None
-        if budget < qty and len(chosen) == budget:
+        if flow.key_max_running is not None and len(chosen) < budget and len(chosen) < len(ready):
+            hold = FlowHold(HoldReason.LIMITED)  # the per-key cap held ready steps back
+        elif budget < qty and len(chosen) == budget:
             left_tokens = tokens - len(chosen)
             after = (1 - left_tokens) / flow.rate.per_second if flow.rate is not None and left_tokens < 1 else None
             hold = FlowHold(HoldReason.LIMITED, after)
@@ -404,6 +411,15 @@ class MemoryStore:
                 m.vt = self.clock.now() + timedelta(milliseconds=vt_ms)
                 extended[m.msg_id] = m.vt
         return extended
+
+    async def write_progress(self, rows: Sequence[Mapping[str, Any]], worker_id: str) -> None:
+        """Kept in ``progress`` by step_uuid, the newest value winning."""
+        for row in rows:
+            self.progress[str(row["step_uuid"])] = dict(row)
+
+    async def pending_cancellations(self, step_uuids: Sequence[str]) -> dict[str, str | None]:
+        """The steps of ``step_uuids`` in ``cancellations``."""
+        return {u: self.cancellations[u] for u in step_uuids if u in self.cancellations}
 
     async def announce_ready(self, queue: str, msg_ids: Sequence[int], delay_s: float = 0.0) -> None:
         """Noted in ``announcements`` (nobody listens in memory)."""
@@ -566,6 +582,8 @@ class HandlerHarness(RegistersHandlers):
                 assert entry.task is not None
                 await entry.task
                 await self._writer.flush()
+                if self._runner.progress:
+                    await self.store.write_progress(self._runner.progress.take(), HARNESS_WORKER)
                 count += 1
         raise RuntimeError(f"more than {MAX_RUNS_PER_CALL} runs without the queue settling")
 
@@ -605,6 +623,28 @@ class HandlerHarness(RegistersHandlers):
             await self.advance(min(upcoming) - now)
         await self.advance(max(timedelta(0), end - self.clock.now()))
         await self.run_ready()
+
+    def cancel(self, step: StepMessage | str | uuid.UUID, by: str = "harness") -> str:
+        """Cancel a step as ``client.cancel`` does: a queued one is taken off the queue and
+        recorded ``cancelled`` (``"cancelled"``); one running now (call this from inside a
+        handler, or from another task) is asked to stop: ``ctx.cancelled`` (``"cancelling"``)."""
+        key = str(step.step_uuid if isinstance(step, StepMessage) else step)
+        if key in self.outcomes:
+            return "finished"
+        now = self.clock.now()
+        for m in list(self.messages.values()):
+            if _step_uuid_of(m.body) == key and (m.claimed_by is None or m.vt <= now):
+                del self.messages[m.msg_id]
+                error = {"reason": "cancelled", "by": by}
+                self.outcomes[key] = StepOutcome(key, "cancelled", None, error, m.read_ct)
+                return "cancelled"
+        self.store.cancellations[key] = by
+        return "cancelling" if self._runner.request_cancel(uuid.UUID(key), by) else "not_found"
+
+    def progress(self, step: StepMessage | str | uuid.UUID) -> dict[str, Any] | None:
+        """The last progress the step reported (``ctx.progress``): fraction, note, data."""
+        key = str(step.step_uuid if isinstance(step, StepMessage) else step)
+        return self.store.progress.get(key)
 
     # --- looking ---------------------------------------------------------------------------
 

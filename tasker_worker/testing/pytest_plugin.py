@@ -9,7 +9,11 @@ nothing starts until a test asks for a fixture. The server, in order of preferen
 - an embedded PostgreSQL in a temporary directory, started once per session and removed by
   the fixture that started it.
 
-Each test gets its own database, copied from a template migrated once per session::
+Each test gets its own database, copied from a template migrated once per session. The
+configuration of ``tasker_config`` and ``tasker_worker`` is resolved as by every other entry point
+(``load_config``: your ``config/`` or ``TASKER_CONFIG_DIR`` layers, ``TASKER__*`` variables), in
+the environment ``TASKER_ENV`` or else ``test`` (an overlay it may lack), with the test's
+database on top::
 
     async def test_resize(tasker_worker):
         async with tasker_worker(namespaces=["media"], handlers=register) as run:
@@ -31,7 +35,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from tasker_worker.config.loader import LoadedConfig
     from tasker_worker.runtime.worker import Worker
+
+#: How the plugin's own settings show among the origins of ``config show`` and ``tasker_config``.
+PLUGIN_ORIGIN = "pytest plugin"
 
 # The runtime is imported inside the fixtures: pytest loads this plugin in every session of an
 # environment where tasker-worker is installed, and most sessions never use it.
@@ -138,6 +146,32 @@ def tasker_blank_db_url(tasker_pg_admin_url: str) -> Iterator[str]:
         _drop_database(tasker_pg_admin_url, name)
 
 
+def resolve_test_config(url: str, overrides: dict[str, Any] | None = None) -> LoadedConfig:
+    """The configuration of a test on the database ``url``: the one resolution of every entry
+    point (``load_config``), in the environment ``TASKER_ENV`` or else ``test``, with ``url``
+    (not migrated again: the template was) and ``overrides`` (dotted keys) on top."""
+    from tasker_worker.config.loader import load_config
+
+    explicit_env = "TASKER_ENV" in os.environ
+    flags: dict[str, Any] = {"database.url": url, "database.auto_migrate": False, **(overrides or {})}
+    return load_config(
+        None,
+        None if explicit_env else "test",
+        flags,
+        # A project without a `test` overlay runs its tests on the base settings; an environment
+        # named in TASKER_ENV must exist, as for every other entry point.
+        allow_missing_env=not explicit_env,
+        overrides_origin=PLUGIN_ORIGIN,
+    )
+
+
+@pytest.fixture
+def tasker_config(tasker_db_url: str) -> LoadedConfig:
+    """The configuration a test's worker and clients use, with where each value came from
+    (``tasker_config.origin("retry.max_attempts")``): see ``resolve_test_config``."""
+    return resolve_test_config(tasker_db_url)
+
+
 class RunningWorker:
     """A worker running in the test's event loop, with helpers to feed it and wait for it."""
 
@@ -176,7 +210,7 @@ WorkerFactory = Callable[..., Any]
 def tasker_worker(tasker_db_url: str) -> WorkerFactory:
     """Start workers on the test's database: ``async with tasker_worker(...) as run``.
 
-    Keywords: ``namespaces``, ``mode`` (default PollingOnly, as in the test environment),
+    Keywords: ``namespaces``, ``mode`` (default: the configuration's, see ``tasker_config``),
     ``handlers`` (a ``register(worker)`` function), ``overrides`` (dotted config keys),
     ``state``. The worker stops gracefully when the block ends.
     """
@@ -190,9 +224,10 @@ def tasker_worker(tasker_db_url: str) -> WorkerFactory:
         overrides: dict[str, Any] | None = None,
         state: Any = None,
     ) -> AsyncIterator[RunningWorker]:
-        from tasker_worker.testing.db import make_config, running_worker
+        from tasker_worker.testing.db import running_worker
 
-        config = make_config(mode=mode, namespaces=namespaces, overrides=overrides)
+        flags = {"event_system.deployment_mode": mode, "worker.namespaces": namespaces, **(overrides or {})}
+        config = resolve_test_config(tasker_db_url, flags).config
         async with running_worker(tasker_db_url, config, state=state, setup=handlers) as worker:
             yield RunningWorker(tasker_db_url, worker)
 

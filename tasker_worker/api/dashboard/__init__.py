@@ -33,6 +33,7 @@ def routes() -> list[BaseRoute]:
         _page("/workers/{worker_id}", pages.worker),
         _page("/steps", pages.steps),
         _page("/steps/{step_uuid}", pages.step),
+        _page("/steps/{step_uuid}/cancel", actions.cancel_step, "POST"),
         _page("/dlq", pages.dead_letter_index),
         _page("/dlq/{namespace}", pages.dead_letters),
         _page("/dlq/{namespace}/requeue", pages.confirm_requeue),

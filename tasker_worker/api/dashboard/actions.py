@@ -10,6 +10,7 @@ actions are switched off (403). A refused action changes nothing.
 from __future__ import annotations
 
 import hmac
+import uuid
 from urllib.parse import parse_qs, quote, urlencode
 
 from starlette.requests import Request
@@ -83,7 +84,7 @@ async def requeue(request: Request) -> Response:
         return refused(request, 400, "Nothing to requeue", "Name a dead letter (msg_id) or ask for all of them.")
     ctx = ctx_of(request)
     try:
-        moved = await ctx.client.requeue_dead_letters(
+        moved = await (await ctx.client_of(namespace)).requeue_dead_letters(
             queue,
             None if everything else [int(raw_id)],
             actor="dashboard",
@@ -139,10 +140,32 @@ async def pause_or_resume(request: Request) -> Response:
         validate_namespace(namespace)
     except InvalidName as exc:
         return refused(request, 400, "Not a namespace", str(exc))
-    pool = ctx_of(request).pool
+    pool = await ctx_of(request).pool_of(namespace)
     if action == "pause":
         await flow_db.pause(pool, namespace, "dashboard")
     else:
         await flow_db.resume(pool, namespace, "dashboard")
     request.app.state.overview.forget()
     return _redirect(request, "/", flow=action, namespace=namespace)
+
+
+async def cancel_step(request: Request) -> Response:
+    """Cancel a step (``namespace`` in the form): a queued one at once, a running one asked to
+    stop; recorded with who asked (``dashboard``)."""
+    form = await _form(request)
+    denied = _authorized(request, form)
+    if denied is not None:
+        return denied
+    try:
+        step_uuid = uuid.UUID(request.path_params["step_uuid"])
+    except ValueError:
+        return refused(request, 400, "Not a step_uuid", "The address does not end in a UUID.")
+    namespace = _one(form, "namespace")
+    try:
+        validate_namespace(namespace)
+    except InvalidName as exc:
+        return refused(request, 400, "Not a namespace", str(exc))
+    state = await ctx_of(request).producer.cancel(namespace, step_uuid, by="dashboard")
+    if state not in ("cancelled", "cancelling"):
+        return refused(request, 409, "Not cancelled", f"The step is {state.replace('_', ' ')}.")
+    return _redirect(request, f"/steps/{step_uuid}", cancel=state)

@@ -40,6 +40,7 @@ def html_errors(endpoint: Endpoint) -> Endpoint:
 
     async def page(request: Request) -> Response:
         try:
+            await ctx_of(request).replica_state()  # how stale the page's reads are (shown on it)
             return await endpoint(request)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.warning("%s %s: the database is unavailable: %s", request.method, request.url.path, first_line(exc))
@@ -127,7 +128,18 @@ async def step(request: Request) -> Response:
     if namespace is not None and not _valid_namespace(namespace):
         return refused(request, 400, "Not a namespace", f"{namespace[:100]!r} is not a valid namespace.")
     page = await reads.gather_step_page(ctx, step_uuid, namespace)
-    return render(request, "step.html", title=f"Step {step_uuid}", page=page, status=200 if page.found else 404)
+    said = {
+        "cancelled": "Cancelled: taken off its queue.",
+        "cancelling": "Asked to stop: its worker records it cancelled.",
+    }
+    return render(
+        request,
+        "step.html",
+        title=f"Step {step_uuid}",
+        page=page,
+        cancel_state=said.get(request.query_params.get("cancel", "")),
+        status=200 if page.found else 404,
+    )
 
 
 async def dead_letter_index(request: Request) -> Response:

@@ -1,6 +1,8 @@
 """What each dashboard page shows, gathered from the database in bounded reads.
 
-Every read here has a limit: queue depths are counted up to ``GLANCE_CAP`` rows
+Every read here goes to ``ctx.reads`` (the read replica of ``[database] read_url`` when one is
+set, else the primary), except the overview's health verdict, which judges the primary (its
+transaction horizon, the live workers' figures). Every read here has a limit: queue depths are counted up to ``GLANCE_CAP`` rows
 (``tasker.queue_glance``), lists stop at a fixed length, the chart reads the outcomes of the last
 ``WINDOW_S`` seconds only. The overview, the page every operator leaves open, is gathered at
 most once per ``OVERVIEW_TTL_S`` whatever the number of browsers refreshing it.
@@ -24,10 +26,9 @@ from tasker_worker.db import flow as flow_db
 from tasker_worker.domain.flow import QueueFlow
 from tasker_worker.domain.health import HealthReport, QueueFigures, WorkerFigures, judge, judge_worker
 from tasker_worker.domain.names import DLQ_SUFFIX, dlq_name, namespace_of, queue_name
-from tasker_worker.domain.results import StepResult
+from tasker_worker.domain.results import StepProgress, StepResult
 from tasker_worker.domain.steps import OutcomeStatus
 from tasker_worker.domain.workers import WorkerStatus, WorkerView
-from tasker_worker.producer.client import AsyncClient
 
 #: Queue depths are counted up to this many messages; beyond, the page says "10000+".
 GLANCE_CAP = 10_000
@@ -129,6 +130,13 @@ class StepPage:
     queued: dict[str, Any] | None
     dead_letter: DeadLetter | None
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: What it reported while running (``ctx.progress``), when it has no outcome yet.
+    progress: StepProgress | None = None
+
+    @property
+    def namespace(self) -> str | None:
+        """The namespace of its queued message (for its cancel form)."""
+        return namespace_of(self.queued["queue"]) if self.queued else None
 
     @property
     def found(self) -> bool:
@@ -200,7 +208,7 @@ class OverviewCache:
 
 async def glance(ctx: ApiContext) -> list[QueueGlance]:
     """Every queue's depth and oldest message, each counted up to ``GLANCE_CAP``."""
-    return [QueueGlance(*row) for row in await ctx.client.queue_glance(GLANCE_CAP)]
+    return [QueueGlance(*row) for row in await ctx.read_client.queue_glance(GLANCE_CAP)]
 
 
 def pair_queues(
@@ -275,9 +283,9 @@ async def gather_overview(ctx: ApiContext) -> Overview:
     now = ctx.clock.now()
     glances = await glance(ctx)
     namespaces, others = pair_queues(glances)
-    series = series_of(await ctx.client.outcome_buckets(BUCKET_S, WINDOW_S + BUCKET_S), now)
-    tuples = await ctx.client.queue_table_tuples()
-    flows = {f.namespace: f for f in await flow_db.read_flow(ctx.pool)}
+    series = series_of(await ctx.read_client.outcome_buckets(BUCKET_S, WINDOW_S + BUCKET_S), now)
+    tuples = await ctx.read_client.queue_table_tuples()
+    flows = {f.namespace: f for f in await flow_db.read_flow(ctx.reads)}
     rows: list[NamespaceRow] = []
     figures: list[QueueFigures] = []
     for namespace, (queue, dlq) in sorted(namespaces.items()):
@@ -304,7 +312,7 @@ async def gather_overview(ctx: ApiContext) -> Overview:
     workers: list[WorkerFigures] = await gather_workers(ctx) if database.reachable else []
     health = judge(database, workers, figures, thresholds(ctx))
     total = [sum(values) for values in zip(*(s.per_s() for s in series.values()), strict=True)]
-    fleet = await ctx.views.stats()
+    fleet = await ctx.read_views.stats()
     return Overview(
         at=now,
         namespaces=rows,
@@ -326,15 +334,15 @@ def worker_row(view: WorkerView, now: datetime) -> WorkerRow:
 async def gather_workers_page(ctx: ApiContext, *, include_gone: bool) -> list[WorkerRow]:
     """Workers, newest first (the live ones only unless ``include_gone``)."""
     now = ctx.clock.now()
-    views = await ctx.views.list(None, include_deregistered=include_gone, limit=WORKERS_SHOWN)
+    views = await ctx.read_views.list(None, include_deregistered=include_gone, limit=WORKERS_SHOWN)
     return [worker_row(v, now) for v in views]
 
 
 async def gather_worker_page(ctx: ApiContext, worker_id: str) -> WorkerPage:
     """One worker (``WorkerNotFound`` for an unknown id), its heartbeats and its events."""
-    view = await ctx.views.get(worker_id)
-    heartbeats = await ctx.views.heartbeats(worker_id, limit=HEARTBEATS_SHOWN)
-    timeline = await ctx.views.timeline(worker_id, limit=TIMELINE_SHOWN)
+    view = await ctx.read_views.get(worker_id)
+    heartbeats = await ctx.read_views.heartbeats(worker_id, limit=HEARTBEATS_SHOWN)
+    timeline = await ctx.read_views.timeline(worker_id, limit=TIMELINE_SHOWN)
     oldest_first = list(reversed(heartbeats))
     health = None
     if view.stats:
@@ -352,10 +360,10 @@ async def gather_worker_page(ctx: ApiContext, worker_id: str) -> WorkerPage:
 async def gather_step_page(ctx: ApiContext, step_uuid: uuid.UUID, namespace: str | None) -> StepPage:
     """What is known of one step: its outcome or its message (through its idempotency key, or a
     scan of ``namespace``'s queue), a copy in a DLQ, and its events."""
-    client = AsyncClient(pool=ctx.pool)
+    client = ctx.read_producer
     result = await client.get_result(step_uuid)
     queued = None if result is not None else await client.find_queued(step_uuid, namespace=namespace)
-    rows = await ctx.client.step_events(str(step_uuid), STEP_EVENTS_SHOWN)
+    rows = await ctx.read_client.step_events(str(step_uuid), STEP_EVENTS_SHOWN)
     events = [
         {
             "event_id": r[0],
@@ -371,7 +379,8 @@ async def gather_step_page(ctx: ApiContext, step_uuid: uuid.UUID, namespace: str
     dead_letter = None
     if result is not None and result.status in (OutcomeStatus.FAILED, OutcomeStatus.DEAD_LETTERED):
         dead_letter = await _find_dead_letter(ctx, result.namespace, str(step_uuid))
-    return StepPage(step_uuid, result, queued, dead_letter, events)
+    progress = await client.get_progress(step_uuid) if queued is not None else None
+    return StepPage(step_uuid, result, queued, dead_letter, events, progress)
 
 
 async def _find_dead_letter(ctx: ApiContext, namespace: str, step_uuid: str) -> DeadLetter | None:
@@ -384,13 +393,13 @@ async def _find_dead_letter(ctx: ApiContext, namespace: str, step_uuid: str) -> 
 async def gather_dead_letters(ctx: ApiContext, namespace: str) -> list[DeadLetter]:
     """The oldest ``DEAD_LETTERS_SHOWN`` dead letters of a namespace (``QueueNotFound`` when it
     has no queue)."""
-    rows = await ctx.client.peek(dlq_name(queue_name(namespace)), DEAD_LETTERS_SHOWN)
+    rows = await (await ctx.read_client_of(namespace)).peek(dlq_name(queue_name(namespace)), DEAD_LETTERS_SHOWN)
     return [DeadLetter.from_peek(r) for r in rows]
 
 
 async def recent_failures(ctx: ApiContext) -> list[StepResult]:
     """The newest failed and dead-lettered outcomes, newest first."""
-    client = AsyncClient(pool=ctx.pool)
+    client = ctx.read_producer
     failed = await client.list_results(status=OutcomeStatus.FAILED, limit=FAILURES_SHOWN)
     dead = await client.list_results(status=OutcomeStatus.DEAD_LETTERED, limit=FAILURES_SHOWN)
     return sorted(failed + dead, key=lambda r: r.finished_at, reverse=True)[:FAILURES_SHOWN]
@@ -398,7 +407,7 @@ async def recent_failures(ctx: ApiContext) -> list[StepResult]:
 
 async def known_namespaces(ctx: ApiContext) -> list[str]:
     """Namespaces with a queue, and those live workers serve."""
-    names = {ns for name, *_ in await ctx.client.list_queues() if (ns := namespace_of(name)) is not None}
-    for view in await ctx.views.live(limit=WORKERS_SHOWN):
+    names = {ns for name, *_ in await ctx.read_client.list_queues() if (ns := namespace_of(name)) is not None}
+    for view in await ctx.read_views.live(limit=WORKERS_SHOWN):
         names.update(view.namespaces)
     return sorted(names)

@@ -24,6 +24,8 @@ STATIC = HERE / "static"
 
 #: Seconds between a page's own refreshes (0: the page does not refresh, e.g. a confirmation).
 REFRESH_S = 5
+#: A page read from a read replica this far behind the primary says so at its top.
+REPLICA_WARN_S = 5.0
 
 #: The request header the page's script sends to get the page's content without its frame.
 PARTIAL_HEADER = "x-tasker-partial"
@@ -128,6 +130,8 @@ def render(
         now=ctx.clock.now(),
         version=__version__,
         actions_enabled=bool(ctx.config.api.token),
+        replica=ctx.replica,
+        replica_warn_s=REPLICA_WARN_S,
         **context,
     )
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)

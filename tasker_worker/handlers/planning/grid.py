@@ -1,10 +1,13 @@
-"""Occupancy grids: decoding, rasterizing obstacles, inflating by the robot radius."""
+"""Occupancy grids: decoding, rasterizing obstacles, inflating by the robot radius, and the
+map frame (ROS conventions: cell (0, 0)'s lower-left corner at ``origin``, rotated by ``yaw``)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -16,12 +19,16 @@ MAX_INFLATION_CELLS = 256
 
 @dataclass(frozen=True)
 class Grid:
-    """A map: ``blocked[row, col]`` with row = y and col = x, cell (0, 0) at ``origin``."""
+    """A map: ``blocked[row, col]`` with row = y and col = x in the map frame, whose origin
+    (cell (0, 0)'s lower-left corner) is at world ``(origin_x, origin_y)`` and whose x axis
+    points at ``yaw`` radians counterclockwise from the world's (ROS ``map_server``'s
+    ``origin: [x, y, yaw]``)."""
 
     blocked: np.ndarray  # bool, shape (height, width)
     resolution: float  # metres per cell
     origin_x: float = 0.0
     origin_y: float = 0.0
+    yaw: float = 0.0
 
     @property
     def height(self) -> int:
@@ -33,16 +40,33 @@ class Grid:
         """Columns."""
         return int(self.blocked.shape[1])
 
+    def local(self, x: float, y: float) -> tuple[float, float]:
+        """Map-frame coordinates (metres from the origin along the map's axes) of a world point."""
+        dx, dy = x - self.origin_x, y - self.origin_y
+        if self.yaw == 0.0:
+            return dx, dy
+        c, s = math.cos(self.yaw), math.sin(self.yaw)
+        return c * dx + s * dy, -s * dx + c * dy
+
     def cell_of(self, x: float, y: float) -> tuple[int, int]:
         """``(row, col)`` of the cell containing world point ``(x, y)``."""
-        return (
-            int(np.floor((y - self.origin_y) / self.resolution)),
-            int(np.floor((x - self.origin_x) / self.resolution)),
-        )
+        lx, ly = self.local(x, y)
+        return int(np.floor(ly / self.resolution)), int(np.floor(lx / self.resolution))
 
     def center_of(self, row: int, col: int) -> tuple[float, float]:
         """World ``(x, y)`` of a cell's centre."""
-        return (self.origin_x + (col + 0.5) * self.resolution, self.origin_y + (row + 0.5) * self.resolution)
+        xy = self.world(np.array([[row + 0.5, col + 0.5]]))
+        return float(xy[0, 0]), float(xy[0, 1])
+
+    def world(self, rc: np.ndarray) -> np.ndarray:
+        """World ``(x, y)`` rows of map-frame points given in cells as ``(row, col)`` rows
+        (a cell's centre is ``(row + 0.5, col + 0.5)``)."""
+        lx = rc[:, 1] * self.resolution
+        ly = rc[:, 0] * self.resolution
+        if self.yaw == 0.0:
+            return np.stack([self.origin_x + lx, self.origin_y + ly], axis=1)
+        c, s = math.cos(self.yaw), math.sin(self.yaw)
+        return np.stack([self.origin_x + c * lx - s * ly, self.origin_y + s * lx + c * ly], axis=1)
 
     def contains(self, row: int, col: int) -> bool:
         """Whether the cell is on the map."""
@@ -73,6 +97,74 @@ def decode_cells(cells: object, width: int, height: int) -> np.ndarray:
             raise StepValidationError("grid.cells must hold finite numbers")
         return np.asarray(arr != 0)
     raise StepValidationError("grid.cells must be nested lists or a base64 string")
+
+
+OccupancyFormat = Literal["occupancy", "image"]
+
+
+def decode_occupancy(
+    data: object,
+    width: int,
+    height: int,
+    *,
+    fmt: OccupancyFormat = "occupancy",
+    negate: bool = False,
+    occupied_thresh: float = 0.65,
+    free_thresh: float = 0.25,
+    unknown_blocked: bool = True,
+) -> np.ndarray:
+    """Blocked cells (row 0 at the map's origin) of ROS occupancy data, thresholded as ROS does.
+
+    ``fmt="occupancy"``: ``nav_msgs/OccupancyGrid.data``, ``width*height`` values row-major
+    from the origin's row, -1 unknown or 0..100 (a list, or base64 of the int8 bytes). As
+    ``map_saver`` reads them: ``v <= round(100 * free_thresh)`` free, ``v >=
+    round(100 * occupied_thresh)`` occupied, anything else unknown.
+
+    ``fmt="image"``: the greyscale pixels of a ``map_server`` map image (0..255, the image's
+    top row first; a list or base64 of the bytes). As ``map_server`` loads them (trinary mode):
+    ``occ = p / 255`` if ``negate`` else ``1 - p / 255``; ``occ > occupied_thresh`` occupied,
+    ``occ < free_thresh`` free, anything else unknown; rows flipped so that row 0 is the
+    bottom one.
+
+    Unknown cells are blocked when ``unknown_blocked``.
+    """
+    count = width * height
+    signed = fmt == "occupancy"
+    lo, hi = (-1, 100) if signed else (0, 255)
+    if isinstance(data, str):
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise StepValidationError("occupancy.data is not valid base64") from None
+        if len(raw) != count:
+            raise StepValidationError(f"occupancy.data holds {len(raw)} bytes; {width}x{height} cells need {count}")
+        values = np.frombuffer(raw, dtype=np.int8 if signed else np.uint8).astype(np.int16)
+    elif isinstance(data, list):
+        if len(data) != count:
+            raise StepValidationError(f"occupancy.data holds {len(data)} values; {width}x{height} cells need {count}")
+        try:
+            values = np.asarray(data, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise StepValidationError("occupancy.data must hold integers") from None
+        if values.ndim != 1:
+            raise StepValidationError("occupancy.data must be a flat list of integers")
+    else:
+        raise StepValidationError("occupancy.data must be a list of integers or a base64 string")
+    if values.size and (values.min() < lo or values.max() > hi):
+        raise StepValidationError(f"occupancy.data values must lie in {lo}..{hi} for format {fmt!r}")
+    if signed:
+        known = values >= 0
+        # map_saver's order: the free test first (the two can meet after rounding)
+        free = known & (values <= round(100 * free_thresh))
+        occupied = known & ~free & (values >= round(100 * occupied_thresh))
+        cells = (occupied | (~free & unknown_blocked)).reshape(height, width)
+    else:
+        shade = values / 255.0
+        occ = shade if negate else 1.0 - shade
+        occupied = occ > occupied_thresh
+        free = occ < free_thresh
+        cells = (occupied | (~free & unknown_blocked)).reshape(height, width)[::-1]
+    return np.ascontiguousarray(cells)
 
 
 def encode_cells(blocked: np.ndarray) -> str:

@@ -1,4 +1,8 @@
-"""Grid search: A*, Dijkstra and any-angle Theta*.
+"""Grid search in pure Python: A*, Dijkstra and any-angle Theta*.
+
+The portable implementation of the planners: ``engine`` runs it while the compiled kernels
+(``kernels``, the same algorithms) are still loading or where numba cannot run, and the tests
+hold both to the same reference.
 
 The grid is padded with a blocked border and flattened, so a neighbour is ``u + offset``
 with no bounds checks, and the hot loop touches only Python lists (faster than numpy
@@ -25,11 +29,16 @@ INF = float("inf")
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Cells of the path (``[(row, col), ...]``, start first), its cost in cells, and effort."""
+    """Cells of the path (``cells[i] = (row, col)``, start first), its cost in cells, and effort."""
 
-    path: list[tuple[int, int]]
+    cells: np.ndarray  # int64, shape (k, 2)
     cost: float
     expanded: int
+
+    @property
+    def path(self) -> list[tuple[int, int]]:
+        """The cells as ``[(row, col), ...]``."""
+        return [(int(r), int(c)) for r, c in self.cells.tolist()]
 
 
 class _Padded:
@@ -60,14 +69,14 @@ def _moves(pw: int, connectivity: int) -> list[tuple[int, float, int, int, int, 
     return moves
 
 
-def _trace(grid: _Padded, parent: list[int], goal: int) -> list[tuple[int, int]]:
+def _trace(grid: _Padded, parent: list[int], goal: int) -> np.ndarray:
     path = []
     node = goal
     while node != -1:
         path.append(grid.cell(node))
         node = parent[node]
     path.reverse()
-    return path
+    return np.array(path, dtype=np.int64).reshape(-1, 2)
 
 
 def astar(
