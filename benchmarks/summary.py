@@ -37,7 +37,7 @@ from systems import PgQueuer, Procrastinate, Tasker
 
 MODES = ["PollingOnly", "Hybrid", "EventDrivenOnly"]
 #: max_concurrent_processors of config/tasker/environments/production, which the drains run with.
-PRODUCTION_CONCURRENCY = 64
+PRODUCTION_CONCURRENCY = 128
 
 
 def _variant(row: dict[str, Any]) -> str:
@@ -352,9 +352,9 @@ def main() -> None:
             return
         print("drain (tasker-worker)")
         # Throughput grows with concurrency up to a few hundred no-op steps in flight (claims and
-        # outcome writes overlap more), so "best concurrency" is looked for up to 512; 32 is the
+        # outcome writes overlap more), so "best concurrency" is looked for up to 512; 128 is the
         # production overlay's default.
-        result["drain"] = drain.run(admin, ["Hybrid"], [16, 32, PRODUCTION_CONCURRENCY, 128, 256, 512], steps)
+        result["drain"] = drain.run(admin, ["Hybrid"], [16, 32, 64, PRODUCTION_CONCURRENCY, 256, 512], steps)
         result["drain"] += drain.run(admin, ["PollingOnly", "EventDrivenOnly"], [16, 128, 512], steps)
         result["drain"] += drain.run(admin, ["Hybrid"], [256], steps, ["stored"])
         result["drain"] += drain.run(admin, ["Hybrid"], [256], steps, ["derived"], [True])
