@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +33,15 @@ if str(ROOT) not in sys.path:
 
 from tasker_worker.db.embedded import temporary_embedded  # noqa: E402
 from tasker_worker.domain.steps import StepMessage  # noqa: E402
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM stops a benchmark as Ctrl-C does: its ``finally`` blocks stop the workers and the
+    temporary server (a background job's SIGINT is ignored, so SIGTERM is how to stop it)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _terminate)
 
 NS = "bench"
 QUEUE = f"worker_{NS}_queue"
@@ -55,19 +66,27 @@ def database(admin: str, name: str) -> str:
     return psycopg.conninfo.make_conninfo(admin, dbname=name)
 
 
-def tasker_database(admin: str, name: str, *, source: Path | None = None) -> str:
-    """A new database with the tasker schema and the ``bench`` namespace queue; its URL.
+def tree_env(tree: Path | None) -> dict[str, str]:
+    """The environment that makes a child process import ``tasker_worker`` from ``tree`` (a
+    checkout of another commit, for before/after runs), or from this checkout (None)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKER")}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    return env
 
-    ``source``: migrated by the tasker_worker of that source tree (a checkout of an earlier
-    commit, for a before/after comparison) instead of this one."""
+
+def tasker_database(admin: str, name: str, tree: Path | None = None, *, source: Path | None = None) -> str:
+    """A new database with the tasker schema (migrated by the code of ``tree``, default this
+    checkout; ``source`` is the same) and the ``bench`` namespace queue; its URL."""
+    tree = tree or source
     url = database(admin, name)
-    env = {**os.environ, "TASKER_DATABASE_URL": url, **source_env(source)}
+    env = {**tree_env(tree), "TASKER_DATABASE_URL": url}
     subprocess.run(
         [sys.executable, "-m", "tasker_worker.cli.main", "db", "migrate"],
         env=env,
-        cwd=source,  # ``-m`` puts the working directory first on sys.path, before PYTHONPATH
         check=True,
         capture_output=True,
+        cwd=tree or ROOT,
     )
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT tasker.create_namespace_queue(%s)", (NS,))
@@ -85,40 +104,99 @@ def enqueue_steps(url: str, steps: int, handler: str = "noop") -> float:
 
 
 def source_env(source: Path | None) -> dict[str, str]:
-    """The environment that makes a child Python import tasker_worker from ``source`` (a source
-    tree: PYTHONPATH comes before the editable install of this one); nothing for this tree.
-    A child run with ``-m`` must also run in ``source`` (``cwd=source``): ``-m`` puts its
+    """What to add to a child's environment to make it import tasker_worker from ``source`` (a
+    source tree: PYTHONPATH comes before the editable install of this one); nothing for this
+    tree. A child run with ``-m`` must also run in ``source`` (``cwd=source``): ``-m`` puts its
     working directory first on sys.path, so from this tree's root it would import this tree."""
     if source is None:
         return {}
     return {"PYTHONPATH": os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-def worker_env(url: str, *, step_events: str = "derived", archive: bool = False) -> dict[str, str]:
-    """The environment of a benchmark ``tasker-worker run`` (production config, warnings only)."""
-    return {
-        **os.environ,
+#: The environment overlay the benchmarks run with unless told otherwise (its concurrency is 32).
+PRODUCTION = "production"
+
+
+def worker_env(
+    url: str,
+    *,
+    step_events: str = "derived",
+    archive: bool = False,
+    env: str | None = PRODUCTION,
+    settings: dict[str, str] | None = None,
+    tree: Path | None = None,
+) -> dict[str, str]:
+    """The environment of a benchmark ``tasker-worker run``.
+
+    ``env``: the overlay (``TASKER_ENV``); None runs the shipped defaults as a new user gets them
+    (no ``TASKER_ENV``: the development overlay, INFO logs, nothing tuned), and then
+    ``step_events`` / ``archive`` are left to the configuration too. ``settings``: more
+    ``TASKER__SECTION__KEY`` variables (a candidate default, say). Every other ``TASKER*``
+    variable of this process is dropped, so that nothing leaks in from the caller's shell.
+    """
+    out = {
+        **tree_env(tree),
         "TASKER_DATABASE_URL": url,
-        "TASKER_ENV": "production",
         "TASKER__WORKER__NAMESPACES": f'["{NS}"]',
-        "TASKER__LOGGING__LEVEL": "WARNING",
-        "TASKER__EVENTS__STEP_EVENTS": step_events,
-        "TASKER__QUEUES__ARCHIVE": "true" if archive else "false",
         "TASKER__DATABASE__AUTO_MIGRATE": "false",
     }
+    if env is not None:
+        out.update(
+            {
+                "TASKER_ENV": env,
+                "TASKER__LOGGING__LEVEL": "WARNING",
+                "TASKER__EVENTS__STEP_EVENTS": step_events,
+                "TASKER__QUEUES__ARCHIVE": "true" if archive else "false",
+            }
+        )
+    out.update(settings or {})
+    return out
 
 
 def start_worker(
-    url: str, mode: str, concurrency: int | None = None, processes: int = 1, **env: Any
+    url: str,
+    mode: str | None,
+    concurrency: int | None = None,
+    processes: int = 1,
+    *,
+    cpus: str | None = None,
+    tree: Path | None = None,
+    **env: Any,
 ) -> subprocess.Popen[str]:
-    """One ``tasker-worker run`` process, or ``processes`` under its supervisor (stderr kept for
-    the error message if it dies)."""
-    argv = [sys.executable, "-m", "tasker_worker.cli.main", "run", "--mode", mode]
+    """One ``tasker-worker run`` process, or ``processes`` under its supervisor. ``mode`` and
+    ``concurrency`` None: no flag (the configuration's). ``cpus``: pinned with ``taskset -c``.
+    ``tree``: the code of another checkout (run from that checkout, with its configuration).
+    Its stderr goes to a temporary file (kept for the error message if it dies; a pipe nobody
+    reads would stop a worker that logs at INFO once it filled up)."""
+    argv = [sys.executable, "-m", "tasker_worker.cli.main", "run"]
+    if mode is not None:
+        argv += ["--mode", mode]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     if processes > 1:
         argv += ["--processes", str(processes)]
-    return subprocess.Popen(argv, env=worker_env(url, **env), stderr=subprocess.PIPE, text=True)
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
+    err = tempfile.TemporaryFile(mode="w+", prefix="tasker-bench-worker-")
+    proc = subprocess.Popen(argv, env=worker_env(url, tree=tree, **env), stderr=err, text=True, cwd=tree or ROOT)
+    _ERR_FILES[proc.pid] = err
+    return proc
+
+
+#: The stderr file of each worker start_worker started, by pid.
+_ERR_FILES: dict[int, Any] = {}
+
+
+def worker_error(proc: subprocess.Popen[str]) -> str:
+    """The tail of a worker's stderr (start_worker's temporary file, or the pipe of another)."""
+    err = _ERR_FILES.get(proc.pid)
+    if err is not None:
+        err.seek(0)
+        return str(err.read())[-2000:]
+    try:
+        return proc.communicate(timeout=10)[1][-2000:]
+    except (subprocess.TimeoutExpired, ValueError):
+        return ""
 
 
 def process_tree_cpu(proc: psutil.Process) -> float:
@@ -139,6 +217,9 @@ def stop(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate(timeout=10)
+    err = _ERR_FILES.pop(proc.pid, None)
+    if err is not None:
+        err.close()
 
 
 def wait_for(
@@ -152,7 +233,7 @@ def wait_for(
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"worker exited while waiting for {what}: {proc.communicate()[1][-2000:]}")
+            raise RuntimeError(f"worker exited while waiting for {what}: {worker_error(proc)}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not reached within {timeout:.0f}s")
         time.sleep(interval)
@@ -200,6 +281,96 @@ class ServerCpu:
         if self._postmaster is None:
             return None
         return self._total() - self._start
+
+
+@contextlib.contextmanager
+def pin_server(url: str, cpus: str | None) -> Iterator[None]:
+    """Pin the database server (its postmaster and every process of it, so the backends it forks
+    meanwhile too) to ``cpus`` (``taskset -c``) for the block; None: leave it alone. Only for a
+    server on this machine that we started (the benchmarks' temporary one)."""
+    if cpus is None:
+        yield
+        return
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    postmaster = psutil.Process(int(row[0])).parent() if row else None
+    if postmaster is None:
+        raise RuntimeError("the server's postmaster is not visible from here")
+    everything = ",".join(str(c) for c in range(os.cpu_count() or 1))
+
+    def pin(to: str) -> None:
+        for proc in [postmaster, *postmaster.children()]:
+            with contextlib.suppress(psutil.Error):
+                proc.cpu_affinity([int(c) for c in to.split(",")])
+
+    pin(cpus)
+    try:
+        yield
+    finally:
+        pin(everything)
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (every process, not idle or waiting on I/O)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+#: The longest ``wait_quiet`` and ``wait_idle`` wait, in seconds (``BENCH_MAX_WAIT``): on a
+#: machine shared with work that never pauses, a bound so that a run still happens (its load and
+#: ``others_cpu_s`` are in the results).
+MAX_WAIT_S = float(os.environ.get("BENCH_MAX_WAIT", "900"))
+
+
+def wait_quiet(max_load: float = 1.5, timeout_s: float | None = None) -> float:
+    """Wait (bounded) until the 1-minute load average is below ``max_load``; the load then.
+    The benchmarks' figures are taken on a quiet machine: a shared one is noise."""
+    timeout_s = MAX_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def commit_ms(url: str, n: int = 30) -> float:
+    """The median time of a one-row INSERT committed synchronously (a WAL flush): how fast the
+    disk is right now, beside each figure (a shared machine's disk varies as its CPU does)."""
+    samples = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS public.bench_commit (x integer)")
+        for i in range(n):
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO public.bench_commit VALUES (%s)", (i,))
+            samples.append(time.perf_counter() - t0)
+        conn.execute("DROP TABLE public.bench_commit")
+    return round(float(np.median(samples)) * 1000, 2)
+
+
+#: A run during which the rest of the machine used more than this many cores on average is
+#: marked disturbed and run again (up to ``RERUNS`` times, ``BENCH_RERUNS``); every run is kept
+#: in the results.
+DISTURBED_CORES = 0.25
+RERUNS = int(os.environ.get("BENCH_RERUNS", "2"))
+
+
+def disturbed(row: dict[str, Any]) -> bool:
+    """Whether others' CPU during a run (``others_cpu_s`` over ``seconds``) makes it noise."""
+    others, seconds = row.get("others_cpu_s"), row.get("others_window_s") or row.get("seconds")
+    return bool(others is not None and seconds and others / seconds > DISTURBED_CORES)
+
+
+def wait_idle(max_cores: float = 0.15, window_s: float = 3.0, timeout_s: float | None = None) -> float:
+    """Before a timed run, wait (bounded) until the machine has been idle for ``window_s``: all
+    its processes together busy less than ``max_cores`` cores (between two runs of ours, what
+    is busy is somebody else's). The cores busy in the last window."""
+    timeout_s = MAX_WAIT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b0 = busy_cpu_s()
+        time.sleep(window_s)
+        cores = (busy_cpu_s() - b0) / window_s
+        if cores < max_cores or time.monotonic() > deadline:
+            return round(cores, 2)
 
 
 def percentiles_ms(samples_s: Sequence[float]) -> dict[str, float | None]:

@@ -24,7 +24,18 @@ from typing import Any
 
 import anyio
 import psycopg
-from common import QUEUE, RESULTS, ServerCpu, machine, print_table, server, tasker_database, write_json
+from common import (
+    QUEUE,
+    RESULTS,
+    ServerCpu,
+    busy_cpu_s,
+    commit_ms,
+    machine,
+    print_table,
+    server,
+    tasker_database,
+    write_json,
+)
 from systems import PgQueuer, Procrastinate, child_argv
 
 COLUMNS = [
@@ -43,13 +54,17 @@ def peer_drain(admin: str, system: PgQueuer | Procrastinate, steps: int) -> dict
     """One drain of a peer on a fresh database."""
     url = anyio.run(system.install, admin, "bench_peer")
     enqueue_rate = system.enqueue_noop(url, steps)
+    commit = commit_ms(url)
     server_cpu = ServerCpu(url)
     server_cpu.start()
+    busy0, children0, own0, wall0 = busy_cpu_s(), _children_cpu(), time.process_time(), time.perf_counter()
     proc = subprocess.run(
         child_argv(system, "drain", url, steps), capture_output=True, text=True, timeout=1800, check=False
     )
     # Over the whole child process, its start-up and connections included.
     server_s = server_cpu.seconds()
+    wall = time.perf_counter() - wall0
+    others = busy_cpu_s() - busy0 - (_children_cpu() - children0) - (server_s or 0.0) - (time.process_time() - own0)
     if proc.returncode != 0:
         raise RuntimeError(f"{system.label} drain failed: {proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -60,7 +75,19 @@ def peer_drain(admin: str, system: PgQueuer | Procrastinate, steps: int) -> dict
         **result,
         "enqueue_per_s": round(enqueue_rate, 1),
         "server_cpu_us_per_step": round(server_s / steps * 1e6, 1) if server_s is not None else None,
+        "commit_ms": commit,
+        # CPU the rest of the machine used meanwhile, over the child's whole run (its start-up too).
+        "others_cpu_s": round(others, 2),
+        "others_window_s": round(wall, 3),
     }
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children that have been waited for."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 RAW_LOOP = """

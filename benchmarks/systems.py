@@ -69,20 +69,29 @@ def _ready() -> None:
 
 
 class Tasker:
-    """tasker-worker itself (its drain runs the real ``tasker-worker run`` CLI: see drain.py)."""
+    """tasker-worker itself (its drain runs the real ``tasker-worker run`` CLI: see drain.py).
+
+    ``env``: the overlay its worker loads (``production`` unless told; None: the shipped
+    defaults, as ``tasker-worker run`` with no TASKER_ENV loads them); ``mode`` and
+    ``concurrency`` None: the configuration's."""
 
     name = "tasker"
 
-    def __init__(self, mode: str = "Hybrid", concurrency: int | None = None) -> None:
+    def __init__(
+        self, mode: str | None = "Hybrid", concurrency: int | None = None, env: str | None = "production"
+    ) -> None:
         self.mode = mode
         self.concurrency = concurrency
+        self.env = env
 
     @property
     def label(self) -> str:
-        return f"tasker {self.mode}"
+        if self.env is None:
+            return "tasker defaults" if self.mode is None else f"tasker {self.mode} (defaults)"
+        return f"tasker {self.mode}" if self.env == "production" else f"tasker {self.mode} ({self.env})"
 
     def options(self) -> dict[str, Any]:
-        return {"mode": self.mode, "concurrency": self.concurrency}
+        return {"mode": self.mode, "concurrency": self.concurrency, "env": self.env}
 
     async def install(self, admin: str, dbname: str) -> str:
         from common import tasker_database
@@ -114,8 +123,14 @@ class Tasker:
         overrides: dict[str, Any] = {}
         if self.mode == "PollingOnly":
             overrides["event_system.fallback_poller.polling_interval"] = "100ms"
+        from tasker_worker.config.loader import DEFAULT_ENV
+
         config = make_config(
-            env="production", mode=self.mode, namespaces=[NS], concurrency=self.concurrency, overrides=overrides
+            env=self.env or DEFAULT_ENV,
+            mode=self.mode,
+            namespaces=[NS],
+            concurrency=self.concurrency,
+            overrides=overrides,
         )
         async with running_worker(url, config, registry=registry):
             _ready()

@@ -838,6 +838,7 @@ BEGIN
     PERFORM pgmq.create(v_queue || '_dlq');
     PERFORM tasker.attach_notify_trigger(tasker.queue_table(v_queue));
     PERFORM tasker.attach_notify_trigger(tasker.queue_table(v_queue || '_dlq'));
+    PERFORM tasker.tune_queue_table(tasker.queue_table(v_queue));
     RETURN v_queue;
 END;
 $function$;
@@ -1608,6 +1609,22 @@ AS $function$
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.queue_table_storage()
+ RETURNS text[]
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT ARRAY[
+        'autovacuum_vacuum_scale_factor=0.01',
+        'autovacuum_vacuum_threshold=1000',
+        'autovacuum_analyze_scale_factor=0.02',
+        'autovacuum_analyze_threshold=500',
+        'autovacuum_vacuum_cost_delay=0',
+        'autovacuum_vacuum_cost_limit=10000'
+    ]
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.read_skipping(p_queue text, p_vt integer, p_qty integer, p_skip text[], p_skip_msgs bigint[])
  RETURNS TABLE(msg_id bigint, read_ct integer, enqueued_at timestamp with time zone, vt timestamp with time zone, message jsonb, headers jsonb)
  LANGUAGE plpgsql
@@ -2126,6 +2143,33 @@ CREATE OR REPLACE FUNCTION tasker.try_uuid(p_text text)
 AS $function$
                 SELECT CASE WHEN pg_input_is_valid(p_text, 'uuid') THEN p_text::uuid END;
             $function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.tune_queue_table(p_table regclass)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_missing text[];
+BEGIN
+    IF p_table IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT array_agg(s ORDER BY s) INTO v_missing
+      FROM unnest(tasker.queue_table_storage()) AS s
+     WHERE split_part(s, '=', 1) NOT IN (
+               SELECT split_part(o, '=', 1)
+                 FROM pg_class AS c, unnest(coalesce(c.reloptions, '{}')) AS o
+                WHERE c.oid = p_table);
+    IF v_missing IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('ALTER TABLE %s SET (%s)', p_table, array_to_string(v_missing, ', '));
+    RETURN true;
+END;
+$function$;
 
 -- function
 CREATE OR REPLACE FUNCTION tasker.uuid_time(p_uuid uuid)

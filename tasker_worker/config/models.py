@@ -91,7 +91,7 @@ class EventSystemConfig(_Section):
     #: every ``health_check_interval``, logs each change and reports it in its status.
     health_monitoring_enabled: bool = True
     health_check_interval: Duration = timedelta(seconds=10)
-    max_concurrent_processors: int = Field(default=16, ge=1, le=4096)
+    max_concurrent_processors: int = Field(default=128, ge=1, le=4096)
     #: As in tasker-core: how long the processing of one command may take (here, the claim a
     #: wakeup triggers), after which it is abandoned, counted (``claims_timed_out``) and retried.
     #: Not a handler timeout: that is ``[worker] handler_timeout``.
@@ -241,7 +241,7 @@ class WorkerConfig(_Section):
     #: that frees starts the next step without waiting for a claim (0: claim only for free slots).
     #: Their vt counts from the claim (kept by the vt keeper); given back at shutdown without an
     #: attempt; none for a namespace under flow control.
-    prefetch: int = Field(default=16, ge=0, le=4096)
+    prefetch: int = Field(default=128, ge=0, le=4096)
     #: A step asked to stop (``steps cancel``) may end by itself this long (``ctx.cancelled``)
     #: before an async handler's task is cancelled.
     cancel_grace: Duration = timedelta(seconds=5)
