@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
+from typing import Generic, TypeVar
 
 import anyio
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -87,26 +88,27 @@ def _route(config: TaskerConfig, routes: dict[str, str], namespace: str) -> str:
     return name
 
 
-class ClusterPools:
-    """An async pool per cluster, each opened on its first use (a client that only sends to the
-    primary's namespaces never connects to another cluster). Pools handed in are used as they
-    are and never closed here; the ones opened here are closed by ``close``."""
+_Pool = TypeVar("_Pool", AsyncConnectionPool, ConnectionPool)
+
+
+class _ClusterRouting(Generic[_Pool]):
+    """What the async and the blocking cluster pools share: the clusters of a configuration,
+    the pools handed in (used as they are, never closed here) and the namespace routes."""
 
     def __init__(
         self,
         config: TaskerConfig,
-        given: Mapping[str, AsyncConnectionPool] | None = None,
+        given: Mapping[str, _Pool] | None = None,
         *,
         max_size: int | None = None,
         application_name: str = POOL_APPLICATION_NAME,
     ) -> None:
         self.config = config
         self.specs = config.clusters()
-        self.pools: dict[str, AsyncConnectionPool] = dict(given or {})
+        self.pools: dict[str, _Pool] = dict(given or {})
         self._given = set(self.pools)
         self._max_size = max_size
         self._application_name = application_name
-        self._lock = anyio.Lock()
         #: namespace -> cluster name, remembered for the configured namespaces (the rule reads
         #: the configuration; see ``_route``).
         self._routes: dict[str, str] = {}
@@ -119,6 +121,23 @@ class ClusterPools:
     def cluster_of(self, namespace: str) -> str:
         """The name of the cluster that holds ``namespace``."""
         return _route(self.config, self._routes, namespace)
+
+
+class ClusterPools(_ClusterRouting[AsyncConnectionPool]):
+    """An async pool per cluster, each opened on its first use (a client that only sends to the
+    primary's namespaces never connects to another cluster). Pools handed in are used as they
+    are and never closed here; the ones opened here are closed by ``close``."""
+
+    def __init__(
+        self,
+        config: TaskerConfig,
+        given: Mapping[str, AsyncConnectionPool] | None = None,
+        *,
+        max_size: int | None = None,
+        application_name: str = POOL_APPLICATION_NAME,
+    ) -> None:
+        super().__init__(config, given, max_size=max_size, application_name=application_name)
+        self._lock = anyio.Lock()
 
     async def pool(self, name: str) -> AsyncConnectionPool:
         """The pool of cluster ``name``, opened now if it is not yet."""
@@ -174,7 +193,7 @@ class _PrimaryReads(ClusterPools):
         """Nothing: the pools are the base's and the read pool's owner's."""
 
 
-class SyncClusterPools:
+class SyncClusterPools(_ClusterRouting[ConnectionPool]):
     """``ClusterPools`` for the blocking ``Client``: the same rule, blocking pools."""
 
     def __init__(
@@ -185,23 +204,8 @@ class SyncClusterPools:
         max_size: int | None = None,
         application_name: str = POOL_APPLICATION_NAME,
     ) -> None:
-        self.config = config
-        self.specs = config.clusters()
-        self.pools: dict[str, ConnectionPool] = dict(given or {})
-        self._given = set(self.pools)
-        self._max_size = max_size
-        self._application_name = application_name
+        super().__init__(config, given, max_size=max_size, application_name=application_name)
         self._lock = threading.Lock()
-        self._routes: dict[str, str] = {}
-
-    @property
-    def names(self) -> list[str]:
-        """Every cluster's name, the primary first."""
-        return list(self.specs)
-
-    def cluster_of(self, namespace: str) -> str:
-        """The name of the cluster that holds ``namespace``."""
-        return _route(self.config, self._routes, namespace)
 
     def pool(self, name: str) -> ConnectionPool:
         """The pool of cluster ``name``, opened now if it is not yet."""
