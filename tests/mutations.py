@@ -61,7 +61,7 @@ M0002 = "sql/migrations/0002_step_outcomes.sql"
 M0007 = "sql/migrations/0007_one_row_per_step.sql"
 Q = "tasker_worker/db/queries.py"
 V = "tasker_worker/domain/verdicts.py"
-H = "tests/test_hostile_input.py::"
+HI = "tests/test_hostile_input.py::"
 M0016 = "sql/migrations/0016_flow_control.sql"
 #: The definitions in force of claim_flow, claim_steps, dead_letter_steps, record_outcomes,
 #: cancel_step, enqueue_step and step_message (0021 redefined them for the partitioned history).
@@ -1344,7 +1344,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "",
             ),
         ),
-        (H + "test_a_body_nested_1000_deep_is_dead_lettered_and_the_worker_goes_on",),
+        (HI + "test_a_body_nested_1000_deep_is_dead_lettered_and_the_worker_goes_on",),
     ),
     Mutation(
         "nan_kept_in_errors",
@@ -1357,7 +1357,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "    if False:",
             ),
         ),
-        (H + "test_nan_in_an_error_or_a_result_reaches_its_end",),
+        (HI + "test_nan_in_an_error_or_a_result_reaches_its_end",),
     ),
     Mutation(
         "writer_no_isolation",
@@ -1369,7 +1369,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "        if False:\n            results, ended = await self._write_apart(",
             ),
         ),
-        (H + "test_a_group_the_database_refuses_is_written_one_by_one",),
+        (HI + "test_a_group_the_database_refuses_is_written_one_by_one",),
     ),
     Mutation(
         "naive_ready_at_kept",
@@ -1381,7 +1381,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "    if False:",
             ),
         ),
-        (H + "test_a_wakeup_with_a_naive_ready_at_does_not_stop_the_worker",),
+        (HI + "test_a_wakeup_with_a_naive_ready_at_does_not_stop_the_worker",),
     ),
     Mutation(
         "headers_not_normalised",
@@ -1398,7 +1398,7 @@ MUTATIONS: tuple[Mutation, ...] = (
                 'int((msg.headers or {}).get("tasker_releases", 0))',
             ),
         ),
-        (H + "test_headers_that_are_no_object_do_not_keep_a_step_from_its_end",),
+        (HI + "test_headers_that_are_no_object_do_not_keep_a_step_from_its_end",),
     ),
     Mutation(
         "cluster_listener_not_counted",
