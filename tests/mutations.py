@@ -353,12 +353,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "notify_per_row",
         "one notification per statement, whatever its row count",
         (
-            # The definitions in force: 0008's attach_notify_trigger, 0015's trigger function.
+            # The definitions in force: 0008's attach_notify_trigger, 0020's trigger function
+            # (each row's own count, or the row triggers' identical payloads would fold into one).
             Edit("sql/migrations/0008_least_privilege.sql", "FOR EACH STATEMENT '", "FOR EACH ROW '"),
             Edit(
-                M0015,
-                "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows;",
-                "      INTO v_count, v_min, v_max, v_ready\n      FROM new_rows WHERE msg_id = NEW.msg_id;",
+                M0020,
+                "      FROM new_rows AS r;\n    IF v_count = 0",
+                "      FROM new_rows AS r WHERE r.msg_id = NEW.msg_id;\n    IF v_count = 0",
             ),
         ),
         ("tests/test_notify.py::test_send_batch_is_one_notification",),
