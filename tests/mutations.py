@@ -836,7 +836,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "every batch_ready we send carries delay_seconds (tasker-core's listener requires it)",
         (
             Edit(
-                M0015,
+                M0020,  # the trigger function in force
                 "            'truncated', v_count > 100,\n            'ready_at', v_ready,\n            'delay_seconds', v_delay)::text;",
                 "            'truncated', v_count > 100,\n            'ready_at', v_ready)::text;",
             ),
@@ -846,7 +846,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "trigger_announces_function_sends_too",
         "a send through tasker-core's functions is announced once, in its shape (the trigger stays quiet)",
-        (Edit(M0015, "    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN", "    IF false THEN"),),
+        (Edit(M0020, "    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN", "    IF false THEN"),),
         (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
     ),
     Mutation(
