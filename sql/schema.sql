@@ -2177,10 +2177,9 @@ CREATE OR REPLACE FUNCTION tasker.uuid_time(p_uuid uuid)
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 AS $function$
-    SELECT CASE WHEN get_byte(uuid_send(p_uuid), 6) >> 4 = 7 AND get_byte(uuid_send(p_uuid), 8) >> 6 = 2
-                 AND ('x' || encode(substring(uuid_send(p_uuid) FROM 1 FOR 6), 'hex'))::bit(48)::bigint >= 86400000
-                THEN to_timestamp(('x' || encode(substring(uuid_send(p_uuid) FROM 1 FOR 6), 'hex'))::bit(48)::bigint
-                                  / 1000.0)
+    SELECT CASE WHEN uuid_extract_version(p_uuid) = 7
+                 AND uuid_extract_timestamp(p_uuid) >= timestamptz '1970-01-02 00:00:00+00'
+                THEN uuid_extract_timestamp(p_uuid)
                 ELSE timestamptz 'epoch' END
 $function$;
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql as pgsql
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,15 @@ def url(db_url: str, request: pytest.FixtureRequest) -> str:
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("SELECT tasker.create_namespace_queue(%s)", (namespace,))
     return db_url
+
+
+@pytest.fixture
+def no_day_partitions(db_url: str) -> None:
+    """``db_url`` without the outcome table's day partitions that its migration created (today's
+    and the days after it, empty): for tests that create, fill and drop their own."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for (name,) in conn.execute("SELECT name FROM tasker.history_partitions() WHERE kind = 'day'").fetchall():
+            conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier("tasker", name)))
 
 
 @pytest.fixture

@@ -1006,6 +1006,24 @@ MUTATIONS: tuple[Mutation, ...] = (
         (HC + "test_two_producers_racing_one_unique_key_in_its_window_create_one_step",),
     ),
     Mutation(
+        "history_first_partitions_not_made",
+        "a migration creates today's outcome partition and the days after it (else the first outcomes go to the default one)",
+        (
+            Edit(
+                "tasker_worker/db/migrations.py",
+                "if applied and (until is None or until >= FIRST_PARTITIONED_VERSION):",
+                "if False:",
+            ),
+        ),
+        (H + "test_a_new_database_has_its_day_partitions_from_the_migration",),
+    ),
+    Mutation(
+        "history_uuid_time_float",
+        "tasker.uuid_time is exact to the millisecond far ahead (0023's built-in reading, not 0021's float8)",
+        (Edit("sql/migrations/0023_uuid_time_builtin.sql", ">= 170000 THEN", ">= 990000 THEN"),),
+        (H + "test_the_time_of_a_step_uuid",),
+    ),
+    Mutation(
         "history_probe_misses_legacy_rows",
         "the dedup probe also looks in the unstamped partition (where a UUIDv7 recorded before 0021 was filed)",
         (

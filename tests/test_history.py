@@ -31,6 +31,8 @@ from tasker_worker.handlers.registry import HandlerRegistry
 from tasker_worker.testing import fetch, fetch_value, make_config, running_worker, wait_until
 
 NS = "hist"
+# Each test starts with no day partition, and creates, fills and drops its own.
+pytestmark = pytest.mark.usefixtures("no_day_partitions")
 QUEUE = f"worker_{NS}_queue"
 DAY = timedelta(days=1)
 
@@ -125,10 +127,31 @@ def test_the_time_of_a_step_uuid(db_url: str) -> None:
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
         for other in (uuid.uuid4(), uuid.uuid5(uuid.NAMESPACE_URL, "x"), uuid.uuid1(), uuid7(3600.0)):
             assert conn.execute("SELECT tasker.uuid_time(%s)", (other,)).fetchone() == (epoch,), other
+        # Exact to the millisecond however far ahead, on a server with uuid_extract_timestamp
+        # (0023): 0021's float8 seconds read this one as 00:50:00.009008.
+        if conn.info.server_version >= 170000:
+            far = uuid.UUID(int=(95_617_587_000_009 << 80) | (7 << 76) | (2 << 62))
+            expected = datetime(5000, 1, 1, 0, 50, 0, 9000, tzinfo=UTC)
+            assert conn.execute("SELECT tasker.uuid_time(%s)", (far,)).fetchone() == (expected,)
         [(made,)] = conn.execute("SELECT tasker.uuid_v7(%s)", (at,)).fetchall()
         assert made.version == 7 and made.int >> 80 == int(at.timestamp() * 1000)
         sent = conn.execute("SELECT tasker.step_message('hist', 'noop', '{}', NULL, NULL, NULL, NULL, NULL, NULL)")
         assert uuid.UUID(sent.fetchone()[0]["step_uuid"]).version == 7  # type: ignore[index]
+
+
+def test_a_new_database_has_its_day_partitions_from_the_migration(blank_db_url: str) -> None:
+    """`db migrate` creates today's partition and the days the supervisor keeps ahead of it, so a
+    new database's first outcomes go to their own day: without them they went to the default
+    partition and the first worker's supervisor moved them out under the outcome table's
+    exclusive lock while that worker's steps settled."""
+    before = datetime.now(UTC).date()
+    anyio.run(migrations.migrate, blank_db_url)
+    after = datetime.now(UTC).date()
+    with psycopg.connect(blank_db_url, autocommit=True) as conn:
+        days = {r[0] for r in conn.execute("SELECT name FROM tasker.history_partitions() WHERE kind = 'day'")}
+    ahead = RetentionConfig().partitions_ahead
+    expected = [{day_name(start + timedelta(days=d)) for d in range(ahead + 1)} for start in {before, after}]
+    assert days in expected, days
 
 
 @pytest.mark.anyio

@@ -212,7 +212,7 @@ def test_a_command_given_too_little_names_the_missing_grant(logins: dict[str, st
 
 @pytest.mark.anyio
 async def test_a_worker_role_keeps_the_history_partitions_and_every_role_reads_them(
-    db_url: str, logins: dict[str, str]
+    db_url: str, logins: dict[str, str], no_day_partitions: None
 ) -> None:
     """The supervisor's history jobs as a login holding only tasker_worker: it creates day
     partitions and drops one past retention (owner's functions: it holds no DDL privilege),

@@ -15,11 +15,20 @@ from typing import Any
 
 import psycopg
 
+from tasker_worker.config.models import RetentionConfig
 from tasker_worker.db import queries
 from tasker_worker.db.connection import connect
 from tasker_worker.errors import MigrationError, first_line
 
 log = logging.getLogger(__name__)
+
+#: The migration that partitions tasker.step_results by day (0021).
+FIRST_PARTITIONED_VERSION = "0021"
+#: Days after today whose outcome partitions a migration creates ([retention] partitions_ahead's
+#: default; the supervisor keeps the configured number from then on).
+FIRST_PARTITION_DAYS = RetentionConfig.model_fields["partitions_ahead"].default
+#: The longest wait for the outcome table's lock when a migration creates its partitions.
+PARTITION_LOCK_TIMEOUT_MS = 10_000
 
 #: Arbitrary constant shared by every tasker-worker migrator ("tasker" in ASCII; 127961897067890,
 #: which tasker.create_namespace_queue and tasker.ensure_notify_triggers take too, 0013).
@@ -121,6 +130,13 @@ async def migrate(url: str, until: str | None = None) -> list[str]:
                     raise MigrationError(f"migration {migration.path.name} failed: {first_line(exc)}") from exc
                 applied.append(f"{migration.version}_{migration.name}")
                 log.info("applied migration %s", migration.path.name)
+            # A new (or upgraded) database gets its first day partitions now: without them its
+            # first outcomes go to the default partition, and the first worker's supervisor
+            # moves them out under the outcome table's exclusive lock while its steps settle.
+            if applied and (until is None or until >= FIRST_PARTITIONED_VERSION):
+                await conn.execute(
+                    queries.CREATE_FIRST_HISTORY_PARTITIONS, (PARTITION_LOCK_TIMEOUT_MS, FIRST_PARTITION_DAYS)
+                )
         # Queues created while no event trigger could exist (or by a non-superuser).
         await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
     except psycopg.Error as exc:

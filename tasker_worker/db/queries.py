@@ -50,9 +50,12 @@ SERVER_VERSION_NUM = "SHOW server_version_num"
 
 # --- the schema as it is (db/schema.py, sql/schema.sql) ------------------------------------
 
+# Without the outcome table's day partitions: which days exist depends on the date (a migration
+# creates today's and the days after it); their definition is tasker.new_history_partition's.
 SCHEMA_TABLES = """
 SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
  WHERE n.nspname = 'tasker' AND c.relkind IN ('r', 'p')
+   AND NOT (c.relispartition AND c.relname ~ '^step_results_[0-9]{8}$')
  ORDER BY c.relname
 """
 
@@ -812,6 +815,14 @@ HISTORY_PARTITIONS = "SELECT name, kind, from_time, to_time, estimated_rows FROM
 # The partition of one UTC day (created unless one covers it; whether it was). Parameters: the
 # day, the longest wait in ms for the default partition's lock.
 CREATE_HISTORY_PARTITION = "SELECT tasker.create_history_partition(%s::date, %s)"
+
+# A migration's partitions: today's (UTC, the server's clock) and the %s days after it, in the
+# migration's transaction. Without them a new database's first outcomes went to the default
+# partition and the first supervisor moved them out under the table's exclusive lock, four
+# times, while the first worker's steps settled. Parameters: the lock wait in ms, the days.
+CREATE_FIRST_HISTORY_PARTITIONS = """
+SELECT tasker.create_history_partition((timezone('UTC', now()))::date + d, %s) FROM generate_series(0, %s) AS d
+"""
 
 # One day partition dropped whole if nothing in it can still be needed ('dropped'), or why not
 # ('not_due', 'queued', 'recent_rows', 'locked'). Parameters: its name, the cutoff (now minus
