@@ -333,10 +333,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5,000 jobs, 200 + 100 latency sends, 15 s idle")
     parser.add_argument("--defaults-only", action="store_true", help="only the defaults block")
     parser.add_argument("--rounds", type=int, default=1, help="alternated rounds of the defaults block")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="steps of each drain (default 20,000; at 20,000 a drain lasts about a second, and this"
+        " machine's speed drifts over minutes: 100,000 gives steadier ratios)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "summary.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "summary.png")
     args = parser.parse_args()
     steps, n_seq, n_paced, idle_s = (5_000, 200, 100, 15.0) if args.quick else (20_000, 1000, 500, 60.0)
+    steps = args.steps or steps
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     result: dict[str, Any] = {"machine": machine(), "started": started, "steps": steps}
     with server(None) as (admin, data_dir):
