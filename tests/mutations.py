@@ -1011,7 +1011,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "tasker_worker/db/migrations.py",
-                "if applied and (until is None or until >= FIRST_PARTITIONED_VERSION):",
+                "if applied and FIRST_PARTITIONED_VERSION in have:",
                 "if False:",
             ),
         ),

@@ -117,6 +117,7 @@ async def migrate(url: str, until: str | None = None) -> list[str]:
             if pgmq:
                 applied.append(pgmq)
             done = {row[0] for row in await (await conn.execute(queries.APPLIED_VERSIONS)).fetchall()}
+            have = set(done)
             for migration in discover():
                 if migration.version in done or (until is not None and migration.version > until):
                     continue
@@ -129,11 +130,12 @@ async def migrate(url: str, until: str | None = None) -> list[str]:
                 except psycopg.Error as exc:
                     raise MigrationError(f"migration {migration.path.name} failed: {first_line(exc)}") from exc
                 applied.append(f"{migration.version}_{migration.name}")
+                have.add(migration.version)
                 log.info("applied migration %s", migration.path.name)
             # A new (or upgraded) database gets its first day partitions now: without them its
             # first outcomes go to the default partition, and the first worker's supervisor
             # moves them out under the outcome table's exclusive lock while its steps settle.
-            if applied and (until is None or until >= FIRST_PARTITIONED_VERSION):
+            if applied and FIRST_PARTITIONED_VERSION in have:
                 await conn.execute(
                     queries.CREATE_FIRST_HISTORY_PARTITIONS, (PARTITION_LOCK_TIMEOUT_MS, FIRST_PARTITION_DAYS)
                 )
