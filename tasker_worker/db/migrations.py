@@ -27,8 +27,9 @@ FIRST_PARTITIONED_VERSION = "0021"
 #: Days after today whose outcome partitions a migration creates ([retention] partitions_ahead's
 #: default; the supervisor keeps the configured number from then on).
 FIRST_PARTITION_DAYS = RetentionConfig.model_fields["partitions_ahead"].default
-#: The longest wait for the outcome table's lock when a migration creates its partitions.
-PARTITION_LOCK_TIMEOUT_MS = 10_000
+#: The longest wait for the outcome table's lock when a migration creates its partitions (a
+#: migration may wait; the supervisor's own wait, fleet/retention.py, is 0.5 s).
+FIRST_PARTITIONS_LOCK_TIMEOUT_MS = 10_000
 
 #: Arbitrary constant shared by every tasker-worker migrator ("tasker" in ASCII; 127961897067890,
 #: which tasker.create_namespace_queue and tasker.ensure_notify_triggers take too, 0013).
@@ -137,7 +138,7 @@ async def migrate(url: str, until: str | None = None) -> list[str]:
             # moves them out under the outcome table's exclusive lock while its steps settle.
             if applied and FIRST_PARTITIONED_VERSION in have:
                 await conn.execute(
-                    queries.CREATE_FIRST_HISTORY_PARTITIONS, (PARTITION_LOCK_TIMEOUT_MS, FIRST_PARTITION_DAYS)
+                    queries.CREATE_FIRST_HISTORY_PARTITIONS, (FIRST_PARTITIONS_LOCK_TIMEOUT_MS, FIRST_PARTITION_DAYS)
                 )
         # Queues created while no event trigger could exist (or by a non-superuser).
         await conn.execute(queries.ENSURE_NOTIFY_TRIGGERS)
