@@ -34,6 +34,15 @@ CREATE INDEX events_step_idx ON tasker.events USING btree (step_uuid) WHERE (ste
 CREATE INDEX events_worker_idx ON tasker.events USING btree (worker_id, event_id) WHERE (step_uuid IS NULL);
 
 -- table
+CREATE TABLE tasker.notify_decisions (
+    namespace text NOT NULL,
+    quiet boolean DEFAULT false NOT NULL,
+    skip_until timestamp with time zone
+);
+
+ALTER TABLE tasker.notify_decisions ADD CONSTRAINT notify_decisions_pkey PRIMARY KEY (namespace);
+
+-- table
 CREATE TABLE tasker.queue_flow (
     namespace text NOT NULL,
     paused boolean DEFAULT false NOT NULL,
@@ -74,6 +83,14 @@ CREATE TABLE tasker.queue_listeners (
 
 ALTER TABLE tasker.queue_listeners ADD CONSTRAINT queue_listeners_pkey PRIMARY KEY (namespace, worker_id);
 
+CREATE TRIGGER tasker_listeners_deleted AFTER DELETE ON tasker.queue_listeners REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
+
+CREATE TRIGGER tasker_listeners_inserted AFTER INSERT ON tasker.queue_listeners REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
+
+CREATE TRIGGER tasker_listeners_truncated AFTER TRUNCATE ON tasker.queue_listeners FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
+
+CREATE TRIGGER tasker_listeners_updated AFTER UPDATE ON tasker.queue_listeners REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
+
 -- table
 CREATE TABLE tasker.queue_notify (
     namespace text NOT NULL,
@@ -83,6 +100,14 @@ CREATE TABLE tasker.queue_notify (
 );
 
 ALTER TABLE tasker.queue_notify ADD CONSTRAINT queue_notify_pkey PRIMARY KEY (namespace);
+
+CREATE TRIGGER tasker_queue_notify_deleted AFTER DELETE ON tasker.queue_notify REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
+
+CREATE TRIGGER tasker_queue_notify_inserted AFTER INSERT ON tasker.queue_notify REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
+
+CREATE TRIGGER tasker_queue_notify_truncated AFTER TRUNCATE ON tasker.queue_notify FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
+
+CREATE TRIGGER tasker_queue_notify_updated AFTER UPDATE ON tasker.queue_notify REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tasker.on_decision_input_changed();
 
 -- table
 CREATE TABLE tasker.schema_migrations (
@@ -378,32 +403,59 @@ CREATE OR REPLACE FUNCTION tasker.attach_notify_trigger(p_table regclass)
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+DECLARE
+    v_ns      text;
+    v_current boolean;
+    v_old     boolean;
+    v_timeout text := current_setting('lock_timeout');
 BEGIN
     IF p_table IS NULL THEN
         RETURN false;
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-                    WHERE c.oid = p_table AND n.nspname = 'pgmq' AND c.relname LIKE 'q\_%'
-                      AND c.relkind IN ('r', 'p')) THEN
+    SELECT tasker.queue_namespace(substring(c.relname FROM 3)) INTO v_ns
+      FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND n.nspname = 'pgmq' AND c.relname LIKE 'q\_%' AND c.relkind IN ('r', 'p');
+    IF v_ns IS NULL THEN
         RAISE EXCEPTION 'tasker.attach_notify_trigger: % is not a pgmq queue table', p_table
               USING ERRCODE = '22023';
     END IF;
     BEGIN
         PERFORM tasker.grant_queue_table(p_table);
-        IF EXISTS (SELECT 1 FROM pg_trigger
-                    WHERE tgrelid = p_table AND tgname = 'tasker_notify_message_ready') THEN
+        SELECT bool_or(t.tgname = 'tasker_notify_message_ready'),
+               count(*) FILTER (WHERE t.tgname = 'tasker_notify_message_ready' AND t.tgnargs = 1
+                                  AND t.tgqual IS NOT NULL) = 1
+               AND count(*) FILTER (WHERE t.tgname = 'tasker_mark_delayed_send') = 1
+          INTO v_old, v_current
+          FROM pg_trigger AS t
+         WHERE t.tgrelid = p_table AND t.tgname IN ('tasker_notify_message_ready', 'tasker_mark_delayed_send');
+        IF v_current THEN
             RETURN false;
         END IF;
+        PERFORM set_config('lock_timeout', tasker.trigger_lock_timeout_ms() || 'ms', true);
+        EXECUTE format('DROP TRIGGER IF EXISTS tasker_notify_message_ready ON %s', p_table);
+        EXECUTE format('DROP TRIGGER IF EXISTS tasker_mark_delayed_send ON %s', p_table);
+        EXECUTE format(
+            'CREATE TRIGGER tasker_mark_delayed_send BEFORE INSERT ON %s '
+            'FOR EACH ROW WHEN (NEW.vt > clock_timestamp()) '
+            'EXECUTE FUNCTION tasker.mark_delayed_send()', p_table);
         EXECUTE format(
             'CREATE TRIGGER tasker_notify_message_ready AFTER INSERT ON %s '
             'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
-            'EXECUTE FUNCTION tasker.notify_message_ready()', p_table);
-    EXCEPTION WHEN insufficient_privilege THEN
-        RAISE WARNING 'cannot attach the notify trigger to % (%): it is found by polling only',
-                      p_table, SQLERRM;
-        RETURN false;
+            'WHEN (tasker.notify_wanted(%L)) '
+            'EXECUTE FUNCTION tasker.notify_message_ready(%L)', p_table, v_ns, 'decided');
+        PERFORM set_config('lock_timeout', v_timeout, true);
+    EXCEPTION
+        WHEN insufficient_privilege THEN
+            RAISE WARNING 'cannot attach the notify trigger to % (%): it is found by polling only',
+                          p_table, SQLERRM;
+            RETURN false;
+        WHEN lock_not_available THEN
+            RAISE WARNING 'the notify trigger of % keeps its older shape for now (its lock was not had '
+                          'within % ms); the next tasker.ensure_notify_triggers() tries again',
+                          p_table, tasker.trigger_lock_timeout_ms();
+            RETURN false;
     END;
-    RETURN true;
+    RETURN NOT coalesce(v_old, false);
 END;
 $function$;
 
@@ -943,6 +995,13 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.decision_lock_class()
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$ SELECT tasker.skip_lock_class() + 2 $function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.drop_history_partition(p_name text, p_cutoff timestamp with time zone, p_lock_timeout_ms integer DEFAULT 1000)
  RETURNS text
  LANGUAGE plpgsql
@@ -1218,6 +1277,17 @@ END;
 $function$;
 
 -- function
+CREATE OR REPLACE FUNCTION tasker.mark_delayed_send()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM set_config('tasker.delayed_send', 'on', true);
+    RETURN NEW;
+END;
+$function$;
+
+-- function
 CREATE OR REPLACE FUNCTION tasker.namespace_queue(p_namespace text)
  RETURNS text
  LANGUAGE plpgsql
@@ -1295,40 +1365,28 @@ DECLARE
     v_max     bigint;
     v_ready   timestamptz;
     v_latest  timestamptz;
-    v_notify  boolean;
-    v_drained boolean;
     v_delay   integer;
     v_ids     bigint[];
     v_payload text;
     v_channel text;
 BEGIN
-    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN
+    SELECT count(*), min(r.msg_id), max(r.msg_id), min(r.vt), max(r.vt)
+      INTO v_count, v_min, v_max, v_ready, v_latest
+      FROM new_rows AS r;
+    IF v_count = 0 THEN
         RETURN NULL;
     END IF;
-    -- One statement reads the new rows, the namespace's switch and whether every live listening
-    -- worker drains it now (NULL when none listens).
-    SELECT count(*), min(r.msg_id), max(r.msg_id), min(r.vt), max(r.vt),
-           (SELECT n.notify FROM tasker.queue_notify AS n WHERE n.namespace = v_ns),
-           (SELECT bool_and(coalesce(l.draining_until > clock_timestamp(), false)) FROM tasker.queue_listeners AS l
-             WHERE l.namespace = v_ns AND l.alive_until > clock_timestamp())
-      INTO v_count, v_min, v_max, v_ready, v_latest, v_notify, v_drained
-      FROM new_rows AS r;
-    IF v_count = 0 OR NOT coalesce(v_notify, true) THEN
-        RETURN NULL;  -- nothing inserted, or notify = false: its workers poll
-    END IF;
-    -- Every listening worker drains the namespace: it claims these anyway (see the top of 0020).
-    IF coalesce(v_drained, false) AND v_latest <= clock_timestamp()
-       AND current_setting('transaction_isolation') = 'read committed' THEN
-        -- The lock first, then the leases again in a statement of their own (a snapshot taken
-        -- after the lock): a worker that released its lease before we locked is seen released.
-        IF pg_try_advisory_xact_lock_shared(tasker.skip_lock_class(), hashtext(v_ns)) THEN
-            SELECT bool_and(coalesce(l.draining_until > clock_timestamp(), false)) INTO v_drained
-              FROM tasker.queue_listeners AS l
-             WHERE l.namespace = v_ns AND l.alive_until > clock_timestamp();
-            IF coalesce(v_drained, false) THEN
-                RETURN NULL;
-            END IF;
+    IF TG_NARGS = 0 THEN
+        -- A trigger of the shape before 0024 (no WHEN, no delayed-row trigger): decide here.
+        IF v_latest > clock_timestamp() THEN
+            PERFORM set_config('tasker.delayed_send', 'on', true);
         END IF;
+        IF NOT tasker.notify_wanted(v_ns) THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    IF current_setting('tasker.delayed_send', true) = 'on' THEN
+        PERFORM set_config('tasker.delayed_send', '', true);  -- announced now: later sends may skip
     END IF;
     v_delay := least(greatest(round(extract(epoch FROM v_ready - clock_timestamp())), 0), 2147483647)::integer;
     IF v_count = 1 THEN
@@ -1362,6 +1420,60 @@ BEGIN
         PERFORM pg_notify(v_channel, v_payload);
     END IF;
     PERFORM pg_notify('pgmq_message_ready', v_payload);
+    RETURN NULL;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.notify_wanted(p_namespace text)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT CASE WHEN current_setting('tasker.announced_by_caller', true) IS DISTINCT FROM 'on'
+                 AND current_setting('transaction_isolation') = 'read committed'
+                 AND (SELECT d.skip_until FROM tasker.notify_decisions AS d WHERE d.namespace = p_namespace)
+                     > clock_timestamp()
+                 AND pg_try_advisory_xact_lock_shared(tasker.skip_lock_class(), hashtext(p_namespace))
+           THEN set_config('tasker.skip_locked', 'on', true) END;
+    SELECT current_setting('tasker.announced_by_caller', true) IS DISTINCT FROM 'on'
+       AND coalesce((SELECT NOT d.quiet
+                            AND (current_setting('tasker.delayed_send', true) IS NOT DISTINCT FROM 'on'
+                                 OR current_setting('tasker.skip_locked', true) IS DISTINCT FROM 'on'
+                                 OR NOT coalesce(d.skip_until > clock_timestamp(), false))
+                       FROM tasker.notify_decisions AS d WHERE d.namespace = p_namespace), true);
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.on_decision_input_changed()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM tasker.refresh_notify_decisions(ARRAY(SELECT n.namespace FROM new_rows AS n));
+    ELSIF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'queue_listeners' THEN
+        -- Renewing an idle listener's alive_until (every heartbeat) changes nothing: skipped.
+        PERFORM tasker.refresh_notify_decisions(ARRAY(
+            SELECT n.namespace FROM new_rows AS n
+              LEFT JOIN old_rows AS o ON o.namespace = n.namespace AND o.worker_id = n.worker_id
+             WHERE o.worker_id IS NULL OR o.draining_until IS DISTINCT FROM n.draining_until
+                OR n.alive_until <= clock_timestamp()
+            UNION
+            SELECT o.namespace FROM old_rows AS o
+              LEFT JOIN new_rows AS n ON n.namespace = o.namespace AND n.worker_id = o.worker_id
+             WHERE n.worker_id IS NULL));
+    ELSIF TG_OP = 'UPDATE' THEN
+        PERFORM tasker.refresh_notify_decisions(ARRAY(SELECT n.namespace FROM new_rows AS n
+                                                      UNION SELECT o.namespace FROM old_rows AS o));
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM tasker.refresh_notify_decisions(ARRAY(SELECT o.namespace FROM old_rows AS o));
+    ELSE  -- TRUNCATE
+        PERFORM tasker.refresh_notify_decisions(ARRAY(SELECT d.namespace FROM tasker.notify_decisions AS d));
+    END IF;
     RETURN NULL;
 END;
 $function$;
@@ -1736,6 +1848,41 @@ BEGIN
          SELECT 1 FROM tasker.step_results AS s
           WHERE s.step_uuid = k.u AND s.uuid_time IN (tasker.uuid_time(k.u), 'epoch')
           LIMIT 1) AS d;
+END;
+$function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.refresh_notify_decisions(p_namespaces text[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_ns    text;
+    v_quiet boolean;
+    v_until timestamptz;
+BEGIN
+    -- In one order everywhere: two refreshes of several namespaces never wait for each other in
+    -- a circle.
+    FOR v_ns IN SELECT DISTINCT ns FROM unnest(p_namespaces) AS ns WHERE ns IS NOT NULL ORDER BY ns LOOP
+        PERFORM pg_advisory_xact_lock(tasker.decision_lock_class(), hashtext(v_ns));
+        -- A statement of its own, after the lock: it sees what the refresh before it committed.
+        SELECT coalesce((SELECT NOT n.notify FROM tasker.queue_notify AS n WHERE n.namespace = v_ns), false),
+               (SELECT CASE WHEN bool_and(coalesce(l.draining_until > clock_timestamp(), false))
+                            THEN min(least(l.draining_until, l.alive_until)) END
+                  FROM tasker.queue_listeners AS l
+                 WHERE l.namespace = v_ns AND l.alive_until > clock_timestamp())
+          INTO v_quiet, v_until;
+        IF v_quiet OR v_until IS NOT NULL THEN
+            INSERT INTO tasker.notify_decisions AS d (namespace, quiet, skip_until)
+            VALUES (v_ns, v_quiet, v_until)
+            ON CONFLICT (namespace) DO UPDATE SET quiet = excluded.quiet, skip_until = excluded.skip_until
+             WHERE (d.quiet, d.skip_until) IS DISTINCT FROM (excluded.quiet, excluded.skip_until);
+        ELSE
+            DELETE FROM tasker.notify_decisions AS d WHERE d.namespace = v_ns;
+        END IF;
+    END LOOP;
 END;
 $function$;
 
@@ -2134,6 +2281,13 @@ AS $function$
        AND f.key_max_running IS NULL AND f.rate_count IS NULL
        AND NOT f.uses_priority AND NOT f.uses_groups
 $function$;
+
+-- function
+CREATE OR REPLACE FUNCTION tasker.trigger_lock_timeout_ms()
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$ SELECT 500 $function$;
 
 -- function
 CREATE OR REPLACE FUNCTION tasker.try_uuid(p_text text)

@@ -73,7 +73,7 @@ HC = "tests/test_handler_control.py::"
 M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
-M0020 = "sql/migrations/0020_notify_at_many_producers.sql"
+M0024 = "sql/migrations/0024_notify_decision_row.sql"
 NS = "tests/test_notify_skip.py::"
 CL = "tests/test_clusters.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
@@ -353,11 +353,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "notify_per_row",
         "one notification per statement, whatever its row count",
         (
-            # The definitions in force: 0008's attach_notify_trigger, 0020's trigger function
-            # (each row's own count, or the row triggers' identical payloads would fold into one).
-            Edit("sql/migrations/0008_least_privilege.sql", "FOR EACH STATEMENT '", "FOR EACH ROW '"),
+            # The definitions in force: 0024's attach_notify_trigger and trigger function (each
+            # row's own count, or the row triggers' identical payloads would fold into one).
+            Edit(M0024, "FOR EACH STATEMENT '", "FOR EACH ROW '"),
             Edit(
-                M0020,
+                M0024,
                 "      FROM new_rows AS r;\n    IF v_count = 0",
                 "      FROM new_rows AS r WHERE r.msg_id = NEW.msg_id;\n    IF v_count = 0",
             ),
@@ -836,7 +836,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "every batch_ready we send carries delay_seconds (tasker-core's listener requires it)",
         (
             Edit(
-                M0020,  # the trigger function in force
+                M0024,  # the trigger function in force
                 "            'truncated', v_count > 100,\n            'ready_at', v_ready,\n            'delay_seconds', v_delay)::text;",
                 "            'truncated', v_count > 100,\n            'ready_at', v_ready)::text;",
             ),
@@ -846,7 +846,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "trigger_announces_function_sends_too",
         "a send through tasker-core's functions is announced once, in its shape (the trigger stays quiet)",
-        (Edit(M0020, "    IF current_setting('tasker.announced_by_caller', true) = 'on' THEN", "    IF false THEN"),),
+        (
+            Edit(  # the decision in force: the send trigger's WHEN (0024)
+                M0024,
+                "    SELECT current_setting('tasker.announced_by_caller', true) IS DISTINCT FROM 'on'\n       AND coalesce(",
+                "    SELECT true\n       AND coalesce(",
+            ),
+        ),
         (TC + "test_every_payload_on_the_ready_channels_is_read_by_tasker_core",),
     ),
     Mutation(
@@ -1193,17 +1199,102 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a send skips its notification only while every live listening worker drains (an idle one "
         "counted as draining: the bool_and of NULLs)",
         (
-            Edit(
-                M0020,
-                "bool_and(coalesce(l.draining_until > clock_timestamp(), false))",
-                "bool_and(l.draining_until > clock_timestamp())",
-                count=2,
+            Edit(  # the decision row's refresh (0024)
+                M0024,
+                "CASE WHEN bool_and(coalesce(l.draining_until > clock_timestamp(), false))",
+                "CASE WHEN bool_and(l.draining_until > clock_timestamp())",
             ),
         ),
         (
             NS + "test_a_send_is_announced_unless_every_live_listener_drains",
             NS + "test_an_idle_worker_is_woken_while_another_drains",
         ),
+    ),
+    Mutation(
+        "notify_decision_stale_on_update",
+        "a lease taken, renewed or released by an UPDATE of a listener's row refreshes its namespace's "
+        "decision row (0024)",
+        (
+            Edit(
+                M0024,
+                "             WHERE o.worker_id IS NULL OR o.draining_until IS DISTINCT FROM n.draining_until\n",
+                "             WHERE o.worker_id IS NULL\n",
+            ),
+        ),
+        (NS + "test_the_decision_row_follows_every_change_of_the_listeners_and_the_switch",),
+    ),
+    Mutation(
+        "notify_decision_written_every_heartbeat",
+        "a heartbeat that only renews a listener's alive_until writes no decision row (idle cost flat)",
+        (
+            Edit(
+                M0024,
+                "             WHERE o.worker_id IS NULL OR o.draining_until IS DISTINCT FROM n.draining_until\n"
+                "                OR n.alive_until <= clock_timestamp()\n",
+                "             WHERE true\n",
+            ),
+            Edit(
+                M0024,
+                "             WHERE (d.quiet, d.skip_until) IS DISTINCT FROM (excluded.quiet, excluded.skip_until);",
+                ";",
+            ),
+        ),
+        (NS + "test_a_heartbeat_of_a_draining_worker_writes_no_decision",),
+    ),
+    Mutation(
+        "notify_skip_without_lock",
+        "a send skips only once it holds the namespace's skip lock (taken before the row is read again)",
+        (
+            Edit(
+                M0024,
+                "                                 OR current_setting('tasker.skip_locked', true) IS DISTINCT FROM 'on'\n",
+                "",
+            ),
+        ),
+        (NS + "test_a_producer_never_waits_for_a_worker_at_the_handshake",),
+    ),
+    Mutation(
+        "notify_delayed_not_marked",
+        "a statement that sent a message not visible yet is announced (its notification says when)",
+        (Edit(M0024, "'FOR EACH ROW WHEN (NEW.vt > clock_timestamp()) '", "'FOR EACH ROW WHEN (false) '"),),
+        (NS + "test_a_delayed_send_and_a_repeatable_read_producer_are_announced",),
+    ),
+    Mutation(
+        "notify_delayed_mark_kept",
+        "the mark of a delayed send is cleared once announced: later sends of its transaction may skip",
+        (Edit(M0024, "        PERFORM set_config('tasker.delayed_send', '', true);  -- announced now", "        -- "),),
+        (NS + "test_a_delayed_send_is_announced_and_a_later_one_in_its_transaction_still_skips",),
+    ),
+    Mutation(
+        "notify_decided_in_the_function",
+        "the decision is the trigger's WHEN: a skipped send runs no PL/pgSQL",
+        (
+            Edit(
+                M0024,
+                "            'WHEN (tasker.notify_wanted(%L)) '\n"
+                "            'EXECUTE FUNCTION tasker.notify_message_ready(%L)', p_table, v_ns, 'decided');",
+                "            'EXECUTE FUNCTION tasker.notify_message_ready()', p_table);",
+            ),
+        ),
+        (NS + "test_a_skipped_send_runs_no_trigger_function",),
+    ),
+    Mutation(
+        "notify_old_trigger_ignores_the_rule",
+        "a trigger of the shape before 0024 still follows the rule (its function decides)",
+        (Edit(M0024, "        IF NOT tasker.notify_wanted(v_ns) THEN", "        IF false THEN"),),
+        (NS + "test_a_trigger_of_the_older_shape_keeps_the_rule_until_it_is_replaced",),
+    ),
+    Mutation(
+        "notify_trigger_replacement_waits",
+        "replacing a queue's trigger waits for its table's lock at most tasker.trigger_lock_timeout_ms()",
+        (
+            Edit(
+                M0024,
+                "        PERFORM set_config('lock_timeout', tasker.trigger_lock_timeout_ms() || 'ms', true);\n",
+                "",
+            ),
+        ),
+        (NS + "test_replacing_a_trigger_gives_up_rather_than_hold_up_producers",),
     ),
     Mutation(
         "notify_skip_no_handshake",

@@ -197,6 +197,178 @@ def test_keep_listening_reports_the_switches_and_keeps_only_its_namespaces(conn:
     assert conn.execute("SELECT count(*) FROM tasker.queue_listeners").fetchone() == (0,)
 
 
+# --- the decision row and the trigger's shape (0024) -------------------------------------------
+
+
+def decision(conn: Conn) -> tuple[bool, bool] | None:
+    """NS's row of tasker.notify_decisions: ``(quiet, skipping now)``; None: no row (announce)."""
+    row = conn.execute(
+        "SELECT quiet, coalesce(skip_until > clock_timestamp(), false) FROM tasker.notify_decisions WHERE namespace = %s",
+        (NS,),
+    ).fetchone()
+    return None if row is None else (bool(row[0]), bool(row[1]))
+
+
+def test_the_decision_row_follows_every_change_of_the_listeners_and_the_switch(conn: Conn) -> None:
+    """What the trigger reads is kept by the writes of tasker.queue_listeners and
+    tasker.queue_notify themselves, in their transactions, however they are made."""
+    assert decision(conn) is None  # nobody listens: announce
+    conn.execute("SELECT * FROM tasker.keep_listening('w1', %s, 60)", ([NS],))
+    assert decision(conn) is None  # an idle listener: announce
+    conn.execute("SELECT tasker.take_drain(%s, 'w1', 60, 60)", (NS,))
+    assert decision(conn) == (False, True)
+    conn.execute("SELECT * FROM tasker.keep_listening('w2', %s, 60)", ([NS],))
+    assert decision(conn) is None  # a new idle listener must hear of new steps
+    conn.execute("SELECT tasker.take_drain(%s, 'w2', 60, 60)", (NS,))
+    assert decision(conn) == (False, True)
+    conn.execute("SELECT tasker.end_drain(%s, 'w2')", (NS,))
+    assert decision(conn) is None
+    # w2 dies (its row made dead by hand): only w1, draining, counts.
+    conn.execute(
+        "UPDATE tasker.queue_listeners SET alive_until = clock_timestamp() - interval '1 ms' WHERE worker_id = 'w2'"
+    )
+    assert decision(conn) == (False, True)
+    conn.execute("SELECT tasker.set_queue_notify(%s, false, 'ops')", (NS,))
+    assert decision(conn) == (True, True)
+    conn.execute("SELECT tasker.set_queue_notify(%s, true, 'ops')", (NS,))
+    assert decision(conn) == (False, True)
+    conn.execute("DELETE FROM tasker.queue_listeners WHERE worker_id = 'w1'")
+    assert decision(conn) is None
+    conn.execute("SELECT tasker.take_drain(%s, 'w3', 60, 60)", (NS,))
+    assert decision(conn) == (False, True)
+    conn.execute("TRUNCATE tasker.queue_listeners")
+    assert decision(conn) is None
+
+
+def test_a_heartbeat_of_a_draining_worker_writes_no_decision(conn: Conn) -> None:
+    """Renewing a listener's alive_until changes no decision, so its heartbeat (every few
+    seconds, every namespace) leaves the row alone: idle cost stays flat."""
+    drain_by(conn, "w1")
+    before = conn.execute("SELECT xmin::text FROM tasker.notify_decisions WHERE namespace = %s", (NS,)).fetchone()
+    conn.execute("SELECT * FROM tasker.keep_listening('w1', %s, 60)", ([NS],))
+    after = conn.execute("SELECT xmin::text FROM tasker.notify_decisions WHERE namespace = %s", (NS,)).fetchone()
+    assert before is not None and after == before
+    conn.execute("SELECT tasker.take_drain(%s, 'w1', 60, 60)", (NS,))  # a renewed lease moves skip_until
+    moved = conn.execute("SELECT xmin::text FROM tasker.notify_decisions WHERE namespace = %s", (NS,)).fetchone()
+    assert moved != before
+
+
+def test_a_skipped_send_runs_no_trigger_function(url: str, conn: Conn) -> None:
+    """The decision is the trigger's WHEN: a send that is not announced never enters PL/pgSQL
+    (whose per-transaction set-up was most of the rule's price)."""
+    conn.execute("SET track_functions = 'all'")
+    calls_sql = (
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
+        " WHERE schemaname = 'tasker' AND funcname = 'notify_message_ready'"
+    )
+
+    def calls() -> int:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(conn.execute(calls_sql).fetchone()[0])  # type: ignore[index]
+
+    drain_by(conn, "w1")
+    start = calls()
+    for _ in range(5):
+        send(conn)
+    assert calls() == start
+    conn.execute("SELECT tasker.end_drain(%s, 'w1')", (NS,))
+    send(conn)
+    assert calls() == start + 1
+
+
+def test_a_delayed_send_is_announced_and_a_later_one_in_its_transaction_still_skips(url: str, conn: Conn) -> None:
+    drain_by(conn, "w1")
+    with listen(url) as lc, psycopg.connect(url) as tx:
+        delayed = send(tx, delay=30)
+        later = send(tx)
+        tx.commit()
+        assert [p["msg_id"] for p in announced(lc)] == [delayed, delayed]
+        assert later > delayed
+
+
+def plain_trigger(conn: Conn) -> None:
+    """NS's queue with the notify trigger of before 0024 (no WHEN, no delayed-row trigger)."""
+    conn.execute(f"DROP TRIGGER tasker_notify_message_ready ON pgmq.q_{QUEUE}")
+    conn.execute(f"DROP TRIGGER tasker_mark_delayed_send ON pgmq.q_{QUEUE}")
+    conn.execute(
+        f"CREATE TRIGGER tasker_notify_message_ready AFTER INSERT ON pgmq.q_{QUEUE} "
+        "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tasker.notify_message_ready()"
+    )
+
+
+def trigger_shape(conn: Conn) -> list[str]:
+    return sorted(
+        r[0]
+        for r in conn.execute(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal",
+            (f"pgmq.q_{QUEUE}",),
+        )
+    )
+
+
+def test_a_trigger_of_the_older_shape_keeps_the_rule_until_it_is_replaced(url: str, conn: Conn) -> None:
+    """A queue whose trigger the upgrade could not replace yet decides in the function, with the
+    same rule; the next tasker.ensure_notify_triggers() gives it the new shape."""
+    current = trigger_shape(conn)
+    assert any("WHEN (tasker.notify_wanted('quietly'::text))" in t for t in current)
+    plain_trigger(conn)
+    drain_by(conn, "w1")
+    with listen(url) as lc:
+        send(conn)
+        delayed = send(conn, delay=30)
+        assert [p["msg_id"] for p in announced(lc)] == [delayed, delayed]
+        conn.execute("SELECT tasker.set_queue_notify(%s, false)", (NS,))
+        announced(lc)  # the switch's own announcement
+        conn.execute("SELECT tasker.end_drain(%s, 'w1')", (NS,))
+        send(conn, delay=30)
+        assert announced(lc) == []
+    assert conn.execute("SELECT tasker.ensure_notify_triggers()").fetchone() == (0,)  # replaced, not new
+    assert trigger_shape(conn) == current
+
+
+def test_replacing_a_trigger_gives_up_rather_than_hold_up_producers(url: str, conn: Conn) -> None:
+    """The replacement needs the queue table's lock; behind a long transaction it waits at most
+    tasker.trigger_lock_timeout_ms() (producers queue behind a waiting lock) and tries again at
+    the next tasker.ensure_notify_triggers()."""
+    plain_trigger(conn)
+    old = trigger_shape(conn)
+    with psycopg.connect(url) as holder:
+        holder.execute(f"INSERT INTO pgmq.q_{QUEUE} (vt, message) VALUES (now(), '{{}}')")  # its lock stays
+        conn.execute("SET statement_timeout = '10s'")
+        assert conn.execute("SELECT tasker.ensure_notify_triggers()").fetchone() == (0,)
+        assert trigger_shape(conn) == old
+        holder.rollback()
+    conn.execute("SELECT tasker.ensure_notify_triggers()")
+    assert any("WHEN (tasker.notify_wanted('quietly'::text))" in t for t in trigger_shape(conn))
+
+
+def test_a_role_that_may_only_send_evaluates_the_decision(url: str, conn: Conn) -> None:
+    """Every role that may insert into a queue runs the trigger's WHEN: it needs no grant of ours."""
+    conn.execute("DROP ROLE IF EXISTS plain_sender")
+    conn.execute("CREATE ROLE plain_sender LOGIN")
+    try:
+        conn.execute("GRANT USAGE ON SCHEMA pgmq TO plain_sender")
+        conn.execute(f"GRANT SELECT, INSERT ON pgmq.q_{QUEUE} TO plain_sender")
+        conn.execute(f"GRANT USAGE ON SEQUENCE pgmq.q_{QUEUE}_msg_id_seq TO plain_sender")
+        conn.execute("GRANT EXECUTE ON FUNCTION pgmq.send(text, jsonb, integer) TO plain_sender")
+        drain_by(conn, "w1")
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        info["user"] = "plain_sender"
+        with listen(url) as lc, psycopg.connect(**info, autocommit=True) as sender:  # type: ignore[arg-type]
+            send(sender)
+            assert announced(lc) == []
+            conn.execute("SELECT tasker.end_drain(%s, 'w1')", (NS,))
+            msg_id = send(sender)
+            assert [p["msg_id"] for p in announced(lc)] == [msg_id, msg_id]
+    finally:
+        conn.execute(f"REVOKE ALL ON pgmq.q_{QUEUE} FROM plain_sender")
+        conn.execute(f"REVOKE ALL ON SEQUENCE pgmq.q_{QUEUE}_msg_id_seq FROM plain_sender")
+        conn.execute("REVOKE ALL ON FUNCTION pgmq.send(text, jsonb, integer) FROM plain_sender")
+        conn.execute("REVOKE ALL ON SCHEMA pgmq FROM plain_sender")
+        conn.execute("DROP ROLE plain_sender")
+
+
 # --- the workers ------------------------------------------------------------------------------
 
 
