@@ -1,5 +1,5 @@
 """NOTIFY at many producers: what the send trigger's notification costs producers, and what
-migration 0020 gives back.
+migrations 0020 and 0024 give back.
 
 A transaction that sent a NOTIFY takes a database-wide lock at commit, so notifying producers
 commit one at a time. Measured as a new user would: producers each send one step per transaction
@@ -7,25 +7,30 @@ commit one at a time. Measured as a new user would: producers each send one step
 for ``--seconds``; 1, 8 and 32 of them at once; one database, the trigger in each of these states
 in turn (rounds alternate them: a slow minute of the machine hits all; the table shows medians):
 
-- ``off``:      the trigger disabled: no notification at all (the ceiling);
+- ``off``:      the triggers disabled: no notification at all (the ceiling);
 - ``main``:     the trigger before 0020 (migration 0015's function): every send notifies;
-- ``notify``:   0020's trigger with an idle listening worker: every send notifies (the rule's
-                reads are the difference from ``main``);
-- ``drained``:  0020's trigger while every listening worker drains the namespace: no notification
-                (a listener row holding a drain lease stands for them; ``--e2e`` runs real ones);
-- ``quiet``:    0020's trigger with ``notify = false`` for the namespace.
+- ``notify``:   the trigger in force (0024's: the decision in its WHEN clause) with an idle
+                listening worker: every send notifies (the rule's reads are the difference from
+                ``main``);
+- ``drained``:  the trigger in force while every listening worker drains the namespace: no
+                notification (a listener row holding a drain lease stands for them; ``--e2e``
+                runs real ones);
+- ``drained-0020``: the same with 0020's trigger (its function decides at every send): the
+                before of 0024;
+- ``quiet``:    the trigger in force with ``notify = false`` for the namespace.
 
 ``--e2e``: the same producers (``--e2e-producers``, 32) for ``--seconds`` while one real worker
 (``tasker-worker run``, noop steps) runs the steps, then until it has run them all: main's trigger
-with an EventDrivenOnly worker, 0020's with an EventDrivenOnly worker, and the trigger disabled
-with a PollingOnly worker (a 100 ms poll: the no-notify reference under the same worker load).
+with an EventDrivenOnly worker, the trigger in force (0024's) with an EventDrivenOnly worker, and
+the triggers disabled with a PollingOnly worker (a 100 ms poll: the no-notify reference under the
+same worker load).
 Sends/s, steps/s, notifications per send (a listening session counts them), and the pickup
 latency: send (the transaction's start, ``enqueued_at``) to handler start, from the outcome rows,
 so a commit held up by the notify lock counts, as it does for the user. ``--paced R``: the same
 at R sends/s in all (each producer on a fixed schedule), a rate every trigger sustains: the
 pickup latency there is the fair comparison. ``--idle N``: N sequential sends to an idle
 EventDrivenOnly worker, each awaited until its handler started (as ``latency.py``), main's
-trigger and 0020's, alternately.
+trigger and the one in force, alternately.
 
     python benchmarks/notify.py                                # the curve, 3 rounds of 5 s
     python benchmarks/notify.py --rounds 5 --e2e --paced 400 --idle 300
@@ -68,7 +73,7 @@ from systems import Tasker, child_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "sql" / "migrations"
-VARIANTS = ["off", "main", "notify", "drained", "quiet"]
+VARIANTS = ["off", "main", "notify", "drained", "drained-0020", "quiet"]
 #: One step per send, each with its own ids (built by the server: the same cost in every variant).
 SEND = f"""
 SELECT pgmq.send(%s, jsonb_build_object('step_uuid', gen_random_uuid(), 'task_uuid', gen_random_uuid(),
@@ -116,22 +121,56 @@ def trigger_function(migration: str) -> str:
     return text[start:end]
 
 
+def migration_named(prefix: str) -> str:
+    """The file name of migration ``prefix`` (its number)."""
+    return next(p.name for p in sorted(MIGRATIONS.glob(f"{prefix}_*.sql")))
+
+
 MAIN_TRIGGER = trigger_function("0015_tasker_core_wire.sql")
-NEW_TRIGGER = trigger_function(next(p.name for p in sorted(MIGRATIONS.glob("0020_*.sql"))))
+TRIGGER_0020 = trigger_function(migration_named("0020"))
+#: The trigger function in force: that of the last migration that defines it.
+CURRENT_TRIGGER = trigger_function(
+    next(
+        p.name
+        for p in sorted(MIGRATIONS.glob("*.sql"), reverse=True)
+        if "tasker.notify_message_ready()" in p.read_text()
+    )
+)
+#: The shape before 0024: the statement-level trigger runs its function at every send (the
+#: function decides). Its WHEN (true), its argument and a delayed-row trigger that never fires
+#: make it look current to tasker.attach_notify_trigger, which a worker's start runs
+#: (ensure_notify_triggers) and which would otherwise replace it.
+PLAIN_TRIGGER = (
+    f"CREATE TRIGGER tasker_notify_message_ready AFTER INSERT ON {TRIGGER} REFERENCING NEW TABLE AS new_rows "
+    "FOR EACH STATEMENT WHEN (true) EXECUTE FUNCTION tasker.notify_message_ready('bench');"
+    f"CREATE TRIGGER tasker_mark_delayed_send BEFORE INSERT ON {TRIGGER} FOR EACH ROW WHEN (false) "
+    "EXECUTE FUNCTION tasker.mark_delayed_send()"
+)
 
 
 def set_variant(url: str, variant: str) -> None:
     """Put the database in ``variant``'s state, with an empty queue."""
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(MAIN_TRIGGER if variant == "main" else NEW_TRIGGER)
-        conn.execute(
-            f"ALTER TABLE {TRIGGER} {'DISABLE' if variant == 'off' else 'ENABLE'} TRIGGER tasker_notify_message_ready"
-        )
+        for name in ("tasker_notify_message_ready", "tasker_mark_delayed_send"):
+            conn.execute(f"DROP TRIGGER IF EXISTS {name} ON {TRIGGER}")
+        if variant == "main":
+            conn.execute(MAIN_TRIGGER)
+            conn.execute(PLAIN_TRIGGER)
+        elif variant == "drained-0020":
+            conn.execute(TRIGGER_0020)
+            conn.execute(PLAIN_TRIGGER)
+        else:
+            conn.execute(CURRENT_TRIGGER)
+            conn.execute("SELECT tasker.attach_notify_trigger(%s::regclass)", (TRIGGER,))
+            if variant == "off":
+                # Disabled, not dropped: a worker's start (ensure_notify_triggers) would attach them.
+                conn.execute(f"ALTER TABLE {TRIGGER} DISABLE TRIGGER tasker_notify_message_ready")
+                conn.execute(f"ALTER TABLE {TRIGGER} DISABLE TRIGGER tasker_mark_delayed_send")
         conn.execute("DELETE FROM tasker.queue_listeners")
         conn.execute("SELECT tasker.set_queue_notify(%s, %s, 'bench')", (NS, variant != "quiet"))
         if variant == "notify":
             conn.execute("SELECT * FROM tasker.keep_listening(%s, %s, 3600)", (DRAINER, [NS]))
-        elif variant == "drained":
+        elif variant.startswith("drained"):
             conn.execute("SELECT tasker.take_drain(%s, %s, 3600, 3600)", (NS, DRAINER))
         conn.execute(f"TRUNCATE {TRIGGER}")
         conn.execute("CHECKPOINT")  # every run starts with the same WAL state
@@ -331,7 +370,7 @@ def e2e_table(
     runs: list[dict[str, Any]] = []
     for _ in range(args.e2e_rounds):
         for variant, mode in (("main", "EventDrivenOnly"), ("drained", "EventDrivenOnly"), ("off", "PollingOnly")):
-            label = "0020" if variant == "drained" else variant
+            label = "0024" if variant == "drained" else variant
             row = e2e(url, variant, mode, args.e2e_producers, args.seconds, args.concurrency, rate)
             row["variant"] = label
             runs.append(row)
@@ -341,7 +380,7 @@ def e2e_table(
                 flush=True,
             )
     rows = []
-    for label in ("main", "0020", "off"):
+    for label in ("main", "0024", "off"):
         mine = sorted((r for r in runs if r["variant"] == label), key=lambda r: r["sends_per_s"])
         rows.append(dict(mine[len(mine) // 2]))
     off = next(r["sends_per_s"] for r in rows if r["variant"] == "off")
@@ -389,7 +428,7 @@ def main() -> None:
                 for variant in samples:
                     samples[variant] += anyio.run(idle_latency, url, variant, args.idle // 2)
             rows = [
-                {"variant": "0020" if v == "notify" else v, "n": len(got), **percentiles_ms(got)}
+                {"variant": "0024" if v == "notify" else v, "n": len(got), **percentiles_ms(got)}
                 for v, got in samples.items()
             ]
             print_table(rows, IDLE_COLUMNS, "idle pickup latency (EventDrivenOnly): send -> handler start")
