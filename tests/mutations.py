@@ -109,6 +109,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         (G + "test_a_step_slower_than_its_vt_is_never_claimed_by_anyone_else",),
     ),
     Mutation(
+        "vt_counted_from_claim_reply",
+        "a claim's vt is counted from when the claim was sent (counted from its reply instead)",
+        (
+            Edit(
+                "tasker_worker/domain/steps.py",
+                "start = self.received_mono if self.claim_sent_mono is None else self.claim_sent_mono",
+                "start = self.received_mono",
+            ),
+        ),
+        (G + "test_a_claims_vt_is_counted_from_when_it_was_sent_not_from_its_late_reply",),
+    ),
+    Mutation(
+        "vt_extension_counted_from_reply",
+        "an extended vt is counted from when the extension was sent (counted from its reply instead)",
+        (
+            Edit(
+                "tasker_worker/runtime/processor.py",
+                "item.vt_deadline = sent + self.vt_seconds",
+                "item.vt_deadline = time.monotonic() + self.vt_seconds",
+            ),
+        ),
+        (G + "test_a_vt_extension_is_counted_from_when_it_was_sent_not_from_its_late_reply",),
+    ),
+    Mutation(
         "claim_ignores_vt",
         "a claim takes only visible messages (the vt test removed from the claim)",
         (Edit(Q, "WHERE q.vt <= clock_timestamp(){skip}", "WHERE true{skip}"),),

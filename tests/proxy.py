@@ -3,7 +3,8 @@
 ``DatabaseProxy`` listens on a Unix socket of its own and forwards every connection to the test
 server. It can then make the server look *stopped* (every connection cut, new ones refused)
 or merely *unreachable* (nothing forwarded any more, sockets left open: every read hangs, as
-behind a dead network path), and bring it back. It runs in the test's event loop and is
+behind a dead network path), and bring it back; or hold every reply for a while
+(``reply_delay_s``: a slow way back). It runs in the test's event loop and is
 closed by the test that opened it.
 """
 
@@ -36,6 +37,9 @@ class DatabaseProxy:
         self.target = conninfo.conninfo_to_dict(url)
         self.url = url
         self.state = Cut.PASS
+        #: Seconds each chunk the server sends is held before it goes on to the client (a
+        #: slow way back: a claim whose reply comes late). 0: forwarded at once.
+        self.reply_delay_s = 0.0
         self._dir = tempfile.TemporaryDirectory(prefix="tasker-proxy-")
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -85,14 +89,14 @@ class DatabaseProxy:
                 return
             up_reader, up_writer = await self._open_upstream()
             self._writers.add(up_writer)
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer, replies=True))
         except (ConnectionError, OSError):
             pass
         finally:
             self._writers.discard(writer)
             writer.transport.abort()
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, replies: bool = False) -> None:
         try:
             while True:
                 data = await source.read(65536)
@@ -101,6 +105,8 @@ class DatabaseProxy:
                 if self.state is Cut.UNREACHABLE:
                     await _hold(source)  # swallow everything from now on: nothing gets through
                     break
+                if replies and self.reply_delay_s > 0:
+                    await asyncio.sleep(self.reply_delay_s)  # the fault injected, not a wait for something
                 sink.write(data)
                 await sink.drain()
         except (ConnectionError, OSError):

@@ -9,6 +9,7 @@ when that guarantee is broken (``tests/mutations.py`` breaks them one by one to 
 
 from __future__ import annotations
 
+import time
 import types
 from typing import Any
 
@@ -16,6 +17,7 @@ import anyio
 import psycopg
 import pytest
 from ledger_handlers import LEDGER_DDL, ledger
+from proxy import DatabaseProxy
 from psycopg.types.json import Jsonb
 
 from tasker_worker.domain.steps import StepMessage
@@ -85,6 +87,79 @@ async def test_a_step_slower_than_its_vt_is_never_claimed_by_anyone_else(url: st
     assert counter(holder, "vt_extensions") >= 2
     assert counter(holder, "dedup_hits") == 0 and counter(other, "dedup_hits") == 0
     assert counter(other, "claimed_poll") == 0
+
+
+@pytest.mark.anyio
+async def test_a_claims_vt_is_counted_from_when_it_was_sent_not_from_its_late_reply(url: str) -> None:
+    """The server sets a claim's vt while the claim runs; its reply may come back much later
+    (the proxy holds it here for a second). The worker counts the vt from before it sent the
+    claim, never from the reply: counted from the reply, a worker would believe it holds the
+    message for longer than the server does, extend it too late and start a prefetched step on
+    a claim that may already be someone else's."""
+    from tasker_worker.config.models import DatabaseConfig
+    from tasker_worker.db.connection import open_pool
+    from tasker_worker.db.queue_client import QueueClient
+    from tasker_worker.domain.steps import Source
+
+    vt = 30
+    await send_steps(url, NS, "noop", [{}])
+    async with DatabaseProxy(url) as proxy:
+        pool = await open_pool(proxy.url_through, DatabaseConfig(), max_size=1)
+        try:
+            client = QueueClient(pool)
+            await client.queue_exists(QUEUE)  # the connection is up before the replies are held
+            proxy.reply_delay_s = 1.0
+            before = time.monotonic()
+            [msg] = await client.claim(QUEUE, vt, 1, Source.POLL, worker_id="w")
+            assert time.monotonic() - before >= 1.0  # the reply was held
+        finally:
+            proxy.reply_delay_s = 0.0
+            await pool.close()
+    assert msg.received_mono - before >= 1.0
+    # From the send (microseconds after ``before``), not from the reply (a second later).
+    assert msg.vt_deadline(vt) - vt < before + 0.5
+
+
+@pytest.mark.anyio
+async def test_a_vt_extension_is_counted_from_when_it_was_sent_not_from_its_late_reply(url: str) -> None:
+    """The same for the vt keeper: with every reply held for a second, the deadline a running
+    step's extension gives it is counted from before the extension went out."""
+    reg = HandlerRegistry()
+
+    async def held(ctx: Any, step: Any) -> None:
+        ctx.state.running.set()
+        await ctx.state.gate.wait()
+
+    reg.register("held", held)
+    vt = 4.0
+    config = make_config(
+        mode="Hybrid",
+        namespaces=[NS],
+        concurrency=1,
+        overrides={
+            "event_system.fallback_poller.visibility_timeout": f"{vt:g}s",
+            "event_system.fallback_poller.polling_interval": NEVER,
+            "worker.handler_timeout": "60s",
+        },
+    )
+    state = types.SimpleNamespace(running=anyio.Event(), gate=anyio.Event())
+    async with DatabaseProxy(url) as proxy:
+        async with running_worker(proxy.url_through, config, registry=reg, state=state) as worker:
+            await send_steps(url, NS, "held", [{}])
+            with anyio.fail_after(20):
+                await state.running.wait()
+            assert worker.processor is not None
+            [entry] = worker.processor.held.entries.values()
+            extended = counter(worker, "vt_extensions")
+            proxy.reply_delay_s = 1.0
+            await wait_until(lambda: counter(worker, "vt_extensions") > extended, timeout=20)
+            seen = time.monotonic()  # at most a poll (20 ms) after the late reply came in
+            proxy.reply_delay_s = 0.0
+            # Sent at least a second before its reply came back: the vt runs from there.
+            assert entry.vt_deadline - vt < seen - 0.5
+            state.gate.set()
+            await wait_until(outcomes_at_least(url, 1), timeout=20)
+    assert await fetch(url, "SELECT attempts FROM tasker.step_results") == [(1,)]
 
 
 # --- fences ---------------------------------------------------------------------------------

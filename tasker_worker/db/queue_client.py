@@ -329,6 +329,7 @@ class QueueClient:
         if stamp is None:
             stamp = self._stamps[worker_id] = json.dumps({queries.CLAIM_HEADER: {"worker_id": worker_id}})
         hold: FlowHold | None = None
+        sent = time.monotonic()  # the vt is counted from here: ClaimedMessage.vt_deadline
         for _switch in range(2):  # at most one switch between the two claims per call
             if queue in self.flow_queues:
                 rows = await self._fetch(
@@ -370,7 +371,7 @@ class QueueClient:
             break
         else:
             rows = []
-        return ClaimBatch(self._claimed(queue, rows, source), hold)
+        return ClaimBatch(self._claimed(queue, rows, source, sent), hold)
 
     def _claim_text(self, queue: str, announce: bool, skipping: bool) -> str:
         statements = self.statements(queue)
@@ -379,7 +380,7 @@ class QueueClient:
         return statements.claim_announcing if announce else statements.claim
 
     @staticmethod
-    def _claimed(queue: str, rows: list[tuple[Any, ...]], source: Source) -> list[ClaimedMessage]:
+    def _claimed(queue: str, rows: list[tuple[Any, ...]], source: Source, sent: float) -> list[ClaimedMessage]:
         now = time.monotonic()
         out = []
         for r in rows:
@@ -399,7 +400,20 @@ class QueueClient:
                 lapsed = {"worker_id": holder.get("worker_id"), "read_ct": r[1] - 1, "at": at}
                 headers = headers or None
             out.append(
-                ClaimedMessage(queue, r[0], r[1], r[2], r[3], r[4], headers, r[6], source, now, lapsed_claim=lapsed)
+                ClaimedMessage(
+                    queue,
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    headers,
+                    r[6],
+                    source,
+                    now,
+                    lapsed_claim=lapsed,
+                    claim_sent_mono=sent,
+                )
             )
         return out
 

@@ -307,6 +307,21 @@ class ClaimedMessage:
     #: The previous claim of this message, when it lapsed (neither settled nor put back before
     #: its vt): ``{"worker_id", "read_ct", "at"}`` as that claim wrote it into the headers.
     lapsed_claim: dict[str, Any] | None = None
+    #: Monotonic time when the claim was sent (local clock; None: not known, ``received_mono``
+    #: stands in). The server set the vt while the claim ran, so it lapses no later than this
+    #: plus the vt: see ``vt_deadline``.
+    claim_sent_mono: float | None = None
+
+    def vt_deadline(self, vt_seconds: float) -> float:
+        """The latest moment (local monotonic clock) at which this claim's vt can lapse.
+
+        Counted from when the claim was *sent*, not from its reply: the server set the vt while
+        the statement ran, somewhere between the two. From the reply, a claim that took long to
+        come back (a slow network, a busy server, a reply held up for seconds) would seem to
+        keep its message longer than it does, and a step could start or run on after another
+        worker took it over."""
+        start = self.received_mono if self.claim_sent_mono is None else self.claim_sent_mono
+        return start + vt_seconds
 
     @property
     def step_uuid(self) -> str | None:

@@ -120,10 +120,11 @@ class InFlight:
             await self._hold_ended.wait()
 
     def hold(self, msg: ClaimedMessage, *, buffered: bool = False) -> HeldStep:
-        """Hold a message just claimed (its vt counted from the claim's return); ``buffered``:
-        prefetched, taking no slot until ``unbuffer``."""
+        """Hold a message just claimed (its vt counted from when the claim was sent:
+        ``ClaimedMessage.vt_deadline``); ``buffered``: prefetched, taking no slot until
+        ``unbuffer``."""
         entry = self.entries[(msg.queue, msg.msg_id)] = HeldStep(
-            msg, msg.received_mono + self.vt_seconds, buffered=buffered
+            msg, msg.vt_deadline(self.vt_seconds), buffered=buffered
         )
         if buffered:
             self.buffered += 1

@@ -707,7 +707,7 @@ class CommandProcessor:
             # so adopt its read_ct for the ack and keep running the first copy only.
             self.stats.incr("dedup_hits")
             current.msg.read_ct = msg.read_ct
-            current.vt_deadline = msg.received_mono + self.vt_seconds
+            current.vt_deadline = msg.vt_deadline(self.vt_seconds)
             current.lost_claim = False
             return
         # A message of a namespace under flow control may wait on purpose: never a missed wakeup.
@@ -854,17 +854,19 @@ class CommandProcessor:
                 if not item.lost_claim and item.vt_deadline - now < self.vt_seconds / 2:
                     due.setdefault(item.msg.queue, []).append(item)
             for queue, items in due.items():
+                # The new vt is set while the statement runs: counted from before it is sent, as
+                # a claim's (ClaimedMessage.vt_deadline), not from its reply.
+                sent = time.monotonic()
                 try:
                     extended = await self.client.extend_vt(queue, [i.msg for i in items], vt_ms)
                 except Exception as exc:  # a queue dropped behind the worker too: its steps lapse, the rest go on
                     self.stats.incr("db_errors")
                     log.warning("extending vt on %s failed", queue, extra={"queue": queue, **error_fields(exc)})
                     continue
-                after = time.monotonic()
                 refused = 0
                 for item in items:
                     if item.msg.msg_id in extended:
-                        item.vt_deadline = after + self.vt_seconds
+                        item.vt_deadline = sent + self.vt_seconds
                         self.stats.incr("vt_extensions")
                     elif not item.ending:
                         # The fence refused it: the message was claimed again elsewhere (our vt
