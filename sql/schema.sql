@@ -702,7 +702,9 @@ BEGIN
                SET last_read_at = clock_timestamp(),
                    vt = clock_timestamp() + make_interval(secs => $2),
                    read_ct = m.read_ct + 1,
-                   headers = CASE WHEN m.headers IS NULL THEN $3 ELSE m.headers || $3 END
+                   headers = CASE WHEN m.headers IS NULL THEN $3
+                                  WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers || $3
+                                  ELSE jsonb_build_object('tasker_raw_headers', m.headers) || $3 END
               FROM ready
              WHERE m.msg_id = ready.msg_id
             RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, ready.prior_headers,

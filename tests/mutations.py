@@ -63,8 +63,9 @@ Q = "tasker_worker/db/queries.py"
 V = "tasker_worker/domain/verdicts.py"
 HI = "tests/test_hostile_input.py::"
 M0016 = "sql/migrations/0016_flow_control.sql"
-#: The definitions in force of claim_flow, claim_steps, dead_letter_steps, record_outcomes,
-#: cancel_step, enqueue_step and step_message (0021 redefined them for the partitioned history).
+#: The definitions in force of claim_steps, dead_letter_steps, record_outcomes, cancel_step,
+#: enqueue_step and step_message (0021 redefined them for the partitioned history; claim_flow
+#: too, redefined again by 0025).
 M0021 = "sql/migrations/0021_partitioned_history.sql"
 H = "tests/test_history.py::"
 F = "tests/test_flow.py::"
@@ -74,6 +75,8 @@ M0015 = "sql/migrations/0015_tasker_core_wire.sql"
 TC = "tests/test_tasker_core.py::"
 CH = "tests/test_channels.py::"
 M0024 = "sql/migrations/0024_notify_decision_row.sql"
+#: The definition in force of claim_flow (0025 redefined it: headers that are no object).
+M0025 = "sql/migrations/0025_object_headers.sql"
 NS = "tests/test_notify_skip.py::"
 CL = "tests/test_clusters.py::"
 LISTENER = "tasker_worker/runtime/listener.py"
@@ -131,6 +134,33 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ),
         (G + "test_a_vt_extension_is_counted_from_when_it_was_sent_not_from_its_late_reply",),
+    ),
+    Mutation(
+        "raw_headers_appended_to",
+        "a claim keeps headers that are no object under tasker_raw_headers (|| appends the stamp to them instead)",
+        (
+            Edit(
+                Q,
+                "ELSE jsonb_build_object('tasker_raw_headers', m.headers) || %(stamp)s::jsonb END",
+                "ELSE m.headers || %(stamp)s::jsonb END",
+            ),
+        ),
+        ("tests/test_hostile_input.py::test_headers_that_are_no_object_still_bound_the_snoozes_and_are_kept[plain]",),
+    ),
+    Mutation(
+        "raw_headers_appended_to_under_flow_control",
+        "the flow-controlled claim keeps headers that are no object under tasker_raw_headers (appends instead)",
+        (
+            Edit(
+                M0025,
+                "ELSE jsonb_build_object('tasker_raw_headers', m.headers) || $3 END",
+                "ELSE m.headers || $3 END",
+            ),
+        ),
+        (
+            "tests/test_hostile_input.py::"
+            "test_headers_that_are_no_object_still_bound_the_snoozes_and_are_kept[flow_controlled]",
+        ),
     ),
     Mutation(
         "claim_ignores_vt",
@@ -659,7 +689,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "flow_max_running_uncounted",
         "at most max_running steps of a namespace run at once, fleet-wide (the running ones are not counted)",
-        (Edit(M0021, "v_budget := least(v_budget, f.max_running - v_running);", "NULL;"),),
+        (Edit(M0025, "v_budget := least(v_budget, f.max_running - v_running);", "NULL;"),),
         (F + "test_a_fleet_wide_limit_holds_across_workers",),
     ),
     Mutation(
@@ -679,7 +709,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "limited claims are counted under the namespace's lock (two workers can both take the last slot)",
         (
             Edit(
-                M0021,
+                M0025,
                 "        SELECT * INTO f FROM tasker.queue_flow AS q WHERE q.namespace = v_ns FOR UPDATE;",
                 "        SELECT * INTO f FROM tasker.queue_flow AS q WHERE q.namespace = v_ns;",
             ),
@@ -691,7 +721,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a slot held by a dead worker frees when its claim lapses (it is counted forever)",
         (
             Edit(
-                M0021,
+                M0025,
                 "'WHERE q.headers ? ''tasker_claim'' AND q.vt > clock_timestamp()', v_table)\n           INTO v_running;",
                 "'WHERE q.headers ? ''tasker_claim''', v_table)\n           INTO v_running;",
             ),
@@ -701,13 +731,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "flow_key_cap_ignored",
         "at most key_max_running steps of one concurrency_key run at once (keys are not counted within a claim)",
-        (Edit(M0021, "WHERE $7 IS NULL OR r.k = '' OR r.kn + coalesce(($6 ->> r.k)::int, 0) <= $7", "WHERE true"),),
+        (Edit(M0025, "WHERE $7 IS NULL OR r.k = '' OR r.kn + coalesce(($6 ->> r.k)::int, 0) <= $7", "WHERE true"),),
         (F + "test_a_per_key_limit_caps_each_key_not_the_namespace",),
     ),
     Mutation(
         "flow_rate_ignored",
         "a rate spaces the starts of a namespace (the tokens are not counted)",
-        (Edit(M0021, "v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);", "NULL;"),),
+        (Edit(M0025, "v_budget := least(v_budget, floor(v_tokens + 1e-9)::integer);", "NULL;"),),
         (F + "test_a_rate_spreads_starts_and_no_window_passes_it",),
     ),
     Mutation(
@@ -715,18 +745,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "with a backlog, the lowest priority value is claimed first (claims take the oldest)",
         (
             Edit(
-                M0021,
+                M0025,
                 "ORDER BY tasker.step_priority(q.message), q.msg_id\n                 LIMIT $8\n",
                 "ORDER BY q.msg_id\n                 LIMIT $8\n",
             ),
-            Edit(M0021, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.gn, r.msg_id"),
+            Edit(M0025, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.gn, r.msg_id"),
         ),
         (F + "test_urgent_steps_sent_last_run_first",),
     ),
     Mutation(
         "flow_groups_not_round_robin",
         "a namespace's groups are claimed round-robin (a big group ahead takes every claim)",
-        (Edit(M0021, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.p, r.msg_id"),),
+        (Edit(M0025, "ORDER BY r.p, r.gn, r.msg_id", "ORDER BY r.p, r.msg_id"),),
         (F + "test_a_small_group_is_not_stuck_behind_a_big_one",),
     ),
     Mutation(
@@ -1519,11 +1549,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "headers_not_normalised",
-        "headers that are not a JSON object are read as none (not .get on a list)",
+        "headers that are not a JSON object are read as an object (tasker_raw_headers; no .get on a list)",
         (
             Edit(
                 "tasker_worker/db/queue_client.py",
-                "            if not isinstance(headers, dict):",
+                "            if headers is not None and not isinstance(headers, dict):",
                 "            if False:",
             ),
             Edit(

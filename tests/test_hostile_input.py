@@ -83,8 +83,9 @@ def test_claimed_headers_are_an_object_or_none() -> None:
         (4, 2, now, now, "{}", {"tasker_claim": [1], "k": 1}, False, now),
         (5, 1, now, now, "{}", {"k": 1}, False, None),
     ]
-    msgs = QueueClient._claimed(QUEUE, rows, Source.POLL)
-    assert [m.headers for m in msgs] == [None, None, None, {"k": 1}, {"k": 1}]
+    msgs = QueueClient._claimed(QUEUE, rows, Source.POLL, 0.0)
+    raw = "tasker_raw_headers"  # as the claim stores headers that are no object (migration 0025)
+    assert [m.headers for m in msgs] == [{raw: [1]}, {raw: "x"}, {raw: 7}, {"k": 1}, {"k": 1}]
     assert msgs[3].lapsed_claim == {"worker_id": None, "read_ct": 1, "at": now.isoformat()}
 
 
@@ -262,6 +263,37 @@ async def test_headers_that_are_no_object_do_not_keep_a_step_from_its_end(url: s
         (bodies[2]["step_uuid"],),
     )
     assert third == "retries_exhausted"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("flow", [False, True], ids=["plain", "flow_controlled"])
+async def test_headers_that_are_no_object_still_bound_the_snoozes_and_are_kept(url: str, flow: bool) -> None:
+    """A step's snoozes and releases are counted in its headers. Headers a raw producer wrote as
+    `[1]` or `"x"` used to take our counters as array elements (jsonb's || appends to an
+    array), where the worker never read them back: a step that always snoozed did so without
+    end. The claim now moves such headers under ``tasker_raw_headers`` of an object, kept, and
+    the counters bound the step as any other; also the claim of a namespace under flow control
+    (``tasker.claim_flow``)."""
+    if flow:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute("SELECT tasker.set_queue_limits(%s, 10)", (NS,))
+    reg = HandlerRegistry()
+    seen: dict[str, list[Any]] = {}
+
+    @reg.handler("never_ready", max_snoozes=2)
+    async def never_ready(ctx: Any, step: Any) -> Any:
+        seen.setdefault(str(ctx.step.step_uuid), []).append((ctx.headers or {}).get("tasker_raw_headers"))
+        return ctx.snooze("10ms")
+
+    bodies = [StepMessage.build(NS, "never_ready") for _ in range(2)]
+    async with running_worker(url, make_config(mode="Hybrid", namespaces=[NS]), registry=reg):
+        for body, headers in zip(bodies, ([1], "x"), strict=True):
+            await _insert(url, json.dumps(body), headers)
+        await wait_until(outcomes_at_least(url, len(bodies)), timeout=20)
+    rows = await fetch(url, "SELECT status, error->>'reason', attempts FROM tasker.step_results")
+    assert rows == [("failed", "too_many_snoozes", 1)] * 2
+    # The handler saw the producer's headers at every run (the first claim moved them).
+    assert [seen[b["step_uuid"]] for b in bodies] == [[[1]] * 3, ["x"] * 3]
 
 
 @pytest.mark.anyio

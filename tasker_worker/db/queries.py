@@ -261,6 +261,9 @@ def queued_step(queue: str) -> pgsql.Composed:
     ).format(pgsql.Identifier("pgmq", "q_" + queue.lower()))
 
 
+#: Where a claim keeps headers that were no JSON object (``[1]``, ``"x"``): ``{RAW_HEADERS: [1]}``.
+RAW_HEADERS = "tasker_raw_headers"
+
 SEND_PLANNING_STEP = "SELECT tasker.send_step(%s, 'path_plan', %s)"
 
 # Composed with the queue table's identifier (``sql.SQL(QUEUE_LENGTH).format(...)``).
@@ -285,7 +288,9 @@ MAY_ENSURE_NOTIFY_TRIGGERS = "SELECT has_function_privilege('tasker.ensure_notif
 # pgmq.read's claim (oldest visible first, SKIP LOCKED), its dedup probe and asynchronous commit
 # in one statement. It merges the claimant (%(stamp)s, {"tasker_claim": {"worker_id": ...}}) into
 # the message's headers and returns the headers as they were: a tasker_claim there means the
-# previous claim lapsed (migration 0010). Merging one constant object costs a claim about 1 us
+# previous claim lapsed (migration 0010). Headers that are no object (a raw producer's `[1]`)
+# are kept under tasker_raw_headers of one first: || would append to them (migration 0025).
+# Merging one constant object costs a claim about 1 us
 # per message; building it per row (with the read_ct and the time) cost 8. A claim lost in a server crash only makes its messages visible again when
 # their old vt lapses; outcomes stay exactly once through step_results' key. The dedup probe
 # is tasker.recorded_step_uuids (migration 0021), once for the claimed batch: an index lookup in
@@ -307,7 +312,9 @@ WITH ready AS (
        SET last_read_at = clock_timestamp(),
            vt = clock_timestamp() + make_interval(secs => %(vt)s),
            read_ct = m.read_ct + 1,
-           headers = CASE WHEN m.headers IS NULL THEN %(stamp)s::jsonb ELSE m.headers || %(stamp)s::jsonb END
+           headers = CASE WHEN m.headers IS NULL THEN %(stamp)s::jsonb
+                          WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers || %(stamp)s::jsonb
+                          ELSE jsonb_build_object('tasker_raw_headers', m.headers) || %(stamp)s::jsonb END
       FROM ready
      WHERE m.msg_id = ready.msg_id
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.message, ready.prior_headers,

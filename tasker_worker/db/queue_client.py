@@ -385,11 +385,11 @@ class QueueClient:
         out = []
         for r in rows:
             headers, lapsed = r[5], None
-            if not isinstance(headers, dict):
+            if headers is not None and not isinstance(headers, dict):
                 # pgmq takes any JSON as headers: what a raw producer wrote as `[1]` or `"x"`
-                # carries none of ours, and the runtime reads headers as an object. The row
-                # keeps them as they are (the put-backs merge into the stored value).
-                headers = None
+                # carries none of ours, and the runtime reads headers as an object. The claim
+                # stored them as this object (migration 0025): the same from the first run on.
+                headers = {queries.RAW_HEADERS: headers}
             if headers is not None and queries.CLAIM_HEADER in headers:
                 # The previous claim was neither settled nor put back: it lapsed.
                 headers = dict(headers)

@@ -295,8 +295,9 @@ class ClaimedMessage:
     claimed_at: datetime
     #: The message's JSON text (decoded once, into ``step``, when it runs).
     body: str
-    #: Always a JSON object or None (``db/queue_client.py``'s ``_claimed`` drops other JSON a
-    #: raw producer may have written as headers: ``[1]``, ``"x"``).
+    #: Always a JSON object or None (other JSON a raw producer may have written as headers,
+    #: ``[1]`` or ``"x"``, is kept under ``tasker_raw_headers``: ``db/queue_client.py``'s
+    #: ``_claimed``, as the claim stores it).
     headers: dict[str, Any] | None
     #: The outcome of this step_uuid is already recorded (dedup).
     already_done: bool
