@@ -40,6 +40,9 @@ class DatabaseProxy:
         #: Seconds each chunk the server sends is held before it goes on to the client (a
         #: slow way back: a claim whose reply comes late). 0: forwarded at once.
         self.reply_delay_s = 0.0
+        #: When set, only the chunks that contain these bytes are held (one kind of reply late,
+        #: the others on time).
+        self.delay_replies_with: bytes | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="tasker-proxy-")
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -105,7 +108,11 @@ class DatabaseProxy:
                 if self.state is Cut.UNREACHABLE:
                     await _hold(source)  # swallow everything from now on: nothing gets through
                     break
-                if replies and self.reply_delay_s > 0:
+                if (
+                    replies
+                    and self.reply_delay_s > 0
+                    and (self.delay_replies_with is None or self.delay_replies_with in data)
+                ):
                     await asyncio.sleep(self.reply_delay_s)  # the fault injected, not a wait for something
                 sink.write(data)
                 await sink.drain()
